@@ -1,0 +1,3 @@
+from eyewall.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,341 @@
+"""Settings: one typed object, loaded from a TOML file and command-line options.
+
+Every timeout and limit has a name, a default, a unit, a command-line flag and a line of
+help; the settings table in the README is generated from these declarations
+(``python -m eyewall.config``) and a test keeps the two equal.  Loading checks types and
+ranges and names the setting in every error (``timeouts.client_header: ...``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "Endpoint", "Settings", "load_settings", "parse_endpoint"]
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message starts with the setting's path."""
+
+
+Check = Callable[[Any], str | None]
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _at_least(minimum: int) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value >= minimum else f"must be at least {minimum}"
+
+    return check
+
+
+def setting(
+    default: Any, help: str, *, flag: str, unit: str = "", check: Check | None = None
+) -> Any:
+    return field(
+        default=default, metadata={"help": help, "flag": flag, "unit": unit, "check": check}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """``HOST:PORT``, ``[V6]:PORT`` or a bare ``PORT`` (meaning 127.0.0.1)."""
+    text = text.strip()
+    if text.isdigit():
+        host, port_text = "127.0.0.1", text
+    elif text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"expected [IPV6]:PORT, got {text!r}")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"invalid port in {text!r}")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"listen host must be an IP address, got {host!r}") from None
+    return Endpoint(host, int(port_text))
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    client_header: float = setting(
+        10.0,
+        "A client has this long to send a whole request head, counted from its first byte"
+        " (a new connection: from accept). Slowloris guard; answered with 408.",
+        flag="--client-header-timeout",
+        unit="s",
+        check=_positive,
+    )
+    keepalive_idle: float = setting(
+        60.0,
+        "An idle client connection between requests is closed after this long.",
+        flag="--keepalive-idle-timeout",
+        unit="s",
+        check=_positive,
+    )
+    upstream_connect: float = setting(
+        10.0,
+        "Name resolution plus TCP (and TLS) connection to the origin; then 504.",
+        flag="--upstream-connect-timeout",
+        unit="s",
+        check=_positive,
+    )
+    upstream_head: float = setting(
+        60.0,
+        "From the end of the request to the origin's response head; then 504.",
+        flag="--upstream-head-timeout",
+        unit="s",
+        check=_positive,
+    )
+    body_idle: float = setting(
+        60.0,
+        "Longest pause in a request or response body in either direction (a stalled"
+        " reader or writer); the exchange is then abandoned.",
+        flag="--body-idle-timeout",
+        unit="s",
+        check=_positive,
+    )
+    tunnel_idle: float = setting(
+        600.0,
+        "A CONNECT or WebSocket tunnel with no bytes either way for this long is closed.",
+        flag="--tunnel-idle-timeout",
+        unit="s",
+        check=_positive,
+    )
+    drain: float = setting(
+        10.0,
+        "On SIGTERM/SIGINT, how long in-flight requests and tunnels may run before"
+        " they are closed.",
+        flag="--drain-timeout",
+        unit="s",
+        check=_at_least(0),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_header_size: int = setting(
+        65536,
+        "Request line plus header section; a larger request head is answered with 431"
+        " (or 414 when the request line alone is too long).",
+        flag="--max-header-size",
+        unit="bytes",
+        check=_at_least(1024),
+    )
+    max_target_length: int = setting(
+        8192,
+        "Longest request target (URL); a longer one is answered with 414.",
+        flag="--max-target-length",
+        unit="bytes",
+        check=_at_least(64),
+    )
+    max_connections: int = setting(
+        10000,
+        "Client connections open at once. Beyond it a new client is answered with 503"
+        " and closed (it does not wait in the backlog).",
+        flag="--max-connections",
+        check=_at_least(1),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    idle_per_origin: int = setting(
+        32,
+        "Idle keep-alive connections kept per origin (scheme, host, port).",
+        flag="--pool-idle-per-origin",
+        check=_at_least(0),
+    )
+    idle_timeout: float = setting(
+        30.0,
+        "An idle pooled origin connection is closed after this long.",
+        flag="--pool-idle-timeout",
+        unit="s",
+        check=_positive,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: tuple[Endpoint, ...] = setting(
+        (Endpoint("127.0.0.1", 8080),),
+        "Addresses the proxy listens on (repeat the flag for several; IPv6 as [::1]:8080).",
+        flag="--listen",
+    )
+    log_level: str = setting(
+        "info",
+        "Level of operational log messages: debug, info, warning, error.",
+        flag="--log-level",
+        check=lambda v: (
+            None
+            if v in ("debug", "info", "warning", "error")
+            else "must be one of debug, info, warning, error"
+        ),
+    )
+    access_log: str = setting(
+        "-",
+        'Where access lines go: "-" for stderr, a file path, or "off".',
+        flag="--access-log",
+    )
+    via: str = setting(
+        "eyewall",
+        "Pseudonym this proxy adds to Via fields and names itself by in Proxy-Status.",
+        flag="--via",
+        check=lambda v: (
+            None
+            if v and all(c.isalnum() or c in "-._" for c in v)
+            else "must be a token (letters, digits, - . _)"
+        ),
+    )
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    pool: Pool = field(default_factory=Pool)
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+def _coerce(path: str, hint: Any, value: Any) -> Any:
+    if hint in ("float", float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: must be a number (got {value!r})")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: must be a finite number")
+        return float(value)
+    if hint in ("int", int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: must be an integer (got {value!r})")
+        return value
+    if hint in ("str", str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: must be a string (got {value!r})")
+        return value
+    if hint == "tuple[Endpoint, ...]":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items:
+            raise ConfigError(f"{path}: must be a list of HOST:PORT strings")
+        try:
+            return tuple(parse_endpoint(str(v)) for v in items)
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    raise AssertionError(f"no loader for {hint!r}")
+
+
+def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown setting")
+    values = {}
+    for name, value in data.items():
+        f = fields[name]
+        path = prefix + name
+        if f.default_factory is not dataclasses.MISSING:  # a nested section
+            values[name] = _build(f.default_factory, value, path + ".")
+            continue
+        converted = _coerce(path, f.type, value)
+        check = f.metadata.get("check")
+        problem = check(converted) if check else None
+        if problem:
+            raise ConfigError(f"{path}: {problem} (got {value!r})")
+        values[name] = converted
+    return cls(**values)
+
+
+def load_settings(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Settings from a TOML file (if given) with ``overrides`` (dotted paths) on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return _build(Settings, data, "")  # type: ignore[no-any-return]
+
+
+# --- reference -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    path: str  # dotted TOML path
+    flag: str
+    type: str
+    default: Any
+    unit: str
+    help: str
+    check: Check | None
+
+
+def iter_settings(cls: Any = Settings, prefix: str = "") -> Iterator[SettingInfo]:
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            yield from iter_settings(f.default_factory, f"{prefix}{f.name}.")
+            continue
+        m = f.metadata
+        yield SettingInfo(
+            prefix + f.name, m["flag"], str(f.type), f.default, m["unit"], m["help"], m["check"]
+        )
+
+
+def _show_default(info: SettingInfo) -> str:
+    if isinstance(info.default, tuple):
+        return ", ".join(str(e) for e in info.default)
+    if isinstance(info.default, float) and info.default.is_integer():
+        return str(int(info.default))
+    return str(info.default)
+
+
+def reference_table() -> str:
+    """The Markdown settings table for the README."""
+    rows = ["| setting (TOML) | flag | default | meaning |", "|---|---|---|---|"]
+    for s in iter_settings():
+        default = _show_default(s) + (f" {s.unit}" if s.unit else "")
+        rows.append(f"| `{s.path}` | `{s.flag}` | {default} | {s.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_table())

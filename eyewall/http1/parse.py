@@ -1,0 +1,220 @@
+"""Parsing of HTTP/1.1 message heads, chunk-size lines and trailers (RFC 9112).
+
+Pure functions over complete byte strings: the I/O layer reads a whole head (up to the
+blank line) and hands it here.  Each function returns a value or raises `ParseError`;
+nothing else escapes (the fuzz tests hold the module to that contract).
+
+Leniency, on purpose and nowhere else: a bare LF is accepted as a line end (RFC 9112
+§2.2 allows it) and the reason phrase of a status line may be missing.  Everything that
+lets two parsers disagree about where a message ends is refused: obs-fold, whitespace
+before a colon, control characters and bare CR in values, malformed chunk sizes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+__all__ = [
+    "Headers",
+    "ParseError",
+    "RequestHead",
+    "ResponseHead",
+    "parse_chunk_size",
+    "parse_fields",
+    "parse_request_head",
+    "parse_response_head",
+]
+
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_VALUE_CHARS = r"[\t\x20-\x7e\x80-\xff]"
+# One whole line per match, anchored at line starts: a line that is not a valid field
+# matches nothing, which `parse_fields` detects by counting lines.
+_FIELD = re.compile(
+    rf"^({_TOKEN}):[ \t]*((?:{_VALUE_CHARS}*[\x21-\x7e\x80-\xff])?)[ \t]*\r?\n", re.MULTILINE
+)
+_REQUEST_LINE = re.compile(rf"({_TOKEN}) ([\x21-\x7e]+) HTTP/1\.([0-9])\r?\n")
+_ANY_VERSION = re.compile(r"\S+ \S+ HTTP/([0-9])(?:\.[0-9])?\r?\n")
+_STATUS_LINE = re.compile(rf"HTTP/1\.([0-9]) ([1-5][0-9][0-9])(?: ({_VALUE_CHARS}*))?\r?\n")
+_CHUNK_SIZE = re.compile(rf"([0-9A-Fa-f]{{1,16}})[ \t]*(?:;{_VALUE_CHARS}*)?\r?\n")
+_TOKEN_RE = re.compile(_TOKEN)
+
+
+class ParseError(ValueError):
+    """The bytes are not a valid HTTP/1.1 message element.
+
+    ``status`` is the answer a server gives a client that sent them: 400 for most,
+    505 for an HTTP major version other than 1.
+    """
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Headers:
+    """An ordered list of header fields that keeps names as received.
+
+    Lookups ignore case; repeated fields (``Set-Cookie``) stay separate lines.  A
+    lower-cased index is built on the first lookup and dropped on every change.
+    """
+
+    __slots__ = ("_index", "fields")
+
+    def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
+        self.fields: list[tuple[str, str]] = list(fields)
+        self._index: dict[str, list[str]] | None = None
+
+    def _lookup(self) -> dict[str, list[str]]:
+        index = self._index
+        if index is None:
+            index = self._index = {}
+            for n, v in self.fields:
+                key = n.lower()
+                if key in index:
+                    index[key].append(v)
+                else:
+                    index[key] = [v]
+        return index
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self.fields)
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._lookup()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Headers) and other.fields == self.fields
+
+    def __repr__(self) -> str:
+        return f"Headers({self.fields!r})"
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of ``name``, or ``default``."""
+        values = self._lookup().get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name: str) -> list[str]:
+        return self._lookup().get(name.lower(), [])
+
+    def tokens(self, name: str) -> list[str]:
+        """Comma-separated list elements of every ``name`` line, lower-cased."""
+        values = self._lookup().get(name.lower())
+        if not values:
+            return []
+        return [t for t in (t.strip(" \t").lower() for v in values for t in v.split(",")) if t]
+
+    def add(self, name: str, value: str) -> None:
+        check_field(name, value)
+        self.fields.append((name, value))
+        self._index = None
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every ``name`` line by one line, keeping the first one's place."""
+        check_field(name, value)
+        key = name.lower()
+        out: list[tuple[str, str]] = []
+        placed = False
+        for n, v in self.fields:
+            if n.lower() != key:
+                out.append((n, v))
+            elif not placed:
+                out.append((name, value))
+                placed = True
+        if not placed:
+            out.append((name, value))
+        self.fields = out
+        self._index = None
+
+    def remove(self, name: str) -> None:
+        key = name.lower()
+        self.fields = [(n, v) for n, v in self.fields if n.lower() != key]
+        self._index = None
+
+    def copy(self) -> Headers:
+        return Headers(self.fields)
+
+
+def check_field(name: str, value: str) -> None:
+    """Refuse a field that would break the framing when written out."""
+    if not _TOKEN_RE.fullmatch(name):
+        raise ValueError(f"invalid header name {name!r}")
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise ValueError(f"invalid characters in value of {name}")
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: str
+    target: str
+    version: str  # "HTTP/1.0" or "HTTP/1.1"
+    headers: Headers
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    version: str
+    status: int
+    reason: str
+    headers: Headers
+
+
+def parse_fields(text: str, pos: int = 0) -> Headers:
+    """Parse field lines from ``pos`` through the terminating empty line."""
+    fields = _FIELD.findall(text, pos)
+    if len(fields) != text.count("\n", pos) - 1 or not (
+        text.endswith("\n\r\n") or text.endswith("\n\n") or text[pos:] in ("\r\n", "\n")
+    ):
+        raise ParseError(_describe_bad_fields(text, pos))
+    return Headers(fields)
+
+
+def parse_request_head(data: bytes) -> RequestHead:
+    """Parse a request line and its header fields (the bytes end with the empty line)."""
+    text = data.decode("latin-1")
+    # RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request.
+    start = 2 if text.startswith("\r\n") else 1 if text.startswith("\n") else 0
+    m = _REQUEST_LINE.match(text, start)
+    if m is None:
+        v = _ANY_VERSION.match(text, start)
+        if v is not None and v.group(1) != "1":
+            raise ParseError("HTTP version not supported", 505)
+        raise ParseError("malformed request line")
+    version = "HTTP/1.0" if m.group(3) == "0" else "HTTP/1.1"
+    return RequestHead(m.group(1), m.group(2), version, parse_fields(text, m.end()))
+
+
+def parse_response_head(data: bytes) -> ResponseHead:
+    text = data.decode("latin-1")
+    m = _STATUS_LINE.match(text)
+    if m is None:
+        raise ParseError("malformed status line")
+    version = "HTTP/1.0" if m.group(1) == "0" else "HTTP/1.1"
+    return ResponseHead(version, int(m.group(2)), m.group(3) or "", parse_fields(text, m.end()))
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """The size from a chunk-size line (extensions are dropped)."""
+    m = _CHUNK_SIZE.fullmatch(line.decode("latin-1"))
+    if m is None:
+        raise ParseError("malformed chunk size line")
+    return int(m.group(1), 16)
+
+
+def _describe_bad_fields(text: str, pos: int) -> str:
+    for line in text[pos:].split("\n"):
+        line = line.removesuffix("\r")
+        if not line:
+            break
+        if line[0] in " \t":
+            return "obsolete line folding in header"
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN_RE.fullmatch(name):
+            return "malformed header field name"
+        if re.search(r"[^\t\x20-\x7e\x80-\xff]", value):
+            return f"invalid character in header {name}"
+    return "malformed header section"

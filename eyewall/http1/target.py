@@ -1,0 +1,135 @@
+"""Request targets a forward proxy accepts (RFC 9112 §3.2).
+
+* absolute-form ``http://host[:port]/path?query`` for every method but CONNECT;
+* authority-form ``host:port`` for CONNECT.
+
+The path and query are kept byte for byte: a proxy must not re-encode what it forwards.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from eyewall.http1.parse import ParseError
+
+__all__ = ["Target", "TargetError", "parse_authority", "parse_target"]
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+_REG_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?")
+_PORT = re.compile(r"[0-9]{1,5}")
+# The common case in one match: a name or IPv4 host, an optional port, a path or query.
+_SIMPLE_ABSOLUTE = re.compile(
+    r"(?i:(http|https))://((?![.-])[A-Za-z0-9_.-]{1,253})(?::([0-9]{1,5}))?([/?][^#]*)?"
+)
+
+
+class TargetError(ParseError):
+    """A target the proxy cannot use; ``origin_form`` marks a request sent as to a server."""
+
+    def __init__(self, message: str, origin_form: bool = False) -> None:
+        super().__init__(message, 400)
+        self.origin_form = origin_form
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    scheme: str  # "http", "https", or "" for a CONNECT authority
+    host: str  # lower-case name or IP literal, IPv6 without brackets
+    port: int
+    authority: str  # host[:port] as it goes in the Host field (brackets kept)
+    path: str  # origin-form for the next hop; "" for CONNECT
+
+    @property
+    def is_ip_literal(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+    def url(self) -> str:
+        """The target written back as a URL (for logs and records)."""
+        if not self.scheme:
+            return self.authority
+        return f"{self.scheme}://{self.authority}{self.path}"
+
+
+def parse_target(method: str, target: str) -> Target:
+    if method == "CONNECT":
+        return parse_authority(target, require_port=True)
+    if target.startswith("/") or target == "*":
+        raise TargetError("origin-form target sent to a proxy", origin_form=True)
+    if "#" in target:
+        raise TargetError("fragment in request target")
+    simple = _SIMPLE_ABSOLUTE.fullmatch(target)
+    if simple is not None and not simple.group(2).endswith("-"):
+        scheme, host, port_text, path = simple.groups()
+        scheme = scheme.lower()
+        host = host.lower()
+        port = DEFAULT_PORTS[scheme] if port_text is None else int(port_text)
+        if 0 < port < 65536:
+            if not path or path[0] == "?":
+                path = ("*" if method == "OPTIONS" and not path else "/") + (path or "")
+            authority = host if port_text is None else f"{host}:{port_text}"
+            return Target(scheme, host, port, authority, path)
+    scheme, sep, rest = target.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in DEFAULT_PORTS:
+        raise TargetError("target must be an absolute http:// or https:// URL")
+    end = len(rest)
+    for ch in "/?":
+        i = rest.find(ch)
+        if i != -1 and i < end:
+            end = i
+    authority, path = rest[:end], rest[end:]
+    parsed = parse_authority(authority, default_port=DEFAULT_PORTS[scheme])
+    if not path.startswith("/"):
+        # RFC 9112 §3.2.1 and §3.2.4: an empty path is "/", or "*" for OPTIONS.
+        path = ("*" if method == "OPTIONS" and not path else "/") + path
+    return Target(scheme, parsed.host, parsed.port, parsed.authority, path)
+
+
+def parse_authority(
+    authority: str, default_port: int | None = None, require_port: bool = False
+) -> Target:
+    """Parse ``host[:port]``; userinfo is refused (RFC 9110 §4.2.4)."""
+    if "@" in authority:
+        raise TargetError("userinfo in target authority")
+    if authority.startswith("["):
+        close = authority.find("]")
+        if close == -1:
+            raise TargetError("unterminated IPv6 literal")
+        host, after = authority[1:close], authority[close + 1 :]
+        if "%" in host:
+            raise TargetError("zone identifiers are not allowed in targets")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise TargetError("invalid IPv6 literal") from None
+        host = host.lower()
+        if after and not after.startswith(":"):
+            raise TargetError("junk after IPv6 literal")
+        port_text: str | None = after[1:] if after else None
+        shown = f"[{host}]"
+    else:
+        host, colon, port_text = authority.rpartition(":")
+        if not colon:
+            host, port_text = authority, None
+        if not _REG_NAME.fullmatch(host):
+            raise TargetError("invalid host in target")
+        host = host.lower()
+        shown = host
+    if port_text:
+        if not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
+            raise TargetError("invalid port in target")
+        port = int(port_text)
+        shown = f"{shown}:{port_text}"
+    elif require_port:
+        raise TargetError("CONNECT target must be host:port")
+    elif default_port is None:
+        raise TargetError("target has no port")
+    else:
+        port = default_port
+    return Target("", host, port, shown, "")

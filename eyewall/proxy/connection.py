@@ -1,0 +1,238 @@
+"""One client connection: read request heads in order, answer each, keep alive.
+
+Requests are handled one at a time, so pipelined requests are answered in order; the
+next head waits in the stream's buffer.  A CONNECT (or a WebSocket upgrade) ends the
+loop by handing the socket to a tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from tornado.iostream import IOStream, StreamClosedError
+
+from eyewall.errors import ErrorKind, ProxyError, error_page, status_of
+from eyewall.http1.message import request_framing
+from eyewall.http1.parse import ParseError, RequestHead, parse_request_head
+from eyewall.http1.target import Target, TargetError, parse_target
+from eyewall.observe.flow import Flow
+from eyewall.proxy.forward import Exchange
+from eyewall.proxy.streams import (
+    HEAD_END,
+    buffered_size,
+    complete,
+    lingering_close,
+    read_block,
+    take_over,
+)
+from eyewall.proxy.tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from eyewall.proxy.server import Proxy
+
+__all__ = ["ClientConnection"]
+
+log = logging.getLogger("eyewall.connection")
+
+CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
+class ClientConnection:
+    __slots__ = (
+        "address",
+        "busy",
+        "exchange",
+        "head_started",
+        "local",
+        "loop",
+        "proxy",
+        "requests",
+        "since",
+        "stream",
+        "t_head",
+    )
+
+    def __init__(self, proxy: Proxy, stream: IOStream, address: tuple[str, int]) -> None:
+        self.proxy = proxy
+        self.stream = stream
+        self.address = (address[0], address[1])
+        self.loop = asyncio.get_running_loop()
+        self.since = self.loop.time()  # start of the current idle period
+        self.head_started: float | None = None  # when the watchdog first saw head bytes
+        self.requests = 0
+        self.busy = False
+        self.exchange: Exchange | None = None
+        self.t_head = 0.0
+
+    # -- watchdog ----------------------------------------------------------------------
+
+    def check(self, now: float) -> None:
+        if self.exchange is not None:
+            self.exchange.check(now)
+            return
+        if self.busy or self.stream.closed():
+            return
+        t = self.proxy.settings.timeouts
+        if buffered_size(self.stream):
+            if self.head_started is None:
+                self.head_started = now
+            elif now - self.head_started >= t.client_header:
+                self._request_timeout()
+        elif now - self.since >= (t.client_header if self.requests == 0 else t.keepalive_idle):
+            self.stream.close()
+
+    def _request_timeout(self) -> None:
+        flow = self._new_flow()
+        flow.fail(ErrorKind.CLIENT_TIMEOUT, "request head not received in time")
+        flow.status = status_of(ErrorKind.CLIENT_TIMEOUT)
+        page = error_page(
+            ErrorKind.CLIENT_TIMEOUT,
+            flow.error_detail,
+            flow.id,
+            proxy_name=self.proxy.settings.via,
+            close=True,
+        )
+        try:
+            self.stream.write(page)
+        except StreamClosedError:
+            pass
+        self.loop.call_soon(self.stream.close)
+        self.proxy.end_flow(flow, self.loop.time())
+
+    # -- the request loop --------------------------------------------------------------
+
+    async def serve(self) -> None:
+        limit = self.proxy.settings.limits.max_header_size
+        stream = self.stream
+        try:
+            while True:
+                data = await read_block(stream, HEAD_END, limit)
+                self.t_head = self.loop.time()
+                self.head_started = None
+                self.requests += 1
+                self.busy = True
+                if not await self._handle(data) or self.proxy.draining or stream.closed():
+                    break
+                self.busy = False
+                self.since = self.loop.time()
+        except StreamClosedError:
+            pass
+        finally:
+            self.stream.close()
+            self.proxy.connection_closed(self)
+
+    def _new_flow(self) -> Flow:
+        return Flow(self.proxy.next_id(), "http", self.address, time.time())
+
+    async def _handle(self, data: bytes) -> bool:
+        """Answer one request; True if the connection may carry another."""
+        flow = self._new_flow()
+        try:
+            return await self._dispatch(data, flow)
+        finally:
+            self.exchange = None
+            self.proxy.end_flow(flow, self.t_head)
+
+    async def _dispatch(self, data: bytes, flow: Flow) -> bool:
+        limits = self.proxy.settings.limits
+        if not complete(data):
+            first_line_ends = data.find(b"\n")
+            if first_line_ends == -1 or first_line_ends > limits.max_target_length:
+                return await self.answer_error(
+                    flow, ErrorKind.TARGET_TOO_LONG, "request line too long", close=True
+                )
+            return await self.answer_error(
+                flow, ErrorKind.HEADERS_TOO_LARGE, "request header section too large", close=True
+            )
+        try:
+            head = parse_request_head(data)
+        except ParseError as e:
+            kind = ErrorKind.VERSION_NOT_SUPPORTED if e.status == 505 else ErrorKind.BAD_REQUEST
+            return await self.answer_error(flow, kind, str(e), close=True)
+        flow.method = head.method
+        flow.request = head
+        flow.url = head.target
+        if len(head.target) > limits.max_target_length:
+            return await self.answer_error(
+                flow, ErrorKind.TARGET_TOO_LONG, "request target too long", close=True
+            )
+        try:
+            target = parse_target(head.method, head.target)
+        except TargetError as e:
+            if e.origin_form:
+                kind, detail = (
+                    ErrorKind.NOT_PROXY_REQUEST,
+                    "this is a forward proxy: send requests with an absolute URL"
+                    " (http://host/path), or use CONNECT host:port for tunnels",
+                )
+            elif head.method == "CONNECT":
+                kind, detail = ErrorKind.BAD_CONNECT, str(e)
+            else:
+                kind, detail = ErrorKind.BAD_REQUEST, str(e)
+            return await self.answer_error(flow, kind, detail, close=True)
+        flow.url = target.url()
+        flow.host = target.host
+        flow.port = target.port
+        if head.method == "CONNECT":
+            return await self._connect(head, target, flow)
+        exchange = self.exchange = Exchange(self, head, target, flow)
+        return await exchange.run()
+
+    async def _connect(self, head: RequestHead, target: Target, flow: Flow) -> bool:
+        flow.kind = "tunnel"
+        try:
+            framing = request_framing(head)
+        except ParseError as e:
+            return await self.answer_error(flow, ErrorKind.BAD_CONNECT, str(e), close=True)
+        if framing.kind.value != "none":
+            return await self.answer_error(
+                flow, ErrorKind.BAD_CONNECT, "CONNECT request with a body", close=True
+            )
+        proxy = self.proxy
+        try:
+            sock, peer = await proxy.pool.open_socket(target)
+        except ProxyError as e:
+            keep = head.version == "HTTP/1.1" and "close" not in head.headers.tokens("connection")
+            return await self.answer_error(flow, e.kind, e.detail, close=not keep)
+        flow.upstream = peer
+        flow.t_connected = self.loop.time() - self.t_head
+        try:
+            client_sock, early = take_over(self.stream)
+        except StreamClosedError:
+            sock.close()
+            flow.fail(ErrorKind.CLIENT_ABORTED, "client left before the tunnel opened")
+            return False
+        flow.status = 200
+        tunnel = Tunnel(
+            client_sock,
+            sock,
+            proxy.pipes,
+            proxy.tunnel_closed,
+            proxy.settings.timeouts.tunnel_idle,
+            to_client=CONNECT_ESTABLISHED,
+            to_upstream=early,
+        )
+        proxy.open_tunnel(tunnel, flow, self.t_head)
+        return False
+
+    async def answer_error(self, flow: Flow, kind: ErrorKind, detail: str, close: bool) -> bool:
+        """Send the error page for ``kind``; True if the connection stays open."""
+        flow.fail(kind, detail)
+        flow.status = status_of(kind)
+        close = close or self.proxy.draining
+        page = error_page(kind, detail, flow.id, proxy_name=self.proxy.settings.via, close=close)
+        try:
+            await self.stream.write(page)
+        except StreamClosedError:
+            return False
+        if close:
+            self.busy = True
+            await lingering_close(self.stream)
+            return False
+        return True
+
+    def close(self) -> None:
+        self.stream.close()

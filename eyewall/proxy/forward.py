@@ -1,0 +1,320 @@
+"""Forwarding one HTTP request to its origin and the response back (an `Exchange`).
+
+    client ──head──▶ proxy ──head──▶ origin        (pooled connection; retried once on a
+    client ──body──▶ proxy ──body──▶ origin         stale one if the method is idempotent)
+    client ◀─1xx/head/body── proxy ◀── origin      (re-framed for the client)
+
+The request body is uploaded by a task while the response is awaited, so an origin may
+answer before it has read the whole body (a 413, or a 100-continue refused).  A 101 to a
+WebSocket request turns both connections into a `Tunnel`.
+
+The watchdog enforces the upstream response-head deadline and the body stall limit by
+closing the upstream (and, once the response has begun, the client) stream; the
+coroutine then sees `StreamClosedError` and reads ``self.expired`` to tell why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import TYPE_CHECKING
+
+from tornado.iostream import StreamClosedError
+
+from eyewall.errors import ErrorKind, ProxyError
+from eyewall.http1 import message as m
+from eyewall.http1.message import BodyKind, Framing
+from eyewall.http1.parse import ParseError, RequestHead, ResponseHead, parse_response_head
+from eyewall.http1.target import Target
+from eyewall.observe.flow import Flow
+from eyewall.proxy import bodies
+from eyewall.proxy.streams import HEAD_END, complete, read_block, take_over
+from eyewall.proxy.tunnel import Tunnel
+from eyewall.proxy.upstream import Upstream
+
+if TYPE_CHECKING:
+    from eyewall.proxy.connection import ClientConnection
+
+__all__ = ["Exchange"]
+
+SMALL_BODY = 64 << 10  # responses up to this size are read whole and sent with the head
+MAX_INTERIM = 10
+
+
+class Phase(enum.Enum):
+    CONNECTING = 1
+    WAITING = 2  # request sent (or being sent); no response head yet
+    RESPONDING = 3  # response head received; body in transit
+
+
+class Exchange:
+    __slots__ = (
+        "active",
+        "conn",
+        "deadline",
+        "expired",
+        "flow",
+        "head",
+        "last_active",
+        "phase",
+        "responded",
+        "target",
+        "up",
+        "upload",
+        "uploading",
+    )
+
+    def __init__(self, conn: ClientConnection, head: RequestHead, target: Target, flow: Flow):
+        self.conn = conn
+        self.head = head
+        self.target = target
+        self.flow = flow
+        self.up: Upstream | None = None
+        self.upload: asyncio.Future[None] | None = None
+        self.uploading = False
+        self.phase = Phase.CONNECTING
+        self.deadline = 0.0
+        self.active = False
+        self.last_active = conn.loop.time()
+        self.expired: ErrorKind | None = None
+        self.responded = False  # a response head went to the client
+
+    # -- watchdog ----------------------------------------------------------------------
+
+    def check(self, now: float) -> None:
+        if self.active:
+            self.active = False
+            self.last_active = now
+            return
+        t = self.conn.proxy.settings.timeouts
+        if self.uploading or self.phase is Phase.RESPONDING:
+            if now - self.last_active >= t.body_idle:
+                self._expire(ErrorKind.BODY_STALLED)
+        elif self.phase is Phase.WAITING and now >= self.deadline:
+            self._expire(ErrorKind.UPSTREAM_TIMEOUT)
+
+    def _expire(self, kind: ErrorKind) -> None:
+        self.expired = kind
+        if self.up is not None:
+            self.up.stream.close()
+        if self.responded or self.uploading:
+            self.conn.stream.close()
+
+    # -- the exchange ------------------------------------------------------------------
+
+    async def run(self) -> bool:
+        """Forward the request; True if the client connection may carry another."""
+        conn, head, flow = self.conn, self.head, self.flow
+        try:
+            framing = m.request_framing(head)
+        except ParseError as e:
+            await conn.answer_error(flow, ErrorKind.BAD_REQUEST, str(e), close=True)
+            return False
+        upgrade = m.websocket_upgrade(head)
+        keep_alive = m.client_keeps_alive(head)
+        try:
+            response = await self._send(framing, upgrade)
+            if response.status == 101:
+                await self._switch(response)
+                return False
+            return await self._respond(response, keep_alive)
+        except ProxyError as e:
+            return await self._fail(e.kind, e.detail, keep_alive, framing)
+        except StreamClosedError:
+            kind, detail = self._closed_reason()
+            return await self._fail(kind, detail, keep_alive, framing)
+        finally:
+            await self._finish_upload()
+
+    async def _send(self, framing: Framing, upgrade: bool) -> ResponseHead:
+        """Send the request (retrying a stale pooled connection once); return the final
+        response head, relaying interim ones."""
+        conn, head, target, flow = self.conn, self.head, self.target, self.flow
+        proxy = conn.proxy
+        fields = m.upstream_fields(head, target, framing, proxy.settings.via, upgrade)
+        request = m.render_request(head.method, target.path, fields)
+        retryable = framing.kind is BodyKind.NONE and m.is_idempotent(head.method)
+        attempt = 0
+        while True:
+            self.phase = Phase.CONNECTING
+            up = self.up = await proxy.pool.acquire(target, fresh=attempt > 0, probe=not retryable)
+            flow.upstream = up.peer
+            flow.reused = up.uses > 0
+            flow.t_connected = conn.loop.time() - conn.t_head
+            self.phase = Phase.WAITING
+            self.deadline = conn.loop.time() + proxy.settings.timeouts.upstream_head
+            try:
+                if framing.kind is BodyKind.NONE:
+                    up.stream.write(request)
+                else:
+                    await up.stream.write(request)
+                    self.uploading = True
+                    self.upload = asyncio.ensure_future(self._upload_body(framing))
+                return await self._read_final_head(upgrade)
+            except StreamClosedError:
+                # A pooled connection the origin closed just as we reused it: safe to
+                # send again on a new one if nothing came back (RFC 9110 §9.2.2).
+                if attempt or not retryable or not up.uses or self.expired is not None:
+                    raise
+                up.stream.close()
+                attempt += 1
+
+    async def _upload_body(self, framing: Framing) -> None:
+        src, up = self.conn.stream, self.up
+        assert up is not None
+        limit = self.conn.proxy.settings.limits.max_header_size
+        try:
+            if framing.kind is BodyKind.LENGTH:
+                self.flow.bytes_in = await bodies.copy_length(src, up.stream, framing.length, self)
+            else:
+                self.flow.bytes_in = await bodies.copy_chunked(src, up.stream, True, self, limit)
+        finally:
+            self.uploading = False
+            self.deadline = self.conn.loop.time() + self.conn.proxy.settings.timeouts.upstream_head
+
+    async def _finish_upload(self) -> None:
+        """Wait for or end the upload task so none outlives its exchange."""
+        task = self.upload
+        if task is None:
+            return
+        if not task.done():
+            # The response is complete but the client is still sending: the rest of the
+            # body can't be delimited from a next request, so the connection must close.
+            self.conn.stream.close()
+        try:
+            await task
+        except (StreamClosedError, ParseError, ProxyError):
+            pass
+
+    async def _read_final_head(self, upgrade: bool) -> ResponseHead:
+        up, conn, head = self.up, self.conn, self.head
+        assert up is not None
+        limit = conn.proxy.settings.limits.max_header_size
+        for _ in range(MAX_INTERIM + 1):
+            data = await read_block(up.stream, HEAD_END, limit)
+            self.active = True
+            if not complete(data):
+                raise ProxyError(ErrorKind.UPSTREAM_MALFORMED, "response head too large")
+            try:
+                response = parse_response_head(data)
+            except ParseError as e:
+                raise ProxyError(ErrorKind.UPSTREAM_MALFORMED, str(e)) from None
+            if response.status == 101:
+                if not upgrade or "websocket" not in response.headers.tokens("upgrade"):
+                    raise ProxyError(ErrorKind.UPSTREAM_MALFORMED, "unrequested 101 response")
+                return response
+            if response.status >= 200:
+                return response
+            # RFC 9110 §15.2: forward interim responses, but never to an HTTP/1.0 client.
+            if head.version == "HTTP/1.1":
+                fields = m.response_fields(
+                    response, m.NO_BODY, head.version, True, conn.proxy.settings.via
+                )
+                await conn.stream.write(m.render_response(response.status, response.reason, fields))
+        raise ProxyError(ErrorKind.UPSTREAM_MALFORMED, "too many interim responses")
+
+    async def _respond(self, response: ResponseHead, keep_alive: bool) -> bool:
+        conn, head, flow, up = self.conn, self.head, self.flow, self.up
+        assert up is not None
+        proxy = conn.proxy
+        try:
+            framing = m.response_framing(head.method, response)
+        except ParseError as e:
+            raise ProxyError(ErrorKind.UPSTREAM_MALFORMED, str(e)) from None
+        out = m.downstream_framing(framing, head.version)
+        keep_alive = (
+            keep_alive
+            and out.kind is not BodyKind.CLOSE
+            and not proxy.draining
+            and not self.uploading
+        )
+        fields = m.response_fields(response, out, head.version, keep_alive, proxy.settings.via)
+        head_bytes = m.render_response(response.status, response.reason, fields)
+        flow.response = response
+        flow.status = response.status
+        flow.t_response = conn.loop.time() - conn.t_head
+        self.phase = Phase.RESPONDING
+        client, origin = conn.stream, up.stream
+        if framing.kind is BodyKind.NONE:
+            self.responded = True
+            await client.write(head_bytes)
+        elif framing.kind is BodyKind.LENGTH and framing.length <= SMALL_BODY:
+            body = await origin.read_bytes(framing.length) if framing.length else b""
+            self.responded = True
+            flow.bytes_out = len(body)
+            await client.write(head_bytes + body)
+        else:
+            self.responded = True
+            await client.write(head_bytes)
+            chunked = out.kind is BodyKind.CHUNKED
+            if framing.kind is BodyKind.LENGTH:
+                flow.bytes_out = await bodies.copy_length(origin, client, framing.length, self)
+            elif framing.kind is BodyKind.CHUNKED:
+                limit = proxy.settings.limits.max_header_size
+                flow.bytes_out = await bodies.copy_chunked(origin, client, chunked, self, limit)
+            else:
+                flow.bytes_out = await bodies.copy_until_close(origin, client, chunked, self)
+        await self._finish_upload()
+        upload = self.upload
+        upload_ok = upload is None or (not upload.cancelled() and upload.exception() is None)
+        if (
+            upload_ok
+            and framing.kind is not BodyKind.CLOSE
+            and m.upstream_reusable(response)
+            and not origin.closed()
+        ):
+            proxy.pool.release(up, conn.loop.time())
+        else:
+            origin.close()
+        return keep_alive and not client.closed()
+
+    async def _switch(self, response: ResponseHead) -> None:
+        """Relay the 101 and hand both connections to a tunnel (RFC 6455 §4.1)."""
+        conn, flow, up = self.conn, self.flow, self.up
+        assert up is not None
+        proxy = conn.proxy
+        fields = m.response_fields(response, m.NO_BODY, "HTTP/1.1", True, proxy.settings.via, True)
+        self.responded = True
+        await conn.stream.write(m.render_response(101, response.reason, fields))
+        flow.response = response
+        flow.status = 101
+        flow.kind = "websocket"
+        client_sock, from_client = take_over(conn.stream)
+        origin_sock, from_origin = take_over(up.stream)
+        tunnel = Tunnel(
+            client_sock,
+            origin_sock,
+            proxy.pipes,
+            proxy.tunnel_closed,
+            proxy.settings.timeouts.tunnel_idle,
+            to_client=from_origin,
+            to_upstream=from_client,
+        )
+        tunnel.down.count = len(from_origin)
+        proxy.open_tunnel(tunnel, flow, conn.t_head)
+
+    def _closed_reason(self) -> tuple[ErrorKind, str]:
+        if self.expired is ErrorKind.UPSTREAM_TIMEOUT:
+            return self.expired, "origin sent no response in time"
+        if self.expired is ErrorKind.BODY_STALLED:
+            return self.expired, "body transfer stalled"
+        if self.conn.stream.closed():
+            return ErrorKind.CLIENT_ABORTED, "client closed the connection"
+        if self.phase is Phase.RESPONDING:
+            return ErrorKind.UPSTREAM_RESET, "origin closed the connection mid-response"
+        return ErrorKind.UPSTREAM_RESET, "origin closed the connection before responding"
+
+    async def _fail(self, kind: ErrorKind, detail: str, keep_alive: bool, framing: Framing) -> bool:
+        if self.up is not None:
+            self.up.stream.close()
+        if self.responded or self.conn.stream.closed():
+            # Too late for an error page: closing is the only way to signal that the
+            # body is truncated.
+            self.flow.fail(kind, detail)
+            self.conn.stream.close()
+            return False
+        body_left = framing.kind is not BodyKind.NONE and (
+            self.upload is None or not self.upload.done()
+        )
+        close = body_left or not keep_alive or self.conn.proxy.draining
+        return await self.conn.answer_error(self.flow, kind, detail, close=close)

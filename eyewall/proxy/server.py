@@ -1,0 +1,214 @@
+"""The proxy server: listeners, connection and tunnel registries, and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import logging
+import secrets
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from tornado.netutil import add_accept_handler, bind_sockets
+
+from eyewall.config import Settings
+from eyewall.errors import ErrorKind, ProxyError, error_page
+from eyewall.http1.target import Target
+from eyewall.observe.events import EventBus
+from eyewall.observe.flow import Flow
+from eyewall.proxy.connection import ClientConnection
+from eyewall.proxy.streams import BoundedStream
+from eyewall.proxy.tunnel import PipePool, Tunnel
+from eyewall.proxy.upstream import Address, Resolver, UpstreamPool
+from eyewall.proxy.watchdog import Watchdog, sweep_interval
+
+__all__ = ["Proxy"]
+
+log = logging.getLogger("eyewall")
+
+STREAM_BUFFER = 8 << 20
+
+
+class Proxy:
+    def __init__(self, settings: Settings, bus: EventBus | None = None) -> None:
+        self.settings = settings
+        self.bus = bus or EventBus()
+        t = settings.timeouts
+        self.pool = UpstreamPool(
+            Resolver(),
+            self.refuse_self,
+            t.upstream_connect,
+            settings.pool.idle_per_origin,
+            settings.pool.idle_timeout,
+        )
+        self.pipes = PipePool()
+        smallest = min(
+            t.client_header,
+            t.keepalive_idle,
+            t.upstream_head,
+            t.body_idle,
+            t.tunnel_idle,
+            settings.pool.idle_timeout,
+        )
+        self.watchdog = Watchdog(sweep_interval(smallest))
+        self.watchdog.add(self.pool)
+        self.connections: set[ClientConnection] = set()
+        self.tunnels: dict[Tunnel, tuple[Flow, float]] = {}
+        self.draining = False
+        self.addresses: list[tuple[str, int]] = []  # what the listeners are bound to
+        self._listeners: list[tuple[socket.socket, Callable[[], None]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._local_ips: set[str] = set()
+        self._ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(3)
+        self._idle_event = asyncio.Event()
+
+    # -- start and stop ----------------------------------------------------------------
+
+    def start_listening(self) -> list[tuple[str, int]]:
+        """Bind every configured address; returns the bound (host, port) pairs."""
+        for endpoint in self.settings.listen:
+            family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_UNSPEC
+            for sock in bind_sockets(endpoint.port, endpoint.host, family=family, backlog=1024):
+                self._listeners.append((sock, add_accept_handler(sock, self._accept)))
+                host, port = sock.getsockname()[:2]
+                self.addresses.append((host, port))
+        self._local_ips = _local_addresses()
+        self.watchdog.start()
+        return self.addresses
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight work finish up to the drain deadline, then close."""
+        self.draining = True
+        self.stop_listening()
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.timeouts.drain
+        while (self.connections or self.tunnels) and loop.time() < deadline:
+            self._idle_event.clear()
+            try:
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    await self._idle_event.wait()
+            except TimeoutError:
+                break
+        for tunnel in list(self.tunnels):
+            tunnel.close(ConnectionAbortedError("proxy shutting down"))
+        for conn in list(self.connections):
+            conn.close()
+        self.pool.close_all()
+        self.pipes.close()
+        self.watchdog.stop()
+        await asyncio.sleep(0)  # let the closing connections run their finally blocks
+
+    # -- connections -------------------------------------------------------------------
+
+    def stop_listening(self) -> None:
+        for sock, remove_handler in self._listeners:
+            remove_handler()
+            sock.close()
+        self._listeners.clear()
+
+    def _accept(self, sock: socket.socket, address: Any) -> None:
+        stream = BoundedStream(sock, max_buffer_size=STREAM_BUFFER)
+        task = asyncio.ensure_future(self._serve(stream, address))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, stream: BoundedStream, address: Any) -> None:
+        if len(self.connections) >= self.settings.limits.max_connections or self.draining:
+            flow = Flow(self.next_id(), "http", (address[0], address[1]), 0.0)
+            detail = "shutting down" if self.draining else "too many connections"
+            page = error_page(
+                ErrorKind.OVERLOADED, detail, flow.id, proxy_name=self.settings.via, close=True
+            )
+            try:
+                await stream.write(page)
+            finally:
+                stream.close()
+            log.warning("refused connection from %s: %s", address[0], detail)
+            return
+        stream.set_nodelay(True)
+        conn = ClientConnection(self, stream, address)
+        self.connections.add(conn)
+        self.watchdog.add(conn)
+        await conn.serve()
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        self.watchdog.discard(conn)
+        if self.draining:
+            self._idle_event.set()
+
+    def open_tunnel(self, tunnel: Tunnel, flow: Flow, t_start: float) -> None:
+        flow.deferred = True
+        self.tunnels[tunnel] = (flow, t_start)
+        self.watchdog.add(tunnel)
+        tunnel.start()
+
+    def tunnel_closed(self, tunnel: Tunnel, error: BaseException | None) -> None:
+        self.watchdog.discard(tunnel)
+        flow, t_start = self.tunnels.pop(tunnel)
+        flow.bytes_in = tunnel.bytes_up
+        flow.bytes_out = tunnel.bytes_down
+        if isinstance(error, TimeoutError):
+            flow.fail(ErrorKind.BODY_STALLED, "tunnel idle timeout")
+        elif isinstance(error, ConnectionAbortedError):
+            flow.fail(ErrorKind.CLIENT_ABORTED, str(error))
+        elif error is not None:
+            flow.fail(ErrorKind.UPSTREAM_RESET, f"tunnel ended by {error.__class__.__name__}")
+        flow.deferred = False
+        self.end_flow(flow, t_start)
+        if self.draining:
+            self._idle_event.set()
+
+    # -- flows -------------------------------------------------------------------------
+
+    def next_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._ids):x}"
+
+    def end_flow(self, flow: Flow, t_start: float) -> None:
+        if flow.deferred:
+            return  # a tunnel reports it when it closes
+        flow.duration = asyncio.get_running_loop().time() - t_start
+        self.bus.emit("flow_end", flow)
+
+    # -- self-protection ---------------------------------------------------------------
+
+    def refuse_self(self, target: Target, addrs: list[Address]) -> list[Address]:
+        """Refuse a destination that is one of this proxy's own listeners."""
+        for _, sockaddr in addrs:
+            if self.is_own_listener(sockaddr[0], sockaddr[1]):
+                raise ProxyError(ErrorKind.LOOP, "request aimed at the proxy itself")
+        return addrs
+
+    def is_own_listener(self, host: str, port: int) -> bool:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        for bound_host, bound_port in self.addresses:
+            if bound_port != port:
+                continue
+            bound = ipaddress.ip_address(bound_host)
+            if bound == ip:
+                return True
+            if bound.is_unspecified and (
+                ip.is_loopback or ip.is_unspecified or str(ip) in self._local_ips
+            ):
+                return True
+        return False
+
+
+def _local_addresses() -> set[str]:
+    """Addresses of this host as its name resolves (for wildcard listeners)."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None)
+    except OSError:
+        return set()
+    return {str(info[4][0]) for info in infos}

@@ -1,0 +1,313 @@
+"""Byte relay between two sockets: CONNECT tunnels and upgraded WebSocket connections.
+
+Each direction is a `_Pump` driven by the event loop's reader/writer callbacks (no
+coroutine per tunnel, so an idle tunnel costs a few small objects).  On Linux the bytes
+move with ``splice(2)`` through a pipe and never enter Python; elsewhere, or if the
+kernel refuses, with ``recv_into``/``send`` through a buffer.  Pipes come from a shared
+pool and are held only while data is in flight, so thousands of idle tunnels do not
+hold thousands of pipes.
+
+Backpressure: a pump stops reading while its destination cannot take more.  Half-close:
+end of input on one side becomes ``shutdown(SHUT_WR)`` on the other, and the tunnel
+ends when both directions have ended, or at the first error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+__all__ = ["PipePool", "Tunnel"]
+
+log = logging.getLogger("eyewall.tunnel")
+
+PIPE_SIZE = 1 << 20
+COPY_BUFFER = 256 << 10
+_SPLICE = hasattr(os, "splice")
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+class PipePool:
+    """Empty non-blocking pipes for splice, reused across tunnels."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self.keep = keep
+        self._free: list[tuple[int, int]] = []
+
+    def acquire(self) -> tuple[int, int]:
+        if self._free:
+            return self._free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # the default size works, just more slowly
+        return r, w
+
+    def release(self, pipe: tuple[int, int], empty: bool) -> None:
+        if empty and len(self._free) < self.keep:
+            self._free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def close(self) -> None:
+        while self._free:
+            r, w = self._free.pop()
+            os.close(r)
+            os.close(w)
+
+
+class _Pump:
+    """Moves bytes from ``src`` to ``dst`` until end of input or an error."""
+
+    __slots__ = (
+        "buffer",
+        "count",
+        "dst",
+        "dst_fd",
+        "eof",
+        "in_flight",
+        "loop",
+        "pending",
+        "pipe",
+        "reading",
+        "src",
+        "src_fd",
+        "tunnel",
+        "writing",
+    )
+
+    def __init__(
+        self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, pending: bytes
+    ) -> None:
+        self.tunnel = tunnel
+        self.loop = tunnel.loop
+        self.src, self.dst = src, dst
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.pending = memoryview(pending) if pending else None  # user-space bytes first
+        self.pipe: tuple[int, int] | None = None
+        self.in_flight = 0  # bytes in the pipe
+        self.buffer: bytearray | None = None
+        self.count = 0
+        self.eof = False
+        self.reading = False
+        self.writing = False
+
+    def start(self) -> None:
+        self._flush()
+
+    # -- event handlers ---------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            if self.tunnel.splice:
+                self._splice_in()
+            else:
+                self._recv()
+        except OSError as e:
+            self.tunnel.abort(e)
+            return
+        self.tunnel.active = True
+        self._flush()
+
+    def _on_writable(self) -> None:
+        self._flush()
+
+    def _splice_in(self) -> None:
+        if self.pipe is None:
+            self.pipe = self.tunnel.pipes.acquire()
+        try:
+            n = os.splice(self.src_fd, self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOSYS) and self.count == 0:
+                self.tunnel.splice = False  # this kernel or socket type refuses splice
+                self._recv()
+                return
+            raise
+        if n == 0:
+            self.eof = True
+        self.in_flight += n
+        self.count += n
+
+    def _recv(self) -> None:
+        if self.buffer is None:
+            self.buffer = bytearray(COPY_BUFFER)
+        try:
+            n = self.src.recv_into(self.buffer)
+        except BlockingIOError:
+            return
+        if n == 0:
+            self.eof = True
+        else:
+            self.pending = memoryview(self.buffer)[:n]
+            self.count += n
+
+    # -- moving data out --------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Write what is held; then read again, wait for the destination, or finish."""
+        try:
+            blocked = self._write_out()
+        except OSError as e:
+            self.tunnel.abort(e)
+            return
+        if blocked:
+            self._set_reading(False)
+            if not self.writing:
+                self.loop.add_writer(self.dst_fd, self._on_writable)
+                self.writing = True
+            return
+        if self.writing:
+            self.loop.remove_writer(self.dst_fd)
+            self.writing = False
+        if self.eof:
+            self._set_reading(False)
+            self.tunnel.finished(self)
+        else:
+            self._set_reading(True)
+
+    def _write_out(self) -> bool:
+        """True if the destination is full and data is still held."""
+        while self.pending is not None:
+            try:
+                sent = self.dst.send(self.pending)
+            except BlockingIOError:
+                return True
+            self.pending = self.pending[sent:] if sent < len(self.pending) else None
+        while self.in_flight:
+            assert self.pipe is not None
+            try:
+                moved = os.splice(self.pipe[0], self.dst_fd, self.in_flight, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return True
+            self.in_flight -= moved
+        if self.pipe is not None:
+            self.tunnel.pipes.release(self.pipe, empty=True)
+            self.pipe = None
+        return False
+
+    def _set_reading(self, on: bool) -> None:
+        if on and not self.reading:
+            self.loop.add_reader(self.src_fd, self._on_readable)
+        elif not on and self.reading:
+            self.loop.remove_reader(self.src_fd)
+        self.reading = on
+
+    def stop(self) -> None:
+        """Unregister from the loop and give back the pipe."""
+        self._set_reading(False)
+        if self.writing:
+            self.loop.remove_writer(self.dst_fd)
+            self.writing = False
+        if self.pipe is not None:
+            self.tunnel.pipes.release(self.pipe, empty=self.in_flight == 0)
+            self.pipe = None
+        self.pending = None
+        self.buffer = None
+
+
+class Tunnel:
+    """Relays between ``client`` and ``upstream`` until both directions end.
+
+    ``to_client`` and ``to_upstream`` are bytes to deliver before anything read from the
+    sockets (the CONNECT answer; bytes IOStream had read ahead); ``to_upstream`` counts
+    as bytes from the client.  ``on_close`` is called once, with the exception that
+    ended the tunnel or None.  The watchdog calls `check` to enforce ``idle_timeout``.
+    """
+
+    __slots__ = (
+        "_ended",
+        "active",
+        "client",
+        "closed",
+        "down",
+        "flow",
+        "idle_since",
+        "idle_timeout",
+        "loop",
+        "on_close",
+        "pipes",
+        "splice",
+        "up",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        pipes: PipePool,
+        on_close: Callable[[Tunnel, BaseException | None], None],
+        idle_timeout: float,
+        to_client: bytes = b"",
+        to_upstream: bytes = b"",
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.client, self.upstream = client, upstream
+        self.pipes = pipes
+        self.splice = _SPLICE
+        self.on_close = on_close
+        self.idle_timeout = idle_timeout
+        self.flow: object = None  # the record the owner keeps for this tunnel
+        self.active = True  # set on every read; the watchdog clears it
+        self.idle_since = self.loop.time()
+        self.closed = False
+        self.up = _Pump(self, client, upstream, to_upstream)
+        self.down = _Pump(self, upstream, client, to_client)
+        self.up.count = len(to_upstream)
+        self._ended: set[_Pump] = set()
+
+    @property
+    def bytes_up(self) -> int:
+        return self.up.count
+
+    @property
+    def bytes_down(self) -> int:
+        return self.down.count
+
+    def start(self) -> None:
+        self.down.start()
+        self.up.start()
+
+    def check(self, now: float) -> None:
+        if self.active:
+            self.active = False
+            self.idle_since = now
+        elif now - self.idle_since >= self.idle_timeout:
+            self.close(TimeoutError("tunnel idle"))
+
+    def finished(self, pump: _Pump) -> None:
+        """``pump`` saw end of input and delivered everything: pass the EOF on."""
+        self._ended.add(pump)
+        if len(self._ended) == 2:
+            self.close()
+            return
+        try:
+            pump.dst.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            self.abort(e)
+
+    def abort(self, error: BaseException) -> None:
+        self.close(error)
+
+    def close(self, error: BaseException | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.up.stop()
+        self.down.stop()
+        self.client.close()
+        self.upstream.close()
+        try:
+            self.on_close(self, error)
+        except Exception:
+            log.exception("tunnel close handler failed")
