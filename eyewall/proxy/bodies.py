@@ -1,8 +1,8 @@
 """Streaming a message body from one IOStream to another, re-framed on the way.
 
 Every write is awaited before the next read, so a slow reader on one side stops the
-reading on the other: memory per transfer stays at one buffer.  Each piece moved sets
-``progress.active`` for the watchdog's stall check.
+reading on the other: memory per transfer stays at one buffer.  Each piece moved is
+counted in a `Meter` and sets its ``active`` flag for the watchdog's stall check.
 
 The functions raise what the streams raise (`StreamClosedError`) and `ParseError` for
 broken chunked framing; the caller decides which side was at fault.
@@ -10,15 +10,13 @@ broken chunked framing; the caller decides which side was at fault.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from tornado.iostream import IOStream, StreamClosedError
 
 from eyewall.http1.message import HOP_BY_HOP
 from eyewall.http1.parse import ParseError, parse_chunk_size, parse_fields
 from eyewall.proxy.streams import LINE_END, TRAILERS_END, complete, read_block
 
-__all__ = ["copy_chunked", "copy_length", "copy_until_close"]
+__all__ = ["Meter", "copy_chunked", "copy_length", "copy_until_close"]
 
 PIECE = 64 << 10  # read size for bodies moved as bytes
 BIG_BUFFER = 256 << 10  # reusable buffer for long bodies
@@ -26,34 +24,42 @@ CHUNK_LINE_LIMIT = 4096
 _FRAMING_FIELDS = HOP_BY_HOP | {"content-length", "host"}
 
 
-class Progress(Protocol):
-    active: bool
+class Meter:
+    """Body bytes moved in one direction, and whether any moved since the last look."""
+
+    __slots__ = ("active", "count")
+
+    def __init__(self) -> None:
+        self.active = False
+        self.count = 0
 
 
 def _chunk(data: bytes | memoryview) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-async def copy_length(src: IOStream, dst: IOStream, length: int, progress: Progress) -> int:
+async def copy_length(src: IOStream, dst: IOStream, length: int, meter: Meter) -> int:
     """Move exactly ``length`` bytes; a source that ends early raises StreamClosedError."""
     remaining = length
     if remaining <= PIECE * 2:
         while remaining:
             piece = await src.read_bytes(min(remaining, PIECE), partial=True)
             remaining -= len(piece)
-            progress.active = True
+            meter.count += len(piece)
+            meter.active = True
             await dst.write(piece)
         return length
     view = memoryview(bytearray(BIG_BUFFER))
     while remaining:
         n = await src.read_into(view[: min(remaining, BIG_BUFFER)], partial=True)  # type: ignore[arg-type]
         remaining -= n
-        progress.active = True
+        meter.count += n
+        meter.active = True
         await dst.write(view[:n])
     return length
 
 
-async def copy_until_close(src: IOStream, dst: IOStream, chunked: bool, progress: Progress) -> int:
+async def copy_until_close(src: IOStream, dst: IOStream, chunked: bool, meter: Meter) -> int:
     """Move everything until ``src`` ends, as chunks if ``chunked``."""
     total = 0
     view = memoryview(bytearray(BIG_BUFFER))
@@ -63,7 +69,8 @@ async def copy_until_close(src: IOStream, dst: IOStream, chunked: bool, progress
         except StreamClosedError:
             break
         total += n
-        progress.active = True
+        meter.count += n
+        meter.active = True
         await dst.write(_chunk(view[:n]) if chunked else view[:n])
     if chunked:
         await dst.write(b"0\r\n\r\n")
@@ -71,7 +78,7 @@ async def copy_until_close(src: IOStream, dst: IOStream, chunked: bool, progress
 
 
 async def copy_chunked(
-    src: IOStream, dst: IOStream, chunked: bool, progress: Progress, trailer_limit: int
+    src: IOStream, dst: IOStream, chunked: bool, meter: Meter, trailer_limit: int
 ) -> int:
     """Decode a chunked body from ``src``; write it chunked (with trailers) or raw.
 
@@ -91,7 +98,8 @@ async def copy_chunked(
             piece = await src.read_bytes(min(remaining, PIECE), partial=True)
             remaining -= len(piece)
             total += len(piece)
-            progress.active = True
+            meter.count += len(piece)
+            meter.active = True
             await dst.write(_chunk(piece) if chunked else piece)
         end = await read_block(src, LINE_END, CHUNK_LINE_LIMIT)
         if end not in (b"\r\n", b"\n"):

@@ -132,6 +132,18 @@ class ClientConnection:
         flow = self._new_flow()
         try:
             return await self._dispatch(data, flow)
+        except StreamClosedError:
+            raise
+        except Exception:
+            # A bug must cost one exchange, never the proxy: log it, answer 500 if
+            # nothing was sent yet, and drop this connection only.
+            log.exception("internal error handling %s %s", flow.id, flow.url)
+            exchange = self.exchange
+            if (exchange is None or not exchange.responded) and not self.stream.closed():
+                await self.answer_error(flow, ErrorKind.INTERNAL, "internal error", close=True)
+            flow.fail(ErrorKind.INTERNAL, "internal error")
+            self.stream.close()
+            return False
         finally:
             self.exchange = None
             self.proxy.end_flow(flow, self.t_head)

@@ -49,7 +49,6 @@ class Phase(enum.Enum):
 
 class Exchange:
     __slots__ = (
-        "active",
         "conn",
         "deadline",
         "expired",
@@ -57,10 +56,13 @@ class Exchange:
         "head",
         "last_active",
         "phase",
+        "received",
         "responded",
+        "sent",
         "target",
         "up",
         "upload",
+        "upload_error",
         "uploading",
     )
 
@@ -74,16 +76,18 @@ class Exchange:
         self.uploading = False
         self.phase = Phase.CONNECTING
         self.deadline = 0.0
-        self.active = False
+        self.sent = bodies.Meter()  # request body bytes, client to origin
+        self.received = bodies.Meter()  # response body bytes, origin to client
         self.last_active = conn.loop.time()
         self.expired: ErrorKind | None = None
+        self.upload_error: ProxyError | None = None
         self.responded = False  # a response head went to the client
 
     # -- watchdog ----------------------------------------------------------------------
 
     def check(self, now: float) -> None:
-        if self.active:
-            self.active = False
+        if self.sent.active or self.received.active:
+            self.sent.active = self.received.active = False
             self.last_active = now
             return
         t = self.conn.proxy.settings.timeouts
@@ -123,8 +127,12 @@ class Exchange:
         except StreamClosedError:
             kind, detail = self._closed_reason()
             return await self._fail(kind, detail, keep_alive, framing)
+        except ParseError as e:  # broken chunked framing in the response body
+            return await self._fail(ErrorKind.UPSTREAM_MALFORMED, str(e), keep_alive, framing)
         finally:
             await self._finish_upload()
+            flow.bytes_in = self.sent.count
+            flow.bytes_out = self.received.count
 
     async def _send(self, framing: Framing, upgrade: bool) -> ResponseHead:
         """Send the request (retrying a stale pooled connection once); return the final
@@ -165,9 +173,17 @@ class Exchange:
         limit = self.conn.proxy.settings.limits.max_header_size
         try:
             if framing.kind is BodyKind.LENGTH:
-                self.flow.bytes_in = await bodies.copy_length(src, up.stream, framing.length, self)
+                await bodies.copy_length(src, up.stream, framing.length, self.sent)
             else:
-                self.flow.bytes_in = await bodies.copy_chunked(src, up.stream, True, self, limit)
+                await bodies.copy_chunked(src, up.stream, True, self.sent, limit)
+        except ParseError as e:
+            # The client's chunked framing broke: stop the exchange; run() answers 400.
+            self.upload_error = ProxyError(ErrorKind.BAD_REQUEST, f"request body: {e}")
+            up.stream.close()
+            raise
+        except StreamClosedError:
+            up.stream.close()  # wakes the response read; the reason is found there
+            raise
         finally:
             self.uploading = False
             self.deadline = self.conn.loop.time() + self.conn.proxy.settings.timeouts.upstream_head
@@ -192,7 +208,6 @@ class Exchange:
         limit = conn.proxy.settings.limits.max_header_size
         for _ in range(MAX_INTERIM + 1):
             data = await read_block(up.stream, HEAD_END, limit)
-            self.active = True
             if not complete(data):
                 raise ProxyError(ErrorKind.UPSTREAM_MALFORMED, "response head too large")
             try:
@@ -241,19 +256,20 @@ class Exchange:
         elif framing.kind is BodyKind.LENGTH and framing.length <= SMALL_BODY:
             body = await origin.read_bytes(framing.length) if framing.length else b""
             self.responded = True
-            flow.bytes_out = len(body)
+            self.received.count = len(body)
             await client.write(head_bytes + body)
         else:
             self.responded = True
             await client.write(head_bytes)
             chunked = out.kind is BodyKind.CHUNKED
+            meter = self.received
             if framing.kind is BodyKind.LENGTH:
-                flow.bytes_out = await bodies.copy_length(origin, client, framing.length, self)
+                await bodies.copy_length(origin, client, framing.length, meter)
             elif framing.kind is BodyKind.CHUNKED:
                 limit = proxy.settings.limits.max_header_size
-                flow.bytes_out = await bodies.copy_chunked(origin, client, chunked, self, limit)
+                await bodies.copy_chunked(origin, client, chunked, meter, limit)
             else:
-                flow.bytes_out = await bodies.copy_until_close(origin, client, chunked, self)
+                await bodies.copy_until_close(origin, client, chunked, meter)
         await self._finish_upload()
         upload = self.upload
         upload_ok = upload is None or (not upload.cancelled() and upload.exception() is None)
@@ -294,6 +310,8 @@ class Exchange:
         proxy.open_tunnel(tunnel, flow, conn.t_head)
 
     def _closed_reason(self) -> tuple[ErrorKind, str]:
+        if self.upload_error is not None:
+            return self.upload_error.kind, self.upload_error.detail
         if self.expired is ErrorKind.UPSTREAM_TIMEOUT:
             return self.expired, "origin sent no response in time"
         if self.expired is ErrorKind.BODY_STALLED:
