@@ -85,10 +85,14 @@ class Upload(Base):
         self.hash = hashlib.sha256()
         self.size = 0
         self.delay = float(self.get_query_argument("delay", "0"))
+        self.stall = float(self.get_query_argument("stall", "0"))
 
     async def data_received(self, chunk: bytes) -> None:
         self.hash.update(chunk)
         self.size += len(chunk)
+        if self.stall:  # stop reading for a while after the first chunk
+            await asyncio.sleep(self.stall)
+            self.stall = 0
         if self.delay:
             await asyncio.sleep(self.delay)
 
