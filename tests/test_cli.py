@@ -1,0 +1,149 @@
+"""Starting the proxy: options, configuration files, their errors, and the docs table."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eyewall.config import ConfigError, Endpoint, load_settings, reference_table
+from tests.conftest import ROOT, ProxyProcess, read_response
+
+
+def run_eyewall(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "eyewall", *args],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--client-header-timeout", "-1"], "--client-header-timeout"),
+        (["--max-connections", "0"], "--max-connections"),
+        (["--max-header-size", "lots"], "--max-header-size"),
+        (["--listen", "nonsense"], "--listen"),
+        (["--listen", "example.com:80"], "--listen"),
+        (["--log-level", "loud"], "--log-level"),
+        (["--via", "two words"], "--via"),
+    ],
+)
+def test_invalid_options_are_refused_naming_the_setting(args, named):
+    result = run_eyewall(*args)
+    assert result.returncode == 2
+    assert named in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('[timeouts]\nclient_header = "soon"\n', "timeouts.client_header"),
+        ("[timeouts]\nclient_header = 0\n", "timeouts.client_header"),
+        ("[limits]\nmax_header_size = true\n", "limits.max_header_size"),
+        ("[limits]\nmax_headers = 10\n", "limits.max_headers"),
+        ("speed = 11\n", "speed"),
+        ('listen = ["127.0.0.1:99999"]\n', "listen"),
+        ("timeouts = 3\n", "timeouts"),
+        ("[timeouts\n", "config file"),
+    ],
+)
+def test_invalid_config_files_are_refused_naming_the_setting(tmp_path, text, named):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    result = run_eyewall("--config", str(path))
+    assert result.returncode == 2
+    assert named in result.stderr
+    check = run_eyewall("check-config", str(path))
+    assert check.returncode == 1
+    assert named in check.stderr
+
+
+def test_config_file_values_and_flag_overrides(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text(
+        'listen = ["127.0.0.1:9000", "[::1]:9001"]\nvia = "edge"\n'
+        "[timeouts]\nclient_header = 2.5\n[pool]\nidle_per_origin = 4\n"
+    )
+    settings = load_settings(path, {"timeouts.client_header": 7.0})
+    assert settings.listen == (Endpoint("127.0.0.1", 9000), Endpoint("::1", 9001))
+    assert settings.via == "edge"
+    assert settings.timeouts.client_header == 7.0
+    assert settings.pool.idle_per_origin == 4
+    assert run_eyewall("check-config", str(path)).stdout.strip().endswith("ok")
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file"):
+        load_settings(tmp_path / "absent.toml")
+
+
+def test_readme_settings_table_is_generated_from_the_code():
+    readme = (ROOT / "README.md").read_text()
+    assert reference_table() in readme, "regenerate with: python -m eyewall.config"
+
+
+def test_help_lists_every_setting():
+    result = run_eyewall("--help")
+    assert result.returncode == 0
+    for flag in (
+        "--listen",
+        "--config",
+        "--client-header-timeout",
+        "--drain-timeout",
+        "--max-connections",
+        "--pool-idle-timeout",
+        "--access-log",
+    ):
+        assert flag in result.stdout
+
+
+def test_listens_on_ipv4_and_ipv6(tmp_path):
+    p = ProxyProcess(tmp_path, "--listen", "[::1]:0")
+    try:
+        line = next(x for x in p.stderr().splitlines() if "listening on" in x)
+        v6_port = int(line.rsplit(":", 1)[1])
+        assert "[::1]:" in line
+        with socket.create_connection(("::1", v6_port), timeout=5) as s:
+            s.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert read_response(s).startswith(b"HTTP/1.1 400")
+    finally:
+        p.stop()
+    p.check_clean()
+
+
+def test_listen_failure_is_reported(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = run_eyewall("--listen", f"127.0.0.1:{port}")
+    assert result.returncode != 0
+    assert "cannot listen" in result.stderr
+
+
+def test_max_connections_answers_503(make_proxy):
+    p = make_proxy("--max-connections", "2")
+    held = [socket.create_connection(p.address) for _ in range(2)]
+    try:
+        with socket.create_connection(p.address, timeout=5) as s:
+            data = read_response(s)
+        assert data.startswith(b"HTTP/1.1 503")
+        assert b"too many connections" in data
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_readme_names_the_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "./scripts/test" in readme and "./scripts/test" in ci
+    assert Path(ROOT / "scripts" / "test").exists()

@@ -1,0 +1,142 @@
+"""The tunnel relay in-process, over socket pairs, with splice and with the portable
+copy path: byte integrity, early bytes, half-close, backpressure, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from eyewall.proxy.tunnel import PipePool, Tunnel
+from tests.origins import pattern
+
+MODES = ["splice", "copy"]
+
+
+class Ends:
+    """Two socket pairs around a tunnel: the test holds ``client`` and ``origin``."""
+
+    def __init__(self, mode: str, idle: float = 60.0, **kwargs: bytes) -> None:
+        self.client, proxy_client = socket.socketpair()
+        self.origin, proxy_origin = socket.socketpair()
+        for s in (self.client, self.origin, proxy_client, proxy_origin):
+            s.setblocking(False)
+        self.closed: asyncio.Future[BaseException | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.pipes = PipePool()
+        self.tunnel = Tunnel(
+            proxy_client,
+            proxy_origin,
+            self.pipes,
+            lambda t, e: self.closed.set_result(e),
+            idle,
+            **kwargs,
+        )
+        if mode == "copy":
+            self.tunnel.splice = False
+        self.tunnel.start()
+
+    def close(self) -> None:
+        self.tunnel.close()
+        self.client.close()
+        self.origin.close()
+        self.pipes.close()
+
+
+async def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = b""
+    while len(data) < n:
+        chunk = await loop.sock_recv(sock, n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+async def recv_to_eof(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = b""
+    while chunk := await loop.sock_recv(sock, 1 << 20):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bytes_flow_both_ways_with_half_close(mode):
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        ends = Ends(mode, to_client=b"HELLO ", to_upstream=b"early ")
+        payload = pattern(5_000_000)
+        send = asyncio.ensure_future(loop.sock_sendall(ends.client, payload))
+        got = await recv_exactly(ends.origin, len(payload) + 6)
+        await send
+        assert got == b"early " + payload
+        ends.client.shutdown(socket.SHUT_WR)
+        assert await loop.sock_recv(ends.origin, 10) == b""  # EOF passed on
+        await loop.sock_sendall(ends.origin, b"reply after EOF")
+        ends.origin.shutdown(socket.SHUT_WR)
+        assert await recv_to_eof(ends.client) == b"HELLO reply after EOF"
+        assert await asyncio.wait_for(ends.closed, 5) is None
+        assert ends.tunnel.bytes_up == len(payload) + 6
+        assert ends.tunnel.bytes_down == len("reply after EOF")
+        ends.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_reader_that_stops_stops_the_writer(mode):
+    """Backpressure: with the origin not reading, the tunnel stops reading the client."""
+
+    async def run() -> None:
+        ends = Ends(mode)
+        ends.client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+        sent = 0
+        block = pattern(1 << 16)
+        for _ in range(2000):  # up to 128 MiB, far more than any buffer on the way
+            try:
+                sent += ends.client.send(block)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+                try:
+                    sent += ends.client.send(block)
+                except BlockingIOError:
+                    break
+        assert sent < 64 << 20, "the tunnel kept reading though nobody drained it"
+        got = await recv_exactly(ends.origin, sent)
+        assert got == (block * (sent // len(block) + 1))[:sent]
+        ends.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reset_from_one_side_closes_both(mode):
+    async def run() -> None:
+        ends = Ends(mode)
+        ends.origin.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        await asyncio.get_running_loop().sock_sendall(ends.client, b"x" * 1000)
+        ends.origin.close()
+        assert await recv_to_eof(ends.client) == b""
+        await asyncio.wait_for(ends.closed, 5)
+        ends.close()
+
+    asyncio.run(run())
+
+
+def test_idle_check_closes_a_quiet_tunnel():
+    async def run() -> None:
+        ends = Ends("splice", idle=10.0)
+        t = ends.tunnel
+        t.check(100.0)  # activity since start: resets the clock
+        t.check(105.0)
+        assert not ends.closed.done()
+        t.check(110.5)
+        error = await asyncio.wait_for(ends.closed, 1)
+        assert isinstance(error, TimeoutError)
+        ends.close()
+
+    asyncio.run(run())
