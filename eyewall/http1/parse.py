@@ -31,8 +31,11 @@ _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _VALUE_CHARS = r"[\t\x20-\x7e\x80-\xff]"
 # One whole line per match, anchored at line starts: a line that is not a valid field
 # matches nothing, which `parse_fields` detects by counting lines.
+# Possessive quantifiers keep it linear: no input makes the value part backtrack.
+_VISIBLE = r"[\x21-\x7e\x80-\xff]"
 _FIELD = re.compile(
-    rf"^({_TOKEN}):[ \t]*((?:{_VALUE_CHARS}*[\x21-\x7e\x80-\xff])?)[ \t]*\r?\n", re.MULTILINE
+    rf"^({_TOKEN}):[ \t]*+((?:{_VISIBLE}++(?:[ \t]++{_VISIBLE}++)*+)?)[ \t]*+\r?\n",
+    re.MULTILINE,
 )
 _REQUEST_LINE = re.compile(rf"({_TOKEN}) ([\x21-\x7e]+) HTTP/1\.([0-9])\r?\n")
 _ANY_VERSION = re.compile(r"\S+ \S+ HTTP/([0-9])(?:\.[0-9])?\r?\n")
