@@ -136,9 +136,9 @@ def downstream_framing(upstream: Framing, client_version: str) -> Framing:
 def client_keeps_alive(head: RequestHead) -> bool:
     """RFC 9112 §9.3: whether the client expects the connection to persist."""
     tokens = head.headers.tokens("connection")
-    if head.version == "HTTP/1.1":
-        return "close" not in tokens
-    return "keep-alive" in tokens
+    if "close" in tokens:
+        return False
+    return head.version == "HTTP/1.1" or "keep-alive" in tokens
 
 
 def upstream_reusable(head: ResponseHead) -> bool:
@@ -160,8 +160,12 @@ def websocket_upgrade(head: RequestHead) -> bool:
 
 
 def _dropped(headers: Headers) -> frozenset[str]:
+    """Fields removed at this hop: the fixed list and every Connection option, except
+    that an option can never remove Content-Length (the framing actually used)."""
     named = headers.tokens("connection")
-    return HOP_BY_HOP.union(named) if named else HOP_BY_HOP
+    if not named:
+        return HOP_BY_HOP
+    return HOP_BY_HOP.union(named).difference(("content-length",))
 
 
 def upstream_fields(

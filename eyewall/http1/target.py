@@ -17,11 +17,15 @@ from eyewall.http1.parse import ParseError
 __all__ = ["Target", "TargetError", "parse_authority", "parse_target"]
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
-_REG_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?")
+# Labels of letters, digits, "-" and "_", not starting or ending with "-"; one trailing
+# dot (a fully qualified name) allowed.
+_REG_NAME = re.compile(
+    r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?\.)*[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?\.?"
+)
 _PORT = re.compile(r"[0-9]{1,5}")
 # The common case in one match: a name or IPv4 host, an optional port, a path or query.
 _SIMPLE_ABSOLUTE = re.compile(
-    r"(?i:(http|https))://((?![.-])[A-Za-z0-9_.-]{1,253})(?::([0-9]{1,5}))?([/?][^#]*)?"
+    r"(?ai:(http|https))://((?![.-])[A-Za-z0-9_.-]{1,253})(?::([0-9]{1,5}))?([/?][^#]*)?"
 )
 
 
@@ -64,15 +68,16 @@ def parse_target(method: str, target: str) -> Target:
     if "#" in target:
         raise TargetError("fragment in request target")
     simple = _SIMPLE_ABSOLUTE.fullmatch(target)
-    if simple is not None and not simple.group(2).endswith("-"):
+    if simple is not None and _REG_NAME.fullmatch(simple.group(2)):
         scheme, host, port_text, path = simple.groups()
         scheme = scheme.lower()
-        host = host.lower()
+        authority_host = host.lower()
+        host = authority_host.removesuffix(".")
         port = DEFAULT_PORTS[scheme] if port_text is None else int(port_text)
         if 0 < port < 65536:
             if not path or path[0] == "?":
                 path = ("*" if method == "OPTIONS" and not path else "/") + (path or "")
-            authority = host if port_text is None else f"{host}:{port_text}"
+            authority = authority_host if port_text is None else f"{authority_host}:{port_text}"
             return Target(scheme, host, port, authority, path)
     scheme, sep, rest = target.partition("://")
     scheme = scheme.lower()
@@ -117,10 +122,10 @@ def parse_authority(
         host, colon, port_text = authority.rpartition(":")
         if not colon:
             host, port_text = authority, None
-        if not _REG_NAME.fullmatch(host):
+        if len(host.removesuffix(".")) > 253 or not _REG_NAME.fullmatch(host):
             raise TargetError("invalid host in target")
-        host = host.lower()
-        shown = host
+        shown = host.lower()
+        host = shown.removesuffix(".")
     if port_text:
         if not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
             raise TargetError("invalid port in target")

@@ -1,0 +1,261 @@
+"""Unit tests for eyewall.http1.target: the request targets a forward proxy accepts
+(RFC 9112 §3.2) and the authority it connects to."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eyewall.http1.parse import ParseError
+from eyewall.http1.target import Target, TargetError, parse_authority, parse_target
+
+LONG_HOST = ".".join(["a" * 63] * 3 + ["b" * 61])  # 253 characters, the longest name
+
+# method, target, (scheme, host, port, authority, path)
+VALID = [
+    ("GET", "http://example.com/", ("http", "example.com", 80, "example.com", "/")),
+    ("GET", "http://example.com:8080/x", ("http", "example.com", 8080, "example.com:8080", "/x")),
+    ("GET", "https://example.com/", ("https", "example.com", 443, "example.com", "/")),
+    ("GET", "https://example.com:8443/", ("https", "example.com", 8443, "example.com:8443", "/")),
+    ("GET", "http://127.0.0.1:8080/", ("http", "127.0.0.1", 8080, "127.0.0.1:8080", "/")),
+    ("GET", "http://[::1]/", ("http", "::1", 80, "[::1]", "/")),
+    ("GET", "http://[2001:db8::1]:8080/p",
+     ("http", "2001:db8::1", 8080, "[2001:db8::1]:8080", "/p")),
+    ("GET", "http://[2001:DB8::A]/", ("http", "2001:db8::a", 80, "[2001:db8::a]", "/")),
+    ("GET", "http://[::ffff:10.0.0.1]/", ("http", "::ffff:10.0.0.1", 80, "[::ffff:10.0.0.1]", "/")),
+    ("GET", "HTTP://EXAMPLE.COM/Path", ("http", "example.com", 80, "example.com", "/Path")),
+    ("GET", "HtTpS://Ex.Com:444/", ("https", "ex.com", 444, "ex.com:444", "/")),
+    ("GET", "http://example.com", ("http", "example.com", 80, "example.com", "/")),
+    ("GET", "http://example.com?q", ("http", "example.com", 80, "example.com", "/?q")),
+    ("GET", "http://example.com:81?q=1", ("http", "example.com", 81, "example.com:81", "/?q=1")),
+    ("GET", "http://[::1]?q", ("http", "::1", 80, "[::1]", "/?q")),
+    ("OPTIONS", "http://example.com", ("http", "example.com", 80, "example.com", "*")),
+    ("OPTIONS", "http://example.com:81", ("http", "example.com", 81, "example.com:81", "*")),
+    ("OPTIONS", "http://[::1]", ("http", "::1", 80, "[::1]", "*")),
+    ("OPTIONS", "http://example.com/", ("http", "example.com", 80, "example.com", "/")),
+    ("OPTIONS", "http://example.com?q", ("http", "example.com", 80, "example.com", "/?q")),
+    ("GET", "http://e.com/a%20b?c=%2F+d&e=%zz",
+     ("http", "e.com", 80, "e.com", "/a%20b?c=%2F+d&e=%zz")),
+    ("GET", "http://e.com/A/./b/../C//d?", ("http", "e.com", 80, "e.com", "/A/./b/../C//d?")),
+    ("GET", "http://e.com/p@q:r", ("http", "e.com", 80, "e.com", "/p@q:r")),
+    ("GET", "http://under_score.test/", ("http", "under_score.test", 80, "under_score.test", "/")),
+    ("GET", "http://e.com:65535/", ("http", "e.com", 65535, "e.com:65535", "/")),
+    ("GET", "http://e.com:1/", ("http", "e.com", 1, "e.com:1", "/")),
+    ("GET", f"http://{LONG_HOST}/", ("http", LONG_HOST, 80, LONG_HOST, "/")),
+    ("CONNECT", "example.com:443", ("", "example.com", 443, "example.com:443", "")),
+    ("CONNECT", "EXAMPLE.com:8443", ("", "example.com", 8443, "example.com:8443", "")),
+    ("CONNECT", "[::1]:443", ("", "::1", 443, "[::1]:443", "")),
+    ("CONNECT", "10.0.0.1:22", ("", "10.0.0.1", 22, "10.0.0.1:22", "")),
+]
+
+
+@pytest.mark.parametrize(("method", "target", "expected"), VALID)
+def test_valid_targets(method, target, expected):
+    t = parse_target(method, target)
+    assert (t.scheme, t.host, t.port, t.authority, t.path) == expected
+
+
+# method, target, origin_form
+ERRORS = [
+    ("GET", "/x", True),
+    ("GET", "/", True),
+    ("OPTIONS", "*", True),
+    ("GET", "*", True),
+    ("GET", "http://e.com/#frag", False),
+    ("GET", "http://e.com/p#", False),
+    ("GET", "http://e.com#", False),
+    ("GET", "http://user@e.com/", False),
+    ("GET", "http://user:pw@e.com:80/", False),
+    ("GET", "http://@e.com/", False),
+    ("GET", "http://e.com:0/", False),
+    ("GET", "http://e.com:00/", False),
+    ("GET", "http://e.com:65536/", False),
+    ("GET", "http://e.com:99999/", False),
+    ("GET", "http://e.com:123456/", False),
+    ("GET", "http://e.com:8o/", False),
+    ("GET", "http://e.com:-1/", False),
+    ("GET", "http://e.com: 80/", False),
+    ("GET", "http://e.com:80:80/", False),
+    ("GET", "http://[::1/", False),
+    ("GET", "http://[::1", False),
+    ("GET", "http://[::g]/", False),
+    ("GET", "http://[1.2.3.4]/", False),
+    ("GET", "http://[::1]x/", False),
+    ("GET", "http://[]/", False),
+    ("GET", "http://::1/", False),
+    ("GET", "http://[fe80::1%25eth0]/", False),
+    ("GET", "http://[fe80::1%eth0]:80/", False),
+    ("GET", "http://-e.com/", False),
+    ("GET", "http://e.com-/", False),
+    ("GET", "http://.e.com/", False),
+    ("GET", "http://a..b/", False),
+    ("GET", "http://a.b../", False),
+    ("GET", "http:///p", False),
+    ("GET", "http://", False),
+    ("GET", "http://:80/", False),
+    ("GET", "http://?q", False),
+    ("GET", "http://e com/", False),
+    ("GET", "http://ex\u00e4mple.com/", False),
+    ("GET", f"http://{LONG_HOST}b/", False),
+    ("GET", "ftp://e.com/", False),
+    ("GET", "ws://e.com/", False),
+    ("GET", "wss://e.com/", False),
+    ("GET", "e.com/", False),
+    ("GET", "http:/e.com/", False),
+    ("GET", "http:e.com", False),
+    ("GET", "", False),
+    ("CONNECT", "e.com", False),
+    ("CONNECT", "e.com:", False),
+    ("CONNECT", ":443", False),
+    ("CONNECT", "e.com:0", False),
+    ("CONNECT", "e.com:65536", False),
+    ("CONNECT", "http://e.com:443", False),
+    ("CONNECT", "u@e.com:443", False),
+    ("CONNECT", "[::1]", False),
+    ("CONNECT", "::1:443", False),
+    ("CONNECT", "e.com:443/", False),
+    ("CONNECT", "/x", False),
+]
+
+
+@pytest.mark.parametrize(("method", "target", "origin_form"), ERRORS)
+def test_invalid_targets(method, target, origin_form):
+    with pytest.raises(TargetError) as info:
+        parse_target(method, target)
+    assert info.value.origin_form is origin_form
+    assert info.value.status == 400
+    assert isinstance(info.value, ParseError)
+
+
+def test_a_trailing_dot_names_the_same_host():
+    # RFC 3986 §3.2.2 allows it and DNS resolves "e.com." as "e.com": rules and the pool
+    # must see one host, while the origin still gets the Host the client wrote.
+    for target in ("http://e.com./x", "http://E.com.:8080/x"):
+        t = parse_target("GET", target)
+        assert t.host == "e.com"
+        assert t.authority.startswith("e.com.")
+    assert parse_target("CONNECT", "e.com.:443").host == "e.com"
+
+
+@pytest.mark.parametrize("scheme", ["http\u017f", "HTTP\u017f"])
+def test_non_ascii_scheme_is_a_target_error(scheme):
+    # U+017F LATIN SMALL LETTER LONG S case-folds to "s".
+    with pytest.raises(TargetError):
+        parse_target("GET", f"{scheme}://example.com/")
+
+
+def test_parse_authority_ports():
+    assert parse_authority("e.com", default_port=80).port == 80
+    assert parse_authority("e.com:81", default_port=80).port == 81
+    assert parse_authority("[::1]", default_port=443).authority == "[::1]"
+    with pytest.raises(TargetError, match="no port"):
+        parse_authority("e.com")
+    with pytest.raises(TargetError, match="host:port"):
+        parse_authority("e.com", default_port=80, require_port=True)
+
+
+@pytest.mark.parametrize(
+    ("target", "url", "ip"),
+    [
+        ("HTTP://A.com:81/p?q", "http://a.com:81/p?q", False),
+        ("https://[::1]", "https://[::1]/", True),
+        ("http://10.1.2.3/", "http://10.1.2.3/", True),
+    ],
+)
+def test_target_url_and_ip_literal(target, url, ip):
+    t = parse_target("GET", target)
+    assert t.url() == url
+    assert t.is_ip_literal is ip
+
+
+def test_connect_target_url_is_the_authority():
+    t = parse_target("CONNECT", "A.com:443")
+    assert t.url() == "a.com:443"
+    assert not t.is_ip_literal
+
+
+# -- properties ---------------------------------------------------------------------------
+
+LABEL = st.text(string.ascii_letters + string.digits + "-", min_size=1, max_size=12).filter(
+    lambda s: not s.startswith("-") and not s.endswith("-")
+)
+HOST = st.lists(LABEL, min_size=1, max_size=4).map(".".join)
+PATH = st.sampled_from(["", "/", "?q", "/a/b?c=d&e", "/%7Euser/+x?y=%zz"]) | st.text(
+    string.ascii_letters + string.digits + "/?%+=&;:@!$'()*,-._~", max_size=30
+).map(lambda s: "/" + s)
+
+
+def expected_path(method: str, path: str) -> str:
+    if path.startswith("/"):
+        return path
+    return ("*" if method == "OPTIONS" and not path else "/") + path
+
+
+@settings(max_examples=300, database=None)
+@given(
+    st.sampled_from(["http", "https", "HTTP", "Https"]),
+    HOST,
+    st.none() | st.integers(1, 65535),
+    PATH,
+    st.sampled_from(["GET", "OPTIONS", "POST"]),
+)
+def test_generated_targets(scheme, host, port, path, method):
+    authority = host if port is None else f"{host}:{port}"
+    t = parse_target(method, f"{scheme}://{authority}{path}")
+    default = 443 if scheme.lower() == "https" else 80
+    assert t.scheme == scheme.lower()
+    assert t.host == host.lower()
+    assert t.port == (default if port is None else port)
+    assert t.authority == authority.lower()
+    assert t.path == expected_path(method, path)
+    # The general parser (parse_authority) agrees with the fast path.
+    slow = parse_authority(authority, default_port=default)
+    assert (slow.host, slow.port, slow.authority) == (t.host, t.port, t.authority)
+    if port is None:
+        # An empty port sends the target down the general path: same result.
+        assert parse_target(method, f"{scheme}://{host}:{path}") == t
+
+
+ANY_HOST = st.text(string.ascii_letters + string.digits + "-._", min_size=0, max_size=20)
+
+
+@settings(max_examples=300, database=None)
+@given(ANY_HOST, st.none() | st.integers(0, 70000), st.sampled_from(["", "/", "?x", "/p"]))
+def test_fast_and_general_paths_accept_the_same_hosts(host, port, path):
+    authority = host if port is None else f"{host}:{port}"
+    try:
+        general: Target | None = parse_authority(authority, default_port=80)
+    except TargetError:
+        general = None
+    try:
+        t: Target | None = parse_target("GET", f"http://{authority}{path}")
+    except TargetError:
+        t = None
+    if general is None:
+        assert t is None
+    else:
+        assert t is not None
+        assert (t.host, t.port, t.authority) == (general.host, general.port, general.authority)
+
+
+FRAGMENTS = ["http://", "HTTPS://", "ftp://", "[", "]", ":", "::1", "%25", "@", "#", "/", "?",
+             "a", "Z", "0", "-", ".", "80", "65536", "*", " ", "\u00e9", "\u017f", "\u212a"]
+ANY_TARGET = st.text(max_size=60) | st.lists(st.sampled_from(FRAGMENTS), max_size=15).map(
+    "".join
+)
+
+
+@settings(max_examples=500, database=None)
+@given(st.sampled_from(["GET", "OPTIONS", "CONNECT"]), ANY_TARGET)
+def test_any_string_parses_or_raises_target_error(method, target):
+    try:
+        t = parse_target(method, target)
+    except TargetError:
+        return
+    assert t.host == t.host.lower()
+    assert 0 < t.port < 65536
+    assert t.host in t.authority
+    assert (t.path == "") == (method == "CONNECT")
