@@ -33,6 +33,7 @@ def length(n):
 
 # -- request framing (RFC 9112 §6.1-§6.3) -------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
@@ -46,8 +47,17 @@ def length(n):
         ([(TE, "chunked")], CHUNKED),
         ([(TE, "Chunked")], CHUNKED),
     ],
-    ids=["none", "cl", "cl 0", "leading zeros", "equal lines", "equal list", "list and line",
-         "chunked", "Chunked"],
+    ids=[
+        "none",
+        "cl",
+        "cl 0",
+        "leading zeros",
+        "equal lines",
+        "equal list",
+        "list and line",
+        "chunked",
+        "Chunked",
+    ],
 )
 def test_request_framing(fields, expected):
     assert m.request_framing(req(*fields)) == expected
@@ -56,16 +66,47 @@ def test_request_framing(fields, expected):
 @pytest.mark.parametrize(
     "fields",
     [
-        [(CL, "5"), (CL, "6")], [(CL, "5, 6")], [(CL, "+5")], [(CL, "-1")], [(CL, "\xb2")],
-        [(CL, "\u0665")], [(CL, "")], [(CL, "5 5")], [(CL, "0x5")], [(CL, "5,")],
-        [(CL, "1" * 19)], [(CL, "3"), (TE, "chunked")], [(TE, "chunked, chunked")],
-        [(TE, "chunked"), (TE, "chunked")], [(TE, "gzip, chunked")], [(TE, "chunked, gzip")],
-        [(TE, "identity")], [(TE, "")], [(TE, ",")],
+        [(CL, "5"), (CL, "6")],
+        [(CL, "5, 6")],
+        [(CL, "+5")],
+        [(CL, "-1")],
+        [(CL, "\xb2")],
+        [(CL, "\u0665")],
+        [(CL, "")],
+        [(CL, "5 5")],
+        [(CL, "0x5")],
+        [(CL, "5,")],
+        [(CL, "1" * 19)],
+        [(CL, "3"), (TE, "chunked")],
+        [(TE, "chunked, chunked")],
+        [(TE, "chunked"), (TE, "chunked")],
+        [(TE, "gzip, chunked")],
+        [(TE, "chunked, gzip")],
+        [(TE, "identity")],
+        [(TE, "")],
+        [(TE, ",")],
     ],
-    ids=["unequal lines", "unequal list", "plus", "negative", "superscript two",
-         "arabic digit", "empty", "inner space", "hex", "trailing comma", "19 digits", "cl+te",
-         "chunked twice", "two te lines", "gzip,chunked", "chunked,gzip", "identity", "empty te",
-         "comma te"],
+    ids=[
+        "unequal lines",
+        "unequal list",
+        "plus",
+        "negative",
+        "superscript two",
+        "arabic digit",
+        "empty",
+        "inner space",
+        "hex",
+        "trailing comma",
+        "19 digits",
+        "cl+te",
+        "chunked twice",
+        "two te lines",
+        "gzip,chunked",
+        "chunked,gzip",
+        "identity",
+        "empty te",
+        "comma te",
+    ],
 )
 def test_request_framing_errors(fields):
     with pytest.raises(ParseError) as info:
@@ -80,6 +121,7 @@ def test_transfer_encoding_in_http10_request_is_an_error(fields):
 
 
 # -- response framing ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("method", "status", "fields", "version", "expected"),
@@ -126,9 +168,12 @@ def test_response_framing_errors_answer_502(fields, version):
 @pytest.mark.parametrize(
     ("upstream", "client", "expected"),
     [
-        (CHUNKED, "HTTP/1.1", CHUNKED), (CLOSE, "HTTP/1.1", CHUNKED),
-        (CHUNKED, "HTTP/1.0", CLOSE), (CLOSE, "HTTP/1.0", CLOSE),
-        (length(4), "HTTP/1.0", length(4)), (NO_BODY, "HTTP/1.1", NO_BODY),
+        (CHUNKED, "HTTP/1.1", CHUNKED),
+        (CLOSE, "HTTP/1.1", CHUNKED),
+        (CHUNKED, "HTTP/1.0", CLOSE),
+        (CLOSE, "HTTP/1.0", CLOSE),
+        (length(4), "HTTP/1.0", length(4)),
+        (NO_BODY, "HTTP/1.1", NO_BODY),
     ],
 )
 def test_downstream_framing(upstream, client, expected):
@@ -138,11 +183,18 @@ def test_downstream_framing(upstream, client, expected):
 # -- persistence and upgrades (RFC 9112 §9.3, RFC 6455 §4.1) ------------------------------
 
 KEEP_ALIVE = [
-    ("HTTP/1.1", [], True), ("HTTP/1.1", ["close"], False), ("HTTP/1.1", ["Close"], False),
-    ("HTTP/1.1", ["keep-alive, CLOSE"], False), ("HTTP/1.1", ["foo", " close"], False),
-    ("HTTP/1.1", ["foo, bar"], True), ("HTTP/1.1", ["closed"], True),
-    ("HTTP/1.0", [], False), ("HTTP/1.0", ["keep-alive"], True), ("HTTP/1.0", ["Keep-Alive"], True),
-    ("HTTP/1.0", ["foo ,keep-alive"], True), ("HTTP/1.0", ["keep-alive, close"], False),
+    ("HTTP/1.1", [], True),
+    ("HTTP/1.1", ["close"], False),
+    ("HTTP/1.1", ["Close"], False),
+    ("HTTP/1.1", ["keep-alive, CLOSE"], False),
+    ("HTTP/1.1", ["foo", " close"], False),
+    ("HTTP/1.1", ["foo, bar"], True),
+    ("HTTP/1.1", ["closed"], True),
+    ("HTTP/1.0", [], False),
+    ("HTTP/1.0", ["keep-alive"], True),
+    ("HTTP/1.0", ["Keep-Alive"], True),
+    ("HTTP/1.0", ["foo ,keep-alive"], True),
+    ("HTTP/1.0", ["keep-alive, close"], False),
 ]
 
 
@@ -162,8 +214,12 @@ def test_upstream_reusable(version, connection, expected):
     ("method", "version", "fields", "expected"),
     [
         ("GET", "HTTP/1.1", [("Connection", "Upgrade"), ("Upgrade", "websocket")], True),
-        ("GET", "HTTP/1.1", [("Connection", "keep-alive, upgrade"), ("Upgrade", "WebSocket")],
-         True),
+        (
+            "GET",
+            "HTTP/1.1",
+            [("Connection", "keep-alive, upgrade"), ("Upgrade", "WebSocket")],
+            True,
+        ),
         ("POST", "HTTP/1.1", [("Connection", "Upgrade"), ("Upgrade", "websocket")], False),
         ("GET", "HTTP/1.0", [("Connection", "Upgrade"), ("Upgrade", "websocket")], False),
         ("GET", "HTTP/1.1", [("Upgrade", "websocket")], False),
@@ -177,9 +233,16 @@ def test_websocket_upgrade(method, version, fields, expected):
 
 # -- fields sent upstream (RFC 9110 §7.6) --------------------------------------------------
 
-HOP = [("Connection", "X-Secret, close"), ("Keep-Alive", "timeout=5"), ("x-secret", "s"),
-       ("Proxy-Connection", "keep-alive"), ("Proxy-Authorization", "Basic Zm9vOmJhcg=="),
-       ("TE", "trailers"), ("Trailer", "X-T"), ("Upgrade", "h2c")]
+HOP = [
+    ("Connection", "X-Secret, close"),
+    ("Keep-Alive", "timeout=5"),
+    ("x-secret", "s"),
+    ("Proxy-Connection", "keep-alive"),
+    ("Proxy-Authorization", "Basic Zm9vOmJhcg=="),
+    ("TE", "trailers"),
+    ("Trailer", "X-T"),
+    ("Upgrade", "h2c"),
+]
 
 
 def forward(head, url="http://o.test:8080/p", upgrade=False):
@@ -188,11 +251,23 @@ def forward(head, url="http://o.test:8080/p", upgrade=False):
 
 
 def test_upstream_fields_host_first_and_hop_by_hop_removed():
-    head = req(("Accept", "*/*"), *HOP, ("Host", "evil.test"), (CL, "2, 2"), ("X-B", "1"),
-               ("Expect", "100-continue"), ("Via", "1.0 other"))
+    head = req(
+        ("Accept", "*/*"),
+        *HOP,
+        ("Host", "evil.test"),
+        (CL, "2, 2"),
+        ("X-B", "1"),
+        ("Expect", "100-continue"),
+        ("Via", "1.0 other"),
+    )
     assert forward(head) == [
-        ("Host", "o.test:8080"), ("Accept", "*/*"), (CL, "2"), ("X-B", "1"),
-        ("Expect", "100-continue"), ("Via", "1.0 other"), ("Via", "1.1 eyewall"),
+        ("Host", "o.test:8080"),
+        ("Accept", "*/*"),
+        (CL, "2"),
+        ("X-B", "1"),
+        ("Expect", "100-continue"),
+        ("Via", "1.0 other"),
+        ("Via", "1.1 eyewall"),
     ]
 
 
@@ -203,26 +278,46 @@ def test_upstream_fields_http10():
 
 def test_upstream_fields_rechunk():
     head = req(("transfer-encoding", "Chunked"), ("X", "1"))
-    assert forward(head) == [("Host", "o.test:8080"), ("X", "1"), (TE, "chunked"),
-                             ("Via", "1.1 eyewall")]
+    assert forward(head) == [
+        ("Host", "o.test:8080"),
+        ("X", "1"),
+        (TE, "chunked"),
+        ("Via", "1.1 eyewall"),
+    ]
 
 
 def test_upstream_fields_upgrade():
-    head = req(("Connection", "Upgrade"), ("Upgrade", "websocket"),
-               ("Sec-WebSocket-Key", "k"), method="GET")
+    head = req(
+        ("Connection", "Upgrade"),
+        ("Upgrade", "websocket"),
+        ("Sec-WebSocket-Key", "k"),
+        method="GET",
+    )
     assert forward(head, upgrade=True) == [
-        ("Host", "o.test:8080"), ("Sec-WebSocket-Key", "k"), ("Connection", "upgrade"),
-        ("Upgrade", "websocket"), ("Via", "1.1 eyewall"),
+        ("Host", "o.test:8080"),
+        ("Sec-WebSocket-Key", "k"),
+        ("Connection", "upgrade"),
+        ("Upgrade", "websocket"),
+        ("Via", "1.1 eyewall"),
     ]
 
 
 @pytest.mark.parametrize(
     "fields",
-    [[(CL, "5")], [(CL, "5"), ("Connection", "content-length")],
-     [("Connection", "Content-Length, close"), (CL, "5, 5")],
-     [(TE, "chunked"), ("Connection", "transfer-encoding")], [(CL, "0"), (CL, "0")]],
-    ids=["cl", "connection names cl", "connection names cl, close", "connection names te",
-         "cl 0 twice"],
+    [
+        [(CL, "5")],
+        [(CL, "5"), ("Connection", "content-length")],
+        [("Connection", "Content-Length, close"), (CL, "5, 5")],
+        [(TE, "chunked"), ("Connection", "transfer-encoding")],
+        [(CL, "0"), (CL, "0")],
+    ],
+    ids=[
+        "cl",
+        "connection names cl",
+        "connection names cl, close",
+        "connection names te",
+        "cl 0 twice",
+    ],
 )
 def test_forwarded_request_frames_the_same_body(fields):
     # Whatever the client's Connection field names, the origin must see the framing the
@@ -235,6 +330,7 @@ def test_forwarded_request_frames_the_same_body(fields):
 
 # -- fields sent to the client -------------------------------------------------------------
 
+
 def back(head, framing, client="HTTP/1.1", keep_alive=True, upgrade=False):
     return m.response_fields(head, framing, client, keep_alive, "eyewall", upgrade)
 
@@ -242,8 +338,12 @@ def back(head, framing, client="HTTP/1.1", keep_alive=True, upgrade=False):
 @pytest.mark.parametrize(
     ("status", "framing", "cl_out", "te_out"),
     [
-        (200, length(5), "5", False), (200, NO_BODY, "5, 5", False), (304, NO_BODY, "5, 5", False),
-        (204, NO_BODY, None, False), (103, NO_BODY, None, False), (200, CHUNKED, None, True),
+        (200, length(5), "5", False),
+        (200, NO_BODY, "5, 5", False),
+        (304, NO_BODY, "5, 5", False),
+        (204, NO_BODY, None, False),
+        (103, NO_BODY, None, False),
+        (200, CHUNKED, None, True),
         (200, CLOSE, None, False),
     ],
     ids=["length", "head", "304", "204", "1xx", "chunked", "close"],
@@ -258,8 +358,10 @@ def test_response_fields_framing(status, framing, cl_out, te_out):
 @pytest.mark.parametrize(
     ("status", "client", "keep_alive", "connection"),
     [
-        (200, "HTTP/1.1", True, []), (200, "HTTP/1.1", False, ["close"]),
-        (200, "HTTP/1.0", True, ["keep-alive"]), (200, "HTTP/1.0", False, []),
+        (200, "HTTP/1.1", True, []),
+        (200, "HTTP/1.1", False, ["close"]),
+        (200, "HTTP/1.0", True, ["keep-alive"]),
+        (200, "HTTP/1.0", False, []),
         (100, "HTTP/1.1", False, []),
     ],
 )
@@ -269,17 +371,25 @@ def test_response_fields_connection(status, client, keep_alive, connection):
 
 
 def test_response_fields_keep_cookies_and_append_via():
-    head = resp(200, ("Set-Cookie", "a=1"), ("Via", "1.1 cdn"), ("set-cookie", "b=2"),
-                version="HTTP/1.0")
-    assert back(head, length(0)) == [("Set-Cookie", "a=1"), ("Via", "1.1 cdn"),
-                                     ("set-cookie", "b=2"), ("Via", "1.0 eyewall")]
+    head = resp(
+        200, ("Set-Cookie", "a=1"), ("Via", "1.1 cdn"), ("set-cookie", "b=2"), version="HTTP/1.0"
+    )
+    assert back(head, length(0)) == [
+        ("Set-Cookie", "a=1"),
+        ("Via", "1.1 cdn"),
+        ("set-cookie", "b=2"),
+        ("Via", "1.0 eyewall"),
+    ]
 
 
 def test_response_fields_upgrade():
-    head = resp(101, ("Connection", "Upgrade"), ("Upgrade", "websocket"), ("Sec-WebSocket-Accept",
-                                                                          "x"))
+    head = resp(
+        101, ("Connection", "Upgrade"), ("Upgrade", "websocket"), ("Sec-WebSocket-Accept", "x")
+    )
     assert back(head, NO_BODY, keep_alive=False, upgrade=True) == [
-        ("Sec-WebSocket-Accept", "x"), ("Connection", "upgrade"), ("Upgrade", "websocket"),
+        ("Sec-WebSocket-Accept", "x"),
+        ("Connection", "upgrade"),
+        ("Upgrade", "websocket"),
         ("Via", "1.1 eyewall"),
     ]
 
@@ -300,22 +410,47 @@ def test_render_request_and_response():
 
 # -- errors -------------------------------------------------------------------------------
 
-STATUS = {400: "bad_request not_proxy_request bad_connect", 408: "client_timeout",
-          414: "target_too_long", 431: "headers_too_large", 505: "version_not_supported",
-          403: "loop denied", 407: "auth_required", 429: "rate_limited", 503: "overloaded",
-          502: "dns_failure upstream_refused upstream_unreachable upstream_reset "
-               "upstream_malformed upstream_tls",
-          504: "connect_timeout upstream_timeout body_stalled", 499: "client_aborted",
-          500: "internal"}
+STATUS = {
+    400: "bad_request not_proxy_request bad_connect",
+    408: "client_timeout",
+    414: "target_too_long",
+    431: "headers_too_large",
+    505: "version_not_supported",
+    403: "loop denied",
+    407: "auth_required",
+    429: "rate_limited",
+    503: "overloaded",
+    502: "dns_failure upstream_refused upstream_unreachable upstream_reset "
+    "upstream_malformed upstream_tls",
+    504: "connect_timeout upstream_timeout body_stalled",
+    499: "client_aborted",
+    500: "internal",
+}
 EXPECTED_STATUS = {kind: code for code, kinds in STATUS.items() for kind in kinds.split()}
 RFC9209_TYPES = {
-    "dns_timeout", "dns_error", "destination_not_found", "destination_unavailable",
-    "destination_ip_prohibited", "destination_ip_unroutable", "connection_refused",
-    "connection_terminated", "connection_timeout", "connection_read_timeout",
-    "connection_write_timeout", "connection_limit_reached", "tls_protocol_error",
-    "tls_certificate_error", "tls_alert_received", "http_request_error", "http_request_denied",
-    "http_response_incomplete", "http_upgrade_failed", "http_protocol_error",
-    "proxy_internal_response", "proxy_internal_error", "proxy_configuration_error",
+    "dns_timeout",
+    "dns_error",
+    "destination_not_found",
+    "destination_unavailable",
+    "destination_ip_prohibited",
+    "destination_ip_unroutable",
+    "connection_refused",
+    "connection_terminated",
+    "connection_timeout",
+    "connection_read_timeout",
+    "connection_write_timeout",
+    "connection_limit_reached",
+    "tls_protocol_error",
+    "tls_certificate_error",
+    "tls_alert_received",
+    "http_request_error",
+    "http_request_denied",
+    "http_response_incomplete",
+    "http_upgrade_failed",
+    "http_protocol_error",
+    "proxy_internal_response",
+    "proxy_internal_error",
+    "proxy_configuration_error",
     "proxy_loop_detected",
 }
 SENT = [k for k in ErrorKind if k is not ErrorKind.CLIENT_ABORTED]  # that one has no page
@@ -342,22 +477,34 @@ def test_error_page_is_a_valid_response(kind, close):
         f'eyewall; error={proxy_status_type(kind)}; details="it broke"'
     )
     assert parsed.headers.get_all("connection") == (["close"] if close else [])
-    assert body.decode().splitlines() == [f"{parsed.status} {parsed.reason}", "it broke",
-                                          "request id: req-42"]
+    assert body.decode().splitlines() == [
+        f"{parsed.status} {parsed.reason}",
+        "it broke",
+        "request id: req-42",
+    ]
 
 
 @pytest.mark.parametrize(
     "detail",
-    ["x\r\nSet-Cookie: a=b\r\n\r\nHTTP/1.1 200 OK\r\n", "\x00\x01\x7f\u2028\x85 tail",
-     'q"uote\\ and \u00e9'],
+    [
+        "x\r\nSet-Cookie: a=b\r\n\r\nHTTP/1.1 200 OK\r\n",
+        "\x00\x01\x7f\u2028\x85 tail",
+        'q"uote\\ and \u00e9',
+    ],
 )
 def test_error_page_detail_cannot_inject(detail):
     page = error_page(ErrorKind.BAD_REQUEST, detail, "r1")
     head, sep, body = page.partition(b"\r\n\r\n")
     parsed = parse_response_head(head + sep)
     names = [n for n, _ in parsed.headers]
-    assert names == ["Content-Type", "Content-Length", "Cache-Control",
-                     "X-Content-Type-Options", "Proxy-Status", "X-Request-Id"]
+    assert names == [
+        "Content-Type",
+        "Content-Length",
+        "Cache-Control",
+        "X-Content-Type-Options",
+        "Proxy-Status",
+        "X-Request-Id",
+    ]
     assert parsed.headers.get("content-length") == str(len(body))
     assert len(body.decode().splitlines()) == 3
     assert all(0x20 <= b < 0x7F for b in body.splitlines()[1])

@@ -31,31 +31,76 @@ def head(start: str, *fields: str, eol: str = "\r\n") -> bytes:
 
 # id, request line, field lines, (method, target, version), parsed fields
 VALID_REQUESTS = [
-    ("absolute", "GET http://a.test/p?q HTTP/1.1", ["Host: a.test"],
-     ("GET", "http://a.test/p?q", "HTTP/1.1"), [("Host", "a.test")]),
+    (
+        "absolute",
+        "GET http://a.test/p?q HTTP/1.1",
+        ["Host: a.test"],
+        ("GET", "http://a.test/p?q", "HTTP/1.1"),
+        [("Host", "a.test")],
+    ),
     ("http/1.0", "GET http://a/ HTTP/1.0", [], ("GET", "http://a/", "HTTP/1.0"), []),
     ("http/1.2 is 1.1", "GET http://a/ HTTP/1.2", [], ("GET", "http://a/", "HTTP/1.1"), []),
     ("extension method", "BREW http://pot/ HTTP/1.1", [], ("BREW", "http://pot/", "HTTP/1.1"), []),
-    ("token chars method", "X!#$%&'*+-.^_`|~9 http://a/ HTTP/1.1", [],
-     ("X!#$%&'*+-.^_`|~9", "http://a/", "HTTP/1.1"), []),
-    ("authority form", "CONNECT a.test:443 HTTP/1.1", ["Host: a.test:443"],
-     ("CONNECT", "a.test:443", "HTTP/1.1"), [("Host", "a.test:443")]),
+    (
+        "token chars method",
+        "X!#$%&'*+-.^_`|~9 http://a/ HTTP/1.1",
+        [],
+        ("X!#$%&'*+-.^_`|~9", "http://a/", "HTTP/1.1"),
+        [],
+    ),
+    (
+        "authority form",
+        "CONNECT a.test:443 HTTP/1.1",
+        ["Host: a.test:443"],
+        ("CONNECT", "a.test:443", "HTTP/1.1"),
+        [("Host", "a.test:443")],
+    ),
     ("origin form", "GET /p?q=1 HTTP/1.1", [], ("GET", "/p?q=1", "HTTP/1.1"), []),
     ("asterisk", "OPTIONS * HTTP/1.1", [], ("OPTIONS", "*", "HTTP/1.1"), []),
     ("empty value", "GET / HTTP/1.1", ["X-Empty:"], ("GET", "/", "HTTP/1.1"), [("X-Empty", "")]),
-    ("only OWS value", "GET / HTTP/1.1", ["X-Empty: \t "], ("GET", "/", "HTTP/1.1"),
-     [("X-Empty", "")]),
-    ("OWS trimmed", "GET / HTTP/1.1", ["A: \t v a\tl \t"], ("GET", "/", "HTTP/1.1"),
-     [("A", "v a\tl")]),
+    (
+        "only OWS value",
+        "GET / HTTP/1.1",
+        ["X-Empty: \t "],
+        ("GET", "/", "HTTP/1.1"),
+        [("X-Empty", "")],
+    ),
+    (
+        "OWS trimmed",
+        "GET / HTTP/1.1",
+        ["A: \t v a\tl \t"],
+        ("GET", "/", "HTTP/1.1"),
+        [("A", "v a\tl")],
+    ),
     ("no OWS", "GET / HTTP/1.1", ["A:b"], ("GET", "/", "HTTP/1.1"), [("A", "b")]),
-    ("obs-text", "GET / HTTP/1.1", ["X: caf\xe9 \x80\xff"], ("GET", "/", "HTTP/1.1"),
-     [("X", "caf\xe9 \x80\xff")]),
-    ("name case kept", "GET / HTTP/1.1", ["cOnTeNt-TyPe: a/b"], ("GET", "/", "HTTP/1.1"),
-     [("cOnTeNt-TyPe", "a/b")]),
-    ("repeated fields", "GET / HTTP/1.1", ["Set-Cookie: a=1", "X: y", "set-cookie: b=2"],
-     ("GET", "/", "HTTP/1.1"), [("Set-Cookie", "a=1"), ("X", "y"), ("set-cookie", "b=2")]),
-    ("colon in value", "GET / HTTP/1.1", ["Host: a:80"], ("GET", "/", "HTTP/1.1"),
-     [("Host", "a:80")]),
+    (
+        "obs-text",
+        "GET / HTTP/1.1",
+        ["X: caf\xe9 \x80\xff"],
+        ("GET", "/", "HTTP/1.1"),
+        [("X", "caf\xe9 \x80\xff")],
+    ),
+    (
+        "name case kept",
+        "GET / HTTP/1.1",
+        ["cOnTeNt-TyPe: a/b"],
+        ("GET", "/", "HTTP/1.1"),
+        [("cOnTeNt-TyPe", "a/b")],
+    ),
+    (
+        "repeated fields",
+        "GET / HTTP/1.1",
+        ["Set-Cookie: a=1", "X: y", "set-cookie: b=2"],
+        ("GET", "/", "HTTP/1.1"),
+        [("Set-Cookie", "a=1"), ("X", "y"), ("set-cookie", "b=2")],
+    ),
+    (
+        "colon in value",
+        "GET / HTTP/1.1",
+        ["Host: a:80"],
+        ("GET", "/", "HTTP/1.1"),
+        [("Host", "a:80")],
+    ),
 ]
 
 
@@ -133,8 +178,14 @@ def test_invalid_request_heads(eol, lines, status):
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\r\n", b"GET http://a/ HTTP/1.1\r\n", b"GET http://a/ HTTP/1.1\r\nA: 1\r\n",
-     b"GET http://a/ HTTP/1.1\r\n\r\nx", b"GET http://a/ HTTP/1.1\r\n\r\n\r\n"],
+    [
+        b"",
+        b"\r\n",
+        b"GET http://a/ HTTP/1.1\r\n",
+        b"GET http://a/ HTTP/1.1\r\nA: 1\r\n",
+        b"GET http://a/ HTTP/1.1\r\n\r\nx",
+        b"GET http://a/ HTTP/1.1\r\n\r\n\r\n",
+    ],
     ids=["empty", "empty line", "no end", "unterminated fields", "trailing data", "extra line"],
 )
 def test_truncated_or_overlong_request_heads(data):
@@ -144,6 +195,7 @@ def test_truncated_or_overlong_request_heads(data):
 
 
 # -- response heads ----------------------------------------------------------------------
+
 
 @EOLS
 @pytest.mark.parametrize(
@@ -165,9 +217,23 @@ def test_valid_status_lines(eol, line, version, status, reason):
 
 @pytest.mark.parametrize(
     "line",
-    ["HTTP/1.1 600 X", "HTTP/1.1 999 X", "HTTP/1.1 099 X", "HTTP/1.1 20 OK", "HTTP/1.1 2000 OK",
-     "HTTP/1.1 2OO OK", "HTTP/1.1 abc", "HTTP/1.1  200 OK", "HTTP/1.1200 OK", "http/1.1 200 OK",
-     "HTTP/2.0 200 OK", "HTTP/1.1 200 O\x00K", "HTTP/1.1 200 O\rK", "HTTP/1.1", ""],
+    [
+        "HTTP/1.1 600 X",
+        "HTTP/1.1 999 X",
+        "HTTP/1.1 099 X",
+        "HTTP/1.1 20 OK",
+        "HTTP/1.1 2000 OK",
+        "HTTP/1.1 2OO OK",
+        "HTTP/1.1 abc",
+        "HTTP/1.1  200 OK",
+        "HTTP/1.1200 OK",
+        "http/1.1 200 OK",
+        "HTTP/2.0 200 OK",
+        "HTTP/1.1 200 O\x00K",
+        "HTTP/1.1 200 O\rK",
+        "HTTP/1.1",
+        "",
+    ],
 )
 def test_invalid_status_lines(line):
     with pytest.raises(ParseError):
@@ -182,6 +248,7 @@ def test_response_fields_follow_the_request_rules():
 
 
 # -- field sections (trailers) -----------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("text", "pos", "fields"),
@@ -214,12 +281,21 @@ def test_parse_fields_errors_say_what_is_wrong(text, words):
 
 # -- chunk-size lines --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("line", "size"),
     [
-        (b"0\r\n", 0), (b"5\r\n", 5), (b"a\r\n", 10), (b"A\r\n", 10), (b"fF\r\n", 255),
-        (b"1a2B\n", 0x1A2B), (b"000010\r\n", 16), (b"f" * 16 + b"\r\n", 2**64 - 1),
-        (b"5;name=value\r\n", 5), (b'5;a;b="q r"\r\n', 5), (b"5 ;ext\r\n", 5),
+        (b"0\r\n", 0),
+        (b"5\r\n", 5),
+        (b"a\r\n", 10),
+        (b"A\r\n", 10),
+        (b"fF\r\n", 255),
+        (b"1a2B\n", 0x1A2B),
+        (b"000010\r\n", 16),
+        (b"f" * 16 + b"\r\n", 2**64 - 1),
+        (b"5;name=value\r\n", 5),
+        (b'5;a;b="q r"\r\n', 5),
+        (b"5 ;ext\r\n", 5),
         (b"5\t;ext\r\n", 5),
     ],
 )
@@ -229,8 +305,23 @@ def test_valid_chunk_sizes(line, size):
 
 @pytest.mark.parametrize(
     "line",
-    [b"", b"\r\n", b"0x5\r\n", b"-1\r\n", b"+5\r\n", b"1 2\r\n", b" 5\r\n", b"5", b"g\r\n",
-     b"1" * 17 + b"\r\n", b"5\r\n\r\n", b"5;a\rb\r\n", b"5;\x00\r\n", b"5\r\r\n", b"5,6\r\n"],
+    [
+        b"",
+        b"\r\n",
+        b"0x5\r\n",
+        b"-1\r\n",
+        b"+5\r\n",
+        b"1 2\r\n",
+        b" 5\r\n",
+        b"5",
+        b"g\r\n",
+        b"1" * 17 + b"\r\n",
+        b"5\r\n\r\n",
+        b"5;a\rb\r\n",
+        b"5;\x00\r\n",
+        b"5\r\r\n",
+        b"5,6\r\n",
+    ],
 )
 def test_invalid_chunk_sizes(line):
     with pytest.raises(ParseError):
@@ -239,9 +330,17 @@ def test_invalid_chunk_sizes(line):
 
 # -- Headers -----------------------------------------------------------------------------
 
+
 def sample() -> Headers:
-    return Headers([("Host", "a"), ("Connection", "Keep-Alive, , Upgrade"),
-                    ("Set-Cookie", "x=1"), ("connection", "\tclose "), ("set-cookie", "y=2")])
+    return Headers(
+        [
+            ("Host", "a"),
+            ("Connection", "Keep-Alive, , Upgrade"),
+            ("Set-Cookie", "x=1"),
+            ("connection", "\tclose "),
+            ("set-cookie", "y=2"),
+        ]
+    )
 
 
 def test_headers_lookups_ignore_case():
@@ -259,8 +358,12 @@ def test_headers_lookups_ignore_case():
 def test_headers_set_replaces_all_at_the_first_position():
     h = sample()
     h.set("CONNECTION", "close")
-    assert h.fields == [("Host", "a"), ("CONNECTION", "close"), ("Set-Cookie", "x=1"),
-                        ("set-cookie", "y=2")]
+    assert h.fields == [
+        ("Host", "a"),
+        ("CONNECTION", "close"),
+        ("Set-Cookie", "x=1"),
+        ("set-cookie", "y=2"),
+    ]
     h.set("Via", "1.1 p")
     assert h.fields[-1] == ("Via", "1.1 p")
 
@@ -274,8 +377,16 @@ def test_headers_remove():
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("X", "a\rb"), ("X", "a\nb"), ("X", "a\x00b"), ("", "v"), ("X Y", "v"), ("X:", "v"),
-     ("X\r\nY", "v"), ("X\xe9", "v")],
+    [
+        ("X", "a\rb"),
+        ("X", "a\nb"),
+        ("X", "a\x00b"),
+        ("", "v"),
+        ("X Y", "v"),
+        ("X:", "v"),
+        ("X\r\nY", "v"),
+        ("X\xe9", "v"),
+    ],
 )
 def test_headers_refuse_fields_that_break_framing(name, value):
     h = sample()
@@ -311,9 +422,31 @@ def test_headers_copy_is_independent():
 
 # -- properties --------------------------------------------------------------------------
 
-FRAGMENTS = [b"GET", b"HTTP/1.1 ", b" ", b"\t", b"http://a/", b"/", b" HTTP/1.1", b" HTTP/2.0",
-             b"HTTP/1.0 200 OK", b"\r\n", b"\n", b"\r", b":", b"X", b"\x00", b"\x7f", b"\xff",
-             b"5", b"f", b";", b"=", b",", b"0x"]
+FRAGMENTS = [
+    b"GET",
+    b"HTTP/1.1 ",
+    b" ",
+    b"\t",
+    b"http://a/",
+    b"/",
+    b" HTTP/1.1",
+    b" HTTP/2.0",
+    b"HTTP/1.0 200 OK",
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b":",
+    b"X",
+    b"\x00",
+    b"\x7f",
+    b"\xff",
+    b"5",
+    b"f",
+    b";",
+    b"=",
+    b",",
+    b"0x",
+]
 ARBITRARY = st.binary(max_size=300) | st.lists(st.sampled_from(FRAGMENTS), max_size=40).map(
     b"".join
 )

@@ -28,8 +28,13 @@ PURE = [
 ]
 # Modules of the package that are allowed to use Tornado; a pure module importing one of
 # them would pull Tornado in.
-IMPURE_PREFIXES = ("tornado", "eyewall.proxy", "eyewall.observe.accesslog", "eyewall.cli",
-                   "eyewall.__main__")
+IMPURE_PREFIXES = (
+    "tornado",
+    "eyewall.proxy",
+    "eyewall.observe.accesslog",
+    "eyewall.cli",
+    "eyewall.__main__",
+)
 
 PROBE = """
 import importlib, json, sys

@@ -22,8 +22,11 @@ VALID = [
     ("GET", "https://example.com:8443/", ("https", "example.com", 8443, "example.com:8443", "/")),
     ("GET", "http://127.0.0.1:8080/", ("http", "127.0.0.1", 8080, "127.0.0.1:8080", "/")),
     ("GET", "http://[::1]/", ("http", "::1", 80, "[::1]", "/")),
-    ("GET", "http://[2001:db8::1]:8080/p",
-     ("http", "2001:db8::1", 8080, "[2001:db8::1]:8080", "/p")),
+    (
+        "GET",
+        "http://[2001:db8::1]:8080/p",
+        ("http", "2001:db8::1", 8080, "[2001:db8::1]:8080", "/p"),
+    ),
     ("GET", "http://[2001:DB8::A]/", ("http", "2001:db8::a", 80, "[2001:db8::a]", "/")),
     ("GET", "http://[::ffff:10.0.0.1]/", ("http", "::ffff:10.0.0.1", 80, "[::ffff:10.0.0.1]", "/")),
     ("GET", "HTTP://EXAMPLE.COM/Path", ("http", "example.com", 80, "example.com", "/Path")),
@@ -37,8 +40,11 @@ VALID = [
     ("OPTIONS", "http://[::1]", ("http", "::1", 80, "[::1]", "*")),
     ("OPTIONS", "http://example.com/", ("http", "example.com", 80, "example.com", "/")),
     ("OPTIONS", "http://example.com?q", ("http", "example.com", 80, "example.com", "/?q")),
-    ("GET", "http://e.com/a%20b?c=%2F+d&e=%zz",
-     ("http", "e.com", 80, "e.com", "/a%20b?c=%2F+d&e=%zz")),
+    (
+        "GET",
+        "http://e.com/a%20b?c=%2F+d&e=%zz",
+        ("http", "e.com", 80, "e.com", "/a%20b?c=%2F+d&e=%zz"),
+    ),
     ("GET", "http://e.com/A/./b/../C//d?", ("http", "e.com", 80, "e.com", "/A/./b/../C//d?")),
     ("GET", "http://e.com/p@q:r", ("http", "e.com", 80, "e.com", "/p@q:r")),
     ("GET", "http://under_score.test/", ("http", "under_score.test", 80, "under_score.test", "/")),
@@ -241,11 +247,33 @@ def test_fast_and_general_paths_accept_the_same_hosts(host, port, path):
         assert (t.host, t.port, t.authority) == (general.host, general.port, general.authority)
 
 
-FRAGMENTS = ["http://", "HTTPS://", "ftp://", "[", "]", ":", "::1", "%25", "@", "#", "/", "?",
-             "a", "Z", "0", "-", ".", "80", "65536", "*", " ", "\u00e9", "\u017f", "\u212a"]
-ANY_TARGET = st.text(max_size=60) | st.lists(st.sampled_from(FRAGMENTS), max_size=15).map(
-    "".join
-)
+FRAGMENTS = [
+    "http://",
+    "HTTPS://",
+    "ftp://",
+    "[",
+    "]",
+    ":",
+    "::1",
+    "%25",
+    "@",
+    "#",
+    "/",
+    "?",
+    "a",
+    "Z",
+    "0",
+    "-",
+    ".",
+    "80",
+    "65536",
+    "*",
+    " ",
+    "\u00e9",
+    "\u017f",
+    "\u212a",
+]
+ANY_TARGET = st.text(max_size=60) | st.lists(st.sampled_from(FRAGMENTS), max_size=15).map("".join)
 
 
 @settings(max_examples=500, database=None)
