@@ -1,0 +1,248 @@
+"""The systems under test: how each proxy is configured, started and versioned.
+
+Each proxy listens on 127.0.0.1, allows loopback clients, allows CONNECT to
+any port, keeps no cache and writes no access log (Eyewall's access log goes
+to a file in the temp dir, as it would in production). Configs are written to
+a per-start temp directory; the text is kept so the report can show it.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from processes import ManagedProcess, child_environment, pinned
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+EYEWALL_CONFIG = BENCH_DIR / "eyewall-bench.toml"
+MAX_TUNNEL_CLIENTS = 6000
+FD_LIMIT = 20000
+
+
+def find_executable(name: str) -> str | None:
+    """`shutil.which`, also looking in the sbin directories (squid, nginx)."""
+    extra = os.pathsep.join(("/usr/local/sbin", "/usr/sbin", "/sbin"))
+    return shutil.which(name, path=os.environ.get("PATH", "") + os.pathsep + extra)
+
+
+def venv_tool(name: str) -> str | None:
+    """A tool from the repo's .venv if present, else from PATH."""
+    candidate = REPO_DIR / ".venv" / "bin" / name
+    return str(candidate) if candidate.exists() else shutil.which(name)
+
+
+def first_line_of(command: list[str]) -> str:
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=30, env=child_environment()
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"unavailable ({error})"
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "unknown"
+
+
+@dataclass
+class ProxySystem:
+    """Base class: a proxy started from a generated config on a given port."""
+
+    name: str
+    executable: str | None
+    config_text: str = field(default="", init=False)
+    notes: list[str] = field(default_factory=list, init=False)
+    last_command: list[str] = field(default_factory=list, init=False)
+
+    def unavailable_reason(self) -> str | None:
+        return None if self.executable else f"{self.name}: executable not found"
+
+    def version(self) -> str:
+        raise NotImplementedError
+
+    def command(self, workdir: Path, port: int) -> list[str]:
+        """Write any config into `workdir`, return the command line."""
+        raise NotImplementedError
+
+    def start(self, workdir: Path, port: int, cpu: int | None) -> ManagedProcess:
+        workdir.mkdir(parents=True, exist_ok=True)
+        command = pinned(self.command(workdir, port), cpu)
+        self.last_command = command
+        process = ManagedProcess(
+            self.name, command, workdir / f"{self.name}.stderr.log", cwd=REPO_DIR
+        )
+        try:
+            process.wait_for_port(port)
+        except Exception:
+            process.stop()
+            raise
+        return process
+
+
+class Eyewall(ProxySystem):
+    def __init__(self) -> None:
+        super().__init__("eyewall", venv_tool("python") or sys.executable)
+
+    def unavailable_reason(self) -> str | None:
+        if not (REPO_DIR / "eyewall").is_dir():
+            return "eyewall: package directory eyewall/ not found in the repository"
+        return None
+
+    def version(self) -> str:
+        python = self.executable or sys.executable
+        eyewall = first_line_of([python, "-m", "eyewall", "--version"])
+        tornado = first_line_of([python, "-c", "import tornado; print(tornado.version)"])
+        git = ["git", "-C", str(REPO_DIR), "describe", "--always", "--dirty"]
+        return f"{eyewall} (tornado {tornado}; git {first_line_of(git)})"
+
+    def command(self, workdir: Path, port: int) -> list[str]:
+        self.config_text = EYEWALL_CONFIG.read_text() if EYEWALL_CONFIG.exists() else ""
+        return [
+            self.executable or sys.executable, "-m", "eyewall",
+            "--config", str(EYEWALL_CONFIG),
+            "--listen", f"127.0.0.1:{port}",
+            "--access-log", str(workdir / "eyewall-access.log"),
+        ]  # fmt: skip
+
+
+class Tinyproxy(ProxySystem):
+    def __init__(self) -> None:
+        super().__init__("tinyproxy", find_executable("tinyproxy"))
+        self.notes.append(
+            "tinyproxy: closes the client connection after every response (no client-side "
+            "keep-alive), so wrk reconnects and counts about one `read` error per request; "
+            "its req/s are real completed responses."
+        )
+
+    def version(self) -> str:
+        return first_line_of([self.executable or "tinyproxy", "-v"])
+
+    def command(self, workdir: Path, port: int) -> list[str]:
+        # No ConnectPort line: tinyproxy then allows CONNECT to every port.
+        self.config_text = textwrap.dedent(f"""\
+            Port {port}
+            Listen 127.0.0.1
+            Timeout 600
+            MaxClients {MAX_TUNNEL_CLIENTS}
+            Allow 127.0.0.1
+            DisableViaHeader Yes
+            LogLevel Critical
+            LogFile "{workdir}/tinyproxy.log"
+            PidFile "{workdir}/tinyproxy.pid"
+            """)
+        config = workdir / "tinyproxy.conf"
+        config.write_text(self.config_text)
+        return [self.executable or "tinyproxy", "-d", "-c", str(config)]
+
+
+class ProxyPy(ProxySystem):
+    def __init__(self) -> None:
+        super().__init__("proxy.py", venv_tool("proxy"))
+        self.notes.append(
+            "proxy.py: --backlog raised 100 -> 1024 (the default drops SYNs at wrk -c500), "
+            f"--open-file-limit {FD_LIMIT} (default 1024 cannot hold 5,000 tunnels) and "
+            "--timeout 600 (the default 10 s idle timeout closes tunnels while the 5,000 are "
+            "still being opened; tinyproxy gets Timeout 600 too)."
+        )
+
+    def version(self) -> str:
+        return "proxy.py " + first_line_of([self.executable or "proxy", "--version"])
+
+    def command(self, workdir: Path, port: int) -> list[str]:
+        command = [
+            self.executable or "proxy",
+            "--hostname", "127.0.0.1", "--port", str(port),
+            "--num-acceptors", "1", "--log-level", "ERROR",
+            "--backlog", "1024", "--open-file-limit", str(FD_LIMIT), "--timeout", "600",
+            "--data-dir", str(workdir / "proxypy-data"),
+        ]  # fmt: skip
+        self.config_text = shlex.join(command[1:])
+        return command
+
+
+class Squid(ProxySystem):
+    def __init__(self) -> None:
+        super().__init__("squid", find_executable("squid"))
+        self.notes.append(
+            "squid: started with -N (no daemon, master process is the single worker), "
+            "so RSS is one process; the tree is summed anyway."
+        )
+
+    def version(self) -> str:
+        return first_line_of([self.executable or "squid", "-v"])
+
+    def command(self, workdir: Path, port: int) -> list[str]:
+        # Squid drops root privileges to its cache_effective_user, which must
+        # be able to write its cache log into the temp dir.
+        workdir.chmod(0o777)
+        self.config_text = textwrap.dedent(f"""\
+            http_port 127.0.0.1:{port}
+            acl bench_clients src 127.0.0.1/32 ::1
+            http_access allow bench_clients
+            http_access deny all
+            cache deny all
+            cache_mem 8 MB
+            access_log none
+            cache_store_log none
+            cache_log {workdir}/squid-cache.log
+            pid_filename {workdir}/squid.pid
+            coredump_dir {workdir}
+            logfile_rotate 0
+            pinger_enable off
+            workers 1
+            max_filedescriptors {FD_LIMIT}
+            shutdown_lifetime 0 seconds
+            via off
+            forwarded_for delete
+            """)
+        config = workdir / "squid.conf"
+        config.write_text(self.config_text)
+        return [self.executable or "squid", "-N", "-f", str(config)]
+
+
+class Mitmproxy(ProxySystem):
+    def __init__(self, executable: str | None) -> None:
+        super().__init__("mitmproxy", executable)
+        self.notes.append(
+            "mitmproxy: --ignore-hosts '.*' (CONNECT tunnels are passed through, not "
+            "intercepted, as the other proxies do) and stream_large_bodies=1m (stream the "
+            "100 MiB bodies instead of buffering them)."
+        )
+
+    def version(self) -> str:
+        return first_line_of([self.executable or "mitmdump", "--version"])
+
+    def command(self, workdir: Path, port: int) -> list[str]:
+        command = [
+            self.executable or "mitmdump",
+            "--mode", "regular", "--listen-host", "127.0.0.1", "--listen-port", str(port),
+            "--quiet", "--ignore-hosts", ".*",
+            "--set", "stream_large_bodies=1m",
+            "--set", f"confdir={workdir / 'mitmproxy-conf'}",
+        ]  # fmt: skip
+        self.config_text = shlex.join(command[1:])
+        return command
+
+
+PEER_NAMES = ("eyewall", "tinyproxy", "proxypy", "squid", "mitmproxy")
+
+
+def make_systems(names: list[str], mitmdump: str | None) -> list[ProxySystem]:
+    """Build the requested proxies, in the requested order."""
+    factories = {
+        "eyewall": Eyewall,
+        "tinyproxy": Tinyproxy,
+        "proxypy": ProxyPy,
+        "squid": Squid,
+        "mitmproxy": lambda: Mitmproxy(mitmdump),
+    }
+    return [factories[name]() for name in names]
+
+
+def nginx_executable() -> str | None:
+    return find_executable("nginx")
