@@ -1,51 +1,56 @@
-"""Command line: ``eyewall [options]`` runs the proxy; ``eyewall check-config FILE``
-validates a configuration file.  Every setting has a flag; flags override the file."""
+"""Command line.
+
+eyewall [options]                 run the proxy (every setting has a flag; flags
+                                  override the --config file)
+eyewall check-config FILE         validate a configuration file
+eyewall reload [--pid-file F | --config F]   ask a running proxy to reload
+eyewall explain [options] URL|HOST:PORT      show what the policy decides, and why
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import resource
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from eyewall import __version__
 from eyewall.config import ConfigError, Settings, iter_settings, load_settings
 from eyewall.observe.accesslog import AccessLog
 from eyewall.observe.events import EventBus
-from eyewall.proxy.server import Proxy
+from eyewall.policy.engine import Policy, PolicyError
 
 __all__ = ["main"]
 
 log = logging.getLogger("eyewall")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="eyewall",
-        description="An asynchronous HTTP/HTTPS forward proxy.",
-        epilog="Subcommands: 'eyewall check-config FILE' validates a configuration file.",
-    )
-    parser.add_argument("--version", action="version", version=f"eyewall {__version__}")
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
     for s in iter_settings():
+        if s.flag is None:
+            continue
         unit = f" [{s.unit}]" if s.unit else ""
         kwargs: dict[str, Any] = {"dest": s.path, "help": s.help + unit, "default": None}
-        if s.path == "listen":
-            kwargs.update(action="append", metavar="HOST:PORT")
+        if s.type == "bool":
+            kwargs["action"] = "store_true"
+        elif s.type.startswith("tuple["):
+            kwargs.update(action="append", metavar="VALUE")
         else:
             kwargs["metavar"] = (s.unit or s.type).upper()
         parser.add_argument(s.flag, **kwargs)
-    return parser
 
 
 def _overrides(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for s in iter_settings():
-        value = getattr(args, s.path)
+        value = getattr(args, s.path, None) if s.flag else None
         if value is None:
             continue
         if s.type in ("float", "int"):
@@ -57,32 +62,28 @@ def _overrides(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dic
     return out
 
 
-def build_settings(argv: Sequence[str]) -> Settings:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    overrides = _overrides(args, parser)
-    try:
-        return load_settings(args.config, overrides)
-    except ConfigError as e:
-        message = str(e)
-        path = message.partition(":")[0]
-        flags = {s.path: s.flag for s in iter_settings()}
-        if path in overrides:
-            message = flags[path] + message[len(path) :]
-        parser.exit(2, f"eyewall: invalid setting: {message}\n")
+class Loader:
+    """Builds settings and policy from the config file plus flags, again on reload."""
 
+    def __init__(self, config: str | None, overrides: dict[str, Any]) -> None:
+        self.config = config
+        self.overrides = overrides
 
-def check_config(argv: Sequence[str]) -> int:
-    if len(argv) != 1:
-        print("usage: eyewall check-config FILE", file=sys.stderr)
-        return 2
-    try:
-        load_settings(argv[0])
-    except ConfigError as e:
-        print(f"{argv[0]}: {e}", file=sys.stderr)
-        return 1
-    print(f"{argv[0]}: ok")
-    return 0
+    def load(self) -> tuple[Settings, Policy]:
+        """Raises ConfigError naming the setting (as a flag when it came from one)."""
+        try:
+            settings = load_settings(self.config, self.overrides)
+            return settings, Policy.from_settings(settings)
+        except (ConfigError, PolicyError) as e:
+            message = str(e)
+            path = message.partition(":")[0]
+            flags = {s.path: s.flag for s in iter_settings()}
+            if path in self.overrides and flags.get(path):
+                message = f"{flags[path]}{message[len(path) :]}"
+            raise ConfigError(message) from None
+
+    def watched_files(self, settings: Settings) -> list[str]:
+        return [f for f in (self.config, settings.auth.htpasswd) if f]
 
 
 def _raise_fd_limit() -> None:
@@ -94,27 +95,70 @@ def _raise_fd_limit() -> None:
             pass
 
 
-async def serve(settings: Settings) -> None:
+def _mtimes(paths: list[str]) -> list[float]:
+    out = []
+    for p in paths:
+        try:
+            out.append(os.stat(p).st_mtime)
+        except OSError:
+            out.append(-1.0)
+    return out
+
+
+async def serve(loader: Loader, settings: Settings, policy: Policy) -> None:
+    from tornado.ioloop import PeriodicCallback
+
+    from eyewall.proxy.server import Proxy
+
     _raise_fd_limit()
     bus = EventBus()
     access = AccessLog(settings.access_log) if settings.access_log != "off" else None
     if access is not None:
         bus.subscribe(access)
-    proxy = Proxy(settings, bus)
+    proxy = Proxy(settings, policy, bus)
     try:
         addresses = proxy.start_listening()
     except OSError as e:
         raise SystemExit(f"eyewall: cannot listen: {e.strerror or e}") from None
+    if settings.pid_file:
+        Path(settings.pid_file).write_text(f"{os.getpid()}\n")
     shown = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
     print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
+
+    def reload() -> None:
+        try:
+            new_settings, new_policy = loader.load()
+        except ConfigError as e:
+            log.error("reload refused, keeping the current configuration: %s", e)
+            return
+        proxy.reload(new_settings, new_policy)
+        log.info("configuration reloaded")
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     if access is not None:
         loop.add_signal_handler(signal.SIGUSR1, access.reopen)
+    watcher = None
+    if settings.watch_config and loader.config:
+        files = loader.watched_files(settings)
+        seen = _mtimes(files)
+
+        def poll() -> None:
+            nonlocal seen
+            now = _mtimes(files)
+            if now != seen:
+                seen = now
+                reload()
+
+        watcher = PeriodicCallback(poll, 2000)
+        watcher.start()
     await stop.wait()
-    log.info("shutting down; in-flight work has %.0f s to finish", settings.timeouts.drain)
+    if watcher is not None:
+        watcher.stop()
+    log.info("shutting down; in-flight work has %.0f s to finish", proxy.settings.timeouts.drain)
     shutdown = asyncio.ensure_future(proxy.shutdown())
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shutdown.cancel)  # a second signal: stop now
@@ -124,14 +168,25 @@ async def serve(settings: Settings) -> None:
         log.warning("second signal: closing everything now")
     if access is not None:
         access.close()
+    if settings.pid_file:
+        Path(settings.pid_file).unlink(missing_ok=True)
     log.info("stopped")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "check-config":
-        return check_config(argv[1:])
-    settings = build_settings(argv)
+def run(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="eyewall",
+        description="An asynchronous HTTP/HTTPS forward proxy.",
+        epilog="Other commands: eyewall check-config FILE | eyewall reload | eyewall explain",
+    )
+    parser.add_argument("--version", action="version", version=f"eyewall {__version__}")
+    add_setting_flags(parser)
+    args = parser.parse_args(argv)
+    loader = Loader(args.config, _overrides(args, parser))
+    try:
+        settings, policy = loader.load()
+    except ConfigError as e:
+        parser.exit(2, f"eyewall: invalid setting: {e}\n")
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -139,7 +194,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("tornado.general").setLevel(logging.WARNING)
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(loader, settings, policy))
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def check_config(argv: Sequence[str]) -> int:
+    if len(argv) != 1:
+        print("usage: eyewall check-config FILE", file=sys.stderr)
+        return 2
+    try:
+        Loader(argv[0], {}).load()
+    except ConfigError as e:
+        print(f"{argv[0]}: {e}", file=sys.stderr)
+        return 1
+    print(f"{argv[0]}: ok")
+    return 0
+
+
+def reload_command(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="eyewall reload", description="Ask a running proxy to reload its configuration."
+    )
+    parser.add_argument("--pid-file", help="the running proxy's pid file")
+    parser.add_argument("--config", help="read pid_file from this configuration")
+    args = parser.parse_args(argv)
+    pid_file = args.pid_file
+    if pid_file is None and args.config:
+        try:
+            pid_file = load_settings(args.config).pid_file
+        except ConfigError as e:
+            parser.exit(2, f"eyewall reload: {e}\n")
+    if not pid_file:
+        parser.exit(2, "eyewall reload: give --pid-file, or --config with pid_file set\n")
+    try:
+        pid = int(Path(pid_file).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as e:
+        parser.exit(1, f"eyewall reload: {pid_file}: {e}\n")
+    print(f"sent SIGHUP to {pid}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "check-config":
+        return check_config(argv[1:])
+    if argv and argv[0] == "reload":
+        return reload_command(argv[1:])
+    if argv and argv[0] == "explain":
+        from eyewall.explain import explain_command
+
+        return explain_command(argv[1:])
+    return run(argv)

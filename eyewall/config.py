@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eyewall.policy.networks import parse_network
+from eyewall.policy.rules import Rule, compile_rule, parse_ports
+
 __all__ = ["ConfigError", "Endpoint", "Settings", "load_settings", "parse_endpoint"]
 
 
@@ -39,7 +42,7 @@ def _at_least(minimum: int) -> Check:
 
 
 def setting(
-    default: Any, help: str, *, flag: str, unit: str = "", check: Check | None = None
+    default: Any, help: str, *, flag: str | None, unit: str = "", check: Check | None = None
 ) -> Any:
     return field(
         default=default, metadata={"help": help, "flag": flag, "unit": unit, "check": check}
@@ -184,6 +187,115 @@ class Pool:
     )
 
 
+def _networks(values: Any) -> str | None:
+    for value in values:
+        try:
+            parse_network(value)
+        except ValueError:
+            return f"not a network: {value!r}"
+    return None
+
+
+def _ports(values: Any) -> str | None:
+    try:
+        parse_ports(values, "")
+    except ValueError as e:
+        return str(e).lstrip("[0123456789]: ")
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    allow_clients: tuple[str, ...] = setting(
+        (),
+        "Client networks (CIDR) that may use the proxy; others get 403. Empty means"
+        " loopback only, and then every listener must be on loopback: listening elsewhere"
+        " without naming the clients fails at start-up (no open proxy by accident).",
+        flag="--allow-client",
+        check=_networks,
+    )
+    allow_private: bool = setting(
+        False,
+        "Allow destinations in protected ranges (loopback, private, link-local and"
+        " metadata, CGNAT, unique-local, multicast, ...). Off by default: SSRF guard.",
+        flag="--allow-private",
+    )
+    connect_ports: tuple[str, ...] = setting(
+        ("443",),
+        "Ports CONNECT may reach (ranges like 8000-8100) unless a rule allows others.",
+        flag="--connect-port",
+        check=_ports,
+    )
+    default: str = setting(
+        "allow",
+        "Action when no rule matches: allow or deny.",
+        flag="--default-action",
+        check=lambda v: None if v in ("allow", "deny") else "must be allow or deny",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    htpasswd: str = setting(
+        "",
+        "htpasswd file of user:bcrypt-hash lines. Any user (here or in auth.users) turns"
+        " proxy authentication (Basic) on for every request, CONNECT included.",
+        flag="--htpasswd",
+    )
+    users: tuple[tuple[str, str], ...] = setting(
+        (), "Inline users: a table of name = bcrypt hash.", flag=None
+    )
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = setting(
+        (), "Groups for rules: a table of group = [user, ...].", flag=None
+    )
+    realm: str = setting("eyewall", "Realm named in Proxy-Authenticate.", flag="--auth-realm")
+    cache_ttl: float = setting(
+        300.0,
+        "How long verified credentials are remembered (bcrypt is slow on purpose).",
+        flag="--auth-cache-ttl",
+        unit="s",
+        check=_at_least(0),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    client_rps: float = setting(
+        0.0,
+        "Requests per second per client address (token bucket); 0: no limit. Beyond it:"
+        " 429 with Retry-After.",
+        flag="--client-rps",
+        check=_at_least(0),
+    )
+    client_burst: int = setting(
+        0, "Burst for client_rps; 0: twice the rate.", flag="--client-burst", check=_at_least(0)
+    )
+    user_rps: float = setting(
+        0.0, "Requests per second per user; 0: no limit.", flag="--user-rps", check=_at_least(0)
+    )
+    user_burst: int = setting(
+        0, "Burst for user_rps; 0: twice the rate.", flag="--user-burst", check=_at_least(0)
+    )
+    client_connections: int = setting(
+        0,
+        "Connections open at once per client address; 0: no limit. Beyond it: 429, closed.",
+        flag="--client-connections",
+        check=_at_least(0),
+    )
+    client_tunnels: int = setting(
+        0,
+        "Tunnels open at once per client address; 0: no limit.",
+        flag="--client-tunnels",
+        check=_at_least(0),
+    )
+    user_tunnels: int = setting(
+        0,
+        "Tunnels open at once per user; 0: no limit.",
+        flag="--user-tunnels",
+        check=_at_least(0),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     listen: tuple[Endpoint, ...] = setting(
@@ -216,9 +328,27 @@ class Settings:
             else "must be a token (letters, digits, - . _)"
         ),
     )
+    pid_file: str = setting(
+        "",
+        "File to write the process id to (for eyewall reload and service managers).",
+        flag="--pid-file",
+    )
+    watch_config: bool = setting(
+        False,
+        "Reload the configuration file when it changes (as on SIGHUP).",
+        flag="--watch-config",
+    )
+    rules: tuple[Rule, ...] = setting(
+        (),
+        "Destination rules, as [[rules]] tables, first match wins (see docs/policy.md).",
+        flag=None,
+    )
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     pool: Pool = field(default_factory=Pool)
+    access: Access = field(default_factory=Access)
+    auth: Auth = field(default_factory=Auth)
+    rate_limits: RateLimits = field(default_factory=RateLimits)
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -239,6 +369,40 @@ def _coerce(path: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: must be a string (got {value!r})")
         return value
+    if hint in ("bool", bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: must be true or false (got {value!r})")
+        return value
+    if hint == "tuple[str, ...]":
+        items = [value] if isinstance(value, str | int) else value
+        if not isinstance(items, list) or not all(isinstance(v, str | int) for v in items):
+            raise ConfigError(f"{path}: must be a list of strings")
+        return tuple(str(v) for v in items)
+    if hint == "tuple[tuple[str, str], ...]":
+        if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(f"{path}: must be a table of name = string")
+        return tuple(value.items())
+    if hint == "tuple[tuple[str, tuple[str, ...]], ...]":
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: must be a table of name = [strings]")
+        out = []
+        for name, members in value.items():
+            out.append((name, _coerce(f"{path}.{name}", "tuple[str, ...]", members)))
+        return tuple(out)
+    if hint == "tuple[Rule, ...]":
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: must be an array of tables ([[rules]])")
+        rules = []
+        for i, raw in enumerate(value):
+            try:
+                rules.append(compile_rule(raw, f"{path}[{i}]"))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        ids = [r.id for r in rules]
+        for i, rule_id in enumerate(ids):
+            if rule_id in ids[:i]:
+                raise ConfigError(f"{path}[{i}].id: duplicate rule id {rule_id!r}")
+        return tuple(rules)
     if hint == "tuple[Endpoint, ...]":
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not items:
@@ -292,7 +456,22 @@ def load_settings(
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    return _build(Settings, data, "")  # type: ignore[no-any-return]
+    settings: Settings = _build(Settings, data, "")
+    _check_exposure(settings)
+    return settings
+
+
+def _check_exposure(settings: Settings) -> None:
+    """Refuse to be an open proxy by accident."""
+    if settings.access.allow_clients:
+        return
+    exposed = [str(e) for e in settings.listen if not e.is_loopback]
+    if exposed:
+        raise ConfigError(
+            f"access.allow_clients: required when listening on {', '.join(exposed)}:"
+            " name the client networks that may use the proxy (anyone who can reach an"
+            " unrestricted proxy can use it)"
+        )
 
 
 # --- reference -------------------------------------------------------------------------
@@ -301,7 +480,7 @@ def load_settings(
 @dataclass(frozen=True)
 class SettingInfo:
     path: str  # dotted TOML path
-    flag: str
+    flag: str | None
     type: str
     default: Any
     unit: str
@@ -333,7 +512,8 @@ def reference_table() -> str:
     rows = ["| setting (TOML) | flag | default | meaning |", "|---|---|---|---|"]
     for s in iter_settings():
         default = _show_default(s) + (f" {s.unit}" if s.unit else "")
-        rows.append(f"| `{s.path}` | `{s.flag}` | {default} | {s.help} |")
+        flag = f"`{s.flag}`" if s.flag else "(file only)"
+        rows.append(f"| `{s.path}` | {flag} | {default or '(none)'} | {s.help} |")
     return "\n".join(rows)
 
 

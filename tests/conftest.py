@@ -158,7 +158,7 @@ def raw_origin() -> Iterator[Callable[..., RawOrigin]]:
 
 
 # Loopback origins are private destinations; tests run with them allowed.
-PROXY_ARGS: tuple[str, ...] = ()
+PROXY_ARGS: tuple[str, ...] = ("--allow-private", "--connect-port", "1-65535")
 
 
 @pytest.fixture(scope="module")

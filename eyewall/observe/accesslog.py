@@ -48,6 +48,10 @@ def format_text(flow: Flow) -> str:
     )
     if flow.reused:
         line += " reused"
+    if flow.user is not None:
+        line += f" user={flow.user}"
+    if flow.rule:
+        line += f" rule={flow.rule}"
     if flow.error is not None:
         detail = flow.error_detail.replace('"', "'")
         line += f' err={flow.error.value} "{detail}"'

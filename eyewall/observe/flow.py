@@ -6,6 +6,7 @@ metrics and the flow store) receive it through the event bus.  Plain data, no I/
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from eyewall.errors import ErrorKind
@@ -38,6 +39,9 @@ class Flow:
     t_response: float | None = None
     duration: float = 0.0
     deferred: bool = False  # a tunnel took the flow over and reports its end
+    user: str | None = None  # the authenticated user
+    rule: str = ""  # id of the policy rule (or guard) that decided
+    release: Callable[[], None] | None = None  # gives back what a tunnel held (limits)
 
     def fail(self, kind: ErrorKind, detail: str = "") -> None:
         """Record the first failure; later ones are consequences of it."""

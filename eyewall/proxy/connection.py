@@ -15,11 +15,14 @@ from typing import TYPE_CHECKING
 from tornado.iostream import IOStream, StreamClosedError
 
 from eyewall.errors import ErrorKind, ProxyError, error_page, status_of
-from eyewall.http1.message import request_framing
+from eyewall.http1.message import BodyKind, client_keeps_alive, request_framing
 from eyewall.http1.parse import ParseError, RequestHead, parse_request_head
 from eyewall.http1.target import Target, TargetError, parse_target
 from eyewall.observe.flow import Flow
+from eyewall.policy.engine import RateLimiters
+from eyewall.policy.rules import Decision
 from eyewall.proxy.forward import Exchange
+from eyewall.proxy.gate import admit
 from eyewall.proxy.streams import (
     HEAD_END,
     buffered_size,
@@ -188,28 +191,52 @@ class ClientConnection:
         flow.url = target.url()
         flow.host = target.host
         flow.port = target.port
-        if head.method == "CONNECT":
-            return await self._connect(head, target, flow)
-        exchange = self.exchange = Exchange(self, head, target, flow)
-        return await exchange.run()
-
-    async def _connect(self, head: RequestHead, target: Target, flow: Flow) -> bool:
-        flow.kind = "tunnel"
+        connect = head.method == "CONNECT"
         try:
             framing = request_framing(head)
         except ParseError as e:
-            return await self.answer_error(flow, ErrorKind.BAD_CONNECT, str(e), close=True)
-        if framing.kind.value != "none":
+            kind = ErrorKind.BAD_CONNECT if connect else ErrorKind.BAD_REQUEST
+            return await self.answer_error(flow, kind, str(e), close=True)
+        if connect and framing.kind is not BodyKind.NONE:
             return await self.answer_error(
                 flow, ErrorKind.BAD_CONNECT, "CONNECT request with a body", close=True
             )
+        # After a refusal the connection carries on only if no request body is left unread.
+        close = framing.kind is not BodyKind.NONE or not client_keeps_alive(head)
+        decision = await admit(self, head, target, flow, close)
+        if decision is None:
+            return not close and not self.stream.closed()
+        if connect:
+            return await self._connect(head, target, flow, decision, close)
+        exchange = self.exchange = Exchange(self, head, target, flow, framing, decision)
+        return await exchange.run()
+
+    async def _connect(
+        self, head: RequestHead, target: Target, flow: Flow, decision: Decision, close: bool
+    ) -> bool:
+        flow.kind = "tunnel"
         proxy = self.proxy
+        limits = proxy.policy.limits
+        client = self.address[0]
+        limited = limits.client_tunnels.acquire(client)
+        if limited is None and flow.user is not None:
+            limited = limits.user_tunnels.acquire(flow.user)
+            if limited is not None:
+                limits.client_tunnels.release(client)
+        if limited is not None:
+            return await self.answer_error(
+                flow, ErrorKind.RATE_LIMITED, limited.describe(), close, (("Retry-After", "1"),)
+            )
+        opened = False
         try:
-            sock, peer = await proxy.pool.open_socket(target)
+            sock, peer = await proxy.pool.open_socket(target, decision.addresses)
+            flow.upstream = peer
+            opened = True
         except ProxyError as e:
-            keep = head.version == "HTTP/1.1" and "close" not in head.headers.tokens("connection")
-            return await self.answer_error(flow, e.kind, e.detail, close=not keep)
-        flow.upstream = peer
+            return await self.answer_error(flow, e.kind, e.detail, close)
+        finally:
+            if not opened:
+                _release_tunnel(limits, client, flow.user)
         flow.t_connected = self.loop.time() - self.t_head
         try:
             client_sock, early = take_over(self.stream)
@@ -218,6 +245,7 @@ class ClientConnection:
             flow.fail(ErrorKind.CLIENT_ABORTED, "client left before the tunnel opened")
             return False
         flow.status = 200
+        flow.release = lambda: _release_tunnel(limits, client, flow.user)
         tunnel = Tunnel(
             client_sock,
             sock,
@@ -230,12 +258,21 @@ class ClientConnection:
         proxy.open_tunnel(tunnel, flow, self.t_head)
         return False
 
-    async def answer_error(self, flow: Flow, kind: ErrorKind, detail: str, close: bool) -> bool:
+    async def answer_error(
+        self,
+        flow: Flow,
+        kind: ErrorKind,
+        detail: str,
+        close: bool,
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> bool:
         """Send the error page for ``kind``; True if the connection stays open."""
         flow.fail(kind, detail)
         flow.status = status_of(kind)
         close = close or self.proxy.draining
-        page = error_page(kind, detail, flow.id, proxy_name=self.proxy.settings.via, close=close)
+        page = error_page(
+            kind, detail, flow.id, proxy_name=self.proxy.settings.via, close=close, extra=extra
+        )
         try:
             await self.stream.write(page)
         except StreamClosedError:
@@ -248,3 +285,9 @@ class ClientConnection:
 
     def close(self) -> None:
         self.stream.close()
+
+
+def _release_tunnel(limits: RateLimiters, client: str, user: str | None) -> None:
+    limits.client_tunnels.release(client)
+    if user is not None:
+        limits.user_tunnels.release(user)

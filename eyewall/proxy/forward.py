@@ -27,6 +27,7 @@ from eyewall.http1.message import BodyKind, Framing
 from eyewall.http1.parse import ParseError, RequestHead, ResponseHead, parse_response_head
 from eyewall.http1.target import Target
 from eyewall.observe.flow import Flow
+from eyewall.policy.rules import Decision
 from eyewall.proxy import bodies
 from eyewall.proxy.streams import HEAD_END, complete, read_block, take_over
 from eyewall.proxy.tunnel import Tunnel
@@ -49,10 +50,12 @@ class Phase(enum.Enum):
 
 class Exchange:
     __slots__ = (
+        "addresses",
         "conn",
         "deadline",
         "expired",
         "flow",
+        "framing",
         "head",
         "last_active",
         "phase",
@@ -66,11 +69,21 @@ class Exchange:
         "uploading",
     )
 
-    def __init__(self, conn: ClientConnection, head: RequestHead, target: Target, flow: Flow):
+    def __init__(
+        self,
+        conn: ClientConnection,
+        head: RequestHead,
+        target: Target,
+        flow: Flow,
+        framing: Framing,
+        decision: Decision,
+    ) -> None:
         self.conn = conn
         self.head = head
         self.target = target
         self.flow = flow
+        self.framing = framing
+        self.addresses = decision.addresses
         self.up: Upstream | None = None
         self.upload: asyncio.Future[None] | None = None
         self.uploading = False
@@ -108,12 +121,7 @@ class Exchange:
 
     async def run(self) -> bool:
         """Forward the request; True if the client connection may carry another."""
-        conn, head, flow = self.conn, self.head, self.flow
-        try:
-            framing = m.request_framing(head)
-        except ParseError as e:
-            await conn.answer_error(flow, ErrorKind.BAD_REQUEST, str(e), close=True)
-            return False
+        head, flow, framing = self.head, self.flow, self.framing
         upgrade = m.websocket_upgrade(head)
         keep_alive = m.client_keeps_alive(head)
         try:
@@ -145,7 +153,9 @@ class Exchange:
         attempt = 0
         while True:
             self.phase = Phase.CONNECTING
-            up = self.up = await proxy.pool.acquire(target, fresh=attempt > 0, probe=not retryable)
+            up = self.up = await proxy.pool.acquire(
+                target, self.addresses, fresh=attempt > 0, probe=not retryable
+            )
             flow.upstream = up.peer
             flow.reused = up.uses > 0
             flow.t_connected = conn.loop.time() - conn.t_head

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import itertools
 import logging
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
+from tornado.iostream import StreamClosedError
 from tornado.netutil import add_accept_handler, bind_sockets
 
 from eyewall.config import Settings
-from eyewall.errors import ErrorKind, ProxyError, error_page
+from eyewall.errors import ErrorKind, ProxyError, error_page, status_of
 from eyewall.http1.target import Target
 from eyewall.observe.events import EventBus
 from eyewall.observe.flow import Flow
+from eyewall.policy.engine import Policy
 from eyewall.proxy.connection import ClientConnection
 from eyewall.proxy.streams import BoundedStream
 from eyewall.proxy.tunnel import PipePool, Tunnel
@@ -32,8 +36,9 @@ STREAM_BUFFER = 8 << 20
 
 
 class Proxy:
-    def __init__(self, settings: Settings, bus: EventBus | None = None) -> None:
+    def __init__(self, settings: Settings, policy: Policy, bus: EventBus | None = None) -> None:
         self.settings = settings
+        self.policy = policy
         self.bus = bus or EventBus()
         t = settings.timeouts
         self.pool = UpstreamPool(
@@ -44,15 +49,7 @@ class Proxy:
             settings.pool.idle_timeout,
         )
         self.pipes = PipePool()
-        smallest = min(
-            t.client_header,
-            t.keepalive_idle,
-            t.upstream_head,
-            t.body_idle,
-            t.tunnel_idle,
-            settings.pool.idle_timeout,
-        )
-        self.watchdog = Watchdog(sweep_interval(smallest))
+        self.watchdog = Watchdog(sweep_interval(_smallest_timeout(settings)))
         self.watchdog.add(self.pool)
         self.connections: set[ClientConnection] = set()
         self.tunnels: dict[Tunnel, tuple[Flow, float]] = {}
@@ -119,23 +116,58 @@ class Proxy:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, stream: BoundedStream, address: Any) -> None:
-        if len(self.connections) >= self.settings.limits.max_connections or self.draining:
-            flow = Flow(self.next_id(), "http", (address[0], address[1]), 0.0)
-            detail = "shutting down" if self.draining else "too many connections"
-            page = error_page(
-                ErrorKind.OVERLOADED, detail, flow.id, proxy_name=self.settings.via, close=True
-            )
-            try:
-                await stream.write(page)
-            finally:
-                stream.close()
-            log.warning("refused connection from %s: %s", address[0], detail)
+        client = address[0]
+        policy = self.policy
+        if self.draining:
+            refusal = (ErrorKind.OVERLOADED, "shutting down")
+        elif len(self.connections) >= self.settings.limits.max_connections:
+            refusal = (ErrorKind.OVERLOADED, "too many connections")
+            log.warning("refused connection from %s: too many connections", client)
+        elif not policy.client_allowed(client):
+            refusal = (ErrorKind.DENIED, f"client address {client} may not use this proxy")
+        else:
+            limited = policy.limits.client_connections.acquire(client)
+            refusal = None if limited is None else (ErrorKind.RATE_LIMITED, limited.describe())
+        if refusal is not None:
+            await self._refuse(stream, (client, address[1]), *refusal)
             return
-        stream.set_nodelay(True)
-        conn = ClientConnection(self, stream, address)
-        self.connections.add(conn)
-        self.watchdog.add(conn)
-        await conn.serve()
+        try:
+            stream.set_nodelay(True)
+            conn = ClientConnection(self, stream, address)
+            self.connections.add(conn)
+            self.watchdog.add(conn)
+            await conn.serve()
+        finally:
+            policy.limits.client_connections.release(client)
+
+    async def _refuse(
+        self, stream: BoundedStream, client: tuple[str, int], kind: ErrorKind, detail: str
+    ) -> None:
+        """Answer a connection the proxy will not serve, and log it."""
+        flow = Flow(self.next_id(), "http", client, time.time())
+        flow.fail(kind, detail)
+        flow.status = status_of(kind)
+        page = error_page(kind, detail, flow.id, proxy_name=self.settings.via, close=True)
+        started = asyncio.get_running_loop().time()
+        try:
+            await stream.write(page)
+        except StreamClosedError:
+            pass
+        finally:
+            stream.close()
+            self.end_flow(flow, started)
+
+    def reload(self, settings: Settings, policy: Policy) -> None:
+        """Apply new settings and policy to new requests; connections stay up."""
+        if settings.listen != self.settings.listen:
+            log.warning("listen addresses changed in the configuration: restart to apply")
+            settings = dataclasses.replace(settings, listen=self.settings.listen)
+        self.settings = settings
+        self.policy = policy
+        self.pool.connect_timeout = settings.timeouts.upstream_connect
+        self.pool.idle_per_origin = settings.pool.idle_per_origin
+        self.pool.idle_timeout = settings.pool.idle_timeout
+        self.watchdog.set_interval(sweep_interval(_smallest_timeout(settings)))
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
@@ -161,6 +193,8 @@ class Proxy:
         elif error is not None:
             flow.fail(ErrorKind.UPSTREAM_RESET, f"tunnel ended by {error.__class__.__name__}")
         flow.deferred = False
+        if flow.release is not None:
+            flow.release()
         self.end_flow(flow, t_start)
         if self.draining:
             self._idle_event.set()
@@ -203,6 +237,12 @@ class Proxy:
             ):
                 return True
         return False
+
+
+def _smallest_timeout(settings: Settings) -> float:
+    t = settings.timeouts
+    return min(t.client_header, t.keepalive_idle, t.upstream_head, t.body_idle, t.tunnel_idle,
+               settings.pool.idle_timeout)  # fmt: skip
 
 
 def _local_addresses() -> set[str]:

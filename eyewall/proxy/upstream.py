@@ -117,7 +117,8 @@ class Upstream:
 
     stream: IOStream
     key: tuple[str, str, int]
-    peer: str
+    peer: str  # "ip:port" as shown in logs
+    ip: str
     uses: int = 0  # exchanges carried before the current one
     idle_since: float = field(default=0.0)
 
@@ -141,37 +142,55 @@ class UpstreamPool:
         self._idle: dict[tuple[str, str, int], list[Upstream]] = {}
         self.closing = False
 
-    async def open_socket(self, target: Target) -> tuple[socket.socket, str]:
-        """A new connection to ``target`` (resolve, guard, connect) within the timeout."""
+    async def open_socket(
+        self, target: Target, addresses: tuple[str, ...] | None = None
+    ) -> tuple[socket.socket, str]:
+        """A new connection to ``target`` within the connect timeout: to ``addresses``
+        (already resolved and allowed by the policy), or else to what the name resolves
+        to.  The guard refuses the proxy's own listeners either way."""
         try:
             async with asyncio.timeout(self.connect_timeout):
-                addrs = self.guard(target, await self.resolver.resolve(target.host, target.port))
-                return await connect(addrs)
+                if addresses is None:
+                    addrs = await self.resolver.resolve(target.host, target.port)
+                else:
+                    addrs = [(family_of(ip), (ip, target.port)) for ip in addresses]
+                return await connect(self.guard(target, addrs))
         except TimeoutError:
             raise ProxyError(
                 ErrorKind.CONNECT_TIMEOUT, f"no connection to {target.authority} in time"
             ) from None
 
-    async def acquire(self, target: Target, fresh: bool = False, probe: bool = True) -> Upstream:
+    async def acquire(
+        self,
+        target: Target,
+        addresses: tuple[str, ...] | None = None,
+        fresh: bool = False,
+        probe: bool = True,
+    ) -> Upstream:
         """A pooled connection to ``target``, or a new one if ``fresh`` or none is idle.
 
-        ``probe`` checks a pooled socket for staleness first; a caller that can safely
-        retry on a new connection (an idempotent request without a body) skips it.
+        A pooled connection is used only if its address is among ``addresses`` (when
+        given).  ``probe`` checks a pooled socket for staleness first; a caller that can
+        safely retry on a new connection (an idempotent request without a body) skips it.
         """
         key = (target.scheme, target.host, target.port)
         idle = None if fresh else self._idle.get(key)
-        while idle:
-            up = idle.pop()
-            if up.stream.closed() or buffered_size(up.stream) or (probe and stale(up.stream)):
-                up.stream.close()
-                continue
-            up.uses += 1
-            return up
-        sock, peer = await self.open_socket(target)
+        if idle:
+            for i in range(len(idle) - 1, -1, -1):
+                up = idle[i]
+                if addresses is not None and up.ip not in addresses:
+                    continue
+                del idle[i]
+                if up.stream.closed() or buffered_size(up.stream) or (probe and stale(up.stream)):
+                    up.stream.close()
+                    continue
+                up.uses += 1
+                return up
+        sock, peer = await self.open_socket(target, addresses)
         stream: IOStream = BoundedStream(sock, max_buffer_size=STREAM_BUFFER)
         if target.scheme == "https":
             stream = await self._start_tls(stream, target)
-        return Upstream(stream, key, peer)
+        return Upstream(stream, key, peer, sock.getpeername()[0])
 
     async def _start_tls(self, stream: IOStream, target: Target) -> IOStream:
         try:
@@ -215,6 +234,10 @@ class UpstreamPool:
             for up in list(idle):
                 up.stream.close()
         self._idle.clear()
+
+
+def family_of(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
 
 def stale(stream: IOStream) -> bool:

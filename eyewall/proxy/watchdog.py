@@ -33,6 +33,15 @@ class Watchdog:
     def start(self) -> None:
         self._timer.start()
 
+    def set_interval(self, interval: float) -> None:
+        if interval != self.interval:
+            running = self._timer.is_running()
+            self._timer.stop()
+            self.interval = interval
+            self._timer = PeriodicCallback(self.sweep, interval * 1000)
+            if running:
+                self._timer.start()
+
     def stop(self) -> None:
         self._timer.stop()
 

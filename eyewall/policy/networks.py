@@ -1,0 +1,80 @@
+"""Destination ranges the proxy protects by default (SSRF guard).
+
+An address is protected when it, or the IPv4 address embedded in it (IPv4-mapped,
+IPv4-compatible, NAT64 and 6to4 forms), falls in one of `PROTECTED`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+
+__all__ = ["PROTECTED", "IPAddress", "IPNetwork", "parse_network", "protected_range"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+PROTECTED: tuple[tuple[IPNetwork, str], ...] = tuple(
+    (ipaddress.ip_network(net), label)
+    for net, label in (
+        ("0.0.0.0/8", "'this' network"),
+        ("10.0.0.0/8", "private network (RFC 1918)"),
+        ("100.64.0.0/10", "shared address space (CGNAT)"),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local (cloud metadata)"),
+        ("172.16.0.0/12", "private network (RFC 1918)"),
+        ("192.0.0.0/24", "IETF protocol assignments"),
+        ("192.0.2.0/24", "documentation range"),
+        ("192.168.0.0/16", "private network (RFC 1918)"),
+        ("198.18.0.0/15", "benchmarking range"),
+        ("198.51.100.0/24", "documentation range"),
+        ("203.0.113.0/24", "documentation range"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved"),
+        ("255.255.255.255/32", "broadcast"),
+        ("::/128", "unspecified"),
+        ("::1/128", "loopback"),
+        ("100::/64", "discard-only"),
+        ("2001:db8::/32", "documentation range"),
+        ("fc00::/7", "unique local (private IPv6)"),
+        ("fe80::/10", "link-local"),
+        ("ff00::/8", "multicast"),
+    )
+)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
+_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address carried inside an IPv6 one, if any."""
+    if ip.version == 4:
+        return None
+    assert isinstance(ip, ipaddress.IPv6Address)
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    packed = ip.packed
+    if ip in _NAT64 or (ip in _COMPATIBLE and int(ip) > 1):
+        return ipaddress.IPv4Address(packed[-4:])
+    return None
+
+
+@lru_cache(maxsize=4096)
+def protected_range(address: str) -> str | None:
+    """The name of the protected range ``address`` is in, or None if it is public."""
+    ip = ipaddress.ip_address(address)
+    inner = embedded_ipv4(ip)
+    candidates = (ip, inner) if inner is not None else (ip,)
+    for candidate in candidates:
+        for network, label in PROTECTED:
+            if candidate.version == network.version and candidate in network:
+                shown = f"{network}" if candidate is ip else f"{network} via {ip}"
+                return f"{label}, {shown}"
+    return None
+
+
+def parse_network(text: str) -> IPNetwork:
+    """A CIDR (``10.0.0.0/8``) or a single address; raises ValueError."""
+    return ipaddress.ip_network(text.strip(), strict=False)

@@ -1,0 +1,287 @@
+"""Destination rules: ordered, first match wins, an explicit default, built-in guards.
+
+A rule matches when every condition it names matches (conditions are ANDed; the values
+in one condition are ORed).  Conditions:
+
+    hosts     exact names, "*.example.com" (subdomains only) or ".example.com" (the
+              domain and its subdomains)
+    host_regex  a regular expression searched in the host name
+    networks  destination CIDRs, matched against the resolved addresses
+    ports     ports or ranges ("8000-8100")
+    methods   request methods;  schemes: "http", "https" (absolute-form) or "connect"
+    users, groups   the authenticated user;  clients: client CIDRs
+
+After the rules, two guards apply to whatever was allowed:
+
+    connect-port         CONNECT only to `connect_ports`, unless the matching allow rule
+                         names the port in its own `ports`
+    private-destination  no connection to protected ranges (loopback, RFC 1918,
+                         link-local/metadata, CGNAT, ULA, multicast, ...), unless
+                         `allow_private`, the rule says `private = true`, or the rule's
+                         own `networks` contain the address
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+from typing import Any
+
+from eyewall.policy.networks import IPNetwork, parse_network, protected_range
+
+__all__ = ["Action", "Decision", "Request", "Rule", "RuleSet", "compile_rule", "parse_ports"]
+
+_RULE_KEYS = {
+    "id", "action", "message", "hosts", "host_regex", "networks", "ports", "methods",
+    "schemes", "users", "groups", "clients", "private",
+}  # fmt: skip
+_SCHEMES = {"http", "https", "connect"}
+
+
+class Action(enum.Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+    INTERCEPT = "intercept"  # reserved: TLS interception of matching CONNECTs
+    RESOLVE = "resolve"  # not a decision yet: evaluate again with the resolved addresses
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What the rules look at."""
+
+    client: str  # client IP address
+    method: str
+    scheme: str  # "http", "https" or "connect"
+    host: str
+    port: int
+    user: str | None = None
+    groups: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    rule: str  # the rule id, "default", or a guard name
+    message: str = ""
+    # Addresses the proxy may connect to; None means "whatever the name resolves to".
+    addresses: tuple[str, ...] | None = None
+    trace: tuple[str, ...] = ()  # why, step by step (filled when asked to explain)
+
+
+RESOLVE = Decision(Action.RESOLVE, "")
+
+
+def parse_ports(values: Sequence[Any], path: str) -> tuple[tuple[int, int], ...]:
+    ranges = []
+    for i, value in enumerate(values):
+        text = str(value).strip()
+        low, sep, high = text.partition("-")
+        try:
+            lo, hi = int(low), int(high) if sep else int(low)
+        except ValueError:
+            raise ValueError(f"{path}[{i}]: not a port or range: {value!r}") from None
+        if not 0 < lo <= hi < 65536:
+            raise ValueError(f"{path}[{i}]: ports must be 1-65535: {value!r}")
+        ranges.append((lo, hi))
+    return tuple(ranges)
+
+
+def _in_ports(port: int, ranges: tuple[tuple[int, int], ...]) -> bool:
+    return any(lo <= port <= hi for lo, hi in ranges)
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    action: Action
+    message: str = ""
+    hosts: frozenset[str] = frozenset()
+    domains: tuple[str, ...] = ()  # ".example.com": the domain and its subdomains
+    subdomains: tuple[str, ...] = ()  # "*.example.com": subdomains only (".example.com")
+    host_regex: re.Pattern[str] | None = None
+    networks: tuple[IPNetwork, ...] = ()
+    ports: tuple[tuple[int, int], ...] = ()
+    methods: frozenset[str] = frozenset()
+    schemes: frozenset[str] = frozenset()
+    users: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+    clients: tuple[IPNetwork, ...] = ()
+    private: bool = False
+    source: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def match(self, req: Request, addresses: tuple[str, ...] | None) -> str | None:
+        """None if the rule matches, else the first condition that does not."""
+        if self.hosts or self.domains or self.subdomains or self.host_regex is not None:
+            host = req.host
+            if not (
+                host in self.hosts
+                or any(host == d or host.endswith("." + d) for d in self.domains)
+                or any(host.endswith(s) for s in self.subdomains)
+                or (self.host_regex is not None and self.host_regex.search(host))
+            ):
+                return "host"
+        if self.ports and not _in_ports(req.port, self.ports):
+            return "port"
+        if self.methods and req.method not in self.methods:
+            return "method"
+        if self.schemes and req.scheme not in self.schemes:
+            return "scheme"
+        if self.users and req.user not in self.users:
+            return "user"
+        if self.groups and not (self.groups & req.groups):
+            return "group"
+        if self.clients and not _in_networks(req.client, self.clients):
+            return "client"
+        if self.networks:
+            assert addresses is not None, "networks need resolved addresses"
+            if not any(_in_networks(a, self.networks) for a in addresses):
+                return "network"
+        return None
+
+
+def _in_networks(address: str, networks: tuple[IPNetwork, ...]) -> bool:
+    ip = ip_address(address)
+    return any(ip.version == n.version and ip in n for n in networks)
+
+
+def _strings(raw: Mapping[str, Any], key: str, path: str) -> list[str]:
+    value = raw.get(key, [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
+        raise ValueError(f"{path}.{key}: must be a list of strings")
+    return [str(v) for v in value]
+
+
+def compile_rule(raw: Mapping[str, Any], path: str) -> Rule:
+    """Build a rule from its TOML table; ValueError messages start with the path."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{path}: must be a table")
+    unknown = sorted(set(raw) - _RULE_KEYS)
+    if unknown:
+        raise ValueError(f"{path}.{unknown[0]}: unknown rule field")
+    rule_id = raw.get("id")
+    if not isinstance(rule_id, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", rule_id):
+        raise ValueError(f"{path}.id: required, letters, digits and _ . : - only")
+    try:
+        action = Action(raw.get("action"))
+    except ValueError:
+        raise ValueError(f"{path}.action: must be allow, deny or intercept") from None
+    if action is Action.RESOLVE:
+        raise ValueError(f"{path}.action: must be allow, deny or intercept")
+    message = raw.get("message", "")
+    if not isinstance(message, str) or len(message) > 500:
+        raise ValueError(f"{path}.message: must be a string of at most 500 characters")
+    hosts, domains, subdomains = set(), [], []
+    for host in _strings(raw, "hosts", path):
+        host = host.lower().rstrip(".")
+        if host.startswith("*."):
+            subdomains.append(host[1:])
+        elif host.startswith("."):
+            domains.append(host[1:])
+        elif host and "*" not in host:
+            hosts.add(host)
+        else:
+            raise ValueError(f"{path}.hosts: {host!r}: use exact names, *.suffix or .domain")
+    regex = raw.get("host_regex")
+    pattern = None
+    if regex is not None:
+        try:
+            pattern = re.compile(str(regex), re.IGNORECASE)
+        except re.error as e:
+            raise ValueError(f"{path}.host_regex: {e}") from None
+    try:
+        networks = tuple(parse_network(n) for n in _strings(raw, "networks", path))
+        clients = tuple(parse_network(n) for n in _strings(raw, "clients", path))
+    except ValueError as e:
+        raise ValueError(f"{path}: invalid network: {e}") from None
+    schemes = {s.lower() for s in _strings(raw, "schemes", path)}
+    if schemes - _SCHEMES:
+        raise ValueError(f"{path}.schemes: must be among http, https, connect")
+    private = raw.get("private", False)
+    if not isinstance(private, bool):
+        raise ValueError(f"{path}.private: must be true or false")
+    return Rule(
+        id=rule_id,
+        action=action,
+        message=message,
+        hosts=frozenset(hosts),
+        domains=tuple(domains),
+        subdomains=tuple(subdomains),
+        host_regex=pattern,
+        networks=networks,
+        ports=parse_ports(_strings(raw, "ports", path), f"{path}.ports"),
+        methods=frozenset(m.upper() for m in _strings(raw, "methods", path)),
+        schemes=frozenset(schemes),
+        users=frozenset(_strings(raw, "users", path)),
+        groups=frozenset(_strings(raw, "groups", path)),
+        clients=clients,
+        private=private,
+        source=dict(raw),
+    )
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    rules: tuple[Rule, ...] = ()
+    default: Action = Action.ALLOW
+    connect_ports: tuple[tuple[int, int], ...] = ((443, 443),)
+    allow_private: bool = False
+
+    def evaluate(
+        self, req: Request, addresses: tuple[str, ...] | None, explain: bool = False
+    ) -> Decision:
+        """The decision for ``req``; `RESOLVE` while it depends on addresses not given."""
+        trace: list[str] = []
+        chosen: Rule | None = None
+        for rule in self.rules:
+            if rule.networks and addresses is None:
+                return RESOLVE
+            failed = rule.match(req, addresses)
+            if explain:
+                outcome = "matches" if failed is None else f"no match ({failed} differs)"
+                trace.append(f"rule {rule.id} ({rule.action.value}): {outcome}")
+            if failed is None:
+                chosen = rule
+                break
+        action = chosen.action if chosen is not None else self.default
+        rule_id = chosen.id if chosen is not None else "default"
+        if chosen is None and explain:
+            trace.append(f"no rule matched: default action {self.default.value}")
+        if action is Action.DENY:
+            message = chosen.message if chosen is not None else "denied by default"
+            return Decision(action, rule_id, message, trace=tuple(trace))
+        port_named = chosen is not None and _in_ports(req.port, chosen.ports)
+        if req.scheme == "connect" and not (_in_ports(req.port, self.connect_ports) or port_named):
+            message = f"CONNECT to port {req.port} is not allowed"
+            trace.append(f"guard connect-port: {message}")
+            return Decision(Action.DENY, "connect-port", message, trace=tuple(trace))
+        exempt = self.allow_private or (chosen is not None and chosen.private)
+        if exempt and not (chosen is not None and chosen.networks):
+            return Decision(action, rule_id, addresses=addresses, trace=tuple(trace))
+        if addresses is None:
+            return RESOLVE
+        permitted = []
+        for address in addresses:
+            in_rule = chosen is not None and _in_networks(address, chosen.networks)
+            if chosen is not None and chosen.networks and not in_rule:
+                if explain:
+                    trace.append(f"address {address}: outside rule {rule_id}'s networks")
+                continue
+            protected = None if (exempt or in_rule) else protected_range(address)
+            if protected is None:
+                permitted.append(address)
+                if explain:
+                    trace.append(f"address {address}: allowed")
+            elif explain:
+                trace.append(f"address {address}: protected ({protected})")
+        if not permitted:
+            ranges = [protected_range(a) or "outside the rule's networks" for a in addresses]
+            detail = "; ".join(f"{a} ({r})" for a, r in zip(addresses, ranges, strict=True))
+            message = f"{req.host} resolves only to protected addresses: {detail}"
+            trace.append(f"guard private-destination: {message}")
+            return Decision(Action.DENY, "private-destination", message, trace=tuple(trace))
+        return Decision(action, rule_id, addresses=tuple(permitted), trace=tuple(trace))
