@@ -1,0 +1,360 @@
+"""Access control through the real proxy: authentication, rules, SSRF guard, CONNECT
+ports, rate limits, client networks, live reload and explain."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import bcrypt
+import httpx
+import pytest
+
+from tests.conftest import ROOT, ProxyProcess, raw_request, read_response
+
+PASSWORD = "correct horse"
+
+
+def htpasswd(tmp_path: Path, users: dict[str, str]) -> str:
+    path = tmp_path / "htpasswd"
+    lines = [
+        f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(rounds=4)).decode()}"
+        for u, p in users.items()
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def get(proxy, url: str, *headers: str) -> bytes:
+    extra = "".join(f"{h}\r\n" for h in headers)
+    return raw_request(proxy.address, f"GET {url} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+
+
+def status(data: bytes) -> int:
+    return int(data.split(b" ", 2)[1])
+
+
+# -- authentication ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def auth_proxy(make_proxy, tmp_path):
+    return make_proxy("--htpasswd", htpasswd(tmp_path, {"alice": PASSWORD, "bob": "hunter2"}))
+
+
+def test_407_then_success_with_credentials(auth_proxy, origin):
+    first = get(auth_proxy, f"{origin.url}/echo")
+    assert status(first) == 407
+    assert b'Proxy-Authenticate: Basic realm="eyewall"' in first
+    ok = get(auth_proxy, f"{origin.url}/echo", f"Proxy-Authorization: {basic('alice', PASSWORD)}")
+    assert status(ok) == 200
+    seen = json.loads(ok.partition(b"\r\n\r\n")[2])
+    assert "Proxy-Authorization" not in [n for n, _ in seen["headers"]]  # never forwarded
+    assert "user=alice" in auth_proxy.access_entry(" 200 ")
+
+
+def test_curl_and_httpx_authenticate(auth_proxy, origin):
+    result = subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "-x", auth_proxy.url, "--proxy-user",
+         f"alice:{PASSWORD}", f"{origin.url}/bytes?n=7"],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0 and len(result.stdout) == 7
+    proxy_url = auth_proxy.url.replace("http://", "http://bob:hunter2@")
+    with httpx.Client(proxy=proxy_url, timeout=10, trust_env=False) as c:
+        assert c.get(f"{origin.url}/bytes?n=3").status_code == 200
+
+
+def test_connect_requires_authentication_too(auth_proxy, tls_origin):
+    data = raw_request(
+        auth_proxy.address, f"CONNECT {tls_origin.authority} HTTP/1.1\r\n\r\n".encode()
+    )
+    assert status(data) == 407
+    with socket.create_connection(auth_proxy.address, timeout=5) as s:
+        s.sendall(
+            f"CONNECT {tls_origin.authority} HTTP/1.1\r\n"
+            f"Proxy-Authorization: {basic('alice', PASSWORD)}\r\n\r\n".encode()
+        )
+        assert read_response(s, head_only=True).startswith(b"HTTP/1.1 200")
+
+
+def test_failed_logins_are_logged_with_the_client_and_never_the_password(auth_proxy, origin):
+    for _ in range(2):
+        data = get(
+            auth_proxy, f"{origin.url}/", f"Proxy-Authorization: {basic('alice', 'wrong-pw')}"
+        )
+        assert status(data) == 407
+    log = auth_proxy.stderr()
+    assert "authentication failed for user 'alice' from 127.0.0.1" in log
+    assert "wrong-pw" not in log + "\n".join(auth_proxy.access_lines())
+    assert PASSWORD not in log
+
+
+# -- rules ------------------------------------------------------------------------------
+
+
+def write_config(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+RULES = """
+[access]
+allow_private = true
+connect_ports = ["443", "1024-65535"]
+
+[[rules]]
+id = "no-admin"
+action = "deny"
+message = "The admin pages are off limits."
+hosts = ["localhost"]
+
+[[rules]]
+id = "no-delete"
+action = "deny"
+methods = ["DELETE"]
+"""
+
+
+def test_denied_request_names_the_rule_and_its_message(make_proxy, origin, tmp_path):
+    p = make_proxy("--config", write_config(tmp_path / "rules.toml", RULES))
+    port = origin.url.rsplit(":", 1)[1]
+    data = get(p, f"http://localhost:{port}/echo")
+    assert status(data) == 403
+    body = data.partition(b"\r\n\r\n")[2].decode()
+    assert "denied by rule no-admin: The admin pages are off limits." in body
+    assert "rule=no-admin" in p.access_entry("localhost")
+    deleted = raw_request(
+        p.address, f"DELETE {origin.url}/echo HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
+    assert status(deleted) == 403 and b"no-delete" in deleted
+    assert status(get(p, f"{origin.url}/echo")) == 200
+
+
+# -- SSRF guard -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def guarded(tmp_path):
+    """A proxy on plain defaults: private destinations refused."""
+    p = ProxyProcess(tmp_path / "guarded")
+    yield p
+    p.stop()
+    p.check_clean()
+
+
+def test_private_destinations_are_refused_by_default(guarded, origin):
+    port = int(origin.url.rsplit(":", 1)[1])
+    for host in ("127.0.0.1", "localhost", "2130706433", "0177.0.0.1", "0x7f.0.0.1",
+                 "127.1", "[::ffff:127.0.0.1]", "[::1]", "169.254.169.254", "0.0.0.0"):  # fmt: skip
+        data = get(guarded, f"http://{host}:{port}/echo")
+        assert status(data) == 403, host
+        assert b"private-destination" in data, host
+    assert origin.seen_connections  # the origin is reachable, just not through the proxy
+
+
+def test_a_redirect_to_a_private_address_is_checked_again(origin, raw_origin, tmp_path):
+    def redirector(sock):
+        r.read_head(sock)
+        location = f"Location: {origin.url}/echo\r\n"
+        sock.sendall(f"HTTP/1.1 302 Found\r\n{location}Content-Length: 0\r\n\r\n".encode())
+
+    r = raw_origin(redirector)
+    config = f"""
+[[rules]]
+id = "redirector"
+action = "allow"
+networks = ["127.0.0.1/32"]
+ports = ["{r.port}"]
+"""
+    # Not make_proxy: its defaults allow private destinations, and this needs the guard.
+    p = ProxyProcess(tmp_path / "redir", "--config", write_config(tmp_path / "r.toml", config))
+    try:
+        with httpx.Client(proxy=p.url, timeout=10, trust_env=False, follow_redirects=True) as c:
+            response = c.get(f"{r.url}/start")
+        assert response.status_code == 403  # the client's second request was checked
+        assert b"private-destination" in response.content
+        assert len(response.history) == 1 and response.history[0].status_code == 302
+    finally:
+        p.stop()
+    p.check_clean()
+
+
+def test_connect_only_to_443_by_default(tmp_path, raw_origin):
+    upstream = raw_origin(lambda s: s.recv(10))
+    p = ProxyProcess(tmp_path / "ports", "--allow-private")
+    try:
+        data = raw_request(p.address, f"CONNECT {upstream.authority} HTTP/1.1\r\n\r\n".encode())
+        assert status(data) == 403 and b"connect-port" in data
+    finally:
+        p.stop()
+    p.check_clean()
+
+
+# -- limits and client networks -----------------------------------------------------------
+
+
+def test_request_rate_limit_answers_429_with_retry_after(make_proxy, origin):
+    p = make_proxy("--client-rps", "2", "--client-burst", "3")
+    codes = []
+    with socket.create_connection(p.address, timeout=5) as s:
+        for _ in range(8):
+            s.sendall(f"GET {origin.url}/bytes?n=1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            response = read_response(s)
+            codes.append(status(response))
+            if codes[-1] == 429:
+                assert b"Retry-After: " in response
+    assert codes[:3] == [200, 200, 200]
+    assert 429 in codes
+    assert "rate limit client_rps reached for 127.0.0.1" in p.access_entry(" 429 ")
+
+
+def test_concurrent_tunnels_per_client_are_limited(make_proxy, raw_origin):
+    def echo(sock):
+        while data := sock.recv(100):
+            sock.sendall(data)
+
+    upstream = raw_origin(echo)
+    p = make_proxy("--client-tunnels", "2")
+    held = []
+    try:
+        for _ in range(2):
+            s = socket.create_connection(p.address, timeout=5)
+            s.sendall(f"CONNECT {upstream.authority} HTTP/1.1\r\n\r\n".encode())
+            assert read_response(s, head_only=True).startswith(b"HTTP/1.1 200")
+            held.append(s)
+        third = raw_request(p.address, f"CONNECT {upstream.authority} HTTP/1.1\r\n\r\n".encode())
+        assert status(third) == 429
+        held.pop().close()
+        time.sleep(0.2)
+        again = socket.create_connection(p.address, timeout=5)
+        again.sendall(f"CONNECT {upstream.authority} HTTP/1.1\r\n\r\n".encode())
+        assert read_response(again, head_only=True).startswith(b"HTTP/1.1 200")
+        held.append(again)
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_clients_outside_the_allowed_networks_are_refused(make_proxy, origin):
+    p = make_proxy("--allow-client", "10.0.0.0/8")
+    data = get(p, f"{origin.url}/echo")
+    assert status(data) == 403
+    assert b"may not use this proxy" in data
+
+
+def test_listening_beyond_loopback_requires_allowed_clients():
+    result = subprocess.run(
+        [sys.executable, "-m", "eyewall", "--listen", "0.0.0.0:0"],
+        capture_output=True, text=True, timeout=20, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "access.allow_clients" in result.stderr
+
+
+# -- reload -------------------------------------------------------------------------------
+
+
+def test_reload_under_load_drops_nothing(make_proxy, origin, tmp_path):
+    config = tmp_path / "live.toml"
+    config.write_text("[access]\nallow_private = true\n")
+    pid_file = tmp_path / "eyewall.pid"
+    p = make_proxy("--config", str(config), "--pid-file", str(pid_file))
+    failures: list[object] = []
+    done = threading.Event()
+    count = [0]
+
+    def load() -> None:
+        with httpx.Client(proxy=p.url, timeout=10, trust_env=False) as c:
+            while not done.is_set():
+                try:
+                    r = c.get(f"{origin.url}/bytes?n=100")
+                    if r.status_code != 200:
+                        failures.append(r.status_code)
+                    count[0] += 1
+                except httpx.HTTPError as e:
+                    failures.append(e)
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for w in workers:
+        w.start()
+    time.sleep(0.5)
+    config.write_text(
+        '[access]\nallow_private = true\n[[rules]]\nid = "no-echo"\naction = "deny"\n'
+        'host_regex = "^never-matches$"\n'
+    )
+    reload = subprocess.run(
+        [sys.executable, "-m", "eyewall", "reload", "--pid-file", str(pid_file)],
+        capture_output=True, text=True, timeout=20, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert reload.returncode == 0, reload.stderr
+    config.write_text("[access\nbroken = ")  # invalid: refused, old policy stays
+    p.expected_errors.append("reload refused")
+    p.signal(signal.SIGHUP)
+    time.sleep(0.5)
+    done.set()
+    for w in workers:
+        w.join()
+    assert failures == []
+    assert count[0] > 20
+    log = p.stderr()
+    assert "configuration reloaded" in log
+    assert "reload refused, keeping the current configuration" in log
+    assert status(get(p, f"{origin.url}/echo")) == 200
+
+
+def test_reload_applies_new_rules_to_new_requests(make_proxy, origin, tmp_path):
+    config = tmp_path / "rules.toml"
+    config.write_text("[access]\nallow_private = true\n")
+    p = make_proxy("--config", str(config))
+    assert status(get(p, f"{origin.url}/echo")) == 200
+    config.write_text(
+        '[access]\nallow_private = true\n[[rules]]\nid = "block-all"\naction = "deny"\n'
+    )
+    p.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while "configuration reloaded" not in p.stderr() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    data = get(p, f"{origin.url}/echo")
+    assert status(data) == 403 and b"block-all" in data
+
+
+# -- explain ------------------------------------------------------------------------------
+
+
+def explain(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "eyewall", "explain", *args],
+        capture_output=True, text=True, timeout=20, cwd=ROOT, check=False,
+    )  # fmt: skip
+
+
+def test_explain_names_the_rule_and_the_resolved_address(tmp_path):
+    config = write_config(tmp_path / "x.toml", RULES)
+    denied = explain("--config", config, "http://localhost:8000/")
+    assert denied.returncode == 3
+    assert "rule no-admin (deny): matches" in denied.stdout
+    assert "403 Forbidden by no-admin: The admin pages are off limits." in denied.stdout
+    allowed = explain("--config", config, "--method", "GET", "http://127.0.0.1:8000/")
+    assert allowed.returncode == 0
+    assert "rule no-admin (deny): no match (host differs)" in allowed.stdout
+    assert "ALLOW by default" in allowed.stdout
+
+
+def test_explain_shows_the_ssrf_guard_and_connect_ports():
+    result = explain("http://169.254.169.254/latest/meta-data/")
+    assert result.returncode == 3
+    assert "link-local (cloud metadata)" in result.stdout
+    result = explain("--allow-private", "example.com:25")
+    assert "connect-port" in result.stdout
