@@ -5,7 +5,7 @@ reuse, and which fields cross the hop.  Pure functions; the RFC step is named at
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from eyewall.http1.parse import Headers, ParseError, RequestHead, ResponseHead
 from eyewall.http1.target import Target
@@ -50,8 +50,7 @@ class BodyKind(enum.Enum):
     CLOSE = "close"  # delimited by the end of the connection (responses only)
 
 
-@dataclass(frozen=True, slots=True)
-class Framing:
+class Framing(NamedTuple):
     kind: BodyKind
     length: int = 0
 
@@ -85,17 +84,18 @@ def content_length(values: list[str], status: int = 400) -> int:
 def request_framing(head: RequestHead) -> Framing:
     """RFC 9112 §6.3 for requests, refusing every ambiguity a smuggler could use."""
     headers = head.headers
-    te = headers.tokens("transfer-encoding")
-    cl = headers.get_all("content-length")
-    if te or "transfer-encoding" in headers:
+    index = headers.index
+    te = index.get("transfer-encoding")
+    cl = index.get("content-length")
+    if te is not None:
         if cl:
             raise ParseError("both Content-Length and Transfer-Encoding")
         if head.version == "HTTP/1.0":
             raise ParseError("Transfer-Encoding in an HTTP/1.0 request")
-        if te != ["chunked"]:
+        if headers.tokens("transfer-encoding") != ["chunked"]:
             raise ParseError("unsupported Transfer-Encoding")
         return CHUNKED
-    if cl:
+    if cl is not None:
         length = content_length(cl)
         return Framing(BodyKind.LENGTH, length) if length else NO_BODY
     return NO_BODY
@@ -107,17 +107,18 @@ def response_framing(method: str, head: ResponseHead) -> Framing:
     if method == "HEAD" or status in (204, 304) or status < 200:
         return NO_BODY
     headers = head.headers
-    te = headers.tokens("transfer-encoding")
-    cl = headers.get_all("content-length")
-    if te or "transfer-encoding" in headers:
+    index = headers.index
+    te = index.get("transfer-encoding")
+    cl = index.get("content-length")
+    if te is not None:
         if cl:
             raise ParseError("both Content-Length and Transfer-Encoding", 502)
         if head.version == "HTTP/1.0":
             raise ParseError("Transfer-Encoding in an HTTP/1.0 response", 502)
-        if te != ["chunked"]:
+        if headers.tokens("transfer-encoding") != ["chunked"]:
             raise ParseError("unsupported Transfer-Encoding", 502)
         return CHUNKED
-    if cl:
+    if cl is not None:
         return Framing(BodyKind.LENGTH, content_length(cl, 502))
     return UNTIL_CLOSE
 
@@ -135,6 +136,8 @@ def downstream_framing(upstream: Framing, client_version: str) -> Framing:
 
 def client_keeps_alive(head: RequestHead) -> bool:
     """RFC 9112 §9.3: whether the client expects the connection to persist."""
+    if "connection" not in head.headers.index:
+        return head.version == "HTTP/1.1"
     tokens = head.headers.tokens("connection")
     if "close" in tokens:
         return False
@@ -143,6 +146,8 @@ def client_keeps_alive(head: RequestHead) -> bool:
 
 def upstream_reusable(head: ResponseHead) -> bool:
     """Whether the origin lets the connection carry another request (RFC 9112 §9.3)."""
+    if "connection" not in head.headers.index:
+        return head.version == "HTTP/1.1"
     tokens = head.headers.tokens("connection")
     if "close" in tokens:
         return False
@@ -153,6 +158,7 @@ def websocket_upgrade(head: RequestHead) -> bool:
     """A GET asking to switch to WebSocket (RFC 6455 §4.1); other upgrades are dropped."""
     return (
         head.method == "GET"
+        and "upgrade" in head.headers.index
         and head.version == "HTTP/1.1"
         and "upgrade" in head.headers.tokens("connection")
         and "websocket" in head.headers.tokens("upgrade")
@@ -162,6 +168,8 @@ def websocket_upgrade(head: RequestHead) -> bool:
 def _dropped(headers: Headers) -> frozenset[str]:
     """Fields removed at this hop: the fixed list and every Connection option, except
     that an option can never remove Content-Length (the framing actually used)."""
+    if "connection" not in headers.index:
+        return HOP_BY_HOP
     named = headers.tokens("connection")
     if not named:
         return HOP_BY_HOP
@@ -182,8 +190,7 @@ def upstream_fields(
     out = [("Host", target.authority)]
     length_written = False
     http10 = head.version == "HTTP/1.0"
-    for name, value in head.headers.fields:
-        key = name.lower()
+    for key, (name, value) in zip(head.headers.keys, head.headers.fields, strict=True):
         if key in drop or key == "host":
             continue
         if key == "content-length":
@@ -221,8 +228,7 @@ def response_fields(
     )
     out = []
     length_written = False
-    for name, value in head.headers.fields:
-        key = name.lower()
+    for key, (name, value) in zip(head.headers.keys, head.headers.fields, strict=True):
         if key in drop:
             continue
         if key == "content-length":

@@ -59,27 +59,31 @@ class ParseError(ValueError):
 class Headers:
     """An ordered list of header fields that keeps names as received.
 
-    Lookups ignore case; repeated fields (``Set-Cookie``) stay separate lines.  A
-    lower-cased index is built on the first lookup and dropped on every change.
+    Lookups ignore case; repeated fields (``Set-Cookie``) stay separate lines.
+    ``index`` maps lower-cased names to their values and ``keys`` lists the lower-cased
+    names in order; both are rebuilt by every method that changes the fields (change
+    ``fields`` only through the methods).
     """
 
-    __slots__ = ("_index", "fields")
+    __slots__ = ("_tokens", "fields", "index", "keys")
 
     def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
         self.fields: list[tuple[str, str]] = list(fields)
-        self._index: dict[str, list[str]] | None = None
+        self._reindex()
 
-    def _lookup(self) -> dict[str, list[str]]:
-        index = self._index
-        if index is None:
-            index = self._index = {}
-            for n, v in self.fields:
-                key = n.lower()
-                if key in index:
-                    index[key].append(v)
-                else:
-                    index[key] = [v]
-        return index
+    def _reindex(self) -> None:
+        index: dict[str, list[str]] = {}
+        keys: list[str] = []
+        for n, v in self.fields:
+            key = n.lower()
+            keys.append(key)
+            if key in index:
+                index[key].append(v)
+            else:
+                index[key] = [v]
+        self.index = index
+        self.keys = keys
+        self._tokens: dict[str, list[str]] = {}
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self.fields)
@@ -88,7 +92,7 @@ class Headers:
         return len(self.fields)
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._lookup()
+        return isinstance(name, str) and name.lower() in self.index
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Headers) and other.fields == self.fields
@@ -98,23 +102,31 @@ class Headers:
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of ``name``, or ``default``."""
-        values = self._lookup().get(name.lower())
+        values = self.index.get(name.lower())
         return values[0] if values else default
 
     def get_all(self, name: str) -> list[str]:
-        return self._lookup().get(name.lower(), [])
+        return self.index.get(name.lower(), [])
 
     def tokens(self, name: str) -> list[str]:
         """Comma-separated list elements of every ``name`` line, lower-cased."""
-        values = self._lookup().get(name.lower())
-        if not values:
-            return []
-        return [t for t in (t.strip(" \t").lower() for v in values for t in v.split(",")) if t]
+        key = name.lower()
+        cached = self._tokens.get(key)
+        if cached is not None:
+            return cached
+        out = []
+        for value in self.index.get(key, ()):
+            for token in value.split(","):
+                token = token.strip(" \t")
+                if token:
+                    out.append(token.lower())
+        self._tokens[key] = out
+        return out
 
     def add(self, name: str, value: str) -> None:
         check_field(name, value)
         self.fields.append((name, value))
-        self._index = None
+        self._reindex()
 
     def set(self, name: str, value: str) -> None:
         """Replace every ``name`` line by one line, keeping the first one's place."""
@@ -131,12 +143,12 @@ class Headers:
         if not placed:
             out.append((name, value))
         self.fields = out
-        self._index = None
+        self._reindex()
 
     def remove(self, name: str) -> None:
         key = name.lower()
         self.fields = [(n, v) for n, v in self.fields if n.lower() != key]
-        self._index = None
+        self._reindex()
 
     def copy(self) -> Headers:
         return Headers(self.fields)

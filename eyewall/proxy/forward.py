@@ -138,7 +138,8 @@ class Exchange:
         except ParseError as e:  # broken chunked framing in the response body
             return await self._fail(ErrorKind.UPSTREAM_MALFORMED, str(e), keep_alive, framing)
         finally:
-            await self._finish_upload()
+            if self.upload is not None:
+                await self._finish_upload()
             flow.bytes_in = self.sent.count
             flow.bytes_out = self.received.count
 
@@ -153,9 +154,10 @@ class Exchange:
         attempt = 0
         while True:
             self.phase = Phase.CONNECTING
-            up = self.up = await proxy.pool.acquire(
-                target, self.addresses, fresh=attempt > 0, probe=not retryable
-            )
+            up = None if attempt else proxy.pool.take(target, self.addresses, not retryable)
+            if up is None:
+                up = await proxy.pool.open(target, self.addresses)
+            self.up = up
             flow.upstream = up.peer
             flow.reused = up.uses > 0
             flow.t_connected = conn.loop.time() - conn.t_head
@@ -264,7 +266,11 @@ class Exchange:
             self.responded = True
             await client.write(head_bytes)
         elif framing.kind is BodyKind.LENGTH and framing.length <= SMALL_BODY:
-            body = await origin.read_bytes(framing.length) if framing.length else b""
+            body = b""
+            if framing.length:
+                body = origin.read_buffered(framing.length) or await origin.read_bytes(
+                    framing.length
+                )
             self.responded = True
             self.received.count = len(body)
             await client.write(head_bytes + body)
@@ -280,8 +286,9 @@ class Exchange:
                 await bodies.copy_chunked(origin, client, chunked, meter, limit)
             else:
                 await bodies.copy_until_close(origin, client, chunked, meter)
-        await self._finish_upload()
         upload = self.upload
+        if upload is not None:
+            await self._finish_upload()
         upload_ok = upload is None or (not upload.cancelled() and upload.exception() is None)
         if (
             upload_ok

@@ -11,7 +11,8 @@ import re
 import socket
 from collections.abc import Awaitable
 
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.concurrent import Future
+from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 __all__ = [
     "HEAD_END",
@@ -35,13 +36,24 @@ class _Overflow(Exception):
     pass
 
 
-class BoundedStream(IOStream):
-    """An IOStream whose delimited reads stop at ``max_bytes`` instead of closing.
+_SCRATCH = bytearray(64 << 10)  # one receive buffer for every stream (one thread reads)
+_SCRATCH_VIEW = memoryview(_SCRATCH)
 
-    Tornado closes a stream whose ``read_until*`` finds no delimiter within
-    ``max_bytes``, which leaves no way to answer 431 or 414.  Here such a read returns
-    the first ``max_bytes`` bytes instead; `complete` tells the two outcomes apart.
+
+class BoundedStream(IOStream):
+    """The IOStream the proxy uses for plain TCP connections.
+
+    * Delimited reads stop at ``max_bytes`` instead of closing the stream: Tornado
+      closes a stream whose ``read_until*`` finds no delimiter within ``max_bytes``,
+      which leaves no way to answer 431 or 414.  Here such a read returns the first
+      ``max_bytes`` bytes; `complete` tells the two outcomes apart.
+    * Cheaper per-request bookkeeping on the hot path: a write that the socket takes
+      whole skips the future and buffer machinery; bytes already buffered can be taken
+      synchronously (`read_buffered`); reads go through one shared receive buffer
+      instead of a fresh 64 KiB allocation each time.
     """
+
+    _written: Future[None] | None = None
 
     def _check_max_bytes(self, delimiter: object, size: int) -> None:
         if self._read_max_bytes is not None and size > self._read_max_bytes:  # type: ignore[attr-defined]
@@ -52,6 +64,53 @@ class BoundedStream(IOStream):
             return super()._find_read_pos()  # type: ignore[misc,no-any-return]
         except _Overflow:
             return self._read_max_bytes  # type: ignore[attr-defined,no-any-return]
+
+    def write(self, data: bytes | memoryview) -> Future[None]:
+        if data and not self._write_buffer and not self._connecting:  # type: ignore[attr-defined]
+            self._check_closed()  # type: ignore[attr-defined]
+            try:
+                sent = self.socket.send(data)  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                return super().write(data)  # the usual path reports the error
+            if sent == len(data):
+                done = self._written
+                if done is None:
+                    done = self._written = Future()
+                    done.set_result(None)
+                return done
+            data = memoryview(data)[sent:]
+        return super().write(data)
+
+    def read_buffered(self, n: int) -> bytes | None:
+        """``n`` bytes at once if they are already buffered and no read is pending."""
+        if self._read_future is None and self._read_buffer_size >= n:  # type: ignore[attr-defined]
+            return self._consume(n)  # type: ignore[attr-defined,no-any-return]
+        return None
+
+    def _read_to_buffer(self) -> int | None:
+        if self._user_read_buffer:  # type: ignore[attr-defined]
+            return super()._read_to_buffer()  # type: ignore[misc,no-any-return]
+        try:
+            n = self.socket.recv_into(_SCRATCH)  # type: ignore[union-attr]
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            self.close(exc_info=e)
+            if self._is_connreset(e):  # type: ignore[attr-defined]
+                return None
+            raise
+        if n == 0:
+            self.close()
+            return 0
+        self._read_buffer += _SCRATCH_VIEW[:n]  # type: ignore[attr-defined]
+        self._read_buffer_size += n  # type: ignore[attr-defined]
+        if self._read_buffer_size > self.max_buffer_size:  # type: ignore[attr-defined]
+            error = StreamBufferFullError("Reached maximum read buffer size")
+            self.close(exc_info=error)
+            raise error
+        return n
 
 
 def complete(block: bytes) -> bool:

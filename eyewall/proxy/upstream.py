@@ -160,21 +160,16 @@ class UpstreamPool:
                 ErrorKind.CONNECT_TIMEOUT, f"no connection to {target.authority} in time"
             ) from None
 
-    async def acquire(
-        self,
-        target: Target,
-        addresses: tuple[str, ...] | None = None,
-        fresh: bool = False,
-        probe: bool = True,
-    ) -> Upstream:
-        """A pooled connection to ``target``, or a new one if ``fresh`` or none is idle.
+    def take(
+        self, target: Target, addresses: tuple[str, ...] | None = None, probe: bool = True
+    ) -> Upstream | None:
+        """An idle pooled connection to ``target``, newest first, or None.
 
         A pooled connection is used only if its address is among ``addresses`` (when
         given).  ``probe`` checks a pooled socket for staleness first; a caller that can
         safely retry on a new connection (an idempotent request without a body) skips it.
         """
-        key = (target.scheme, target.host, target.port)
-        idle = None if fresh else self._idle.get(key)
+        idle = self._idle.get((target.scheme, target.host, target.port))
         if idle:
             for i in range(len(idle) - 1, -1, -1):
                 up = idle[i]
@@ -186,6 +181,11 @@ class UpstreamPool:
                     continue
                 up.uses += 1
                 return up
+        return None
+
+    async def open(self, target: Target, addresses: tuple[str, ...] | None = None) -> Upstream:
+        """A new connection to ``target`` (with TLS for https)."""
+        key = (target.scheme, target.host, target.port)
         sock, peer = await self.open_socket(target, addresses)
         stream: IOStream = BoundedStream(sock, max_buffer_size=STREAM_BUFFER)
         if target.scheme == "https":
