@@ -16,7 +16,7 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,10 +194,24 @@ def run(argv: Sequence[str]) -> int:
     )
     logging.getLogger("tornado.general").setLevel(logging.WARNING)
     try:
-        asyncio.run(serve(loader, settings, policy))
+        run_loop(serve(loader, settings, policy), settings.event_loop)
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def run_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
+    """Run ``main`` on uvloop when chosen (or, for "auto", when installed)."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise SystemExit("eyewall: event_loop = uvloop, but it is not installed") from None
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
 
 
 def check_config(argv: Sequence[str]) -> int:

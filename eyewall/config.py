@@ -318,6 +318,14 @@ class Settings:
         'Where access lines go: "-" for stderr, a file path, or "off".',
         flag="--access-log",
     )
+    event_loop: str = setting(
+        "auto",
+        "Event loop: uvloop (faster), asyncio, or auto (uvloop when installed).",
+        flag="--event-loop",
+        check=lambda v: (
+            None if v in ("auto", "uvloop", "asyncio") else "must be auto, uvloop or asyncio"
+        ),
+    )
     via: str = setting(
         "eyewall",
         "Pseudonym this proxy adds to Via fields and names itself by in Proxy-Status.",

@@ -14,8 +14,15 @@ from pathlib import Path
 
 import pytest
 import trustme
+from hypothesis import HealthCheck, settings
 
 from tests.origins import OriginServer, RawOrigin
+
+# Property tests must not fail because a busy CI machine ran them slowly.
+settings.register_profile(
+    "eyewall", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("eyewall")
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,8 +133,12 @@ def test_listen_failure_is_reported(tmp_path):
 def test_max_connections_answers_503(make_proxy):
     p = make_proxy("--max-connections", "2")
     held = [socket.create_connection(p.address) for _ in range(2)]
+    for s in held:
+        s.sendall(b"GET http://a/ HTTP/1.1\r\n")  # a request begun, never finished
+    time.sleep(0.2)
     try:
         with socket.create_connection(p.address, timeout=5) as s:
+            s.sendall(b"GET http://a/ HTTP/1.1\r\n\r\n")
             data = read_response(s)
         assert data.startswith(b"HTTP/1.1 503")
         assert b"too many connections" in data

@@ -15,10 +15,29 @@ from tests.conftest import raw_request, read_response
 from tests.origins import pattern
 
 
-def open_tunnel(proxy, authority: str, early: bytes = b"") -> socket.socket:
-    sock = socket.create_connection(proxy.address, timeout=10)
+class Tunnel(socket.socket):
+    """A client socket through a CONNECT tunnel; bytes that came with the 200 are kept."""
+
+    leftover = b""
+
+    def recv(self, n: int, flags: int = 0) -> bytes:
+        if self.leftover:
+            data, self.leftover = self.leftover[:n], self.leftover[n:]
+            return data
+        return super().recv(n, flags)
+
+
+def open_tunnel(proxy, authority: str, early: bytes = b"") -> Tunnel:
+    plain = socket.create_connection(proxy.address, timeout=10)
+    sock = Tunnel(fileno=plain.detach())
+    sock.settimeout(10)
     sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode() + early)
-    head = read_response(sock, head_only=True)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = socket.socket.recv(sock, 65536)
+        assert chunk, data
+        data += chunk
+    head, _, sock.leftover = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     return sock
 

@@ -31,14 +31,18 @@ def test_in_flight_request_finishes_with_connection_close(make_proxy, origin):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_idle_connections_close_at_once_and_tunnels_at_the_deadline(make_proxy, raw_origin, sig):
+def test_idle_connections_close_at_once_and_tunnels_at_the_deadline(
+    make_proxy, raw_origin, origin, sig
+):
     def echo(sock):
         while data := sock.recv(65536):
             sock.sendall(data)
 
     upstream = raw_origin(echo)
     p = make_proxy("--drain-timeout", "0.5")
-    idle = socket.create_connection(p.address, timeout=5)
+    idle = socket.create_connection(p.address, timeout=5)  # keep-alive, between requests
+    idle.sendall(f"GET {origin.url}/bytes?n=1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert read_response(idle).startswith(b"HTTP/1.1 200")
     tunnel = socket.create_connection(p.address, timeout=5)
     tunnel.sendall(f"CONNECT {upstream.authority} HTTP/1.1\r\n\r\n".encode())
     assert read_response(tunnel, head_only=True).startswith(b"HTTP/1.1 200")
