@@ -173,8 +173,9 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class Pool:
     idle_per_origin: int = setting(
-        32,
-        "Idle keep-alive connections kept per origin (scheme, host, port).",
+        256,
+        "Idle keep-alive connections kept per origin (scheme, host, port); enough for"
+        " the busiest origin's concurrency, or connections are closed and reopened.",
         flag="--pool-idle-per-origin",
         check=_at_least(0),
     )
