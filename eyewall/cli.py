@@ -16,15 +16,20 @@ import os
 import resource
 import signal
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eyewall import __version__
 from eyewall.config import ConfigError, Settings, iter_settings, load_settings
 from eyewall.observe.accesslog import AccessLog
 from eyewall.observe.events import EventBus
+from eyewall.observe.oplog import DroppingQueueHandler, setup_logging
 from eyewall.policy.engine import Policy, PolicyError
+
+if TYPE_CHECKING:
+    from eyewall.proxy.server import Proxy
 
 __all__ = ["main"]
 
@@ -38,7 +43,9 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
             continue
         unit = f" [{s.unit}]" if s.unit else ""
         kwargs: dict[str, Any] = {"dest": s.path, "help": s.help + unit, "default": None}
-        if s.type == "bool":
+        if s.type == "bool" and s.flag.startswith("--no-"):
+            kwargs.update(action="store_const", const=False)
+        elif s.type == "bool":
             kwargs["action"] = "store_true"
         elif s.type.startswith("tuple["):
             kwargs.update(action="append", metavar="VALUE")
@@ -105,21 +112,99 @@ def _mtimes(paths: list[str]) -> list[float]:
     return out
 
 
-async def serve(loader: Loader, settings: Settings, policy: Policy) -> None:
+class Observers:
+    """Everything that watches the traffic: access log, metrics, flow store, live feed,
+    and the admin listener that shows them."""
+
+    def __init__(self, settings: Settings, proxy: Proxy) -> None:
+        from eyewall.observe.live import LiveFeed
+        from eyewall.observe.metrics import Metrics
+        from eyewall.observe.records import record_of, summary
+        from eyewall.observe.store import FlowStore, default_path
+
+        bus = proxy.bus
+        self.access = None
+        if settings.access_log != "off":
+            self.access = AccessLog(settings.access_log, settings.log_format)
+            bus.subscribe(self.access)
+        f = settings.flows
+        path = (Path(f.path) if f.path else default_path()) if f.enabled else None
+        self.store = FlowStore(path, f.max_count, f.max_age, f.memory)
+        bus.subscribe(self.store)
+
+        def gauges() -> dict[str, float]:
+            return {
+                "connections": len(proxy.connections),
+                "tunnels": len(proxy.tunnels),
+                "pool_idle": proxy.pool.idle_count(),
+            }
+
+        def prometheus_gauges() -> dict[str, float]:
+            g = gauges()
+            return {
+                "client_connections": g["connections"],
+                "tunnels": g["tunnels"],
+                "upstream_idle_connections": g["pool_idle"],
+            }
+
+        self.metrics = Metrics(prometheus_gauges)
+        bus.subscribe(self.metrics)
+        access = self.access
+        if access is not None:
+            self.metrics.track_drops("access_log", lambda: access.dropped)
+        self.metrics.track_drops("flows", lambda: self.store.dropped)
+
+        def recent() -> list[dict[str, Any]]:
+            return [summary(record_of(f)) for f in list(self.store.recent.values())[-200:][::-1]]
+
+        self.live = LiveFeed(gauges, recent)
+        bus.subscribe(self.live)
+        self.admin = None
+        if settings.admin.listen != "off":
+            from eyewall.config import parse_endpoint
+            from eyewall.observe.admin import AdminServer
+
+            self.admin = AdminServer(
+                proxy, self.metrics, self.store, self.live,
+                parse_endpoint(settings.admin.listen), settings.admin.token,
+            )  # fmt: skip
+
+    def start(self, proxy: Proxy) -> None:
+        if self.admin is not None:
+            try:
+                address = self.admin.start()
+            except OSError as e:
+                raise SystemExit(f"eyewall: cannot listen for admin: {e.strerror or e}") from None
+            proxy.protect(address)
+            print(f"eyewall admin on {self.admin.url()}", file=sys.stderr, flush=True)
+
+    async def stop(self) -> None:
+        if self.admin is not None:
+            await self.admin.stop()
+        else:
+            self.live.stop()
+        self.store.close()
+        if self.access is not None:
+            self.access.close()
+
+
+async def serve(
+    loader: Loader, settings: Settings, policy: Policy, log_handler: DroppingQueueHandler
+) -> None:
     from tornado.ioloop import PeriodicCallback
 
     from eyewall.proxy.server import Proxy
 
     _raise_fd_limit()
-    bus = EventBus()
-    access = AccessLog(settings.access_log) if settings.access_log != "off" else None
-    if access is not None:
-        bus.subscribe(access)
-    proxy = Proxy(settings, policy, bus)
+    proxy = Proxy(settings, policy, EventBus())
+    observers = Observers(settings, proxy)
+    observers.metrics.track_drops("log", lambda: log_handler.dropped)
     try:
         addresses = proxy.start_listening()
     except OSError as e:
         raise SystemExit(f"eyewall: cannot listen: {e.strerror or e}") from None
+    observers.start(proxy)
+    access = observers.access
     if settings.pid_file:
         Path(settings.pid_file).write_text(f"{os.getpid()}\n")
     shown = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
@@ -131,6 +216,11 @@ async def serve(loader: Loader, settings: Settings, policy: Policy) -> None:
         except ConfigError as e:
             log.error("reload refused, keeping the current configuration: %s", e)
             return
+        old = proxy.settings
+        if (new_settings.admin.listen, new_settings.flows) != (old.admin.listen, old.flows):
+            log.warning("admin listener and flow recording settings apply after a restart")
+        if observers.admin is not None:
+            observers.admin.token = new_settings.admin.token
         proxy.reload(new_settings, new_policy)
         log.info("configuration reloaded")
 
@@ -166,8 +256,7 @@ async def serve(loader: Loader, settings: Settings, policy: Policy) -> None:
         await shutdown
     except asyncio.CancelledError:
         log.warning("second signal: closing everything now")
-    if access is not None:
-        access.close()
+    await observers.stop()
     if settings.pid_file:
         Path(settings.pid_file).unlink(missing_ok=True)
     log.info("stopped")
@@ -187,16 +276,13 @@ def run(argv: Sequence[str]) -> int:
         settings, policy = loader.load()
     except ConfigError as e:
         parser.exit(2, f"eyewall: invalid setting: {e}\n")
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("tornado.general").setLevel(logging.WARNING)
+    handler, listener = setup_logging(settings.log_level)
     try:
-        run_loop(serve(loader, settings, policy), settings.event_loop)
+        run_loop(serve(loader, settings, policy, handler), settings.event_loop)
     except KeyboardInterrupt:
         return 130
+    finally:
+        listener.stop()
     return 0
 
 
@@ -251,12 +337,53 @@ def reload_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def har_command(argv: Sequence[str]) -> int:
+    import json
+
+    from eyewall.observe.har import har
+    from eyewall.observe.store import default_path, read_records
+
+    parser = argparse.ArgumentParser(
+        prog="eyewall har export", description="Write recorded flows as HAR 1.2 to stdout."
+    )
+    parser.add_argument("action", choices=["export"])
+    parser.add_argument("--flows", help="the flows database (default: the user data dir)")
+    parser.add_argument("--config", help="read flows.path from this configuration")
+    parser.add_argument(
+        "--since", type=float, default=0.0, help="epoch seconds, or -N for N seconds ago"
+    )
+    parser.add_argument("--host", help="only flows to this host")
+    parser.add_argument("--limit", type=int, default=10_000, help="at most this many (newest)")
+    args = parser.parse_args(argv)
+    path = Path(args.flows) if args.flows else None
+    if path is None and args.config:
+        try:
+            configured = load_settings(args.config).flows.path
+        except ConfigError as e:
+            parser.exit(2, f"eyewall har: {e}\n")
+        path = Path(configured) if configured else None
+    path = path or default_path()
+    if not path.exists():
+        parser.exit(1, f"eyewall har: no flows recorded at {path}\n")
+    since = args.since if args.since >= 0 else time.time() + args.since
+    where, params = "started >= ?", [since]
+    if args.host:
+        where += " AND host = ?"
+        params.append(args.host)
+    records = read_records(path, where, tuple(params), args.limit)
+    json.dump(har(records), sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "check-config":
         return check_config(argv[1:])
     if argv and argv[0] == "reload":
         return reload_command(argv[1:])
+    if argv and argv[0] == "har":
+        return har_command(argv[1:])
     if argv and argv[0] == "explain":
         from eyewall.explain import explain_command
 

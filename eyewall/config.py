@@ -297,6 +297,75 @@ class RateLimits:
     )
 
 
+def _listen_or_off(value: Any) -> str | None:
+    if value == "off":
+        return None
+    try:
+        parse_endpoint(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    listen: str = setting(
+        "127.0.0.1:9090",
+        'Admin listener (metrics, health, dashboard, flows API), or "off". Anywhere but'
+        " loopback it requires admin.token.",
+        flag="--admin-listen",
+        check=_listen_or_off,
+    )
+    token: str = setting(
+        "",
+        "Secret required by the admin listener (Bearer header, or cookie set by"
+        " /login?token=...). Never logged.",
+        flag="--admin-token",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Flows:
+    enabled: bool = setting(
+        True,
+        "Record flows (heads, timings, sizes, decisions) to flows.path; --no-flows turns"
+        " recording off.",
+        flag="--no-flows",
+    )
+    path: str = setting(
+        "",
+        "SQLite file for recorded flows; empty means flows.sqlite3 in the user's data"
+        " directory ($XDG_DATA_HOME/eyewall, or ~/.local/share/eyewall).",
+        flag="--flows",
+    )
+    body_limit: int = setting(
+        0,
+        "Bytes of each request and response body to record (0: none).",
+        flag="--flows-body-limit",
+        unit="bytes",
+        check=_at_least(0),
+    )
+    max_count: int = setting(
+        100_000,
+        "Recorded flows kept (oldest removed first).",
+        flag="--flows-max-count",
+        check=_at_least(1),
+    )
+    max_age: float = setting(
+        7 * 86400.0,
+        "Recorded flows older than this are removed.",
+        flag="--flows-max-age",
+        unit="s",
+        check=_positive,
+    )
+    memory: int = setting(
+        2000,
+        "Most recent flows kept in memory for the dashboard and the flows API.",
+        flag="--flows-memory",
+        check=_at_least(0),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     listen: tuple[Endpoint, ...] = setting(
@@ -318,6 +387,17 @@ class Settings:
         "-",
         'Where access lines go: "-" for stderr, a file path, or "off".',
         flag="--access-log",
+    )
+    log_format: str = setting(
+        "auto",
+        "Access line format: json, text, squid (native), common or combined (CLF);"
+        " auto is text on a terminal, json otherwise.",
+        flag="--log-format",
+        check=lambda v: (
+            None
+            if v in ("auto", "json", "text", "squid", "common", "combined")
+            else "must be auto, json, text, squid, common or combined"
+        ),
     )
     event_loop: str = setting(
         "auto",
@@ -358,6 +438,8 @@ class Settings:
     access: Access = field(default_factory=Access)
     auth: Auth = field(default_factory=Auth)
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    admin: Admin = field(default_factory=Admin)
+    flows: Flows = field(default_factory=Flows)
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -471,7 +553,13 @@ def load_settings(
 
 
 def _check_exposure(settings: Settings) -> None:
-    """Refuse to be an open proxy by accident."""
+    """Refuse to be an open proxy, or an open dashboard, by accident."""
+    admin = settings.admin
+    if admin.listen != "off" and not parse_endpoint(admin.listen).is_loopback and not admin.token:
+        raise ConfigError(
+            f"admin.token: required when the admin listener is on {admin.listen}"
+            " (it shows all traffic): set a token, or listen on loopback"
+        )
     if settings.access.allow_clients:
         return
     exposed = [str(e) for e in settings.listen if not e.is_loopback]

@@ -34,6 +34,7 @@ class ProxyProcess:
         tmp.mkdir(parents=True, exist_ok=True)
         self.access_path = tmp / "access.log"
         self.expected_errors: list[str] = []  # log lines a test provokes on purpose
+        self.admin_url: str | None = None
         self.stderr_path = tmp / "stderr.log"
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115
         cmd = [
@@ -44,6 +45,12 @@ class ProxyProcess:
             "127.0.0.1:0",
             "--access-log",
             str(self.access_path),
+            "--log-format",
+            "text",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--flows",
+            str(tmp / "flows.sqlite3"),
             *args,
         ]
         self.process = subprocess.Popen(cmd, stderr=self._stderr, cwd=ROOT)
@@ -56,6 +63,8 @@ class ProxyProcess:
         while time.monotonic() < deadline:
             text = self.stderr_path.read_text(errors="replace")
             for line in text.splitlines():
+                if line.startswith("eyewall admin on "):
+                    self.admin_url = line.split(" on ", 1)[1].strip()
                 if " listening on " in line:
                     return int(line.rsplit(":", 1)[1].split(",")[0])
             if self.process.poll() is not None:

@@ -1,9 +1,9 @@
 """One access line per HTTP exchange or tunnel, written off the event loop.
 
 The loop only appends formatted lines to a list; a timer hands the batch to a writer
-thread.  A slow disk or a stalled stderr pipe therefore never blocks traffic: when the
-writer falls behind by more than `MAX_BATCHES` batches, new batches are dropped and
-counted, and the count is reported in the log.
+thread.  A slow disk or a stalled stderr pipe therefore never blocks traffic: when more
+than `MAX_PENDING` bytes of lines wait for the writer, new batches are dropped and
+counted, and the count is reported in the log and in the metrics.
 """
 
 from __future__ import annotations
@@ -12,62 +12,37 @@ import logging
 import queue
 import sys
 import threading
-import time
 from typing import IO
 
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 from eyewall.observe.flow import Flow
+from eyewall.observe.logformats import FORMATS
 
-__all__ = ["AccessLog", "format_text"]
+__all__ = ["AccessLog"]
 
 log = logging.getLogger("eyewall.access")
 
-MAX_BATCHES = 256
+MAX_PENDING = 4 << 20  # bytes of lines waiting for the writer thread
 FLUSH_INTERVAL = 0.1  # seconds
 
 
-_second: list[object] = [-1, ""]  # the last whole second formatted, and its text
-
-
-def _timestamp(t: float) -> str:
-    second = int(t)
-    if _second[0] != second:
-        _second[0] = second
-        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second[1]}.{int(t * 1000) % 1000:03d}Z"
-
-
-def format_text(flow: Flow) -> str:
-    """``time client id method url status in out duration up=… [err=…]``"""
-    client = f"{flow.client[0]}:{flow.client[1]}"
-    line = (
-        f"{_timestamp(flow.started)} {client} {flow.id} {flow.method or '-'} {flow.url or '-'}"
-        f" {flow.status or '-'} in={flow.bytes_in} out={flow.bytes_out}"
-        f" {flow.duration * 1000:.1f}ms up={flow.upstream or '-'}"
-    )
-    if flow.reused:
-        line += " reused"
-    if flow.user is not None:
-        line += f" user={flow.user}"
-    if flow.rule:
-        line += f" rule={flow.rule}"
-    if flow.error is not None:
-        detail = flow.error_detail.replace('"', "'")
-        line += f' err={flow.error.value} "{detail}"'
-    return line + "\n"
-
-
 class AccessLog:
-    """Subscriber for ``flow_end`` events that writes lines to ``target``."""
+    """Subscriber for ``flow_end`` events that writes lines to ``target`` in ``format``
+    ("auto": text when writing to a terminal, json otherwise)."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, format: str = "auto") -> None:
         self._target = target
         self._lines: list[str] = []
-        self._batches: queue.Queue[list[str] | None] = queue.Queue(MAX_BATCHES)
+        self._batches: queue.Queue[str | None] = queue.Queue()
+        self._pending_bytes = 0
+        self._lock = threading.Lock()
         self.dropped = 0
         self._reported_dropped = 0
         self._file: IO[str] = sys.stderr if target == "-" else open(target, "a")  # noqa: SIM115
+        if format == "auto":
+            format = "text" if self._file.isatty() else "json"
+        self.format = FORMATS[format]
         self._thread = threading.Thread(target=self._write_loop, name="access-log", daemon=True)
         self._thread.start()
         self._timer = PeriodicCallback(self.flush, FLUSH_INTERVAL * 1000)
@@ -75,7 +50,7 @@ class AccessLog:
 
     def __call__(self, event: str, flow: Flow) -> None:
         if event == "flow_end":
-            self._lines.append(format_text(flow))
+            self._lines.append(self.format(flow))
             if len(self._lines) >= 1000:
                 self.flush()
 
@@ -85,19 +60,19 @@ class AccessLog:
             self._reported_dropped = self.dropped
         if not self._lines:
             return
-        batch, self._lines = self._lines, []
-        try:
-            self._batches.put_nowait(batch)
-        except queue.Full:
-            self.dropped += len(batch)
+        lines, self._lines = self._lines, []
+        text = "".join(lines)
+        with self._lock:
+            if self._pending_bytes + len(text) > MAX_PENDING:
+                self.dropped += len(lines)
+                return
+            self._pending_bytes += len(text)
+        self._batches.put_nowait(text)
 
     def close(self, timeout: float = 2.0) -> None:
         self._timer.stop()
         self.flush()
-        try:
-            self._batches.put(None, timeout=timeout)
-        except queue.Full:
-            return
+        self._batches.put(None)
         self._thread.join(timeout)
 
     def reopen(self) -> None:
@@ -111,13 +86,15 @@ class AccessLog:
 
     def _write_loop(self) -> None:
         while True:
-            batch = self._batches.get()
-            if batch is None:
+            text = self._batches.get()
+            if text is None:
                 break
             try:
-                self._file.write("".join(batch))
+                self._file.write(text)
                 self._file.flush()
             except (OSError, ValueError):
-                self.dropped += len(batch)
+                self.dropped += text.count("\n")
+            with self._lock:
+                self._pending_bytes -= len(text)
         if self._file is not sys.stderr:
             self._file.close()

@@ -42,6 +42,10 @@ class Flow:
     user: str | None = None  # the authenticated user
     rule: str = ""  # id of the policy rule (or guard) that decided
     release: Callable[[], None] | None = None  # gives back what a tunnel held (limits)
+    connect_time: float | None = None  # seconds to open a new upstream connection
+    request_body: bytearray | None = None  # captured (up to flows.body_limit)
+    response_body: bytearray | None = None
+    intercepted: bool = False  # decrypted by TLS interception
 
     def fail(self, kind: ErrorKind, detail: str = "") -> None:
         """Record the first failure; later ones are consequences of it."""

@@ -25,13 +25,23 @@ _FRAMING_FIELDS = HOP_BY_HOP | {"content-length", "host"}
 
 
 class Meter:
-    """Body bytes moved in one direction, and whether any moved since the last look."""
+    """Body bytes moved in one direction, whether any moved since the last look, and
+    optionally a copy of the first ``limit`` bytes (for the flow recorder)."""
 
-    __slots__ = ("active", "count")
+    __slots__ = ("active", "capture", "count", "limit")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 0) -> None:
         self.active = False
         self.count = 0
+        self.limit = limit
+        self.capture: bytearray | None = bytearray() if limit else None
+
+    def keep(self, data: bytes | memoryview) -> None:
+        capture = self.capture
+        assert capture is not None
+        room = self.limit - len(capture)
+        if room > 0:
+            capture += data[:room]
 
 
 def _chunk(data: bytes | memoryview) -> bytes:
@@ -47,6 +57,8 @@ async def copy_length(src: IOStream, dst: IOStream, length: int, meter: Meter) -
             remaining -= len(piece)
             meter.count += len(piece)
             meter.active = True
+            if meter.capture is not None:
+                meter.keep(piece)
             await dst.write(piece)
         return length
     view = memoryview(bytearray(BIG_BUFFER))
@@ -55,6 +67,8 @@ async def copy_length(src: IOStream, dst: IOStream, length: int, meter: Meter) -
         remaining -= n
         meter.count += n
         meter.active = True
+        if meter.capture is not None:
+            meter.keep(view[:n])
         await dst.write(view[:n])
     return length
 
@@ -71,6 +85,8 @@ async def copy_until_close(src: IOStream, dst: IOStream, chunked: bool, meter: M
         total += n
         meter.count += n
         meter.active = True
+        if meter.capture is not None:
+            meter.keep(view[:n])
         await dst.write(_chunk(view[:n]) if chunked else view[:n])
     if chunked:
         await dst.write(b"0\r\n\r\n")
@@ -100,6 +116,8 @@ async def copy_chunked(
             total += len(piece)
             meter.count += len(piece)
             meter.active = True
+            if meter.capture is not None:
+                meter.keep(piece)
             await dst.write(_chunk(piece) if chunked else piece)
         end = await read_block(src, LINE_END, CHUNK_LINE_LIMIT)
         if end not in (b"\r\n", b"\n"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from tornado.iostream import IOStream, StreamClosedError
@@ -103,7 +104,7 @@ class ClientConnection:
         except StreamClosedError:
             pass
         self.loop.call_soon(self.stream.close)
-        self.proxy.end_flow(flow, self.loop.time())
+        self.proxy.end_flow(flow, monotonic())
 
     # -- the request loop --------------------------------------------------------------
 
@@ -113,7 +114,7 @@ class ClientConnection:
         try:
             while True:
                 data = await read_block(stream, HEAD_END, limit)
-                self.t_head = self.loop.time()
+                self.t_head = monotonic()
                 self.head_started = None
                 self.requests += 1
                 self.busy = True
@@ -191,6 +192,7 @@ class ClientConnection:
         flow.url = target.url()
         flow.host = target.host
         flow.port = target.port
+        self.proxy.bus.emit("request", flow)
         connect = head.method == "CONNECT"
         try:
             framing = request_framing(head)
@@ -229,15 +231,18 @@ class ClientConnection:
             )
         opened = False
         try:
+            started = monotonic()
             sock, peer = await proxy.pool.open_socket(target, decision.addresses)
+            flow.connect_time = monotonic() - started
             flow.upstream = peer
             opened = True
+            proxy.bus.emit("connected", flow)
         except ProxyError as e:
             return await self.answer_error(flow, e.kind, e.detail, close)
         finally:
             if not opened:
                 _release_tunnel(limits, client, flow.user)
-        flow.t_connected = self.loop.time() - self.t_head
+        flow.t_connected = monotonic() - self.t_head
         try:
             client_sock, early = take_over(self.stream)
         except StreamClosedError:
@@ -273,6 +278,7 @@ class ClientConnection:
         page = error_page(
             kind, detail, flow.id, proxy_name=self.proxy.settings.via, close=close, extra=extra
         )
+        flow.bytes_out = len(page) - page.index(b"\r\n\r\n") - 4
         try:
             await self.stream.write(page)
         except StreamClosedError:

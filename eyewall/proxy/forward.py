@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from tornado.iostream import StreamClosedError
@@ -89,8 +90,9 @@ class Exchange:
         self.uploading = False
         self.phase = Phase.CONNECTING
         self.deadline = 0.0
-        self.sent = bodies.Meter()  # request body bytes, client to origin
-        self.received = bodies.Meter()  # response body bytes, origin to client
+        capture = conn.proxy.settings.flows.body_limit
+        self.sent = bodies.Meter(capture)  # request body bytes, client to origin
+        self.received = bodies.Meter(capture)  # response body bytes, origin to client
         self.last_active = conn.loop.time()
         self.expired: ErrorKind | None = None
         self.upload_error: ProxyError | None = None
@@ -142,6 +144,8 @@ class Exchange:
                 await self._finish_upload()
             flow.bytes_in = self.sent.count
             flow.bytes_out = self.received.count
+            flow.request_body = self.sent.capture
+            flow.response_body = self.received.capture
 
     async def _send(self, framing: Framing, upgrade: bool) -> ResponseHead:
         """Send the request (retrying a stale pooled connection once); return the final
@@ -156,11 +160,14 @@ class Exchange:
             self.phase = Phase.CONNECTING
             up = None if attempt else proxy.pool.take(target, self.addresses, not retryable)
             if up is None:
+                started = monotonic()
                 up = await proxy.pool.open(target, self.addresses)
+                flow.connect_time = monotonic() - started
             self.up = up
             flow.upstream = up.peer
             flow.reused = up.uses > 0
-            flow.t_connected = conn.loop.time() - conn.t_head
+            flow.t_connected = monotonic() - conn.t_head
+            proxy.bus.emit("connected", flow)
             self.phase = Phase.WAITING
             self.deadline = conn.loop.time() + proxy.settings.timeouts.upstream_head
             try:
@@ -259,7 +266,8 @@ class Exchange:
         head_bytes = m.render_response(response.status, response.reason, fields)
         flow.response = response
         flow.status = response.status
-        flow.t_response = conn.loop.time() - conn.t_head
+        flow.t_response = monotonic() - conn.t_head
+        proxy.bus.emit("response", flow)
         self.phase = Phase.RESPONDING
         client, origin = conn.stream, up.stream
         if framing.kind is BodyKind.NONE:
@@ -273,6 +281,8 @@ class Exchange:
                 )
             self.responded = True
             self.received.count = len(body)
+            if self.received.capture is not None:
+                self.received.keep(body)
             await client.write(head_bytes + body)
         else:
             self.responded = True

@@ -77,6 +77,7 @@ async def admit(
             return None
         decision = policy.decide(req, tuple(ip for _, (ip, *_) in addrs))
     flow.rule = decision.rule
+    proxy.bus.emit("decision", flow)
     if decision.action is Action.DENY:
         detail = f"denied by rule {decision.rule}"
         if decision.message:

@@ -58,6 +58,7 @@ class Proxy:
         self._listeners: list[tuple[socket.socket, Callable[[], None]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._local_ips: set[str] = set()
+        self._protected: list[tuple[str, int]] = []  # other listeners of this process
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(3)
         self._idle_event = asyncio.Event()
@@ -149,7 +150,7 @@ class Proxy:
         flow.fail(kind, detail)
         flow.status = status_of(kind)
         page = error_page(kind, detail, flow.id, proxy_name=self.settings.via, close=True)
-        started = asyncio.get_running_loop().time()
+        started = time.monotonic()
         try:
             await stream.write(page)
         except StreamClosedError:
@@ -181,6 +182,7 @@ class Proxy:
         self.tunnels[tunnel] = (flow, t_start)
         self.watchdog.add(tunnel)
         tunnel.start()
+        self.bus.emit("tunnel_open", flow)
 
     def tunnel_closed(self, tunnel: Tunnel, error: BaseException | None) -> None:
         self.watchdog.discard(tunnel)
@@ -191,8 +193,10 @@ class Proxy:
             flow.fail(ErrorKind.BODY_STALLED, "tunnel idle timeout")
         elif isinstance(error, ConnectionAbortedError):
             flow.fail(ErrorKind.CLIENT_ABORTED, str(error))
+        elif error is not None and tunnel.failed_side == "client":
+            flow.fail(ErrorKind.CLIENT_ABORTED, f"client ended the tunnel: {error}")
         elif error is not None:
-            flow.fail(ErrorKind.UPSTREAM_RESET, f"tunnel ended by {error.__class__.__name__}")
+            flow.fail(ErrorKind.UPSTREAM_RESET, f"origin ended the tunnel: {error}")
         flow.deferred = False
         if flow.release is not None:
             flow.release()
@@ -208,7 +212,7 @@ class Proxy:
     def end_flow(self, flow: Flow, t_start: float) -> None:
         if flow.deferred:
             return  # a tunnel reports it when it closes
-        flow.duration = asyncio.get_running_loop().time() - t_start
+        flow.duration = time.monotonic() - t_start
         self.bus.emit("flow_end", flow)
 
     # -- self-protection ---------------------------------------------------------------
@@ -220,6 +224,10 @@ class Proxy:
                 raise ProxyError(ErrorKind.LOOP, "request aimed at the proxy itself")
         return addrs
 
+    def protect(self, address: tuple[str, int]) -> None:
+        """Refuse requests aimed at ``address`` too (the admin listener)."""
+        self._protected.append(address)
+
     def is_own_listener(self, host: str, port: int) -> bool:
         try:
             ip = ipaddress.ip_address(host)
@@ -227,7 +235,7 @@ class Proxy:
             return False
         if ip.version == 6 and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        for bound_host, bound_port in self.addresses:
+        for bound_host, bound_port in (*self.addresses, *self._protected):
             if bound_port != port:
                 continue
             bound = ipaddress.ip_address(bound_host)

@@ -112,7 +112,7 @@ class _Pump:
             else:
                 self._recv()
         except OSError as e:
-            self.tunnel.abort(e)
+            self.tunnel.abort(e, self.src)
             return
         self.tunnel.active = True
         self._flush()
@@ -158,7 +158,7 @@ class _Pump:
         try:
             blocked = self._write_out()
         except OSError as e:
-            self.tunnel.abort(e)
+            self.tunnel.abort(e, self.dst)
             return
         if blocked:
             self._set_reading(False)
@@ -230,6 +230,7 @@ class Tunnel:
         "client",
         "closed",
         "down",
+        "failed_side",
         "flow",
         "idle_since",
         "idle_timeout",
@@ -261,6 +262,7 @@ class Tunnel:
         self.active = True  # set on every read; the watchdog clears it
         self.idle_since = self.loop.time()
         self.closed = False
+        self.failed_side = ""  # "client" or "upstream" when an error ended the tunnel
         self.up = _Pump(self, client, upstream, to_upstream)
         self.down = _Pump(self, upstream, client, to_client)
         self.up.count = len(to_upstream)
@@ -294,9 +296,11 @@ class Tunnel:
         try:
             pump.dst.shutdown(socket.SHUT_WR)
         except OSError as e:
-            self.abort(e)
+            self.abort(e, pump.dst)
 
-    def abort(self, error: BaseException) -> None:
+    def abort(self, error: BaseException, side: socket.socket) -> None:
+        """End the tunnel after ``error`` on ``side``'s socket."""
+        self.failed_side = "client" if side is self.client else "upstream"
         self.close(error)
 
     def close(self, error: BaseException | None = None) -> None:

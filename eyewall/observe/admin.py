@@ -1,0 +1,357 @@
+"""The admin listener: health, Prometheus metrics, the flows API, HAR download and the
+live dashboard (docs/admin-api.md).  Off the data path: it only reads what the proxy
+and its observers keep."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import tornado.web
+import tornado.websocket
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from eyewall.config import Endpoint
+from eyewall.observe.har import har
+from eyewall.observe.live import Client, LiveFeed
+from eyewall.observe.metrics import Metrics
+from eyewall.observe.records import Record, detail, summary
+from eyewall.observe.store import FlowStore, read_records
+
+if TYPE_CHECKING:
+    from eyewall.proxy.server import Proxy
+
+__all__ = ["AdminServer"]
+
+access_log = logging.getLogger("eyewall.admin")
+STATIC = Path(__file__).resolve().parent.parent / "dashboard" / "static"
+COOKIE = "eyewall_admin"
+
+
+CSP = "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+
+
+class Guarded:
+    """What every admin handler shares: security headers, the Host check, the token."""
+
+    admin: AdminServer
+    request: Any
+
+    def set_default_headers(self) -> None:
+        self.clear_header("Server")  # type: ignore[attr-defined]
+        self.set_header("X-Content-Type-Options", "nosniff")  # type: ignore[attr-defined]
+        self.set_header("Referrer-Policy", "no-referrer")  # type: ignore[attr-defined]
+        self.set_header("Content-Security-Policy", CSP)  # type: ignore[attr-defined]
+        self.set_header("Cache-Control", "no-cache")  # type: ignore[attr-defined]
+
+    def check_access(self) -> None:
+        if not self.admin.host_allowed(self.request.host):
+            raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
+        if self.admin.token and not self.authorized():
+            raise tornado.web.HTTPError(401, "admin token required")
+
+    def authorized(self) -> bool:
+        token = self.admin.token
+        header = self.request.headers.get("Authorization", "")
+        cookie = self.request.cookies.get(COOKIE)
+        offered = header[7:] if header.startswith("Bearer ") else cookie.value if cookie else ""
+        return hmac.compare_digest(offered.encode(), token.encode())
+
+
+class Base(Guarded, tornado.web.RequestHandler):
+    def initialize(self, admin: AdminServer) -> None:
+        self.admin = admin
+
+    def set_default_headers(self) -> None:
+        super().set_default_headers()
+        self.set_header("Cache-Control", "no-store")
+
+    def prepare(self) -> None:
+        self.check_access()
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(f"{status_code} {self._reason}\n")
+
+    def write_json(self, value: Any) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(value))
+
+
+class Login(Base):
+    def prepare(self) -> None:
+        if not self.admin.host_allowed(self.request.host):
+            raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
+
+    def get(self) -> None:
+        offered = self.get_query_argument("token", "")
+        token = self.admin.token
+        if not token or not hmac.compare_digest(offered.encode(), token.encode()):
+            raise tornado.web.HTTPError(401, "wrong token")
+        self.set_cookie(COOKIE, offered, httponly=True, samesite="Strict")
+        self.redirect("/")
+
+
+class Health(Base):
+    def get(self) -> None:
+        proxy = self.admin.proxy
+        status = "draining" if proxy.draining else "ok"
+        if proxy.draining:
+            self.set_status(503)
+        self.write_json({
+            "status": status,
+            "uptime_s": round(time.monotonic() - self.admin.started, 3),
+            "connections": len(proxy.connections),
+            "tunnels": len(proxy.tunnels),
+        })  # fmt: skip
+
+
+class MetricsPage(Base):
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(self.admin.metrics.exposition())
+
+
+def _status_matches(status: int, wanted: str) -> bool:
+    wanted = wanted.strip().lower()
+    if len(wanted) == 3 and wanted.endswith("xx"):
+        return str(status).startswith(wanted[0])
+    return str(status) == wanted
+
+
+def matches(s: dict[str, Any], query: dict[str, str]) -> bool:
+    """Whether a flow summary passes the API's filters."""
+    if query.get("host") and query["host"].lower() not in (s["host"] or "").lower():
+        return False
+    if query.get("status") and not _status_matches(s["status"], query["status"]):
+        return False
+    if query.get("method") and (s["method"] or "").upper() != query["method"].upper():
+        return False
+    if query.get("user") and (s["user"] or "") != query["user"]:
+        return False
+    text = query.get("q", "").lower()
+    return not text or any(
+        text in (s[k] or "").lower() for k in ("url", "host", "error", "error_detail")
+    )
+
+
+class FlowList(Base):
+    def get(self) -> None:
+        limit = min(5000, max(1, int(self.get_query_argument("limit", "200"))))
+        names = ("host", "status", "method", "user", "q")
+        query = {k: self.get_query_argument(k, "") for k in names}
+        out = []
+        for record in self.admin.store.recent_records():
+            s = summary(record)
+            if matches(s, query):
+                out.append(s)
+                if len(out) >= limit:
+                    break
+        self.write_json({"flows": out})
+
+
+class FlowDetail(Base):
+    async def get(self, flow_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        record = await loop.run_in_executor(None, self.admin.store.find, flow_id)
+        if record is None:
+            raise tornado.web.HTTPError(404, "no such flow")
+        self.write_json(detail(record))
+
+
+class Stats(Base):
+    def get(self) -> None:
+        admin = self.admin
+        self.write_json({
+            **admin.gauges(),
+            "uptime_s": round(time.monotonic() - admin.started, 3),
+            "requests_total": sum(admin.metrics.requests.values()),
+            "series": list(admin.live.series),
+        })  # fmt: skip
+
+
+class HarDownload(Base):
+    async def get(self) -> None:
+        since = float(self.get_query_argument("since", "0"))
+        host = self.get_query_argument("host", "")
+        limit = min(100_000, int(self.get_query_argument("limit", "10000")))
+        records = await self.admin.records(since, host, limit)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Content-Disposition", 'attachment; filename="eyewall.har"')
+        self.finish(json.dumps(har(records)))
+
+
+class CACertificate(Base):
+    def get(self) -> None:
+        pem = self.admin.ca_pem() if self.admin.ca_pem is not None else None
+        if pem is None:
+            raise tornado.web.HTTPError(404, "no interception CA (eyewall ca init)")
+        self.set_header("Content-Type", "application/x-pem-file")
+        self.set_header("Content-Disposition", 'attachment; filename="eyewall-ca.pem"')
+        self.finish(pem)
+
+
+class Live(Guarded, tornado.websocket.WebSocketHandler):
+    def initialize(self, admin: AdminServer) -> None:
+        self.admin = admin
+        self.client: Client | None = None
+
+    def prepare(self) -> None:
+        self.check_access()
+
+    def check_origin(self, origin: str) -> bool:
+        """Only the dashboard's own origin (cross-site WebSocket hijacking guard)."""
+        return urlsplit(origin).netloc.lower() == self.request.host.lower()
+
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        self.client = self.admin.live.attach(self)
+        self.pump = asyncio.ensure_future(self._pump(self.client))
+
+    async def _pump(self, client: Client) -> None:
+        try:
+            await client.run()
+        except tornado.websocket.WebSocketClosedError:
+            pass
+        finally:
+            self.admin.live.detach(client)
+
+    def on_message(self, message: str | bytes) -> None:
+        pass  # the feed is one-way
+
+    def on_close(self) -> None:
+        if self.client is not None:
+            self.admin.live.detach(self.client)
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """Debug-level request log without query strings (they may carry the token)."""
+    if access_log.isEnabledFor(logging.DEBUG):
+        request = handler.request
+        access_log.debug("%d %s %s", handler.get_status(), request.method, request.path)
+
+
+class AdminServer:
+    def __init__(
+        self,
+        proxy: Proxy,
+        metrics: Metrics,
+        store: FlowStore,
+        live: LiveFeed,
+        endpoint: Endpoint,
+        token: str,
+        ca_pem: Any = None,
+    ) -> None:
+        self.proxy = proxy
+        self.metrics = metrics
+        self.store = store
+        self.live = live
+        self.endpoint = endpoint
+        self.token = token
+        self.ca_pem = ca_pem
+        self.started = time.monotonic()
+        args = {"admin": self}
+        self.app = tornado.web.Application(
+            [
+                (r"/", IndexPage, {"path": str(STATIC), "default_filename": "index.html"}),
+                (r"/static/(.*)", StaticFiles, {"path": str(STATIC)}),
+                (r"/login", Login, args),
+                (r"/healthz", Health, args),
+                (r"/metrics", MetricsPage, args),
+                (r"/api/flows", FlowList, args),
+                (r"/api/flows/([A-Za-z0-9-]+)", FlowDetail, args),
+                (r"/api/stats", Stats, args),
+                (r"/api/har", HarDownload, args),
+                (r"/api/ca.pem", CACertificate, args),
+                (r"/api/live", Live, args),
+            ],
+            admin=self,
+            log_function=_log_request,
+            compress_response=True,
+            websocket_max_message_size=1 << 16,
+        )
+        self.server: HTTPServer | None = None
+        self.address: tuple[str, int] | None = None
+
+    def start(self) -> tuple[str, int]:
+        sockets = bind_sockets(self.endpoint.port, self.endpoint.host)
+        self.server = HTTPServer(self.app, xheaders=False)
+        self.server.add_sockets(sockets)
+        host, port = sockets[0].getsockname()[:2]
+        self.address = (host, port)
+        return self.address
+
+    async def stop(self) -> None:
+        self.live.stop()
+        if self.server is not None:
+            self.server.stop()
+            await self.server.close_all_connections()
+
+    def url(self) -> str:
+        assert self.address is not None
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def host_allowed(self, host_header: str) -> bool:
+        host = urlsplit(f"//{host_header}").hostname or ""
+        if host in ("localhost", self.endpoint.host):
+            return True
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return True
+
+    def gauges(self) -> dict[str, float]:
+        proxy = self.proxy
+        return {
+            "connections": len(proxy.connections),
+            "tunnels": len(proxy.tunnels),
+            "pool_idle": proxy.pool.idle_count(),
+        }
+
+    async def records(self, since: float, host: str, limit: int) -> list[Record]:
+        """Recorded flows for HAR, oldest first: the database, plus what is still in
+        memory waiting to be written."""
+
+        def wanted(r: Record) -> bool:
+            return r["started"] >= since and (not host or r["host"] == host)
+
+        stored: list[Record] = []
+        path = self.store.path
+        if path is not None and path.exists():
+            where, params = "started >= ?", [since]
+            if host:
+                where += " AND host = ?"
+                params.append(host)
+            stored = await asyncio.get_running_loop().run_in_executor(
+                None, read_records, path, where, tuple(params), limit
+            )
+        seen = {r["id"] for r in stored}
+        pending = [r for r in self.store.recent_records() if r["id"] not in seen and wanted(r)]
+        merged = sorted(stored + pending, key=lambda r: r["started"])
+        return merged[-limit:]
+
+
+class IndexPage(Guarded, tornado.web.StaticFileHandler):
+    """The dashboard page, behind the same guards as the API."""
+
+    def prepare(self) -> None:
+        self.admin = self.application.settings["admin"]
+        self.check_access()
+
+    async def get(self, path: str = "", include_body: bool = True) -> None:
+        await super().get("index.html", include_body)
+
+
+class StaticFiles(Guarded, tornado.web.StaticFileHandler):
+    def prepare(self) -> None:
+        self.admin = self.application.settings["admin"]
+        self.check_access()

@@ -1,0 +1,148 @@
+"""Access line formats: json, text, squid (native), common and combined (CLF).
+
+Pure functions of a finished `Flow`; each returns one line ending in a newline.
+
+json fields: time, ts, id, kind, client, client_port, user, method, url, host, port,
+upstream, reused, status, bytes_in, bytes_out, duration_ms, ttfb_ms, connect_ms, rule,
+error, error_detail.  Durations are milliseconds; ``ttfb_ms`` and ``connect_ms`` are
+null when not reached (``connect_ms`` is also null on a reused connection).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+from eyewall.observe.flow import Flow
+
+__all__ = ["FORMATS", "format_json", "format_text"]
+
+_quote = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_iso_second: list[object] = [-1, ""]
+_clf_second: list[object] = [-1, ""]
+
+
+def _iso(t: float) -> str:
+    second = int(t)
+    if _iso_second[0] != second:
+        _iso_second[0] = second
+        _iso_second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_iso_second[1]}.{int(t * 1000) % 1000:03d}Z"
+
+
+def _clf_time(t: float) -> str:
+    second = int(t)
+    if _clf_second[0] != second:
+        _clf_second[0] = second
+        _clf_second[1] = time.strftime("[%d/%b/%Y:%H:%M:%S +0000]", time.gmtime(second))
+    return str(_clf_second[1])
+
+
+def _ms(seconds: float | None) -> str:
+    return "null" if seconds is None else f"{seconds * 1000:.3f}"
+
+
+def _str_or_null(value: str | None) -> str:
+    return "null" if value is None else _quote(value)
+
+
+def format_json(flow: Flow) -> str:
+    client_ip, client_port = flow.client
+    error = flow.error.value if flow.error is not None else None
+    return (
+        f'{{"time":"{_iso(flow.started)}","ts":{flow.started:.3f},"id":"{flow.id}",'
+        f'"kind":"{flow.kind}","client":{_quote(client_ip)},"client_port":{client_port},'
+        f'"user":{_str_or_null(flow.user)},"method":{_quote(flow.method)},'
+        f'"url":{_quote(flow.url)},"host":{_quote(flow.host)},"port":{flow.port},'
+        f'"upstream":{_quote(flow.upstream)},"reused":{"true" if flow.reused else "false"},'
+        f'"status":{flow.status},"bytes_in":{flow.bytes_in},"bytes_out":{flow.bytes_out},'
+        f'"duration_ms":{_ms(flow.duration)},"ttfb_ms":{_ms(flow.t_response)},'
+        f'"connect_ms":{_ms(flow.connect_time)},"rule":{_quote(flow.rule)},'
+        f'"error":{_str_or_null(error)},"error_detail":{_quote(flow.error_detail)}}}\n'
+    )
+
+
+def format_text(flow: Flow) -> str:
+    """``time client id method url status in out duration up=… [err=…]``"""
+    client = f"{flow.client[0]}:{flow.client[1]}"
+    line = (
+        f"{_iso(flow.started)} {client} {flow.id} {flow.method or '-'} {flow.url or '-'}"
+        f" {flow.status or '-'} in={flow.bytes_in} out={flow.bytes_out}"
+        f" {flow.duration * 1000:.1f}ms up={flow.upstream or '-'}"
+    )
+    if flow.reused:
+        line += " reused"
+    if flow.user is not None:
+        line += f" user={flow.user}"
+    if flow.rule:
+        line += f" rule={flow.rule}"
+    if flow.error is not None:
+        detail = flow.error_detail.replace('"', "'")
+        line += f' err={flow.error.value} "{detail}"'
+    return line + "\n"
+
+
+def _squid_code(flow: Flow) -> str:
+    if flow.error is not None and flow.error.value in ("denied", "auth_required", "loop"):
+        return "TCP_DENIED"
+    if flow.kind != "http" and flow.status in (101, 200):
+        return "TCP_TUNNEL"
+    if flow.error is not None:
+        return "TCP_MISS_ABORTED" if flow.status in (0, 499) or flow.status < 400 else "TCP_MISS"
+    return "TCP_MISS"
+
+
+def _content_type(flow: Flow) -> str:
+    if flow.response is None:
+        return "-"
+    value = flow.response.headers.get("content-type")
+    return value.split(";", 1)[0].strip() or "-" if value else "-"
+
+
+def format_squid(flow: Flow) -> str:
+    """Squid's native format: time elapsed client code/status bytes method URL user
+    hierarchy/peer type."""
+    peer = (
+        f"HIER_DIRECT/{flow.upstream.rsplit(':', 1)[0].strip('[]')}"
+        if flow.upstream
+        else ("HIER_NONE/-")
+    )
+    return (
+        f"{flow.started:.3f} {int(flow.duration * 1000):6d} {flow.client[0]}"
+        f" {_squid_code(flow)}/{flow.status:03d} {flow.bytes_out} {flow.method or '-'}"
+        f" {flow.url or '-'} {flow.user or '-'} {peer} {_content_type(flow)}\n"
+    )
+
+
+def _request_line(flow: Flow) -> str:
+    version = flow.request.version if flow.request is not None else "HTTP/1.1"
+    return f"{flow.method or '-'} {flow.url or '-'} {version}".replace('"', "%22")
+
+
+def format_common(flow: Flow) -> str:
+    """Common Log Format: host ident user [time] "request" status bytes."""
+    return (
+        f"{flow.client[0]} - {flow.user or '-'} {_clf_time(flow.started)}"
+        f' "{_request_line(flow)}" {flow.status or "-"} {flow.bytes_out or "-"}\n'
+    )
+
+
+def _header(flow: Flow, name: str) -> str:
+    value = flow.request.headers.get(name) if flow.request is not None else None
+    return (value or "-").replace('"', "%22")
+
+
+def format_combined(flow: Flow) -> str:
+    """Combined Log Format: common plus "referer" "user-agent"."""
+    referer, agent = _header(flow, "referer"), _header(flow, "user-agent")
+    return f'{format_common(flow)[:-1]} "{referer}" "{agent}"\n'
+
+
+FORMATS: dict[str, Callable[[Flow], str]] = {
+    "json": format_json,
+    "text": format_text,
+    "squid": format_squid,
+    "common": format_common,
+    "combined": format_combined,
+}

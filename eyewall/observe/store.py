@@ -1,0 +1,180 @@
+"""Recorded flows: the most recent in memory, all of them in SQLite.
+
+The event loop only keeps finished flows in a bounded in-memory window and appends
+them to a batch; a timer hands batches to a writer thread that owns the SQLite
+connection.  Traffic never waits on the disk: when the writer falls behind by more
+than `MAX_BATCHES` batches, new batches are dropped and counted.  Retention (count and
+age) is applied by the writer as it goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tornado.ioloop import PeriodicCallback
+
+from eyewall.observe.flow import Flow
+from eyewall.observe.records import COLUMNS, Record, record_of
+
+__all__ = ["FlowStore", "default_path", "read_records"]
+
+log = logging.getLogger("eyewall.flows")
+
+MAX_BATCHES = 64
+FLUSH_INTERVAL = 0.25  # seconds
+PRUNE_EVERY = 5.0  # seconds between retention passes
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS flows (
+    {", ".join(f"{c} {'TEXT PRIMARY KEY' if c == 'id' else ''}" for c in COLUMNS)}
+);
+CREATE INDEX IF NOT EXISTS flows_started ON flows (started);
+CREATE INDEX IF NOT EXISTS flows_host ON flows (host);
+"""
+_INSERT = (
+    f"INSERT OR REPLACE INTO flows ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+)
+
+
+def default_path() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(base) / "eyewall" / "flows.sqlite3"
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=10)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
+class FlowStore:
+    """Subscriber for ``flow_end``: keeps recent flows and records all of them."""
+
+    def __init__(self, path: Path | None, max_count: int, max_age: float, memory: int) -> None:
+        self.path = path
+        self.max_count = max_count
+        self.max_age = max_age
+        self.memory = memory
+        self.recent: OrderedDict[str, Flow] = OrderedDict()
+        self.dropped = 0
+        self._pending: list[Flow] = []
+        self._batches: queue.Queue[list[Flow] | None] = queue.Queue(MAX_BATCHES)
+        self._thread: threading.Thread | None = None
+        self._timer: PeriodicCallback | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))  # traffic is private
+            _connect(path).executescript(_SCHEMA)  # fail at start-up, not in the thread
+            self._thread = threading.Thread(target=self._write_loop, name="flows", daemon=True)
+            self._thread.start()
+            self._timer = PeriodicCallback(self.flush, FLUSH_INTERVAL * 1000)
+            self._timer.start()
+
+    def __call__(self, event: str, flow: Flow) -> None:
+        recent = self.recent
+        recent[flow.id] = flow
+        if len(recent) > self.memory:
+            recent.popitem(last=False)
+        if self.path is not None:
+            self._pending.append(flow)
+            if len(self._pending) >= 1000:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            self._batches.put_nowait(batch)
+        except queue.Full:
+            self.dropped += len(batch)
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        self.flush()
+        if self._thread is not None:
+            try:
+                self._batches.put(None, timeout=timeout)
+            except queue.Full:
+                return
+            self._thread.join(timeout)
+
+    def _write_loop(self) -> None:
+        assert self.path is not None
+        db = _connect(self.path)
+        last_prune = 0.0
+        dirty = False
+        while True:
+            try:
+                batch = self._batches.get(timeout=PRUNE_EVERY)
+            except queue.Empty:
+                batch = []
+            if batch is None:
+                break
+            try:
+                if batch:
+                    with db:
+                        db.executemany(_INSERT, [tuple(record_of(f).values()) for f in batch])
+                    dirty = True
+                now = time.monotonic()
+                if dirty and now - last_prune >= PRUNE_EVERY:
+                    last_prune = now
+                    dirty = False
+                    self._prune(db)
+            except (sqlite3.Error, OSError):
+                self.dropped += len(batch)
+                log.exception("recording %d flows failed", len(batch))
+        db.close()
+
+    def _prune(self, db: sqlite3.Connection) -> None:
+        with db:
+            db.execute("DELETE FROM flows WHERE started < ?", (time.time() - self.max_age,))
+            db.execute(
+                "DELETE FROM flows WHERE rowid <= (SELECT MAX(rowid) FROM flows) - ?",
+                (self.max_count,),
+            )
+
+    # -- reading ------------------------------------------------------------------------
+
+    def recent_records(self) -> Iterator[Record]:
+        """Recent flows, newest first."""
+        for flow in reversed(self.recent.values()):
+            yield record_of(flow)
+
+    def find(self, flow_id: str) -> Record | None:
+        """A flow by id: from memory, else from the database (blocking)."""
+        flow = self.recent.get(flow_id)
+        if flow is not None:
+            return record_of(flow)
+        if self.path is None:
+            return None
+        rows = read_records(self.path, "id = ?", (flow_id,), limit=1)
+        return rows[0] if rows else None
+
+
+def read_records(
+    path: Path, where: str = "1", params: tuple[Any, ...] = (), limit: int = 1000
+) -> list[Record]:
+    """Recorded flows matching ``where``, oldest first (blocking; for threads and CLIs)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        db.row_factory = sqlite3.Row
+        rows = db.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM (SELECT * FROM flows WHERE {where}"
+            " ORDER BY started DESC LIMIT ?) ORDER BY started",
+            (*params, limit),
+        ).fetchall()
+    finally:
+        db.close()
+    return [dict(row) for row in rows]

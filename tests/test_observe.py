@@ -1,0 +1,335 @@
+"""Monitoring through the real proxy: access log formats, Prometheus metrics, health,
+recorded flows, HAR export, the admin API's guards and the live feed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from tests.conftest import PROXY_ARGS, ROOT, read_response
+from tests.origins import pattern
+
+SCHEMA = json.loads((ROOT / "tests" / "data" / "har-1.2.schema.json").read_text())
+
+
+def through(proxy, url: str, **kwargs) -> httpx.Response:
+    with httpx.Client(proxy=proxy.url, timeout=10, trust_env=False) as c:
+        return c.request(kwargs.pop("method", "GET"), url, **kwargs)
+
+
+def admin_get(proxy, path: str, **headers: str) -> httpx.Response:
+    with httpx.Client(timeout=10, trust_env=False) as c:
+        return c.get(proxy.admin_url + path, headers=headers)
+
+
+def wait_for(check, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+# -- access logs --------------------------------------------------------------------------
+
+
+def test_json_access_lines_carry_every_field(make_proxy, origin):
+    p = make_proxy("--log-format", "json")
+    through(p, f"{origin.url}/bytes?n=321&tag=json")
+    line = p.access_entry("tag=json")
+    entry = json.loads(line)
+    for field in ("time", "ts", "id", "kind", "client", "client_port", "user", "method", "url",
+                  "host", "port", "upstream", "status", "bytes_in", "bytes_out", "duration_ms",
+                  "ttfb_ms", "connect_ms", "rule", "error", "error_detail"):  # fmt: skip
+        assert field in entry, field
+    assert entry["status"] == 200 and entry["bytes_out"] == 321 and entry["method"] == "GET"
+    assert entry["upstream"].startswith("127.0.0.1:") and entry["rule"] == "default"
+    assert entry["duration_ms"] > 0 and entry["ttfb_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    ("fmt", "shape"),
+    [
+        ("squid", r"^\d+\.\d{3} +\d+ 127\.0\.0\.1 TCP_MISS/200 5 GET http://\S+ - "
+                  r"HIER_DIRECT/127\.0\.0\.1 \S+$"),
+        ("common", r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] '
+                   r'"GET http://\S+ HTTP/1\.1" 200 5$'),
+        ("combined", r'^127\.0\.0\.1 - - \[.+\] "GET http://\S+ HTTP/1\.1" 200 5 "-" '
+                     r'"python-httpx/[\d.]+"$'),
+    ],
+)  # fmt: skip
+def test_squid_and_clf_formats(make_proxy, origin, fmt, shape):
+    import re
+
+    p = make_proxy("--log-format", fmt)
+    through(p, f"{origin.url}/bytes?n=5&fmt={fmt}")
+    assert re.match(shape, p.access_entry(f"fmt={fmt}").rstrip("\n")), p.access_entry("fmt=")
+
+
+def test_a_stalled_log_reader_never_stalls_traffic(origin, tmp_path):
+    """The access log goes to a pipe nobody reads: requests still flow, drops are
+    counted."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "eyewall", "--listen", f"127.0.0.1:{port}", "--admin-listen",
+           "127.0.0.1:0", "--log-format", "json", "--no-flows", *PROXY_ARGS]  # fmt: skip
+    process = subprocess.Popen(cmd, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        admin = ""
+        while "listening on" not in (line := process.stderr.readline().decode()):
+            admin = line.split(" on ", 1)[1].strip() if line.startswith("eyewall admin") else admin
+        # From here nobody reads stderr: its pipe fills after ~64 KiB of log lines.
+        with httpx.Client(proxy=f"http://127.0.0.1:{port}", timeout=10, trust_env=False) as c:
+            pad = "x" * 7000  # long lines: 4 MiB of them wait for the writer within ~600
+            for _ in range(1200):
+                assert c.get(f"{origin.url}/bytes?n=1&pad={pad}").status_code == 200
+        time.sleep(0.5)
+        metrics = httpx.get(admin + "/metrics", timeout=5, trust_env=False).text
+        name = 'eyewall_events_dropped_total{subscriber="access_log"}'
+        dropped = [line for line in metrics.splitlines() if line.startswith(name)]
+        assert dropped and float(dropped[0].split()[-1]) > 0
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+
+
+# -- metrics and health -------------------------------------------------------------------
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_metrics_count_requests_bytes_errors_and_decisions(make_proxy, origin):
+    p = make_proxy()
+    for _ in range(3):
+        through(p, f"{origin.url}/bytes?n=100")
+    through(p, f"{origin.url}/status?code=404")
+    through(p, "http://127.0.0.1:1/")  # refused: 502
+    m = samples(admin_get(p, "/metrics").text)
+    assert m[("eyewall_requests_total", (("method", "GET"), ("status_class", "2xx")))] == 3
+    assert m[("eyewall_requests_total", (("method", "GET"), ("status_class", "4xx")))] == 1
+    assert m[("eyewall_requests_total", (("method", "GET"), ("status_class", "5xx")))] == 1
+    assert m[("eyewall_bytes_total", (("direction", "out"),))] >= 300
+    assert m[("eyewall_errors_total", (("kind", "upstream_refused"),))] == 1
+    assert m[("eyewall_policy_decisions_total", (("rule", "default"),))] == 5
+    assert m[("eyewall_request_duration_seconds_count", ())] == 5
+    assert m[("eyewall_upstream_connect_seconds_count", ())] >= 1
+    assert m[("eyewall_upstream_reuse_ratio", ())] > 0
+    assert ("eyewall_client_connections", ()) in m and ("process_resident_memory_bytes", ()) in m
+
+
+def test_health_endpoint(make_proxy):
+    p = make_proxy()
+    r = admin_get(p, "/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_requests_aimed_at_the_admin_listener_are_refused(make_proxy):
+    p = make_proxy()
+    r = through(p, p.admin_url + "/metrics")
+    assert r.status_code == 403 and "proxy itself" in r.text
+
+
+# -- recorded flows and HAR ---------------------------------------------------------------
+
+
+def test_flows_are_recorded_with_heads_bodies_and_redacted_proxy_credentials(make_proxy, origin):
+    p = make_proxy("--flows-body-limit", "16")
+    headers = {"Proxy-Authorization": "Basic c2VjcmV0OnNlY3JldA==", "X-Trace": "t1"}
+    r = through(p, f"{origin.url}/upload?rec=1", method="POST", content=pattern(1000),
+                headers=headers)  # fmt: skip
+    assert r.status_code == 200
+    db = p.access_path.parent / "flows.sqlite3"
+
+    def row():
+        try:
+            with sqlite3.connect(db) as c:
+                c.row_factory = sqlite3.Row
+                return c.execute("SELECT * FROM flows WHERE url LIKE '%rec=1%'").fetchone()
+        except sqlite3.Error:
+            return None
+
+    record = wait_for(row)
+    assert record is not None
+    assert record["status"] == 200 and record["bytes_in"] == 1000
+    assert bytes(record["request_body"]) == pattern(16)
+    headers = dict(json.loads(record["request_headers"]))
+    assert headers["X-Trace"] == "t1"
+    assert headers["Proxy-Authorization"] == "[redacted]"
+    assert "c2VjcmV0" not in db.read_bytes().decode("latin-1")
+    assert oct(db.stat().st_mode & 0o777) == "0o600"
+
+
+def test_flows_api_lists_filters_and_details(make_proxy, origin):
+    p = make_proxy()
+    through(p, f"{origin.url}/bytes?n=3&api=a")
+    through(p, f"{origin.url}/status?code=404&api=b")
+    flows = admin_get(p, "/api/flows?status=404").json()["flows"]
+    assert [f["status"] for f in flows] == [404]
+    everything = admin_get(p, "/api/flows?q=api=").json()["flows"]
+    assert [f["url"].rsplit("=", 1)[1] for f in everything] == ["b", "a"]  # newest first
+    detail = admin_get(p, f"/api/flows/{flows[0]['id']}").json()
+    assert ["Host", origin.authority] in detail["request"]["headers"]
+    assert detail["response"]["status"] == 404
+    assert admin_get(p, "/api/flows/nope-1").status_code == 404
+
+
+def test_har_download_and_cli_export_validate_against_the_har_schema(make_proxy, origin, tmp_path):
+    p = make_proxy("--flows-body-limit", "1000")
+    through(p, f"{origin.url}/cookies?x=1&y=2", headers={"Cookie": "a=1; b=2"})
+    through(p, f"{origin.url}/upload", method="POST", content=b"hello har")
+    through(p, f"{origin.url}/bytes?n=700")
+    download = admin_get(p, "/api/har")
+    assert download.headers["content-disposition"].startswith("attachment")
+    document = download.json()
+    jsonschema.validate(document, SCHEMA)
+    entries = document["log"]["entries"]
+    assert len(entries) == 3
+    first = entries[0]
+    assert {"name": "x", "value": "1"} in first["request"]["queryString"]
+    assert {"name": "b", "value": "2"} in first["request"]["cookies"]
+    assert [c["name"] for c in first["response"]["cookies"]] == ["a", "b"]
+    assert entries[1]["request"]["postData"]["text"] == "hello har"
+    db = p.access_path.parent / "flows.sqlite3"
+    assert wait_for(lambda: db.exists() and sqlite3.connect(db).execute(
+        "SELECT COUNT(*) FROM flows").fetchone()[0] == 3)  # fmt: skip
+    exported = subprocess.run(
+        [sys.executable, "-m", "eyewall", "har", "export", "--flows", str(db)],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, check=True,
+    )  # fmt: skip
+    har = json.loads(exported.stdout)
+    jsonschema.validate(har, SCHEMA)
+    assert [e["request"]["url"] for e in har["log"]["entries"]] == [
+        e["request"]["url"] for e in entries
+    ]
+
+
+def test_retention_keeps_the_newest_flows(make_proxy, origin):
+    p = make_proxy("--flows-max-count", "5")
+    for i in range(12):
+        through(p, f"{origin.url}/bytes?n=1&i={i}")
+    db = p.access_path.parent / "flows.sqlite3"
+    time.sleep(0.5)
+    through(p, f"{origin.url}/bytes?n=1&i=last")  # after the writer's retention pass interval
+
+    def kept():
+        rows = sqlite3.connect(db).execute("SELECT url FROM flows").fetchall()
+        return rows if len(rows) <= 6 and any("i=last" in r[0] for r in rows) else None
+
+    rows = wait_for(kept, timeout=15)
+    assert rows, sqlite3.connect(db).execute("SELECT COUNT(*) FROM flows").fetchone()
+
+
+# -- admin guards ---------------------------------------------------------------------------
+
+
+def test_dns_rebinding_guard(make_proxy):
+    p = make_proxy()
+    assert admin_get(p, "/healthz", Host="attacker.example").status_code == 403
+    assert admin_get(p, "/healthz", Host="localhost").status_code == 200
+
+
+def test_admin_token(make_proxy):
+    p = make_proxy("--admin-token", "s3cret-token")
+    assert admin_get(p, "/api/flows").status_code == 401
+    assert admin_get(p, "/api/flows", Authorization="Bearer wrong").status_code == 401
+    assert admin_get(p, "/api/flows", Authorization="Bearer s3cret-token").status_code == 200
+    with httpx.Client(timeout=10, trust_env=False) as c:
+        login = c.get(p.admin_url + "/login?token=s3cret-token")
+        assert login.status_code == 302
+        assert c.get(p.admin_url + "/api/flows").status_code == 200  # cookie from /login
+    assert "s3cret-token" not in p.stderr()
+
+
+def test_admin_elsewhere_than_loopback_needs_a_token():
+    result = subprocess.run(
+        [sys.executable, "-m", "eyewall", "--admin-listen", "0.0.0.0:0"],
+        capture_output=True, text=True, timeout=20, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2 and "admin.token" in result.stderr
+
+
+# -- live feed ------------------------------------------------------------------------------
+
+
+def test_live_feed_pushes_flows_and_stats(make_proxy, origin):
+    p = make_proxy()
+    url = p.admin_url.replace("http://", "ws://") + "/api/live"
+
+    async def watch() -> tuple[dict, dict, dict]:
+        async with connect(url, origin=p.admin_url, proxy=None) as ws:
+            hello = json.loads(await ws.recv())
+            await asyncio.to_thread(through, p, f"{origin.url}/bytes?n=9&live=1")
+            flow = stats = None
+            while flow is None or stats is None:
+                message = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                if message["type"] == "flow":
+                    flow = message
+                elif message["type"] == "stats":
+                    stats = message
+            return hello, flow, stats
+
+    hello, flow, stats = asyncio.run(watch())
+    assert hello["type"] == "hello"
+    assert flow["flow"]["url"].endswith("live=1") and flow["flow"]["status"] == 200
+    assert {"connections", "tunnels", "requests_per_s", "status", "latency_ms"} <= set(stats)
+
+
+def test_live_feed_refuses_other_origins(make_proxy):
+    p = make_proxy()
+    url = p.admin_url.replace("http://", "ws://") + "/api/live"
+
+    async def attempt() -> None:
+        async with connect(url, origin="http://evil.example", proxy=None):
+            pass
+
+    with pytest.raises(InvalidStatus) as info:
+        asyncio.run(attempt())
+    assert info.value.response.status_code == 403
+
+
+def test_health_says_draining_during_shutdown(make_proxy, origin):
+    import signal
+
+    p = make_proxy("--drain-timeout", "3")
+    with socket.create_connection(p.address, timeout=10) as s:
+        s.sendall(f"GET {origin.url}/sleep?seconds=1.5 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        time.sleep(0.3)
+        p.signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert admin_get(p, "/healthz").status_code == 503
+        assert read_response(s).startswith(b"HTTP/1.1 200")
+
+
+def test_metrics_list_matches_the_docs():
+    documented = (ROOT / "eyewall" / "observe" / "metrics.py").read_text()
+    text = Path(ROOT / "docs" / "monitoring.md").read_text()
+    for name in ("eyewall_requests_total", "eyewall_bytes_total",
+                 "eyewall_request_duration_seconds", "eyewall_upstream_connect_seconds",
+                 "eyewall_upstream_reuse_ratio", "eyewall_policy_decisions_total",
+                 "eyewall_errors_total", "eyewall_rate_limited_total", "eyewall_tunnels",
+                 "eyewall_client_connections", "eyewall_upstream_idle_connections",
+                 "eyewall_events_dropped_total"):  # fmt: skip
+        assert name.replace("_total", "") in documented, name
+        assert name in text, name
