@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import bcrypt
 __all__ = ["Credentials", "FailureTracker", "Users", "parse_basic", "parse_htpasswd"]
 
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 _DUMMY_HASH = bcrypt.hashpw(b"eyewall-dummy-password", bcrypt.gensalt(rounds=10))
 
 
@@ -31,8 +33,9 @@ class Credentials:
     password: str
 
     def fingerprint(self) -> bytes:
-        """A cache key that does not hold the password."""
-        return hashlib.sha256(f"{self.user}\0{self.password}".encode()).digest()
+        """A cache key that does not hold the password (a Basic user name never
+        contains ":", so the pair is unambiguous)."""
+        return hashlib.sha256(f"{self.user}:{self.password}".encode()).digest()
 
 
 def parse_basic(value: str | None) -> Credentials | None:
@@ -55,6 +58,8 @@ def parse_basic(value: str | None) -> Credentials | None:
 def _check_hash(user: str, hashed: str, where: str) -> bytes:
     if not hashed.startswith(_BCRYPT_PREFIXES):
         raise ValueError(f"{where}: user {user!r} has an unsupported hash (only bcrypt)")
+    if not _BCRYPT_HASH.fullmatch(hashed):
+        raise ValueError(f"{where}: user {user!r} has a malformed bcrypt hash")
     return hashed.encode()
 
 
@@ -126,8 +131,12 @@ class Users:
     def verify(self, credentials: Credentials) -> bool:
         """The slow check (run it off the event loop); constant time in the password."""
         hashed = self.hashes.get(credentials.user)
-        password = credentials.password.encode()
-        ok = bcrypt.checkpw(password, hashed if hashed is not None else _DUMMY_HASH)
+        # bcrypt reads at most 72 bytes (as htpasswd -B does); newer bcrypt raises instead.
+        password = credentials.password.encode()[:72]
+        try:
+            ok = bcrypt.checkpw(password, hashed if hashed is not None else _DUMMY_HASH)
+        except ValueError:
+            return False
         return ok and hashed is not None
 
     def remember(self, credentials: Credentials, now: float) -> None:

@@ -79,10 +79,9 @@ def parse_ports(values: Sequence[Any], path: str) -> tuple[tuple[int, int], ...]
     for i, value in enumerate(values):
         text = str(value).strip()
         low, sep, high = text.partition("-")
-        try:
-            lo, hi = int(low), int(high) if sep else int(low)
-        except ValueError:
-            raise ValueError(f"{path}[{i}]: not a port or range: {value!r}") from None
+        if not all(p.isascii() and p.isdigit() for p in ((low, high) if sep else (low,))):
+            raise ValueError(f"{path}[{i}]: not a port or range: {value!r}")
+        lo, hi = int(low), int(high) if sep else int(low)
         if not 0 < lo <= hi < 65536:
             raise ValueError(f"{path}[{i}]: ports must be 1-65535: {value!r}")
         ranges.append((lo, hi))
@@ -144,6 +143,8 @@ class Rule:
 
 def _in_networks(address: str, networks: tuple[IPNetwork, ...]) -> bool:
     ip = ip_address(address)
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
+        ip = ip.ipv4_mapped  # type: ignore[union-attr]  # ::ffff:10.0.0.1 is 10.0.0.1
     return any(ip.version == n.version and ip in n for n in networks)
 
 
@@ -193,11 +194,13 @@ def compile_rule(raw: Mapping[str, Any], path: str) -> Rule:
             pattern = re.compile(str(regex), re.IGNORECASE)
         except re.error as e:
             raise ValueError(f"{path}.host_regex: {e}") from None
-    try:
-        networks = tuple(parse_network(n) for n in _strings(raw, "networks", path))
-        clients = tuple(parse_network(n) for n in _strings(raw, "clients", path))
-    except ValueError as e:
-        raise ValueError(f"{path}: invalid network: {e}") from None
+    networks, clients = [], []
+    for key, out in (("networks", networks), ("clients", clients)):
+        for n in _strings(raw, key, path):
+            try:
+                out.append(parse_network(n))
+            except ValueError as e:
+                raise ValueError(f"{path}.{key}: invalid network: {e}") from None
     schemes = {s.lower() for s in _strings(raw, "schemes", path)}
     if schemes - _SCHEMES:
         raise ValueError(f"{path}.schemes: must be among http, https, connect")
@@ -212,13 +215,13 @@ def compile_rule(raw: Mapping[str, Any], path: str) -> Rule:
         domains=tuple(domains),
         subdomains=tuple(subdomains),
         host_regex=pattern,
-        networks=networks,
+        networks=tuple(networks),
         ports=parse_ports(_strings(raw, "ports", path), f"{path}.ports"),
         methods=frozenset(m.upper() for m in _strings(raw, "methods", path)),
         schemes=frozenset(schemes),
         users=frozenset(_strings(raw, "users", path)),
         groups=frozenset(_strings(raw, "groups", path)),
-        clients=clients,
+        clients=tuple(clients),
         private=private,
         source=dict(raw),
     )
@@ -257,7 +260,8 @@ class RuleSet:
         port_named = chosen is not None and _in_ports(req.port, chosen.ports)
         if req.scheme == "connect" and not (_in_ports(req.port, self.connect_ports) or port_named):
             message = f"CONNECT to port {req.port} is not allowed"
-            trace.append(f"guard connect-port: {message}")
+            if explain:
+                trace.append(f"guard connect-port: {message}")
             return Decision(Action.DENY, "connect-port", message, trace=tuple(trace))
         exempt = self.allow_private or (chosen is not None and chosen.private)
         if exempt and not (chosen is not None and chosen.networks):
@@ -282,6 +286,7 @@ class RuleSet:
             ranges = [protected_range(a) or "outside the rule's networks" for a in addresses]
             detail = "; ".join(f"{a} ({r})" for a, r in zip(addresses, ranges, strict=True))
             message = f"{req.host} resolves only to protected addresses: {detail}"
-            trace.append(f"guard private-destination: {message}")
+            if explain:
+                trace.append(f"guard private-destination: {message}")
             return Decision(Action.DENY, "private-destination", message, trace=tuple(trace))
         return Decision(action, rule_id, addresses=tuple(permitted), trace=tuple(trace))
