@@ -112,6 +112,19 @@ def _mtimes(paths: list[str]) -> list[float]:
     return out
 
 
+def _ca_pem(proxy: Proxy) -> bytes | None:
+    """The interception CA certificate, if there is one, for the dashboard to offer."""
+    from eyewall.tls.ca import CertificateAuthority, default_ca_dir
+
+    if proxy.policy.ca is not None:
+        return proxy.policy.ca.pem()
+    configured = proxy.settings.tls.ca_dir
+    try:
+        return CertificateAuthority.load(Path(configured) if configured else default_ca_dir()).pem()
+    except (OSError, ValueError):
+        return None
+
+
 class Observers:
     """Everything that watches the traffic: access log, metrics, flow store, live feed,
     and the admin listener that shows them."""
@@ -167,6 +180,7 @@ class Observers:
             self.admin = AdminServer(
                 proxy, self.metrics, self.store, self.live,
                 parse_endpoint(settings.admin.listen), settings.admin.token,
+                ca_pem=lambda: _ca_pem(proxy),
             )  # fmt: skip
 
     def start(self, proxy: Proxy) -> None:
@@ -376,12 +390,68 @@ def har_command(argv: Sequence[str]) -> int:
     return 0
 
 
+INSTALL_HINTS = """\
+Trust this CA only on machines whose traffic you mean to inspect:
+  Debian/Ubuntu:  sudo cp ca.pem /usr/local/share/ca-certificates/eyewall.crt \\
+                    && sudo update-ca-certificates
+  Fedora/RHEL:    sudo cp ca.pem /etc/pki/ca-trust/source/anchors/eyewall.pem \\
+                    && sudo update-ca-trust
+  macOS:          sudo security add-trusted-cert -d -r trustRoot \\
+                    -k /Library/Keychains/System.keychain ca.pem
+  Windows:        certutil -addstore -f ROOT eyewall.der   (eyewall ca export --der)
+  Firefox:        Settings > Privacy & Security > Certificates > Import
+  curl / Python / Node:  --cacert ca.pem / REQUESTS_CA_BUNDLE / NODE_EXTRA_CA_CERTS
+"""
+
+
+def ca_command(argv: Sequence[str]) -> int:
+    from eyewall.tls.ca import CertificateAuthority, default_ca_dir
+
+    parser = argparse.ArgumentParser(
+        prog="eyewall ca", description="Create or export the TLS interception CA."
+    )
+    parser.add_argument("action", choices=["init", "export"])
+    parser.add_argument("--ca-dir", help="where the CA lives (default: ca/ in the data dir)")
+    parser.add_argument("--config", help="read tls.ca_dir from this configuration")
+    parser.add_argument("--der", action="store_true", help="export DER instead of PEM")
+    args = parser.parse_args(argv)
+    directory = args.ca_dir
+    if directory is None and args.config:
+        try:
+            directory = load_settings(args.config).tls.ca_dir or None
+        except ConfigError as e:
+            parser.exit(2, f"eyewall ca: {e}\n")
+    path = Path(directory) if directory else default_ca_dir()
+    if args.action == "init":
+        try:
+            ca = CertificateAuthority.create()
+            ca.save(path)
+        except FileExistsError as e:
+            parser.exit(1, f"eyewall ca init: {e} (keeping it)\n")
+        print(f"created {path / 'ca.pem'} (key: {path / 'ca.key'}, mode 0600)")
+        print(f"SHA-256 fingerprint: {ca.fingerprint()}")
+        print(INSTALL_HINTS, end="")
+        return 0
+    try:
+        ca = CertificateAuthority.load(path)
+    except (OSError, ValueError) as e:
+        parser.exit(1, f"eyewall ca export: {e}\n")
+    if args.der:
+        sys.stdout.buffer.write(ca.der())
+    else:
+        sys.stdout.write(ca.pem().decode())
+        print(INSTALL_HINTS, end="", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "check-config":
         return check_config(argv[1:])
     if argv and argv[0] == "reload":
         return reload_command(argv[1:])
+    if argv and argv[0] == "ca":
+        return ca_command(argv[1:])
     if argv and argv[0] == "har":
         return har_command(argv[1:])
     if argv and argv[0] == "explain":

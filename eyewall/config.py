@@ -367,6 +367,40 @@ class Flows:
 
 
 @dataclass(frozen=True, slots=True)
+class Tls:
+    ca_dir: str = setting(
+        "",
+        "Directory of the interception CA (ca.pem, ca.key), made by eyewall ca init;"
+        " empty: ca/ in the user's data directory. Used only by intercept rules.",
+        flag="--ca-dir",
+    )
+    upstream_ca_bundle: str = setting(
+        "",
+        "PEM file of CAs trusted for origin certificates; empty: the system store.",
+        flag="--upstream-ca-bundle",
+    )
+    handshake_timeout: float = setting(
+        10.0,
+        "Time a client has to complete the TLS handshake of an intercepted tunnel.",
+        flag="--tls-handshake-timeout",
+        unit="s",
+        check=_positive,
+    )
+    certificate_cache: int = setting(
+        1024,
+        "Minted host certificates kept in memory (least recently used dropped).",
+        flag="--certificate-cache",
+        check=_at_least(16),
+    )
+    passthrough_pinned: bool = setting(
+        False,
+        "When a client refuses the interception certificate for a host (certificate"
+        " pinning), tunnel that host without interception for the next hour.",
+        flag="--passthrough-pinned",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     listen: tuple[Endpoint, ...] = setting(
         (Endpoint("127.0.0.1", 8080),),
@@ -440,6 +474,7 @@ class Settings:
     rate_limits: RateLimits = field(default_factory=RateLimits)
     admin: Admin = field(default_factory=Admin)
     flows: Flows = field(default_factory=Flows)
+    tls: Tls = field(default_factory=Tls)
 
 
 # --- loading ---------------------------------------------------------------------------

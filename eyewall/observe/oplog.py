@@ -38,7 +38,8 @@ def setup_logging(level: str) -> tuple[DroppingQueueHandler, logging.handlers.Qu
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("tornado.general").setLevel(logging.WARNING)
+    # Tornado warns about every failed TLS handshake; the proxy logs what matters itself.
+    logging.getLogger("tornado.general").setLevel(logging.ERROR)
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
     listener = logging.handlers.QueueListener(q, stream, respect_handler_level=False)
     listener.start()

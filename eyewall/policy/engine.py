@@ -19,6 +19,7 @@ from eyewall.policy.auth import Credentials, FailureTracker, Users
 from eyewall.policy.limits import Counter, Limited, TokenBuckets
 from eyewall.policy.networks import IPNetwork, parse_network
 from eyewall.policy.rules import Action, Decision, Request, RuleSet, parse_ports
+from eyewall.tls.ca import CertificateAuthority, default_ca_dir
 
 __all__ = ["Policy", "PolicyError"]
 
@@ -40,9 +41,12 @@ class RateLimiters:
 
 
 class Policy:
-    def __init__(self, settings: Settings, users: Users) -> None:
+    def __init__(
+        self, settings: Settings, users: Users, ca: CertificateAuthority | None = None
+    ) -> None:
         access = settings.access
         self.settings = settings
+        self.ca = ca  # the interception CA, loaded when a rule intercepts
         self.rules = RuleSet(
             settings.rules,
             Action(access.default),
@@ -91,7 +95,14 @@ class Policy:
             )
         except ValueError as e:
             raise PolicyError(str(e)) from None
-        return cls(settings, users)
+        ca = None
+        if any(rule.action is Action.INTERCEPT for rule in settings.rules):
+            directory = Path(settings.tls.ca_dir) if settings.tls.ca_dir else default_ca_dir()
+            try:
+                ca = CertificateAuthority.load(directory)
+            except (OSError, ValueError) as e:
+                raise PolicyError(f"tls.ca_dir: {e}") from None
+        return cls(settings, users, ca)
 
     # -- checks, in the order the proxy makes them --------------------------------------
 

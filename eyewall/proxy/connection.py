@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from time import monotonic
 from typing import TYPE_CHECKING
 
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
 from eyewall.errors import ErrorKind, ProxyError, error_page, status_of
 from eyewall.http1.message import BodyKind, client_keeps_alive, request_framing
 from eyewall.http1.parse import ParseError, RequestHead, parse_request_head
-from eyewall.http1.target import Target, TargetError, parse_target
+from eyewall.http1.target import Target, TargetError, parse_authority, parse_target
 from eyewall.observe.flow import Flow
 from eyewall.policy.engine import RateLimiters
-from eyewall.policy.rules import Decision
+from eyewall.policy.rules import Action, Decision
 from eyewall.proxy.forward import Exchange
 from eyewall.proxy.gate import admit
 from eyewall.proxy.streams import (
@@ -57,6 +58,7 @@ class ClientConnection:
         "since",
         "stream",
         "t_head",
+        "tunnel",
     )
 
     def __init__(self, proxy: Proxy, stream: IOStream, address: tuple[str, int]) -> None:
@@ -70,6 +72,7 @@ class ClientConnection:
         self.busy = False
         self.exchange: Exchange | None = None
         self.t_head = 0.0
+        self.tunnel: Target | None = None  # set while serving an intercepted tunnel
 
     # -- watchdog ----------------------------------------------------------------------
 
@@ -110,15 +113,15 @@ class ClientConnection:
 
     async def serve(self) -> None:
         limit = self.proxy.settings.limits.max_header_size
-        stream = self.stream
         try:
             while True:
+                stream = self.stream  # changes once if a CONNECT is intercepted
                 data = await read_block(stream, HEAD_END, limit)
                 self.t_head = monotonic()
                 self.head_started = None
                 self.requests += 1
                 self.busy = True
-                if not await self._handle(data) or self.proxy.draining or stream.closed():
+                if not await self._handle(data) or self.proxy.draining or self.stream.closed():
                     break
                 self.busy = False
                 self.since = self.loop.time()
@@ -176,7 +179,11 @@ class ClientConnection:
                 flow, ErrorKind.TARGET_TOO_LONG, "request target too long", close=True
             )
         try:
-            target = parse_target(head.method, head.target)
+            target = (
+                parse_target(head.method, head.target)
+                if self.tunnel is None
+                else inner_target(self.tunnel, head)
+            )
         except TargetError as e:
             if e.origin_form:
                 kind, detail = (
@@ -184,7 +191,7 @@ class ClientConnection:
                     "this is a forward proxy: send requests with an absolute URL"
                     " (http://host/path), or use CONNECT host:port for tunnels",
                 )
-            elif head.method == "CONNECT":
+            elif head.method == "CONNECT" or self.tunnel is not None:
                 kind, detail = ErrorKind.BAD_CONNECT, str(e)
             else:
                 kind, detail = ErrorKind.BAD_REQUEST, str(e)
@@ -192,6 +199,7 @@ class ClientConnection:
         flow.url = target.url()
         flow.host = target.host
         flow.port = target.port
+        flow.intercepted = self.tunnel is not None
         self.proxy.bus.emit("request", flow)
         connect = head.method == "CONNECT"
         try:
@@ -209,6 +217,8 @@ class ClientConnection:
         if decision is None:
             return not close and not self.stream.closed()
         if connect:
+            if decision.action is Action.INTERCEPT and not self.proxy.is_pinned(target.host):
+                return await self._intercept(target, flow)
             return await self._connect(head, target, flow, decision, close)
         exchange = self.exchange = Exchange(self, head, target, flow, framing, decision)
         return await exchange.run()
@@ -263,6 +273,54 @@ class ClientConnection:
         proxy.open_tunnel(tunnel, flow, self.t_head)
         return False
 
+    async def _intercept(self, target: Target, flow: Flow) -> bool:
+        """Answer the CONNECT, then speak TLS to the client with a certificate for the
+        host and keep serving the decrypted requests on this connection."""
+        proxy = self.proxy
+        flow.kind = "tunnel"
+        flow.intercepted = True
+        client = self.address[0]
+        if buffered_size(self.stream):
+            # The client sent its TLS hello before our answer: those bytes are already in
+            # our buffer, where TLS cannot read them.  Curl, browsers and httpx all wait.
+            log.warning(
+                "%s sent TLS data before the CONNECT answer for %s; intercepted tunnels need"
+                " the client to wait for it (closed)", client, target.authority,
+            )  # fmt: skip
+            flow.fail(ErrorKind.BAD_CONNECT, "TLS data sent before the CONNECT answer")
+            self.stream.close()
+            return False
+        try:
+            leaves = proxy.certificates()
+            ctx = await self.loop.run_in_executor(None, leaves.context, target.host)
+        except (OSError, ValueError) as e:
+            return await self.answer_error(flow, ErrorKind.INTERNAL, f"interception: {e}", True)
+        await self.stream.write(CONNECT_ESTABLISHED)
+        flow.status = 200
+        sock, _ = take_over(self.stream)
+        tls = SSLIOStream(
+            ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False),
+            max_buffer_size=self.stream.max_buffer_size,
+        )
+        self.stream = tls
+        try:
+            async with asyncio.timeout(proxy.settings.tls.handshake_timeout):
+                await tls.wait_for_handshake()
+        except (ssl.SSLError, OSError, StreamClosedError, TimeoutError) as e:
+            reason = getattr(e, "reason", None) or e.__class__.__name__
+            if reason in _REFUSED_CERTIFICATE:
+                log.warning(
+                    "client %s refused the interception certificate for %s (%s): is the"
+                    " Eyewall CA installed there, or does the client pin certificates?",
+                    client, target.host, reason,
+                )  # fmt: skip
+                proxy.client_refused(target.host)
+            flow.fail(ErrorKind.CLIENT_ABORTED, f"TLS handshake with the client failed: {reason}")
+            tls.close()
+            return False
+        self.tunnel = target
+        return True
+
     async def answer_error(
         self,
         flow: Flow,
@@ -291,6 +349,37 @@ class ClientConnection:
 
     def close(self) -> None:
         self.stream.close()
+
+
+_REFUSED_CERTIFICATE = frozenset(
+    {"TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN"}
+)
+
+
+def inner_target(tunnel: Target, head: RequestHead) -> Target:
+    """The target of a request read inside an intercepted tunnel to ``tunnel``.
+
+    Origin-form is the norm there; the Host field names the host when it agrees with the
+    tunnel's, which is where the connection goes either way.
+    """
+    if head.method == "CONNECT":
+        raise TargetError("CONNECT inside an intercepted tunnel")
+    target = head.target
+    if target.startswith("/") or (target == "*" and head.method == "OPTIONS"):
+        host_field = head.headers.get("host")
+        authority = tunnel.authority
+        if host_field:
+            try:
+                named = parse_authority(host_field, default_port=tunnel.port)
+            except TargetError:
+                named = None
+            if named is not None and (named.host, named.port) == (tunnel.host, tunnel.port):
+                authority = named.authority
+        return Target("https", tunnel.host, tunnel.port, authority, target)
+    absolute = parse_target(head.method, target)
+    if (absolute.host, absolute.port) != (tunnel.host, tunnel.port):
+        raise TargetError("request inside a tunnel names another host")
+    return absolute
 
 
 def _release_tunnel(limits: RateLimiters, client: str, user: str | None) -> None:

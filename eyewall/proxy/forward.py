@@ -30,7 +30,7 @@ from eyewall.http1.target import Target
 from eyewall.observe.flow import Flow
 from eyewall.policy.rules import Decision
 from eyewall.proxy import bodies
-from eyewall.proxy.streams import HEAD_END, complete, read_block, take_over
+from eyewall.proxy.streams import HEAD_END, complete, read_block, read_buffered, take_over
 from eyewall.proxy.tunnel import Tunnel
 from eyewall.proxy.upstream import Upstream
 
@@ -276,7 +276,7 @@ class Exchange:
         elif framing.kind is BodyKind.LENGTH and framing.length <= SMALL_BODY:
             body = b""
             if framing.length:
-                body = origin.read_buffered(framing.length) or await origin.read_bytes(
+                body = read_buffered(origin, framing.length) or await origin.read_bytes(
                     framing.length
                 )
             self.responded = True

@@ -10,6 +10,7 @@ import logging
 import secrets
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -25,14 +26,16 @@ from eyewall.policy.engine import Policy
 from eyewall.proxy.connection import ClientConnection
 from eyewall.proxy.streams import BoundedStream
 from eyewall.proxy.tunnel import PipePool, Tunnel
-from eyewall.proxy.upstream import Address, Resolver, UpstreamPool
+from eyewall.proxy.upstream import Address, Resolver, UpstreamPool, default_tls_context
 from eyewall.proxy.watchdog import Watchdog, sweep_interval
+from eyewall.tls.leaves import LeafCache
 
 __all__ = ["Proxy"]
 
 log = logging.getLogger("eyewall")
 
 STREAM_BUFFER = 8 << 20
+PINNED_FOR = 3600.0  # seconds a host that refused interception is passed through
 
 
 class Proxy:
@@ -47,6 +50,7 @@ class Proxy:
             t.upstream_connect,
             settings.pool.idle_per_origin,
             settings.pool.idle_timeout,
+            default_tls_context(settings.tls.upstream_ca_bundle or None),
         )
         self.pipes = PipePool()
         self.watchdog = Watchdog(sweep_interval(_smallest_timeout(settings)))
@@ -59,6 +63,8 @@ class Proxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._local_ips: set[str] = set()
         self._protected: list[tuple[str, int]] = []  # other listeners of this process
+        self._leaves: LeafCache | None = None
+        self._pinned: OrderedDict[str, float] = OrderedDict()  # host -> until (monotonic)
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(3)
         self._idle_event = asyncio.Event()
@@ -100,6 +106,8 @@ class Proxy:
             conn.close()
         self.pool.close_all()
         self.pipes.close()
+        if self._leaves is not None:
+            self._leaves.close()
         self.watchdog.stop()
         await asyncio.sleep(0)  # let the closing connections run their finally blocks
 
@@ -169,6 +177,7 @@ class Proxy:
         self.pool.connect_timeout = settings.timeouts.upstream_connect
         self.pool.idle_per_origin = settings.pool.idle_per_origin
         self.pool.idle_timeout = settings.pool.idle_timeout
+        self.pool.tls_context = default_tls_context(settings.tls.upstream_ca_bundle or None)
         self.watchdog.set_interval(sweep_interval(_smallest_timeout(settings)))
 
     def connection_closed(self, conn: ClientConnection) -> None:
@@ -223,6 +232,35 @@ class Proxy:
             if self.is_own_listener(sockaddr[0], sockaddr[1]):
                 raise ProxyError(ErrorKind.LOOP, "request aimed at the proxy itself")
         return addrs
+
+    # -- interception ---------------------------------------------------------------
+
+    def certificates(self) -> LeafCache:
+        """The minted-certificate cache for the current CA (made on first use)."""
+        ca = self.policy.ca
+        if ca is None:
+            raise ValueError("no interception CA loaded (run eyewall ca init)")
+        if self._leaves is None or self._leaves.ca is not ca:
+            if self._leaves is not None:
+                self._leaves.close()
+            self._leaves = LeafCache(ca, self.settings.tls.certificate_cache)
+        return self._leaves
+
+    def client_refused(self, host: str) -> None:
+        if self.settings.tls.passthrough_pinned:
+            self._pinned[host] = time.monotonic() + PINNED_FOR
+            while len(self._pinned) > 10_000:
+                self._pinned.popitem(last=False)
+            log.warning("%s will be tunnelled without interception for an hour", host)
+
+    def is_pinned(self, host: str) -> bool:
+        until = self._pinned.get(host)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._pinned[host]
+            return False
+        return True
 
     def protect(self, address: tuple[str, int]) -> None:
         """Refuse requests aimed at ``address`` too (the admin listener)."""

@@ -49,7 +49,7 @@ class BoundedStream(IOStream):
       ``max_bytes`` bytes; `complete` tells the two outcomes apart.
     * Cheaper per-request bookkeeping on the hot path: a write that the socket takes
       whole skips the future and buffer machinery; bytes already buffered can be taken
-      synchronously (`read_buffered`); reads go through one shared receive buffer
+      synchronously (`read_buffered`, for any stream); reads go through one shared buffer
       instead of a fresh 64 KiB allocation each time.
     """
 
@@ -82,12 +82,6 @@ class BoundedStream(IOStream):
                 return done
             data = memoryview(data)[sent:]
         return super().write(data)
-
-    def read_buffered(self, n: int) -> bytes | None:
-        """``n`` bytes at once if they are already buffered and no read is pending."""
-        if self._read_future is None and self._read_buffer_size >= n:  # type: ignore[attr-defined]
-            return self._consume(n)  # type: ignore[attr-defined,no-any-return]
-        return None
 
     def _read_to_buffer(self) -> int | None:
         if self._user_read_buffer:  # type: ignore[attr-defined]
@@ -122,6 +116,14 @@ def read_block(stream: IOStream, pattern: re.Pattern[bytes], limit: int) -> Awai
     """Read through ``pattern``, or ``limit`` bytes if it does not occur within them
     (on a `BoundedStream`)."""
     return stream.read_until_regex(pattern, max_bytes=limit)
+
+
+def read_buffered(stream: IOStream, n: int) -> bytes | None:
+    """``n`` bytes at once if they are already buffered and no read is pending (works on
+    any IOStream, TLS ones included)."""
+    if stream._read_future is None and stream._read_buffer_size >= n:  # type: ignore[attr-defined]
+        return stream._consume(n)  # type: ignore[attr-defined,no-any-return]
+    return None
 
 
 def buffered_size(stream: IOStream) -> int:

@@ -187,10 +187,11 @@ class UpstreamPool:
         """A new connection to ``target`` (with TLS for https)."""
         key = (target.scheme, target.host, target.port)
         sock, peer = await self.open_socket(target, addresses)
+        ip = sock.getpeername()[0]
         stream: IOStream = BoundedStream(sock, max_buffer_size=STREAM_BUFFER)
         if target.scheme == "https":
             stream = await self._start_tls(stream, target)
-        return Upstream(stream, key, peer, sock.getpeername()[0])
+        return Upstream(stream, key, peer, ip)
 
     async def _start_tls(self, stream: IOStream, target: Target) -> IOStream:
         try:
