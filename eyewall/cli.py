@@ -207,10 +207,17 @@ async def serve(
 ) -> None:
     from tornado.ioloop import PeriodicCallback
 
+    from eyewall.addons.runner import Addons
     from eyewall.proxy.server import Proxy
 
     _raise_fd_limit()
-    proxy = Proxy(settings, policy, EventBus())
+    addons = Addons(settings.addons, settings.policy_addons)
+    try:
+        addons.load_all()
+    except ValueError as e:
+        raise SystemExit(f"eyewall: {e}") from None
+    addons.lifecycle("configure", settings)
+    proxy = Proxy(settings, policy, EventBus(), addons)
     observers = Observers(settings, proxy)
     observers.metrics.track_drops("log", lambda: log_handler.dropped)
     try:
@@ -218,6 +225,10 @@ async def serve(
     except OSError as e:
         raise SystemExit(f"eyewall: cannot listen: {e.strerror or e}") from None
     observers.start(proxy)
+    addons.lifecycle("running")
+    addon_watch = PeriodicCallback(lambda: addons.reload_changed(proxy.settings), 1000)
+    if addons.files:
+        addon_watch.start()
     access = observers.access
     if settings.pid_file:
         Path(settings.pid_file).write_text(f"{os.getpid()}\n")
@@ -236,6 +247,7 @@ async def serve(
         if observers.admin is not None:
             observers.admin.token = new_settings.admin.token
         proxy.reload(new_settings, new_policy)
+        addons.lifecycle("configure", new_settings)
         log.info("configuration reloaded")
 
     loop = asyncio.get_running_loop()
@@ -270,6 +282,8 @@ async def serve(
         await shutdown
     except asyncio.CancelledError:
         log.warning("second signal: closing everything now")
+    addon_watch.stop()
+    addons.lifecycle("done")
     await observers.stop()
     if settings.pid_file:
         Path(settings.pid_file).unlink(missing_ok=True)

@@ -461,6 +461,17 @@ class Settings:
         "Reload the configuration file when it changes (as on SIGHUP).",
         flag="--watch-config",
     )
+    addons: tuple[str, ...] = setting(
+        (),
+        "Addon files (Python) whose hooks observe or change traffic (docs/hooks.md).",
+        flag="--addon",
+    )
+    policy_addons: tuple[str, ...] = setting(
+        (),
+        "Addon files that enforce policy: an exception in one fails the request (502)"
+        " instead of being logged and ignored.",
+        flag="--policy-addon",
+    )
     rules: tuple[Rule, ...] = setting(
         (),
         "Destination rules, as [[rules]] tables, first match wins (see docs/policy.md).",

@@ -11,6 +11,7 @@ short plain-text page the client gets.
                                      upstream_reset, upstream_malformed, upstream_tls
                                  504 connect_timeout, upstream_timeout
       after the response began . body_stalled, client_aborted (no status: connection closed)
+      a policy addon raised .... 502 addon_failed
       a bug .................... 500 internal
 
 Pages carry the status, the reason, a request id, and a ``Proxy-Status`` field (RFC 9209)
@@ -50,6 +51,7 @@ class ErrorKind(enum.Enum):
     UPSTREAM_TIMEOUT = "upstream_timeout"
     BODY_STALLED = "body_stalled"
     CLIENT_ABORTED = "client_aborted"
+    ADDON_FAILED = "addon_failed"
     INTERNAL = "internal"
 
 
@@ -95,6 +97,8 @@ def status_of(kind: ErrorKind) -> int:
             return 504
         case ErrorKind.CLIENT_ABORTED:
             return 499  # never sent: the client is gone; used in logs only
+        case ErrorKind.ADDON_FAILED:
+            return 502
         case ErrorKind.INTERNAL:
             return 500
         case _:
@@ -126,7 +130,7 @@ def proxy_status_type(kind: ErrorKind) -> str:
             return "http_request_denied"
         case ErrorKind.OVERLOADED:
             return "connection_limit_reached"
-        case ErrorKind.INTERNAL:
+        case ErrorKind.INTERNAL | ErrorKind.ADDON_FAILED:
             return "proxy_internal_error"
         case (
             ErrorKind.BAD_REQUEST

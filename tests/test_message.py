@@ -421,7 +421,7 @@ STATUS = {
     429: "rate_limited",
     503: "overloaded",
     502: "dns_failure upstream_refused upstream_unreachable upstream_reset "
-    "upstream_malformed upstream_tls",
+    "upstream_malformed upstream_tls addon_failed",
     504: "connect_timeout upstream_timeout body_stalled",
     499: "client_aborted",
     500: "internal",

@@ -8,8 +8,10 @@ lookup on the hot path; a reload builds a new `Policy` and with it an empty cach
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
@@ -71,6 +73,10 @@ class Policy:
             Counter("user_tunnels", r.user_tunnels),
         )
         self._client_ok: dict[str, bool] = {}
+        # bcrypt runs here, not on the event loop; two threads so a flood of wrong
+        # passwords cannot take every core; checks in progress, by credentials.
+        self.verifier = ThreadPoolExecutor(2, thread_name_prefix="bcrypt")
+        self.verifying: dict[bytes, asyncio.Future[bool]] = {}
         self._decisions: OrderedDict[tuple[object, ...], Decision] = OrderedDict()
 
     @classmethod

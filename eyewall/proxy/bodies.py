@@ -16,7 +16,7 @@ from eyewall.http1.message import HOP_BY_HOP
 from eyewall.http1.parse import ParseError, parse_chunk_size, parse_fields
 from eyewall.proxy.streams import LINE_END, TRAILERS_END, complete, read_block
 
-__all__ = ["Meter", "copy_chunked", "copy_length", "copy_until_close"]
+__all__ = ["Meter", "copy_chunked", "copy_length", "copy_until_close", "read_upto"]
 
 PIECE = 64 << 10  # read size for bodies moved as bytes
 BIG_BUFFER = 256 << 10  # reusable buffer for long bodies
@@ -46,6 +46,71 @@ class Meter:
 
 def _chunk(data: bytes | memoryview) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def _copy_chunk_data(
+    src: IOStream, dst: IOStream, size: int, chunked: bool, meter: Meter
+) -> int:
+    """Move one chunk's data and check the CRLF after it."""
+    remaining = size
+    while remaining:
+        piece = await src.read_bytes(min(remaining, PIECE), partial=True)
+        remaining -= len(piece)
+        meter.count += len(piece)
+        meter.active = True
+        if meter.capture is not None:
+            meter.keep(piece)
+        await dst.write(_chunk(piece) if chunked else piece)
+    end = await read_block(src, LINE_END, CHUNK_LINE_LIMIT)
+    if end not in (b"\r\n", b"\n"):
+        raise ParseError("chunk data not followed by CRLF")
+    return size
+
+
+async def read_upto(
+    src: IOStream, kind: str, length: int, limit: int, trailer_limit: int
+) -> tuple[bytes, int | None]:
+    """Read a whole body into memory if it fits in ``limit`` bytes (for addons).
+
+    Returns ``(body, None)`` when complete.  Otherwise ``(prefix, resume)``: for a
+    fixed length, nothing was read (``resume`` is the length); for chunked framing,
+    ``prefix`` is the data of the complete chunks read and ``resume`` the size of the
+    chunk whose size line was read but not its data (give it to `copy_chunked`); for
+    a close-delimited body, ``prefix`` is what was read and ``resume`` is -1.
+    """
+    if kind == "length":
+        if length > limit:
+            return b"", length
+        data = await src.read_bytes(length) if length else b""
+        return data, None
+    parts: list[bytes] = []
+    size_so_far = 0
+    if kind == "close":
+        while size_so_far <= limit:
+            try:
+                piece = await src.read_bytes(PIECE, partial=True)
+            except StreamClosedError:
+                return b"".join(parts), None
+            parts.append(piece)
+            size_so_far += len(piece)
+        return b"".join(parts), -1
+    while True:
+        size_line = await read_block(src, LINE_END, CHUNK_LINE_LIMIT)
+        if not complete(size_line):
+            raise ParseError("chunk size line too long")
+        size = parse_chunk_size(size_line)
+        if size == 0:
+            block = await read_block(src, TRAILERS_END, trailer_limit)
+            if not complete(block):
+                raise ParseError("trailer section too large")
+            return b"".join(parts), None
+        if size_so_far + size > limit:
+            return b"".join(parts), size
+        parts.append(await src.read_bytes(size))
+        size_so_far += size
+        end = await read_block(src, LINE_END, CHUNK_LINE_LIMIT)
+        if end not in (b"\r\n", b"\n"):
+            raise ParseError("chunk data not followed by CRLF")
 
 
 async def copy_length(src: IOStream, dst: IOStream, length: int, meter: Meter) -> int:
@@ -94,14 +159,22 @@ async def copy_until_close(src: IOStream, dst: IOStream, chunked: bool, meter: M
 
 
 async def copy_chunked(
-    src: IOStream, dst: IOStream, chunked: bool, meter: Meter, trailer_limit: int
+    src: IOStream,
+    dst: IOStream,
+    chunked: bool,
+    meter: Meter,
+    trailer_limit: int,
+    remaining: int = 0,
 ) -> int:
     """Decode a chunked body from ``src``; write it chunked (with trailers) or raw.
 
     Chunk extensions are dropped.  Trailer fields are forwarded, minus framing and
-    hop-by-hop fields, only when the output is chunked.
+    hop-by-hop fields, only when the output is chunked.  ``remaining`` resumes a body
+    whose current chunk still has that many bytes to come (see `read_upto`).
     """
     total = 0
+    if remaining:
+        total += await _copy_chunk_data(src, dst, remaining, chunked, meter)
     while True:
         size_line = await read_block(src, LINE_END, CHUNK_LINE_LIMIT)
         if not complete(size_line):
@@ -109,19 +182,7 @@ async def copy_chunked(
         size = parse_chunk_size(size_line)
         if size == 0:
             break
-        remaining = size
-        while remaining:
-            piece = await src.read_bytes(min(remaining, PIECE), partial=True)
-            remaining -= len(piece)
-            total += len(piece)
-            meter.count += len(piece)
-            meter.active = True
-            if meter.capture is not None:
-                meter.keep(piece)
-            await dst.write(_chunk(piece) if chunked else piece)
-        end = await read_block(src, LINE_END, CHUNK_LINE_LIMIT)
-        if end not in (b"\r\n", b"\n"):
-            raise ParseError("chunk data not followed by CRLF")
+        total += await _copy_chunk_data(src, dst, size, chunked, meter)
     block = await read_block(src, TRAILERS_END, trailer_limit)
     if not complete(block):
         raise ParseError("trailer section too large")

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING
 
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
+from eyewall.addons.flow import HTTPFlow, Request
+from eyewall.addons.runner import AddonFailed
 from eyewall.errors import ErrorKind, ProxyError, error_page, status_of
-from eyewall.http1.message import BodyKind, client_keeps_alive, request_framing
+from eyewall.http1.message import BodyKind, client_keeps_alive, render_response, request_framing
 from eyewall.http1.parse import ParseError, RequestHead, parse_request_head
 from eyewall.http1.target import Target, TargetError, parse_authority, parse_target
 from eyewall.observe.flow import Flow
@@ -216,12 +218,40 @@ class ClientConnection:
         decision = await admit(self, head, target, flow, close)
         if decision is None:
             return not close and not self.stream.closed()
+        hf = None
+        addons = self.proxy.addons
+        if addons.enabled:
+            hf = HTTPFlow(flow, Request(head, target))
+            if connect and addons.has("http_connect"):
+                try:
+                    await addons.call("http_connect", hf)
+                except AddonFailed as e:
+                    return await self.answer_error(flow, ErrorKind.ADDON_FAILED, str(e), close)
+                if hf.killed or hf.answer is not None:
+                    return await self._addon_refusal(hf, flow, close)
         if connect:
             if decision.action is Action.INTERCEPT and not self.proxy.is_pinned(target.host):
                 return await self._intercept(target, flow)
             return await self._connect(head, target, flow, decision, close)
-        exchange = self.exchange = Exchange(self, head, target, flow, framing, decision)
+        exchange = self.exchange = Exchange(self, head, target, flow, framing, decision, hf)
         return await exchange.run()
+
+    async def _addon_refusal(self, hf: HTTPFlow, flow: Flow, close: bool) -> bool:
+        """An addon answered a CONNECT itself, or killed it."""
+        if hf.killed or hf.answer is None:
+            flow.fail(ErrorKind.CLIENT_ABORTED, "killed by an addon")
+            self.stream.close()
+            return False
+        answer = hf.answer
+        fields = [
+            (n, v) for n, v in answer.headers if n.lower() not in ("content-length", "connection")
+        ]
+        fields += [("Content-Length", str(len(answer.body))), ("Connection", "close")]
+        flow.status = answer.status
+        flow.bytes_out = len(answer.body)
+        await self.stream.write(render_response(answer.status, "", fields) + answer.body)
+        await lingering_close(self.stream)
+        return False
 
     async def _connect(
         self, head: RequestHead, target: Target, flow: Flow, decision: Decision, close: bool

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from http import HTTPStatus
 from time import monotonic
 from typing import TYPE_CHECKING
 
 from tornado.iostream import StreamClosedError
 
+from eyewall.addons.flow import HTTPFlow, Response
+from eyewall.addons.runner import AddonFailed
 from eyewall.errors import ErrorKind, ProxyError
 from eyewall.http1 import message as m
 from eyewall.http1.message import BodyKind, Framing
@@ -39,6 +42,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Exchange"]
 
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
+_KNOWN_STATUS = frozenset(s.value for s in HTTPStatus)
+
 SMALL_BODY = 64 << 10  # responses up to this size are read whole and sent with the head
 MAX_INTERIM = 10
 
@@ -52,16 +58,19 @@ class Phase(enum.Enum):
 class Exchange:
     __slots__ = (
         "addresses",
+        "body",
         "conn",
         "deadline",
         "expired",
         "flow",
         "framing",
         "head",
+        "hf",
         "last_active",
         "phase",
         "received",
         "responded",
+        "resume",
         "sent",
         "target",
         "up",
@@ -78,8 +87,12 @@ class Exchange:
         flow: Flow,
         framing: Framing,
         decision: Decision,
+        hf: HTTPFlow | None = None,
     ) -> None:
         self.conn = conn
+        self.hf = hf  # what addons see, when any are loaded
+        self.body: bytes | None = None  # a request body read whole (for addons)
+        self.resume: tuple[bytes, int] | None = None  # (read prefix, resume) if too big
         self.head = head
         self.target = target
         self.flow = flow
@@ -126,7 +139,13 @@ class Exchange:
         head, flow, framing = self.head, self.flow, self.framing
         upgrade = m.websocket_upgrade(head)
         keep_alive = m.client_keeps_alive(head)
+        hf = self.hf
         try:
+            if hf is not None:
+                framing = await self._request_hooks(hf, framing)
+                if hf.answer is not None or hf.killed:
+                    body_left = framing.kind is not BodyKind.NONE and self.body is None
+                    return await self._addon_answer(hf, keep_alive, body_left)
             response = await self._send(framing, upgrade)
             if response.status == 101:
                 await self._switch(response)
@@ -139,6 +158,8 @@ class Exchange:
             return await self._fail(kind, detail, keep_alive, framing)
         except ParseError as e:  # broken chunked framing in the response body
             return await self._fail(ErrorKind.UPSTREAM_MALFORMED, str(e), keep_alive, framing)
+        except AddonFailed as e:
+            return await self._fail(ErrorKind.ADDON_FAILED, str(e), keep_alive, framing)
         finally:
             if self.upload is not None:
                 await self._finish_upload()
@@ -152,9 +173,12 @@ class Exchange:
         response head, relaying interim ones."""
         conn, head, target, flow = self.conn, self.head, self.target, self.flow
         proxy = conn.proxy
+        if self.hf is not None:
+            target = self.target = self.hf.request.target  # an addon may change the path
         fields = m.upstream_fields(head, target, framing, proxy.settings.via, upgrade)
         request = m.render_request(head.method, target.path, fields)
-        retryable = framing.kind is BodyKind.NONE and m.is_idempotent(head.method)
+        whole = framing.kind is BodyKind.NONE or self.body is not None
+        retryable = whole and m.is_idempotent(head.method)
         attempt = 0
         while True:
             self.phase = Phase.CONNECTING
@@ -171,8 +195,8 @@ class Exchange:
             self.phase = Phase.WAITING
             self.deadline = conn.loop.time() + proxy.settings.timeouts.upstream_head
             try:
-                if framing.kind is BodyKind.NONE:
-                    up.stream.write(request)
+                if whole:
+                    up.stream.write(request + self.body if self.body else request)
                 else:
                     await up.stream.write(request)
                     self.uploading = True
@@ -191,7 +215,16 @@ class Exchange:
         assert up is not None
         limit = self.conn.proxy.settings.limits.max_header_size
         try:
-            if framing.kind is BodyKind.LENGTH:
+            if self.resume is not None:  # an addon asked for a body too big to buffer
+                prefix, resume = self.resume
+                if framing.kind is BodyKind.LENGTH:
+                    await bodies.copy_length(src, up.stream, framing.length, self.sent)
+                else:
+                    if prefix:
+                        self.sent.count += len(prefix)
+                        await up.stream.write(b"%x\r\n%s\r\n" % (len(prefix), prefix))
+                    await bodies.copy_chunked(src, up.stream, True, self.sent, limit, resume)
+            elif framing.kind is BodyKind.LENGTH:
                 await bodies.copy_length(src, up.stream, framing.length, self.sent)
             else:
                 await bodies.copy_chunked(src, up.stream, True, self.sent, limit)
@@ -255,6 +288,36 @@ class Exchange:
             framing = m.response_framing(head.method, response)
         except ParseError as e:
             raise ProxyError(ErrorKind.UPSTREAM_MALFORMED, str(e)) from None
+        client, origin = conn.stream, up.stream
+        hf = self.hf
+        buffered: bytes | None = None  # a whole body an addon read (and may have changed)
+        prefix, resume = b"", 0  # a body too big for an addon: what was read, where to go on
+        if hf is not None:
+            hf.response = Response(response)
+            await proxy.addons.call("responseheaders", hf)
+            if hf.answer is not None or hf.killed:
+                origin.close()  # its body is not read
+                return await self._addon_answer(hf, keep_alive, body_left=self.uploading)
+            if hf.response.buffer_limit and framing.kind is not BodyKind.NONE:
+                kind = {BodyKind.LENGTH: "length", BodyKind.CHUNKED: "chunked"}.get(
+                    framing.kind, "close"
+                )
+                data, resume = await bodies.read_upto(
+                    origin, kind, framing.length, hf.response.buffer_limit,
+                    proxy.settings.limits.max_header_size,
+                )  # fmt: skip
+                if resume is None:
+                    hf.response.body = data
+                    await proxy.addons.call("response", hf)
+                    if hf.answer is not None or hf.killed:
+                        return await self._addon_answer(hf, keep_alive, body_left=self.uploading)
+                    buffered = hf.response.body or b""
+                    response.headers.remove("transfer-encoding")
+                    response.headers.set("Content-Length", str(len(buffered)))
+                    framing = Framing(BodyKind.LENGTH, len(buffered))
+                else:
+                    hf.response.truncated = True
+                    prefix, resume = data, resume
         out = m.downstream_framing(framing, head.version)
         keep_alive = (
             keep_alive
@@ -269,11 +332,16 @@ class Exchange:
         flow.t_response = monotonic() - conn.t_head
         proxy.bus.emit("response", flow)
         self.phase = Phase.RESPONDING
-        client, origin = conn.stream, up.stream
-        if framing.kind is BodyKind.NONE:
+        if buffered is not None:
+            self.responded = True
+            self.received.count = len(buffered)
+            if self.received.capture is not None:
+                self.received.keep(buffered)
+            await client.write(head_bytes + buffered)
+        elif framing.kind is BodyKind.NONE:
             self.responded = True
             await client.write(head_bytes)
-        elif framing.kind is BodyKind.LENGTH and framing.length <= SMALL_BODY:
+        elif framing.kind is BodyKind.LENGTH and framing.length <= SMALL_BODY and not resume:
             body = b""
             if framing.length:
                 body = read_buffered(origin, framing.length) or await origin.read_bytes(
@@ -286,16 +354,21 @@ class Exchange:
             await client.write(head_bytes + body)
         else:
             self.responded = True
-            await client.write(head_bytes)
             chunked = out.kind is BodyKind.CHUNKED
             meter = self.received
+            if prefix:  # read for an addon that could not have it whole: send it first
+                meter.count += len(prefix)
+                head_bytes += b"%x\r\n%s\r\n" % (len(prefix), prefix) if chunked else prefix
+            await client.write(head_bytes)
             if framing.kind is BodyKind.LENGTH:
                 await bodies.copy_length(origin, client, framing.length, meter)
             elif framing.kind is BodyKind.CHUNKED:
                 limit = proxy.settings.limits.max_header_size
-                await bodies.copy_chunked(origin, client, chunked, meter, limit)
+                await bodies.copy_chunked(origin, client, chunked, meter, limit, max(resume, 0))
             else:
                 await bodies.copy_until_close(origin, client, chunked, meter)
+        if hf is not None and buffered is None:
+            await proxy.addons.call("response", hf)  # after the fact: the body streamed
         upload = self.upload
         if upload is not None:
             await self._finish_upload()
@@ -310,6 +383,68 @@ class Exchange:
         else:
             origin.close()
         return keep_alive and not client.closed()
+
+    async def _request_hooks(self, hf: HTTPFlow, framing: Framing) -> Framing:
+        """``requestheaders``, the body an addon asked for, ``request``; the framing the
+        request is sent with afterwards."""
+        addons = self.conn.proxy.addons
+        await addons.call("requestheaders", hf)
+        if hf.answer is not None or hf.killed:
+            return framing
+        request = hf.request
+        assert request is not None
+        if request.buffer_limit and framing.kind is not BodyKind.NONE:
+            kind = "length" if framing.kind is BodyKind.LENGTH else "chunked"
+            limit = self.conn.proxy.settings.limits.max_header_size
+            try:
+                data, resume = await bodies.read_upto(
+                    self.conn.stream, kind, framing.length, request.buffer_limit, limit
+                )
+            except ParseError as e:
+                raise ProxyError(ErrorKind.BAD_REQUEST, f"request body: {e}") from None
+            if resume is None:
+                request.body = data
+            else:
+                request.truncated = True
+                self.resume = (data, resume)
+        await addons.call("request", hf)
+        body = request.body
+        if body is None or self.resume is not None:
+            return framing
+        if framing.kind is not BodyKind.NONE and not request.buffer_limit:
+            return framing  # the body is still unread: it streams as it is
+        self.body = body
+        self.sent.count = len(body)
+        if self.sent.capture is not None:
+            self.sent.keep(body)
+        self.head.headers.remove("transfer-encoding")
+        if body or framing.kind is not BodyKind.NONE:
+            self.head.headers.set("Content-Length", str(len(body)))
+        return Framing(BodyKind.LENGTH, len(body)) if body else m.NO_BODY
+
+    async def _addon_answer(self, hf: HTTPFlow, keep_alive: bool, body_left: bool) -> bool:
+        """Send the answer an addon gave with ``flow.respond()``, or obey ``kill()``."""
+        conn, flow = self.conn, self.flow
+        if hf.killed:
+            flow.fail(ErrorKind.CLIENT_ABORTED, "killed by an addon")
+            conn.stream.close()
+            return False
+        answer = hf.answer
+        assert answer is not None
+        keep_alive = keep_alive and not body_left and not conn.proxy.draining
+        fields = [(n, v) for n, v in answer.headers if n.lower() not in _FRAMING]
+        fields.append(("Content-Length", str(len(answer.body))))
+        if not keep_alive:
+            fields.append(("Connection", "close"))
+        reason = HTTPStatus(answer.status).phrase if answer.status in _KNOWN_STATUS else ""
+        flow.status = answer.status
+        flow.bytes_out = len(answer.body)
+        self.responded = True
+        await conn.stream.write(m.render_response(answer.status, reason, fields) + answer.body)
+        self.received.count = len(answer.body)
+        if self.up is not None:
+            self.up.stream.close()
+        return keep_alive
 
     async def _switch(self, response: ResponseHead) -> None:
         """Relay the 101 and hand both connections to a tunnel (RFC 6455 §4.1)."""
@@ -352,6 +487,12 @@ class Exchange:
     async def _fail(self, kind: ErrorKind, detail: str, keep_alive: bool, framing: Framing) -> bool:
         if self.up is not None:
             self.up.stream.close()
+        if self.hf is not None:
+            self.flow.fail(kind, detail)
+            try:
+                await self.conn.proxy.addons.call("error", self.hf)
+            except AddonFailed:
+                pass  # the exchange has failed already
         if self.responded or self.conn.stream.closed():
             # Too late for an error page: closing is the only way to signal that the
             # body is truncated.

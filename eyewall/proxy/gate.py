@@ -16,7 +16,8 @@ from eyewall.errors import ErrorKind, ProxyError
 from eyewall.http1.parse import RequestHead
 from eyewall.http1.target import Target
 from eyewall.observe.flow import Flow
-from eyewall.policy.auth import parse_basic
+from eyewall.policy.auth import Credentials, parse_basic
+from eyewall.policy.engine import Policy
 from eyewall.policy.rules import Action, Decision, Request
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ async def admit(
             now = loop.time()
             ok = policy.credentials_cached(credentials, now)
             if not ok:
-                ok = await loop.run_in_executor(None, policy.users.verify, credentials)
+                ok = await _verify(policy, credentials)
                 if ok:
                     policy.users.remember(credentials, now)
         if not ok:
@@ -85,6 +86,19 @@ async def admit(
         await conn.answer_error(flow, ErrorKind.DENIED, detail, close)
         return None
     return decision
+
+
+async def _verify(policy: Policy, credentials: Credentials) -> bool:
+    """The bcrypt check, in the policy's own small thread pool; concurrent requests
+    with the same credentials share one check."""
+    key = credentials.fingerprint()
+    pending = policy.verifying.get(key)
+    if pending is None:
+        loop = asyncio.get_running_loop()
+        pending = loop.run_in_executor(policy.verifier, policy.users.verify, credentials)
+        policy.verifying[key] = pending
+        pending.add_done_callback(lambda _: policy.verifying.pop(key, None))
+    return bool(await asyncio.shield(pending))
 
 
 async def _challenge(conn: ClientConnection, flow: Flow, user: str | None, close: bool) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 from tornado.iostream import StreamClosedError
 from tornado.netutil import add_accept_handler, bind_sockets
 
+from eyewall.addons.flow import Client, HTTPFlow
+from eyewall.addons.runner import AddonFailed, Addons
 from eyewall.config import Settings
 from eyewall.errors import ErrorKind, ProxyError, error_page, status_of
 from eyewall.http1.target import Target
@@ -39,9 +41,16 @@ PINNED_FOR = 3600.0  # seconds a host that refused interception is passed throug
 
 
 class Proxy:
-    def __init__(self, settings: Settings, policy: Policy, bus: EventBus | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        policy: Policy,
+        bus: EventBus | None = None,
+        addons: Addons | None = None,
+    ) -> None:
         self.settings = settings
         self.policy = policy
+        self.addons = addons or Addons()
         self.bus = bus or EventBus()
         t = settings.timeouts
         self.pool = UpstreamPool(
@@ -141,14 +150,33 @@ class Proxy:
         if refusal is not None:
             await self._refuse(stream, (client, address[1]), *refusal)
             return
+        addons = self.addons
+        peer = Client((client, address[1])) if addons.enabled else None
         try:
             stream.set_nodelay(True)
             conn = ClientConnection(self, stream, address)
             self.connections.add(conn)
             self.watchdog.add(conn)
+            if peer is not None and addons.has("client_connected"):
+                await self._hook("client_connected", peer)
             await conn.serve()
         finally:
             policy.limits.client_connections.release(client)
+            if peer is not None and addons.has("client_disconnected"):
+                await self._hook("client_disconnected", peer)
+
+    async def _hook(self, name: str, *args: Any) -> None:
+        """Run an addon hook that cannot change the traffic (policy addons included)."""
+        try:
+            await self.addons.call(name, *args)
+        except AddonFailed:
+            pass  # logged by the runner; nothing to refuse at this point
+
+    def _hook_later(self, name: str, flow: Flow) -> None:
+        if self.addons.has(name):
+            task = asyncio.ensure_future(self._hook(name, HTTPFlow(flow)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _refuse(
         self, stream: BoundedStream, client: tuple[str, int], kind: ErrorKind, detail: str
@@ -173,6 +201,7 @@ class Proxy:
             log.warning("listen addresses changed in the configuration: restart to apply")
             settings = dataclasses.replace(settings, listen=self.settings.listen)
         self.settings = settings
+        self.policy.verifier.shutdown(wait=False)
         self.policy = policy
         self.pool.connect_timeout = settings.timeouts.upstream_connect
         self.pool.idle_per_origin = settings.pool.idle_per_origin
@@ -192,6 +221,7 @@ class Proxy:
         self.watchdog.add(tunnel)
         tunnel.start()
         self.bus.emit("tunnel_open", flow)
+        self._hook_later("tunnel_start", flow)
 
     def tunnel_closed(self, tunnel: Tunnel, error: BaseException | None) -> None:
         self.watchdog.discard(tunnel)
@@ -210,6 +240,7 @@ class Proxy:
         if flow.release is not None:
             flow.release()
         self.end_flow(flow, t_start)
+        self._hook_later("tunnel_end", flow)
         if self.draining:
             self._idle_event.set()
 

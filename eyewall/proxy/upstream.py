@@ -187,7 +187,7 @@ class UpstreamPool:
         """A new connection to ``target`` (with TLS for https)."""
         key = (target.scheme, target.host, target.port)
         sock, peer = await self.open_socket(target, addresses)
-        ip = sock.getpeername()[0]
+        ip = peer.rsplit(":", 1)[0].strip("[]")
         stream: IOStream = BoundedStream(sock, max_buffer_size=STREAM_BUFFER)
         if target.scheme == "https":
             stream = await self._start_tls(stream, target)

@@ -1,0 +1,149 @@
+"""What addons see: `HTTPFlow` with its `Request` and `Response`, views over the proxy's
+own records that addons change in place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from eyewall.http1.parse import Headers, RequestHead, ResponseHead, check_field
+from eyewall.http1.target import Target
+from eyewall.observe.flow import Flow
+
+__all__ = ["Client", "HTTPFlow", "Request", "Response"]
+
+
+@dataclass(frozen=True)
+class Client:
+    address: tuple[str, int]
+
+
+class Request:
+    """The request as the origin will receive it (hop-by-hop fields are managed by the
+    proxy and re-derived after the hooks)."""
+
+    def __init__(self, head: RequestHead, target: Target) -> None:
+        self._head = head
+        self._target = target
+        self.body: bytes | None = None
+        self.truncated = False
+        self.buffer_limit = 0
+
+    version = property(lambda self: self._head.version)
+    headers: Headers = property(lambda self: self._head.headers)  # type: ignore[assignment]
+    host = property(lambda self: self._target.host)
+    port = property(lambda self: self._target.port)
+
+    @property
+    def method(self) -> str:
+        return self._head.method
+
+    @method.setter
+    def method(self, value: str) -> None:
+        check_field(value, "")  # a method is a token, like a field name
+        self._head.method = value
+
+    @property
+    def path(self) -> str:
+        return self._target.path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        if not value.startswith("/") or any(c <= " " or c == "\x7f" for c in value):
+            raise ValueError(f"invalid path {value!r}")
+        t = self._target
+        self._target = Target(t.scheme, t.host, t.port, t.authority, value)
+
+    @property
+    def url(self) -> str:
+        return self._target.url()
+
+    @property
+    def target(self) -> Target:
+        return self._target
+
+    def buffer(self, max_bytes: int) -> None:
+        """Ask for the whole body (up to ``max_bytes``) in the ``request`` hook."""
+        self.buffer_limit = max(0, int(max_bytes))
+
+
+class Response:
+    def __init__(self, head: ResponseHead) -> None:
+        self._head = head
+        self.body: bytes | None = None
+        self.truncated = False
+        self.buffer_limit = 0
+
+    headers: Headers = property(lambda self: self._head.headers)  # type: ignore[assignment]
+    version = property(lambda self: self._head.version)
+
+    @property
+    def status(self) -> int:
+        return self._head.status
+
+    @status.setter
+    def status(self, value: int) -> None:
+        if not 100 <= int(value) <= 599:
+            raise ValueError(f"invalid status {value!r}")
+        self._head.status = int(value)
+
+    @property
+    def reason(self) -> str:
+        return self._head.reason
+
+    @reason.setter
+    def reason(self, value: str) -> None:
+        if "\r" in value or "\n" in value:
+            raise ValueError("invalid reason phrase")
+        self._head.reason = value
+
+    def buffer(self, max_bytes: int) -> None:
+        """Ask for the whole body (up to ``max_bytes``) in the ``response`` hook."""
+        self.buffer_limit = max(0, int(max_bytes))
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass(eq=False)
+class HTTPFlow:
+    record: Flow
+    request: Request | None = None
+    response: Response | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    answer: Answer | None = None
+    killed: bool = False
+
+    id = property(lambda self: self.record.id)
+    kind = property(lambda self: self.record.kind)
+    client = property(lambda self: self.record.client)
+    user = property(lambda self: self.record.user)
+    intercepted = property(lambda self: self.record.intercepted)
+    bytes_in = property(lambda self: self.record.bytes_in)
+    bytes_out = property(lambda self: self.record.bytes_out)
+
+    @property
+    def error(self) -> str | None:
+        return self.record.error.value if self.record.error is not None else None
+
+    @property
+    def error_detail(self) -> str:
+        return self.record.error_detail
+
+    def respond(self, status: int, headers: Any = (), body: bytes | str = b"") -> None:
+        """Answer with this response instead of the origin's (or replace the origin's)."""
+        if not 100 <= int(status) <= 599:
+            raise ValueError(f"invalid status {status!r}")
+        pairs = list(headers.items()) if isinstance(headers, dict) else list(headers)
+        for name, value in pairs:
+            check_field(name, value)
+        data = body.encode() if isinstance(body, str) else bytes(body)
+        self.answer = Answer(int(status), pairs, data)
+
+    def kill(self) -> None:
+        """Close the client connection without an answer."""
+        self.killed = True
