@@ -11,6 +11,7 @@ from pathlib import Path
 
 from origins import Origins
 from processes import ManagedProcess
+from tls_origin import TlsOrigin
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class Settings:
     idle_tunnel_counts: tuple[int, ...] = (1000, 5000)
     idle_wait_s: float = 2.0
     ttfb_requests: int = 200
+    tls_connections: tuple[int, ...] = (10, 50)
+    tls_duration_s: float = 10.0
 
     @classmethod
     def quick(cls) -> Settings:
@@ -45,6 +48,7 @@ class Settings:
             idle_tunnel_counts=(1000,),
             idle_wait_s=1.0,
             ttfb_requests=30,
+            tls_duration_s=3.0,
         )
 
 
@@ -54,6 +58,7 @@ class BenchContext:
     origins: Origins
     load_cpu: int | None
     workdir: Path
+    tls_origin: TlsOrigin | None = None  # started by the intercept scenario
 
 
 @dataclass
@@ -63,6 +68,8 @@ class Target:
     system: str
     proxy_port: int | None
     process: ManagedProcess | None
+    proxy_authorization: str | None = None  # Proxy-Authorization value, if required
+    proxy_ca: Path | None = None  # CA of an intercepting proxy's minted certificates
 
     @property
     def proxy_url(self) -> str | None:

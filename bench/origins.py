@@ -31,6 +31,7 @@ class Origins:
     echo_port: int
     echo_close_port: int
     upload_body: Path
+    www: Path  # the static files (also served by the HTTPS origin)
     nginx_config: str
     processes: list[ManagedProcess]
 
@@ -128,6 +129,7 @@ def start_origins(root: Path, nginx_port: int, cpu: int | None) -> Origins:
         echo_port=ports["echo"],
         echo_close_port=ports["echo_close"],
         upload_body=upload_body,
+        www=root / "www",
         nginx_config=config,
         processes=[nginx, raw],
     )

@@ -46,39 +46,45 @@ def overhead_text(value: Any, direct: Any) -> str:
     return f"{value - direct:+,.0f}"
 
 
-def result_cells(columns: list[Column], result: dict, direct: dict) -> list[str]:
+def result_cells(columns: list[Column], result: dict, references: list[dict]) -> list[str]:
+    """The row's cells; `references` are the baseline rows, first one first."""
     cells = []
     for column in columns:
         value = result.get(column.key)
         cells.append(format_number(value, column.digits))
         if column.ratio:
-            cells.append(ratio_text(value, direct.get(column.key)))
+            cells += [ratio_text(value, ref.get(column.key)) for ref in references]
         if column.overhead:
-            cells.append(overhead_text(value, direct.get(column.key)))
+            cells.append(overhead_text(value, references[0].get(column.key)))
     return cells
 
 
 def scenario_table(
-    columns: list[Column], by_variant: dict[str, dict[str, dict]], variant_header: str | None
+    columns: list[Column],
+    by_variant: dict[str, dict[str, dict]],
+    variant_header: str | None,
+    baselines: tuple[str, ...] = (DIRECT,),
 ) -> list[str]:
     headers = ([variant_header] if variant_header else []) + ["system"]
     for column in columns:
         headers.append(column.header)
         if column.ratio:
-            headers.append("x direct")
+            headers += [f"x {name}" for name in baselines]
         if column.overhead:
-            headers.append("vs direct")
+            headers.append(f"vs {baselines[0]}")
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for variant, systems in by_variant.items():
-        direct = systems.get(DIRECT, {})
+        references = [systems.get(name, {}) for name in baselines]
         for system, result in systems.items():
             cells = ([variant] if variant_header else []) + [system]
             if "failed" in result:
                 cells.append(f"failed: {result['failed']}"[:160])
                 cells += [""] * (len(headers) - len(cells))
             else:
-                cells += result_cells(columns, result, direct)
+                cells += result_cells(columns, result, references)
             lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    if not by_variant or not any(by_variant.values()):
+        lines.append("| " + " | ".join(["(no systems ran)"] + [""] * (len(headers) - 1)) + " |")
     return lines
 
 
@@ -98,7 +104,12 @@ def render_markdown(run: dict, scenarios: list[dict]) -> str:
         if data is None:
             continue
         lines += ["", f"## {scenario['title']}", "", scenario["description"], ""]
-        lines += scenario_table(scenario["columns"], data["results"], scenario["variant_header"])
+        lines += scenario_table(
+            scenario["columns"],
+            data["results"],
+            scenario["variant_header"],
+            scenario.get("baselines", (DIRECT,)),
+        )
     lines += ["", "## Notes", ""]
     lines += [f"- {note}" for note in run["notes"]] or ["- none"]
     lines += ["", "## Commands", ""]
@@ -110,20 +121,28 @@ def render_markdown(run: dict, scenarios: list[dict]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _anonymise(text: str) -> str:
-    """Results are committed: name paths relative to the repository, not this machine."""
+def _anonymise(text: str, paths: dict[str, str]) -> str:
+    """Results are committed: name paths relative to the repository, not this machine.
+
+    `paths` maps machine paths (the run's temp dir, tools outside the repo) to
+    what the results show instead; the longest are replaced first.
+    """
     repo = str(Path(__file__).resolve().parent.parent)
-    venv_python = str(Path(sys.executable))
-    text = text.replace(venv_python, "python").replace(repo + "/", "").replace(repo, ".")
-    return re.sub(r"/tmp/[A-Za-z0-9_.-]+", "$WORKDIR", text)
+    replacements = {**paths, str(Path(sys.executable)): "python", repo + "/": "", repo: "."}
+    replacements.setdefault(str(Path.home()), "~")
+    for path in sorted(replacements, key=len, reverse=True):
+        if len(path) > 1:
+            text = text.replace(path, replacements[path])
+    return re.sub(r"/tmp/[A-Za-z0-9_.-]+", "$TMPDIR", text)
 
 
 def write_results(
-    directory: Path, stem: str, run: dict, scenarios: list[dict]
+    directory: Path, stem: str, run: dict, scenarios: list[dict], paths: dict[str, str]
 ) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     markdown_path = directory / f"{stem}.md"
     json_path = directory / f"{stem}.json"
-    markdown_path.write_text(_anonymise(render_markdown(run, scenarios)))
-    json_path.write_text(_anonymise(json.dumps(run, indent=2, sort_keys=False) + "\n"))
+    markdown_path.write_text(_anonymise(render_markdown(run, scenarios), paths))
+    raw = json.dumps(run, indent=2, sort_keys=False, default=str) + "\n"
+    json_path.write_text(_anonymise(raw, paths))
     return markdown_path, json_path

@@ -1,8 +1,9 @@
 """Eyewall benchmark harness: every system side by side in one run.
 
-    python bench/run.py                      # full run (about 10 min on 2 cores)
-    python bench/run.py --quick              # smoke run (about 2 min)
+    python bench/run.py                      # full run (about 15 min on 2 cores)
+    python bench/run.py --quick              # smoke run (about 3 min)
     python bench/run.py --only small_requests,ttfb --peers eyewall,squid
+    python bench/run.py --only policy_cost,observability_cost,intercept --peers eyewall,mitmproxy
 
 The proxy under test is pinned to --proxy-cpu, origins and load generators
 to --load-cpu. Results go to bench/results/<date>[-quick].md and .json.
@@ -19,6 +20,7 @@ import platform
 import resource
 import shlex
 import shutil
+import ssl
 import sys
 import tempfile
 import time
@@ -32,7 +34,14 @@ from origins import start_origins
 from processes import free_port, install_cleanup_handlers, stop_all
 from report import DIRECT, format_number, write_results
 from scenarios import SCENARIO_KEYS, SCENARIOS, Scenario
-from systems import PEER_NAMES, ProxySystem, first_line_of, make_systems, nginx_executable
+from systems import (
+    PEER_NAMES,
+    REPO_DIR,
+    ProxySystem,
+    first_line_of,
+    make_systems,
+    nginx_executable,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -110,6 +119,7 @@ def machine_info(fd_limit: int) -> dict:
         "os": first_line_of(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
         "harness python": f"{python} ({sys.executable})",
         "load generator event loop": tunnel_load.LOOP_NAME,
+        "load generator TLS": ssl.OPENSSL_VERSION,
         "fd limit": fd_limit,
     }
 
@@ -141,7 +151,7 @@ def running(
     port = free_port()
     process = system.start(ctx.workdir / f"{system.name}-{label}", port, cpu)
     try:
-        yield Target(system.name, port, process)
+        yield Target(system.name, port, process, system.proxy_authorization, system.proxy_ca)
         if not process.alive():
             raise RuntimeError(f"{system.name} died during the run: {process.log_tail()}")
     finally:
@@ -159,11 +169,28 @@ def measure_safely(scenario: Scenario, ctx: BenchContext, target: Target, varian
     return result
 
 
+def scenario_systems(
+    scenario: Scenario, ctx: BenchContext, peers: list[ProxySystem]
+) -> list[ProxySystem]:
+    if scenario.prepare is not None:
+        scenario.prepare(ctx)
+    return scenario.systems(ctx, peers) if scenario.systems is not None else peers
+
+
 def run_scenario(
-    scenario: Scenario, ctx: BenchContext, systems: list[ProxySystem], cpu: int | None
-) -> dict:
+    scenario: Scenario, ctx: BenchContext, peers: list[ProxySystem], cpu: int | None
+) -> tuple[dict, list[ProxySystem]]:
+    """The scenario's results, and the systems it ran."""
     variants = scenario.variants(ctx.settings)
     results: dict[str, dict[str, dict]] = {str(variant): {} for variant in variants}
+    try:
+        systems = scenario_systems(scenario, ctx, peers)
+    except Exception as error:
+        traceback.print_exc(limit=3)
+        failed = {"failed": f"setup: {type(error).__name__}: {error}"}
+        return {"title": scenario.title, "results": {v: {DIRECT: failed} for v in results}}, []
+    if not systems and scenario.systems is not None:
+        print(f"  [{scenario.key}] no system to run (needs eyewall in --peers)", flush=True)
     candidates: list[ProxySystem | None] = [None] if scenario.includes_direct else []
     candidates += systems
     for system in candidates:
@@ -187,7 +214,7 @@ def run_scenario(
                         name, {"failed": f"{type(error).__name__}: {error}"}
                     )
                 print(f"  [{scenario.key}] {name}: FAILED {error}", flush=True)
-    return {"title": scenario.title, "results": results}
+    return {"title": scenario.title, "results": results}, systems
 
 
 def summary(result: dict) -> str:
@@ -243,7 +270,10 @@ def main() -> int:
         "systems run one after another; each proxy is restarted for every scenario "
         "(and for every tunnel count in scenario 5)",
         "scenarios 3-5 use the harness's own Python clients (bench/tunnel_load.py, "
-        f"{tunnel_load.LOOP_NAME}) against bench/origin.py; 1, 2 and 6 use wrk and curl",
+        f"{tunnel_load.LOOP_NAME}) against bench/origin.py; 1, 2, 6, 7 and 8 use wrk and "
+        "curl; 9 uses bench/tls_load.py against a second nginx serving HTTPS",
+        "scenarios 7 and 8 compare Eyewall configurations (run when eyewall is among the "
+        "peers); 9 compares the peers that can intercept TLS (eyewall, mitmproxy)",
     ]
     run["notes"].append(
         "Upload origin: nginx `return 200` answers before it has read the body (curl's "
@@ -259,39 +289,53 @@ def main() -> int:
         ctx = BenchContext(settings, origins, load_cpu, workdir)
         run["configs"]["nginx.conf"] = origins.nginx_config
         run["scenarios"] = {}
+        used: list[ProxySystem] = list(systems)
         for scenario in SCENARIOS:
             if scenario.key in args.only:
                 print(f"== {scenario.title}", flush=True)
-                run["scenarios"][scenario.key] = run_scenario(scenario, ctx, systems, proxy_cpu)
-        for system in systems:
+                data, ran = run_scenario(scenario, ctx, systems, proxy_cpu)
+                run["scenarios"][scenario.key] = data
+                used += [new for new in ran if all(new is not old for old in used)]
+        if ctx.tls_origin is not None:
+            run["configs"]["nginx-tls.conf (intercept origin)"] = ctx.tls_origin.nginx_config
+        for system in used:
             if system.config_text:
                 run["configs"][system.name] = system.config_text
-        record_commands(run, systems)
+        record_commands(run, used)
     finally:
         stop_all()
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     run["elapsed_s"] = round((datetime.datetime.now() - started).total_seconds())
-    collect_notes(run, systems)
+    collect_notes(run, used)
     stem = run["date"] + ("-quick" if args.quick else "")
+    paths = {str(workdir): "$WORKDIR", str(workdir.resolve()): "$WORKDIR"}
+    for system in used:
+        executable = system.executable or ""
+        if os.path.isabs(executable) and not executable.startswith(str(REPO_DIR)):
+            paths[executable] = Path(executable).name
     markdown, raw = write_results(
-        args.output_dir, stem, run, [s.as_table_spec() for s in SCENARIOS]
+        args.output_dir, stem, run, [s.as_table_spec() for s in SCENARIOS], paths
     )
     print(f"wrote {markdown} and {raw} in {run['elapsed_s']}s", flush=True)
     return 0
 
 
 def record_commands(run: dict, systems: list[ProxySystem]) -> None:
-    """One direct and one proxied command line per scenario, plus how each
-    proxy was started (the port and temp paths differ from start to start)."""
+    """One direct and one proxied command line per scenario (every system's in
+    the scenarios that compare configurations), plus how each proxy was started
+    (the port and temp paths differ from start to start)."""
+    own_systems = {scenario.key for scenario in SCENARIOS if scenario.systems is not None}
     for key, scenario in run["scenarios"].items():
         for variant, by_system in scenario["results"].items():
             with_command = [name for name, result in by_system.items() if result.get("command")]
             proxied = [name for name in with_command if name != DIRECT]
-            for name in [DIRECT, *proxied[:1]]:
+            for name in [DIRECT, *(proxied if key in own_systems else proxied[:1])]:
                 command = by_system.get(name, {}).get("command")
                 if command:
                     label = "direct" if name == DIRECT else f"via a proxy ({name} shown)"
+                    if key in own_systems and name != DIRECT:
+                        label = name
                     run["commands"][f"{key} [{variant}], {label}"] = command
     for system in systems:
         if system.last_command:

@@ -1,4 +1,4 @@
-"""The six scenarios: what each measures, its variants and its table."""
+"""The scenarios: what each measures, its variants, its systems and its table."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import http_load
+import system_variants
+import tls_load
 import tunnel_load
 from bench_context import BenchContext, Settings, Target
-from report import Column
+from report import DIRECT, Column
+from systems import ProxySystem
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,12 @@ class Scenario:
     variant_header: str | None = None
     includes_direct: bool = True
     fresh_proxy_per_variant: bool = False
+    # Scenarios comparing configurations bring their own systems, built from
+    # the --peers list after `prepare` (e.g. starting an extra origin) has run.
+    prepare: Callable[[BenchContext], None] | None = None
+    systems: Callable[[BenchContext, list[ProxySystem]], list[ProxySystem]] | None = None
+    # Ratio columns ("x NAME") are computed against these systems' rows.
+    baselines: tuple[str, ...] = (DIRECT,)
 
     def as_table_spec(self) -> dict:
         return {
@@ -31,6 +40,7 @@ class Scenario:
             "description": self.description,
             "columns": self.columns,
             "variant_header": self.variant_header,
+            "baselines": self.baselines,
         }
 
 
@@ -151,6 +161,81 @@ SCENARIOS = [
             Column("errors_total", "errors"),
         ],
         variant_header="requests",
+    ),
+]
+
+WRK_COLUMNS = [
+    Column("requests_per_s", "req/s", ratio=True),
+    Column("p50_ms", "p50 ms", digits=2),
+    Column("p99_ms", "p99 ms", digits=2),
+    Column("errors", "errors"),
+]
+
+SCENARIOS += [
+    Scenario(
+        key="policy_cost",
+        title="7. Cost of a policy: 100 rules + Basic authentication (wrk, 1 KiB)",
+        description=(
+            "Scenario 1's wrk load (1 KiB, keep-alive, -t1, warm-up first) through Eyewall "
+            "with no policy (bench/eyewall-bench.toml) and with a generated policy: 100 "
+            "`[[rules]]` of varied kinds, none matching the traffic, then the default allow, "
+            "and an htpasswd user (bcrypt) whose `Proxy-Authorization: Basic` wrk sends on "
+            "every request (one authenticated curl request first, so the credentials are "
+            "verified and cached once before the warm-up). Both with Eyewall's default "
+            "observability. Target: ratio >= 0.9."
+        ),
+        variants=lambda settings: list(settings.wrk_connections[:2]),
+        measure=http_load.small_requests,
+        columns=WRK_COLUMNS,
+        variant_header="conns",
+        includes_direct=False,
+        systems=system_variants.policy_systems,
+        baselines=("eyewall-no-policy",),
+    ),
+    Scenario(
+        key="observability_cost",
+        title="8. Cost of observability: access log, flows, admin/metrics (wrk, 1 KiB)",
+        description=(
+            "Scenario 1's wrk load through Eyewall with observability off (`--access-log off "
+            "--no-flows --admin-listen off`) and on, as a user gets it by default (JSON access "
+            "log to a file, flows recorded to a SQLite file, admin listener with metrics on "
+            "127.0.0.1:0). Target: ratio on/off >= 0.85."
+        ),
+        variants=lambda settings: list(settings.wrk_connections[:2]),
+        measure=http_load.small_requests,
+        columns=WRK_COLUMNS,
+        variant_header="conns",
+        includes_direct=False,
+        systems=system_variants.observability_systems,
+        baselines=("eyewall-obs-off",),
+    ),
+    Scenario(
+        key="intercept",
+        title="9. HTTPS requests through TLS interception",
+        description=(
+            "N asyncio connections (bench/tls_load.py): `CONNECT localhost:PORT`, TLS to the "
+            "certificate the proxy mints (verified against the proxy's CA), then keep-alive "
+            "`GET /1k` one at a time for the duration, after a warm-up run. The origin is a "
+            "second nginx serving the same file over TLS with a certificate from a throwaway "
+            "CA, which the proxies trust upstream. Direct = the same client straight to the "
+            "origin over TLS. All N connections are opened (CONNECT + both TLS handshakes) "
+            "before the clock starts; `connect s` is how long that took (after the warm-up, "
+            "so the proxy's certificate for localhost is already minted). "
+            "Errors: refused CONNECT, tls, response (not 200 + 1 KiB), closed, timeout."
+        ),
+        variants=lambda settings: list(settings.tls_connections),
+        measure=tls_load.intercepted_requests,
+        columns=[
+            Column("requests_per_s", "req/s", ratio=True),
+            Column("requests", "requests"),
+            Column("connect_s", "connect s", digits=2),
+            Column("errors", "errors"),
+            Column("remarks", "remarks"),
+        ],
+        variant_header="conns",
+        prepare=system_variants.prepare_tls_origin,
+        systems=system_variants.intercept_systems,
+        baselines=(DIRECT, "mitmproxy-intercept"),
     ),
 ]
 

@@ -1,9 +1,11 @@
 """The systems under test: how each proxy is configured, started and versioned.
 
 Each proxy listens on 127.0.0.1, allows loopback clients, allows CONNECT to
-any port, keeps no cache and writes no access log (Eyewall's access log goes
-to a file in the temp dir, as it would in production). Configs are written to
-a per-start temp directory; the text is kept so the report can show it.
+any port, keeps no cache and writes no access log, except Eyewall, which runs
+with the observability a user gets by default (JSON access log to a file,
+admin listener with metrics, flows recorded to SQLite; all in the temp dir).
+Configs are written to a per-start temp directory; the text is kept so the
+report can show it. Scenario-specific variants live in system_variants.py.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ class ProxySystem:
     config_text: str = field(default="", init=False)
     notes: list[str] = field(default_factory=list, init=False)
     last_command: list[str] = field(default_factory=list, init=False)
+    # What a client needs besides the port: a Proxy-Authorization value, and the
+    # CA of the certificates an intercepting proxy mints (set by command/start).
+    proxy_authorization: str | None = field(default=None, init=False)
+    proxy_ca: Path | None = field(default=None, init=False)
 
     def unavailable_reason(self) -> str | None:
         return None if self.executable else f"{self.name}: executable not found"
@@ -85,8 +91,20 @@ class ProxySystem:
 
 
 class Eyewall(ProxySystem):
-    def __init__(self) -> None:
-        super().__init__("eyewall", venv_tool("python") or sys.executable)
+    """Eyewall from the repository, with the observability a user gets by
+    default (`observability=False`: access log, flows and admin listener off)."""
+
+    def __init__(self, name: str = "eyewall", observability: bool = True) -> None:
+        super().__init__(name, venv_tool("python") or sys.executable)
+        self.observability = observability
+        if name == "eyewall":
+            self.notes.append(
+                "eyewall: run with the defaults a user gets: JSON access log to a file "
+                "(`--log-format` auto = json when not a terminal), admin listener with "
+                "metrics on (`--admin-listen 127.0.0.1:0`, so runs do not collide on 9090) "
+                "and flows recorded to SQLite (`--flows` a file in the temp dir); "
+                "bench/eyewall-bench.toml only opens loopback destinations and CONNECT ports."
+            )
 
     def unavailable_reason(self) -> str | None:
         if not (REPO_DIR / "eyewall").is_dir():
@@ -100,14 +118,32 @@ class Eyewall(ProxySystem):
         git = ["git", "-C", str(REPO_DIR), "describe", "--always", "--dirty"]
         return f"{eyewall} (tornado {tornado}; git {first_line_of(git)})"
 
-    def command(self, workdir: Path, port: int) -> list[str]:
+    def eyewall_command(self, *args: str) -> list[str]:
+        return [self.executable or sys.executable, "-m", "eyewall", *args]
+
+    def config_file(self, workdir: Path) -> Path:
+        """The config to start with (subclasses generate one in `workdir`)."""
         self.config_text = EYEWALL_CONFIG.read_text() if EYEWALL_CONFIG.exists() else ""
+        return EYEWALL_CONFIG
+
+    def extra_args(self, workdir: Path) -> list[str]:
+        return []
+
+    def observability_args(self, workdir: Path) -> list[str]:
+        if not self.observability:
+            return ["--access-log", "off", "--no-flows", "--admin-listen", "off"]
         return [
-            self.executable or sys.executable, "-m", "eyewall",
-            "--config", str(EYEWALL_CONFIG),
-            "--listen", f"127.0.0.1:{port}",
             "--access-log", str(workdir / "eyewall-access.log"),
+            "--admin-listen", "127.0.0.1:0",
+            "--flows", str(workdir / "eyewall-flows.sqlite3"),
         ]  # fmt: skip
+
+    def command(self, workdir: Path, port: int) -> list[str]:
+        config = self.config_file(workdir)
+        return self.eyewall_command(
+            "--config", str(config), "--listen", f"127.0.0.1:{port}",
+            *self.observability_args(workdir), *self.extra_args(workdir),
+        )  # fmt: skip
 
 
 class Tinyproxy(ProxySystem):

@@ -7,11 +7,17 @@
 -- The request is static (built once per thread, like wrk's default), which
 -- keeps the load generator cheap. Without BENCH_ORIGIN wrk sends the usual
 -- origin-form request to the URL given on its command line (direct runs).
+-- BENCH_PROXY_AUTH, when set, is sent as the Proxy-Authorization header
+-- (e.g. "Basic YmVuY2g6cHc=" for the policy_cost scenario).
 
 local origin = os.getenv("BENCH_ORIGIN")
 if origin then
   wrk.path = "http://" .. origin .. (os.getenv("BENCH_PATH") or "/")
   wrk.headers["Host"] = origin
+end
+local proxy_auth = os.getenv("BENCH_PROXY_AUTH")
+if proxy_auth and proxy_auth ~= "" then
+  wrk.headers["Proxy-Authorization"] = proxy_auth
 end
 
 -- One machine-readable line; latencies are in microseconds. "status" counts
