@@ -194,19 +194,21 @@ class UpstreamPool:
         return Upstream(stream, key, peer, ip)
 
     async def _start_tls(self, stream: IOStream, target: Target) -> IOStream:
+        """TLS to the origin, verified against the trusted CAs and the host name.
+
+        ``stream`` is spent either way: Tornado hands its socket to the TLS stream,
+        which closes it when the handshake fails or is cancelled."""
         try:
             async with asyncio.timeout(self.connect_timeout):
                 return await stream.start_tls(False, self.tls_context, server_hostname=target.host)
         except TimeoutError:
-            stream.close()
             raise ProxyError(ErrorKind.CONNECT_TIMEOUT, "TLS handshake timed out") from None
         except ssl.SSLCertVerificationError as e:
-            stream.close()
             raise ProxyError(
-                ErrorKind.UPSTREAM_TLS, f"certificate of {target.host}: {e.verify_message}"
+                ErrorKind.UPSTREAM_TLS,
+                f"certificate of {target.host} failed verification: {e.verify_message}",
             ) from None
         except (ssl.SSLError, StreamClosedError, OSError) as e:
-            stream.close()
             raise ProxyError(ErrorKind.UPSTREAM_TLS, f"TLS handshake failed: {e}") from None
 
     def release(self, up: Upstream, now: float) -> None:
