@@ -152,3 +152,9 @@ def test_readme_names_the_two_commands():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "./scripts/test" in readme and "./scripts/test" in ci
     assert Path(ROOT / "scripts" / "test").exists()
+
+
+def test_the_example_configuration_is_valid():
+    settings = load_settings(ROOT / "examples" / "eyewall.toml")
+    assert [r.id for r in settings.rules][:2] == ["no-metadata", "internal-wiki"]
+    assert settings.access.allow_clients  # required: it listens beyond loopback
