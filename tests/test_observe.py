@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from eyewall.observe.records import parse_heads
 from tests.conftest import PROXY_ARGS, ROOT, read_response
 from tests.origins import pattern
 
@@ -174,7 +175,7 @@ def test_flows_are_recorded_with_heads_bodies_and_redacted_proxy_credentials(mak
     assert record is not None
     assert record["status"] == 200 and record["bytes_in"] == 1000
     assert bytes(record["request_body"]) == pattern(16)
-    headers = dict(json.loads(record["request_headers"]))
+    headers = dict(parse_heads(record["request_headers"]))
     assert headers["X-Trace"] == "t1"
     assert headers["Proxy-Authorization"] == "[redacted]"
     assert "c2VjcmV0" not in db.read_bytes().decode("latin-1")

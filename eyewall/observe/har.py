@@ -7,13 +7,12 @@ messages and are left out; the count of such flows is given in the log comment.
 from __future__ import annotations
 
 import base64
-import json
 import time
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from eyewall import __version__
-from eyewall.observe.records import Record
+from eyewall.observe.records import Record, parse_heads
 
 __all__ = ["har"]
 
@@ -23,7 +22,7 @@ def _iso(t: float) -> str:
 
 
 def _headers(text: str | None) -> list[dict[str, str]]:
-    return [{"name": n, "value": v} for n, v in json.loads(text or "[]")]
+    return [{"name": n, "value": v} for n, v in parse_heads(text)]
 
 
 def _find(headers: list[dict[str, str]], name: str) -> str:

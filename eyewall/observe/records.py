@@ -4,9 +4,9 @@ and HAR export reads.  Pure functions."""
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any
 
+from eyewall.http1.parse import Headers
 from eyewall.observe.flow import Flow
 
 __all__ = ["COLUMNS", "detail", "record_of", "summary"]
@@ -22,49 +22,48 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def _redacted(fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The proxy's own credentials are never recorded."""
-    return [(n, "[redacted]" if n.lower() == "proxy-authorization" else v) for n, v in fields]
+def _heads(headers: Headers | None) -> str | None:
+    """Header fields as text, one ``Name: value`` per line; the proxy's own credentials
+    (``Proxy-Authorization``) are replaced by ``[redacted]``."""
+    if headers is None:
+        return None
+    if "proxy-authorization" in headers.index:
+        return "\n".join(
+            f"{n}: {'[redacted]' if n.lower() == 'proxy-authorization' else v}"
+            for n, v in headers.fields
+        )
+    return "\n".join([f"{n}: {v}" for n, v in headers.fields])
+
+
+def parse_heads(text: str | None) -> list[list[str]]:
+    """The ``[name, value]`` pairs of a stored header text."""
+    if not text:
+        return []
+    return [list(line.partition(": ")[::2]) for line in text.split("\n")]
+
+
+def row_of(flow: Flow) -> tuple[Any, ...]:
+    """A finished flow as a row of `COLUMNS` (what the store writes)."""
+    request, response = flow.request, flow.response
+    return (
+        flow.id, flow.started, flow.kind, flow.client[0], flow.client[1], flow.user,
+        flow.method, flow.url, flow.host, flow.port, flow.status, flow.upstream,
+        int(flow.reused), flow.bytes_in, flow.bytes_out, flow.duration, flow.t_response,
+        flow.connect_time, flow.rule, flow.error.value if flow.error is not None else None,
+        flow.error_detail, int(flow.intercepted),
+        request.version if request is not None else None,
+        _heads(request.headers if request is not None else None),
+        response.version if response is not None else None,
+        response.reason if response is not None else None,
+        _heads(response.headers if response is not None else None),
+        bytes(flow.request_body) if flow.request_body is not None else None,
+        bytes(flow.response_body) if flow.response_body is not None else None,
+    )  # fmt: skip
 
 
 def record_of(flow: Flow) -> Record:
-    """A finished flow as a record (headers as JSON text, bodies as bytes or None).
-
-    ``Proxy-Authorization`` values are replaced by ``[redacted]``."""
-    request, response = flow.request, flow.response
-    return {
-        "id": flow.id,
-        "started": flow.started,
-        "kind": flow.kind,
-        "client": flow.client[0],
-        "client_port": flow.client[1],
-        "user": flow.user,
-        "method": flow.method,
-        "url": flow.url,
-        "host": flow.host,
-        "port": flow.port,
-        "status": flow.status,
-        "upstream": flow.upstream,
-        "reused": int(flow.reused),
-        "bytes_in": flow.bytes_in,
-        "bytes_out": flow.bytes_out,
-        "duration": flow.duration,
-        "ttfb": flow.t_response,
-        "connect": flow.connect_time,
-        "rule": flow.rule,
-        "error": flow.error.value if flow.error is not None else None,
-        "error_detail": flow.error_detail,
-        "intercepted": int(flow.intercepted),
-        "request_version": request.version if request is not None else None,
-        "request_headers": (
-            json.dumps(_redacted(request.headers.fields)) if request is not None else None
-        ),
-        "response_version": response.version if response is not None else None,
-        "reason": response.reason if response is not None else None,
-        "response_headers": json.dumps(response.headers.fields) if response is not None else None,
-        "request_body": bytes(flow.request_body) if flow.request_body is not None else None,
-        "response_body": bytes(flow.response_body) if flow.response_body is not None else None,
-    }
+    """A finished flow as a record (headers as text, bodies as bytes or None)."""
+    return dict(zip(COLUMNS, row_of(flow), strict=True))
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -118,7 +117,7 @@ def _body(data: bytes | None, size: int) -> dict[str, Any]:
 def detail(record: Record) -> dict[str, Any]:
     """A summary plus heads and captured bodies."""
     out = summary(record)
-    request_headers = json.loads(record["request_headers"] or "[]")
+    request_headers = parse_heads(record["request_headers"])
     out["request"] = {
         "method": record["method"],
         "target": record["url"],
@@ -133,7 +132,7 @@ def detail(record: Record) -> dict[str, Any]:
             "status": record["status"],
             "reason": record["reason"],
             "version": record["response_version"],
-            "headers": json.loads(record["response_headers"]),
+            "headers": parse_heads(record["response_headers"]),
             "body": _body(record["response_body"], record["bytes_out"]),
         }
     return out
