@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import resource
@@ -305,6 +306,11 @@ def run(argv: Sequence[str]) -> int:
     except ConfigError as e:
         parser.exit(2, f"eyewall: invalid setting: {e}\n")
     handler, listener = setup_logging(settings.log_level)
+    # Every request allocates a few hundred objects and leaves a few reference cycles:
+    # collecting the young generation every 700 allocations cost ~10% at 100 clients.
+    # Start-up objects are frozen out of collection altogether.
+    gc.set_threshold(50_000, 50, 100)
+    gc.freeze()
     try:
         run_loop(serve(loader, settings, policy, handler), settings.event_loop)
     except KeyboardInterrupt:
