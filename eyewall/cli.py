@@ -169,7 +169,7 @@ class Observers:
         self.metrics.track_drops("flows", lambda: self.store.dropped)
 
         def recent() -> list[dict[str, Any]]:
-            return [summary(record_of(f)) for f in list(self.store.recent.values())[-200:][::-1]]
+            return [summary(record_of(f)) for f in list(self.store.recent)[-200:][::-1]]
 
         self.live = LiveFeed(gauges, recent)
         bus.subscribe(self.live)

@@ -160,8 +160,11 @@ class FlowList(Base):
 
 class FlowDetail(Base):
     async def get(self, flow_id: str) -> None:
-        loop = asyncio.get_running_loop()
-        record = await loop.run_in_executor(None, self.admin.store.find, flow_id)
+        store = self.admin.store
+        record = store.find_recent(flow_id)
+        if record is None:
+            loop = asyncio.get_running_loop()
+            record = await loop.run_in_executor(None, store.find_stored, flow_id)
         if record is None:
             raise tornado.web.HTTPError(404, "no such flow")
         self.write_json(detail(record))

@@ -15,7 +15,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,7 @@ class FlowStore:
         self.max_count = max_count
         self.max_age = max_age
         self.memory = memory
-        self.recent: OrderedDict[str, Flow] = OrderedDict()
+        self.recent: deque[Flow] = deque(maxlen=memory)  # oldest first
         self.dropped = 0
         self._pending: list[Flow] = []
         self._batches: queue.Queue[list[Flow] | None] = queue.Queue(MAX_BATCHES)
@@ -81,10 +81,7 @@ class FlowStore:
             self._timer.start()
 
     def __call__(self, event: str, flow: Flow) -> None:
-        recent = self.recent
-        recent[flow.id] = flow
-        if len(recent) > self.memory:
-            recent.popitem(last=False)
+        self.recent.append(flow)
         if self.path is not None:
             self._pending.append(flow)
             if len(self._pending) >= 1000:
@@ -164,15 +161,19 @@ class FlowStore:
 
     def recent_records(self) -> Iterator[Record]:
         """Recent flows, newest first."""
-        for flow in reversed(self.recent.values()):
+        for flow in reversed(self.recent):
             yield record_of(flow)
 
-    def find(self, flow_id: str) -> Record | None:
-        """A flow by id: from memory, else from the database (blocking)."""
-        flow = self.recent.get(flow_id)
-        if flow is not None:
-            return record_of(flow)
-        if self.path is None:
+    def find_recent(self, flow_id: str) -> Record | None:
+        """A flow by id from memory (on the event loop)."""
+        for flow in reversed(self.recent):
+            if flow.id == flow_id:
+                return record_of(flow)
+        return None
+
+    def find_stored(self, flow_id: str) -> Record | None:
+        """A flow by id from the database (blocking: run it in a thread)."""
+        if self.path is None or not self.path.exists():
             return None
         rows = read_records(self.path, "id = ?", (flow_id,), limit=1)
         return rows[0] if rows else None

@@ -26,7 +26,7 @@ from eyewall.observe.flow import Flow
 from eyewall.policy.engine import RateLimiters
 from eyewall.policy.rules import Action, Decision
 from eyewall.proxy.forward import Exchange
-from eyewall.proxy.gate import admit
+from eyewall.proxy.gate import admit, admit_now
 from eyewall.proxy.streams import (
     HEAD_END,
     buffered_size,
@@ -215,7 +215,9 @@ class ClientConnection:
             )
         # After a refusal the connection carries on only if no request body is left unread.
         close = framing.kind is not BodyKind.NONE or not client_keeps_alive(head)
-        decision = await admit(self, head, target, flow, close)
+        decision = admit_now(self, head, target, flow) or await admit(
+            self, head, target, flow, close
+        )
         if decision is None:
             return not close and not self.stream.closed()
         hf = None

@@ -23,9 +23,34 @@ from eyewall.policy.rules import Action, Decision, Request
 if TYPE_CHECKING:
     from eyewall.proxy.connection import ClientConnection
 
-__all__ = ["admit"]
+__all__ = ["admit", "admit_now"]
 
 log = logging.getLogger("eyewall.access")
+
+
+def admit_now(
+    conn: ClientConnection, head: RequestHead, target: Target, flow: Flow
+) -> Decision | None:
+    """The decision to let the request through when it needs no waiting (no
+    authentication, no rate limit, addresses known); None sends the caller to `admit`."""
+    proxy = conn.proxy
+    policy = proxy.policy
+    limits = policy.limits
+    if policy.auth_required or limits.client_rps is not None or limits.user_rps is not None:
+        return None
+    scheme = "connect" if head.method == "CONNECT" else target.scheme
+    req = Request(conn.address[0], head.method, scheme, target.host, target.port)
+    decision = policy.decide(req, None)
+    if decision.action is Action.RESOLVE:
+        addrs = proxy.pool.resolver.known(target.host, target.port)
+        if addrs is None:
+            return None
+        decision = policy.decide(req, tuple([a[1][0] for a in addrs]))
+    if decision.action is Action.DENY:
+        return None
+    flow.rule = decision.rule
+    proxy.bus.emit("decision", flow)
+    return decision
 
 
 async def admit(

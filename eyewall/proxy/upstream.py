@@ -49,19 +49,28 @@ class Resolver:
         self.max_entries = max_entries
         self._cache: dict[tuple[str, int], tuple[float, list[Address]]] = {}
 
-    async def resolve(self, host: str, port: int) -> list[Address]:
+    def known(self, host: str, port: int) -> list[Address] | None:
+        """The addresses without waiting, when ``host`` is an IP literal or cached."""
+        cached = self._cache.get((host, port))
+        if cached is not None and cached[0] > asyncio.get_running_loop().time():
+            return cached[1]
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            pass
-        else:
-            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-            return [(family, (host, port))]
+            return None
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        addrs = [(family, (host, port))]
+        if len(self._cache) >= self.max_entries:
+            self._cache.clear()
+        self._cache[(host, port)] = (float("inf"), addrs)
+        return addrs
+
+    async def resolve(self, host: str, port: int) -> list[Address]:
+        known = self.known(host, port)
+        if known is not None:
+            return known
         loop = asyncio.get_running_loop()
         now = loop.time()
-        cached = self._cache.get((host, port))
-        if cached is not None and cached[0] > now:
-            return cached[1]
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as e:
