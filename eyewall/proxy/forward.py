@@ -33,7 +33,7 @@ from eyewall.http1.target import Target
 from eyewall.observe.flow import Flow
 from eyewall.policy.rules import Decision
 from eyewall.proxy import bodies
-from eyewall.proxy.streams import HEAD_END, complete, read_block, read_buffered, take_over
+from eyewall.proxy.streams import complete, read_buffered, read_head, take_over
 from eyewall.proxy.tunnel import Tunnel
 from eyewall.proxy.upstream import Upstream
 
@@ -259,7 +259,7 @@ class Exchange:
         assert up is not None
         limit = conn.proxy.settings.limits.max_header_size
         for _ in range(MAX_INTERIM + 1):
-            data = await read_block(up.stream, HEAD_END, limit)
+            data = await read_head(up.stream, limit)
             if not complete(data):
                 raise ProxyError(ErrorKind.UPSTREAM_MALFORMED, "response head too large")
             try:

@@ -23,6 +23,7 @@ __all__ = [
     "complete",
     "lingering_close",
     "read_block",
+    "read_head",
     "take_over",
 ]
 
@@ -83,6 +84,12 @@ class BoundedStream(IOStream):
             data = memoryview(data)[sent:]
         return super().write(data)
 
+    def unread(self, data: bytes) -> None:
+        """Put bytes back at the front of the buffer (no read may be pending)."""
+        if data:
+            self._read_buffer[0:0] = data  # type: ignore[attr-defined]
+            self._read_buffer_size += len(data)  # type: ignore[attr-defined]
+
     def _read_to_buffer(self) -> int | None:
         if self._user_read_buffer:  # type: ignore[attr-defined]
             return super()._read_to_buffer()  # type: ignore[misc,no-any-return]
@@ -116,6 +123,26 @@ def read_block(stream: IOStream, pattern: re.Pattern[bytes], limit: int) -> Awai
     """Read through ``pattern``, or ``limit`` bytes if it does not occur within them
     (on a `BoundedStream`)."""
     return stream.read_until_regex(pattern, max_bytes=limit)
+
+
+async def read_head(stream: IOStream, limit: int) -> bytes:
+    """A message head through its empty line, or ``limit`` bytes without one.
+
+    On a `BoundedStream` this takes everything that has arrived and puts back what
+    follows the head: reading to a delimiter leaves bytes in the buffer, and a stream
+    with buffered bytes stops watching its socket and must be re-armed for the next
+    read — two event-loop handler changes per request that this avoids.
+    """
+    if not isinstance(stream, BoundedStream):
+        return await read_block(stream, HEAD_END, limit)
+    data = await stream.read_bytes(limit, partial=True)
+    found = HEAD_END.search(data)
+    while found is None and len(data) < limit:
+        data += await stream.read_bytes(limit - len(data), partial=True)
+        found = HEAD_END.search(data)
+    end = found.end() if found is not None and found.end() <= limit + 3 else limit
+    stream.unread(data[end:])
+    return data[:end]
 
 
 def read_buffered(stream: IOStream, n: int) -> bytes | None:
