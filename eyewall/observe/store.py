@@ -31,7 +31,7 @@ log = logging.getLogger("eyewall.flows")
 
 MAX_BATCHES = 64
 ROWS_PER_STATEMENT = 30  # 30 x 29 parameters stays under SQLite's 999 limit
-FLUSH_INTERVAL = 0.25  # seconds
+FLUSH_INTERVAL = 1.0  # seconds
 PRUNE_EVERY = 5.0  # seconds between retention passes
 
 _SCHEMA = f"""
