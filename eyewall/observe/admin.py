@@ -212,7 +212,7 @@ class Live(Guarded, tornado.websocket.WebSocketHandler):
 
     def check_origin(self, origin: str) -> bool:
         """Only the dashboard's own origin (cross-site WebSocket hijacking guard)."""
-        return urlsplit(origin).netloc.lower() == self.request.host.lower()
+        return bool(urlsplit(origin).netloc.lower() == self.request.host.lower())
 
     def open(self, *args: Any, **kwargs: Any) -> None:
         self.client = self.admin.live.attach(self)
@@ -330,7 +330,8 @@ class AdminServer:
         stored: list[Record] = []
         path = self.store.path
         if path is not None and path.exists():
-            where, params = "started >= ?", [since]
+            where = "started >= ?"
+            params: list[object] = [since]
             if host:
                 where += " AND host = ?"
                 params.append(host)

@@ -18,7 +18,7 @@ from eyewall.observe.flow import Flow
 
 __all__ = ["FORMATS", "format_json", "format_text"]
 
-_quote = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_quote = json.encoder.encode_basestring
 _iso_second: list[object] = [-1, ""]
 _clf_second: list[object] = [-1, ""]
 

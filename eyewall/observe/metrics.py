@@ -82,7 +82,7 @@ class Metrics:
         self.dropped: dict[str, Callable[[], int]] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ProcessCollector(registry=None))
-        self.registry.register(self)  # type: ignore[arg-type]
+        self.registry.register(self)
 
     def __call__(self, event: str, flow: Flow) -> None:
         method = flow.method if flow.method in KNOWN_METHODS else "OTHER"
@@ -146,8 +146,8 @@ class Metrics:
             ("eyewall_rate_limited", "Refusals by rate limit.", "limit", self.limited),
         ):
             family = CounterMetricFamily(name, doc, labels=[label])
-            for value, n in sorted(counts.items()):
-                family.add_metric([value], n)
+            for key, n in sorted(counts.items()):
+                family.add_metric([key], n)
             yield family
         dropped = CounterMetricFamily(
             "eyewall_events_dropped",

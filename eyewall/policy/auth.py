@@ -170,7 +170,7 @@ class FailureTracker:
         """Seconds to hold the 407 back: none at first, then doubling up to 8 s."""
         if failures <= self.free:
             return 0.0
-        return min(8.0, 0.25 * 2 ** (failures - self.free - 1))
+        return min(8.0, 0.25 * 2.0 ** (failures - self.free - 1))
 
     def clear(self, client: str) -> None:
         self._failures.pop(client, None)

@@ -116,8 +116,8 @@ class Policy:
         ok = self._client_ok.get(client)
         if ok is None:
             ip = ip_address(client)
-            if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
-                ip = ip.ipv4_mapped  # type: ignore[union-attr]
+            if ip.version == 6 and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
             ok = any(ip.version == n.version and ip in n for n in self.clients)
             if len(self._client_ok) > 65536:
                 self._client_ok.clear()

@@ -143,8 +143,8 @@ class Rule:
 
 def _in_networks(address: str, networks: tuple[IPNetwork, ...]) -> bool:
     ip = ip_address(address)
-    if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
-        ip = ip.ipv4_mapped  # type: ignore[union-attr]  # ::ffff:10.0.0.1 is 10.0.0.1
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1
     return any(ip.version == n.version and ip in n for n in networks)
 
 
@@ -194,7 +194,8 @@ def compile_rule(raw: Mapping[str, Any], path: str) -> Rule:
             pattern = re.compile(str(regex), re.IGNORECASE)
         except re.error as e:
             raise ValueError(f"{path}.host_regex: {e}") from None
-    networks, clients = [], []
+    networks: list[IPNetwork] = []
+    clients: list[IPNetwork] = []
     for key, out in (("networks", networks), ("clients", clients)):
         for n in _strings(raw, key, path):
             try:

@@ -173,7 +173,7 @@ class Exchange:
         response head, relaying interim ones."""
         conn, head, target, flow = self.conn, self.head, self.target, self.flow
         proxy = conn.proxy
-        if self.hf is not None:
+        if self.hf is not None and self.hf.request is not None:
             target = self.target = self.hf.request.target  # an addon may change the path
         fields = m.upstream_fields(head, target, framing, proxy.settings.via, upgrade)
         request = m.render_request(head.method, target.path, fields)
@@ -302,11 +302,11 @@ class Exchange:
                 kind = {BodyKind.LENGTH: "length", BodyKind.CHUNKED: "chunked"}.get(
                     framing.kind, "close"
                 )
-                data, resume = await bodies.read_upto(
+                data, more = await bodies.read_upto(
                     origin, kind, framing.length, hf.response.buffer_limit,
                     proxy.settings.limits.max_header_size,
                 )  # fmt: skip
-                if resume is None:
+                if more is None:
                     hf.response.body = data
                     await proxy.addons.call("response", hf)
                     if hf.answer is not None or hf.killed:
@@ -317,7 +317,7 @@ class Exchange:
                     framing = Framing(BodyKind.LENGTH, len(buffered))
                 else:
                     hf.response.truncated = True
-                    prefix, resume = data, resume
+                    prefix, resume = data, more
         out = m.downstream_framing(framing, head.version)
         keep_alive = (
             keep_alive

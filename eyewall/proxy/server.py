@@ -137,6 +137,7 @@ class Proxy:
     async def _serve(self, stream: BoundedStream, address: Any) -> None:
         client = address[0]
         policy = self.policy
+        refusal: tuple[ErrorKind, str] | None
         if self.draining:
             refusal = (ErrorKind.OVERLOADED, "shutting down")
         elif len(self.connections) >= self.settings.limits.max_connections:

@@ -59,7 +59,7 @@ class Resolver:
         except ValueError:
             return None
         family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        addrs = [(family, (host, port))]
+        addrs: list[Address] = [(int(family), (host, port))]
         if len(self._cache) >= self.max_entries:
             self._cache.clear()
         self._cache[(host, port)] = (float("inf"), addrs)
