@@ -44,6 +44,13 @@ class Scenario:
         }
 
 
+THROUGHPUT_COLUMNS = [
+    Column("mb_per_s", "MB/s", digits=1, ratio=True),
+    Column("runs_mb_per_s", "runs", digits=1),
+    Column("errors", "errors"),
+    Column("remarks", "remarks"),
+]
+
 SCENARIOS = [
     Scenario(
         key="small_requests",
@@ -76,12 +83,7 @@ SCENARIOS = [
         ),
         variants=lambda settings: ["download", "upload"],
         measure=http_load.bulk_transfer,
-        columns=[
-            Column("mb_per_s", "MB/s", digits=1, ratio=True),
-            Column("runs_mb_per_s", "runs", digits=1),
-            Column("errors", "errors"),
-            Column("remarks", "remarks"),
-        ],
+        columns=THROUGHPUT_COLUMNS,
         variant_header="direction",
     ),
     Scenario(
@@ -95,12 +97,7 @@ SCENARIOS = [
         ),
         variants=lambda settings: ["download", "upload"],
         measure=tunnel_load.tunnel_throughput,
-        columns=[
-            Column("mb_per_s", "MB/s", digits=1, ratio=True),
-            Column("runs_mb_per_s", "runs", digits=1),
-            Column("errors", "errors"),
-            Column("remarks", "remarks"),
-        ],
+        columns=THROUGHPUT_COLUMNS,
         variant_header="direction",
     ),
     Scenario(

@@ -48,11 +48,11 @@ def _chunk(data: bytes | memoryview) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-async def _copy_chunk_data(
-    src: IOStream, dst: IOStream, size: int, chunked: bool, meter: Meter
-) -> int:
-    """Move one chunk's data and check the CRLF after it."""
-    remaining = size
+async def _copy_pieces(
+    src: IOStream, dst: IOStream, remaining: int, chunked: bool, meter: Meter
+) -> None:
+    """Move ``remaining`` bytes in pieces of at most `PIECE`, each framed as a chunk
+    when ``chunked``."""
     while remaining:
         piece = await src.read_bytes(min(remaining, PIECE), partial=True)
         remaining -= len(piece)
@@ -61,6 +61,13 @@ async def _copy_chunk_data(
         if meter.capture is not None:
             meter.keep(piece)
         await dst.write(_chunk(piece) if chunked else piece)
+
+
+async def _copy_chunk_data(
+    src: IOStream, dst: IOStream, size: int, chunked: bool, meter: Meter
+) -> int:
+    """Move one chunk's data and check the CRLF after it."""
+    await _copy_pieces(src, dst, size, chunked, meter)
     end = await read_block(src, LINE_END, CHUNK_LINE_LIMIT)
     if end not in (b"\r\n", b"\n"):
         raise ParseError("chunk data not followed by CRLF")
@@ -117,14 +124,7 @@ async def copy_length(src: IOStream, dst: IOStream, length: int, meter: Meter) -
     """Move exactly ``length`` bytes; a source that ends early raises StreamClosedError."""
     remaining = length
     if remaining <= PIECE * 2:
-        while remaining:
-            piece = await src.read_bytes(min(remaining, PIECE), partial=True)
-            remaining -= len(piece)
-            meter.count += len(piece)
-            meter.active = True
-            if meter.capture is not None:
-                meter.keep(piece)
-            await dst.write(piece)
+        await _copy_pieces(src, dst, remaining, False, meter)
         return length
     view = memoryview(bytearray(BIG_BUFFER))
     while remaining:
