@@ -79,6 +79,16 @@ class ProxyProcess:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
+    def log_with(self, needle: str, timeout: float = 5.0) -> str:
+        """The proxy's log once it contains ``needle`` (log lines are written by a
+        thread, so they may trail the event by a moment)."""
+        deadline = time.monotonic() + timeout
+        while needle not in (text := self.stderr()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line with {needle!r}:\n{text[-3000:]}")
+            time.sleep(0.02)
+        return text
+
     def access_lines(self, wait_for: int = 0, timeout: float = 5.0) -> list[str]:
         """Access lines written so far; waits until at least ``wait_for`` are there."""
         deadline = time.monotonic() + timeout
