@@ -176,7 +176,7 @@ class Observers:
         self.admin = None
         if settings.admin.listen != "off":
             from eyewall.config import parse_endpoint
-            from eyewall.observe.admin import AdminServer
+            from eyewall.dashboard.app import AdminServer
 
             self.admin = AdminServer(
                 proxy, self.metrics, self.store, self.live,

@@ -24,7 +24,7 @@ PURE = [
     "eyewall.http1.message",
     "eyewall.errors",
     "eyewall.config",
-    "eyewall.observe.flow",
+    "eyewall.flow",
 ]
 # Modules of the package that are allowed to use Tornado; a pure module importing one of
 # them would pull Tornado in.
@@ -107,4 +107,4 @@ def test_source_scan_sees_the_io_layer_imports():
     # The scan can fail too: it finds Tornado where the access log imports it.
     names = imported_names("eyewall.observe.accesslog")
     assert "tornado.ioloop" in names
-    assert "eyewall.observe.flow.Flow" in names
+    assert "eyewall.flow.Flow" in names

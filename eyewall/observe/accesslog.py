@@ -16,7 +16,7 @@ from typing import IO
 
 from tornado.ioloop import IOLoop, PeriodicCallback
 
-from eyewall.observe.flow import Flow
+from eyewall.flow import Flow
 from eyewall.observe.logformats import FORMATS
 
 __all__ = ["AccessLog"]

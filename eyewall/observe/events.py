@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
-from eyewall.observe.flow import Flow
+from eyewall.flow import Flow
 
 __all__ = ["EVENTS", "EventBus", "Subscriber"]
 

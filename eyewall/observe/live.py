@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from tornado.ioloop import PeriodicCallback
 
-from eyewall.observe.flow import Flow
+from eyewall.flow import Flow
 from eyewall.observe.records import record_of, summary
 
 __all__ = ["LiveFeed"]

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import Callable
 
-from eyewall.observe.flow import Flow
+from eyewall.flow import Flow
 
 __all__ = ["FORMATS", "format_json", "format_text"]
 

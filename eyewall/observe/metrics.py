@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import generate_latest
 
-from eyewall.observe.flow import Flow
+from eyewall.flow import Flow
 
 __all__ = ["Metrics"]
 

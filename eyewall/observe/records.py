@@ -6,8 +6,8 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from eyewall.flow import Flow
 from eyewall.http1.parse import Headers
-from eyewall.observe.flow import Flow
 
 __all__ = ["COLUMNS", "detail", "record_of", "summary"]
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from tornado.ioloop import PeriodicCallback
 
-from eyewall.observe.flow import Flow
+from eyewall.flow import Flow
 from eyewall.observe.records import COLUMNS, Record, record_of, row_of
 
 __all__ = ["FlowStore", "default_path", "read_records"]

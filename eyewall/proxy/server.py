@@ -17,15 +17,15 @@ from typing import Any
 from tornado.iostream import StreamClosedError
 from tornado.netutil import add_accept_handler, bind_sockets
 
-from eyewall.addons.flow import Client, HTTPFlow
+from eyewall.addons.api import Client, HTTPFlow
 from eyewall.addons.runner import AddonFailed, Addons
 from eyewall.config import Settings
 from eyewall.errors import ErrorKind, ProxyError, error_page, status_of
+from eyewall.flow import Flow
 from eyewall.http1.target import Target
 from eyewall.observe.events import EventBus
-from eyewall.observe.flow import Flow
 from eyewall.policy.engine import Policy
-from eyewall.proxy.connection import ClientConnection
+from eyewall.proxy.client import ClientConnection
 from eyewall.proxy.streams import BoundedStream
 from eyewall.proxy.tunnel import PipePool, Tunnel
 from eyewall.proxy.upstream import Address, Resolver, UpstreamPool, default_tls_context

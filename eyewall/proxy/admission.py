@@ -13,15 +13,15 @@ import math
 from typing import TYPE_CHECKING
 
 from eyewall.errors import ErrorKind, ProxyError
+from eyewall.flow import Flow
 from eyewall.http1.parse import RequestHead
 from eyewall.http1.target import Target
-from eyewall.observe.flow import Flow
 from eyewall.policy.auth import Credentials, parse_basic
 from eyewall.policy.engine import Policy
 from eyewall.policy.rules import Action, Decision, Request
 
 if TYPE_CHECKING:
-    from eyewall.proxy.connection import ClientConnection
+    from eyewall.proxy.client import ClientConnection
 
 __all__ = ["admit", "admit_now"]
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from eyewall.flow import Flow
 from eyewall.http1.parse import Headers, RequestHead, ResponseHead, check_field
 from eyewall.http1.target import Target
-from eyewall.observe.flow import Flow
 
 __all__ = ["Client", "HTTPFlow", "Request", "Response"]
 

@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING
 
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
-from eyewall.addons.flow import HTTPFlow, Request
+from eyewall.addons.api import HTTPFlow, Request
 from eyewall.addons.runner import AddonFailed
 from eyewall.errors import ErrorKind, ProxyError, error_page, status_of
+from eyewall.flow import Flow
 from eyewall.http1.message import BodyKind, client_keeps_alive, render_response, request_framing
 from eyewall.http1.parse import ParseError, RequestHead, parse_request_head
 from eyewall.http1.target import Target, TargetError, parse_authority, parse_target
-from eyewall.observe.flow import Flow
 from eyewall.policy.engine import RateLimiters
 from eyewall.policy.rules import Action, Decision
-from eyewall.proxy.forward import Exchange
-from eyewall.proxy.gate import admit, admit_now
+from eyewall.proxy.admission import admit, admit_now
+from eyewall.proxy.exchange import Exchange
 from eyewall.proxy.streams import (
     HEAD_END,
     buffered_size,

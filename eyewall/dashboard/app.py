@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["AdminServer"]
 
 access_log = logging.getLogger("eyewall.admin")
-STATIC = Path(__file__).resolve().parent.parent / "dashboard" / "static"
+STATIC = Path(__file__).resolve().parent / "static"
 COOKIE = "eyewall_admin"
 
 

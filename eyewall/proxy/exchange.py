@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING
 
 from tornado.iostream import StreamClosedError
 
-from eyewall.addons.flow import HTTPFlow, Response
+from eyewall.addons.api import HTTPFlow, Response
 from eyewall.addons.runner import AddonFailed
 from eyewall.errors import ErrorKind, ProxyError
+from eyewall.flow import Flow
 from eyewall.http1 import message as m
 from eyewall.http1.message import BodyKind, Framing
 from eyewall.http1.parse import ParseError, RequestHead, ResponseHead, parse_response_head
 from eyewall.http1.target import Target
-from eyewall.observe.flow import Flow
 from eyewall.policy.rules import Decision
 from eyewall.proxy import bodies
 from eyewall.proxy.streams import complete, read_buffered, read_head, take_over
@@ -38,7 +38,7 @@ from eyewall.proxy.tunnel import Tunnel
 from eyewall.proxy.upstream import Upstream
 
 if TYPE_CHECKING:
-    from eyewall.proxy.connection import ClientConnection
+    from eyewall.proxy.client import ClientConnection
 
 __all__ = ["Exchange"]
 
