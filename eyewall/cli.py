@@ -1,46 +1,42 @@
-"""Command line.
+"""The command line: argument parsing only; the work is done by `eyewall.app` (run),
+`eyewall.explain` and the small commands below.
 
-eyewall [options]                 run the proxy (every setting has a flag; flags
-                                  override the --config file)
-eyewall check-config FILE         validate a configuration file
-eyewall reload [--pid-file F | --config F]   ask a running proxy to reload
-eyewall explain [options] URL|HOST:PORT      show what the policy decides, and why
+    eyewall [options]                       run the proxy (every setting has a flag;
+                                            flags override the --config file)
+    eyewall check-config FILE...            validate configuration files
+    eyewall reload [--pid-file F | --config F]   ask a running proxy to reload
+    eyewall explain [options] URL|HOST:PORT  show what the policy decides, and why
+    eyewall ca init|export                  the TLS interception CA
+    eyewall har export                      recorded flows as HAR 1.2
+
+Each command has its own ``--help``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
-import logging
 import os
-import resource
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from eyewall import __version__
-from eyewall.config import ConfigError, Settings, iter_settings, load_settings
-from eyewall.observe.accesslog import AccessLog
-from eyewall.observe.events import EventBus
-from eyewall.observe.oplog import DroppingQueueHandler, setup_logging
-from eyewall.policy.engine import Policy, PolicyError
-
-if TYPE_CHECKING:
-    from eyewall.proxy.server import Proxy
+from eyewall.config import ConfigError, iter_settings, load_settings
 
 __all__ = ["main"]
 
-log = logging.getLogger("eyewall")
+EXPLAIN_SETTINGS = ("listen", "admin.", "access.", "auth.", "rate_limits.", "tls.listen")
 
 
-def add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+def add_setting_flags(
+    parser: argparse.ArgumentParser | Any, only: tuple[str, ...] | None = None
+) -> None:
+    """One flag per setting that has one (``only``: settings whose path starts so)."""
     for s in iter_settings():
-        if s.flag is None:
+        if s.flag is None or (only is not None and not s.path.startswith(only)):
             continue
         unit = f" [{s.unit}]" if s.unit else ""
         kwargs: dict[str, Any] = {"dest": s.path, "help": s.help + unit, "default": None}
@@ -55,7 +51,8 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(s.flag, **kwargs)
 
 
-def _overrides(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+def overrides_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The settings given as flags, by dotted path."""
     out: dict[str, Any] = {}
     for s in iter_settings():
         value = getattr(args, s.path, None) if s.flag else None
@@ -70,335 +67,143 @@ def _overrides(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dic
     return out
 
 
-class Loader:
-    """Builds settings and policy from the config file plus flags, again on reload."""
-
-    def __init__(self, config: str | None, overrides: dict[str, Any]) -> None:
-        self.config = config
-        self.overrides = overrides
-
-    def load(self) -> tuple[Settings, Policy]:
-        """Raises ConfigError naming the setting (as a flag when it came from one)."""
-        try:
-            settings = load_settings(self.config, self.overrides)
-            return settings, Policy.from_settings(settings)
-        except (ConfigError, PolicyError) as e:
-            message = str(e)
-            path = message.partition(":")[0]
-            flags = {s.path: s.flag for s in iter_settings()}
-            if path in self.overrides and flags.get(path):
-                message = f"{flags[path]}{message[len(path) :]}"
-            raise ConfigError(message) from None
-
-    def watched_files(self, settings: Settings) -> list[str]:
-        return [f for f in (self.config, settings.auth.htpasswd) if f]
-
-
-def _raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
-
-
-def _mtimes(paths: list[str]) -> list[float]:
-    out = []
-    for p in paths:
-        try:
-            out.append(os.stat(p).st_mtime)
-        except OSError:
-            out.append(-1.0)
-    return out
-
-
-def _ca_pem(proxy: Proxy) -> bytes | None:
-    """The interception CA certificate, if there is one, for the dashboard to offer."""
-    from eyewall.tls.ca import CertificateAuthority, default_ca_dir
-
-    if proxy.policy.ca is not None:
-        return proxy.policy.ca.pem()
-    configured = proxy.settings.tls.ca_dir
-    try:
-        return CertificateAuthority.load(Path(configured) if configured else default_ca_dir()).pem()
-    except (OSError, ValueError):
-        return None
-
-
-class Observers:
-    """Everything that watches the traffic: access log, metrics, flow store, live feed,
-    and the admin listener that shows them."""
-
-    def __init__(self, settings: Settings, proxy: Proxy) -> None:
-        from eyewall.observe.live import LiveFeed
-        from eyewall.observe.metrics import Metrics
-        from eyewall.observe.records import record_of, summary
-        from eyewall.observe.store import FlowStore, default_path
-
-        bus = proxy.bus
-        self.access = None
-        if settings.access_log != "off":
-            self.access = AccessLog(settings.access_log, settings.log_format)
-            bus.subscribe(self.access)
-        f = settings.flows
-        path = (Path(f.path) if f.path else default_path()) if f.enabled else None
-        self.store = FlowStore(path, f.max_count, f.max_age, f.memory)
-        bus.subscribe(self.store)
-
-        def gauges() -> dict[str, float]:
-            return {
-                "connections": len(proxy.connections),
-                "tunnels": len(proxy.tunnels),
-                "pool_idle": proxy.pool.idle_count(),
-            }
-
-        def prometheus_gauges() -> dict[str, float]:
-            g = gauges()
-            return {
-                "client_connections": g["connections"],
-                "tunnels": g["tunnels"],
-                "upstream_idle_connections": g["pool_idle"],
-            }
-
-        self.metrics = Metrics(prometheus_gauges)
-        bus.subscribe(self.metrics)
-        access = self.access
-        if access is not None:
-            self.metrics.track_drops("access_log", lambda: access.dropped)
-        self.metrics.track_drops("flows", lambda: self.store.dropped)
-
-        def recent() -> list[dict[str, Any]]:
-            return [summary(record_of(f)) for f in list(self.store.recent)[-200:][::-1]]
-
-        self.live = LiveFeed(gauges, recent)
-        bus.subscribe(self.live)
-        self.admin = None
-        if settings.admin.listen != "off":
-            from eyewall.config import parse_endpoint
-            from eyewall.dashboard.app import AdminServer
-
-            self.admin = AdminServer(
-                proxy, self.metrics, self.store, self.live,
-                parse_endpoint(settings.admin.listen), settings.admin.token,
-                ca_pem=lambda: _ca_pem(proxy),
-            )  # fmt: skip
-
-    def start(self, proxy: Proxy) -> None:
-        if self.admin is not None:
-            try:
-                address = self.admin.start()
-            except OSError as e:
-                raise SystemExit(f"eyewall: cannot listen for admin: {e.strerror or e}") from None
-            proxy.protect(address)
-            print(f"eyewall admin on {self.admin.url()}", file=sys.stderr, flush=True)
-
-    async def stop(self) -> None:
-        if self.admin is not None:
-            await self.admin.stop()
-        else:
-            self.live.stop()
-        self.store.close()
-        if self.access is not None:
-            self.access.close()
-
-
-async def serve(
-    loader: Loader, settings: Settings, policy: Policy, log_handler: DroppingQueueHandler
-) -> None:
-    from tornado.ioloop import PeriodicCallback
-
-    from eyewall.addons.runner import Addons
-    from eyewall.proxy.server import Proxy
-
-    _raise_fd_limit()
-    addons = Addons(settings.addons, settings.policy_addons)
-    try:
-        addons.load_all()
-    except ValueError as e:
-        raise SystemExit(f"eyewall: {e}") from None
-    addons.lifecycle("configure", settings)
-    proxy = Proxy(settings, policy, EventBus(), addons)
-    observers = Observers(settings, proxy)
-    observers.metrics.track_drops("log", lambda: log_handler.dropped)
-    try:
-        addresses = proxy.start_listening()
-    except OSError as e:
-        raise SystemExit(f"eyewall: cannot listen: {e.strerror or e}") from None
-    observers.start(proxy)
-    addons.lifecycle("running")
-    addon_watch = PeriodicCallback(lambda: addons.reload_changed(proxy.settings), 1000)
-    if addons.files:
-        addon_watch.start()
-    access = observers.access
-    if settings.pid_file:
-        Path(settings.pid_file).write_text(f"{os.getpid()}\n")
-    shown = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
-    print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
-
-    def reload() -> None:
-        try:
-            new_settings, new_policy = loader.load()
-        except ConfigError as e:
-            log.error("reload refused, keeping the current configuration: %s", e)
-            return
-        old = proxy.settings
-        if (new_settings.admin.listen, new_settings.flows) != (old.admin.listen, old.flows):
-            log.warning("admin listener and flow recording settings apply after a restart")
-        if observers.admin is not None:
-            observers.admin.token = new_settings.admin.token
-        proxy.reload(new_settings, new_policy)
-        addons.lifecycle("configure", new_settings)
-        log.info("configuration reloaded")
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    if access is not None:
-        loop.add_signal_handler(signal.SIGUSR1, access.reopen)
-    watcher = None
-    if settings.watch_config and loader.config:
-        files = loader.watched_files(settings)
-        seen = _mtimes(files)
-
-        def poll() -> None:
-            nonlocal seen
-            now = _mtimes(files)
-            if now != seen:
-                seen = now
-                reload()
-
-        watcher = PeriodicCallback(poll, 2000)
-        watcher.start()
-    await stop.wait()
-    if watcher is not None:
-        watcher.stop()
-    log.info("shutting down; in-flight work has %.0f s to finish", proxy.settings.timeouts.drain)
-    shutdown = asyncio.ensure_future(proxy.shutdown())
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, shutdown.cancel)  # a second signal: stop now
-    try:
-        await shutdown
-    except asyncio.CancelledError:
-        log.warning("second signal: closing everything now")
-    addon_watch.stop()
-    addons.lifecycle("done")
-    await observers.stop()
-    if settings.pid_file:
-        Path(settings.pid_file).unlink(missing_ok=True)
-    log.info("stopped")
-
-
-def run(argv: Sequence[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eyewall",
-        description="An asynchronous HTTP/HTTPS forward proxy.",
-        epilog="Other commands: eyewall check-config FILE | eyewall reload | eyewall explain",
+        description="An asynchronous HTTP/HTTPS forward proxy. Without a command, runs the"
+        " proxy (default 127.0.0.1:8080).",
+        epilog="Run 'eyewall COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"eyewall {__version__}")
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
     add_setting_flags(parser)
-    args = parser.parse_args(argv)
-    loader = Loader(args.config, _overrides(args, parser))
-    try:
-        settings, policy = loader.load()
-    except ConfigError as e:
-        parser.exit(2, f"eyewall: invalid setting: {e}\n")
-    handler, listener = setup_logging(settings.log_level)
-    # Every request allocates a few hundred objects and leaves a few reference cycles:
-    # collecting the young generation every 700 allocations cost ~10% at 100 clients.
-    # Start-up objects are frozen out of collection altogether.
-    gc.set_threshold(50_000, 50, 100)
-    gc.freeze()
-    try:
-        run_loop(serve(loader, settings, policy, handler), settings.event_loop)
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        listener.stop()
-    return 0
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
 
-
-def run_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
-    """Run ``main`` on uvloop when chosen (or, for "auto", when installed)."""
-    if choice != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise SystemExit("eyewall: event_loop = uvloop, but it is not installed") from None
-        else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
-
-
-def check_config(argv: Sequence[str]) -> int:
-    if len(argv) != 1:
-        print("usage: eyewall check-config FILE", file=sys.stderr)
-        return 2
-    try:
-        Loader(argv[0], {}).load()
-    except ConfigError as e:
-        print(f"{argv[0]}: {e}", file=sys.stderr)
-        return 1
-    print(f"{argv[0]}: ok")
-    return 0
-
-
-def reload_command(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="eyewall reload", description="Ask a running proxy to reload its configuration."
+    check = commands.add_parser(
+        "check-config",
+        help="validate configuration files",
+        description="Validate configuration files: every problem is listed with its"
+        " setting and line; exit status 1 if any file is invalid.",
     )
-    parser.add_argument("--pid-file", help="the running proxy's pid file")
-    parser.add_argument("--config", help="read pid_file from this configuration")
-    args = parser.parse_args(argv)
+    check.add_argument("files", nargs="+", metavar="FILE")
+
+    reload = commands.add_parser(
+        "reload",
+        help="ask a running proxy to reload its configuration (SIGHUP)",
+        description="Ask a running proxy to reload its configuration (sends SIGHUP).",
+    )
+    reload.add_argument("--pid-file", help="the running proxy's pid file")
+    reload.add_argument("--config", help="read pid_file from this configuration")
+
+    explain = commands.add_parser(
+        "explain",
+        help="show what the policy decides for a request, and why",
+        description="Show what the policy decides for a request, and why; sends nothing."
+        " Exit status 0 if the request would be let through, 3 if not.",
+    )
+    explain.add_argument("target", help="a URL (http://host/path) or HOST:PORT for CONNECT")
+    explain.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    explain.add_argument("--method", default="GET", help="request method (default GET)")
+    explain.add_argument("--client", default="127.0.0.1", help="client address")
+    explain.add_argument(
+        "--user", help="an authenticated user name (its password is assumed right)"
+    )
+    group = explain.add_argument_group("policy settings (override the file, as for the proxy)")
+    add_setting_flags(group, EXPLAIN_SETTINGS)
+
+    ca = commands.add_parser(
+        "ca",
+        help="create or export the TLS interception CA",
+        description="Create or export the TLS interception CA.",
+    )
+    ca_commands = ca.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, text in (
+        ("init", "create the CA (key 0600)"),
+        ("export", "print the CA certificate"),
+    ):
+        sub = ca_commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        sub.add_argument("--ca-dir", help="where the CA lives (default: ca/ in the data dir)")
+        sub.add_argument("--config", help="read tls.ca_dir from this configuration")
+        if name == "export":
+            sub.add_argument("--der", action="store_true", help="DER instead of PEM")
+
+    har = commands.add_parser(
+        "har",
+        help="export recorded flows as HAR 1.2",
+        description="Export recorded flows as HAR 1.2.",
+    )
+    har_commands = har.add_subparsers(dest="action", required=True, metavar="ACTION")
+    export = har_commands.add_parser(
+        "export",
+        help="write recorded flows as HAR 1.2 to stdout",
+        description="Write recorded flows as HAR 1.2 to stdout.",
+    )
+    export.add_argument("--flows", help="the flows database (default: the user data dir)")
+    export.add_argument("--config", help="read flows.path from this configuration")
+    export.add_argument(
+        "--since", type=float, default=0.0, help="epoch seconds, or -N for N seconds ago"
+    )
+    export.add_argument("--host", help="only flows to this host")
+    export.add_argument("--limit", type=int, default=10_000, help="at most this many (newest)")
+    return parser
+
+
+def check_config(files: Sequence[str]) -> int:
+    from eyewall.app import Loader
+
+    status = 0
+    for path in files:
+        try:
+            Loader(path, {}).load()
+        except ConfigError as e:
+            status = 1
+            print(f"{path}: invalid", file=sys.stderr)
+            for error in e.errors:
+                print(f"  {error}", file=sys.stderr)
+            continue
+        print(f"{path}: ok")
+    return status
+
+
+def reload_command(args: argparse.Namespace) -> int:
     pid_file = args.pid_file
     if pid_file is None and args.config:
         try:
             pid_file = load_settings(args.config).pid_file
         except ConfigError as e:
-            parser.exit(2, f"eyewall reload: {e}\n")
+            print(f"eyewall reload: {e}", file=sys.stderr)
+            return 2
     if not pid_file:
-        parser.exit(2, "eyewall reload: give --pid-file, or --config with pid_file set\n")
+        print("eyewall reload: give --pid-file, or --config with pid_file set", file=sys.stderr)
+        return 2
     try:
         pid = int(Path(pid_file).read_text().strip())
         os.kill(pid, signal.SIGHUP)
     except (OSError, ValueError) as e:
-        parser.exit(1, f"eyewall reload: {pid_file}: {e}\n")
+        print(f"eyewall reload: {pid_file}: {e}", file=sys.stderr)
+        return 1
     print(f"sent SIGHUP to {pid}")
     return 0
 
 
-def har_command(argv: Sequence[str]) -> int:
+def har_command(args: argparse.Namespace) -> int:
     import json
 
     from eyewall.observe.har import har
     from eyewall.observe.store import default_path, read_records
 
-    parser = argparse.ArgumentParser(
-        prog="eyewall har export", description="Write recorded flows as HAR 1.2 to stdout."
-    )
-    parser.add_argument("action", choices=["export"])
-    parser.add_argument("--flows", help="the flows database (default: the user data dir)")
-    parser.add_argument("--config", help="read flows.path from this configuration")
-    parser.add_argument(
-        "--since", type=float, default=0.0, help="epoch seconds, or -N for N seconds ago"
-    )
-    parser.add_argument("--host", help="only flows to this host")
-    parser.add_argument("--limit", type=int, default=10_000, help="at most this many (newest)")
-    args = parser.parse_args(argv)
     path = Path(args.flows) if args.flows else None
     if path is None and args.config:
         try:
             configured = load_settings(args.config).flows.path
         except ConfigError as e:
-            parser.exit(2, f"eyewall har: {e}\n")
+            print(f"eyewall har: {e}", file=sys.stderr)
+            return 2
         path = Path(configured) if configured else None
     path = path or default_path()
     if not path.exists():
-        parser.exit(1, f"eyewall har: no flows recorded at {path}\n")
+        print(f"eyewall har: no flows recorded at {path}", file=sys.stderr)
+        return 1
     since = args.since if args.since >= 0 else time.time() + args.since
     where, params = "started >= ?", [since]
     if args.host:
@@ -424,30 +229,27 @@ Trust this CA only on machines whose traffic you mean to inspect:
 """
 
 
-def ca_command(argv: Sequence[str]) -> int:
+def ca_command(args: argparse.Namespace) -> int:
     from eyewall.tls.ca import CertificateAuthority, default_ca_dir
 
-    parser = argparse.ArgumentParser(
-        prog="eyewall ca", description="Create or export the TLS interception CA."
-    )
-    parser.add_argument("action", choices=["init", "export"])
-    parser.add_argument("--ca-dir", help="where the CA lives (default: ca/ in the data dir)")
-    parser.add_argument("--config", help="read tls.ca_dir from this configuration")
-    parser.add_argument("--der", action="store_true", help="export DER instead of PEM")
-    args = parser.parse_args(argv)
     directory = args.ca_dir
     if directory is None and args.config:
         try:
             directory = load_settings(args.config).tls.ca_dir or None
         except ConfigError as e:
-            parser.exit(2, f"eyewall ca: {e}\n")
+            print(f"eyewall ca: {e}", file=sys.stderr)
+            return 2
     path = Path(directory) if directory else default_ca_dir()
     if args.action == "init":
         try:
             ca = CertificateAuthority.create()
             ca.save(path)
         except FileExistsError as e:
-            parser.exit(1, f"eyewall ca init: {e} (keeping it)\n")
+            print(f"eyewall ca init: {e} (keeping it)", file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"eyewall ca init: cannot write {path}: {e.strerror}", file=sys.stderr)
+            return 1
         print(f"created {path / 'ca.pem'} (key: {path / 'ca.key'}, mode 0600)")
         print(f"SHA-256 fingerprint: {ca.fingerprint()}")
         print(INSTALL_HINTS, end="")
@@ -455,7 +257,8 @@ def ca_command(argv: Sequence[str]) -> int:
     try:
         ca = CertificateAuthority.load(path)
     except (OSError, ValueError) as e:
-        parser.exit(1, f"eyewall ca export: {e}\n")
+        print(f"eyewall ca export: {e}", file=sys.stderr)
+        return 1
     if args.der:
         sys.stdout.buffer.write(ca.der())
     else:
@@ -465,17 +268,39 @@ def ca_command(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "check-config":
-        return check_config(argv[1:])
-    if argv and argv[0] == "reload":
-        return reload_command(argv[1:])
-    if argv and argv[0] == "ca":
-        return ca_command(argv[1:])
-    if argv and argv[0] == "har":
-        return har_command(argv[1:])
-    if argv and argv[0] == "explain":
-        from eyewall.explain import explain_command
+    """The ``eyewall`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    match args.command:
+        case "check-config":
+            return check_config(args.files)
+        case "reload":
+            return reload_command(args)
+        case "ca":
+            return ca_command(args)
+        case "har":
+            return har_command(args)
+        case "explain":
+            return explain_command(args, overrides_of(args, parser))
+    from eyewall.app import Loader, run
 
-        return explain_command(argv[1:])
-    return run(argv)
+    return run(Loader(args.config, overrides_of(args, parser)))
+
+
+def explain_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """Exit status 0 (let through), 3 (refused) or 2 (invalid configuration)."""
+    from eyewall.app import Loader
+    from eyewall.explain import render_explanation
+
+    try:
+        loaded = Loader(args.config, overrides).load()
+    except ConfigError as e:
+        print("eyewall explain: invalid configuration:", file=sys.stderr)
+        for error in e.errors:
+            print(f"  {error}", file=sys.stderr)
+        return 2
+    text, allowed = render_explanation(
+        loaded.settings, loaded.policy, args.target, args.method, args.client, args.user
+    )
+    print(text, flush=True)
+    return 0 if allowed else 3

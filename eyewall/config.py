@@ -2,29 +2,51 @@
 
 Every timeout and limit has a name, a default, a unit, a command-line flag and a line of
 help; the settings table in the README is generated from these declarations
-(``python -m eyewall.config``) and a test keeps the two equal.  Loading checks types and
-ranges and names the setting in every error (``timeouts.client_header: ...``).
+(``./scripts/generate-docs``) and a test keeps the two equal.  Loading checks types and
+ranges and reports every problem at once, each naming the setting, the file and the
+line (``eyewall.toml:12: timeouts.client_header: must be greater than 0``); an unknown
+key suggests the nearest known one.  Relative paths in a file are relative to that
+file.
+
+This module imports nothing else from eyewall: what settings *mean* (rules compiled,
+users read, directories checked) is the application's business (`eyewall.app`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import math
+import os
+import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eyewall.policy.networks import parse_network
-from eyewall.policy.rules import Rule, compile_rule, parse_ports
-
-__all__ = ["ConfigError", "Endpoint", "Settings", "load_settings", "parse_endpoint"]
+__all__ = [
+    "ConfigError",
+    "Endpoint",
+    "Settings",
+    "Timeouts",
+    "annotate",
+    "iter_settings",
+    "load_settings",
+    "locate",
+    "parse_endpoint",
+    "restart_settings",
+]
 
 
 class ConfigError(ValueError):
-    """A setting is invalid; the message starts with the setting's path."""
+    """Settings are invalid.  ``errors`` lists every problem, one line each, starting
+    with the setting's path (or ``FILE:LINE: path``); ``str()`` joins them."""
+
+    def __init__(self, errors: str | list[str]) -> None:
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("\n".join(self.errors))
 
 
 Check = Callable[[Any], str | None]
@@ -42,10 +64,28 @@ def _at_least(minimum: int) -> Check:
 
 
 def setting(
-    default: Any, help: str, *, flag: str | None, unit: str = "", check: Check | None = None
+    default: Any,
+    help: str,
+    *,
+    flag: str | None,
+    unit: str = "",
+    check: Check | None = None,
+    path: bool = False,
+    restart: bool = False,
 ) -> Any:
+    """A setting's declaration: ``path`` marks a file or directory (relative paths in
+    a file are taken relative to it); ``restart`` marks a setting a reload cannot
+    change."""
     return field(
-        default=default, metadata={"help": help, "flag": flag, "unit": unit, "check": check}
+        default=default,
+        metadata={
+            "help": help,
+            "flag": flag,
+            "unit": unit,
+            "check": check,
+            "path": path,
+            "restart": restart,
+        },
     )
 
 
@@ -142,6 +182,23 @@ class Timeouts:
         unit="s",
         check=_at_least(0),
     )
+    drain_grace: float = setting(
+        3.0,
+        "On SIGTERM, /healthz answers 503 at once but the listeners keep serving for this"
+        " long before draining starts, so a load balancer stops sending new traffic"
+        " first (0: drain at once; SIGINT never waits).",
+        flag="--drain-grace",
+        unit="s",
+        check=_at_least(0),
+    )
+    addon_hook: float = setting(
+        30.0,
+        "Longest an async addon hook may run; then it is cancelled and counts as a"
+        " failed hook (a policy addon fails the request). Never blamed on the origin.",
+        flag="--addon-hook-timeout",
+        unit="s",
+        check=_positive,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,17 +248,20 @@ class Pool:
 def _networks(values: Any) -> str | None:
     for value in values:
         try:
-            parse_network(value)
+            ipaddress.ip_network(value.strip(), strict=False)
         except ValueError:
             return f"not a network: {value!r}"
     return None
 
 
 def _ports(values: Any) -> str | None:
-    try:
-        parse_ports(values, "")
-    except ValueError as e:
-        return str(e).lstrip("[0123456789]: ")
+    for value in values:
+        low, sep, high = value.strip().partition("-")
+        parts = (low, high) if sep else (low,)
+        if not all(p.isascii() and p.isdigit() for p in parts):
+            return f"not a port or range: {value!r}"
+        if not 0 < int(low) <= int(parts[-1]) < 65536:
+            return f"ports must be 1-65535: {value!r}"
     return None
 
 
@@ -240,8 +300,10 @@ class Auth:
     htpasswd: str = setting(
         "",
         "htpasswd file of user:bcrypt-hash lines. Any user (here or in auth.users) turns"
-        " proxy authentication (Basic) on for every request, CONNECT included.",
+        " proxy authentication (Basic) on for every request, CONNECT included. Re-read"
+        " when it changes.",
         flag="--htpasswd",
+        path=True,
     )
     users: tuple[tuple[str, str], ...] = setting(
         (), "Inline users: a table of name = bcrypt hash.", flag=None
@@ -278,8 +340,10 @@ class RateLimits:
         0, "Burst for user_rps; 0: twice the rate.", flag="--user-burst", check=_at_least(0)
     )
     client_connections: int = setting(
-        0,
-        "Connections open at once per client address; 0: no limit. Beyond it: 429, closed.",
+        256,
+        "Connections open at once per client address; 0: no limit. Beyond it: 429, closed."
+        " A browser opens a few dozen at most; the default keeps one client holding"
+        " half-sent heads from taking every slot of max_connections.",
         flag="--client-connections",
         check=_at_least(0),
     )
@@ -310,11 +374,12 @@ def _listen_or_off(value: Any) -> str | None:
 @dataclass(frozen=True, slots=True)
 class Admin:
     listen: str = setting(
-        "127.0.0.1:9090",
+        "127.0.0.1:8480",
         'Admin listener (metrics, health, dashboard, flows API), or "off". Anywhere but'
         " loopback it requires admin.token.",
         flag="--admin-listen",
         check=_listen_or_off,
+        restart=True,
     )
     token: str = setting(
         "",
@@ -331,12 +396,15 @@ class Flows:
         "Record flows (heads, timings, sizes, decisions) to flows.path; --no-flows turns"
         " recording off.",
         flag="--no-flows",
+        restart=True,
     )
     path: str = setting(
         "",
         "SQLite file for recorded flows; empty means flows.sqlite3 in the user's data"
         " directory ($XDG_DATA_HOME/eyewall, or ~/.local/share/eyewall).",
         flag="--flows",
+        path=True,
+        restart=True,
     )
     body_limit: int = setting(
         0,
@@ -358,26 +426,64 @@ class Flows:
         unit="s",
         check=_positive,
     )
+    max_bytes: int = setting(
+        1 << 30,
+        "Recorded flows kept at most this many bytes of database (oldest removed first).",
+        flag="--flows-max-bytes",
+        unit="bytes",
+        check=_at_least(1 << 20),
+    )
     memory: int = setting(
         2000,
         "Most recent flows kept in memory for the dashboard and the flows API.",
         flag="--flows-memory",
         check=_at_least(0),
     )
+    memory_bytes: int = setting(
+        64 << 20,
+        "Memory those recent flows may take at most (heads and captured bodies).",
+        flag="--flows-memory-bytes",
+        unit="bytes",
+        check=_at_least(1 << 20),
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Tls:
+    listen: tuple[Endpoint, ...] = setting(
+        (),
+        "Addresses of HTTPS proxy listeners: clients speak TLS to the proxy itself"
+        " (curl --proxy https://..., browsers' HTTPS proxies), then the usual requests"
+        " and CONNECTs inside. Needs tls.certificate and tls.key.",
+        flag="--tls-listen",
+        restart=True,
+    )
+    certificate: str = setting(
+        "",
+        "PEM certificate chain the HTTPS proxy listeners present.",
+        flag="--tls-certificate",
+        path=True,
+        restart=True,
+    )
+    key: str = setting(
+        "",
+        "PEM private key of tls.certificate (keep it readable only by the proxy's user).",
+        flag="--tls-key",
+        path=True,
+        restart=True,
+    )
     ca_dir: str = setting(
         "",
         "Directory of the interception CA (ca.pem, ca.key), made by eyewall ca init;"
         " empty: ca/ in the user's data directory. Used only by intercept rules.",
         flag="--ca-dir",
+        path=True,
     )
     upstream_ca_bundle: str = setting(
         "",
         "PEM file of CAs trusted for origin certificates; empty: the system store.",
         flag="--upstream-ca-bundle",
+        path=True,
     )
     handshake_timeout: float = setting(
         10.0,
@@ -406,6 +512,7 @@ class Settings:
         (Endpoint("127.0.0.1", 8080),),
         "Addresses the proxy listens on (repeat the flag for several; IPv6 as [::1]:8080).",
         flag="--listen",
+        restart=True,
     )
     log_level: str = setting(
         "info",
@@ -421,6 +528,7 @@ class Settings:
         "-",
         'Where access lines go: "-" for stderr, a file path, or "off".',
         flag="--access-log",
+        path=True,
     )
     log_format: str = setting(
         "auto",
@@ -437,6 +545,7 @@ class Settings:
         "auto",
         "Event loop: uvloop (faster), asyncio, or auto (uvloop when installed).",
         flag="--event-loop",
+        restart=True,
         check=lambda v: (
             None if v in ("auto", "uvloop", "asyncio") else "must be auto, uvloop or asyncio"
         ),
@@ -455,6 +564,8 @@ class Settings:
         "",
         "File to write the process id to (for eyewall reload and service managers).",
         flag="--pid-file",
+        path=True,
+        restart=True,
     )
     watch_config: bool = setting(
         False,
@@ -465,14 +576,18 @@ class Settings:
         (),
         "Addon files (Python) whose hooks observe or change traffic (docs/hooks.md).",
         flag="--addon",
+        path=True,
+        restart=True,
     )
     policy_addons: tuple[str, ...] = setting(
         (),
         "Addon files that enforce policy: an exception in one fails the request (502)"
         " instead of being logged and ignored.",
         flag="--policy-addon",
+        path=True,
+        restart=True,
     )
-    rules: tuple[Rule, ...] = setting(
+    rules: tuple[Mapping[str, Any], ...] = setting(
         (),
         "Destination rules, as [[rules]] tables, first match wins (see docs/policy.md).",
         flag=None,
@@ -492,6 +607,7 @@ class Settings:
 
 
 def _coerce(path: str, hint: Any, value: Any) -> Any:
+    """``value`` as the declared type; raises ConfigError naming ``path``."""
     if hint in ("float", float):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: must be a number (got {value!r})")
@@ -526,23 +642,13 @@ def _coerce(path: str, hint: Any, value: Any) -> Any:
         for name, members in value.items():
             out.append((name, _coerce(f"{path}.{name}", "tuple[str, ...]", members)))
         return tuple(out)
-    if hint == "tuple[Rule, ...]":
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: must be an array of tables ([[rules]])")
-        rules = []
-        for i, raw in enumerate(value):
-            try:
-                rules.append(compile_rule(raw, f"{path}[{i}]"))
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-        ids = [r.id for r in rules]
-        for i, rule_id in enumerate(ids):
-            if rule_id in ids[:i]:
-                raise ConfigError(f"{path}[{i}].id: duplicate rule id {rule_id!r}")
-        return tuple(rules)
+    if hint == "tuple[Mapping[str, Any], ...]":
+        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+            raise ConfigError(f"{path}: must be an array of tables ([[{path}]])")
+        return tuple(dict(v) for v in value)
     if hint == "tuple[Endpoint, ...]":
         items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not items:
+        if not isinstance(items, list):
             raise ConfigError(f"{path}: must be a list of HOST:PORT strings")
         try:
             return tuple(parse_endpoint(str(v)) for v in items)
@@ -551,70 +657,207 @@ def _coerce(path: str, hint: Any, value: Any) -> Any:
     raise AssertionError(f"no loader for {hint!r}")
 
 
-def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
+def _build(cls: Any, data: Mapping[str, Any], prefix: str, errors: list[str]) -> Any:
+    """An instance of ``cls`` from ``data``; problems go to ``errors`` (and the
+    default is kept for that setting)."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a table")
+        errors.append(f"{prefix.rstrip('.') or 'config'}: must be a table")
+        return cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown setting")
     values = {}
     for name, value in data.items():
-        f = fields[name]
         path = prefix + name
-        if f.default_factory is not dataclasses.MISSING:  # a nested section
-            values[name] = _build(f.default_factory, value, path + ".")
+        f = fields.get(name)
+        if f is None:
+            near = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6)
+            hint = f" (did you mean {prefix}{near[0]}?)" if near else ""
+            errors.append(f"{path}: unknown setting{hint}")
             continue
-        converted = _coerce(path, f.type, value)
+        if f.default_factory is not dataclasses.MISSING:  # a nested section
+            values[name] = _build(f.default_factory, value, path + ".", errors)
+            continue
+        try:
+            converted = _coerce(path, f.type, value)
+        except ConfigError as e:
+            errors.extend(e.errors)
+            continue
         check = f.metadata.get("check")
         problem = check(converted) if check else None
         if problem:
-            raise ConfigError(f"{path}: {problem} (got {value!r})")
+            errors.append(f"{path}: {problem} (got {value!r})")
+            continue
         values[name] = converted
     return cls(**values)
+
+
+def _path_settings() -> set[str]:
+    return {s.path for s in iter_settings() if s.is_path}
+
+
+def _anchor(data: dict[str, Any], base: Path) -> None:
+    """Make the relative paths of a file's settings relative to its directory."""
+    for dotted in _path_settings():
+        *parents, leaf = dotted.split(".")
+        node: Any = data
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node[leaf]
+        if isinstance(value, str):
+            node[leaf] = _anchored(value, base)
+        elif isinstance(value, list):
+            node[leaf] = [_anchored(v, base) if isinstance(v, str) else v for v in value]
+
+
+def _anchored(value: str, base: Path) -> str:
+    if value in ("", "-", "off") or os.path.isabs(value):
+        return value
+    return str(base / value)
+
+
+def locate(text: str, dotted: str) -> int | None:
+    """The line (1-based) of the TOML key ``dotted`` in ``text`` — ``timeouts.body_idle``,
+    ``rules[2].hosts`` (the third ``[[rules]]``) — or of its table; best effort (keys
+    written as inline tables are not found); None if not found."""
+    names: list[str] = []
+    wanted: dict[str, int] = {}  # array-of-tables name -> index asked for
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", dotted):
+        if part.startswith("["):
+            wanted[".".join(names)] = int(part[1:-1])
+        else:
+            names.append(part)
+    table: list[str] = []
+    seen: dict[str, int] = {}  # array-of-tables name -> index of the current one
+    header_line = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        header = re.fullmatch(r"\[\[\s*([^\]]+?)\s*\]\]|\[\s*([^\]]+?)\s*\]", line)
+        if header:
+            name = (header.group(1) or header.group(2)).strip()
+            table = name.split(".")
+            if header.group(1):
+                seen[name] = seen.get(name, -1) + 1
+            if table == names and _right_entry(name, seen, wanted) and header_line is None:
+                header_line = number
+            continue
+        key = re.match(r'([A-Za-z0-9_.\-"]+)\s*=', line)
+        full = [*table, *key.group(1).replace('"', "").split(".")] if key else None
+        if full == names and _right_entry(".".join(table), seen, wanted):
+            return number
+    return header_line
+
+
+def _right_entry(table: str, seen: dict[str, int], wanted: dict[str, int]) -> bool:
+    return table not in wanted or seen.get(table) == wanted[table]
 
 
 def load_settings(
     path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> Settings:
-    """Settings from a TOML file (if given) with ``overrides`` (dotted paths) on top."""
+    """Settings from a TOML file (if given) with ``overrides`` (dotted paths, from
+    flags) on top.  Raises ConfigError listing every problem, each with its setting
+    (as the flag when it came from one) and, for the file, its line."""
     data: dict[str, Any] = {}
+    text = ""
     if path is not None:
         try:
             with open(path, "rb") as f:
-                data = tomllib.load(f)
+                raw = f.read()
+            text = raw.decode("utf-8", errors="replace")
+            data = tomllib.loads(text)
         except OSError as e:
             raise ConfigError(f"config file {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {path}: {e}") from None
+            where = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
+            message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
+            if where:
+                message = f"{where.group(1)}: invalid TOML: {message} (column {where.group(2)})"
+            else:
+                message = f" invalid TOML: {message}"
+            raise ConfigError(f"{path}:{message}") from None
+        _anchor(data, Path(os.path.abspath(path)).parent)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    settings: Settings = _build(Settings, data, "")
-    _check_exposure(settings)
+    errors: list[str] = []
+    settings: Settings = _build(Settings, data, "", errors)
+    if not errors:
+        errors.extend(_exposure_problems(settings))
+    if errors:
+        raise ConfigError([_where(e, path, text, overrides or {}) for e in dict.fromkeys(errors)])
     return settings
 
 
-def _check_exposure(settings: Settings) -> None:
+def annotate(
+    errors: list[str], path: str | Path | None, overrides: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Prefix each ``setting: message`` with ``FILE:LINE:`` (or name the flag when the
+    setting came from one), for errors found after loading (rules, files)."""
+    text = ""
+    if path is not None:
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            pass
+    return [_where(e, path, text, overrides or {}) for e in dict.fromkeys(errors)]
+
+
+def _where(error: str, path: str | Path | None, text: str, overrides: Mapping[str, Any]) -> str:
+    setting_path = error.partition(":")[0]
+    leaf = re.sub(r"\[\d+\].*", "", setting_path)
+    if setting_path in overrides or leaf in overrides:
+        flags = {s.path: s.flag for s in iter_settings()}
+        flag = flags.get(setting_path) or flags.get(leaf)
+        if flag:
+            return f"{flag}{error[len(setting_path) :]}"
+        return error
+    if path is None:
+        return error
+    line = locate(text, setting_path)
+    return f"{path}:{line}: {error}" if line else f"{path}: {error}"
+
+
+def _exposure_problems(settings: Settings) -> list[str]:
     """Refuse to be an open proxy, or an open dashboard, by accident."""
+    problems = []
     admin = settings.admin
     if admin.listen != "off" and not parse_endpoint(admin.listen).is_loopback and not admin.token:
-        raise ConfigError(
+        problems.append(
             f"admin.token: required when the admin listener is on {admin.listen}"
             " (it shows all traffic): set a token, or listen on loopback"
         )
-    if settings.access.allow_clients:
-        return
-    exposed = [str(e) for e in settings.listen if not e.is_loopback]
-    if exposed:
-        raise ConfigError(
-            f"access.allow_clients: required when listening on {', '.join(exposed)}:"
-            " name the client networks that may use the proxy (anyone who can reach an"
-            " unrestricted proxy can use it)"
-        )
+    tls = settings.tls
+    if tls.listen and not (tls.certificate and tls.key):
+        problems.append("tls.certificate: required (with tls.key) by tls.listen")
+    if not settings.access.allow_clients:
+        exposed = [str(e) for e in (*settings.listen, *tls.listen) if not e.is_loopback]
+        if exposed:
+            problems.append(
+                f"access.allow_clients: required when listening on {', '.join(exposed)}:"
+                " name the client networks that may use the proxy (anyone who can reach"
+                " an unrestricted proxy can use it)"
+            )
+    return problems
+
+
+def restart_settings(old: Settings, new: Settings) -> list[str]:
+    """The settings that differ between ``old`` and ``new`` but need a restart."""
+    changed = []
+    for s in iter_settings():
+        if s.restart and _get(old, s.path) != _get(new, s.path):
+            changed.append(s.path)
+    return changed
+
+
+def _get(settings: Settings, dotted: str) -> Any:
+    node: Any = settings
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
 
 
 # --- reference -------------------------------------------------------------------------
@@ -622,6 +865,8 @@ def _check_exposure(settings: Settings) -> None:
 
 @dataclass(frozen=True)
 class SettingInfo:
+    """One setting's declaration, for flags, the reference table and the loader."""
+
     path: str  # dotted TOML path
     flag: str | None
     type: str
@@ -629,6 +874,8 @@ class SettingInfo:
     unit: str
     help: str
     check: Check | None
+    is_path: bool = False
+    restart: bool = False
 
 
 def iter_settings(cls: Any = Settings, prefix: str = "") -> Iterator[SettingInfo]:
@@ -638,7 +885,15 @@ def iter_settings(cls: Any = Settings, prefix: str = "") -> Iterator[SettingInfo
             continue
         m = f.metadata
         yield SettingInfo(
-            prefix + f.name, m["flag"], str(f.type), f.default, m["unit"], m["help"], m["check"]
+            prefix + f.name,
+            m["flag"],
+            str(f.type),
+            f.default,
+            m["unit"],
+            m["help"],
+            m["check"],
+            m["path"],
+            m["restart"],
         )
 
 

@@ -5,17 +5,25 @@ short plain-text page the client gets.
       client broke HTTP ........ 400 bad_request, not_proxy_request, bad_connect
                                  408 client_timeout · 414 target_too_long
                                  431 headers_too_large · 505 version_not_supported
-      proxy refused ............ 403 loop, denied · 407 auth_required
+      proxy refused ............ 403 proxy_loop_detected, denied · 407 auth_required
                                  429 rate_limited · 503 overloaded
-      upstream failed .......... 502 dns_failure, upstream_refused, upstream_unreachable,
-                                     upstream_reset, upstream_malformed, upstream_tls
-                                 504 connect_timeout, upstream_timeout
-      after the response began . body_stalled, client_aborted (no status: connection closed)
-      a policy addon raised .... 502 addon_failed
-      a bug .................... 500 internal
+      upstream failed .......... 502 dns_error, connection_refused, destination_unavailable,
+                                     connection_terminated, http_protocol_error,
+                                     tls_protocol_error, tls_certificate_error
+                                 504 connection_timeout, connection_read_timeout
+      while bytes were moving .. body_stalled (504 if nothing was sent yet), tunnel_idle,
+                                 client_aborted, client_tls_error (no status: the
+                                 connection is closed)
+      an addon ................. 502 addon_failed · addon_killed (closed, no status)
+      a bug .................... 500 proxy_internal_error
 
-Pages carry the status, the reason, a request id, and a ``Proxy-Status`` field (RFC 9209)
-naming the error type, so tools can tell a proxy error from an origin's.
+A kind's name is the same everywhere: access log, metrics, flows API and, where RFC 9209
+defines that error type, the ``Proxy-Status`` field.  Kinds finer than any RFC 9209
+type (``denied``, ``rate_limited``, ...) are sent in ``Proxy-Status`` as the broader
+type (`proxy_status_type`), with the kind's own name in the details.
+
+Pages carry the status, the reason, a request id, and the ``Proxy-Status`` field, so
+tools can tell a proxy error from an origin's.
 """
 
 from __future__ import annotations
@@ -25,10 +33,12 @@ import re
 from http import HTTPStatus
 from typing import assert_never
 
-__all__ = ["ErrorKind", "ProxyError", "error_page", "status_of"]
+__all__ = ["ErrorKind", "ProxyError", "error_answer", "proxy_status_type", "status_of"]
 
 
 class ErrorKind(enum.Enum):
+    """Why an exchange or tunnel failed; the value is the name used everywhere."""
+
     BAD_REQUEST = "bad_request"
     NOT_PROXY_REQUEST = "not_proxy_request"
     BAD_CONNECT = "bad_connect"
@@ -36,23 +46,27 @@ class ErrorKind(enum.Enum):
     TARGET_TOO_LONG = "target_too_long"
     HEADERS_TOO_LARGE = "headers_too_large"
     VERSION_NOT_SUPPORTED = "version_not_supported"
-    LOOP = "loop"
+    LOOP = "proxy_loop_detected"
     DENIED = "denied"
     AUTH_REQUIRED = "auth_required"
     RATE_LIMITED = "rate_limited"
     OVERLOADED = "overloaded"
-    DNS_FAILURE = "dns_failure"
-    UPSTREAM_REFUSED = "upstream_refused"
-    UPSTREAM_UNREACHABLE = "upstream_unreachable"
-    UPSTREAM_RESET = "upstream_reset"
-    UPSTREAM_MALFORMED = "upstream_malformed"
-    UPSTREAM_TLS = "upstream_tls"
-    CONNECT_TIMEOUT = "connect_timeout"
-    UPSTREAM_TIMEOUT = "upstream_timeout"
+    DNS_ERROR = "dns_error"
+    CONNECTION_REFUSED = "connection_refused"
+    DESTINATION_UNAVAILABLE = "destination_unavailable"
+    CONNECTION_TERMINATED = "connection_terminated"
+    HTTP_PROTOCOL_ERROR = "http_protocol_error"
+    TLS_PROTOCOL_ERROR = "tls_protocol_error"
+    TLS_CERTIFICATE_ERROR = "tls_certificate_error"
+    CONNECTION_TIMEOUT = "connection_timeout"
+    READ_TIMEOUT = "connection_read_timeout"
     BODY_STALLED = "body_stalled"
+    TUNNEL_IDLE = "tunnel_idle"
     CLIENT_ABORTED = "client_aborted"
+    CLIENT_TLS_ERROR = "client_tls_error"
     ADDON_FAILED = "addon_failed"
-    INTERNAL = "internal"
+    ADDON_KILLED = "addon_killed"
+    INTERNAL = "proxy_internal_error"
 
 
 class ProxyError(Exception):
@@ -65,6 +79,8 @@ class ProxyError(Exception):
 
 
 def status_of(kind: ErrorKind) -> int:
+    """The status a client gets for ``kind`` (499 for kinds that are never answered,
+    because the connection is already gone or mid-message: used in logs only)."""
     match kind:
         case ErrorKind.BAD_REQUEST | ErrorKind.NOT_PROXY_REQUEST | ErrorKind.BAD_CONNECT:
             return 400
@@ -85,20 +101,25 @@ def status_of(kind: ErrorKind) -> int:
         case ErrorKind.OVERLOADED:
             return 503
         case (
-            ErrorKind.DNS_FAILURE
-            | ErrorKind.UPSTREAM_REFUSED
-            | ErrorKind.UPSTREAM_UNREACHABLE
-            | ErrorKind.UPSTREAM_RESET
-            | ErrorKind.UPSTREAM_MALFORMED
-            | ErrorKind.UPSTREAM_TLS
+            ErrorKind.DNS_ERROR
+            | ErrorKind.CONNECTION_REFUSED
+            | ErrorKind.DESTINATION_UNAVAILABLE
+            | ErrorKind.CONNECTION_TERMINATED
+            | ErrorKind.HTTP_PROTOCOL_ERROR
+            | ErrorKind.TLS_PROTOCOL_ERROR
+            | ErrorKind.TLS_CERTIFICATE_ERROR
+            | ErrorKind.ADDON_FAILED
         ):
             return 502
-        case ErrorKind.CONNECT_TIMEOUT | ErrorKind.UPSTREAM_TIMEOUT | ErrorKind.BODY_STALLED:
+        case ErrorKind.CONNECTION_TIMEOUT | ErrorKind.READ_TIMEOUT | ErrorKind.BODY_STALLED:
             return 504
-        case ErrorKind.CLIENT_ABORTED:
-            return 499  # never sent: the client is gone; used in logs only
-        case ErrorKind.ADDON_FAILED:
-            return 502
+        case (
+            ErrorKind.CLIENT_ABORTED
+            | ErrorKind.CLIENT_TLS_ERROR
+            | ErrorKind.ADDON_KILLED
+            | ErrorKind.TUNNEL_IDLE
+        ):
+            return 499
         case ErrorKind.INTERNAL:
             return 500
         case _:
@@ -106,31 +127,27 @@ def status_of(kind: ErrorKind) -> int:
 
 
 def proxy_status_type(kind: ErrorKind) -> str:
-    """The RFC 9209 error type for ``kind``."""
+    """The RFC 9209 error type for ``kind`` (§2.3)."""
     match kind:
-        case ErrorKind.DNS_FAILURE:
-            return "dns_error"
-        case ErrorKind.UPSTREAM_REFUSED:
-            return "connection_refused"
-        case ErrorKind.UPSTREAM_UNREACHABLE:
-            return "destination_unavailable"
-        case ErrorKind.UPSTREAM_RESET:
-            return "connection_terminated"
-        case ErrorKind.UPSTREAM_MALFORMED:
-            return "http_protocol_error"
-        case ErrorKind.UPSTREAM_TLS:
-            return "tls_certificate_error"
-        case ErrorKind.CONNECT_TIMEOUT:
-            return "connection_timeout"
-        case ErrorKind.UPSTREAM_TIMEOUT | ErrorKind.BODY_STALLED:
+        case (
+            ErrorKind.DNS_ERROR
+            | ErrorKind.CONNECTION_REFUSED
+            | ErrorKind.DESTINATION_UNAVAILABLE
+            | ErrorKind.CONNECTION_TERMINATED
+            | ErrorKind.HTTP_PROTOCOL_ERROR
+            | ErrorKind.TLS_PROTOCOL_ERROR
+            | ErrorKind.TLS_CERTIFICATE_ERROR
+            | ErrorKind.CONNECTION_TIMEOUT
+            | ErrorKind.LOOP
+        ):
+            return str(kind.value)
+        case ErrorKind.READ_TIMEOUT | ErrorKind.BODY_STALLED | ErrorKind.TUNNEL_IDLE:
             return "connection_read_timeout"
-        case ErrorKind.LOOP:
-            return "proxy_loop_detected"
         case ErrorKind.DENIED | ErrorKind.AUTH_REQUIRED | ErrorKind.RATE_LIMITED:
             return "http_request_denied"
         case ErrorKind.OVERLOADED:
             return "connection_limit_reached"
-        case ErrorKind.INTERNAL | ErrorKind.ADDON_FAILED:
+        case ErrorKind.INTERNAL | ErrorKind.ADDON_FAILED | ErrorKind.ADDON_KILLED:
             return "proxy_internal_error"
         case (
             ErrorKind.BAD_REQUEST
@@ -141,6 +158,7 @@ def proxy_status_type(kind: ErrorKind) -> str:
             | ErrorKind.HEADERS_TOO_LARGE
             | ErrorKind.VERSION_NOT_SUPPORTED
             | ErrorKind.CLIENT_ABORTED
+            | ErrorKind.CLIENT_TLS_ERROR
         ):
             return "http_request_error"
         case _:
@@ -154,31 +172,24 @@ def _clean(text: str, limit: int = 300) -> str:
     return _UNPRINTABLE.sub("?", text)[:limit]
 
 
-def error_page(
-    kind: ErrorKind,
-    detail: str,
-    request_id: str,
-    *,
-    proxy_name: str = "eyewall",
-    close: bool = False,
-    extra: tuple[tuple[str, str], ...] = (),
-) -> bytes:
-    """A complete HTTP/1.1 response for a proxy-generated error."""
+def error_answer(
+    kind: ErrorKind, detail: str, request_id: str, proxy_name: str = "eyewall"
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """The page for ``kind``: (status, fields, body).  The fields do not include
+    framing (Content-Length, Connection): the writer adds them for the request the
+    page answers (a HEAD gets no body)."""
     status = status_of(kind)
     reason = HTTPStatus(status).phrase
     detail = _clean(detail)
     body = f"{status} {reason}\n{detail}\nrequest id: {request_id}\n".encode()
-    quoted = detail.replace("\\", "\\\\").replace('"', '\\"')
-    lines = [
-        f"HTTP/1.1 {status} {reason}",
-        "Content-Type: text/plain; charset=utf-8",
-        f"Content-Length: {len(body)}",
-        "Cache-Control: no-store",
-        "X-Content-Type-Options: nosniff",
-        f'Proxy-Status: {proxy_name}; error={proxy_status_type(kind)}; details="{quoted}"',
-        f"X-Request-Id: {request_id}",
+    rfc_type = proxy_status_type(kind)
+    shown = detail if rfc_type == kind.value else f"{kind.value}: {detail}"
+    quoted = shown.replace("\\", "\\\\").replace('"', '\\"')
+    fields = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Cache-Control", "no-store"),
+        ("X-Content-Type-Options", "nosniff"),
+        ("Proxy-Status", f'{proxy_name}; error={rfc_type}; details="{quoted}"'),
+        ("X-Request-Id", request_id),
     ]
-    lines.extend(f"{n}: {v}" for n, v in extra)
-    if close:
-        lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    return status, fields, body

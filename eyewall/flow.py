@@ -1,12 +1,11 @@
-"""Records of what passed through the proxy: one `Flow` per HTTP exchange or tunnel.
+"""The record of what passed through the proxy: one `Flow` per HTTP exchange or tunnel.
 
-The data path fills a flow in as the exchange goes; subscribers (access log, and later
-metrics and the flow store) receive it through the event bus.  Plain data, no I/O.
+The data path fills a flow in as the exchange goes; when it ends, the flow is handed to
+the observers (access log, metrics, flow store, live feed).  Plain data, no I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from eyewall.errors import ErrorKind
@@ -17,10 +16,15 @@ __all__ = ["Flow"]
 
 @dataclass(slots=True, eq=False)
 class Flow:
+    """One HTTP exchange or tunnel.  Times are seconds: ``started`` is wall-clock
+    (``time.time()``) at the request head; ``t_connected`` and ``t_response`` are
+    monotonic offsets from it (None until reached); byte counts are body (or tunnel)
+    bytes."""
+
     id: str
     kind: str  # "http", "tunnel" or "websocket"
     client: tuple[str, int]
-    started: float  # wall-clock time (time.time()) of the request head
+    started: float
     method: str = ""
     url: str = ""
     host: str = ""
@@ -31,21 +35,21 @@ class Flow:
     upstream: str = ""  # "ip:port" of the origin connection
     reused: bool = False  # upstream connection came from the pool
     bytes_in: int = 0  # body (or tunnel) bytes received from the client
-    bytes_out: int = 0  # body (or tunnel) bytes sent to the client
+    bytes_out: int = 0  # body (or tunnel) bytes sent to the client, proxy pages included
     error: ErrorKind | None = None
     error_detail: str = ""
-    # Monotonic seconds since the request head was read; None until reached.
+    cause: str = ""  # within the error kind: the limit that fired, why a login failed...
     t_connected: float | None = None
     t_response: float | None = None
     duration: float = 0.0
-    deferred: bool = False  # a tunnel took the flow over and reports its end
     user: str | None = None  # the authenticated user
     rule: str = ""  # id of the policy rule (or guard) that decided
-    release: Callable[[], None] | None = None  # gives back what a tunnel held (limits)
     connect_time: float | None = None  # seconds to open a new upstream connection
     request_body: bytearray | None = None  # captured (up to flows.body_limit)
     response_body: bytearray | None = None
     intercepted: bool = False  # decrypted by TLS interception
+    t_start: float = 0.0  # monotonic time of the request head (for the duration)
+    head_bytes: int = 0  # request and response heads as received (memory accounting)
 
     def fail(self, kind: ErrorKind, detail: str = "") -> None:
         """Record the first failure; later ones are consequences of it."""

@@ -212,7 +212,7 @@ def test_connect_tunnel_and_error_hooks(make_proxy, origin, raw_origin, tmp_path
     assert names[:2] == ["load", "running"]
     assert "client_connected" in names and "http_connect" in names
     assert ["tunnel_end", 4, 4] in entries()
-    assert ["error", "upstream_refused"] in entries()
+    assert ["error", "connection_refused"] in entries()
 
 
 def test_addons_reload_when_their_file_changes(make_proxy, origin, tmp_path):

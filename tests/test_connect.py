@@ -150,7 +150,7 @@ def test_idle_tunnel_is_closed(make_proxy, raw_origin):
         assert sock.recv(10) == b"x"
         assert sock.recv(10) == b""  # closed by the proxy before the socket timeout
     line = p.access_entry(f"CONNECT {origin.authority}")
-    assert "tunnel idle" in line
+    assert "err=tunnel_idle" in line
 
 
 def test_many_concurrent_tunnels(proxy, raw_origin):

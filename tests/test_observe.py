@@ -132,7 +132,7 @@ def test_metrics_count_requests_bytes_errors_and_decisions(make_proxy, origin):
     assert m[("eyewall_requests_total", (("method", "GET"), ("status_class", "4xx")))] == 1
     assert m[("eyewall_requests_total", (("method", "GET"), ("status_class", "5xx")))] == 1
     assert m[("eyewall_bytes_total", (("direction", "out"),))] >= 300
-    assert m[("eyewall_errors_total", (("kind", "upstream_refused"),))] == 1
+    assert m[("eyewall_errors_total", (("kind", "connection_refused"),))] == 1
     assert m[("eyewall_policy_decisions_total", (("rule", "default"),))] == 5
     assert m[("eyewall_request_duration_seconds_count", ())] == 5
     assert m[("eyewall_upstream_connect_seconds_count", ())] >= 1

@@ -13,7 +13,7 @@ from tests.conftest import read_response
 
 
 def test_in_flight_request_finishes_with_connection_close(make_proxy, origin):
-    p = make_proxy("--drain-timeout", "5")
+    p = make_proxy("--drain-timeout", "5", "--drain-grace", "0")
     with socket.create_connection(p.address, timeout=10) as s:
         s.sendall(f"GET {origin.url}/sleep?seconds=1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         time.sleep(0.3)
@@ -39,7 +39,7 @@ def test_idle_connections_close_at_once_and_tunnels_at_the_deadline(
             sock.sendall(data)
 
     upstream = raw_origin(echo)
-    p = make_proxy("--drain-timeout", "0.5")
+    p = make_proxy("--drain-timeout", "0.5", "--drain-grace", "0")
     idle = socket.create_connection(p.address, timeout=5)  # keep-alive, between requests
     idle.sendall(f"GET {origin.url}/bytes?n=1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert read_response(idle).startswith(b"HTTP/1.1 200")

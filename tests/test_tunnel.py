@@ -30,8 +30,8 @@ class Ends:
             proxy_client,
             proxy_origin,
             self.pipes,
-            lambda t, e: self.closed.set_result(e),
             idle,
+            on_close=lambda t, e: self.closed.set_result(e),
             **kwargs,
         )
         if mode == "copy":

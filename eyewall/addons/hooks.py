@@ -1,65 +1,220 @@
-"""The hooks an addon may implement, in the order the proxy calls them.
+"""The hooks an addon may implement: one small dataclass per event, named after it.
 
-This table is the single source of the hook reference: ``python -m eyewall.addons.hooks``
-prints docs/hooks.md, and a test keeps the two equal.  A hook may be a plain method or
-``async``; it returns nothing — an addon decides by changing the flow (its heads, its
-body, ``flow.respond(...)``, ``flow.kill()``).
+The proxy calls ``addons.call(RequestHeaders(flow))``; an addon implements a method
+with the hook's `name` (``def requestheaders(self, flow)``), plain or ``async``.  A
+misspelt hook class in the proxy is a NameError and a mypy error; a method in an addon
+whose name is close to a hook's but not one (``reqeustheaders``) is refused when the
+addon loads.  Hooks return nothing — an addon decides by changing the flow (its heads,
+its body, ``flow.respond(...)``, ``flow.kill()``).
+
+The classes' docstrings are the hook reference: `reference` makes docs/hooks.md
+(``./scripts/generate-docs``), and a test keeps the two equal.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
-__all__ = ["DATA_HOOKS", "HOOKS", "LIFECYCLE_HOOKS", "Hook", "reference"]
+from eyewall.addons.api import Client, HTTPFlow
+
+__all__ = [
+    "DATA_HOOKS",
+    "HOOKS",
+    "LIFECYCLE_HOOKS",
+    "ClientConnected",
+    "ClientDisconnected",
+    "Configure",
+    "Done",
+    "ErrorHook",
+    "Hook",
+    "HttpConnect",
+    "Load",
+    "RequestHeaders",
+    "RequestHook",
+    "ResponseHeaders",
+    "ResponseHook",
+    "Running",
+    "TunnelEnd",
+    "TunnelStart",
+    "reference",
+]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Hook:
-    name: str
-    argument: str
-    doc: str
+    """An event an addon may handle with a method called `name`."""
+
+    name: ClassVar[str] = ""
+    lifecycle: ClassVar[bool] = False
+
+    def args(self) -> tuple[Any, ...]:
+        """The arguments the addon's method is called with, in field order."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
-LIFECYCLE_HOOKS = (
-    Hook("load", "loader: Loader", "The addon was loaded (again, after its file changed). "
-         "`loader.log` is a logger named after the addon."),
-    Hook("configure", "settings: Settings", "After `load`, and after every configuration "
-         "reload: the settings now in force."),
-    Hook("running", "", "The proxy is listening (or the addon was reloaded while it was)."),
-    Hook("done", "", "The addon is being unloaded: the proxy stops, or its file changed."),
-)  # fmt: skip
+# -- lifecycle, in the order they happen to an addon ----------------------------------
 
-DATA_HOOKS = (
-    Hook("client_connected", "client: Client", "A client connected and may use the proxy "
-         "(its address passed `access.allow_clients`)."),
-    Hook("client_disconnected", "client: Client", "The client's connection closed."),
-    Hook("http_connect", "flow: HTTPFlow", "A CONNECT request was admitted by the policy, "
-         "before the proxy connects upstream. `flow.respond()` refuses it with that "
-         "answer; `flow.kill()` drops the connection."),
-    Hook("requestheaders", "flow: HTTPFlow", "A request head was read and admitted, before "
-         "the proxy contacts the origin. Change `flow.request` (method, path, headers), "
-         "answer it yourself with `flow.respond()`, `flow.kill()` it, or call "
-         "`flow.request.buffer(max_bytes)` to receive the whole body in `request`."),
-    Hook("request", "flow: HTTPFlow", "The request is about to be sent. If the body was "
-         "buffered, `flow.request.body` holds it and may be replaced (Content-Length is "
-         "fixed up); if it was larger than asked for, `flow.request.truncated` is true and "
-         "the body streams unchanged. Otherwise the body streams after this hook."),
-    Hook("responseheaders", "flow: HTTPFlow", "The origin's response head arrived, before "
-         "anything is sent to the client. Change `flow.response` (status, reason, headers), "
-         "replace it with `flow.respond()`, `flow.kill()` it, or call "
-         "`flow.response.buffer(max_bytes)` to receive the whole body in `response`."),
-    Hook("response", "flow: HTTPFlow", "With a buffered body: before the response is sent; "
-         "`flow.response.body` may be replaced (Content-Length is fixed up). Otherwise "
-         "after the response was streamed to the client (`body` is None)."),
-    Hook("error", "flow: HTTPFlow", "The exchange failed: `flow.error` names the kind "
-         "(e.g. `upstream_timeout`), `flow.error_detail` says more."),
-    Hook("tunnel_start", "flow: HTTPFlow", "A CONNECT tunnel (or an upgraded WebSocket) "
-         "started relaying bytes the proxy does not read."),
-    Hook("tunnel_end", "flow: HTTPFlow", "The tunnel closed; `flow.bytes_in` and "
-         "`flow.bytes_out` count what crossed it."),
-)  # fmt: skip
 
-HOOKS = LIFECYCLE_HOOKS + DATA_HOOKS
+@dataclass
+class Load(Hook):
+    """The addon was loaded (again, after its file changed). `loader.log` is a logger
+    named after the addon."""
+
+    name = "load"
+    lifecycle = True
+    loader: Any
+
+
+@dataclass
+class Configure(Hook):
+    """After `load`, and after every configuration reload: the settings now in
+    force."""
+
+    name = "configure"
+    lifecycle = True
+    settings: Any
+
+
+@dataclass
+class Running(Hook):
+    """The proxy is listening (or the addon was reloaded while it was)."""
+
+    name = "running"
+    lifecycle = True
+
+
+@dataclass
+class Done(Hook):
+    """The addon is being unloaded: the proxy stops, or its file changed."""
+
+    name = "done"
+    lifecycle = True
+
+
+# -- traffic, in the order they happen to an exchange ---------------------------------
+
+
+@dataclass
+class ClientConnected(Hook):
+    """A client connected and may use the proxy (its address passed
+    `access.allow_clients`)."""
+
+    name = "client_connected"
+    client: Client
+
+
+@dataclass
+class ClientDisconnected(Hook):
+    """The client's connection closed."""
+
+    name = "client_disconnected"
+    client: Client
+
+
+@dataclass
+class HttpConnect(Hook):
+    """A CONNECT request was admitted by the policy, before the proxy connects upstream.
+    `flow.respond()` refuses it with that answer; `flow.kill()` drops the connection."""
+
+    name = "http_connect"
+    flow: HTTPFlow
+
+
+@dataclass
+class RequestHeaders(Hook):
+    """A request head was read and admitted, before the proxy contacts the origin.
+    Change `flow.request` (method, path, headers), answer it yourself with
+    `flow.respond()`, `flow.kill()` it, or call `flow.request.buffer(max_bytes)` to
+    receive the whole body in `request`."""
+
+    name = "requestheaders"
+    flow: HTTPFlow
+
+
+@dataclass
+class RequestHook(Hook):
+    """The request is about to be sent. If the body was buffered, `flow.request.body`
+    holds it and may be replaced (Content-Length is fixed up); if it was larger than
+    asked for, `flow.request.truncated` is true and the body streams unchanged.
+    Otherwise the body streams after this hook."""
+
+    name = "request"
+    flow: HTTPFlow
+
+
+@dataclass
+class ResponseHeaders(Hook):
+    """The origin's response head arrived, before anything is sent to the client.
+    Change `flow.response` (status, reason, headers), replace it with `flow.respond()`,
+    `flow.kill()` it, or call `flow.response.buffer(max_bytes)` to receive the whole
+    body in `response`."""
+
+    name = "responseheaders"
+    flow: HTTPFlow
+
+
+@dataclass
+class ResponseHook(Hook):
+    """With a buffered body: before the response is sent; `flow.response.body` may be
+    replaced (Content-Length is fixed up). Otherwise after the response was streamed to
+    the client (`body` is None)."""
+
+    name = "response"
+    flow: HTTPFlow
+
+
+@dataclass
+class ErrorHook(Hook):
+    """The exchange failed: `flow.error` names the kind (e.g.
+    `connection_read_timeout`), `flow.error_detail` says more."""
+
+    name = "error"
+    flow: HTTPFlow
+
+
+@dataclass
+class TunnelStart(Hook):
+    """A CONNECT tunnel (or an upgraded WebSocket) started relaying bytes the proxy does
+    not read."""
+
+    name = "tunnel_start"
+    flow: HTTPFlow
+
+
+@dataclass
+class TunnelEnd(Hook):
+    """The tunnel closed; `flow.bytes_in` and `flow.bytes_out` count what crossed it."""
+
+    name = "tunnel_end"
+    flow: HTTPFlow
+
+
+LIFECYCLE_HOOKS: tuple[type[Hook], ...] = (Load, Configure, Running, Done)
+DATA_HOOKS: tuple[type[Hook], ...] = (
+    ClientConnected,
+    ClientDisconnected,
+    HttpConnect,
+    RequestHeaders,
+    RequestHook,
+    ResponseHeaders,
+    ResponseHook,
+    ErrorHook,
+    TunnelStart,
+    TunnelEnd,
+)
+HOOKS: dict[str, type[Hook]] = {h.name: h for h in (*LIFECYCLE_HOOKS, *DATA_HOOKS)}
+
+
+def _signature(hook: type[Hook]) -> str:
+    arguments = {"loader": "loader: Loader", "settings": "settings: Settings",
+                 "client": "client: Client", "flow": "flow: HTTPFlow"}  # fmt: skip
+    return ", ".join(arguments[f.name] for f in dataclasses.fields(hook))
+
+
+def _doc(hook: type[Hook]) -> str:
+    return " ".join(line.strip() for line in (hook.__doc__ or "").strip().splitlines())
 
 
 def reference() -> str:
@@ -67,23 +222,30 @@ def reference() -> str:
     lines = [
         "# Addon hooks",
         "",
-        "<!-- generated by `python -m eyewall.addons.hooks`; do not edit -->",
+        "<!-- generated by ./scripts/generate-docs from eyewall/addons/hooks.py; do not edit -->",
         "",
         "An addon is a Python file given with `--addon FILE` (or `--policy-addon FILE`, or",
         "`addons`/`policy_addons` in the configuration). Eyewall loads every class defined",
         "in it that has at least one hook method, or the objects in a module-level `addons`",
         "list. A hook may be a plain method or `async`; it returns nothing. An exception in",
         "a hook is logged with the addon's name and traffic goes on; in a policy addon it",
-        "fails the exchange closed (502). Files are reloaded when they change.",
+        "fails the exchange closed (502). An `async` hook that runs longer than",
+        "`timeouts.addon_hook` is cancelled and counts as a failed hook. A method whose",
+        "name is a near miss of a hook's (`reqeustheaders`) is refused at load time.",
+        "Files are reloaded when they change; a file writable by group or others, or owned",
+        "by another user, is refused.",
         "",
-        "## Lifecycle",
+        "The hook classes are importable for type checking: `from eyewall import",
+        "RequestHeaders, HTTPFlow`.",
         "",
     ]
     for section, hooks in (("Lifecycle", LIFECYCLE_HOOKS), ("Traffic", DATA_HOOKS)):
+        lines += [f"## {section}", ""]
         if section == "Traffic":
-            lines += ["## Traffic", "", "In the order they happen to an exchange.", ""]
+            lines += ["In the order they happen to an exchange.", ""]
         for hook in hooks:
-            lines += [f"### `{hook.name}({hook.argument})`", "", hook.doc, ""]
+            lines += [f"### `{hook.name}({_signature(hook)})` — `{hook.__name__}`", ""]
+            lines += [_doc(hook), ""]
     lines += [
         "## The flow",
         "",
@@ -106,6 +268,3 @@ def reference() -> str:
     ]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    print(reference(), end="")

@@ -1,6 +1,6 @@
 """The admin listener: health, Prometheus metrics, the flows API, HAR download and the
-live dashboard (docs/admin-api.md).  Off the data path: it only reads what the proxy
-and its observers keep."""
+live dashboard (docs/admin-api.md).  Off the data path: it reads the proxy through a
+small `ProxyStats` protocol and the observers' own state."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import tornado.web
@@ -26,10 +26,19 @@ from eyewall.observe.metrics import Metrics
 from eyewall.observe.records import Record, detail, summary
 from eyewall.observe.store import FlowStore, read_records
 
-if TYPE_CHECKING:
-    from eyewall.proxy.server import Proxy
+__all__ = ["AdminServer", "ProxyStats"]
 
-__all__ = ["AdminServer"]
+
+class ProxyStats(Protocol):
+    """What the admin listener reads of the proxy."""
+
+    def gauges(self) -> dict[str, float]:
+        """Open client connections, tunnels and idle pooled origin connections:
+        ``{"connections": n, "tunnels": n, "pool_idle": n}``."""
+
+    def healthy(self) -> bool:
+        """False once the proxy is stopping (health checks answer 503)."""
+
 
 access_log = logging.getLogger("eyewall.admin")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -103,14 +112,15 @@ class Login(Base):
 class Health(Base):
     def get(self) -> None:
         proxy = self.admin.proxy
-        status = "draining" if proxy.draining else "ok"
-        if proxy.draining:
+        healthy = proxy.healthy()
+        if not healthy:
             self.set_status(503)
+        gauges = proxy.gauges()
         self.write_json({
-            "status": status,
+            "status": "ok" if healthy else "draining",
             "uptime_s": round(time.monotonic() - self.admin.started, 3),
-            "connections": len(proxy.connections),
-            "tunnels": len(proxy.tunnels),
+            "connections": gauges["connections"],
+            "tunnels": gauges["tunnels"],
         })  # fmt: skip
 
 
@@ -244,7 +254,7 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
 class AdminServer:
     def __init__(
         self,
-        proxy: Proxy,
+        proxy: ProxyStats,
         metrics: Metrics,
         store: FlowStore,
         live: LiveFeed,
@@ -282,14 +292,22 @@ class AdminServer:
         )
         self.server: HTTPServer | None = None
         self.address: tuple[str, int] | None = None
+        self.addresses: list[tuple[str, int]] = []
 
-    def start(self) -> tuple[str, int]:
-        sockets = bind_sockets(self.endpoint.port, self.endpoint.host)
+    def start(self) -> list[tuple[str, int]]:
+        """Listen; returns every bound (host, port) (``localhost`` binds IPv4 and
+        IPv6).  Raises OSError naming the address and the setting."""
+        try:
+            sockets = bind_sockets(self.endpoint.port, self.endpoint.host)
+        except OSError as e:
+            raise OSError(
+                e.errno, f"cannot listen on {self.endpoint} (admin.listen): {e.strerror}"
+            ) from None
         self.server = HTTPServer(self.app, xheaders=False)
         self.server.add_sockets(sockets)
-        host, port = sockets[0].getsockname()[:2]
-        self.address = (host, port)
-        return self.address
+        self.addresses = [s.getsockname()[:2] for s in sockets]
+        self.address = self.addresses[0]
+        return self.addresses
 
     async def stop(self) -> None:
         self.live.stop()
@@ -313,12 +331,7 @@ class AdminServer:
         return True
 
     def gauges(self) -> dict[str, float]:
-        proxy = self.proxy
-        return {
-            "connections": len(proxy.connections),
-            "tunnels": len(proxy.tunnels),
-            "pool_idle": proxy.pool.idle_count(),
-        }
+        return self.proxy.gauges()
 
     async def records(self, since: float, host: str, limit: int) -> list[Record]:
         """Recorded flows for HAR, oldest first: the database, plus what is still in

@@ -1,58 +1,75 @@
 """One access line per HTTP exchange or tunnel, written off the event loop.
 
-The loop only appends formatted lines to a list; a timer hands the batch to a writer
-thread.  A slow disk or a stalled stderr pipe therefore never blocks traffic: when more
-than `MAX_PENDING` bytes of lines wait for the writer, new batches are dropped and
-counted, and the count is reported in the log and in the metrics.
+The loop formats each finished flow into a line and appends it to a list; a timer hands
+the batch to the shared writer thread (`eyewall.observe.writer`).  A slow disk or a
+stalled stderr pipe never blocks traffic: batches the writer cannot take are dropped
+and counted, and the count is reported in the log and in the metrics.
+
+A log file is created readable by its owner only (0600); SIGUSR1 reopens it after
+rotation, and a reload may change its path or format.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
+import os
 import sys
-import threading
 from typing import IO
 
-from tornado.ioloop import IOLoop, PeriodicCallback
+from tornado.ioloop import PeriodicCallback
 
 from eyewall.flow import Flow
 from eyewall.observe.logformats import FORMATS
+from eyewall.observe.writer import BatchWriter
 
-__all__ = ["AccessLog"]
+__all__ = ["AccessLog", "open_log"]
 
 log = logging.getLogger("eyewall.access")
 
-MAX_PENDING = 4 << 20  # bytes of lines waiting for the writer thread
 FLUSH_INTERVAL = 0.1  # seconds
+FLUSH_LINES = 1000
+
+
+def open_log(path: str) -> IO[str]:
+    """Open ``path`` for appending, created 0600 (access lines name clients, users and
+    URLs).  Raises OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
 
 
 class AccessLog:
-    """Subscriber for ``flow_end`` events that writes lines to ``target`` in ``format``
-    ("auto": text when writing to a terminal, json otherwise)."""
+    """Observer writing lines to ``target`` ("-": stderr, else a file path) in
+    ``format`` ("auto": text on a terminal, json otherwise).  Raises OSError when the
+    file cannot be opened."""
 
-    def __init__(self, target: str, format: str = "auto") -> None:
-        self._target = target
-        self._lines: list[str] = []
-        self._batches: queue.Queue[str | None] = queue.Queue()
-        self._pending_bytes = 0
-        self._lock = threading.Lock()
+    def __init__(self, target: str, format: str, writer: BatchWriter) -> None:
+        self.writer = writer
         self.dropped = 0
         self._reported_dropped = 0
-        self._file: IO[str] = sys.stderr if target == "-" else open(target, "a")  # noqa: SIM115
-        if format == "auto":
-            format = "text" if self._file.isatty() else "json"
-        self.format = FORMATS[format]
-        self._thread = threading.Thread(target=self._write_loop, name="access-log", daemon=True)
-        self._thread.start()
+        self._lines: list[str] = []
+        self.target = ""
+        self._file: IO[str] = sys.stderr
+        self.configure(target, format)
         self._timer = PeriodicCallback(self.flush, FLUSH_INTERVAL * 1000)
         self._timer.start()
 
-    def __call__(self, event: str, flow: Flow) -> None:
-        if event == "flow_end":
-            self._lines.append(self.format(flow))
-            if len(self._lines) >= 1000:
-                self.flush()
+    def configure(self, target: str, format: str) -> None:
+        """Write to ``target`` in ``format`` from now on (a reload).  Raises OSError
+        (and changes nothing) when the new file cannot be opened."""
+        new = sys.stderr if target == "-" else open_log(target)
+        if format == "auto":
+            format = "text" if new.isatty() else "json"
+        self.flush()
+        old, self._file, self.target = self._file, new, target
+        self.format = FORMATS[format]
+        self.format_name = format
+        if old is not sys.stderr:
+            self.writer.submit(lambda f: f.close(), old, 0)
+
+    def __call__(self, flow: Flow) -> None:
+        self._lines.append(self.format(flow))
+        if len(self._lines) >= FLUSH_LINES:
+            self.flush()
 
     def flush(self) -> None:
         if self.dropped != self._reported_dropped:
@@ -62,39 +79,27 @@ class AccessLog:
             return
         lines, self._lines = self._lines, []
         text = "".join(lines)
-        with self._lock:
-            if self._pending_bytes + len(text) > MAX_PENDING:
-                self.dropped += len(lines)
-                return
-            self._pending_bytes += len(text)
-        self._batches.put_nowait(text)
+        if not self.writer.submit(self._write, (self._file, text), len(text)):
+            self.dropped += len(lines)
 
-    def close(self, timeout: float = 2.0) -> None:
-        self._timer.stop()
-        self.flush()
-        self._batches.put(None)
-        self._thread.join(timeout)
+    def _write(self, item: tuple[IO[str], str]) -> None:
+        file, text = item
+        try:
+            file.write(text)
+            file.flush()
+        except (OSError, ValueError):
+            self.dropped += text.count("\n")
 
     def reopen(self) -> None:
         """Reopen the file (after log rotation); stderr is left alone."""
-        if self._target != "-":
-            IOLoop.current().run_in_executor(None, self._reopen_file)
-
-    def _reopen_file(self) -> None:
-        old, self._file = self._file, open(self._target, "a")  # noqa: SIM115
-        old.close()
-
-    def _write_loop(self) -> None:
-        while True:
-            text = self._batches.get()
-            if text is None:
-                break
+        if self.target != "-":
             try:
-                self._file.write(text)
-                self._file.flush()
-            except (OSError, ValueError):
-                self.dropped += text.count("\n")
-            with self._lock:
-                self._pending_bytes -= len(text)
+                self.configure(self.target, self.format_name)
+            except OSError as e:
+                log.error("cannot reopen the access log %s: %s", self.target, e.strerror)
+
+    def close(self) -> None:
+        self._timer.stop()
+        self.flush()
         if self._file is not sys.stderr:
-            self._file.close()
+            self.writer.submit(lambda f: f.close(), self._file, 0)

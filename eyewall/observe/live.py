@@ -97,7 +97,7 @@ class LiveFeed:
         self.status = {"1xx": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0, "none": 0}
         self.latencies: list[float] = []
 
-    def __call__(self, event: str, flow: Flow) -> None:
+    def __call__(self, flow: Flow) -> None:
         self.requests += 1
         self.bytes_in += flow.bytes_in
         self.bytes_out += flow.bytes_out

@@ -1,19 +1,20 @@
 """Recorded flows: the most recent in memory, all of them in SQLite.
 
-The event loop only keeps finished flows in a bounded in-memory window and appends
-them to a batch; a timer hands batches to a writer thread that owns the SQLite
-connection.  Traffic never waits on the disk: when the writer falls behind by more
-than `MAX_BATCHES` batches, new batches are dropped and counted.  Retention (count and
-age) is applied by the writer as it goes.
+The event loop keeps finished flows in a window bounded in count and in bytes, and
+appends them to a batch; a timer hands batches to the shared writer thread, which owns
+the SQLite connection and applies retention (count and age) as it goes.  Traffic never
+waits on the disk: when the writer falls behind, new batches are dropped and counted.
+
+Requests refused before they reached an origin (a 407 to a client without credentials,
+a 403, a malformed request) keep only a capped summary of their head: an attacker who
+needs no password must not be able to fill memory or disk with 64 KB heads.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import sqlite3
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -23,16 +24,20 @@ from typing import Any
 from tornado.ioloop import PeriodicCallback
 
 from eyewall.flow import Flow
+from eyewall.http1.parse import Headers
 from eyewall.observe.records import COLUMNS, Record, record_of, row_of
+from eyewall.observe.writer import BatchWriter
 
-__all__ = ["FlowStore", "default_path", "read_records"]
+__all__ = ["FlowStore", "default_path", "read_records", "summarise_refused"]
 
 log = logging.getLogger("eyewall.flows")
 
-MAX_BATCHES = 64
 ROWS_PER_STATEMENT = 30  # 30 x 29 parameters stays under SQLite's 999 limit
 FLUSH_INTERVAL = 1.0  # seconds
+FLUSH_FLOWS = 1000
 PRUNE_EVERY = 5.0  # seconds between retention passes
+REFUSED_HEAD = 4096  # bytes of a refused request's head kept
+FLOW_OVERHEAD = 1024  # bytes a flow costs in memory besides its heads (estimate)
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS flows (
@@ -51,87 +56,136 @@ def default_path() -> Path:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=10)
+    db = sqlite3.connect(path, timeout=10, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=OFF")  # a crash may lose the last flows, never traffic
     return db
 
 
-class FlowStore:
-    """Subscriber for ``flow_end``: keeps recent flows and records all of them."""
+def summarise_refused(flow: Flow) -> None:
+    """Cap what a flow refused before any origin saw it keeps of its request head:
+    the first fields up to `REFUSED_HEAD` bytes, then a note of what was left out."""
+    request = flow.request
+    if request is None or flow.head_bytes <= REFUSED_HEAD:
+        return
+    kept: list[tuple[str, str]] = []
+    size = 0
+    for name, value in request.headers.fields:
+        size += len(name) + len(value) + 4
+        if size > REFUSED_HEAD:
+            break
+        kept.append((name, value))
+    left = len(request.headers.fields) - len(kept)
+    kept.append(("X-Eyewall-Omitted", f"{left} more fields ({flow.head_bytes} byte head)"))
+    request.headers = Headers(kept)
+    flow.head_bytes = REFUSED_HEAD
 
-    def __init__(self, path: Path | None, max_count: int, max_age: float, memory: int) -> None:
+
+def _size(flow: Flow) -> int:
+    size = FLOW_OVERHEAD + flow.head_bytes
+    for body in (flow.request_body, flow.response_body):
+        if body is not None:
+            size += len(body)
+    return size
+
+
+class FlowStore:
+    """Observer of finished flows: keeps the most recent (at most ``memory`` flows and
+    ``memory_bytes``) and records all of them in SQLite at ``path`` (None: memory only)
+    through ``writer``, keeping ``max_count`` rows no older than ``max_age`` seconds.
+    Raises OSError or sqlite3.Error when the database cannot be created."""
+
+    def __init__(
+        self,
+        path: Path | None,
+        max_count: int,
+        max_age: float,
+        memory: int,
+        memory_bytes: int = 64 << 20,
+        writer: BatchWriter | None = None,
+        max_bytes: int = 1 << 30,
+    ) -> None:
         self.path = path
+        self.max_bytes = max_bytes
         self.max_count = max_count
         self.max_age = max_age
         self.memory = memory
-        self.recent: deque[Flow] = deque(maxlen=memory)  # oldest first
+        self.memory_bytes = memory_bytes
+        self.recent: deque[Flow] = deque()  # oldest first
+        self.recent_bytes = 0
         self.dropped = 0
         self._pending: list[Flow] = []
-        self._batches: queue.Queue[list[Flow] | None] = queue.Queue(MAX_BATCHES)
-        self._thread: threading.Thread | None = None
         self._timer: PeriodicCallback | None = None
+        self._db: sqlite3.Connection | None = None  # the writer thread's own
+        self._last_prune = 0.0
+        self.writer = writer
         if path is not None:
+            assert writer is not None, "recording to a file needs a writer"
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))  # traffic is private
-            _connect(path).executescript(_SCHEMA)  # fail at start-up, not in the thread
-            self._thread = threading.Thread(target=self._write_loop, name="flows", daemon=True)
-            self._thread.start()
+            db = _connect(path)  # fail at start-up, not in the thread
+            db.executescript(_SCHEMA)
+            db.close()
+            writer.on_idle(self._prune_now)
             self._timer = PeriodicCallback(self.flush, FLUSH_INTERVAL * 1000)
             self._timer.start()
 
-    def __call__(self, event: str, flow: Flow) -> None:
-        self.recent.append(flow)
+    def __call__(self, flow: Flow) -> None:
+        if flow.error is not None and not flow.upstream:
+            summarise_refused(flow)
+        recent = self.recent
+        recent.append(flow)
+        self.recent_bytes += _size(flow)
+        while len(recent) > self.memory or (self.recent_bytes > self.memory_bytes and recent):
+            self.recent_bytes -= _size(recent.popleft())
         if self.path is not None:
             self._pending.append(flow)
-            if len(self._pending) >= 1000:
+            if len(self._pending) >= FLUSH_FLOWS:
                 self.flush()
 
     def flush(self) -> None:
-        if not self._pending:
+        if not self._pending or self.writer is None:
             return
         batch, self._pending = self._pending, []
-        try:
-            self._batches.put_nowait(batch)
-        except queue.Full:
+        if not self.writer.submit(self._write, batch, sum(_size(f) for f in batch)):
             self.dropped += len(batch)
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self) -> None:
+        """Hand the last batch to the writer (which the caller then closes)."""
         if self._timer is not None:
             self._timer.stop()
         self.flush()
-        if self._thread is not None:
-            try:
-                self._batches.put(None, timeout=timeout)
-            except queue.Full:
-                return
-            self._thread.join(timeout)
+        if self.writer is not None and self.path is not None:
+            self.writer.submit(lambda _: self._close_db(), None, 0)
 
-    def _write_loop(self) -> None:
+    # -- the writer thread -------------------------------------------------------------
+
+    def _write(self, batch: list[Flow]) -> None:
         assert self.path is not None
-        db = _connect(self.path)
-        last_prune = 0.0
-        dirty = False
-        while True:
-            try:
-                batch = self._batches.get(timeout=PRUNE_EVERY)
-            except queue.Empty:
-                batch = []
-            if batch is None:
-                break
-            try:
-                if batch:
-                    self._insert(db, [row_of(f) for f in batch])
-                    dirty = True
-                now = time.monotonic()
-                if dirty and now - last_prune >= PRUNE_EVERY:
-                    last_prune = now
-                    dirty = False
-                    self._prune(db)
-            except (sqlite3.Error, OSError):
-                self.dropped += len(batch)
-                log.exception("recording %d flows failed", len(batch))
-        db.close()
+        if self._db is None:
+            self._db = _connect(self.path)
+        try:
+            self._insert(self._db, [row_of(f) for f in batch])
+        except (sqlite3.Error, OSError):
+            self.dropped += len(batch)
+            log.exception("recording %d flows failed", len(batch))
+            return
+        if time.monotonic() - self._last_prune >= PRUNE_EVERY:
+            self._prune_now()
+
+    def _prune_now(self) -> None:
+        if self._db is None:
+            return
+        self._last_prune = time.monotonic()
+        try:
+            self._prune(self._db)
+        except sqlite3.Error:
+            log.exception("flow retention pass failed")
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     @staticmethod
     def _insert(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
@@ -150,12 +204,25 @@ class FlowStore:
                 db.executemany(_INSERT, rows[full:])
 
     def _prune(self, db: sqlite3.Connection) -> None:
+        """Retention: age, count, then bytes (pages in use; freed pages are reused, so
+        the file stops growing rather than shrinks)."""
         with db:
             db.execute("DELETE FROM flows WHERE started < ?", (time.time() - self.max_age,))
             db.execute(
                 "DELETE FROM flows WHERE rowid <= (SELECT MAX(rowid) FROM flows) - ?",
                 (self.max_count,),
             )
+        for _ in range(20):
+            page = db.execute("PRAGMA page_size").fetchone()[0]
+            used = db.execute("PRAGMA page_count").fetchone()[0]
+            free = db.execute("PRAGMA freelist_count").fetchone()[0]
+            if (used - free) * page <= self.max_bytes:
+                return
+            with db:  # the oldest tenth goes
+                db.execute(
+                    "DELETE FROM flows WHERE rowid <= (SELECT MIN(rowid) FROM flows)"
+                    " + (SELECT COUNT(*) FROM flows) / 10 + 1"
+                )
 
     # -- reading ------------------------------------------------------------------------
 

@@ -7,9 +7,17 @@ IPv4-compatible, NAT64 and 6to4 forms), falls in one of `PROTECTED`.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 
-__all__ = ["PROTECTED", "IPAddress", "IPNetwork", "parse_network", "protected_range"]
+__all__ = [
+    "PROTECTED",
+    "IPAddress",
+    "IPNetwork",
+    "OwnListeners",
+    "parse_network",
+    "protected_range",
+]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -78,3 +86,57 @@ def protected_range(address: str) -> str | None:
 def parse_network(text: str) -> IPNetwork:
     """A CIDR (``10.0.0.0/8``) or a single address; raises ValueError."""
     return ipaddress.ip_network(text.strip(), strict=False)
+
+
+def _normalised(address: str) -> IPAddress | None:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class OwnListeners:
+    """The proxy's own listening addresses: a request aimed at one of them would loop
+    into the proxy (hiding the real client) or reach the admin API, so it is refused.
+
+    ``endpoints`` are bound ``(address, port)`` pairs; an unspecified address (0.0.0.0,
+    ::) means every address of this host.  ``is_local(address)`` tells whether an
+    address belongs to this host (the I/O layer answers it; it is asked only when the
+    port is one of the proxy's own).  Every spelling counts: IPv4-mapped IPv6, and the
+    unspecified addresses, which reach this host's loopback when connected to.
+    """
+
+    def __init__(
+        self,
+        endpoints: Iterable[tuple[str, int]] = (),
+        is_local: Callable[[str], bool] = lambda address: False,
+    ) -> None:
+        self.is_local = is_local
+        self.by_port: dict[int, list[IPAddress]] = {}
+        for host, port in endpoints:
+            ip = _normalised(host) if host != "localhost" else None
+            bound = [ip] if ip is not None else [ipaddress.ip_address("127.0.0.1"),
+                                                 ipaddress.ip_address("::1")]  # fmt: skip
+            self.by_port.setdefault(port, []).extend(bound)
+
+    def __contains__(self, destination: object) -> bool:
+        if not isinstance(destination, tuple) or len(destination) != 2:
+            return False
+        address, port = destination
+        bound = self.by_port.get(port)
+        if not bound:
+            return False
+        ip = _normalised(str(address))
+        if ip is None:
+            return False
+        if ip.is_unspecified:
+            return True
+        for own in bound:
+            if own == ip:
+                return True
+            if own.is_unspecified and (ip.is_loopback or self.is_local(str(ip))):
+                return True
+        return False

@@ -44,7 +44,7 @@ _SCHEMES = {"http", "https", "connect"}
 class Action(enum.Enum):
     ALLOW = "allow"
     DENY = "deny"
-    INTERCEPT = "intercept"  # reserved: TLS interception of matching CONNECTs
+    INTERCEPT = "intercept"  # TLS interception of matching CONNECTs
     RESOLVE = "resolve"  # not a decision yet: evaluate again with the resolved addresses
 
 
@@ -124,7 +124,7 @@ class Rule:
                 return "host"
         if self.ports and not _in_ports(req.port, self.ports):
             return "port"
-        if self.methods and req.method not in self.methods:
+        if self.methods and req.method.upper() not in self.methods:
             return "method"
         if self.schemes and req.scheme not in self.schemes:
             return "scheme"
@@ -269,6 +269,8 @@ class RuleSet:
             return Decision(action, rule_id, addresses=addresses, trace=tuple(trace))
         if addresses is None:
             return RESOLVE
+        if not addresses:  # the name did not resolve: nothing to guard
+            return Decision(action, rule_id, addresses=(), trace=tuple(trace))
         permitted = []
         for address in addresses:
             in_rule = chosen is not None and _in_networks(address, chosen.networks)

@@ -1,147 +1,133 @@
-"""Admission of each request: authentication, rate limits and destination rules.
+"""Admission's I/O: performs what `eyewall.policy.admission.decide` asks for — a bcrypt
+check, a name resolution — and asks again until it has a decision.
 
-The decisions are the policy's (pure, in `eyewall.policy`); this module does the I/O
-they need — the bcrypt check in a thread, the name resolution — and answers refusals:
-407 with a challenge, 429 with Retry-After, 403 naming the rule.
+`admit_now` answers without waiting whenever it can (no credentials to check, the
+addresses already known): the common case costs one `decide` call and no coroutine.
+`admit` finishes the rest.  Nothing here writes to the client: the refusal goes back to
+the client loop, which answers it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from eyewall.errors import ErrorKind, ProxyError
-from eyewall.flow import Flow
-from eyewall.http1.parse import RequestHead
-from eyewall.http1.target import Target
-from eyewall.policy.auth import Credentials, parse_basic
-from eyewall.policy.engine import Policy
-from eyewall.policy.rules import Action, Decision, Request
+from eyewall.policy.admission import Allow, Refusal, Resolve, Step, Ticket, Verify, decide
+from eyewall.policy.auth import Credentials, Users
+from eyewall.proxy.context import ProxyContext
+from eyewall.proxy.timeouts import Phase, Watch
 
-if TYPE_CHECKING:
-    from eyewall.proxy.client import ClientConnection
+__all__ = ["Verifier", "admit", "admit_now"]
 
-__all__ = ["admit", "admit_now"]
-
-log = logging.getLogger("eyewall.access")
+_Shared = tuple["asyncio.Future[bool | None]", list[Callable[[], bool]]]
 
 
-def admit_now(
-    conn: ClientConnection, head: RequestHead, target: Target, flow: Flow
-) -> Decision | None:
-    """The decision to let the request through when it needs no waiting (no
-    authentication, no rate limit, addresses known); None sends the caller to `admit`."""
-    proxy = conn.proxy
-    policy = proxy.policy
-    limits = policy.limits
-    if policy.auth_required or limits.client_rps is not None or limits.user_rps is not None:
-        return None
-    scheme = "connect" if head.method == "CONNECT" else target.scheme
-    req = Request(conn.address[0], head.method, scheme, target.host, target.port)
-    decision = policy.decide(req, None)
-    if decision.action is Action.RESOLVE:
-        addrs = proxy.pool.resolver.known(target.host, target.port)
-        if addrs is None:
+class Verifier:
+    """bcrypt checks off the event loop, bounded and fair.
+
+    At most ``threads`` checks run at once (bcrypt is CPU-bound: the proxy keeps the
+    rest of the machine), at most ``max_queued`` wait, first come first served; a
+    queued check whose clients all left is dropped before it costs anything, and
+    concurrent checks of the same credentials share one run.
+    """
+
+    def __init__(self, threads: int = 2, max_queued: int = 64) -> None:
+        self.max_queued = max_queued
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="bcrypt")
+        self._slots = asyncio.Semaphore(threads)
+        self._pending: dict[
+            tuple[int, bytes], tuple[asyncio.Future[bool | None], list[Callable[[], bool]]]
+        ] = {}
+        self.queued = 0
+        self.skipped = 0  # checks dropped because their clients left
+
+    async def verify(
+        self, users: Users, credentials: Credentials, alive: Callable[[], bool]
+    ) -> bool | None:
+        """Whether ``credentials`` are right; None when the queue is full or every
+        client waiting for this check left before it ran.  ``alive`` says whether the
+        asking client is still connected."""
+        key = (id(users), credentials.fingerprint(users.stored(credentials.user) or b""))
+        shared = self._pending.get(key)
+        if shared is not None:
+            shared[1].append(alive)
+            return await asyncio.shield(shared[0])
+        if self.queued >= self.max_queued:
             return None
-        decision = policy.decide(req, tuple([a[1][0] for a in addrs]))
-    if decision.action is Action.DENY:
-        return None
-    flow.rule = decision.rule
-    proxy.bus.emit("decision", flow)
-    return decision
+        result: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        waiters = [alive]
+        self._pending[key] = (result, waiters)
+        self.queued += 1
+        try:
+            async with self._slots:
+                if not any(still() for still in waiters):
+                    self.skipped += 1
+                    result.set_result(None)
+                else:
+                    loop = asyncio.get_running_loop()
+                    result.set_result(
+                        await loop.run_in_executor(self._pool, users.verify, credentials)
+                    )
+        except BaseException as e:
+            if not result.done():
+                result.set_exception(e)
+            raise
+        finally:
+            self.queued -= 1
+            del self._pending[key]
+        return result.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def admit_now(ctx: ProxyContext, ticket: Ticket) -> Step:
+    """The next step for ``ticket``, resolving from cache and IP literals without
+    waiting; a `Verify` or `Resolve` left over needs `admit`."""
+    step = decide(ticket, ctx.policy, ctx.state, ctx.clock(), ctx.own)
+    while isinstance(step, Resolve):
+        known = ctx.pool.resolver.known(step.host, step.port)
+        if known is None:
+            return step
+        ticket.addresses = tuple(ip for _, (ip, *_) in known)
+        step = decide(ticket, ctx.policy, ctx.state, ctx.clock(), ctx.own)
+    return step
 
 
 async def admit(
-    conn: ClientConnection, head: RequestHead, target: Target, flow: Flow, close: bool
-) -> Decision | None:
-    """The policy's decision to let the request through, or None once a refusal was
-    sent.  ``close`` says the connection cannot carry another request afterwards."""
-    proxy = conn.proxy
-    policy = proxy.policy
-    client = conn.address[0]
-    loop = conn.loop
-    user = None
-    if policy.auth_required:
-        credentials = parse_basic(head.headers.get("proxy-authorization"))
-        ok = False
-        if credentials is not None:
-            now = loop.time()
-            ok = policy.credentials_cached(credentials, now)
-            if not ok:
-                ok = await _verify(policy, credentials)
-                if ok:
-                    policy.users.remember(credentials, now)
-        if not ok:
-            await _challenge(conn, flow, credentials.user if credentials else None, close)
-            return None
-        assert credentials is not None
-        user = flow.user = credentials.user
-        policy.failures.clear(client)
-    limited = policy.request_rate(client, user, loop.time())
-    if limited is not None:
-        retry = str(max(1, math.ceil(limited.retry_after)))
-        await conn.answer_error(
-            flow, ErrorKind.RATE_LIMITED, limited.describe(), close, (("Retry-After", retry),)
-        )
-        return None
-    scheme = "connect" if head.method == "CONNECT" else target.scheme
-    req = Request(client, head.method, scheme, target.host, target.port, user,
-                  policy.groups(user))  # fmt: skip
-    decision = policy.decide(req, None)
-    if decision.action is Action.RESOLVE:
-        try:
-            async with asyncio.timeout(proxy.settings.timeouts.upstream_connect):
-                addrs = await proxy.pool.resolver.resolve(target.host, target.port)
-        except TimeoutError:
-            detail = f"resolving {target.host} took too long"
-            await conn.answer_error(flow, ErrorKind.CONNECT_TIMEOUT, detail, close)
-            return None
-        except ProxyError as e:
-            await conn.answer_error(flow, e.kind, e.detail, close)
-            return None
-        decision = policy.decide(req, tuple(ip for _, (ip, *_) in addrs))
-    flow.rule = decision.rule
-    proxy.bus.emit("decision", flow)
-    if decision.action is Action.DENY:
-        detail = f"denied by rule {decision.rule}"
-        if decision.message:
-            detail += f": {decision.message}"
-        await conn.answer_error(flow, ErrorKind.DENIED, detail, close)
-        return None
-    return decision
-
-
-async def _verify(policy: Policy, credentials: Credentials) -> bool:
-    """The bcrypt check, in the policy's own small thread pool; concurrent requests
-    with the same credentials share one check."""
-    key = credentials.fingerprint()
-    pending = policy.verifying.get(key)
-    if pending is None:
-        loop = asyncio.get_running_loop()
-        pending = loop.run_in_executor(policy.verifier, policy.users.verify, credentials)
-        policy.verifying[key] = pending
-        pending.add_done_callback(lambda _: policy.verifying.pop(key, None))
-    return bool(await asyncio.shield(pending))
-
-
-async def _challenge(conn: ClientConnection, flow: Flow, user: str | None, close: bool) -> None:
-    """Answer 407; failed attempts are logged (fail2ban-friendly) and slowed down."""
-    policy = conn.proxy.policy
-    client = conn.address[0]
-    detail = "proxy authentication required"
-    if user is not None:
-        failures = policy.failures.record(client, conn.loop.time())
-        log.warning(
-            "authentication failed for user %r from %s (%d in the last minute)",
-            user, client, failures,
-        )  # fmt: skip
-        detail = "proxy authentication failed"
-        flow.user = user
-        delay = policy.failures.delay(failures)
-        if delay:
-            await asyncio.sleep(delay)
-    realm = conn.proxy.settings.auth.realm.replace('"', "'")
-    challenge = ("Proxy-Authenticate", f'Basic realm="{realm}", charset="UTF-8"')
-    await conn.answer_error(flow, ErrorKind.AUTH_REQUIRED, detail, close, (challenge,))
+    ctx: ProxyContext, ticket: Ticket, step: Step, watch: Watch, alive: Callable[[], bool]
+) -> Allow | Refusal:
+    """Perform the checks ``step`` asks for until admission decides.  The policy in
+    force is read afresh at each step (a reload meanwhile applies at once)."""
+    while True:
+        match step:
+            case Allow() | Refusal():
+                return step
+            case Verify(credentials):
+                watch.enter(Phase.HOOK, ctx.clock(), None)  # a queue wait, bounded by size
+                ok = await ctx.verifier.verify(ctx.policy.users, credentials, alive)
+                if ok is None:
+                    return Refusal(
+                        ErrorKind.OVERLOADED,
+                        "login-queue",
+                        "too many logins are being checked; try again",
+                        1.0,
+                    )
+                ticket.verified = ok
+            case Resolve(host, port):
+                limit = ctx.settings.timeouts.upstream_connect
+                watch.enter(Phase.RESOLVING, ctx.clock(), None)  # bounded right here
+                try:
+                    async with asyncio.timeout(limit):
+                        addrs = await ctx.pool.resolver.resolve(host, port)
+                except TimeoutError:
+                    return Refusal(
+                        ErrorKind.CONNECTION_TIMEOUT, "", f"resolving {host} took too long"
+                    )
+                except ProxyError as e:
+                    ticket.resolve_error = e.detail
+                else:
+                    ticket.addresses = tuple(ip for _, (ip, *_) in addrs)
+        step = decide(ticket, ctx.policy, ctx.state, ctx.clock(), ctx.own)

@@ -1,8 +1,9 @@
 """Streaming a message body from one IOStream to another, re-framed on the way.
 
 Every write is awaited before the next read, so a slow reader on one side stops the
-reading on the other: memory per transfer stays at one buffer.  Each piece moved is
-counted in a `Meter` and sets its ``active`` flag for the watchdog's stall check.
+reading on the other: memory per transfer stays at one buffer.  Each piece read is
+counted in a `Meter`; the body-idle limit watches those counts (and the streams' own
+write counts), so a slow but steady transfer is never mistaken for a stalled one.
 
 The functions raise what the streams raise (`StreamClosedError`) and `ParseError` for
 broken chunked framing; the caller decides which side was at fault.
@@ -25,13 +26,12 @@ _FRAMING_FIELDS = HOP_BY_HOP | {"content-length", "host"}
 
 
 class Meter:
-    """Body bytes moved in one direction, whether any moved since the last look, and
-    optionally a copy of the first ``limit`` bytes (for the flow recorder)."""
+    """Body bytes read in one direction, and optionally a copy of the first ``limit``
+    bytes (for the flow recorder)."""
 
-    __slots__ = ("active", "capture", "count", "limit")
+    __slots__ = ("capture", "count", "limit")
 
     def __init__(self, limit: int = 0) -> None:
-        self.active = False
         self.count = 0
         self.limit = limit
         self.capture: bytearray | None = bytearray() if limit else None
@@ -57,7 +57,6 @@ async def _copy_pieces(
         piece = await src.read_bytes(min(remaining, PIECE), partial=True)
         remaining -= len(piece)
         meter.count += len(piece)
-        meter.active = True
         if meter.capture is not None:
             meter.keep(piece)
         await dst.write(_chunk(piece) if chunked else piece)
@@ -74,23 +73,33 @@ async def _copy_chunk_data(
     return size
 
 
+async def _read_exactly(src: IOStream, n: int, meter: Meter, parts: list[bytes]) -> None:
+    while n:
+        piece = await src.read_bytes(min(n, PIECE), partial=True)
+        n -= len(piece)
+        meter.count += len(piece)
+        parts.append(piece)
+
+
 async def read_upto(
-    src: IOStream, kind: str, length: int, limit: int, trailer_limit: int
+    src: IOStream, kind: str, length: int, limit: int, trailer_limit: int, meter: Meter
 ) -> tuple[bytes, int | None]:
-    """Read a whole body into memory if it fits in ``limit`` bytes (for addons).
+    """Read a whole body into memory if it fits in ``limit`` bytes (for addons),
+    counting what is read in ``meter`` (which does not capture: the caller does).
 
     Returns ``(body, None)`` when complete.  Otherwise ``(prefix, resume)``: for a
     fixed length, nothing was read (``resume`` is the length); for chunked framing,
     ``prefix`` is the data of the complete chunks read and ``resume`` the size of the
     chunk whose size line was read but not its data (give it to `copy_chunked`); for
     a close-delimited body, ``prefix`` is what was read and ``resume`` is -1.
+    Raises StreamClosedError if ``src`` ends early, ParseError for broken chunking.
     """
+    parts: list[bytes] = []
     if kind == "length":
         if length > limit:
             return b"", length
-        data = await src.read_bytes(length) if length else b""
-        return data, None
-    parts: list[bytes] = []
+        await _read_exactly(src, length, meter, parts)
+        return b"".join(parts), None
     size_so_far = 0
     if kind == "close":
         while size_so_far <= limit:
@@ -98,6 +107,7 @@ async def read_upto(
                 piece = await src.read_bytes(PIECE, partial=True)
             except StreamClosedError:
                 return b"".join(parts), None
+            meter.count += len(piece)
             parts.append(piece)
             size_so_far += len(piece)
         return b"".join(parts), -1
@@ -113,7 +123,7 @@ async def read_upto(
             return b"".join(parts), None
         if size_so_far + size > limit:
             return b"".join(parts), size
-        parts.append(await src.read_bytes(size))
+        await _read_exactly(src, size, meter, parts)
         size_so_far += size
         end = await read_block(src, LINE_END, CHUNK_LINE_LIMIT)
         if end not in (b"\r\n", b"\n"):
@@ -131,7 +141,6 @@ async def copy_length(src: IOStream, dst: IOStream, length: int, meter: Meter) -
         n = await src.read_into(view[: min(remaining, BIG_BUFFER)], partial=True)  # type: ignore[arg-type]
         remaining -= n
         meter.count += n
-        meter.active = True
         if meter.capture is not None:
             meter.keep(view[:n])
         await dst.write(view[:n])
@@ -149,7 +158,6 @@ async def copy_until_close(src: IOStream, dst: IOStream, chunked: bool, meter: M
             break
         total += n
         meter.count += n
-        meter.active = True
         if meter.capture is not None:
             meter.keep(view[:n])
         await dst.write(_chunk(view[:n]) if chunked else view[:n])

@@ -1,147 +1,216 @@
-"""One client connection: read request heads in order, answer each, keep alive.
+"""One client connection, from its first byte to its close: the request loop.
 
-Requests are handled one at a time, so pipelined requests are answered in order; the
-next head waits in the stream's buffer.  A CONNECT (or a WebSocket upgrade) ends the
-loop by handing the socket to a tunnel.
+Requests are handled one at a time, so pipelined requests are answered in order (the
+next head waits in the stream's buffer).  For each: read the head (phase CLIENT_HEAD;
+between requests IDLE), parse it, admit it (`eyewall.proxy.admission`), then forward it
+(`Exchange`), open a tunnel, or intercept a CONNECT and go on reading the decrypted
+requests on the same connection.
+
+This module is the ONE place that writes answers the proxy makes itself — error pages,
+407 challenges, 429s, addon answers, its own answers to ``Max-Forwards: 0`` — all
+through `render_answer`, which follows RFC 9110 §9.3.2 and §6.4.1: no body for HEAD
+(with the Content-Length the body would have had), none for 1xx, 204 and 304.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import ssl
-import time
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from time import monotonic
-from typing import TYPE_CHECKING
 
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
-from eyewall.addons.api import HTTPFlow, Request
+from eyewall.addons.api import Answer, HTTPFlow, Request
+from eyewall.addons.hooks import HttpConnect
 from eyewall.addons.runner import AddonFailed
-from eyewall.errors import ErrorKind, ProxyError, error_page, status_of
+from eyewall.errors import ErrorKind, ProxyError, error_answer
 from eyewall.flow import Flow
-from eyewall.http1.message import BodyKind, client_keeps_alive, render_response, request_framing
+from eyewall.http1.message import BodyKind, client_keeps_alive, request_framing
 from eyewall.http1.parse import ParseError, RequestHead, parse_request_head
 from eyewall.http1.target import Target, TargetError, parse_authority, parse_target
-from eyewall.policy.engine import RateLimiters
-from eyewall.policy.rules import Action, Decision
+from eyewall.policy.admission import Allow, Refusal, Ticket
+from eyewall.policy.auth import parse_basic
+from eyewall.policy.rules import Action
 from eyewall.proxy.admission import admit, admit_now
-from eyewall.proxy.exchange import Exchange
-from eyewall.proxy.streams import (
-    HEAD_END,
-    buffered_size,
-    complete,
-    lingering_close,
-    read_block,
-    take_over,
-)
+from eyewall.proxy.context import ProxyContext
+from eyewall.proxy.exchange import Answered, Exchange, Failed, Killed, Responded, Upgraded
+from eyewall.proxy.intercept import CONNECT_ESTABLISHED, HandshakeFailed, accept_tls
+from eyewall.proxy.streams import buffered_size, complete, lingering_close, read_head, take_over
+from eyewall.proxy.timeouts import Phase, Watch
 from eyewall.proxy.tunnel import Tunnel
 
-if TYPE_CHECKING:
-    from eyewall.proxy.server import Proxy
+__all__ = ["ClientConnection", "inner_target", "render_answer"]
 
-__all__ = ["ClientConnection"]
+log = logging.getLogger("eyewall.client")
+auth_log = logging.getLogger("eyewall.auth")
 
-log = logging.getLogger("eyewall.connection")
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
+_KNOWN_STATUS = frozenset(s.value for s in HTTPStatus)
+TLS_HANDSHAKE_RECORD = 0x16  # the first byte of a TLS ClientHello record
+TLS_ALERT_HANDSHAKE_FAILURE = b"\x15\x03\x01\x00\x02\x02\x28"  # fatal handshake_failure
 
-CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+def render_answer(
+    method: str,
+    status: int,
+    fields: list[tuple[str, str]],
+    body: bytes,
+    close: bool,
+    reason: str = "",
+) -> bytes:
+    """A complete response the proxy sends itself, as bytes.
+
+    ``fields`` must not frame the message: Content-Length and ``Connection: close`` are
+    added here.  A HEAD gets the head alone, with the length the body would have had
+    (RFC 9110 §9.3.2); 1xx, 204 and 304 carry no body and no length (§6.4.1, §8.6).
+    """
+    if not reason:
+        reason = HTTPStatus(status).phrase if status in _KNOWN_STATUS else ""
+    lines = [f"HTTP/1.1 {status} {reason}"]
+    lines.extend(f"{n}: {v}" for n, v in fields if n.lower() not in _FRAMING)
+    bodiless = status < 200 or status in (204, 304)
+    if not bodiless:
+        lines.append(f"Content-Length: {len(body)}")
+    if close:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if bodiless or method == "HEAD" else head + body
 
 
 class ClientConnection:
+    """Serves one client connection until it closes or is handed to a tunnel."""
+
     __slots__ = (
         "address",
-        "busy",
+        "ctx",
         "exchange",
         "head_started",
-        "local",
-        "loop",
-        "proxy",
+        "release",
         "requests",
-        "since",
+        "secure",
         "stream",
         "t_head",
         "tunnel",
+        "tunnel_user",
+        "watch",
     )
 
-    def __init__(self, proxy: Proxy, stream: IOStream, address: tuple[str, int]) -> None:
-        self.proxy = proxy
+    def __init__(
+        self, ctx: ProxyContext, stream: IOStream, address: tuple[str, int], secure: bool = False
+    ) -> None:
+        self.ctx = ctx
         self.stream = stream
         self.address = (address[0], address[1])
-        self.loop = asyncio.get_running_loop()
-        self.since = self.loop.time()  # start of the current idle period
-        self.head_started: float | None = None  # when the watchdog first saw head bytes
+        self.secure = secure  # the client speaks TLS to the proxy (an HTTPS listener)
+        self.watch = Watch(self._expired)
         self.requests = 0
-        self.busy = False
         self.exchange: Exchange | None = None
+        self.head_started = False  # bytes of the next request head have arrived
         self.t_head = 0.0
         self.tunnel: Target | None = None  # set while serving an intercepted tunnel
+        self.tunnel_user: str | None = None  # who authenticated the intercepted CONNECT
+        self.release: Callable[[], None] | None = None  # the intercepted tunnel's limits
 
-    # -- watchdog ----------------------------------------------------------------------
+    # -- time limits -------------------------------------------------------------------
 
     def check(self, now: float) -> None:
-        if self.exchange is not None:
-            self.exchange.check(now)
-            return
-        if self.busy or self.stream.closed():
-            return
-        t = self.proxy.settings.timeouts
-        if buffered_size(self.stream):
-            if self.head_started is None:
-                self.head_started = now
-            elif now - self.head_started >= t.client_header:
-                self._request_timeout()
-        elif now - self.since >= (t.client_header if self.requests == 0 else t.keepalive_idle):
-            self.stream.close()
+        """For the watchdog."""
+        self.watch.check(now)
 
-    def _request_timeout(self) -> None:
-        flow = self._new_flow()
-        flow.fail(ErrorKind.CLIENT_TIMEOUT, "request head not received in time")
-        flow.status = status_of(ErrorKind.CLIENT_TIMEOUT)
-        page = error_page(
-            ErrorKind.CLIENT_TIMEOUT,
-            flow.error_detail,
-            flow.id,
-            proxy_name=self.proxy.settings.via,
-            close=True,
+    def _expired(self, phase: Phase) -> None:
+        if self.exchange is not None:
+            self.exchange.expire(phase)
+            return
+        if phase is Phase.CLIENT_HEAD and self.head_started:
+            flow = self.ctx.new_flow(self.address)
+            detail = "request head not received in time"
+            flow.fail(ErrorKind.CLIENT_TIMEOUT, detail)
+            status, fields, body = error_answer(
+                ErrorKind.CLIENT_TIMEOUT, detail, flow.id, self.ctx.settings.via
+            )
+            flow.status = status
+            flow.bytes_out = len(body)
+            try:
+                self.stream.write(render_answer("GET", status, fields, body, True))
+            except StreamClosedError:
+                pass
+            self.ctx.end_flow(flow)
+        self.stream.io_loop.add_callback(self.stream.close)
+
+    def _enter(self, phase: Phase, limit: float | None) -> None:
+        self.watch.enter(phase, self.ctx.clock(), limit)
+
+    def idle(self) -> bool:
+        """Waiting for a request that has not started (safe to close when draining)."""
+        return (
+            self.exchange is None
+            and self.watch.phase in (Phase.IDLE, Phase.CLIENT_HEAD)
+            and not buffered_size(self.stream)
+            and not self.stream.closed()
         )
-        try:
-            self.stream.write(page)
-        except StreamClosedError:
-            pass
-        self.loop.call_soon(self.stream.close)
-        self.proxy.end_flow(flow, monotonic())
 
     # -- the request loop --------------------------------------------------------------
 
     async def serve(self) -> None:
-        limit = self.proxy.settings.limits.max_header_size
+        """Answer requests until the connection closes, a request cannot be followed by
+        another, or the connection becomes a tunnel."""
+        ctx = self.ctx
+        timeouts = ctx.settings.timeouts
+        self._enter(Phase.CLIENT_HEAD, timeouts.client_header)  # from accept
         try:
             while True:
-                stream = self.stream  # changes once if a CONNECT is intercepted
-                data = await read_block(stream, HEAD_END, limit)
-                self.t_head = monotonic()
-                self.head_started = None
-                self.requests += 1
-                self.busy = True
-                if not await self._handle(data) or self.proxy.draining or self.stream.closed():
+                data = await self._read_head()
+                if data is None:
                     break
-                self.busy = False
-                self.since = self.loop.time()
+                self.t_head = monotonic()
+                self.requests += 1
+                if not await self._handle(data) or ctx.draining or self.stream.closed():
+                    break
+                self._enter(Phase.IDLE, ctx.settings.timeouts.keepalive_idle)
         except StreamClosedError:
             pass
         finally:
-            self.stream.close()
-            self.proxy.connection_closed(self)
+            if self.stream.socket is not None:  # None: handed to TLS (start_tls) or a tunnel
+                self.stream.close()
+            if self.release is not None:
+                self.release()
+            ctx.connection_closed(self)
 
-    def _new_flow(self) -> Flow:
-        return Flow(self.proxy.next_id(), "http", self.address, time.time())
+    async def _read_head(self) -> bytes | None:
+        """The next request head (up to max_header_size bytes), or None when the
+        client spoke TLS to a plain listener (answered with an alert)."""
+        stream = self.stream
+        limit = self.ctx.settings.limits.max_header_size
+        self.head_started = False
+        first = await stream.read_bytes(limit, partial=True)
+        self.head_started = True
+        if self.watch.phase is Phase.IDLE:
+            self._enter(Phase.CLIENT_HEAD, self.ctx.settings.timeouts.client_header)
+        if (
+            self.requests == 0
+            and first[0] == TLS_HANDSHAKE_RECORD
+            and not isinstance(stream, SSLIOStream)
+        ):
+            log.warning(
+                "%s:%d spoke TLS to the plain HTTP proxy listener: use an http:// proxy"
+                " URL, or configure an HTTPS listener (tls.listen) for https:// proxy URLs",
+                *self.address,
+            )
+            stream.write(TLS_ALERT_HANDSHAKE_FAILURE)
+            await lingering_close(stream, seconds=1.0)
+            return None
+        return await read_head(stream, limit, first)
 
     async def _handle(self, data: bytes) -> bool:
         """Answer one request; True if the connection may carry another."""
-        flow = self._new_flow()
+        flow = self.ctx.new_flow(self.address)
+        handed_over = False
         try:
-            return await self._dispatch(data, flow)
+            handed_over, keep = await self._dispatch(data, flow)
+            return keep
         except StreamClosedError:
+            flow.fail(ErrorKind.CLIENT_ABORTED, "client closed the connection")
             raise
         except Exception:
             # A bug must cost one exchange, never the proxy: log it, answer 500 if
@@ -149,166 +218,361 @@ class ClientConnection:
             log.exception("internal error handling %s %s", flow.id, flow.url)
             exchange = self.exchange
             if (exchange is None or not exchange.responded) and not self.stream.closed():
-                await self.answer_error(flow, ErrorKind.INTERNAL, "internal error", close=True)
+                await self._error(flow, "GET", ErrorKind.INTERNAL, "internal error", True)
             flow.fail(ErrorKind.INTERNAL, "internal error")
             self.stream.close()
             return False
         finally:
             self.exchange = None
-            self.proxy.end_flow(flow, self.t_head)
+            if not handed_over:
+                self.ctx.end_flow(flow)
 
-    async def _dispatch(self, data: bytes, flow: Flow) -> bool:
-        limits = self.proxy.settings.limits
+    async def _dispatch(self, data: bytes, flow: Flow) -> tuple[bool, bool]:
+        """(the flow was handed to a tunnel, the connection may carry another request)"""
+        ctx = self.ctx
+        limits = ctx.settings.limits
+        flow.intercepted = self.tunnel is not None
         if not complete(data):
             first_line_ends = data.find(b"\n")
             if first_line_ends == -1 or first_line_ends > limits.max_target_length:
-                return await self.answer_error(
-                    flow, ErrorKind.TARGET_TOO_LONG, "request line too long", close=True
-                )
-            return await self.answer_error(
-                flow, ErrorKind.HEADERS_TOO_LARGE, "request header section too large", close=True
-            )
+                kind, detail = ErrorKind.TARGET_TOO_LONG, "request line too long"
+            else:
+                kind, detail = ErrorKind.HEADERS_TOO_LARGE, "request header section too large"
+            return False, await self._error(flow, "GET", kind, detail, True)
         try:
             head = parse_request_head(data)
         except ParseError as e:
             kind = ErrorKind.VERSION_NOT_SUPPORTED if e.status == 505 else ErrorKind.BAD_REQUEST
-            return await self.answer_error(flow, kind, str(e), close=True)
+            return False, await self._error(flow, "GET", kind, str(e), True)
         flow.method = head.method
         flow.request = head
         flow.url = head.target
+        method = head.method
         if len(head.target) > limits.max_target_length:
-            return await self.answer_error(
-                flow, ErrorKind.TARGET_TOO_LONG, "request target too long", close=True
+            return False, await self._error(
+                flow, method, ErrorKind.TARGET_TOO_LONG, "request target too long", True
             )
         try:
             target = (
-                parse_target(head.method, head.target)
+                parse_target(method, head.target)
                 if self.tunnel is None
                 else inner_target(self.tunnel, head)
             )
         except TargetError as e:
-            if e.origin_form:
+            if e.origin_form and self.tunnel is None:
                 kind, detail = (
                     ErrorKind.NOT_PROXY_REQUEST,
                     "this is a forward proxy: send requests with an absolute URL"
                     " (http://host/path), or use CONNECT host:port for tunnels",
                 )
-            elif head.method == "CONNECT" or self.tunnel is not None:
+            elif method == "CONNECT" or self.tunnel is not None:
                 kind, detail = ErrorKind.BAD_CONNECT, str(e)
             else:
                 kind, detail = ErrorKind.BAD_REQUEST, str(e)
-            return await self.answer_error(flow, kind, detail, close=True)
+            return False, await self._error(flow, method, kind, detail, True)
         flow.url = target.url()
         flow.host = target.host
         flow.port = target.port
-        flow.intercepted = self.tunnel is not None
-        self.proxy.bus.emit("request", flow)
-        connect = head.method == "CONNECT"
+        connect = method == "CONNECT"
         try:
             framing = request_framing(head)
         except ParseError as e:
             kind = ErrorKind.BAD_CONNECT if connect else ErrorKind.BAD_REQUEST
-            return await self.answer_error(flow, kind, str(e), close=True)
+            return False, await self._error(flow, method, kind, str(e), True)
         if connect and framing.kind is not BodyKind.NONE:
-            return await self.answer_error(
-                flow, ErrorKind.BAD_CONNECT, "CONNECT request with a body", close=True
+            return False, await self._error(
+                flow, method, ErrorKind.BAD_CONNECT, "CONNECT request with a body", True
             )
         # After a refusal the connection carries on only if no request body is left unread.
         close = framing.kind is not BodyKind.NONE or not client_keeps_alive(head)
-        decision = admit_now(self, head, target, flow) or await admit(
-            self, head, target, flow, close
-        )
+        decision = await self._admit(head, target, flow, close)
         if decision is None:
-            return not close and not self.stream.closed()
+            return False, not close and not self.stream.closed()
+        flow.rule = decision.rule
+        flow.user = decision.user
         hf = None
-        addons = self.proxy.addons
+        addons = ctx.addons
         if addons.enabled:
             hf = HTTPFlow(flow, Request(head, target))
-            if connect and addons.has("http_connect"):
+            if connect and addons.has(HttpConnect):
+                self._enter(Phase.HOOK, None)
                 try:
-                    await addons.call("http_connect", hf)
+                    await addons.call(HttpConnect(hf))
                 except AddonFailed as e:
-                    return await self.answer_error(flow, ErrorKind.ADDON_FAILED, str(e), close)
-                if hf.killed or hf.answer is not None:
-                    return await self._addon_refusal(hf, flow, close)
+                    return False, await self._error(
+                        flow, method, ErrorKind.ADDON_FAILED, str(e), close
+                    )
+                if hf.killed:
+                    return False, self._kill(flow)
+                if hf.answer is not None:
+                    return False, await self._answer_addon(flow, method, hf.answer, True)
         if connect:
-            if decision.action is Action.INTERCEPT and not self.proxy.is_pinned(target.host):
-                return await self._intercept(target, flow)
-            return await self._connect(head, target, flow, decision, close)
-        exchange = self.exchange = Exchange(self, head, target, flow, framing, decision, hf)
-        return await exchange.run()
+            if decision.action is Action.INTERCEPT and not ctx.interception.is_pinned(
+                self.address[0], target.host
+            ):
+                return await self._intercept(target, flow, decision)
+            return await self._connect(target, flow, decision, close)
+        exchange = self.exchange = Exchange(
+            ctx, self.stream, self.watch, head, target, flow, framing, decision.addresses, hf,
+            self.t_head,
+        )  # fmt: skip
+        outcome = await exchange.run()
+        match outcome:
+            case Responded(keep_alive):
+                return False, keep_alive
+            case Failed(error, responded, close_after):
+                if responded:
+                    await exchange.settle(0)
+                    self.stream.close()
+                    return False, False
+                keep = client_keeps_alive(head) and not close_after
+                return False, await self._error(
+                    flow, method, error.kind, error.detail, not keep, settle=exchange.settle
+                )
+            case Answered(answer, close_after):
+                keep = client_keeps_alive(head) and not close_after
+                return False, await self._answer_addon(flow, method, answer, not keep)
+            case Killed():
+                return False, self._kill(flow)
+            case Upgraded(origin):
+                self.exchange = None
+                return await self._relay(flow, origin.stream, b""), False
+        raise AssertionError(f"unhandled outcome {outcome!r}")
 
-    async def _addon_refusal(self, hf: HTTPFlow, flow: Flow, close: bool) -> bool:
-        """An addon answered a CONNECT itself, or killed it."""
-        if hf.killed or hf.answer is None:
-            flow.fail(ErrorKind.CLIENT_ABORTED, "killed by an addon")
-            self.stream.close()
+    # -- admission ---------------------------------------------------------------------
+
+    async def _admit(
+        self, head: RequestHead, target: Target, flow: Flow, close: bool
+    ) -> Allow | None:
+        """The admission decision, or None once a refusal was answered."""
+        ctx = self.ctx
+        connect = head.method == "CONNECT"
+        ticket = Ticket(
+            self.address[0],
+            head.method,
+            "connect" if connect else target.scheme,
+            target.host,
+            target.port,
+            parse_basic(head.headers.get("proxy-authorization")),
+        )
+        if self.tunnel_user is not None:
+            # Inside an intercepted tunnel, requests carry the user who authenticated
+            # the CONNECT (browsers send Proxy-Authorization on the CONNECT only).
+            ticket.user = self.tunnel_user
+            ticket.login_done = True
+        step = admit_now(ctx, ticket)
+        if not isinstance(step, Allow | Refusal):
+            stream = self.stream
+            step = await admit(ctx, ticket, step, self.watch, lambda: not stream.closed())
+        if isinstance(step, Allow):
+            return step
+        await self._refuse(flow, head.method, step, close)
+        return None
+
+    async def _refuse(self, flow: Flow, method: str, refusal: Refusal, close: bool) -> bool:
+        """Answer a refusal from admission (407 with a challenge, 429 with Retry-After,
+        403 naming the rule); failed logins are logged here (without the password)."""
+        ctx = self.ctx
+        flow.rule = refusal.rule
+        flow.cause = refusal.login or (
+            refusal.rule if refusal.kind is ErrorKind.RATE_LIMITED else ""
+        )
+        extra: list[tuple[str, str]] = []
+        if refusal.retry_after is not None:
+            extra.append(("Retry-After", str(max(1, round(refusal.retry_after + 0.49)))))
+        if refusal.login is not None:
+            flow.user = refusal.user
+            if refusal.login != "missing":
+                auth_log.warning(
+                    "authentication failed for user %r from %s: %s",
+                    refusal.user, self.address[0], refusal.login,
+                )  # fmt: skip
+        if refusal.kind is ErrorKind.AUTH_REQUIRED:
+            realm = ctx.settings.auth.realm.replace('"', "'")
+            extra.append(("Proxy-Authenticate", f'Basic realm="{realm}", charset="UTF-8"'))
+        message = refusal.message
+        if refusal.kind is ErrorKind.DENIED and refusal.rule != "client-network":
+            message = f"denied by rule {refusal.rule}" + (f": {message}" if message else "")
+        if refusal.rule == "private-destination":
+            message += " (to allow private destinations: access.allow_private, or a rule)"
+        return await self._error(flow, method, refusal.kind, message, close, extra)
+
+    # -- answers the proxy makes itself --------------------------------------------------
+
+    async def _error(
+        self,
+        flow: Flow,
+        method: str,
+        kind: ErrorKind,
+        detail: str,
+        close: bool,
+        extra: list[tuple[str, str]] | tuple[()] = (),
+        settle: Callable[[], Awaitable[None]] | None = None,
+    ) -> bool:
+        """Send the page for ``kind``; True if the connection stays open."""
+        flow.fail(kind, detail)
+        status, fields, body = error_answer(kind, detail, flow.id, self.ctx.settings.via)
+        return await self._send_answer(flow, method, status, [*fields, *extra], body, close, settle)
+
+    async def _answer_addon(self, flow: Flow, method: str, answer: Answer, close: bool) -> bool:
+        return await self._send_answer(
+            flow, method, answer.status, list(answer.headers), answer.body, close
+        )
+
+    async def _send_answer(
+        self,
+        flow: Flow,
+        method: str,
+        status: int,
+        fields: list[tuple[str, str]],
+        body: bytes,
+        close: bool,
+        settle: Callable[[], Awaitable[None]] | None = None,
+    ) -> bool:
+        """Write an answer of the proxy's own (see `render_answer`); True if the
+        connection stays open.  ``settle`` runs once the answer is out (a failed
+        exchange ends its request-body upload)."""
+        close = close or self.ctx.draining
+        data = render_answer(method, status, fields, body, close)
+        flow.status = status
+        flow.bytes_out = len(data) - data.index(b"\r\n\r\n") - 4
+        try:
+            await self.stream.write(data)
+        except StreamClosedError:
             return False
-        answer = hf.answer
-        fields = [
-            (n, v) for n, v in answer.headers if n.lower() not in ("content-length", "connection")
-        ]
-        fields += [("Content-Length", str(len(answer.body))), ("Connection", "close")]
-        flow.status = answer.status
-        flow.bytes_out = len(answer.body)
-        await self.stream.write(render_response(answer.status, "", fields) + answer.body)
-        await lingering_close(self.stream)
+        finally:
+            if settle is not None:
+                await settle()
+        if close:
+            self._enter(Phase.CLOSING, None)
+            await lingering_close(self.stream)
+            return False
+        return True
+
+    def _kill(self, flow: Flow) -> bool:
+        flow.fail(ErrorKind.ADDON_KILLED, "killed by an addon")
+        self.stream.close()
         return False
 
-    async def _connect(
-        self, head: RequestHead, target: Target, flow: Flow, decision: Decision, close: bool
-    ) -> bool:
-        flow.kind = "tunnel"
-        proxy = self.proxy
-        limits = proxy.policy.limits
+    # -- tunnels -----------------------------------------------------------------------
+
+    def _acquire_tunnel(self, user: str | None) -> str | None:
+        """Count a tunnel against the client's and the user's limits; the limit that
+        refused it, or None."""
+        ctx = self.ctx
+        state, limits = ctx.state, ctx.policy.limits
         client = self.address[0]
-        limited = limits.client_tunnels.acquire(client)
-        if limited is None and flow.user is not None:
-            limited = limits.user_tunnels.acquire(flow.user)
+        limited = state.client_tunnels.acquire(client, limits.client_tunnels)
+        if limited is None and user is not None:
+            limited = state.user_tunnels.acquire(user, limits.user_tunnels)
             if limited is not None:
-                limits.client_tunnels.release(client)
+                state.client_tunnels.release(client)
+        return limited.describe() if limited is not None else None
+
+    def _releaser(self, user: str | None) -> Callable[[], None]:
+        state, client = self.ctx.state, self.address[0]
+
+        def release() -> None:
+            state.client_tunnels.release(client)
+            if user is not None:
+                state.user_tunnels.release(user)
+
+        return release
+
+    async def _connect(
+        self, target: Target, flow: Flow, decision: Allow, close: bool
+    ) -> tuple[bool, bool]:
+        ctx = self.ctx
+        flow.kind = "tunnel"
+        limited = self._acquire_tunnel(decision.user)
         if limited is not None:
-            return await self.answer_error(
-                flow, ErrorKind.RATE_LIMITED, limited.describe(), close, (("Retry-After", "1"),)
+            flow.cause = "tunnels"
+            return False, await self._error(
+                flow, "CONNECT", ErrorKind.RATE_LIMITED, limited, close, [("Retry-After", "1")]
             )
-        opened = False
+        release = self._releaser(decision.user)
+        self._enter(Phase.CONNECTING, None)  # bounded by the pool's connect timeout
         try:
             started = monotonic()
-            sock, peer = await proxy.pool.open_socket(target, decision.addresses)
-            flow.connect_time = monotonic() - started
-            flow.upstream = peer
-            opened = True
-            proxy.bus.emit("connected", flow)
+            sock, peer = await ctx.pool.open_socket(target, decision.addresses)
         except ProxyError as e:
-            return await self.answer_error(flow, e.kind, e.detail, close)
-        finally:
-            if not opened:
-                _release_tunnel(limits, client, flow.user)
+            release()
+            return False, await self._error(flow, "CONNECT", e.kind, e.detail, close)
+        except BaseException:
+            release()
+            raise
+        flow.connect_time = monotonic() - started
+        flow.upstream = peer
         flow.t_connected = monotonic() - self.t_head
+        flow.status = 200
+        if isinstance(self.stream, SSLIOStream):
+            await self.stream.write(CONNECT_ESTABLISHED)
+            origin = IOStream(sock)
+            return await self._relay(flow, origin, b"", release), False
         try:
             client_sock, early = take_over(self.stream)
         except StreamClosedError:
             sock.close()
+            release()
             flow.fail(ErrorKind.CLIENT_ABORTED, "client left before the tunnel opened")
-            return False
-        flow.status = 200
-        flow.release = lambda: _release_tunnel(limits, client, flow.user)
+            return False, False
         tunnel = Tunnel(
             client_sock,
             sock,
-            proxy.pipes,
-            proxy.tunnel_closed,
-            proxy.settings.timeouts.tunnel_idle,
+            ctx.pipes,
+            ctx.settings.timeouts.tunnel_idle,
             to_client=CONNECT_ESTABLISHED,
             to_upstream=early,
         )
-        proxy.open_tunnel(tunnel, flow, self.t_head)
-        return False
+        flow.t_response = monotonic() - self.t_head
+        ctx.open_tunnel(tunnel, flow, release)
+        return True, False
 
-    async def _intercept(self, target: Target, flow: Flow) -> bool:
+    async def _relay(
+        self,
+        flow: Flow,
+        origin: IOStream,
+        early: bytes,
+        release: Callable[[], None] | None = None,
+    ) -> bool:
+        """Hand the client and ``origin`` to a byte relay (a 101, or a CONNECT on a TLS
+        client connection); True once the flow belongs to the relay."""
+        ctx = self.ctx
+        if release is None:
+            limited = self._acquire_tunnel(flow.user)
+            if limited is not None:
+                flow.fail(ErrorKind.RATE_LIMITED, limited)
+                flow.cause = "tunnels"
+                origin.close()
+                self.stream.close()
+                return False
+            release = self._releaser(flow.user)
+        try:
+            client_sock, from_client = take_over(self.stream)
+            origin_sock, from_origin = take_over(origin)
+        except (StreamClosedError, NotImplementedError, OSError) as e:
+            # TLS on either side: no byte relay of sockets yet (issue: relay over streams)
+            origin.close()
+            self.stream.close()
+            release()
+            flow.fail(ErrorKind.CLIENT_ABORTED, f"relay could not start: {e}")
+            return False
+        tunnel = Tunnel(
+            client_sock,
+            origin_sock,
+            ctx.pipes,
+            ctx.settings.timeouts.tunnel_idle,
+            to_client=from_origin,
+            to_upstream=from_client,
+        )
+        tunnel.down.count = len(from_origin)
+        ctx.open_tunnel(tunnel, flow, release)
+        return True
+
+    async def _intercept(self, target: Target, flow: Flow, decision: Allow) -> tuple[bool, bool]:
         """Answer the CONNECT, then speak TLS to the client with a certificate for the
         host and keep serving the decrypted requests on this connection."""
-        proxy = self.proxy
+        ctx = self.ctx
         flow.kind = "tunnel"
         flow.intercepted = True
         client = self.address[0]
@@ -321,78 +585,54 @@ class ClientConnection:
             )  # fmt: skip
             flow.fail(ErrorKind.BAD_CONNECT, "TLS data sent before the CONNECT answer")
             self.stream.close()
-            return False
+            return False, False
+        limited = self._acquire_tunnel(decision.user)
+        if limited is not None:
+            flow.cause = "tunnels"
+            return False, await self._error(
+                flow, "CONNECT", ErrorKind.RATE_LIMITED, limited, False, [("Retry-After", "1")]
+            )
+        release = self._releaser(decision.user)
         try:
-            leaves = proxy.certificates()
-            ctx = await self.loop.run_in_executor(None, leaves.context, target.host)
+            leaves = ctx.interception.certificates()
+            loop = self.stream.io_loop
+            ssl_ctx = await loop.run_in_executor(None, leaves.context, target.host)
         except (OSError, ValueError) as e:
-            return await self.answer_error(flow, ErrorKind.INTERNAL, f"interception: {e}", True)
+            release()
+            return False, await self._error(
+                flow, "CONNECT", ErrorKind.INTERNAL, f"interception: {e}", True
+            )
         await self.stream.write(CONNECT_ESTABLISHED)
         flow.status = 200
-        sock, _ = take_over(self.stream)
-        tls = SSLIOStream(
-            ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False),
-            max_buffer_size=self.stream.max_buffer_size,
-        )
-        self.stream = tls
+        self._enter(Phase.HANDSHAKE, None)  # bounded by tls.handshake_timeout below
         try:
-            async with asyncio.timeout(proxy.settings.tls.handshake_timeout):
-                await tls.wait_for_handshake()
-        except (ssl.SSLError, OSError, StreamClosedError, TimeoutError) as e:
-            reason = getattr(e, "reason", None) or e.__class__.__name__
-            if reason in _REFUSED_CERTIFICATE:
+            tls = await accept_tls(self.stream, ssl_ctx, ctx.settings.tls.handshake_timeout)
+        except HandshakeFailed as e:
+            release()
+            if e.refused_certificate:
                 log.warning(
                     "client %s refused the interception certificate for %s (%s): is the"
                     " Eyewall CA installed there, or does the client pin certificates?",
-                    client, target.host, reason,
+                    client, target.host, e.reason,
                 )  # fmt: skip
-                proxy.client_refused(target.host)
-            flow.fail(ErrorKind.CLIENT_ABORTED, f"TLS handshake with the client failed: {reason}")
-            tls.close()
-            return False
+                if ctx.settings.tls.passthrough_pinned:
+                    ctx.interception.refused(client, target.host)
+            flow.fail(ErrorKind.CLIENT_TLS_ERROR, str(e))
+            flow.cause = e.reason
+            return False, False
+        self.stream = tls
         self.tunnel = target
-        return True
-
-    async def answer_error(
-        self,
-        flow: Flow,
-        kind: ErrorKind,
-        detail: str,
-        close: bool,
-        extra: tuple[tuple[str, str], ...] = (),
-    ) -> bool:
-        """Send the error page for ``kind``; True if the connection stays open."""
-        flow.fail(kind, detail)
-        flow.status = status_of(kind)
-        close = close or self.proxy.draining
-        page = error_page(
-            kind, detail, flow.id, proxy_name=self.proxy.settings.via, close=close, extra=extra
-        )
-        flow.bytes_out = len(page) - page.index(b"\r\n\r\n") - 4
-        try:
-            await self.stream.write(page)
-        except StreamClosedError:
-            return False
-        if close:
-            self.busy = True
-            await lingering_close(self.stream)
-            return False
-        return True
-
-    def close(self) -> None:
-        self.stream.close()
-
-
-_REFUSED_CERTIFICATE = frozenset(
-    {"TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN"}
-)
+        self.tunnel_user = decision.user
+        self.release = release
+        return False, True
 
 
 def inner_target(tunnel: Target, head: RequestHead) -> Target:
     """The target of a request read inside an intercepted tunnel to ``tunnel``.
 
     Origin-form is the norm there; the Host field names the host when it agrees with the
-    tunnel's, which is where the connection goes either way.
+    tunnel's, which is where the connection goes either way.  Raises TargetError for a
+    CONNECT inside the tunnel or an absolute-form target naming another host.
     """
     if head.method == "CONNECT":
         raise TargetError("CONNECT inside an intercepted tunnel")
@@ -412,9 +652,3 @@ def inner_target(tunnel: Target, head: RequestHead) -> Target:
     if (absolute.host, absolute.port) != (tunnel.host, tunnel.port):
         raise TargetError("request inside a tunnel names another host")
     return absolute
-
-
-def _release_tunnel(limits: RateLimiters, client: str, user: str | None) -> None:
-    limits.client_tunnels.release(client)
-    if user is not None:
-        limits.user_tunnels.release(user)

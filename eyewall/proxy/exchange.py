@@ -1,29 +1,37 @@
-"""Forwarding one HTTP request to its origin and the response back (an `Exchange`).
+"""Forwarding one admitted HTTP request to its origin and the response back.
 
     client ──head──▶ proxy ──head──▶ origin        (pooled connection; retried once on a
     client ──body──▶ proxy ──body──▶ origin         stale one if the method is idempotent)
     client ◀─1xx/head/body── proxy ◀── origin      (re-framed for the client)
 
-The request body is uploaded by a task while the response is awaited, so an origin may
-answer before it has read the whole body (a 413, or a 100-continue refused).  A 101 to a
-WebSocket request turns both connections into a `Tunnel`.
+`Exchange.run` returns an `Outcome` and never calls back into the client loop: the
+origin's response (interim responses included) is written here, but every answer the
+proxy makes itself — an error page, an addon's ``respond()`` — is written by the client
+loop from the outcome.
 
-The watchdog enforces the upstream response-head deadline and the body stall limit by
-closing the upstream (and, once the response has begun, the client) stream; the
-coroutine then sees `StreamClosedError` and reads ``self.expired`` to tell why.
+The request body is uploaded by a task while the response is awaited, so an origin may
+answer before it has read the whole body (a 413, or a refused 100-continue).  Each wait
+is a phase of the connection's `Watch` (`eyewall.proxy.timeouts`): SENDING while the
+body goes up, WAITING for the response head, HOOK while addon code runs, BUFFERING
+while a body is read for an addon, RESPONDING while the response body goes down.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
-from http import HTTPStatus
+from dataclasses import dataclass
 from time import monotonic
-from typing import TYPE_CHECKING
 
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 
-from eyewall.addons.api import HTTPFlow, Response
+from eyewall.addons.api import Answer, HTTPFlow, Response
+from eyewall.addons.hooks import (
+    ErrorHook,
+    RequestHeaders,
+    RequestHook,
+    ResponseHeaders,
+    ResponseHook,
+)
 from eyewall.addons.runner import AddonFailed
 from eyewall.errors import ErrorKind, ProxyError
 from eyewall.flow import Flow
@@ -31,189 +39,224 @@ from eyewall.http1 import message as m
 from eyewall.http1.message import BodyKind, Framing
 from eyewall.http1.parse import ParseError, RequestHead, ResponseHead, parse_response_head
 from eyewall.http1.target import Target
-from eyewall.policy.rules import Decision
 from eyewall.proxy import bodies
-from eyewall.proxy.streams import complete, read_buffered, read_head, take_over
-from eyewall.proxy.tunnel import Tunnel
+from eyewall.proxy.context import ProxyContext
+from eyewall.proxy.streams import complete, moved, read_buffered, read_head
+from eyewall.proxy.timeouts import Phase, Watch
 from eyewall.proxy.upstream import Upstream
 
-if TYPE_CHECKING:
-    from eyewall.proxy.client import ClientConnection
-
-__all__ = ["Exchange"]
-
-_FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
-_KNOWN_STATUS = frozenset(s.value for s in HTTPStatus)
+__all__ = ["Answered", "Exchange", "Failed", "Killed", "Outcome", "Responded", "Upgraded"]
 
 SMALL_BODY = 64 << 10  # responses up to this size are read whole and sent with the head
-MAX_INTERIM = 10
+INTERIM_BUDGET = 16  # interim response heads may total this many max_header_size
 
 
-class Phase(enum.Enum):
-    CONNECTING = 1
-    WAITING = 2  # request sent (or being sent); no response head yet
-    RESPONDING = 3  # response head received; body in transit
+@dataclass(frozen=True, slots=True)
+class Responded:
+    """The origin's response went to the client whole."""
+
+    keep_alive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The exchange failed.  If nothing was sent yet the client gets the error page;
+    otherwise it can only be closed.  ``close``: the connection cannot carry another
+    request (a request body is left unread or broken)."""
+
+    error: ProxyError
+    responded: bool
+    close: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """An addon answered with ``flow.respond()``: send ``answer`` instead."""
+
+    answer: Answer
+    close: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Killed:
+    """An addon called ``flow.kill()``: close the connection without an answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class Upgraded:
+    """The origin's 101 went to the client: relay the two connections as bytes."""
+
+    origin: Upstream
+
+
+Outcome = Responded | Failed | Answered | Killed | Upgraded
+FlowHook = RequestHeaders | RequestHook | ResponseHeaders | ResponseHook | ErrorHook
 
 
 class Exchange:
+    """One request and its response.  ``addresses`` are the destination's addresses
+    admission allowed; ``hf`` is what addons see (None without addons)."""
+
     __slots__ = (
         "addresses",
         "body",
-        "conn",
-        "deadline",
-        "expired",
+        "buffered",
+        "client",
+        "ctx",
         "flow",
         "framing",
         "head",
         "hf",
-        "last_active",
-        "phase",
         "received",
         "responded",
         "resume",
         "sent",
+        "t_head",
         "target",
         "up",
         "upload",
         "upload_error",
-        "uploading",
+        "watch",
     )
 
     def __init__(
         self,
-        conn: ClientConnection,
+        ctx: ProxyContext,
+        client: IOStream,
+        watch: Watch,
         head: RequestHead,
         target: Target,
         flow: Flow,
         framing: Framing,
-        decision: Decision,
+        addresses: tuple[str, ...],
         hf: HTTPFlow | None = None,
+        t_head: float = 0.0,
     ) -> None:
-        self.conn = conn
-        self.hf = hf  # what addons see, when any are loaded
-        self.body: bytes | None = None  # a request body read whole (for addons)
-        self.resume: tuple[bytes, int] | None = None  # (read prefix, resume) if too big
+        self.ctx = ctx
+        self.client = client
+        self.watch = watch
         self.head = head
         self.target = target
         self.flow = flow
         self.framing = framing
-        self.addresses = decision.addresses
+        self.addresses = addresses
+        self.hf = hf
+        self.t_head = t_head or monotonic()
+        self.body: bytes | None = None  # a request body read whole (for addons)
+        self.resume: tuple[bytes, int] | None = None  # (read prefix, resume) if too big
         self.up: Upstream | None = None
         self.upload: asyncio.Future[None] | None = None
-        self.uploading = False
-        self.phase = Phase.CONNECTING
-        self.deadline = 0.0
-        capture = conn.proxy.settings.flows.body_limit
-        self.sent = bodies.Meter(capture)  # request body bytes, client to origin
-        self.received = bodies.Meter(capture)  # response body bytes, origin to client
-        self.last_active = conn.loop.time()
-        self.expired: ErrorKind | None = None
         self.upload_error: ProxyError | None = None
         self.responded = False  # a response head went to the client
+        capture = ctx.settings.flows.body_limit
+        self.sent = bodies.Meter(capture)  # request body bytes, client to origin
+        self.received = bodies.Meter(capture)  # response body bytes, origin to client
+        self.buffered = bodies.Meter()  # bytes read for an addon (progress only)
 
-    # -- watchdog ----------------------------------------------------------------------
+    # -- phases ------------------------------------------------------------------------
 
-    def check(self, now: float) -> None:
-        if self.sent.active or self.received.active:
-            self.sent.active = self.received.active = False
-            self.last_active = now
-            return
-        t = self.conn.proxy.settings.timeouts
-        if self.uploading or self.phase is Phase.RESPONDING:
-            if now - self.last_active >= t.body_idle:
-                self._expire(ErrorKind.BODY_STALLED)
-        elif self.phase is Phase.WAITING and now >= self.deadline:
-            self._expire(ErrorKind.UPSTREAM_TIMEOUT)
+    def _progress(self) -> int:
+        """Bytes moved so far, both ways (what the body-idle limit watches)."""
+        n = self.sent.count + self.received.count + self.buffered.count + moved(self.client)
+        up = self.up
+        return n + moved(up.stream) if up is not None else n
 
-    def _expire(self, kind: ErrorKind) -> None:
-        self.expired = kind
+    def _enter(self, phase: Phase) -> None:
+        limit = phase.limit(self.ctx.settings.timeouts)
+        self.watch.enter(phase, self.ctx.clock(), limit, self._progress if phase.idle else None)
+
+    def expire(self, phase: Phase) -> None:
+        """The watch ran out in ``phase``: wake the waiting coroutine by closing what it
+        waits on.  The client stays open when an answer can still be sent."""
         if self.up is not None:
             self.up.stream.close()
-        if self.responded or self.uploading:
-            self.conn.stream.close()
+        if phase is not Phase.WAITING or self.responded:
+            self.client.close()
 
     # -- the exchange ------------------------------------------------------------------
 
-    async def run(self) -> bool:
-        """Forward the request; True if the client connection may carry another."""
-        head, flow, framing = self.head, self.flow, self.framing
+    async def run(self) -> Outcome:
+        """Forward the request and relay the response; never raises for a failure of
+        the client, the origin or an addon (those are outcomes)."""
+        head, flow, framing, hf = self.head, self.flow, self.framing, self.hf
         upgrade = m.websocket_upgrade(head)
-        keep_alive = m.client_keeps_alive(head)
-        hf = self.hf
         try:
             if hf is not None:
                 framing = await self._request_hooks(hf, framing)
-                if hf.answer is not None or hf.killed:
+                if hf.killed:
+                    return Killed()
+                if hf.answer is not None:
                     body_left = framing.kind is not BodyKind.NONE and self.body is None
-                    return await self._addon_answer(hf, keep_alive, body_left)
+                    return Answered(hf.answer, body_left)
             response = await self._send(framing, upgrade)
             if response.status == 101:
-                await self._switch(response)
-                return False
-            return await self._respond(response, keep_alive)
+                return await self._switch(response)
+            return await self._respond(response, m.client_keeps_alive(head))
         except ProxyError as e:
-            return await self._fail(e.kind, e.detail, keep_alive, framing)
+            return await self._failed(e, framing)
         except StreamClosedError:
-            kind, detail = self._closed_reason()
-            return await self._fail(kind, detail, keep_alive, framing)
+            return await self._failed(self._closed_reason(), framing)
         except ParseError as e:  # broken chunked framing in the response body
-            return await self._fail(ErrorKind.UPSTREAM_MALFORMED, str(e), keep_alive, framing)
+            return await self._failed(ProxyError(ErrorKind.HTTP_PROTOCOL_ERROR, str(e)), framing)
         except AddonFailed as e:
-            return await self._fail(ErrorKind.ADDON_FAILED, str(e), keep_alive, framing)
+            return await self._failed(ProxyError(ErrorKind.ADDON_FAILED, str(e)), framing)
         finally:
-            if self.upload is not None:
+            if self.upload is not None and self.responded:
                 await self._finish_upload()
             flow.bytes_in = self.sent.count
             flow.bytes_out = self.received.count
             flow.request_body = self.sent.capture
             flow.response_body = self.received.capture
 
+    async def _hook(self, hook: type[FlowHook]) -> None:
+        assert self.hf is not None
+        self._enter(Phase.HOOK)  # not the origin's time: the runner bounds async hooks
+        await self.ctx.addons.call(hook(self.hf))
+
     async def _send(self, framing: Framing, upgrade: bool) -> ResponseHead:
         """Send the request (retrying a stale pooled connection once); return the final
         response head, relaying interim ones."""
-        conn, head, target, flow = self.conn, self.head, self.target, self.flow
-        proxy = conn.proxy
+        ctx, head, flow = self.ctx, self.head, self.flow
         if self.hf is not None and self.hf.request is not None:
-            target = self.target = self.hf.request.target  # an addon may change the path
-        fields = m.upstream_fields(head, target, framing, proxy.settings.via, upgrade)
+            self.target = self.hf.request.target  # an addon may change the path
+        target = self.target
+        fields = m.upstream_fields(head, target, framing, ctx.settings.via, upgrade)
         request = m.render_request(head.method, target.path, fields)
         whole = framing.kind is BodyKind.NONE or self.body is not None
         retryable = whole and m.is_idempotent(head.method)
         attempt = 0
         while True:
-            self.phase = Phase.CONNECTING
-            up = None if attempt else proxy.pool.take(target, self.addresses, not retryable)
+            self._enter(Phase.CONNECTING)
+            up = None if attempt else ctx.pool.take(target, self.addresses, not retryable)
             if up is None:
                 started = monotonic()
-                up = await proxy.pool.open(target, self.addresses)
+                up = await ctx.pool.open(target, self.addresses)
                 flow.connect_time = monotonic() - started
             self.up = up
             flow.upstream = up.peer
             flow.reused = up.uses > 0
-            flow.t_connected = monotonic() - conn.t_head
-            proxy.bus.emit("connected", flow)
-            self.phase = Phase.WAITING
-            self.deadline = conn.loop.time() + proxy.settings.timeouts.upstream_head
+            flow.t_connected = monotonic() - self.t_head
             try:
                 if whole:
+                    self._enter(Phase.WAITING)
                     up.stream.write(request + self.body if self.body else request)
                 else:
+                    self._enter(Phase.SENDING)
                     await up.stream.write(request)
-                    self.uploading = True
                     self.upload = asyncio.ensure_future(self._upload_body(framing))
                 return await self._read_final_head(upgrade)
             except StreamClosedError:
                 # A pooled connection the origin closed just as we reused it: safe to
                 # send again on a new one if nothing came back (RFC 9110 §9.2.2).
-                if attempt or not retryable or not up.uses or self.expired is not None:
+                if attempt or not retryable or not up.uses or self.watch.expired is not None:
                     raise
                 up.stream.close()
                 attempt += 1
 
     async def _upload_body(self, framing: Framing) -> None:
-        src, up = self.conn.stream, self.up
+        src, up = self.client, self.up
         assert up is not None
-        limit = self.conn.proxy.settings.limits.max_header_size
+        limit = self.ctx.settings.limits.max_header_size
         try:
             if self.resume is not None:  # an addon asked for a body too big to buffer
                 prefix, resume = self.resume
@@ -221,7 +264,7 @@ class Exchange:
                     await bodies.copy_length(src, up.stream, framing.length, self.sent)
                 else:
                     if prefix:
-                        self.sent.count += len(prefix)
+                        self._count(self.sent, prefix)
                         await up.stream.write(b"%x\r\n%s\r\n" % (len(prefix), prefix))
                     await bodies.copy_chunked(src, up.stream, True, self.sent, limit, resume)
             elif framing.kind is BodyKind.LENGTH:
@@ -229,16 +272,31 @@ class Exchange:
             else:
                 await bodies.copy_chunked(src, up.stream, True, self.sent, limit)
         except ParseError as e:
-            # The client's chunked framing broke: stop the exchange; run() answers 400.
+            # The client's chunked framing broke: stop the exchange; it answers 400.
             self.upload_error = ProxyError(ErrorKind.BAD_REQUEST, f"request body: {e}")
             up.stream.close()
             raise
         except StreamClosedError:
             up.stream.close()  # wakes the response read; the reason is found there
             raise
-        finally:
-            self.uploading = False
-            self.deadline = self.conn.loop.time() + self.conn.proxy.settings.timeouts.upstream_head
+        if self.watch.phase is Phase.SENDING:
+            self._enter(Phase.WAITING)
+
+    async def settle(self, seconds: float = 2.0) -> None:
+        """After the client loop answered a failed exchange: let a request body upload
+        still running end (its origin is gone, so it stops at its next write), for at
+        most ``seconds``; then close the client, whose body cannot be delimited."""
+        task = self.upload
+        if task is None or task.done():
+            await self._finish_upload()
+            return
+        try:
+            async with asyncio.timeout(seconds):
+                await asyncio.shield(task)
+        except (TimeoutError, StreamClosedError, ParseError, ProxyError):
+            pass
+        await self._finish_upload()
+        self.flow.bytes_in = self.sent.count
 
     async def _finish_upload(self) -> None:
         """Wait for or end the upload task so none outlives its exchange."""
@@ -248,69 +306,89 @@ class Exchange:
         if not task.done():
             # The response is complete but the client is still sending: the rest of the
             # body can't be delimited from a next request, so the connection must close.
-            self.conn.stream.close()
+            self.client.close()
         try:
             await task
         except (StreamClosedError, ParseError, ProxyError):
             pass
 
+    def _request_complete(self) -> bool:
+        """Whether the whole request body was read (the connection can carry another)."""
+        if self.framing.kind is BodyKind.NONE or self.body is not None:
+            return True
+        task = self.upload
+        return (
+            task is not None
+            and task.done()
+            and not task.cancelled()
+            and task.exception() is None
+            and self.upload_error is None
+        )
+
     async def _read_final_head(self, upgrade: bool) -> ResponseHead:
-        up, conn, head = self.up, self.conn, self.head
+        """Interim responses are relayed (RFC 9110 §15.2: a proxy MUST forward them,
+        except to HTTP/1.0 clients), bounded by the WAITING deadline and by bytes."""
+        up, head = self.up, self.head
         assert up is not None
-        limit = conn.proxy.settings.limits.max_header_size
-        for _ in range(MAX_INTERIM + 1):
+        limit = self.ctx.settings.limits.max_header_size
+        budget = limit * INTERIM_BUDGET
+        while True:
             data = await read_head(up.stream, limit)
             if not complete(data):
-                raise ProxyError(ErrorKind.UPSTREAM_MALFORMED, "response head too large")
+                raise ProxyError(ErrorKind.HTTP_PROTOCOL_ERROR, "response head too large")
             try:
                 response = parse_response_head(data)
             except ParseError as e:
-                raise ProxyError(ErrorKind.UPSTREAM_MALFORMED, str(e)) from None
+                raise ProxyError(ErrorKind.HTTP_PROTOCOL_ERROR, str(e)) from None
             if response.status == 101:
                 if not upgrade or "websocket" not in response.headers.tokens("upgrade"):
-                    raise ProxyError(ErrorKind.UPSTREAM_MALFORMED, "unrequested 101 response")
+                    raise ProxyError(ErrorKind.HTTP_PROTOCOL_ERROR, "unrequested 101 response")
                 return response
             if response.status >= 200:
                 return response
-            # RFC 9110 §15.2: forward interim responses, but never to an HTTP/1.0 client.
+            budget -= len(data)
+            if budget < 0:
+                raise ProxyError(ErrorKind.HTTP_PROTOCOL_ERROR, "interim responses too large")
             if head.version == "HTTP/1.1":
                 fields = m.response_fields(
-                    response, m.NO_BODY, head.version, True, conn.proxy.settings.via
+                    response, m.NO_BODY, head.version, True, self.ctx.settings.via
                 )
-                await conn.stream.write(m.render_response(response.status, response.reason, fields))
-        raise ProxyError(ErrorKind.UPSTREAM_MALFORMED, "too many interim responses")
+                await self.client.write(m.render_response(response.status, response.reason, fields))
 
-    async def _respond(self, response: ResponseHead, keep_alive: bool) -> bool:
-        conn, head, flow, up = self.conn, self.head, self.flow, self.up
+    async def _respond(self, response: ResponseHead, keep_alive: bool) -> Outcome:
+        ctx, head, flow, up = self.ctx, self.head, self.flow, self.up
         assert up is not None
-        proxy = conn.proxy
         try:
             framing = m.response_framing(head.method, response)
         except ParseError as e:
-            raise ProxyError(ErrorKind.UPSTREAM_MALFORMED, str(e)) from None
-        client, origin = conn.stream, up.stream
+            raise ProxyError(ErrorKind.HTTP_PROTOCOL_ERROR, str(e)) from None
+        client, origin = self.client, up.stream
+        flow.response = response
+        flow.t_response = monotonic() - self.t_head
         hf = self.hf
         buffered: bytes | None = None  # a whole body an addon read (and may have changed)
         prefix, resume = b"", 0  # a body too big for an addon: what was read, where to go on
         if hf is not None:
             hf.response = Response(response)
-            await proxy.addons.call("responseheaders", hf)
-            if hf.answer is not None or hf.killed:
+            await self._hook(ResponseHeaders)
+            if hf.killed or hf.answer is not None:
                 origin.close()  # its body is not read
-                return await self._addon_answer(hf, keep_alive, body_left=self.uploading)
+                return self._addon_outcome(hf)
             if hf.response.buffer_limit and framing.kind is not BodyKind.NONE:
                 kind = {BodyKind.LENGTH: "length", BodyKind.CHUNKED: "chunked"}.get(
                     framing.kind, "close"
                 )
+                self._enter(Phase.BUFFERING)
                 data, more = await bodies.read_upto(
                     origin, kind, framing.length, hf.response.buffer_limit,
-                    proxy.settings.limits.max_header_size,
+                    ctx.settings.limits.max_header_size, self.buffered,
                 )  # fmt: skip
                 if more is None:
                     hf.response.body = data
-                    await proxy.addons.call("response", hf)
-                    if hf.answer is not None or hf.killed:
-                        return await self._addon_answer(hf, keep_alive, body_left=self.uploading)
+                    await self._hook(ResponseHook)
+                    if hf.killed or hf.answer is not None:
+                        origin.close()
+                        return self._addon_outcome(hf)
                     buffered = hf.response.body or b""
                     response.headers.remove("transfer-encoding")
                     response.headers.set("Content-Length", str(len(buffered)))
@@ -322,21 +400,17 @@ class Exchange:
         keep_alive = (
             keep_alive
             and out.kind is not BodyKind.CLOSE
-            and not proxy.draining
-            and not self.uploading
+            and not ctx.draining
+            and (self.upload is None or self.upload.done())
         )
-        fields = m.response_fields(response, out, head.version, keep_alive, proxy.settings.via)
+        fields = m.response_fields(response, out, head.version, keep_alive, ctx.settings.via)
         head_bytes = m.render_response(response.status, response.reason, fields)
-        flow.response = response
         flow.status = response.status
-        flow.t_response = monotonic() - conn.t_head
-        proxy.bus.emit("response", flow)
-        self.phase = Phase.RESPONDING
+        self._enter(Phase.RESPONDING)
+        received = self.received
         if buffered is not None:
             self.responded = True
-            self.received.count = len(buffered)
-            if self.received.capture is not None:
-                self.received.keep(buffered)
+            self._count(received, buffered)
             await client.write(head_bytes + buffered)
         elif framing.kind is BodyKind.NONE:
             self.responded = True
@@ -348,159 +422,144 @@ class Exchange:
                     framing.length
                 )
             self.responded = True
-            self.received.count = len(body)
-            if self.received.capture is not None:
-                self.received.keep(body)
+            self._count(received, body)
             await client.write(head_bytes + body)
         else:
             self.responded = True
             chunked = out.kind is BodyKind.CHUNKED
-            meter = self.received
             if prefix:  # read for an addon that could not have it whole: send it first
-                meter.count += len(prefix)
+                self._count(received, prefix)
                 head_bytes += b"%x\r\n%s\r\n" % (len(prefix), prefix) if chunked else prefix
             await client.write(head_bytes)
             if framing.kind is BodyKind.LENGTH:
-                await bodies.copy_length(origin, client, framing.length, meter)
+                await bodies.copy_length(origin, client, framing.length, received)
             elif framing.kind is BodyKind.CHUNKED:
-                limit = proxy.settings.limits.max_header_size
-                await bodies.copy_chunked(origin, client, chunked, meter, limit, max(resume, 0))
+                limit = ctx.settings.limits.max_header_size
+                await bodies.copy_chunked(origin, client, chunked, received, limit, max(resume, 0))
             else:
-                await bodies.copy_until_close(origin, client, chunked, meter)
+                await bodies.copy_until_close(origin, client, chunked, received)
         if hf is not None and buffered is None:
-            await proxy.addons.call("response", hf)  # after the fact: the body streamed
+            await self._hook(ResponseHook)  # after the fact: the body streamed
         upload = self.upload
         if upload is not None:
             await self._finish_upload()
-        upload_ok = upload is None or (not upload.cancelled() and upload.exception() is None)
         if (
-            upload_ok
+            self._request_complete()
             and framing.kind is not BodyKind.CLOSE
             and m.upstream_reusable(response)
             and not origin.closed()
         ):
-            proxy.pool.release(up, conn.loop.time())
+            ctx.pool.release(up, ctx.clock())
         else:
             origin.close()
-        return keep_alive and not client.closed()
+        return Responded(keep_alive and not client.closed() and self._request_complete())
+
+    @staticmethod
+    def _count(meter: bodies.Meter, data: bytes) -> None:
+        meter.count += len(data)
+        if meter.capture is not None:
+            meter.keep(data)
 
     async def _request_hooks(self, hf: HTTPFlow, framing: Framing) -> Framing:
         """``requestheaders``, the body an addon asked for, ``request``; the framing the
         request is sent with afterwards."""
-        addons = self.conn.proxy.addons
-        await addons.call("requestheaders", hf)
+        await self._hook(RequestHeaders)
         if hf.answer is not None or hf.killed:
             return framing
         request = hf.request
         assert request is not None
         if request.buffer_limit and framing.kind is not BodyKind.NONE:
             kind = "length" if framing.kind is BodyKind.LENGTH else "chunked"
-            limit = self.conn.proxy.settings.limits.max_header_size
+            limit = self.ctx.settings.limits.max_header_size
+            self._enter(Phase.BUFFERING)
             try:
                 data, resume = await bodies.read_upto(
-                    self.conn.stream, kind, framing.length, request.buffer_limit, limit
+                    self.client, kind, framing.length, request.buffer_limit, limit, self.buffered
                 )
             except ParseError as e:
-                raise ProxyError(ErrorKind.BAD_REQUEST, f"request body: {e}") from None
+                self.upload_error = ProxyError(ErrorKind.BAD_REQUEST, f"request body: {e}")
+                raise self.upload_error from None
             if resume is None:
                 request.body = data
             else:
                 request.truncated = True
                 self.resume = (data, resume)
-        await addons.call("request", hf)
+        await self._hook(RequestHook)
         body = request.body
         if body is None or self.resume is not None:
             return framing
         if framing.kind is not BodyKind.NONE and not request.buffer_limit:
             return framing  # the body is still unread: it streams as it is
         self.body = body
-        self.sent.count = len(body)
-        if self.sent.capture is not None:
-            self.sent.keep(body)
+        self._count(self.sent, body)
         self.head.headers.remove("transfer-encoding")
         if body or framing.kind is not BodyKind.NONE:
             self.head.headers.set("Content-Length", str(len(body)))
         return Framing(BodyKind.LENGTH, len(body)) if body else m.NO_BODY
 
-    async def _addon_answer(self, hf: HTTPFlow, keep_alive: bool, body_left: bool) -> bool:
-        """Send the answer an addon gave with ``flow.respond()``, or obey ``kill()``."""
-        conn, flow = self.conn, self.flow
+    def _addon_outcome(self, hf: HTTPFlow) -> Outcome:
+        if self.up is not None:
+            self.up.stream.close()
         if hf.killed:
-            flow.fail(ErrorKind.CLIENT_ABORTED, "killed by an addon")
-            conn.stream.close()
-            return False
-        answer = hf.answer
-        assert answer is not None
-        keep_alive = keep_alive and not body_left and not conn.proxy.draining
-        fields = [(n, v) for n, v in answer.headers if n.lower() not in _FRAMING]
-        fields.append(("Content-Length", str(len(answer.body))))
-        if not keep_alive:
-            fields.append(("Connection", "close"))
-        reason = HTTPStatus(answer.status).phrase if answer.status in _KNOWN_STATUS else ""
-        flow.status = answer.status
-        flow.bytes_out = len(answer.body)
-        self.responded = True
-        await conn.stream.write(m.render_response(answer.status, reason, fields) + answer.body)
-        self.received.count = len(answer.body)
-        if self.up is not None:
-            self.up.stream.close()
-        return keep_alive
+            return Killed()
+        assert hf.answer is not None
+        return Answered(hf.answer, not self._request_complete())
 
-    async def _switch(self, response: ResponseHead) -> None:
-        """Relay the 101 and hand both connections to a tunnel (RFC 6455 §4.1)."""
-        conn, flow, up = self.conn, self.flow, self.up
+    async def _switch(self, response: ResponseHead) -> Outcome:
+        """Relay the 101 (RFC 6455 §4.1); the client loop turns both connections into a
+        relay."""
+        up = self.up
         assert up is not None
-        proxy = conn.proxy
-        fields = m.response_fields(response, m.NO_BODY, "HTTP/1.1", True, proxy.settings.via, True)
+        via = self.ctx.settings.via
+        fields = m.response_fields(response, m.NO_BODY, "HTTP/1.1", True, via, True)
         self.responded = True
-        await conn.stream.write(m.render_response(101, response.reason, fields))
-        flow.response = response
-        flow.status = 101
-        flow.kind = "websocket"
-        client_sock, from_client = take_over(conn.stream)
-        origin_sock, from_origin = take_over(up.stream)
-        tunnel = Tunnel(
-            client_sock,
-            origin_sock,
-            proxy.pipes,
-            proxy.tunnel_closed,
-            proxy.settings.timeouts.tunnel_idle,
-            to_client=from_origin,
-            to_upstream=from_client,
-        )
-        tunnel.down.count = len(from_origin)
-        proxy.open_tunnel(tunnel, flow, conn.t_head)
+        await self.client.write(m.render_response(101, response.reason, fields))
+        self.flow.response = response
+        self.flow.status = 101
+        self.flow.kind = "websocket"
+        return Upgraded(up)
 
-    def _closed_reason(self) -> tuple[ErrorKind, str]:
+    def _closed_reason(self) -> ProxyError:
+        """Why a stream closed under us: the watch's phase ran out, the client's body
+        broke, the client left, or the origin did."""
         if self.upload_error is not None:
-            return self.upload_error.kind, self.upload_error.detail
-        if self.expired is ErrorKind.UPSTREAM_TIMEOUT:
-            return self.expired, "origin sent no response in time"
-        if self.expired is ErrorKind.BODY_STALLED:
-            return self.expired, "body transfer stalled"
-        if self.conn.stream.closed():
-            return ErrorKind.CLIENT_ABORTED, "client closed the connection"
-        if self.phase is Phase.RESPONDING:
-            return ErrorKind.UPSTREAM_RESET, "origin closed the connection mid-response"
-        return ErrorKind.UPSTREAM_RESET, "origin closed the connection before responding"
+            return self.upload_error
+        expired = self.watch.expired
+        if expired is not None and expired.kind is not None:
+            return ProxyError(expired.kind, f"{_WAITED_FOR[expired]} took too long")
+        if self.client.closed():
+            return ProxyError(ErrorKind.CLIENT_ABORTED, "client closed the connection")
+        if self.responded:
+            return ProxyError(
+                ErrorKind.CONNECTION_TERMINATED, "origin closed the connection mid-response"
+            )
+        return ProxyError(
+            ErrorKind.CONNECTION_TERMINATED, "origin closed the connection before responding"
+        )
 
-    async def _fail(self, kind: ErrorKind, detail: str, keep_alive: bool, framing: Framing) -> bool:
+    async def _failed(self, error: ProxyError, framing: Framing) -> Failed:
         if self.up is not None:
             self.up.stream.close()
+        self.flow.fail(error.kind, error.detail)
         if self.hf is not None:
-            self.flow.fail(kind, detail)
             try:
-                await self.conn.proxy.addons.call("error", self.hf)
+                await self._hook(ErrorHook)
             except AddonFailed:
                 pass  # the exchange has failed already
-        if self.responded or self.conn.stream.closed():
-            # Too late for an error page: closing is the only way to signal that the
-            # body is truncated.
-            self.flow.fail(kind, detail)
-            self.conn.stream.close()
-            return False
-        body_left = framing.kind is not BodyKind.NONE and (
-            self.upload is None or not self.upload.done()
-        )
-        close = body_left or not keep_alive or self.conn.proxy.draining
-        return await self.conn.answer_error(self.flow, kind, detail, close=close)
+        close = not self._request_complete() or error.kind is ErrorKind.BAD_REQUEST
+        return Failed(error, self.responded or self.client.closed(), close)
+
+
+_WAITED_FOR = {
+    Phase.SENDING: "sending the request body (no byte moved)",
+    Phase.WAITING: "waiting for the origin's response head",
+    Phase.BUFFERING: "reading a body for an addon (no byte moved)",
+    Phase.RESPONDING: "the response body (no byte moved)",
+    Phase.CONNECTING: "connecting to the origin",
+    Phase.RESOLVING: "resolving the origin's name",
+    Phase.HANDSHAKE: "the TLS handshake",
+    Phase.CLIENT_HEAD: "the request head",
+    Phase.IDLE: "idle",
+    Phase.HOOK: "an addon hook",
+    Phase.CLOSING: "closing",
+}

@@ -22,9 +22,12 @@ __all__ = [
     "buffered_size",
     "complete",
     "lingering_close",
+    "moved",
     "read_block",
+    "read_buffered",
     "read_head",
     "take_over",
+    "unread",
 ]
 
 
@@ -75,6 +78,8 @@ class BoundedStream(IOStream):
                 sent = 0
             except OSError:
                 return super().write(data)  # the usual path reports the error
+            self._total_write_index += sent
+            self._total_write_done_index += sent
             if sent == len(data):
                 done = self._written
                 if done is None:
@@ -83,12 +88,6 @@ class BoundedStream(IOStream):
                 return done
             data = memoryview(data)[sent:]
         return super().write(data)
-
-    def unread(self, data: bytes) -> None:
-        """Put bytes back at the front of the buffer (no read may be pending)."""
-        if data:
-            self._read_buffer[0:0] = data
-            self._read_buffer_size += len(data)
 
     def _read_to_buffer(self) -> int | None:
         if self._user_read_buffer:
@@ -114,6 +113,21 @@ class BoundedStream(IOStream):
         return n
 
 
+def unread(stream: IOStream, data: bytes | memoryview) -> None:
+    """Put bytes back at the front of ``stream``'s read buffer (any IOStream, TLS ones
+    too; no read may be pending): bytes read past the end of a message belong to the
+    next one."""
+    if data:
+        stream._read_buffer[0:0] = data
+        stream._read_buffer_size += len(data)
+
+
+def moved(stream: IOStream) -> int:
+    """Bytes ``stream`` has handed to the kernel so far (grows as a slow reader takes
+    them): with body byte counts, the progress the body-idle limit watches."""
+    return stream._total_write_done_index
+
+
 def complete(block: bytes) -> bool:
     """Whether a bounded read found its delimiter (all our delimiters end in LF)."""
     return block.endswith(b"\n")
@@ -127,23 +141,24 @@ def read_block(stream: IOStream, pattern: re.Pattern[bytes], limit: int) -> Awai
     return stream.read_until_regex(pattern, max_bytes=limit)  # type: ignore[arg-type]
 
 
-async def read_head(stream: IOStream, limit: int) -> bytes:
-    """A message head through its empty line, or ``limit`` bytes without one.
+async def read_head(stream: IOStream, limit: int, data: bytes = b"") -> bytes:
+    """A message head through its empty line, or ``limit`` bytes without one; ``data``
+    is what the caller already read of it.  Raises StreamClosedError if the stream ends
+    first.
 
-    On a `BoundedStream` this takes everything that has arrived and puts back what
-    follows the head: reading to a delimiter leaves bytes in the buffer, and a stream
-    with buffered bytes stops watching its socket and must be re-armed for the next
-    read — two event-loop handler changes per request that this avoids.
+    This takes everything that has arrived and puts back what follows the head:
+    reading to a delimiter leaves bytes in the buffer, and a stream with buffered bytes
+    stops watching its socket and must be re-armed for the next read — two event-loop
+    handler changes per request that this avoids.
     """
-    if not isinstance(stream, BoundedStream):
-        return await read_block(stream, HEAD_END, limit)
-    data = await stream.read_bytes(limit, partial=True)
+    if not data:
+        data = await stream.read_bytes(limit, partial=True)
     found = HEAD_END.search(data)
     while found is None and len(data) < limit:
         data += await stream.read_bytes(limit - len(data), partial=True)
         found = HEAD_END.search(data)
     end = found.end() if found is not None and found.end() <= limit + 3 else limit
-    stream.unread(data[end:])
+    unread(stream, data[end:])
     return data[:end]
 
 

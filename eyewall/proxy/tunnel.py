@@ -22,7 +22,7 @@ import os
 import socket
 from collections.abc import Callable
 
-__all__ = ["PipePool", "Tunnel"]
+__all__ = ["PipePool", "Relay", "Tunnel"]
 
 log = logging.getLogger("eyewall.tunnel")
 
@@ -220,8 +220,9 @@ class Tunnel:
 
     ``to_client`` and ``to_upstream`` are bytes to deliver before anything read from the
     sockets (the CONNECT answer; bytes IOStream had read ahead); ``to_upstream`` counts
-    as bytes from the client.  ``on_close`` is called once, with the exception that
-    ended the tunnel or None.  The watchdog calls `check` to enforce ``idle_timeout``.
+    as bytes from the client.  ``on_close`` (set before `start`) is called once, with
+    the exception that ended the tunnel or None.  The watchdog calls `check` to enforce
+    ``idle_timeout`` (seconds without a byte either way).
     """
 
     __slots__ = (
@@ -231,7 +232,6 @@ class Tunnel:
         "closed",
         "down",
         "failed_side",
-        "flow",
         "idle_since",
         "idle_timeout",
         "loop",
@@ -247,10 +247,10 @@ class Tunnel:
         client: socket.socket,
         upstream: socket.socket,
         pipes: PipePool,
-        on_close: Callable[[Tunnel, BaseException | None], None],
         idle_timeout: float,
         to_client: bytes = b"",
         to_upstream: bytes = b"",
+        on_close: Callable[[Tunnel, BaseException | None], None] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.client, self.upstream = client, upstream
@@ -258,7 +258,6 @@ class Tunnel:
         self.splice = _SPLICE
         self.on_close = on_close
         self.idle_timeout = idle_timeout
-        self.flow: object = None  # the record the owner keeps for this tunnel
         self.active = True  # set on every read; the watchdog clears it
         self.idle_since = self.loop.time()
         self.closed = False
@@ -311,7 +310,12 @@ class Tunnel:
         self.down.stop()
         self.client.close()
         self.upstream.close()
+        if self.on_close is None:
+            return
         try:
             self.on_close(self, error)
         except Exception:
             log.exception("tunnel close handler failed")
+
+
+Relay = Tunnel  # what the proxy tracks as an open tunnel

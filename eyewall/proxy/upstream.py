@@ -1,12 +1,16 @@
 """Connections to origins: name resolution, connecting, and the keep-alive pool.
 
 Names are resolved once, off the event loop (the loop's getaddrinfo runs in a thread),
-and the proxy connects to exactly the addresses it resolved and checked — there is no
-second lookup a changed DNS answer could slip through.
+checked by admission, and the proxy connects to exactly the addresses it checked —
+there is no second lookup a changed DNS answer could slip through.  With several
+addresses the connection races them as RFC 8305 (Happy Eyeballs) says: the next
+address is tried 250 ms after the previous one if that has not connected (at once if
+it failed), alternating address families, and the first to connect wins; a black-holed
+first address costs 250 ms, not the whole connect timeout.
 
 The pool keeps idle HTTP connections per (scheme, host, port), newest first.  An idle
-connection that the origin closed, or that received unsolicited bytes, is stale and
-dropped (IOStream watches idle sockets for that once a close callback is set).
+connection is checked for staleness (closed by the origin, or unsolicited bytes) when it
+is taken, not watched while idle.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tornado.iostream import IOStream, StreamClosedError
@@ -26,23 +29,33 @@ from eyewall.errors import ErrorKind, ProxyError
 from eyewall.http1.target import Target
 from eyewall.proxy.streams import BoundedStream, buffered_size
 
-__all__ = ["Address", "Resolver", "Upstream", "UpstreamPool", "connect"]
+__all__ = [
+    "Resolver",
+    "Upstream",
+    "UpstreamPool",
+    "connect",
+    "format_address",
+    "is_local_address",
+]
 
 log = logging.getLogger("eyewall.upstream")
 
-Address = tuple[int, tuple[str, int]]  # (family, (ip, port)) — IPv6 sockaddrs may be longer
-Guard = Callable[[Target, list[Address]], list[Address]]
+Address = tuple[int, tuple[str, int]]  # (family, (ip, port))
 
 STREAM_BUFFER = 8 << 20
+ATTEMPT_DELAY = 0.25  # RFC 8305 §5: the recommended Connection Attempt Delay
 
 
 def format_address(sockaddr: tuple[str, int]) -> str:
+    """``ip:port``, with brackets around IPv6."""
     ip, port = sockaddr[0], sockaddr[1]
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 class Resolver:
-    """getaddrinfo off the loop, with a small time-bounded cache of answers."""
+    """getaddrinfo off the loop, with a small cache: answers are kept ``ttl`` seconds
+    (getaddrinfo does not report DNS TTLs); when ``max_entries`` are held the cache is
+    emptied (cheaper than tracking recency; a miss costs one lookup)."""
 
     def __init__(self, ttl: float = 10.0, max_entries: int = 4096) -> None:
         self.ttl = ttl
@@ -66,6 +79,8 @@ class Resolver:
         return addrs
 
     async def resolve(self, host: str, port: int) -> list[Address]:
+        """The addresses of ``host``, in getaddrinfo's order, without duplicates.
+        Raises ProxyError(DNS_ERROR) when the name does not resolve."""
         known = self.known(host, port)
         if known is not None:
             return known
@@ -75,7 +90,7 @@ class Resolver:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as e:
             reason = e.strerror if isinstance(e, socket.gaierror) else "invalid name"
-            raise ProxyError(ErrorKind.DNS_FAILURE, f"cannot resolve {host}: {reason}") from None
+            raise ProxyError(ErrorKind.DNS_ERROR, f"cannot resolve {host}: {reason}") from None
         addrs = []
         for family, _, _, _, sockaddr in infos:
             entry = (int(family), (str(sockaddr[0]), int(sockaddr[1])))
@@ -89,35 +104,88 @@ class Resolver:
 
 def _classify(error: OSError, where: str) -> ProxyError:
     if isinstance(error, ConnectionRefusedError):
-        return ProxyError(ErrorKind.UPSTREAM_REFUSED, f"connection refused by {where}")
+        return ProxyError(ErrorKind.CONNECTION_REFUSED, f"connection refused by {where}")
     if isinstance(error, TimeoutError):
-        return ProxyError(ErrorKind.CONNECT_TIMEOUT, f"no answer from {where}")
+        return ProxyError(ErrorKind.CONNECTION_TIMEOUT, f"no answer from {where}")
     if error.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL):
-        return ProxyError(ErrorKind.UPSTREAM_UNREACHABLE, f"{where}: {error.strerror}")
-    return ProxyError(ErrorKind.UPSTREAM_RESET, f"{where}: {error.strerror or error}")
+        return ProxyError(ErrorKind.DESTINATION_UNAVAILABLE, f"{where}: {error.strerror}")
+    return ProxyError(ErrorKind.CONNECTION_TERMINATED, f"{where}: {error.strerror or error}")
 
 
-async def connect(addrs: list[Address]) -> tuple[socket.socket, str]:
-    """Connect to the first address that accepts; errors become `ProxyError`."""
-    loop = asyncio.get_running_loop()
-    error: ProxyError | None = None
-    for family, sockaddr in addrs:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+async def _attempt(family: int, sockaddr: tuple[str, int]) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        where = format_address(sockaddr)
+        await asyncio.get_running_loop().sock_connect(sock, sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _interleave(addrs: list[Address]) -> list[Address]:
+    """RFC 8305 §4: alternate address families, starting with the first one listed."""
+    if len({family for family, _ in addrs}) < 2:
+        return addrs
+    first = addrs[0][0]
+    ours = [a for a in addrs if a[0] == first]
+    others = [a for a in addrs if a[0] != first]
+    out: list[Address] = []
+    for i in range(max(len(ours), len(others))):
+        out.extend(group[i] for group in (ours, others) if i < len(group))
+    return out
+
+
+async def connect(addrs: list[Address], delay: float = ATTEMPT_DELAY) -> tuple[socket.socket, str]:
+    """Connect to one of ``addrs`` (the first to accept, racing them as RFC 8305 says);
+    returns the socket and its "ip:port".  Raises ProxyError (the last address's
+    error) when none accepts; the caller bounds the time."""
+    if not addrs:
+        raise ProxyError(ErrorKind.DNS_ERROR, "no address to connect to")
+    if len(addrs) == 1:
+        family, sockaddr = addrs[0]
         try:
-            await loop.sock_connect(sock, sockaddr)
+            return await _attempt(family, sockaddr), format_address(sockaddr)
         except OSError as e:
-            sock.close()
-            error = _classify(e, where)
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        return sock, where
-    assert error is not None, "connect() needs at least one address"
-    raise error
+            raise _classify(e, format_address(sockaddr)) from None
+    order = _interleave(addrs)
+    running: dict[asyncio.Task[socket.socket], tuple[str, int]] = {}
+    error: ProxyError | None = None
+    winner: tuple[socket.socket, str] | None = None
+    try:
+        while winner is None:
+            if order:
+                family, sockaddr = order.pop(0)
+                running[asyncio.ensure_future(_attempt(family, sockaddr))] = sockaddr
+            if not running:
+                break
+            done, _ = await asyncio.wait(
+                running, timeout=delay if order else None, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                sockaddr = running.pop(task)
+                failure = task.exception()
+                if failure is None and winner is None:
+                    winner = task.result(), format_address(sockaddr)
+                elif failure is None:
+                    task.result().close()
+                elif isinstance(failure, OSError):
+                    error = _classify(failure, format_address(sockaddr))
+                else:
+                    raise failure
+    finally:
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running)
+            for task in running:
+                if not task.cancelled() and task.exception() is None:
+                    task.result().close()
+    if winner is None:
+        assert error is not None
+        raise error
+    return winner
 
 
 @dataclass(eq=False, slots=True)
@@ -133,17 +201,21 @@ class Upstream:
 
 
 class UpstreamPool:
+    """New connections to origins, and the idle ones kept for reuse.
+
+    ``connect_timeout`` bounds connecting plus the TLS handshake; ``idle_per_origin``
+    and ``idle_timeout`` (seconds) bound the idle connections kept; ``tls_context``
+    verifies origins.  Attributes are replaced on reload.
+    """
+
     def __init__(
         self,
-        resolver: Resolver,
-        guard: Guard,
         connect_timeout: float,
         idle_per_origin: int,
         idle_timeout: float,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.resolver = resolver
-        self.guard = guard
+        self.resolver = Resolver()
         self.connect_timeout = connect_timeout
         self.idle_per_origin = idle_per_origin
         self.idle_timeout = idle_timeout
@@ -152,21 +224,17 @@ class UpstreamPool:
         self.closing = False
 
     async def open_socket(
-        self, target: Target, addresses: tuple[str, ...] | None = None
+        self, target: Target, addresses: tuple[str, ...]
     ) -> tuple[socket.socket, str]:
-        """A new connection to ``target`` within the connect timeout: to ``addresses``
-        (already resolved and allowed by the policy), or else to what the name resolves
-        to.  The guard refuses the proxy's own listeners either way."""
+        """A new TCP connection to ``target`` at one of ``addresses`` (resolved and
+        allowed by admission), within the connect timeout.  Raises ProxyError."""
+        addrs = [(family_of(ip), (ip, target.port)) for ip in addresses]
         try:
             async with asyncio.timeout(self.connect_timeout):
-                if addresses is None:
-                    addrs = await self.resolver.resolve(target.host, target.port)
-                else:
-                    addrs = [(family_of(ip), (ip, target.port)) for ip in addresses]
-                return await connect(self.guard(target, addrs))
+                return await connect(addrs)
         except TimeoutError:
             raise ProxyError(
-                ErrorKind.CONNECT_TIMEOUT, f"no connection to {target.authority} in time"
+                ErrorKind.CONNECTION_TIMEOUT, f"no connection to {target.authority} in time"
             ) from None
 
     def take(
@@ -192,8 +260,8 @@ class UpstreamPool:
                 return up
         return None
 
-    async def open(self, target: Target, addresses: tuple[str, ...] | None = None) -> Upstream:
-        """A new connection to ``target`` (with TLS for https)."""
+    async def open(self, target: Target, addresses: tuple[str, ...]) -> Upstream:
+        """A new connection to ``target`` (with TLS for https).  Raises ProxyError."""
         key = (target.scheme, target.host, target.port)
         sock, peer = await self.open_socket(target, addresses)
         ip = peer.rsplit(":", 1)[0].strip("[]")
@@ -211,14 +279,14 @@ class UpstreamPool:
             async with asyncio.timeout(self.connect_timeout):
                 return await stream.start_tls(False, self.tls_context, server_hostname=target.host)
         except TimeoutError:
-            raise ProxyError(ErrorKind.CONNECT_TIMEOUT, "TLS handshake timed out") from None
+            raise ProxyError(ErrorKind.CONNECTION_TIMEOUT, "TLS handshake timed out") from None
         except ssl.SSLCertVerificationError as e:
             raise ProxyError(
-                ErrorKind.UPSTREAM_TLS,
+                ErrorKind.TLS_CERTIFICATE_ERROR,
                 f"certificate of {target.host} failed verification: {e.verify_message}",
             ) from None
         except (ssl.SSLError, StreamClosedError, OSError) as e:
-            raise ProxyError(ErrorKind.UPSTREAM_TLS, f"TLS handshake failed: {e}") from None
+            raise ProxyError(ErrorKind.TLS_PROTOCOL_ERROR, f"TLS handshake failed: {e}") from None
 
     def release(self, up: Upstream, now: float) -> None:
         """Return a connection whose exchange ended cleanly and may carry another."""
@@ -230,6 +298,7 @@ class UpstreamPool:
         idle.append(up)
 
     def check(self, now: float) -> None:
+        """Close idle connections older than ``idle_timeout`` (for the watchdog)."""
         limit = now - self.idle_timeout
         for key, idle in list(self._idle.items()):
             while idle and idle[0].idle_since < limit:
@@ -248,7 +317,18 @@ class UpstreamPool:
         self._idle.clear()
 
 
+def is_local_address(address: str) -> bool:
+    """Whether ``address`` (an IP literal) belongs to this host: it can be bound."""
+    with socket.socket(family_of(address), socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
 def family_of(ip: str) -> int:
+    """The socket family of an IP literal."""
     return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
 
@@ -283,6 +363,8 @@ def _peek(fd: int) -> bool:
 
 
 def default_tls_context(cafile: str | None = None) -> ssl.SSLContext:
+    """A client context verifying origins against ``cafile`` or the system store,
+    offering only http/1.1 by ALPN."""
     ctx = ssl.create_default_context(cafile=cafile)
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx

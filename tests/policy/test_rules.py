@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from eyewall.app import build_policy
 from eyewall.config import ConfigError, load_settings
 from eyewall.policy.networks import parse_network
 from eyewall.policy.rules import Action, Request, RuleSet, compile_rule
@@ -115,10 +116,12 @@ def test_port_bounds_are_inclusive() -> None:
 
 
 def test_config_loading_reports_rule_errors_and_duplicate_ids() -> None:
+    settings = load_settings(overrides={"rules": [OK, {"id": "b", "action": "deny", "ports": [0]}]})
     with pytest.raises(ConfigError, match=re.escape("rules[1].ports[0]")):
-        load_settings(overrides={"rules": [OK, {"id": "b", "action": "deny", "ports": [0]}]})
+        build_policy(settings)
+    settings = load_settings(overrides={"rules": [OK, {**OK, "action": "deny"}]})
     with pytest.raises(ConfigError, match=re.escape("rules[1].id: duplicate rule id 'r'")):
-        load_settings(overrides={"rules": [OK, {**OK, "action": "deny"}]})
+        build_policy(settings)
 
 
 # --- matching: one condition at a time, then combined -------------------------------------

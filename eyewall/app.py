@@ -1,0 +1,521 @@
+"""The composition root: configuration to a running proxy.
+
+`load` turns the configuration file and flags into settings, a policy and the
+interception CA, checking everything start-up would otherwise trip on (every problem
+at once, each with its setting and line).  `Observers` wires the access log, flow
+store, metrics, live feed and admin listener.  `serve` runs the proxy: listeners,
+signals (SIGHUP reload, SIGUSR1 reopen logs, SIGTERM/SIGINT stop), watched files, the
+pid file and readiness notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import resource
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from eyewall import __version__
+from eyewall.addons.hooks import Configure, Done, Running
+from eyewall.addons.runner import Addons, unsafe_code
+from eyewall.config import (
+    ConfigError,
+    Settings,
+    annotate,
+    load_settings,
+    parse_endpoint,
+    restart_settings,
+)
+from eyewall.observe.oplog import DroppingQueueHandler, setup_logging
+from eyewall.policy.auth import Users
+from eyewall.policy.engine import LimitParameters, Policy
+from eyewall.policy.networks import parse_network
+from eyewall.policy.rules import Action, Rule, RuleSet, compile_rule, parse_ports
+from eyewall.tls.ca import CertificateAuthority, default_ca_dir
+
+__all__ = ["Loaded", "Loader", "Observers", "build_policy", "preflight", "run", "serve"]
+
+if TYPE_CHECKING:
+    from eyewall.dashboard.app import AdminServer
+    from eyewall.observe.metrics import Metrics
+
+log = logging.getLogger("eyewall")
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A configuration ready to run: settings, the policy built from them, and the
+    interception CA (None when no rule intercepts)."""
+
+    settings: Settings
+    policy: Policy
+    ca: CertificateAuthority | None
+
+
+def build_policy(settings: Settings, read_text: Callable[[str], str] | None = None) -> Policy:
+    """The policy for ``settings``.  Raises ConfigError listing every problem (rules,
+    networks, ports, users and groups, including groups and users a rule names but
+    nobody defines)."""
+    read = read_text or (lambda p: Path(p).read_text())
+    errors: list[str] = []
+    auth = settings.auth
+    text = None
+    if auth.htpasswd:
+        try:
+            text = read(auth.htpasswd)
+        except OSError as e:
+            errors.append(f"auth.htpasswd: cannot read {auth.htpasswd}: {e.strerror or e}")
+    users = Users()
+    try:
+        users = Users.from_entries(dict(auth.users), text, {g: list(m) for g, m in auth.groups})
+    except ValueError as e:
+        errors.append(str(e))
+    groups = {g for g, _ in auth.groups}
+    rules: list[Rule] = []
+    for i, raw in enumerate(settings.rules):
+        path = f"rules[{i}]"
+        try:
+            rule = compile_rule(raw, path)
+        except ValueError as e:
+            errors.append(str(e))
+            continue
+        undefined = sorted(rule.groups - groups)
+        if undefined:
+            errors.append(f"{path}.groups: undefined group {undefined[0]!r} (auth.groups)")
+        unknown = sorted(rule.users - set(users.hashes)) if users.enabled or rule.users else []
+        if unknown:
+            errors.append(f"{path}.users: unknown user {unknown[0]!r} (auth.htpasswd, auth.users)")
+        if rule.id in {r.id for r in rules}:
+            errors.append(f"{path}.id: duplicate rule id {rule.id!r}")
+        rules.append(rule)
+    access = settings.access
+    try:
+        connect_ports = parse_ports(access.connect_ports, "access.connect_ports")
+    except ValueError as e:
+        errors.append(str(e))
+        connect_ports = ((443, 443),)
+    clients = []
+    for i, network in enumerate(access.allow_clients):
+        try:
+            clients.append(parse_network(network))
+        except ValueError as e:
+            errors.append(f"access.allow_clients[{i}]: {e}")
+    if errors:
+        raise ConfigError(errors)
+    r = settings.rate_limits
+    limits = LimitParameters(
+        r.client_rps, r.client_burst, r.user_rps, r.user_burst,
+        r.client_connections, r.client_tunnels, r.user_tunnels,
+    )  # fmt: skip
+    ruleset = RuleSet(tuple(rules), Action(access.default), connect_ports, access.allow_private)
+    return Policy(ruleset, tuple(clients), users, limits, auth.cache_ttl)
+
+
+def _writable_dir(directory: Path) -> str | None:
+    if not directory.is_dir():
+        return f"directory {directory} does not exist"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"directory {directory} is not writable by this user"
+    return None
+
+
+def _writable_file(path: str) -> str | None:
+    p = Path(path)
+    if p.exists():
+        return None if os.access(p, os.W_OK) else f"{p} is not writable by this user"
+    return _writable_dir(p.parent)
+
+
+def preflight(settings: Settings) -> list[str]:
+    """What start-up would trip on, as ``setting: problem`` lines: missing or
+    unwritable directories and files, unsafe addon files, unreadable certificates."""
+    problems = []
+    if settings.access_log not in ("-", "off"):
+        problem = _writable_file(settings.access_log)
+        if problem:
+            problems.append(f"access_log: {problem}")
+    if settings.pid_file:
+        problem = _writable_file(settings.pid_file)
+        if problem:
+            problems.append(f"pid_file: {problem}")
+    if settings.flows.enabled and settings.flows.path:
+        problem = _writable_file(settings.flows.path)
+        if problem:
+            problems.append(f"flows.path: {problem}")
+    for key, files in (("addons", settings.addons), ("policy_addons", settings.policy_addons)):
+        for i, path in enumerate(files):
+            problem = unsafe_code(path)
+            if problem:
+                problems.append(f"{key}[{i}]: {problem}")
+    tls = settings.tls
+    for key in ("certificate", "key", "upstream_ca_bundle"):
+        path = getattr(tls, key)
+        if path and not os.access(path, os.R_OK):
+            problems.append(f"tls.{key}: cannot read {path}")
+    return problems
+
+
+def load_ca(settings: Settings, policy: Policy) -> CertificateAuthority | None:
+    """The interception CA when a rule intercepts.  Raises ConfigError."""
+    if not any(rule.action is Action.INTERCEPT for rule in policy.rules.rules):
+        return None
+    directory = Path(settings.tls.ca_dir) if settings.tls.ca_dir else default_ca_dir()
+    try:
+        return CertificateAuthority.load(directory)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"tls.ca_dir: {e}") from None
+
+
+class Loader:
+    """Loads the configuration from ``config`` (a file, or None) and the flags'
+    ``overrides``, at start and again on every reload."""
+
+    def __init__(self, config: str | None, overrides: dict[str, Any]) -> None:
+        self.config = config
+        self.overrides = overrides
+
+    def load(self) -> Loaded:
+        """Raises ConfigError listing every problem, each with its setting (as the flag
+        when it came from one) and its file and line."""
+        settings = load_settings(self.config, self.overrides)
+        errors: list[str] = []
+        policy = None
+        ca = None
+        try:
+            policy = build_policy(settings)
+        except ConfigError as e:
+            errors.extend(e.errors)
+        if policy is not None:
+            try:
+                ca = load_ca(settings, policy)
+            except ConfigError as e:
+                errors.extend(e.errors)
+        errors.extend(preflight(settings))
+        if errors:
+            raise ConfigError(annotate(errors, self.config, self.overrides))
+        assert policy is not None
+        return Loaded(settings, policy, ca)
+
+    def watched_files(self, settings: Settings) -> list[str]:
+        """Files whose change triggers a reload (config file, htpasswd)."""
+        return [f for f in (self.config, settings.auth.htpasswd) if f]
+
+
+def _mtimes(paths: list[str]) -> list[float]:
+    out = []
+    for p in paths:
+        try:
+            out.append(os.stat(p).st_mtime)
+        except OSError:
+            out.append(-1.0)
+    return out
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+class Observers:
+    """Everything that watches the traffic: access log, flow store, metrics, live feed,
+    and the admin listener that shows them (metrics and the live feed only exist when
+    the admin listener does)."""
+
+    def __init__(self, settings: Settings, stats: Any, ca_pem: Callable[[], bytes | None]) -> None:
+        from eyewall.observe.accesslog import AccessLog
+        from eyewall.observe.events import EventBus
+        from eyewall.observe.store import FlowStore, default_path
+        from eyewall.observe.writer import BatchWriter
+
+        self.bus = EventBus()
+        self.writer = BatchWriter()
+        self.access: AccessLog | None = None
+        if settings.access_log != "off":
+            self.access = AccessLog(settings.access_log, settings.log_format, self.writer)
+            self.bus.subscribe(self.access)
+        f = settings.flows
+        path = (Path(f.path) if f.path else default_path()) if f.enabled else None
+        self.store = FlowStore(
+            path, f.max_count, f.max_age, f.memory, f.memory_bytes, self.writer, f.max_bytes
+        )
+        self.bus.subscribe(self.store)
+        self.metrics: Metrics | None = None
+        self.admin: AdminServer | None = None
+        if settings.admin.listen != "off":
+            self._admin(settings, stats, ca_pem)
+
+    def _admin(self, settings: Settings, stats: Any, ca_pem: Callable[[], bytes | None]) -> None:
+        from eyewall.dashboard.app import AdminServer
+        from eyewall.observe.live import LiveFeed
+        from eyewall.observe.metrics import Metrics
+        from eyewall.observe.records import record_of, summary
+
+        def prometheus_gauges() -> dict[str, float]:
+            g = stats.gauges()
+            return {
+                "client_connections": g["connections"],
+                "tunnels": g["tunnels"],
+                "upstream_idle_connections": g["pool_idle"],
+            }
+
+        metrics = self.metrics = Metrics(prometheus_gauges)
+        self.bus.subscribe(metrics)
+        access, store = self.access, self.store
+        if access is not None:
+            metrics.track_drops("access_log", lambda: access.dropped)
+        metrics.track_drops("flows", lambda: store.dropped)
+
+        def recent() -> list[dict[str, Any]]:
+            return [summary(record_of(f)) for f in list(store.recent)[-200:][::-1]]
+
+        self.live = LiveFeed(stats.gauges, recent)
+        self.bus.subscribe(self.live)
+        self.admin = AdminServer(
+            stats, metrics, self.store, self.live,
+            parse_endpoint(settings.admin.listen), settings.admin.token, ca_pem=ca_pem,
+        )  # fmt: skip
+
+    def reconfigure(self, old: Settings, new: Settings) -> None:
+        """Apply what a reload may change: the access log's path and format, the admin
+        token.  Raises OSError when the new access log cannot be opened."""
+        if (new.access_log, new.log_format) != (old.access_log, old.log_format):
+            from eyewall.observe.accesslog import AccessLog
+
+            if new.access_log == "off" and self.access is not None:
+                self.access.close()
+                self.bus.subscribers.remove(self.access)
+                self.access = None
+            elif self.access is not None:
+                self.access.configure(new.access_log, new.log_format)
+            elif new.access_log != "off":
+                self.access = AccessLog(new.access_log, new.log_format, self.writer)
+                self.bus.subscribe(self.access)
+        if self.admin is not None:
+            self.admin.token = new.admin.token
+
+    async def stop(self) -> None:
+        if self.admin is not None:
+            await self.admin.stop()
+        self.store.close()
+        if self.access is not None:
+            self.access.close()
+        self.writer.close()
+
+
+class _Stats:
+    """The admin listener's view of the proxy (`eyewall.dashboard.app.ProxyStats`)."""
+
+    def __init__(self, proxy: Any) -> None:
+        self.proxy = proxy
+
+    def gauges(self) -> dict[str, float]:
+        proxy = self.proxy
+        return {
+            "connections": len(proxy.connections),
+            "tunnels": len(proxy.tunnels),
+            "pool_idle": proxy.pool.idle_count(),
+        }
+
+    def healthy(self) -> bool:
+        return not self.proxy.stopping
+
+
+def _write_pid_file(path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandler) -> None:
+    """Run the proxy until SIGTERM/SIGINT, then drain and stop."""
+    from tornado.ioloop import PeriodicCallback
+
+    from eyewall.policy.state import AdmissionState
+    from eyewall.proxy.server import Proxy
+    from eyewall.sdnotify import notify
+
+    settings = loaded.settings
+    _raise_fd_limit()
+    addons = Addons(settings.addons, settings.policy_addons, settings.timeouts.addon_hook)
+    try:
+        addons.load_all()
+    except ValueError as e:
+        raise SystemExit(f"eyewall: {e}") from None
+    addons.lifecycle(Configure(settings))
+    state = AdmissionState()
+    proxy: Proxy
+
+    def ca_pem() -> bytes | None:
+        ca = proxy.interception.ca
+        if ca is not None:
+            return ca.pem()
+        configured = proxy.settings.tls.ca_dir
+        try:
+            return CertificateAuthority.load(
+                Path(configured) if configured else default_ca_dir()
+            ).pem()
+        except (OSError, ValueError):
+            return None
+
+    stats = _Stats(None)
+    try:
+        observers = Observers(settings, stats, ca_pem)
+    except OSError as e:
+        raise SystemExit(f"eyewall: {e}") from None
+    proxy = Proxy(
+        settings, loaded.policy, state=state, addons=addons, ca=loaded.ca,
+        publish=observers.bus.publish,
+    )  # fmt: skip
+    stats.proxy = proxy
+    metrics = observers.metrics
+    if metrics is not None:
+        metrics.track_drops("log", lambda: log_handler.dropped)
+    try:
+        addresses = proxy.start_listening()
+        if observers.admin is not None:
+            admin_addresses = observers.admin.start()
+            proxy.protect(admin_addresses)
+    except OSError as e:
+        raise SystemExit(f"eyewall: {e.strerror or e}") from None
+    if observers.admin is not None:
+        print(f"eyewall admin on {observers.admin.url()}", file=sys.stderr, flush=True)
+    addons.lifecycle(Running())
+    addon_watch = PeriodicCallback(lambda: addons.reload_changed(proxy.settings), 1000)
+    if addons.files:
+        addon_watch.start()
+    if settings.pid_file:
+        _write_pid_file(settings.pid_file)
+    shown = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
+    print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
+    notify("READY=1")
+
+    def reload() -> None:
+        notify("RELOADING=1")
+        try:
+            new = loader.load()
+        except ConfigError as e:
+            log.error("reload refused, keeping the current configuration: %s", e)
+            if metrics is not None:
+                metrics.reloaded(False)
+            notify("READY=1")
+            return
+        old = proxy.settings
+        for name in restart_settings(old, new.settings):
+            log.warning("%s changed: it applies after a restart", name)
+        try:
+            observers.reconfigure(old, new.settings)
+        except OSError as e:
+            log.error("reload refused, keeping the current configuration: %s", e)
+            if metrics is not None:
+                metrics.reloaded(False)
+            notify("READY=1")
+            return
+        proxy.reload(new.settings, new.policy, new.ca)
+        addons.lifecycle(Configure(new.settings))
+        if metrics is not None:
+            metrics.reloaded(True)
+        log.info("configuration reloaded")
+        notify("READY=1")
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    stop_signal: list[int] = []
+
+    def on_stop(sig: int) -> None:
+        stop_signal.append(sig)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop, sig)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+
+    def reopen() -> None:
+        if observers.access is not None:
+            observers.access.reopen()
+
+    loop.add_signal_handler(signal.SIGUSR1, reopen)
+    files = loader.watched_files(settings)
+    seen = _mtimes(files)
+
+    def poll() -> None:
+        nonlocal seen, files
+        now = _mtimes(files)
+        if now != seen:
+            reload()
+            files = loader.watched_files(proxy.settings)
+            seen = _mtimes(files)
+
+    watcher = PeriodicCallback(poll, 2000)
+    if settings.watch_config or settings.auth.htpasswd:
+        watcher.start()
+    await stop.wait()
+    watcher.stop()
+    notify("STOPPING=1")
+    grace = proxy.settings.timeouts.drain_grace if stop_signal[0] == signal.SIGTERM else 0.0
+    log.info(
+        "shutting down; in-flight work has %.0f s to finish%s",
+        proxy.settings.timeouts.drain,
+        f" after {grace:g} s of grace" if grace else "",
+    )
+    shutdown = asyncio.ensure_future(proxy.shutdown(grace))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, shutdown.cancel)  # a second signal: stop now
+    try:
+        await shutdown
+    except asyncio.CancelledError:
+        log.warning("second signal: closing everything now")
+    addon_watch.stop()
+    addons.lifecycle(Done())
+    await observers.stop()
+    if settings.pid_file:
+        Path(settings.pid_file).unlink(missing_ok=True)
+    log.info("stopped")
+
+
+def run(loader: Loader) -> int:
+    """Load the configuration and run the proxy until it is stopped; the exit code."""
+    try:
+        loaded = loader.load()
+    except ConfigError as e:
+        print("eyewall: invalid configuration:", file=sys.stderr)
+        for error in e.errors:
+            print(f"  {error}", file=sys.stderr)
+        return 2
+    handler, listener = setup_logging(loaded.settings.log_level)
+    # Every request allocates a few hundred objects and leaves a few reference cycles:
+    # collecting the young generation every 700 allocations cost ~10% at 100 clients.
+    # Start-up objects are frozen out of collection altogether.
+    gc.set_threshold(50_000, 50, 100)
+    gc.freeze()
+    try:
+        run_loop(serve(loader, loaded, handler), loaded.settings.event_loop)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        listener.stop()
+    return 0
+
+
+def run_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
+    """Run ``main`` on uvloop when chosen (or, for "auto", when installed)."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise SystemExit("eyewall: event_loop = uvloop, but it is not installed") from None
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)

@@ -1,0 +1,187 @@
+"""Every wait has a named phase and a limit: `Phase`, `Watch` and the `Watchdog`.
+
+A client connection always is in exactly one phase — waiting for a request head,
+connecting to an origin, waiting for its response head, moving a body, running an
+addon hook, ... — and its `Watch` records which, since when, and the limit.  The
+`Watchdog` sweeps every watch periodically and expires those over their limit: the
+watch's ``on_expire`` closes the streams involved, the waiting coroutine wakes with
+`StreamClosedError` and `Watch.expired` says which phase ran out, hence the error kind.
+
+Two kinds of limit:
+
+* a deadline (``client_header``, ``upstream_connect``, ``upstream_head``,
+  ``keepalive_idle``, the TLS handshake): the phase may last at most that long;
+* an idle limit (``body_idle``): the phase may go on for ever as long as bytes move.
+  Progress is read from counters the data path keeps anyway (body bytes read, bytes
+  each stream handed to the kernel) only when the sweep looks, so the data path pays
+  nothing per piece; a slow but steady reader or writer is never cut off, and the wait
+  for a response head never counts as body idleness (entering a phase starts its
+  clock afresh).
+
+Addon hooks run in phase ``HOOK``, which the sweep never expires: the hook runner
+enforces ``timeouts.addon_hook`` itself, so a slow addon is never reported as a silent
+origin.
+
+Why a sweep and not a timer per operation: see docs/design.md (measured).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from tornado.ioloop import PeriodicCallback
+
+from eyewall.config import Timeouts
+from eyewall.errors import ErrorKind
+
+__all__ = ["Phase", "Watch", "Watchdog", "Watched", "sweep_interval"]
+
+log = logging.getLogger("eyewall.timeouts")
+
+
+class Phase(enum.Enum):
+    """(the `Timeouts` setting that limits the phase, idle-based?, the error kind when
+    it runs out; None: the connection is closed quietly)."""
+
+    IDLE = ("keepalive_idle", False, None)  # between requests on a kept-alive connection
+    CLIENT_HEAD = ("client_header", False, ErrorKind.CLIENT_TIMEOUT)
+    RESOLVING = ("upstream_connect", False, ErrorKind.CONNECTION_TIMEOUT)
+    CONNECTING = ("upstream_connect", False, ErrorKind.CONNECTION_TIMEOUT)
+    SENDING = ("body_idle", True, ErrorKind.BODY_STALLED)  # request body, no response yet
+    WAITING = ("upstream_head", False, ErrorKind.READ_TIMEOUT)  # request sent
+    BUFFERING = ("body_idle", True, ErrorKind.BODY_STALLED)  # a body read for an addon
+    RESPONDING = ("body_idle", True, ErrorKind.BODY_STALLED)  # response body in transit
+    HOOK = ("", False, None)  # user code: the addon runner enforces timeouts.addon_hook
+    HANDSHAKE = ("", False, ErrorKind.CLIENT_TLS_ERROR)  # tls.handshake_timeout
+    CLOSING = ("", False, None)  # an answer is out; the connection is closing
+
+    def __init__(self, setting: str, idle: bool, kind: ErrorKind | None) -> None:
+        self.setting = setting
+        self.idle = idle
+        self.kind = kind
+
+    def limit(self, timeouts: Timeouts) -> float | None:
+        """Seconds this phase may last (or stay idle) under ``timeouts``; None: no limit
+        enforced by the sweep."""
+        return float(getattr(timeouts, self.setting)) if self.setting else None
+
+
+class Watch:
+    """The phase one connection is in, for the `Watchdog`.
+
+    ``on_expire(phase)`` is called once when the phase runs out; it must wake whatever
+    waits (usually by closing streams).  ``progress`` (for idle-based phases) returns a
+    number that grows whenever bytes move.
+    """
+
+    __slots__ = ("deadline", "expired", "limit", "on_expire", "phase", "progress", "seen", "since")
+
+    def __init__(self, on_expire: Callable[[Phase], None]) -> None:
+        self.on_expire = on_expire
+        self.phase = Phase.CLOSING
+        self.limit: float | None = None
+        self.deadline = float("inf")
+        self.since = 0.0
+        self.progress: Callable[[], int] | None = None
+        self.seen = 0
+        self.expired: Phase | None = None
+
+    def enter(
+        self,
+        phase: Phase,
+        now: float,
+        limit: float | None,
+        progress: Callable[[], int] | None = None,
+    ) -> None:
+        """Start ``phase`` at ``now`` (loop time, seconds) with ``limit`` seconds (None:
+        unlimited).  An idle-based phase needs ``progress``."""
+        self.phase = phase
+        self.limit = limit
+        self.since = now
+        self.deadline = float("inf") if limit is None or phase.idle else now + limit
+        self.progress = progress
+        self.seen = progress() if progress is not None else 0
+
+    def check(self, now: float) -> None:
+        """Expire the phase if it is over its limit at ``now``."""
+        if self.expired is not None or self.limit is None:
+            return
+        if self.phase.idle:
+            assert self.progress is not None
+            moved = self.progress()
+            if moved != self.seen:
+                self.seen = moved
+                self.since = now
+            elif now - self.since >= self.limit:
+                self._expire()
+        elif now >= self.deadline:
+            self._expire()
+
+    def _expire(self) -> None:
+        self.expired = self.phase
+        try:
+            self.on_expire(self.phase)
+        except Exception:
+            log.exception("expiring %s failed", self.phase.name)
+
+
+class Watched(Protocol):
+    def check(self, now: float) -> None:
+        """Act on any limit passed by ``now`` (loop time, seconds)."""
+
+
+class Watchdog:
+    """Calls ``check(now)`` on everything watched, every ``interval`` seconds."""
+
+    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.watched: set[Watched] = set()
+        self._timer: PeriodicCallback | None = None
+
+    def start(self) -> None:
+        self._timer = PeriodicCallback(self.sweep, self.interval * 1000)
+        self._timer.start()
+
+    def set_interval(self, interval: float) -> None:
+        if interval != self.interval:
+            self.interval = interval
+            if self._timer is not None:
+                self._timer.stop()
+                self.start()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+
+    def add(self, item: Watched) -> None:
+        self.watched.add(item)
+
+    def discard(self, item: Watched) -> None:
+        self.watched.discard(item)
+
+    def sweep(self, now: float | None = None) -> None:
+        """Check everything at ``now`` (default: the clock); tests pass their own time."""
+        now = self.clock() if now is None else now
+        for item in list(self.watched):
+            try:
+                item.check(now)
+            except Exception:
+                log.exception("watchdog check of %r failed", item)
+
+
+def sweep_interval(timeouts: Timeouts, pool_idle: float) -> float:
+    """A fifth of the smallest limit, between 50 ms and 1 s: limits are enforced to
+    within 20%."""
+    smallest = min(
+        timeouts.client_header,
+        timeouts.keepalive_idle,
+        timeouts.upstream_head,
+        timeouts.body_idle,
+        timeouts.tunnel_idle,
+        pool_idle,
+    )
+    return min(1.0, max(0.05, smallest / 5))
