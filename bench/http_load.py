@@ -40,9 +40,15 @@ def wrk_command(
         if target.proxy_authorization:
             env["BENCH_PROXY_AUTH"] = target.proxy_authorization
     command = [
-        tool("wrk"), "-t1", f"-c{connections}", f"-d{seconds}s",
-        "--latency", "-s", str(WRK_SCRIPT), url,
-    ]  # fmt: skip
+        tool("wrk"),
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "-s",
+        str(WRK_SCRIPT),
+        url,
+    ]
     return pinned(command, ctx.load_cpu), env
 
 
@@ -134,9 +140,13 @@ def curl_transfer(ctx: BenchContext, target: Target, direction: str) -> dict:
     else:
         url = f"http://127.0.0.1:{origins.http_sink_port}/upload"
         extra = [
-            "--header", "Expect:", "--data-binary", f"@{origins.upload_body}",
-            "--write-out", "%{http_code} %{size_upload} %{speed_upload} %{time_total}",
-        ]  # fmt: skip
+            "--header",
+            "Expect:",
+            "--data-binary",
+            f"@{origins.upload_body}",
+            "--write-out",
+            "%{http_code} %{size_upload} %{speed_upload} %{time_total}",
+        ]
     cap = ["--max-time", f"{ctx.settings.bulk_cap_s:g}"]
     command = pinned([*curl_base(target), *cap, *extra, url], ctx.load_cpu)
     result = run_command(command, timeout=ctx.settings.bulk_cap_s + 30)

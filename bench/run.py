@@ -206,8 +206,11 @@ def run_scenario(
                         started = time.monotonic()
                         result = measure_safely(scenario, ctx, target, variant)
                         results[str(variant)][name] = result
-                        print(f"  [{scenario.key} {variant}] {name}: {summary(result)} "
-                              f"({time.monotonic() - started:.0f}s)", flush=True)  # fmt: skip
+                        print(
+                            f"  [{scenario.key} {variant}] {name}: {summary(result)} "
+                            f"({time.monotonic() - started:.0f}s)",
+                            flush=True,
+                        )
             except Exception as error:
                 for variant in group:
                     results[str(variant)].setdefault(

@@ -104,12 +104,19 @@ class EyewallIntercept(Eyewall):
 
     def config_file(self, workdir: Path) -> Path:
         base = EYEWALL_CONFIG.read_text() if EYEWALL_CONFIG.exists() else ""
-        self.config_text = base.rstrip() + "\n\n" + "\n".join([
-            "[[rules]]",
-            'id = "mitm"',
-            'action = "intercept"',
-            f"hosts = [{toml_value(TLS_HOST)}]",
-        ]) + "\n"  # fmt: skip
+        self.config_text = (
+            base.rstrip()
+            + "\n\n"
+            + "\n".join(
+                [
+                    "[[rules]]",
+                    'id = "mitm"',
+                    'action = "intercept"',
+                    f"hosts = [{toml_value(TLS_HOST)}]",
+                ]
+            )
+            + "\n"
+        )
         config = workdir / "eyewall-intercept.toml"
         config.write_text(self.config_text)
         return config
@@ -145,11 +152,18 @@ class MitmproxyIntercept(Mitmproxy):
         confdir = workdir / "mitmproxy-conf"
         command = [
             self.executable or "mitmdump",
-            "--mode", "regular", "--listen-host", "127.0.0.1", "--listen-port", str(port),
+            "--mode",
+            "regular",
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            str(port),
             "--quiet",
-            "--set", f"confdir={confdir}",
-            "--set", f"ssl_verify_upstream_trusted_ca={self.origin_ca}",
-        ]  # fmt: skip
+            "--set",
+            f"confdir={confdir}",
+            "--set",
+            f"ssl_verify_upstream_trusted_ca={self.origin_ca}",
+        ]
         self.config_text = shlex.join(command[1:])
         self.proxy_ca = confdir / "mitmproxy-ca-cert.pem"
         return command

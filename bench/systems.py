@@ -133,17 +133,24 @@ class Eyewall(ProxySystem):
         if not self.observability:
             return ["--access-log", "off", "--no-flows", "--admin-listen", "off"]
         return [
-            "--access-log", str(workdir / "eyewall-access.log"),
-            "--admin-listen", "127.0.0.1:0",
-            "--flows", str(workdir / "eyewall-flows.sqlite3"),
-        ]  # fmt: skip
+            "--access-log",
+            str(workdir / "eyewall-access.log"),
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--flows",
+            str(workdir / "eyewall-flows.sqlite3"),
+        ]
 
     def command(self, workdir: Path, port: int) -> list[str]:
         config = self.config_file(workdir)
         return self.eyewall_command(
-            "--config", str(config), "--listen", f"127.0.0.1:{port}",
-            *self.observability_args(workdir), *self.extra_args(workdir),
-        )  # fmt: skip
+            "--config",
+            str(config),
+            "--listen",
+            f"127.0.0.1:{port}",
+            *self.observability_args(workdir),
+            *self.extra_args(workdir),
+        )
 
 
 class Tinyproxy(ProxySystem):
@@ -192,11 +199,23 @@ class ProxyPy(ProxySystem):
     def command(self, workdir: Path, port: int) -> list[str]:
         command = [
             self.executable or "proxy",
-            "--hostname", "127.0.0.1", "--port", str(port),
-            "--num-acceptors", "1", "--log-level", "ERROR",
-            "--backlog", "1024", "--open-file-limit", str(FD_LIMIT), "--timeout", "600",
-            "--data-dir", str(workdir / "proxypy-data"),
-        ]  # fmt: skip
+            "--hostname",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num-acceptors",
+            "1",
+            "--log-level",
+            "ERROR",
+            "--backlog",
+            "1024",
+            "--open-file-limit",
+            str(FD_LIMIT),
+            "--timeout",
+            "600",
+            "--data-dir",
+            str(workdir / "proxypy-data"),
+        ]
         self.config_text = shlex.join(command[1:])
         return command
 
@@ -256,11 +275,20 @@ class Mitmproxy(ProxySystem):
     def command(self, workdir: Path, port: int) -> list[str]:
         command = [
             self.executable or "mitmdump",
-            "--mode", "regular", "--listen-host", "127.0.0.1", "--listen-port", str(port),
-            "--quiet", "--ignore-hosts", ".*",
-            "--set", "stream_large_bodies=1m",
-            "--set", f"confdir={workdir / 'mitmproxy-conf'}",
-        ]  # fmt: skip
+            "--mode",
+            "regular",
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            str(port),
+            "--quiet",
+            "--ignore-hosts",
+            ".*",
+            "--set",
+            "stream_large_bodies=1m",
+            "--set",
+            f"confdir={workdir / 'mitmproxy-conf'}",
+        ]
         self.config_text = shlex.join(command[1:])
         return command
 

@@ -84,8 +84,15 @@ def start_tls_origin(root: Path, www: Path, cpu: int | None) -> TlsOrigin:
     config = tls_nginx_config(root, www, port, chain, key)
     config_path = root / "nginx-tls.conf"
     config_path.write_text(config)
-    command = [executable, "-p", str(root), "-e", str(root / "nginx-error.log"),
-               "-c", str(config_path)]  # fmt: skip
+    command = [
+        executable,
+        "-p",
+        str(root),
+        "-e",
+        str(root / "nginx-error.log"),
+        "-c",
+        str(config_path),
+    ]
     process = ManagedProcess("nginx-tls", pinned(command, cpu), root / "nginx.stderr.log")
     process.wait_for_port(port)
     return TlsOrigin(port, ca_file, config, process)

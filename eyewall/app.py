@@ -111,9 +111,14 @@ def build_policy(settings: Settings, read_text: Callable[[str], str] | None = No
         raise ConfigError(errors)
     r = settings.rate_limits
     limits = LimitParameters(
-        r.client_rps, r.client_burst, r.user_rps, r.user_burst,
-        r.client_connections, r.client_tunnels, r.user_tunnels,
-    )  # fmt: skip
+        r.client_rps,
+        r.client_burst,
+        r.user_rps,
+        r.user_burst,
+        r.client_connections,
+        r.client_tunnels,
+        r.user_tunnels,
+    )
     ruleset = RuleSet(tuple(rules), Action(access.default), connect_ports, access.allow_private)
     return Policy(ruleset, tuple(clients), users, limits, auth.cache_ttl)
 
@@ -282,9 +287,14 @@ class Observers:
         self.live = LiveFeed(stats.gauges, recent)
         self.bus.subscribe(self.live)
         self.admin = AdminServer(
-            stats, metrics, self.store, self.live,
-            parse_endpoint(settings.admin.listen), settings.admin.token, ca_pem=ca_pem,
-        )  # fmt: skip
+            stats,
+            metrics,
+            self.store,
+            self.live,
+            parse_endpoint(settings.admin.listen),
+            settings.admin.token,
+            ca_pem=ca_pem,
+        )
 
     def reconfigure(self, old: Settings, new: Settings) -> None:
         """Apply what a reload may change: the access log's path and format, the admin
@@ -374,9 +384,13 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
     except OSError as e:
         raise SystemExit(f"eyewall: {e}") from None
     proxy = Proxy(
-        settings, loaded.policy, state=state, addons=addons, ca=loaded.ca,
+        settings,
+        loaded.policy,
+        state=state,
+        addons=addons,
+        ca=loaded.ca,
         publish=observers.bus.publish,
-    )  # fmt: skip
+    )
     stats.proxy = proxy
     metrics = observers.metrics
     if metrics is not None:

@@ -90,8 +90,11 @@ def render_explanation(
             case Verify(credentials):
                 known = credentials.user in policy.users.hashes
                 ticket.verified = known
-                say("auth", f"{credentials.user} is {'a known' if known else 'NOT a known'} user"
-                    " (its password is assumed right)")  # fmt: skip
+                say(
+                    "auth",
+                    f"{credentials.user} is {'a known' if known else 'NOT a known'} user"
+                    " (its password is assumed right)",
+                )
             case Resolve(host, port):
                 addresses, text = _resolve(host, port)
                 say("resolve", text)
@@ -106,8 +109,11 @@ def render_explanation(
                 by = f" by {rule}" if rule else ""
                 say("decision", f"{status} {_reason(kind)}{by}: {message}")
                 if rule == "private-destination":
-                    say("", "to allow private destinations: access.allow_private, or a rule"
-                        " with private = true or networks naming them")  # fmt: skip
+                    say(
+                        "",
+                        "to allow private destinations: access.allow_private, or a rule"
+                        " with private = true or networks naming them",
+                    )
                 return "\n".join(lines), False
             case Allow(action, rule, addresses):
                 where = ", ".join(addresses)

@@ -66,10 +66,20 @@ def test_407_then_success_with_credentials(auth_proxy, origin):
 
 def test_curl_and_httpx_authenticate(auth_proxy, origin):
     result = subprocess.run(
-        ["curl", "-sS", "--max-time", "10", "-x", auth_proxy.url, "--proxy-user",
-         f"alice:{PASSWORD}", f"{origin.url}/bytes?n=7"],
-        capture_output=True, check=False,
-    )  # fmt: skip
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-x",
+            auth_proxy.url,
+            "--proxy-user",
+            f"alice:{PASSWORD}",
+            f"{origin.url}/bytes?n=7",
+        ],
+        capture_output=True,
+        check=False,
+    )
     assert result.returncode == 0 and len(result.stdout) == 7
     proxy_url = auth_proxy.url.replace("http://", "http://bob:hunter2@")
     with httpx.Client(proxy=proxy_url, timeout=10, trust_env=False) as c:
@@ -155,8 +165,18 @@ def guarded(tmp_path):
 
 def test_private_destinations_are_refused_by_default(guarded, origin):
     port = int(origin.url.rsplit(":", 1)[1])
-    for host in ("127.0.0.1", "localhost", "2130706433", "0177.0.0.1", "0x7f.0.0.1",
-                 "127.1", "[::ffff:127.0.0.1]", "[::1]", "169.254.169.254", "0.0.0.0"):  # fmt: skip
+    for host in (
+        "127.0.0.1",
+        "localhost",
+        "2130706433",
+        "0177.0.0.1",
+        "0x7f.0.0.1",
+        "127.1",
+        "[::ffff:127.0.0.1]",
+        "[::1]",
+        "169.254.169.254",
+        "0.0.0.0",
+    ):
         data = get(guarded, f"http://{host}:{port}/echo")
         assert status(data) == 403, host
         assert b"private-destination" in data, host
@@ -256,8 +276,12 @@ def test_clients_outside_the_allowed_networks_are_refused(make_proxy, origin):
 def test_listening_beyond_loopback_requires_allowed_clients():
     result = subprocess.run(
         [sys.executable, "-m", "eyewall", "--listen", "0.0.0.0:0"],
-        capture_output=True, text=True, timeout=20, cwd=ROOT, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=ROOT,
+        check=False,
+    )
     assert result.returncode == 2
     assert "access.allow_clients" in result.stderr
 
@@ -295,8 +319,12 @@ def test_reload_under_load_drops_nothing(make_proxy, origin, tmp_path):
     )
     reload = subprocess.run(
         [sys.executable, "-m", "eyewall", "reload", "--pid-file", str(pid_file)],
-        capture_output=True, text=True, timeout=20, cwd=ROOT, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=ROOT,
+        check=False,
+    )
     assert reload.returncode == 0, reload.stderr
     config.write_text("[access\nbroken = ")  # invalid: refused, old policy stays
     p.expected_errors.append("reload refused")
@@ -332,8 +360,12 @@ def test_reload_applies_new_rules_to_new_requests(make_proxy, origin, tmp_path):
 def explain(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "eyewall", "explain", *args],
-        capture_output=True, text=True, timeout=20, cwd=ROOT, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=ROOT,
+        check=False,
+    )
 
 
 def test_explain_names_the_rule_and_the_resolved_address(tmp_path):

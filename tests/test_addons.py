@@ -240,8 +240,12 @@ def test_an_addon_that_fails_to_load_stops_start_up(tmp_path):
     bad = write(tmp_path, "bad.py", "import does_not_exist\n")
     result = subprocess.run(
         [sys.executable, "-m", "eyewall", "--addon", bad, "--admin-listen", "off"],
-        capture_output=True, text=True, timeout=20, cwd=ROOT, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=ROOT,
+        check=False,
+    )
     assert result.returncode != 0
     assert "bad.py failed to load: ModuleNotFoundError" in result.stderr
 

@@ -164,7 +164,9 @@ def test_slow_origin_is_504(make_proxy, origin):
     data = raw_request(
         p.address, f"GET {origin.url}/sleep?seconds=3 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
     )
-    assert_error_page(data, 504, "response head took too long")  # the origin would answer 200 at 3 s
+    assert_error_page(
+        data, 504, "response head took too long"
+    )  # the origin would answer 200 at 3 s
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,11 @@ from tests.conftest import ROOT, read_response
 def eyewall(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [sys.executable, "-m", "eyewall", *args],
-        capture_output=True, timeout=30, cwd=ROOT, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +67,22 @@ def test_curl_and_httpx_through_interception_are_recorded_decrypted(
 ):
     p = make_proxy("--config", rules(tmp_path, ca_dir, ca_file))
     result = subprocess.run(
-        ["curl", "-sS", "--max-time", "10", "--cacert", str(ca_dir / "ca.pem"), "-x", p.url,
-         "-H", "X-Secret-Header: visible-to-the-proxy", f"{tls_origin.url}/echo/curl?q=1"],
-        capture_output=True, check=False,
-    )  # fmt: skip
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            str(ca_dir / "ca.pem"),
+            "-x",
+            p.url,
+            "-H",
+            "X-Secret-Header: visible-to-the-proxy",
+            f"{tls_origin.url}/echo/curl?q=1",
+        ],
+        capture_output=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert b'"/echo/curl?q=1"' in result.stdout
     verify = ssl.create_default_context(cafile=str(ca_dir / "ca.pem"))
@@ -90,10 +105,20 @@ def test_without_the_ca_the_client_refuses_and_the_proxy_says_why(
 ):
     p = make_proxy("--config", rules(tmp_path, ca_dir, ca_file))
     result = subprocess.run(
-        ["curl", "-sS", "--max-time", "10", "--cacert", ca_file, "-x", p.url,
-         f"{tls_origin.url}/echo"],
-        capture_output=True, check=False,
-    )  # fmt: skip
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            ca_file,
+            "-x",
+            p.url,
+            f"{tls_origin.url}/echo",
+        ],
+        capture_output=True,
+        check=False,
+    )
     assert result.returncode == 60  # curl: peer certificate cannot be authenticated
     p.log_with("refused the interception certificate")
 
@@ -102,8 +127,17 @@ def test_pinned_hosts_pass_through_after_a_refusal(
     make_proxy, tls_origin, ca_file, ca_dir, tmp_path
 ):
     p = make_proxy("--config", rules(tmp_path, ca_dir, ca_file), "--passthrough-pinned")
-    command = ["curl", "-sS", "--max-time", "10", "--cacert", ca_file, "-x", p.url,
-               f"{tls_origin.url}/echo/pinned"]  # fmt: skip
+    command = [
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "--cacert",
+        ca_file,
+        "-x",
+        p.url,
+        f"{tls_origin.url}/echo/pinned",
+    ]
     assert subprocess.run(command, capture_output=True, check=False).returncode == 60
     second = subprocess.run(command, capture_output=True, check=False)
     assert second.returncode == 0 and b"/echo/pinned" in second.stdout  # the origin's cert

@@ -53,9 +53,29 @@ def test_json_access_lines_carry_every_field(make_proxy, origin):
     through(p, f"{origin.url}/bytes?n=321&tag=json")
     line = p.access_entry("tag=json")
     entry = json.loads(line)
-    for field in ("time", "ts", "id", "kind", "client", "client_port", "user", "method", "url",
-                  "host", "port", "upstream", "status", "bytes_in", "bytes_out", "duration_ms",
-                  "ttfb_ms", "connect_ms", "rule", "error", "error_detail"):  # fmt: skip
+    for field in (
+        "time",
+        "ts",
+        "id",
+        "kind",
+        "client",
+        "client_port",
+        "user",
+        "method",
+        "url",
+        "host",
+        "port",
+        "upstream",
+        "status",
+        "bytes_in",
+        "bytes_out",
+        "duration_ms",
+        "ttfb_ms",
+        "connect_ms",
+        "rule",
+        "error",
+        "error_detail",
+    ):
         assert field in entry, field
     assert entry["status"] == 200 and entry["bytes_out"] == 321 and entry["method"] == "GET"
     assert entry["upstream"].startswith("127.0.0.1:") and entry["rule"] == "default"
@@ -65,14 +85,23 @@ def test_json_access_lines_carry_every_field(make_proxy, origin):
 @pytest.mark.parametrize(
     ("fmt", "shape"),
     [
-        ("squid", r"^\d+\.\d{3} +\d+ 127\.0\.0\.1 TCP_MISS/200 5 GET http://\S+ - "
-                  r"HIER_DIRECT/127\.0\.0\.1 \S+$"),
-        ("common", r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] '
-                   r'"GET http://\S+ HTTP/1\.1" 200 5$'),
-        ("combined", r'^127\.0\.0\.1 - - \[.+\] "GET http://\S+ HTTP/1\.1" 200 5 "-" '
-                     r'"python-httpx/[\d.]+"$'),
+        (
+            "squid",
+            r"^\d+\.\d{3} +\d+ 127\.0\.0\.1 TCP_MISS/200 5 GET http://\S+ - "
+            r"HIER_DIRECT/127\.0\.0\.1 \S+$",
+        ),
+        (
+            "common",
+            r"^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] "
+            r'"GET http://\S+ HTTP/1\.1" 200 5$',
+        ),
+        (
+            "combined",
+            r'^127\.0\.0\.1 - - \[.+\] "GET http://\S+ HTTP/1\.1" 200 5 "-" '
+            r'"python-httpx/[\d.]+"$',
+        ),
     ],
-)  # fmt: skip
+)
 def test_squid_and_clf_formats(make_proxy, origin, fmt, shape):
     import re
 
@@ -87,8 +116,19 @@ def test_a_stalled_log_reader_never_stalls_traffic(origin, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "eyewall", "--listen", f"127.0.0.1:{port}", "--admin-listen",
-           "127.0.0.1:0", "--log-format", "json", "--no-flows", *PROXY_ARGS]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "eyewall",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--no-flows",
+        *PROXY_ARGS,
+    ]
     process = subprocess.Popen(cmd, stderr=subprocess.PIPE, cwd=ROOT)
     try:
         admin = ""
@@ -158,8 +198,9 @@ def test_requests_aimed_at_the_admin_listener_are_refused(make_proxy):
 def test_flows_are_recorded_with_heads_bodies_and_redacted_proxy_credentials(make_proxy, origin):
     p = make_proxy("--flows-body-limit", "16")
     headers = {"Proxy-Authorization": "Basic c2VjcmV0OnNlY3JldA==", "X-Trace": "t1"}
-    r = through(p, f"{origin.url}/upload?rec=1", method="POST", content=pattern(1000),
-                headers=headers)  # fmt: skip
+    r = through(
+        p, f"{origin.url}/upload?rec=1", method="POST", content=pattern(1000), headers=headers
+    )
     assert r.status_code == 200
     db = p.access_path.parent / "flows.sqlite3"
 
@@ -213,12 +254,20 @@ def test_har_download_and_cli_export_validate_against_the_har_schema(make_proxy,
     assert [c["name"] for c in first["response"]["cookies"]] == ["a", "b"]
     assert entries[1]["request"]["postData"]["text"] == "hello har"
     db = p.access_path.parent / "flows.sqlite3"
-    assert wait_for(lambda: db.exists() and sqlite3.connect(db).execute(
-        "SELECT COUNT(*) FROM flows").fetchone()[0] == 3)  # fmt: skip
+    assert wait_for(
+        lambda: (
+            db.exists()
+            and sqlite3.connect(db).execute("SELECT COUNT(*) FROM flows").fetchone()[0] == 3
+        )
+    )
     exported = subprocess.run(
         [sys.executable, "-m", "eyewall", "har", "export", "--flows", str(db)],
-        capture_output=True, text=True, timeout=30, cwd=ROOT, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        check=True,
+    )
     har = json.loads(exported.stdout)
     jsonschema.validate(har, SCHEMA)
     assert [e["request"]["url"] for e in har["log"]["entries"]] == [
@@ -266,8 +315,12 @@ def test_admin_token(make_proxy):
 def test_admin_elsewhere_than_loopback_needs_a_token():
     result = subprocess.run(
         [sys.executable, "-m", "eyewall", "--admin-listen", "0.0.0.0:0"],
-        capture_output=True, text=True, timeout=20, cwd=ROOT, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=ROOT,
+        check=False,
+    )
     assert result.returncode == 2 and "admin.token" in result.stderr
 
 
@@ -326,11 +379,19 @@ def test_health_says_draining_during_shutdown(make_proxy, origin):
 def test_metrics_list_matches_the_docs():
     documented = (ROOT / "eyewall" / "observe" / "metrics.py").read_text()
     text = Path(ROOT / "docs" / "monitoring.md").read_text()
-    for name in ("eyewall_requests_total", "eyewall_bytes_total",
-                 "eyewall_request_duration_seconds", "eyewall_upstream_connect_seconds",
-                 "eyewall_upstream_reuse_ratio", "eyewall_policy_decisions_total",
-                 "eyewall_errors_total", "eyewall_rate_limited_total", "eyewall_tunnels",
-                 "eyewall_client_connections", "eyewall_upstream_idle_connections",
-                 "eyewall_events_dropped_total"):  # fmt: skip
+    for name in (
+        "eyewall_requests_total",
+        "eyewall_bytes_total",
+        "eyewall_request_duration_seconds",
+        "eyewall_upstream_connect_seconds",
+        "eyewall_upstream_reuse_ratio",
+        "eyewall_policy_decisions_total",
+        "eyewall_errors_total",
+        "eyewall_rate_limited_total",
+        "eyewall_tunnels",
+        "eyewall_client_connections",
+        "eyewall_upstream_idle_connections",
+        "eyewall_events_dropped_total",
+    ):
         assert name.replace("_total", "") in documented, name
         assert name in text, name

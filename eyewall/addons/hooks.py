@@ -208,8 +208,12 @@ HOOKS: dict[str, type[Hook]] = {h.name: h for h in (*LIFECYCLE_HOOKS, *DATA_HOOK
 
 
 def _signature(hook: type[Hook]) -> str:
-    arguments = {"loader": "loader: Loader", "settings": "settings: Settings",
-                 "client": "client: Client", "flow": "flow: HTTPFlow"}  # fmt: skip
+    arguments = {
+        "loader": "loader: Loader",
+        "settings": "settings: Settings",
+        "client": "client: Client",
+        "flow": "flow: HTTPFlow",
+    }
     return ", ".join(arguments[f.name] for f in dataclasses.fields(hook))
 
 
@@ -267,4 +271,3 @@ def reference() -> str:
         "",
     ]
     return "\n".join(lines)
-

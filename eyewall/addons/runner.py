@@ -142,8 +142,13 @@ class Addons:
             spec.loader.exec_module(module)
             instances = _instances(module)
         except Exception as e:  # any error in user code must be reported, never raised
-            log.error("addon %s failed to load: %s: %s", f.path, e.__class__.__name__, e,
-                      exc_info=not isinstance(e, OSError))  # fmt: skip
+            log.error(
+                "addon %s failed to load: %s: %s",
+                f.path,
+                e.__class__.__name__,
+                e,
+                exc_info=not isinstance(e, OSError),
+            )
             return f"addon {f.path} failed to load: {e.__class__.__name__}: {e}"
         if not instances:
             return f"addon {f.path}: no class with a hook method (see docs/hooks.md)"
@@ -214,8 +219,10 @@ class Addons:
             except TimeoutError:
                 log.error(
                     "addon %s: %s took longer than timeouts.addon_hook (%g s); cancelled",
-                    addon.name, name, self.hook_timeout,
-                )  # fmt: skip
+                    addon.name,
+                    name,
+                    self.hook_timeout,
+                )
                 if addon.policy:
                     raise AddonFailed(addon.name, name, "timed out") from None
             except Exception:

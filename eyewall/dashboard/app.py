@@ -116,12 +116,14 @@ class Health(Base):
         if not healthy:
             self.set_status(503)
         gauges = proxy.gauges()
-        self.write_json({
-            "status": "ok" if healthy else "draining",
-            "uptime_s": round(time.monotonic() - self.admin.started, 3),
-            "connections": gauges["connections"],
-            "tunnels": gauges["tunnels"],
-        })  # fmt: skip
+        self.write_json(
+            {
+                "status": "ok" if healthy else "draining",
+                "uptime_s": round(time.monotonic() - self.admin.started, 3),
+                "connections": gauges["connections"],
+                "tunnels": gauges["tunnels"],
+            }
+        )
 
 
 class MetricsPage(Base):
@@ -183,12 +185,14 @@ class FlowDetail(Base):
 class Stats(Base):
     def get(self) -> None:
         admin = self.admin
-        self.write_json({
-            **admin.gauges(),
-            "uptime_s": round(time.monotonic() - admin.started, 3),
-            "requests_total": sum(admin.metrics.requests.values()),
-            "series": list(admin.live.series),
-        })  # fmt: skip
+        self.write_json(
+            {
+                **admin.gauges(),
+                "uptime_s": round(time.monotonic() - admin.started, 3),
+                "requests_total": sum(admin.metrics.requests.values()),
+                "series": list(admin.live.series),
+            }
+        )
 
 
 class HarDownload(Base):

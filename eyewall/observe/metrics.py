@@ -46,8 +46,23 @@ from eyewall.flow import Flow
 
 __all__ = ["Metrics"]
 
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0, 30.0, 60.0)  # fmt: skip
+DURATION_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 TUNNEL_BUCKETS = (0.1, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 KNOWN_METHODS = frozenset(
@@ -146,9 +161,10 @@ class Metrics:
 
     def collect(self) -> Iterator[Any]:
         info = GaugeMetricFamily(
-            "eyewall_build_info", "Eyewall's version and platform.",
+            "eyewall_build_info",
+            "Eyewall's version and platform.",
             labels=["version", "python", "tornado"],
-        )  # fmt: skip
+        )
         info.add_metric([__version__, platform.python_version(), tornado.version], 1)
         yield info
         requests = CounterMetricFamily(
@@ -188,13 +204,20 @@ class Metrics:
             ("eyewall_policy_decisions", "Decisions by rule or guard.", "rule", self.decisions),
             ("eyewall_errors", "Failures by error kind.", "kind", self.errors),
             ("eyewall_rate_limited", "Refusals by rate limit.", "limit", self.limited),
-            ("eyewall_auth_failures", "Failed proxy logins by reason.", "reason",
-             self.auth_failures),
-            ("eyewall_intercept_handshake_failures",
-             "Client TLS handshakes of intercepted tunnels that failed.", "reason",
-             self.handshake_failures),
+            (
+                "eyewall_auth_failures",
+                "Failed proxy logins by reason.",
+                "reason",
+                self.auth_failures,
+            ),
+            (
+                "eyewall_intercept_handshake_failures",
+                "Client TLS handshakes of intercepted tunnels that failed.",
+                "reason",
+                self.handshake_failures,
+            ),
             ("eyewall_config_reloads", "Configuration reloads.", "result", self.reloads),
-        ):  # fmt: skip
+        ):
             family = CounterMetricFamily(name, doc, labels=[label])
             for key, n in sorted(counts.items()):
                 family.add_metric([key], n)

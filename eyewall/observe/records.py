@@ -14,12 +14,36 @@ __all__ = ["COLUMNS", "detail", "record_of", "summary"]
 Record = dict[str, Any]
 
 COLUMNS = (
-    "id", "started", "kind", "client", "client_port", "user", "method", "url", "host",
-    "port", "status", "upstream", "reused", "bytes_in", "bytes_out", "duration", "ttfb",
-    "connect", "rule", "error", "error_detail", "intercepted", "request_version",
-    "request_headers", "response_version", "reason", "response_headers", "request_body",
+    "id",
+    "started",
+    "kind",
+    "client",
+    "client_port",
+    "user",
+    "method",
+    "url",
+    "host",
+    "port",
+    "status",
+    "upstream",
+    "reused",
+    "bytes_in",
+    "bytes_out",
+    "duration",
+    "ttfb",
+    "connect",
+    "rule",
+    "error",
+    "error_detail",
+    "intercepted",
+    "request_version",
+    "request_headers",
+    "response_version",
+    "reason",
+    "response_headers",
+    "request_body",
     "response_body",
-)  # fmt: skip
+)
 
 
 def _heads(headers: Headers | None) -> str | None:
@@ -46,11 +70,28 @@ def row_of(flow: Flow) -> tuple[Any, ...]:
     """A finished flow as a row of `COLUMNS` (what the store writes)."""
     request, response = flow.request, flow.response
     return (
-        flow.id, flow.started, flow.kind, flow.client[0], flow.client[1], flow.user,
-        flow.method, flow.url, flow.host, flow.port, flow.status, flow.upstream,
-        int(flow.reused), flow.bytes_in, flow.bytes_out, flow.duration, flow.t_response,
-        flow.connect_time, flow.rule, flow.error.value if flow.error is not None else None,
-        flow.error_detail, int(flow.intercepted),
+        flow.id,
+        flow.started,
+        flow.kind,
+        flow.client[0],
+        flow.client[1],
+        flow.user,
+        flow.method,
+        flow.url,
+        flow.host,
+        flow.port,
+        flow.status,
+        flow.upstream,
+        int(flow.reused),
+        flow.bytes_in,
+        flow.bytes_out,
+        flow.duration,
+        flow.t_response,
+        flow.connect_time,
+        flow.rule,
+        flow.error.value if flow.error is not None else None,
+        flow.error_detail,
+        int(flow.intercepted),
         request.version if request is not None else None,
         _heads(request.headers if request is not None else None),
         response.version if response is not None else None,
@@ -58,7 +99,7 @@ def row_of(flow: Flow) -> tuple[Any, ...]:
         _heads(response.headers if response is not None else None),
         bytes(flow.request_body) if flow.request_body is not None else None,
         bytes(flow.response_body) if flow.response_body is not None else None,
-    )  # fmt: skip
+    )
 
 
 def record_of(flow: Flow) -> Record:

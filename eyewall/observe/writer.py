@@ -27,8 +27,12 @@ MAX_PENDING = 8 << 20
 class BatchWriter:
     """Runs ``write(batch)`` calls in order on one daemon thread."""
 
-    def __init__(self, max_pending: int = MAX_PENDING, idle: Callable[[], None] | None = None,
-                 idle_every: float = 5.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        max_pending: int = MAX_PENDING,
+        idle: Callable[[], None] | None = None,
+        idle_every: float = 5.0,
+    ) -> None:
         self.max_pending = max_pending
         self._idle = idle  # called on the thread when it has waited idle_every seconds
         self._idle_every = idle_every

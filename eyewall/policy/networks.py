@@ -118,8 +118,11 @@ class OwnListeners:
         self.by_port: dict[int, list[IPAddress]] = {}
         for host, port in endpoints:
             ip = _normalised(host) if host != "localhost" else None
-            bound = [ip] if ip is not None else [ipaddress.ip_address("127.0.0.1"),
-                                                 ipaddress.ip_address("::1")]  # fmt: skip
+            bound = (
+                [ip]
+                if ip is not None
+                else [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+            )
             self.by_port.setdefault(port, []).extend(bound)
 
     def __contains__(self, destination: object) -> bool:

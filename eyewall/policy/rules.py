@@ -35,9 +35,20 @@ from eyewall.policy.networks import IPNetwork, parse_network, protected_range
 __all__ = ["Action", "Decision", "Request", "Rule", "RuleSet", "compile_rule", "parse_ports"]
 
 _RULE_KEYS = {
-    "id", "action", "message", "hosts", "host_regex", "networks", "ports", "methods",
-    "schemes", "users", "groups", "clients", "private",
-}  # fmt: skip
+    "id",
+    "action",
+    "message",
+    "hosts",
+    "host_regex",
+    "networks",
+    "ports",
+    "methods",
+    "schemes",
+    "users",
+    "groups",
+    "clients",
+    "private",
+}
 _SCHEMES = {"http", "https", "connect"}
 
 

@@ -313,9 +313,17 @@ class ClientConnection:
                 return await self._intercept(target, flow, decision)
             return await self._connect(target, flow, decision, close)
         exchange = self.exchange = Exchange(
-            ctx, self.stream, self.watch, head, target, flow, framing, decision.addresses, hf,
+            ctx,
+            self.stream,
+            self.watch,
+            head,
+            target,
+            flow,
+            framing,
+            decision.addresses,
+            hf,
             self.t_head,
-        )  # fmt: skip
+        )
         outcome = await exchange.run()
         match outcome:
             case Responded(keep_alive):
@@ -385,8 +393,10 @@ class ClientConnection:
             if refusal.login != "missing":
                 auth_log.warning(
                     "authentication failed for user %r from %s: %s",
-                    refusal.user, self.address[0], refusal.login,
-                )  # fmt: skip
+                    refusal.user,
+                    self.address[0],
+                    refusal.login,
+                )
         if refusal.kind is ErrorKind.AUTH_REQUIRED:
             realm = ctx.settings.auth.realm.replace('"', "'")
             extra.append(("Proxy-Authenticate", f'Basic realm="{realm}", charset="UTF-8"'))
@@ -581,8 +591,10 @@ class ClientConnection:
             # our buffer, where TLS cannot read them.  Curl, browsers and httpx all wait.
             log.warning(
                 "%s sent TLS data before the CONNECT answer for %s; intercepted tunnels need"
-                " the client to wait for it (closed)", client, target.authority,
-            )  # fmt: skip
+                " the client to wait for it (closed)",
+                client,
+                target.authority,
+            )
             flow.fail(ErrorKind.BAD_CONNECT, "TLS data sent before the CONNECT answer")
             self.stream.close()
             return False, False
@@ -613,8 +625,10 @@ class ClientConnection:
                 log.warning(
                     "client %s refused the interception certificate for %s (%s): is the"
                     " Eyewall CA installed there, or does the client pin certificates?",
-                    client, target.host, e.reason,
-                )  # fmt: skip
+                    client,
+                    target.host,
+                    e.reason,
+                )
                 if ctx.settings.tls.passthrough_pinned:
                     ctx.interception.refused(client, target.host)
             flow.fail(ErrorKind.CLIENT_TLS_ERROR, str(e))

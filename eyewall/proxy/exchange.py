@@ -380,9 +380,13 @@ class Exchange:
                 )
                 self._enter(Phase.BUFFERING)
                 data, more = await bodies.read_upto(
-                    origin, kind, framing.length, hf.response.buffer_limit,
-                    ctx.settings.limits.max_header_size, self.buffered,
-                )  # fmt: skip
+                    origin,
+                    kind,
+                    framing.length,
+                    hf.response.buffer_limit,
+                    ctx.settings.limits.max_header_size,
+                    self.buffered,
+                )
                 if more is None:
                     hf.response.body = data
                     await self._hook(ResponseHook)

@@ -83,8 +83,13 @@ def test_client_network_is_checked_first() -> None:
 
 def test_client_rate_is_charged_before_authentication() -> None:
     """A flood of guesses is stopped by the client's rate limit before any bcrypt."""
-    p = policy(**{"auth.users": {"alice": ALICE}, "rate_limits.client_rps": 1,
-                  "rate_limits.client_burst": 1})  # fmt: skip
+    p = policy(
+        **{
+            "auth.users": {"alice": ALICE},
+            "rate_limits.client_rps": 1,
+            "rate_limits.client_burst": 1,
+        }
+    )
     state = AdmissionState()
     guess = Credentials("alice", "guess")
     first, asked = run(ticket(credentials=guess), p, state, password_ok=False)
@@ -97,7 +102,9 @@ def test_client_rate_is_charged_before_authentication() -> None:
 def test_missing_and_wrong_credentials_are_told_apart() -> None:
     p = policy(**{"auth.users": {"alice": ALICE}})
     missing, _ = run(ticket(), p, AdmissionState())
-    wrong, _ = run(ticket(credentials=Credentials("alice", "x")), p, AdmissionState(), password_ok=False)
+    wrong, _ = run(
+        ticket(credentials=Credentials("alice", "x")), p, AdmissionState(), password_ok=False
+    )
     assert isinstance(missing, Refusal) and isinstance(wrong, Refusal)
     assert (missing.kind, missing.login) == (ErrorKind.AUTH_REQUIRED, "missing")
     assert (wrong.kind, wrong.login, wrong.user) == (ErrorKind.AUTH_REQUIRED, "wrong", "alice")
@@ -108,7 +115,9 @@ def test_a_verified_login_is_remembered_and_not_checked_again() -> None:
     state = AdmissionState()
     good = Credentials("alice", "alice-pw")
     decision, asked = run(ticket(credentials=good), p, state)
-    assert isinstance(decision, Allow) and decision.user == "alice" and asked == ["verify", "resolve"]
+    assert (
+        isinstance(decision, Allow) and decision.user == "alice" and asked == ["verify", "resolve"]
+    )
     again, asked = run(ticket(credentials=good), p, state, now=10.0)
     assert isinstance(again, Allow) and asked == ["resolve"]
     later, asked = run(ticket(credentials=good), p, state, now=301.0)  # auth.cache_ttl
@@ -116,9 +125,15 @@ def test_a_verified_login_is_remembered_and_not_checked_again() -> None:
 
 
 def test_nothing_is_charged_twice_across_io_steps() -> None:
-    p = policy(**{"auth.users": {"alice": ALICE}, "rate_limits.client_rps": 1,
-                  "rate_limits.client_burst": 1, "rate_limits.user_rps": 1,
-                  "rate_limits.user_burst": 1})  # fmt: skip
+    p = policy(
+        **{
+            "auth.users": {"alice": ALICE},
+            "rate_limits.client_rps": 1,
+            "rate_limits.client_burst": 1,
+            "rate_limits.user_rps": 1,
+            "rate_limits.user_burst": 1,
+        }
+    )
     state = AdmissionState()
     decision, asked = run(ticket(credentials=Credentials("alice", "alice-pw")), p, state)
     assert isinstance(decision, Allow) and asked == ["verify", "resolve"]
@@ -130,21 +145,40 @@ def test_nothing_is_charged_twice_across_io_steps() -> None:
 
 def test_a_reload_keeps_rate_limits_counters_and_failed_logins() -> None:
     """The state belongs to the application, not to the policy a reload replaces."""
-    old = policy(**{"auth.users": {"alice": ALICE}, "rate_limits.client_rps": 1,
-                    "rate_limits.client_burst": 1})  # fmt: skip
+    old = policy(
+        **{
+            "auth.users": {"alice": ALICE},
+            "rate_limits.client_rps": 1,
+            "rate_limits.client_burst": 1,
+        }
+    )
     state = AdmissionState()
-    assert isinstance(run(ticket(credentials=Credentials("alice", "alice-pw")), old, state)[0], Allow)
+    assert isinstance(
+        run(ticket(credentials=Credentials("alice", "alice-pw")), old, state)[0], Allow
+    )
     assert state.client_connections.acquire("127.0.0.1", 1) is None
     for i in range(5):
-        run(ticket(client=f"192.0.2.{i}", credentials=Credentials("x", "y")), old, state,
-            now=float(i), password_ok=False)  # fmt: skip
-    new = policy(**{"auth.users": {"alice": ALICE}, "rate_limits.client_rps": 1,
-                    "rate_limits.client_burst": 1, "access.allow_clients": ["0.0.0.0/0"]})  # fmt: skip
+        run(
+            ticket(client=f"192.0.2.{i}", credentials=Credentials("x", "y")),
+            old,
+            state,
+            now=float(i),
+            password_ok=False,
+        )
+    new = policy(
+        **{
+            "auth.users": {"alice": ALICE},
+            "rate_limits.client_rps": 1,
+            "rate_limits.client_burst": 1,
+            "access.allow_clients": ["0.0.0.0/0"],
+        }
+    )
     limited, _ = run(ticket(credentials=Credentials("alice", "alice-pw")), new, state)
     assert isinstance(limited, Refusal) and limited.rule == "client_rps"
     assert state.client_connections.acquire("127.0.0.1", 1) is not None  # still at its cap
-    locked, _ = run(ticket(client="203.0.113.1", credentials=Credentials("x", "z")), new, state,
-                    now=6.0)  # fmt: skip
+    locked, _ = run(
+        ticket(client="203.0.113.1", credentials=Credentials("x", "z")), new, state, now=6.0
+    )
     assert isinstance(locked, Refusal)  # the per-user lock on "x"...
     assert locked.login == "wrong" or locked.login == "throttled"
 
@@ -153,8 +187,13 @@ def test_the_login_throttle_locks_a_source_out_without_checking_passwords() -> N
     p = policy(**{"auth.users": {"alice": ALICE}})
     state = AdmissionState()
     for i in range(5):
-        decision, asked = run(ticket(credentials=Credentials("alice", f"guess{i}")), p, state,
-                              now=float(i), password_ok=False)  # fmt: skip
+        decision, asked = run(
+            ticket(credentials=Credentials("alice", f"guess{i}")),
+            p,
+            state,
+            now=float(i),
+            password_ok=False,
+        )
         assert isinstance(decision, Refusal) and decision.login == "wrong" and asked == ["verify"]
     decision, asked = run(ticket(credentials=Credentials("alice", "alice-pw")), p, state, now=5.0)
     assert isinstance(decision, Refusal)
@@ -169,8 +208,13 @@ def test_a_success_does_not_reset_the_count() -> None:
     p = policy(**{"auth.users": {"alice": ALICE, "mallory": ALICE}})
     state = AdmissionState()
     for i in range(4):
-        run(ticket(credentials=Credentials("alice", f"g{i}")), p, state, now=float(i),
-            password_ok=False)  # fmt: skip
+        run(
+            ticket(credentials=Credentials("alice", f"g{i}")),
+            p,
+            state,
+            now=float(i),
+            password_ok=False,
+        )
     ok, _ = run(ticket(credentials=Credentials("mallory", "alice-pw")), p, state, now=4.0)
     assert isinstance(ok, Allow)
     run(ticket(credentials=Credentials("alice", "g4")), p, state, now=5.0, password_ok=False)
@@ -184,16 +228,25 @@ def test_a_user_already_logged_in_is_not_locked_out_by_a_guesser() -> None:
     good = Credentials("alice", "alice-pw")
     assert isinstance(run(ticket(credentials=good), p, state)[0], Allow)
     for i in range(30):  # the guesser shares the source and targets alice
-        run(ticket(credentials=Credentials("alice", f"g{i}")), p, state, now=1.0 + i / 10,
-            password_ok=False)  # fmt: skip
+        run(
+            ticket(credentials=Credentials("alice", f"g{i}")),
+            p,
+            state,
+            now=1.0 + i / 10,
+            password_ok=False,
+        )
     decision, asked = run(ticket(credentials=good), p, state, now=5.0)
     assert isinstance(decision, Allow) and asked == ["resolve"]
 
 
 def test_dns_failure_still_applies_deny_rules() -> None:
     """A host denied by name is a 403 even when its name does not resolve."""
-    p = policy(rules=[{"id": "lan", "action": "allow", "networks": ["10.0.0.0/8"]},
-                      {"id": "no-x", "action": "deny", "hosts": ["example.com"]}])  # fmt: skip
+    p = policy(
+        rules=[
+            {"id": "lan", "action": "allow", "networks": ["10.0.0.0/8"]},
+            {"id": "no-x", "action": "deny", "hosts": ["example.com"]},
+        ]
+    )
     denied, _ = run(ticket(), p, AdmissionState(), addresses=())
     assert isinstance(denied, Refusal) and (denied.kind, denied.rule) == (ErrorKind.DENIED, "no-x")
     failed, _ = run(ticket(host="other.example"), p, AdmissionState(), addresses=())
@@ -238,18 +291,30 @@ def test_own_listeners_in_every_spelling(address: str, port: int, own: bool) -> 
 
 def test_requests_aimed_at_the_proxy_are_refused_after_resolution() -> None:
     p = policy(**{"access.allow_private": True, "access.connect_ports": ["1-65535"]})
-    decision, _ = run(ticket(host="localhost", port=8080), p, AdmissionState(),
-                      addresses=("::1", "127.0.0.1"), own=OWN)  # fmt: skip
+    decision, _ = run(
+        ticket(host="localhost", port=8080),
+        p,
+        AdmissionState(),
+        addresses=("::1", "127.0.0.1"),
+        own=OWN,
+    )
     assert isinstance(decision, Refusal)
     assert (decision.kind, decision.rule) == (ErrorKind.LOOP, "own-listener")
-    connect, _ = run(ticket(host="0.0.0.0", port=3128, method="CONNECT", scheme="connect"), p,
-                     AdmissionState(), addresses=("0.0.0.0",), own=OWN)  # fmt: skip
+    connect, _ = run(
+        ticket(host="0.0.0.0", port=3128, method="CONNECT", scheme="connect"),
+        p,
+        AdmissionState(),
+        addresses=("0.0.0.0",),
+        own=OWN,
+    )
     assert isinstance(connect, Refusal) and connect.kind is ErrorKind.LOOP
 
 
 def test_the_trace_names_every_step() -> None:
-    p = policy(**{"auth.users": {"alice": ALICE}},
-               rules=[{"id": "no-x", "action": "deny", "hosts": ["x.example"]}])  # fmt: skip
+    p = policy(
+        **{"auth.users": {"alice": ALICE}},
+        rules=[{"id": "no-x", "action": "deny", "hosts": ["x.example"]}],
+    )
     t = ticket(credentials=Credentials("alice", "alice-pw"))
     trace: list[tuple[str, str]] = []
     state = AdmissionState()

@@ -37,14 +37,22 @@ def req(**fields: Any) -> Request:
 def test_compile_rule_reads_every_field() -> None:
     rule = compile_rule(
         {
-            "id": "all-fields_1.x:y", "action": "deny", "message": "not here",
-            "hosts": ["Exact.COM.", "*.Sub.com", ".dom.com"], "host_regex": "^ads",
-            "networks": ["10.0.0.1/8", "2001:db8::/32"], "ports": [80, "8000-8100"],
-            "methods": ["get", "Post"], "schemes": ["HTTP", "connect"], "users": ["alice"],
-            "groups": ["staff"], "clients": ["192.168.0.0/16", "::1"], "private": True,
+            "id": "all-fields_1.x:y",
+            "action": "deny",
+            "message": "not here",
+            "hosts": ["Exact.COM.", "*.Sub.com", ".dom.com"],
+            "host_regex": "^ads",
+            "networks": ["10.0.0.1/8", "2001:db8::/32"],
+            "ports": [80, "8000-8100"],
+            "methods": ["get", "Post"],
+            "schemes": ["HTTP", "connect"],
+            "users": ["alice"],
+            "groups": ["staff"],
+            "clients": ["192.168.0.0/16", "::1"],
+            "private": True,
         },
         "rules[0]",
-    )  # fmt: skip
+    )
     assert (rule.id, rule.action, rule.message) == ("all-fields_1.x:y", Action.DENY, "not here")
     assert rule.hosts == {"exact.com"}
     assert rule.subdomains == (".sub.com",)
@@ -225,9 +233,11 @@ def test_first_match_wins() -> None:
 
 @pytest.mark.parametrize(
     ("default", "expected"),
-    [(Action.ALLOW, (Action.ALLOW, "default", "")),
-     (Action.DENY, (Action.DENY, "default", "denied by default"))],
-)  # fmt: skip
+    [
+        (Action.ALLOW, (Action.ALLOW, "default", "")),
+        (Action.DENY, (Action.DENY, "default", "denied by default")),
+    ],
+)
 def test_default_action_when_no_rule_matches(default: Action, expected: tuple) -> None:
     rules = ruleset({"id": "other", "action": "allow", "hosts": ["other.org"]}, default=default)
     decision = rules.evaluate(req(), PUBLIC)

@@ -32,16 +32,40 @@ STATUS = {
 EXPECTED_STATUS = {kind: code for code, kinds in STATUS.items() for kind in kinds.split()}
 # RFC 9209 §2.3, the registered Proxy-Status error types.
 RFC9209_TYPES = set(
-    """dns_timeout dns_error destination_not_found destination_unavailable
-    destination_ip_prohibited destination_ip_unroutable connection_refused
-    connection_terminated connection_timeout connection_read_timeout
-    connection_write_timeout connection_limit_reached tls_protocol_error
-    tls_certificate_error tls_alert_received http_request_error http_request_denied
-    http_response_incomplete http_response_header_section_size http_response_header_size
-    http_response_body_size http_response_trailer_section_size http_response_trailer_size
-    http_response_transfer_coding http_response_content_coding http_response_timeout
-    http_upgrade_failed http_protocol_error proxy_internal_response proxy_internal_error
-    proxy_configuration_error proxy_loop_detected""".split()
+    [
+        "dns_timeout",
+        "dns_error",
+        "destination_not_found",
+        "destination_unavailable",
+        "destination_ip_prohibited",
+        "destination_ip_unroutable",
+        "connection_refused",
+        "connection_terminated",
+        "connection_timeout",
+        "connection_read_timeout",
+        "connection_write_timeout",
+        "connection_limit_reached",
+        "tls_protocol_error",
+        "tls_certificate_error",
+        "tls_alert_received",
+        "http_request_error",
+        "http_request_denied",
+        "http_response_incomplete",
+        "http_response_header_section_size",
+        "http_response_header_size",
+        "http_response_body_size",
+        "http_response_trailer_section_size",
+        "http_response_trailer_size",
+        "http_response_transfer_coding",
+        "http_response_content_coding",
+        "http_response_timeout",
+        "http_upgrade_failed",
+        "http_protocol_error",
+        "proxy_internal_response",
+        "proxy_internal_error",
+        "proxy_configuration_error",
+        "proxy_loop_detected",
+    ]
 )
 ANSWERED = [k for k in ErrorKind if status_of(k) != 499]  # the others close instead
 
@@ -104,9 +128,17 @@ def test_bodiless_statuses_carry_neither_body_nor_length(status, method):
 
 def test_framing_fields_of_an_answer_are_replaced():
     page = render_answer(
-        "GET", 200, [("Content-Length", "1"), ("Transfer-Encoding", "chunked"),
-                     ("Connection", "keep-alive"), ("X-Y", "z")], b"hello", True,
-    )  # fmt: skip
+        "GET",
+        200,
+        [
+            ("Content-Length", "1"),
+            ("Transfer-Encoding", "chunked"),
+            ("Connection", "keep-alive"),
+            ("X-Y", "z"),
+        ],
+        b"hello",
+        True,
+    )
     parsed = parse_response_head(page.partition(b"\r\n\r\n")[0] + b"\r\n\r\n")
     assert [n for n, _ in parsed.headers] == ["X-Y", "Content-Length", "Connection"]
     assert parsed.headers.get("content-length") == "5"
