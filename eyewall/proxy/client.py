@@ -111,6 +111,7 @@ class ClientConnection:
         self.tunnel: Target | None = None  # set while serving an intercepted tunnel
         self.tunnel_user: str | None = None  # who authenticated the intercepted CONNECT
         self.release: Callable[[], None] | None = None  # the intercepted tunnel's limits
+        self._enter(Phase.CLIENT_HEAD, ctx.settings.timeouts.client_header)  # from accept
 
     # -- time limits -------------------------------------------------------------------
 
@@ -156,8 +157,6 @@ class ClientConnection:
         """Answer requests until the connection closes, a request cannot be followed by
         another, or the connection becomes a tunnel."""
         ctx = self.ctx
-        timeouts = ctx.settings.timeouts
-        self._enter(Phase.CLIENT_HEAD, timeouts.client_header)  # from accept
         try:
             while True:
                 data = await self._read_head()

@@ -20,11 +20,11 @@ from eyewall.policy.state import AdmissionState
 
 if TYPE_CHECKING:
     from eyewall.addons.runner import Addons
-    from eyewall.proxy.admission import Verifier
     from eyewall.proxy.intercept import Interception
     from eyewall.proxy.timeouts import Watchdog
     from eyewall.proxy.tunnel import PipePool, Relay
     from eyewall.proxy.upstream import UpstreamPool
+    from eyewall.proxy.verifier import Verifier
 
 __all__ = ["ProxyContext"]
 

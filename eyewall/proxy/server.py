@@ -26,10 +26,9 @@ from eyewall.flow import Flow
 from eyewall.policy.engine import Policy
 from eyewall.policy.networks import OwnListeners
 from eyewall.policy.state import AdmissionState
-from eyewall.proxy.admission import Verifier
 from eyewall.proxy.client import ClientConnection, render_answer
 from eyewall.proxy.intercept import HandshakeFailed, Interception, accept_tls
-from eyewall.proxy.streams import BoundedStream, lingering_close
+from eyewall.proxy.streams import STREAM_BUFFER, BoundedStream, lingering_close
 from eyewall.proxy.timeouts import Watchdog, sweep_interval
 from eyewall.proxy.tunnel import PipePool, Relay
 from eyewall.proxy.upstream import (
@@ -38,13 +37,12 @@ from eyewall.proxy.upstream import (
     format_address,
     is_local_address,
 )
+from eyewall.proxy.verifier import Verifier
 from eyewall.tls.ca import CertificateAuthority
 
 __all__ = ["Proxy"]
 
 log = logging.getLogger("eyewall")
-
-STREAM_BUFFER = 8 << 20
 
 
 class Proxy:

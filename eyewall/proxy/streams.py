@@ -17,6 +17,7 @@ from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 __all__ = [
     "HEAD_END",
     "LINE_END",
+    "STREAM_BUFFER",
     "TRAILERS_END",
     "BoundedStream",
     "buffered_size",
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 
+STREAM_BUFFER = 8 << 20  # the most a stream may hold unread (IOStream's max_buffer_size)
 HEAD_END = re.compile(rb"\n\r?\n")  # the empty line that ends a head (CRLF or bare LF)
 TRAILERS_END = re.compile(rb"\A\r?\n|\n\r?\n")  # also an empty section
 LINE_END = re.compile(rb"\n")

@@ -27,7 +27,7 @@ from tornado.iostream import IOStream, StreamClosedError
 
 from eyewall.errors import ErrorKind, ProxyError
 from eyewall.http1.target import Target
-from eyewall.proxy.streams import BoundedStream, buffered_size
+from eyewall.proxy.streams import STREAM_BUFFER, BoundedStream, buffered_size
 
 __all__ = [
     "Resolver",
@@ -42,7 +42,6 @@ log = logging.getLogger("eyewall.upstream")
 
 Address = tuple[int, tuple[str, int]]  # (family, (ip, port))
 
-STREAM_BUFFER = 8 << 20
 ATTEMPT_DELAY = 0.25  # RFC 8305 §5: the recommended Connection Attempt Delay
 
 

@@ -5,6 +5,11 @@ ECDSA signature (well under a millisecond) and never an RSA key generation.  Pyt
 ssl module loads certificates only from files, so each context is built from files in a
 private directory (0700) that are removed right after.  Both the minted certificates and
 the SSL contexts live in bounded LRU caches.
+
+Threads: `LeafCache.context` is called from executor threads (the proxy builds the
+context for a CONNECT's host off the event loop) and from the event loop (the SNI
+callback, for a name the client asks for that differs from the CONNECT host).  One lock
+guards the caches and minting; the temporary files are per call.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ import os
 import shutil
 import ssl
 import tempfile
+import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -32,6 +37,9 @@ LEAF_DAYS = 30
 
 
 class LeafCache:
+    """Certificates and server contexts for host names, minted by ``ca``, at most
+    ``size`` certificates (and a quarter as many contexts) kept.  Thread-safe."""
+
     def __init__(self, ca: CertificateAuthority, size: int = 1024) -> None:
         self.ca = ca
         self.size = size
@@ -51,10 +59,14 @@ class LeafCache:
                 )
             )
         self._ca_pem = ca.pem()
-        self.on_sni: Callable[[str], None] | None = None
+        self._lock = threading.RLock()
 
     def mint(self, name: str) -> bytes:
         """The certificate chain (PEM) for ``name``, a host name or IP address."""
+        with self._lock:
+            return self._mint(name)
+
+    def _mint(self, name: str) -> bytes:
         chain = self._certs.get(name)
         if chain is not None:
             self._certs.move_to_end(name)
@@ -89,7 +101,12 @@ class LeafCache:
         return chain
 
     def context(self, name: str) -> ssl.SSLContext:
-        """A server-side SSL context presenting a certificate for ``name``."""
+        """A server-side SSL context presenting a certificate for ``name``.  Raises
+        OSError (the private directory) or ValueError (a name no certificate can have)."""
+        with self._lock:
+            return self._context(name)
+
+    def _context(self, name: str) -> ssl.SSLContext:
         ctx = self._contexts.get(name)
         if ctx is not None:
             self._contexts.move_to_end(name)
@@ -97,7 +114,7 @@ class LeafCache:
         fd, path = tempfile.mkstemp(dir=self._dir, suffix=".pem")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(self.mint(name))
+                f.write(self._mint(name))
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_cert_chain(path, self._key_path)
@@ -114,8 +131,6 @@ class LeafCache:
         """Present the certificate for the name the client asks for (SNI)."""
         if name:
             sslobj.context = self.context(name)
-            if self.on_sni is not None:
-                self.on_sni(name)
 
     def __len__(self) -> int:
         return len(self._certs)

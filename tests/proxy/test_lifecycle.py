@@ -1,0 +1,449 @@
+"""The request lifecycle in-process: client loop, admission and exchange over a socket
+pair and scripted loopback origins, with an injected clock.  Every phase of a
+connection runs out with the right error kind; body idleness is "no byte moved";
+answers the proxy makes follow the request method; a reload keeps admission state."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from eyewall.addons.runner import Addons
+from eyewall.app import build_policy
+from eyewall.config import load_settings
+from eyewall.errors import ErrorKind
+from eyewall.proxy.timeouts import Phase
+from tests.proxy.harness import DEFAULTS, Client, FakeContext, Origin, read_request, status, until
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        await writer.drain()
+
+
+def test_a_request_goes_through_and_its_flow_ends() -> None:
+    async def main() -> None:
+        ctx = FakeContext()
+        origin = await Origin.start(answer)
+        client = Client(ctx)
+        await client.send(f"GET {origin.url}/a HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await client.until_received(b"hello")
+        assert status(client.received) == 200
+        await until(lambda: ctx.flows)
+        flow = ctx.flows[0]
+        assert (flow.status, flow.error, flow.bytes_out) == (200, None, 5)
+        assert client.conn.watch.phase is Phase.IDLE
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+# -- waiting for the client ------------------------------------------------------------
+
+
+def test_a_half_sent_head_gets_408_when_client_header_runs_out() -> None:
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.client_header": 10.0})
+        client = Client(ctx)
+        await client.send(b"GET http://example.com/ HTTP/1.1\r\nX-Slow: ")
+        await until(lambda: client.conn.head_started)
+        ctx.advance(9.9)
+        assert client.conn.watch.expired is None
+        ctx.advance(0.2)
+        data = await client.response()
+        assert status(data) == 408
+        assert ctx.flows[0].error is ErrorKind.CLIENT_TIMEOUT
+        await client.finish()
+        ctx.close()
+
+    run(main())
+
+
+def test_a_silent_new_connection_and_an_idle_one_are_closed_quietly() -> None:
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.client_header": 5.0, "timeouts.keepalive_idle": 60.0})
+        origin = await Origin.start(answer)
+        silent = Client(ctx)
+        ctx.advance(5.1)
+        assert await silent.response() == b""
+        idle = Client(ctx)
+        await idle.send(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await idle.until_received(b"hello")
+        await until(lambda: idle.conn.watch.phase is Phase.IDLE)
+        ctx.advance(59.0)
+        assert idle.conn.watch.expired is None
+        ctx.advance(1.1)
+        await idle.response()
+        assert len(ctx.flows) == 1  # the request; the idle close is not a flow
+        for c in (silent, idle):
+            await c.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+# -- waiting for the origin --------------------------------------------------------------
+
+
+def test_a_silent_origin_is_a_504_read_timeout_and_the_connection_lives_on() -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        held.append(writer)
+        await reader.read()  # until the proxy gives up
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.upstream_head": 30.0})
+        origin = await Origin.start(silent)
+        client = Client(ctx)
+        await client.send(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await until(lambda: client.conn.watch.phase is Phase.WAITING)
+        ctx.advance(29.0)
+        assert client.conn.watch.expired is None
+        ctx.advance(1.5)
+        data = await client.until_received(b"request id")
+        assert status(data) == 504
+        assert b"error=connection_read_timeout" in data
+        await until(lambda: ctx.flows)
+        assert ctx.flows[0].error is ErrorKind.READ_TIMEOUT
+        assert not client.conn.stream.closed()  # a 504 on a kept-alive connection
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+def test_waiting_for_the_head_never_counts_as_body_idleness() -> None:
+    """Head after 2 s, a 1.5 s pause, then the body, with body_idle 3 s: a 200."""
+    head_go, body_go = asyncio.Event(), asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await head_go.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n")
+        await writer.drain()
+        await body_go.wait()
+        writer.write(b"b" * 1048576)
+        await writer.drain()
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 3.0, "timeouts.upstream_head": 60.0})
+        origin = await Origin.start(slow)
+        client = Client(ctx)
+        await client.send(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await until(lambda: client.conn.watch.phase is Phase.WAITING)
+        ctx.advance(2.0)
+        head_go.set()
+        await until(lambda: client.conn.watch.phase is Phase.RESPONDING)
+        ctx.advance(1.5)
+        ctx.advance(1.4)  # 2.9 s in this phase, the head wait not counted
+        assert client.conn.watch.expired is None
+        body_go.set()
+        await until(lambda: len(client.received) >= 1048576 or not client.received, "body")
+        while b"b" * 1000 not in client.received or len(client.received) < 1048576:
+            await client.recv_some()
+        assert status(client.received) == 200
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+def test_a_slow_but_steady_reader_is_never_cut_off() -> None:
+    """The client takes a large body a little at a time, more slowly than body_idle
+    between sweeps would allow if idleness were counted per piece."""
+    size = 8 << 20
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size // 65536):
+            writer.write(b"x" * 65536)
+            await writer.drain()
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 3.0})
+        origin = await Origin.start(big)
+        client = Client(ctx)
+        await client.send(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await until(lambda: client.conn.watch.phase is Phase.RESPONDING)
+        exchange = client.conn.exchange
+        assert exchange is not None
+        while len(client.received) < size:
+            before = exchange._progress()
+            await client.recv_some()
+            await until(
+                lambda before=before: exchange._progress() != before or len(client.received) >= size
+            )
+            ctx.advance(2.5)  # 5 s between reads, body_idle 3 s: bytes moved meanwhile
+            ctx.advance(2.5)
+            assert client.conn.watch.expired is None or len(client.received) >= size
+        assert client.received.endswith(b"x" * 100)
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+def test_a_reader_that_stops_is_cut_off_after_body_idle() -> None:
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+        while True:
+            writer.write(b"x" * 65536)
+            await writer.drain()
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 3.0})
+        origin = await Origin.start(big)
+        client = Client(ctx)
+        await client.send(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await until(lambda: client.conn.watch.phase is Phase.RESPONDING)
+        exchange = client.conn.exchange
+        assert exchange is not None
+        # Let the kernel buffers fill: progress stops changing.
+        last = -1
+        while exchange._progress() != last:
+            last = exchange._progress()
+            for _ in range(200):
+                await asyncio.sleep(0)
+        ctx.advance(3.1)  # the first sweep notes the last progress
+        ctx.advance(3.1)
+        await until(lambda: ctx.flows)
+        assert ctx.flows[0].error is ErrorKind.BODY_STALLED
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+# -- request bodies ------------------------------------------------------------------------
+
+
+async def consume(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    head = (await read_request(reader)).decode("latin-1")
+    length = int(head.lower().split("content-length: ")[1].split("\r\n")[0])
+    body = await reader.readexactly(length)
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (len(str(len(body))), len(body))
+    )
+    await writer.drain()
+
+
+def test_a_slow_upload_with_short_gaps_goes_through() -> None:
+    """20,000 bytes, 1,000 every 0.4 s, body_idle 3 s: no gap exceeds 0.4 s."""
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 3.0, "timeouts.upstream_head": 5.0})
+        origin = await Origin.start(consume)
+        client = Client(ctx)
+        await client.send(
+            f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n".encode()
+        )
+        await until(lambda: client.conn.watch.phase is Phase.SENDING)
+        exchange = client.conn.exchange
+        assert exchange is not None
+        for i in range(20):
+            await client.send(b"u" * 1000)
+            await until(lambda i=i: exchange.sent.count >= (i + 1) * 1000)
+            ctx.advance(0.4)
+            assert client.conn.watch.expired is None
+        data = await client.until_received(b"20000")
+        assert status(data) == 200
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+def test_an_upload_that_stalls_is_body_stalled() -> None:
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 3.0})
+        origin = await Origin.start(consume)
+        client = Client(ctx)
+        await client.send(
+            f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n12345".encode()
+        )
+        await until(lambda: client.conn.exchange is not None and client.conn.exchange.sent.count)
+        ctx.advance(1.0)  # the sweep sees the 5 bytes that moved
+        ctx.advance(2.9)
+        assert client.conn.watch.expired is None
+        ctx.advance(0.2)
+        await client.response()
+        await until(lambda: ctx.flows)
+        assert ctx.flows[0].error is ErrorKind.BODY_STALLED
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+def test_a_malformed_chunked_body_closes_the_connection() -> None:
+    """After a broken body the next request cannot be delimited: 400, then close; the
+    origin never sees the bytes that followed."""
+    seen: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.read(65536))
+        while chunk := await reader.read(65536):
+            seen.append(chunk)
+
+    async def main() -> None:
+        ctx = FakeContext()
+        origin = await Origin.start(record)
+        smuggled = f"GET {origin.url}/second HTTP/1.1\r\nHost: x\r\n\r\n"
+        for bad in ("4\r\nabcdXX0\r\n\r\n", "0x4\r\nabcd\r\n0\r\n\r\n"):
+            client = Client(ctx)
+            await client.send(
+                f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                f"{bad}{smuggled}".encode()
+            )
+            data = await client.response()
+            assert status(data) == 400 and data.count(b"HTTP/1.1") == 1
+            await client.finish()
+        assert not any(b"/second" in chunk for chunk in seen)
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+# -- answers the proxy makes itself ------------------------------------------------------
+
+
+def test_head_to_a_dead_origin_gets_a_502_head_and_the_connection_goes_on() -> None:
+    async def main() -> None:
+        ctx = FakeContext()
+        origin = await Origin.start(answer)
+        dead = await Origin.start(answer)
+        dead_url = dead.url
+        await dead.close()
+        await dead.server.wait_closed()
+        client = Client(ctx)
+        await client.send(f"HEAD {dead_url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await client.send(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = await client.until_received(b"hello")
+        first, _, rest = data.partition(b"\r\n\r\n")
+        assert status(first) == 502 and b"Content-Length: " in first
+        assert rest.startswith(b"HTTP/1.1 200")  # no stray body before the next response
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+# -- addons ------------------------------------------------------------------------------
+
+
+SLOW_HOOK = """
+import asyncio
+
+class Slow:
+    async def requestheaders(self, flow):
+        await asyncio.Event().wait()  # never returns
+"""
+
+BUFFERING = """
+class Buffer:
+    def requestheaders(self, flow):
+        flow.request.buffer(1 << 20)
+"""
+
+
+def addons(tmp_path: Path, source: str, policy: bool, hook_timeout: float = 30.0) -> Addons:
+    path = tmp_path / "addon.py"
+    path.write_text(source)
+    loaded = Addons([] if policy else [str(path)], [str(path)] if policy else [], hook_timeout)
+    loaded.load_all()
+    return loaded
+
+
+def test_a_slow_hook_is_never_an_origin_timeout(tmp_path: Path) -> None:
+    """The hook outlives upstream_head by far in loop-independent time; only its own
+    limit (timeouts.addon_hook, enforced by the runner) ends it."""
+
+    async def main() -> None:
+        ctx = FakeContext(
+            addons(tmp_path, SLOW_HOOK, policy=True, hook_timeout=0.05),
+            **{"timeouts.upstream_head": 1.0, "timeouts.body_idle": 1.0},
+        )
+        origin = await Origin.start(answer)
+        client = Client(ctx)
+        await client.send(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await until(lambda: client.conn.watch.phase is Phase.HOOK)
+        ctx.advance(100.0)
+        assert client.conn.watch.expired is None
+        data = await client.until_received(b"request id")
+        assert status(data) == 502 and b"addon_failed" in data
+        await until(lambda: ctx.flows)
+        assert ctx.flows[0].error is ErrorKind.ADDON_FAILED
+        assert "timed out" in ctx.flows[0].error_detail
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+def test_a_buffering_addon_with_a_stalled_client_body_gets_body_idle(tmp_path: Path) -> None:
+    async def main() -> None:
+        ctx = FakeContext(addons(tmp_path, BUFFERING, policy=False), **{"timeouts.body_idle": 3.0})
+        origin = await Origin.start(consume)
+        client = Client(ctx)
+        await client.send(
+            f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc".encode()
+        )
+        await until(lambda: client.conn.watch.phase is Phase.BUFFERING)
+        ctx.advance(1.0)
+        ctx.advance(2.9)
+        assert client.conn.watch.expired is None
+        ctx.advance(0.2)
+        await client.response()
+        await until(lambda: ctx.flows)
+        assert ctx.flows[0].error is ErrorKind.BODY_STALLED
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+# -- reload ------------------------------------------------------------------------------
+
+
+def test_a_reload_keeps_rate_limits() -> None:
+    async def main() -> None:
+        limits = {"rate_limits.client_rps": 1, "rate_limits.client_burst": 1}
+        ctx = FakeContext(**limits)
+        origin = await Origin.start(answer)
+        first = Client(ctx)
+        await first.send(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await first.until_received(b"hello")
+        ctx.policy = build_policy(load_settings(overrides={**DEFAULTS, **limits}))  # a reload
+        second = Client(ctx)
+        await second.send(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = await second.until_received(b"request id")
+        assert status(data) == 429 and b"Retry-After: 1" in data
+        for c in (first, second):
+            await c.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
