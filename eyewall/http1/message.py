@@ -96,7 +96,7 @@ def request_framing(head: RequestHead) -> Framing:
             raise ParseError("unsupported Transfer-Encoding")
         return CHUNKED
     if cl is not None:
-        length = content_length(cl)
+        length = content_length(headers.get_all("content-length"))
         return Framing(BodyKind.LENGTH, length) if length else NO_BODY
     return NO_BODY
 
@@ -119,7 +119,7 @@ def response_framing(method: str, head: ResponseHead) -> Framing:
             raise ParseError("unsupported Transfer-Encoding", 502)
         return CHUNKED
     if cl is not None:
-        return Framing(BodyKind.LENGTH, content_length(cl, 502))
+        return Framing(BodyKind.LENGTH, content_length(headers.get_all("content-length"), 502))
     return UNTIL_CLOSE
 
 
@@ -190,7 +190,8 @@ def upstream_fields(
     out = [("Host", target.authority)]
     length_written = False
     http10 = head.version == "HTTP/1.0"
-    for key, (name, value) in zip(head.headers.keys, head.headers.fields, strict=True):
+    for name, value in head.headers.fields:
+        key = name.lower()
         if key in drop or key == "host":
             continue
         if key == "content-length":
@@ -228,7 +229,8 @@ def response_fields(
     )
     out = []
     length_written = False
-    for key, (name, value) in zip(head.headers.keys, head.headers.fields, strict=True):
+    for name, value in head.headers.fields:
+        key = name.lower()
         if key in drop:
             continue
         if key == "content-length":

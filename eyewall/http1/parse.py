@@ -59,31 +59,35 @@ class ParseError(ValueError):
 class Headers:
     """An ordered list of header fields that keeps names as received.
 
-    Lookups ignore case; repeated fields (``Set-Cookie``) stay separate lines.
-    ``index`` maps lower-cased names to their values and ``keys`` lists the lower-cased
-    names in order; both are rebuilt by every method that changes the fields (change
-    ``fields`` only through the methods).
+    ``fields`` holds ``(name, value)`` pairs in order; lookups ignore case; repeated
+    fields (``Set-Cookie``) stay separate lines.  ``index`` maps each lower-cased name to
+    its value, or to the list of its values in order when the name occurs more than
+    once (one string per name keeps a head of many short fields small): use it for
+    membership tests, and `get`, `get_all` or `tokens` for values.  Both are kept in
+    step by `add`, `set` and `remove`, which update the index in place (an `add` costs
+    O(1), a `set` or `remove` of a present name one pass over the fields): change
+    ``fields`` only through them.  Methods that add a field raise ``ValueError`` for one
+    that could not be written out (see `check_field`).
     """
 
-    __slots__ = ("_tokens", "fields", "index", "keys")
+    __slots__ = ("_tokens", "fields", "index")
 
     def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
         self.fields: list[tuple[str, str]] = list(fields)
-        self._reindex()
-
-    def _reindex(self) -> None:
-        index: dict[str, list[str]] = {}
-        keys: list[str] = []
-        for n, v in self.fields:
-            key = n.lower()
-            keys.append(key)
-            if key in index:
-                index[key].append(v)
+        index: dict[str, str | list[str]] = {}
+        for name, value in self.fields:
+            key = name.lower()
+            if key == name:
+                key = name  # one string for both when the name is lower-case already
+            values = index.get(key)
+            if values is None:
+                index[key] = value
+            elif isinstance(values, str):
+                index[key] = [values, value]
             else:
-                index[key] = [v]
+                values.append(value)
         self.index = index
-        self.keys = keys
-        self._tokens: dict[str, list[str]] = {}
+        self._tokens: dict[str, list[str]] | None = None
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self.fields)
@@ -101,37 +105,65 @@ class Headers:
         return f"Headers({self.fields!r})"
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        """The first value of ``name``, or ``default``."""
+        """The first value of ``name`` (any case), or ``default``."""
         values = self.index.get(name.lower())
-        return values[0] if values else default
+        if values is None:
+            return default
+        return values if isinstance(values, str) else values[0]
 
     def get_all(self, name: str) -> list[str]:
-        return self.index.get(name.lower(), [])
+        """Every value of ``name`` (any case) in order; empty if there is none."""
+        values = self.index.get(name.lower())
+        if values is None:
+            return []
+        return [values] if isinstance(values, str) else list(values)
 
     def tokens(self, name: str) -> list[str]:
-        """Comma-separated list elements of every ``name`` line, lower-cased."""
+        """The comma-separated list elements of every ``name`` line, stripped of
+        whitespace and lower-cased; empty elements are skipped (RFC 9110 §5.6.1).
+        Cached until ``name`` changes."""
         key = name.lower()
-        cached = self._tokens.get(key)
-        if cached is not None:
-            return cached
+        cache = self._tokens
+        if cache is None:
+            cache = self._tokens = {}
+        else:
+            cached = cache.get(key)
+            if cached is not None:
+                return cached
         out = []
-        for value in self.index.get(key, ()):
+        values = self.index.get(key, ())
+        for value in (values,) if isinstance(values, str) else values:
             for token in value.split(","):
                 token = token.strip(" \t")
                 if token:
                     out.append(token.lower())
-        self._tokens[key] = out
+        cache[key] = out
         return out
 
     def add(self, name: str, value: str) -> None:
+        """Append a field line."""
         check_field(name, value)
         self.fields.append((name, value))
-        self._reindex()
+        key = name.lower()
+        values = self.index.get(key)
+        if values is None:
+            self.index[key] = value
+        elif isinstance(values, str):
+            self.index[key] = [values, value]
+        else:
+            values.append(value)
+        self._forget(key)
 
     def set(self, name: str, value: str) -> None:
-        """Replace every ``name`` line by one line, keeping the first one's place."""
+        """Replace every ``name`` line by one line, keeping the first one's place (or
+        appending it when there is none)."""
         check_field(name, value)
         key = name.lower()
+        self._forget(key)
+        if key not in self.index:
+            self.fields.append((name, value))
+            self.index[key] = value
+            return
         out: list[tuple[str, str]] = []
         placed = False
         for n, v in self.fields:
@@ -140,18 +172,20 @@ class Headers:
             elif not placed:
                 out.append((name, value))
                 placed = True
-        if not placed:
-            out.append((name, value))
         self.fields = out
-        self._reindex()
+        self.index[key] = value
 
     def remove(self, name: str) -> None:
+        """Remove every ``name`` line (nothing happens if there is none)."""
         key = name.lower()
+        if self.index.pop(key, None) is None:
+            return
         self.fields = [(n, v) for n, v in self.fields if n.lower() != key]
-        self._reindex()
+        self._forget(key)
 
-    def copy(self) -> Headers:
-        return Headers(self.fields)
+    def _forget(self, key: str) -> None:
+        if self._tokens is not None:
+            self._tokens.pop(key, None)
 
 
 def check_field(name: str, value: str) -> None:

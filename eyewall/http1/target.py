@@ -45,14 +45,6 @@ class Target:
     authority: str  # host[:port] as it goes in the Host field (brackets kept)
     path: str  # origin-form for the next hop; "" for CONNECT
 
-    @property
-    def is_ip_literal(self) -> bool:
-        try:
-            ipaddress.ip_address(self.host)
-        except ValueError:
-            return False
-        return True
-
     def url(self) -> str:
         """The target written back as a URL (for logs and records)."""
         if not self.scheme:

@@ -164,23 +164,19 @@ def test_parse_authority_ports():
 
 
 @pytest.mark.parametrize(
-    ("target", "url", "ip"),
+    ("target", "url"),
     [
-        ("HTTP://A.com:81/p?q", "http://a.com:81/p?q", False),
-        ("https://[::1]", "https://[::1]/", True),
-        ("http://10.1.2.3/", "http://10.1.2.3/", True),
+        ("HTTP://A.com:81/p?q", "http://a.com:81/p?q"),
+        ("https://[::1]", "https://[::1]/"),
+        ("http://10.1.2.3/", "http://10.1.2.3/"),
     ],
 )
-def test_target_url_and_ip_literal(target, url, ip):
-    t = parse_target("GET", target)
-    assert t.url() == url
-    assert t.is_ip_literal is ip
+def test_target_url(target, url):
+    assert parse_target("GET", target).url() == url
 
 
 def test_connect_target_url_is_the_authority():
-    t = parse_target("CONNECT", "A.com:443")
-    assert t.url() == "a.com:443"
-    assert not t.is_ip_literal
+    assert parse_target("CONNECT", "A.com:443").url() == "a.com:443"
 
 
 # -- properties ---------------------------------------------------------------------------
