@@ -125,7 +125,8 @@ def test_unresolvable_name_is_502_with_the_reason(proxy, still_serving):
 @pytest.mark.parametrize(
     "response",
     [
-        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
         b"HTTP/1.1 2000 OK\r\n\r\n",
         b"ICY 200 OK\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx",

@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PURE = [
     "eyewall.http1.parse",
     "eyewall.http1.target",
-    "eyewall.http1.message",
+    "eyewall.http1.framing",
+    "eyewall.http1.fields",
+    "eyewall.http1.methods",
     "eyewall.errors",
     "eyewall.config",
     "eyewall.observe.flow",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from tornado.iostream import IOStream, StreamClosedError
 
-from eyewall.http1.message import HOP_BY_HOP
+from eyewall.http1.fields import HOP_BY_HOP
 from eyewall.http1.parse import ParseError, parse_chunk_size, parse_fields
 from eyewall.proxy.streams import LINE_END, TRAILERS_END, complete, read_block
 

@@ -19,7 +19,8 @@ from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 from eyewall.addons.flow import HTTPFlow, Request
 from eyewall.addons.runner import AddonFailed
 from eyewall.errors import ErrorKind, ProxyError, error_page, status_of
-from eyewall.http1.message import BodyKind, client_keeps_alive, render_response, request_framing
+from eyewall.http1.fields import render_response
+from eyewall.http1.framing import BodyKind, body_framing, keep_alive
 from eyewall.http1.parse import ParseError, RequestHead, parse_request_head
 from eyewall.http1.target import Target, TargetError, parse_authority, parse_target
 from eyewall.observe.flow import Flow
@@ -205,7 +206,7 @@ class ClientConnection:
         self.proxy.bus.emit("request", flow)
         connect = head.method == "CONNECT"
         try:
-            framing = request_framing(head)
+            framing = body_framing(head)
         except ParseError as e:
             kind = ErrorKind.BAD_CONNECT if connect else ErrorKind.BAD_REQUEST
             return await self.answer_error(flow, kind, str(e), close=True)
@@ -214,7 +215,7 @@ class ClientConnection:
                 flow, ErrorKind.BAD_CONNECT, "CONNECT request with a body", close=True
             )
         # After a refusal the connection carries on only if no request body is left unread.
-        close = framing.kind is not BodyKind.NONE or not client_keeps_alive(head)
+        close = framing.kind is not BodyKind.NONE or not keep_alive(head)
         decision = admit_now(self, head, target, flow) or await admit(
             self, head, target, flow, close
         )

@@ -26,8 +26,9 @@ from tornado.iostream import StreamClosedError
 from eyewall.addons.flow import HTTPFlow, Response
 from eyewall.addons.runner import AddonFailed
 from eyewall.errors import ErrorKind, ProxyError
-from eyewall.http1 import message as m
-from eyewall.http1.message import BodyKind, Framing
+from eyewall.http1 import fields as wire
+from eyewall.http1 import framing as rules
+from eyewall.http1.framing import BodyKind, Framing
 from eyewall.http1.parse import ParseError, RequestHead, ResponseHead, parse_response_head
 from eyewall.http1.target import Target
 from eyewall.observe.flow import Flow
@@ -137,8 +138,8 @@ class Exchange:
     async def run(self) -> bool:
         """Forward the request; True if the client connection may carry another."""
         head, flow, framing = self.head, self.flow, self.framing
-        upgrade = m.websocket_upgrade(head)
-        keep_alive = m.client_keeps_alive(head)
+        upgrade = rules.websocket_upgrade(head)
+        keep_alive = rules.keep_alive(head)
         hf = self.hf
         try:
             if hf is not None:
@@ -175,10 +176,10 @@ class Exchange:
         proxy = conn.proxy
         if self.hf is not None and self.hf.request is not None:
             target = self.target = self.hf.request.target  # an addon may change the path
-        fields = m.upstream_fields(head, target, framing, proxy.settings.via, upgrade)
-        request = m.render_request(head.method, target.path, fields)
+        fields = wire.upstream_fields(head, target, framing, proxy.settings.via, upgrade)
+        request = wire.render_request(head.method, target.path, fields)
         whole = framing.kind is BodyKind.NONE or self.body is not None
-        retryable = whole and m.is_idempotent(head.method)
+        retryable = whole and rules.is_idempotent(head.method)
         attempt = 0
         while True:
             self.phase = Phase.CONNECTING
@@ -274,10 +275,12 @@ class Exchange:
                 return response
             # RFC 9110 §15.2: forward interim responses, but never to an HTTP/1.0 client.
             if head.version == "HTTP/1.1":
-                fields = m.response_fields(
-                    response, m.NO_BODY, head.version, True, conn.proxy.settings.via
+                fields = wire.response_fields(
+                    response, rules.NO_BODY, head.version, True, conn.proxy.settings.via
                 )
-                await conn.stream.write(m.render_response(response.status, response.reason, fields))
+                await conn.stream.write(
+                    wire.render_response(response.status, response.reason, fields)
+                )
         raise ProxyError(ErrorKind.UPSTREAM_MALFORMED, "too many interim responses")
 
     async def _respond(self, response: ResponseHead, keep_alive: bool) -> bool:
@@ -285,7 +288,7 @@ class Exchange:
         assert up is not None
         proxy = conn.proxy
         try:
-            framing = m.response_framing(head.method, response)
+            framing = rules.body_framing(response, head.method)
         except ParseError as e:
             raise ProxyError(ErrorKind.UPSTREAM_MALFORMED, str(e)) from None
         client, origin = conn.stream, up.stream
@@ -298,7 +301,12 @@ class Exchange:
             if hf.answer is not None or hf.killed:
                 origin.close()  # its body is not read
                 return await self._addon_answer(hf, keep_alive, body_left=self.uploading)
-            if hf.response.buffer_limit and framing.kind is not BodyKind.NONE:
+            # A body still carrying transfer codings cannot become a Content-Length one.
+            if (
+                hf.response.buffer_limit
+                and framing.kind is not BodyKind.NONE
+                and not framing.codings
+            ):
                 kind = {BodyKind.LENGTH: "length", BodyKind.CHUNKED: "chunked"}.get(
                     framing.kind, "close"
                 )
@@ -318,15 +326,15 @@ class Exchange:
                 else:
                     hf.response.truncated = True
                     prefix, resume = data, more
-        out = m.downstream_framing(framing, head.version)
+        out = rules.downstream_framing(framing, head.version)
         keep_alive = (
             keep_alive
             and out.kind is not BodyKind.CLOSE
             and not proxy.draining
             and not self.uploading
         )
-        fields = m.response_fields(response, out, head.version, keep_alive, proxy.settings.via)
-        head_bytes = m.render_response(response.status, response.reason, fields)
+        fields = wire.response_fields(response, out, head.version, keep_alive, proxy.settings.via)
+        head_bytes = wire.render_response(response.status, response.reason, fields)
         flow.response = response
         flow.status = response.status
         flow.t_response = monotonic() - conn.t_head
@@ -376,7 +384,7 @@ class Exchange:
         if (
             upload_ok
             and framing.kind is not BodyKind.CLOSE
-            and m.upstream_reusable(response)
+            and rules.keep_alive(response)
             and not origin.closed()
         ):
             proxy.pool.release(up, conn.loop.time())
@@ -420,7 +428,7 @@ class Exchange:
         self.head.headers.remove("transfer-encoding")
         if body or framing.kind is not BodyKind.NONE:
             self.head.headers.set("Content-Length", str(len(body)))
-        return Framing(BodyKind.LENGTH, len(body)) if body else m.NO_BODY
+        return Framing(BodyKind.LENGTH, len(body)) if body else rules.NO_BODY
 
     async def _addon_answer(self, hf: HTTPFlow, keep_alive: bool, body_left: bool) -> bool:
         """Send the answer an addon gave with ``flow.respond()``, or obey ``kill()``."""
@@ -440,7 +448,7 @@ class Exchange:
         flow.status = answer.status
         flow.bytes_out = len(answer.body)
         self.responded = True
-        await conn.stream.write(m.render_response(answer.status, reason, fields) + answer.body)
+        await conn.stream.write(wire.render_response(answer.status, reason, fields) + answer.body)
         self.received.count = len(answer.body)
         if self.up is not None:
             self.up.stream.close()
@@ -451,9 +459,11 @@ class Exchange:
         conn, flow, up = self.conn, self.flow, self.up
         assert up is not None
         proxy = conn.proxy
-        fields = m.response_fields(response, m.NO_BODY, "HTTP/1.1", True, proxy.settings.via, True)
+        fields = wire.response_fields(
+            response, rules.NO_BODY, "HTTP/1.1", True, proxy.settings.via, True
+        )
         self.responded = True
-        await conn.stream.write(m.render_response(101, response.reason, fields))
+        await conn.stream.write(wire.render_response(101, response.reason, fields))
         flow.response = response
         flow.status = 101
         flow.kind = "websocket"
