@@ -24,6 +24,7 @@ PURE = [
     "eyewall.http1.framing",
     "eyewall.http1.fields",
     "eyewall.http1.methods",
+    "eyewall.http1.response",
     "eyewall.errors",
     "eyewall.config",
     "eyewall.observe.flow",

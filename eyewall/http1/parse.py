@@ -1,13 +1,17 @@
-"""Parsing of HTTP/1.1 message heads, chunk-size lines and trailers (RFC 9112).
+"""Request heads, field sections, chunk-size lines and the `Headers` container
+(RFC 9112 §2-§7).
 
 Pure functions over complete byte strings: the I/O layer reads a whole head (up to the
 blank line) and hands it here.  Each function returns a value or raises `ParseError`;
 nothing else escapes (the fuzz tests hold the module to that contract).
 
-Leniency, on purpose and nowhere else: a bare LF is accepted as a line end (RFC 9112
-§2.2 allows it) and the reason phrase of a status line may be missing.  Everything that
-lets two parsers disagree about where a message ends is refused: obs-fold, whitespace
-before a colon, control characters and bare CR in values, malformed chunk sizes.
+Requests are parsed strictly, because a request the proxy and the origin read
+differently is a smuggled request.  Leniency, on purpose and nowhere else: a bare LF is
+accepted as a line end and one empty line before the request line is skipped (RFC 9112
+§2.2).  Refused with 400: obs-fold, whitespace before a colon, control characters and
+bare CR in values, a case-variant of a registered method (see `methods`), malformed
+chunk sizes.  Responses from origins are read by `eyewall.http1.response`, which
+repairs what RFC 9112 tells a proxy to repair.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+from eyewall.http1.methods import REGISTERED, canonical_method
 
 __all__ = [
     "Headers",
@@ -24,7 +30,6 @@ __all__ = [
     "parse_chunk_size",
     "parse_fields",
     "parse_request_head",
-    "parse_response_head",
 ]
 
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
@@ -39,7 +44,6 @@ _FIELD = re.compile(
 )
 _REQUEST_LINE = re.compile(rf"({_TOKEN}) ([\x21-\x7e]+) HTTP/1\.([0-9])\r?\n")
 _ANY_VERSION = re.compile(r"\S+ \S+ HTTP/([0-9])(?:\.[0-9])?\r?\n")
-_STATUS_LINE = re.compile(rf"HTTP/1\.([0-9]) ([1-5][0-9][0-9])(?: ({_VALUE_CHARS}*))?\r?\n")
 _CHUNK_SIZE = re.compile(rf"([0-9A-Fa-f]{{1,16}})[ \t]*(?:;{_VALUE_CHARS}*)?\r?\n")
 _TOKEN_RE = re.compile(_TOKEN)
 
@@ -189,7 +193,8 @@ class Headers:
 
 
 def check_field(name: str, value: str) -> None:
-    """Refuse a field that would break the framing when written out."""
+    """Refuse (ValueError) a field that would break the head when written out: a name
+    that is not a token, a value with CR, LF or NUL (RFC 9110 §5.1, §5.5)."""
     if not _TOKEN_RE.fullmatch(name):
         raise ValueError(f"invalid header name {name!r}")
     if "\r" in value or "\n" in value or "\0" in value:
@@ -198,32 +203,65 @@ def check_field(name: str, value: str) -> None:
 
 @dataclass(slots=True)
 class RequestHead:
+    """A parsed request line and header section.
+
+    ``target`` is the request-target exactly as sent (see `eyewall.http1.target`);
+    ``version`` is ``"HTTP/1.0"`` or ``"HTTP/1.1"`` (a higher 1.x minor reads as 1.1,
+    RFC 9112 §2.3).
+    """
+
     method: str
     target: str
-    version: str  # "HTTP/1.0" or "HTTP/1.1"
+    version: str
     headers: Headers
 
 
 @dataclass(slots=True)
 class ResponseHead:
+    """A parsed status line and header section.
+
+    ``version`` as for `RequestHead`; ``status`` is 100-999 (600-999 are invalid codes
+    a client treats as 5xx, RFC 9110 §15); ``reason`` may be empty.  ``repairs`` lists,
+    in plain words, what the parser changed or dropped to read an origin's faulty head
+    (see `eyewall.http1.response`), for the caller to log; empty for a valid head.
+    """
+
     version: str
     status: int
     reason: str
     headers: Headers
+    repairs: tuple[str, ...] = ()
 
 
-def parse_fields(text: str, pos: int = 0) -> Headers:
-    """Parse field lines from ``pos`` through the terminating empty line."""
-    fields = _FIELD.findall(text, pos)
+def match_fields(text: str, pos: int = 0) -> list[tuple[str, str]] | None:
+    """The valid field lines of ``text`` from ``pos`` through the terminating empty line,
+    as ``(name, value)`` pairs; None if any line there is not a valid field line or
+    the section does not end with an empty line (RFC 9112 §5)."""
+    fields: list[tuple[str, str]] = _FIELD.findall(text, pos)
     if len(fields) != text.count("\n", pos) - 1 or not (
         text.endswith("\n\r\n") or text.endswith("\n\n") or text[pos:] in ("\r\n", "\n")
     ):
-        raise ParseError(_describe_bad_fields(text, pos))
+        return None
+    return fields
+
+
+def parse_fields(text: str, pos: int = 0, status: int = 400) -> Headers:
+    """Parse the field lines of ``text`` from ``pos`` through the terminating empty line
+    (a header or trailer section, RFC 9112 §5); ParseError with ``status`` names the
+    first fault."""
+    fields = match_fields(text, pos)
+    if fields is None:
+        raise ParseError(_describe_bad_fields(text, pos), status)
     return Headers(fields)
 
 
 def parse_request_head(data: bytes) -> RequestHead:
-    """Parse a request line and its header fields (the bytes end with the empty line)."""
+    """Parse a request line and its header section; ``data`` ends with the empty line.
+
+    ParseError: 505 for an HTTP major version other than 1, 400 for anything else
+    malformed, including a method that is a case-variant of a registered one
+    (RFC 9110 §9.1: ``get`` is not GET, but many origins would serve it as GET).
+    """
     text = data.decode("latin-1")
     # RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request.
     start = 2 if text.startswith("\r\n") else 1 if text.startswith("\n") else 0
@@ -233,21 +271,19 @@ def parse_request_head(data: bytes) -> RequestHead:
         if v is not None and v.group(1) != "1":
             raise ParseError("HTTP version not supported", 505)
         raise ParseError("malformed request line")
+    method = m.group(1)
+    if method not in REGISTERED:
+        canonical = canonical_method(method)
+        if canonical is not None:
+            raise ParseError(f"method names are case-sensitive: send {canonical}, not {method}")
     version = "HTTP/1.0" if m.group(3) == "0" else "HTTP/1.1"
-    return RequestHead(m.group(1), m.group(2), version, parse_fields(text, m.end()))
-
-
-def parse_response_head(data: bytes) -> ResponseHead:
-    text = data.decode("latin-1")
-    m = _STATUS_LINE.match(text)
-    if m is None:
-        raise ParseError("malformed status line")
-    version = "HTTP/1.0" if m.group(1) == "0" else "HTTP/1.1"
-    return ResponseHead(version, int(m.group(2)), m.group(3) or "", parse_fields(text, m.end()))
+    return RequestHead(method, m.group(2), version, parse_fields(text, m.end()))
 
 
 def parse_chunk_size(line: bytes) -> int:
-    """The size from a chunk-size line (extensions are dropped)."""
+    """The chunk size in bytes from one chunk-size line with its line end (RFC 9112
+    §7.1): 1-16 hex digits, optional whitespace and extensions (dropped).  ParseError
+    (400) for anything else: a sign, ``0x``, no digits, more than 16 digits."""
     m = _CHUNK_SIZE.fullmatch(line.decode("latin-1"))
     if m is None:
         raise ParseError("malformed chunk size line")

@@ -29,7 +29,8 @@ from eyewall.errors import ErrorKind, ProxyError
 from eyewall.http1 import fields as wire
 from eyewall.http1 import framing as rules
 from eyewall.http1.framing import BodyKind, Framing
-from eyewall.http1.parse import ParseError, RequestHead, ResponseHead, parse_response_head
+from eyewall.http1.parse import ParseError, RequestHead, ResponseHead
+from eyewall.http1.response import parse_response_head
 from eyewall.http1.target import Target
 from eyewall.observe.flow import Flow
 from eyewall.policy.rules import Decision
