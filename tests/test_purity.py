@@ -25,6 +25,7 @@ PURE = [
     "eyewall.http1.fields",
     "eyewall.http1.methods",
     "eyewall.http1.response",
+    "eyewall.http1.chunked",
     "eyewall.errors",
     "eyewall.config",
     "eyewall.observe.flow",

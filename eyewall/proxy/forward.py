@@ -28,6 +28,7 @@ from eyewall.addons.runner import AddonFailed
 from eyewall.errors import ErrorKind, ProxyError
 from eyewall.http1 import fields as wire
 from eyewall.http1 import framing as rules
+from eyewall.http1.chunked import ChunkedDecoder
 from eyewall.http1.framing import BodyKind, Framing
 from eyewall.http1.parse import ParseError, RequestHead, ResponseHead
 from eyewall.http1.response import parse_response_head
@@ -94,7 +95,9 @@ class Exchange:
         self.conn = conn
         self.hf = hf  # what addons see, when any are loaded
         self.body: bytes | None = None  # a request body read whole (for addons)
-        self.resume: tuple[bytes, int] | None = None  # (read prefix, resume) if too big
+        self.resume: tuple[bytes, int | ChunkedDecoder] | None = (
+            None  # (read prefix, resume) if too big
+        )
         self.head = head
         self.target = target
         self.flow = flow
@@ -225,7 +228,8 @@ class Exchange:
                     if prefix:
                         self.sent.count += len(prefix)
                         await up.stream.write(b"%x\r\n%s\r\n" % (len(prefix), prefix))
-                    await bodies.copy_chunked(src, up.stream, True, self.sent, limit, resume)
+                    decoder = resume if isinstance(resume, ChunkedDecoder) else None
+                    await bodies.copy_chunked(src, up.stream, True, self.sent, limit, decoder)
             elif framing.kind is BodyKind.LENGTH:
                 await bodies.copy_length(src, up.stream, framing.length, self.sent)
             else:
@@ -295,7 +299,9 @@ class Exchange:
         client, origin = conn.stream, up.stream
         hf = self.hf
         buffered: bytes | None = None  # a whole body an addon read (and may have changed)
-        prefix, resume = b"", 0  # a body too big for an addon: what was read, where to go on
+        # A body too big for an addon: what was read, where to go on.
+        prefix: bytes = b""
+        resume: int | ChunkedDecoder = 0
         if hf is not None:
             hf.response = Response(response)
             await proxy.addons.call("responseheaders", hf)
@@ -373,7 +379,8 @@ class Exchange:
                 await bodies.copy_length(origin, client, framing.length, meter)
             elif framing.kind is BodyKind.CHUNKED:
                 limit = proxy.settings.limits.max_header_size
-                await bodies.copy_chunked(origin, client, chunked, meter, limit, max(resume, 0))
+                decoder = resume if isinstance(resume, ChunkedDecoder) else None
+                await bodies.copy_chunked(origin, client, chunked, meter, limit, decoder)
             else:
                 await bodies.copy_until_close(origin, client, chunked, meter)
         if hf is not None and buffered is None:
