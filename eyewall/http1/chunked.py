@@ -78,14 +78,17 @@ class ChunkedDecoder:
 
     @property
     def done(self) -> bool:
+        """The last chunk and the trailer section have been read."""
         return self._state == _DONE
 
     @property
     def in_line(self) -> bool:
+        """A chunk-size line or the trailer section is being read (see the class)."""
         return self._state in (_SIZE, _TRAILERS)
 
     @property
     def wanted(self) -> int:
+        """At most this many more bytes are useful now (0 once done; see the class)."""
         state = self._state
         if state == _DATA:
             return self._remaining + 2

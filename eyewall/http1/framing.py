@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 from eyewall.http1.methods import REGISTERED
 from eyewall.http1.parse import ParseError, RequestHead, ResponseHead
@@ -20,6 +20,7 @@ __all__ = [
     "BodyKind",
     "Framing",
     "body_framing",
+    "content_length",
     "downstream_framing",
     "is_idempotent",
     "keep_alive",
@@ -93,6 +94,10 @@ def content_length(values: list[str], status: int = 400) -> int:
     return seen.pop()
 
 
+@overload
+def body_framing(head: RequestHead, request_method: None = None) -> Framing: ...
+@overload
+def body_framing(head: ResponseHead, request_method: str) -> Framing: ...
 def body_framing(head: RequestHead | ResponseHead, request_method: str | None = None) -> Framing:
     """How the body of ``head`` is delimited: RFC 9112 §6.3, rule by rule.
 
@@ -102,9 +107,11 @@ def body_framing(head: RequestHead | ResponseHead, request_method: str | None = 
     repairing what it lets a recipient repair: errors carry status 502.
     """
     if request_method is None:
-        assert isinstance(head, RequestHead)
+        if not isinstance(head, RequestHead):
+            raise TypeError("a response needs the method of its request")
         return _request_framing(head)
-    assert isinstance(head, ResponseHead)
+    if not isinstance(head, ResponseHead):
+        raise TypeError("request_method is for responses")
     status = head.status
     # 1. A response to HEAD, and any 1xx, 204 or 304 response, ends with its head.
     if request_method == "HEAD" or status < 200 or status in (204, 304):

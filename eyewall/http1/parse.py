@@ -27,6 +27,8 @@ __all__ = [
     "ParseError",
     "RequestHead",
     "ResponseHead",
+    "check_field",
+    "match_fields",
     "parse_chunk_size",
     "parse_fields",
     "parse_request_head",

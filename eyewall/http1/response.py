@@ -36,7 +36,7 @@ import re
 
 from eyewall.http1.parse import Headers, ParseError, ResponseHead, match_fields
 
-__all__ = ["MAX_REPAIRS", "parse_response_head"]
+__all__ = ["MAX_REPAIRS", "parse_response_head", "repair_response_head"]
 
 MAX_REPAIRS = 10  # repairs listed one by one; more are counted in a last entry
 
@@ -66,10 +66,27 @@ def parse_response_head(data: bytes) -> ResponseHead:
     return repair_response_head(text)
 
 
+class _Repairs(list[str]):
+    """The repairs made so far: the first `MAX_REPAIRS` - 1 kept, the rest counted."""
+
+    more = 0
+
+    def append(self, repair: str) -> None:
+        if len(self) < MAX_REPAIRS:
+            super().append(repair)
+        else:
+            self.more += 1
+
+    def summary(self) -> tuple[str, ...]:
+        if not self.more:
+            return tuple(self)
+        return (*self[: MAX_REPAIRS - 1], f"and {self.more + 1} more repairs")
+
+
 def repair_response_head(text: str) -> ResponseHead:
     """The slow path of `parse_response_head` over the decoded head: every line checked
     and repaired one by one.  A valid head gives the same result as the fast path."""
-    repairs: list[str] = []
+    repairs = _Repairs()
     end = text.find("\n")
     m = _LENIENT_STATUS.fullmatch(text[:end].removesuffix("\r")) if end != -1 else None
     if m is None:
@@ -90,10 +107,8 @@ def repair_response_head(text: str) -> ResponseHead:
         repairs.append(f"status {status} is outside 100-599 (clients treat it as 5xx)")
     reason = _clean(reason, "the reason phrase", repairs, framing=False)
     fields = _repair_fields(text, end + 1, repairs)
-    if len(repairs) > MAX_REPAIRS:
-        repairs[MAX_REPAIRS - 1 :] = [f"and {len(repairs) - MAX_REPAIRS + 1} more repairs"]
     version = "HTTP/1.0" if minor == "0" else "HTTP/1.1"
-    return ResponseHead(version, status, reason, Headers(fields), tuple(repairs))
+    return ResponseHead(version, status, reason, Headers(fields), repairs.summary())
 
 
 def _repair_fields(text: str, pos: int, repairs: list[str]) -> list[tuple[str, str]]:
