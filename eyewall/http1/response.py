@@ -4,29 +4,32 @@ Requests are parsed strictly (`parse_request_head`): a request the proxy and the
 read differently is a smuggled request.  A faulty response head is another matter: the
 origin is the proxy's own peer, RFC 9112 tells a proxy to repair some faults before
 forwarding, and refusing what a direct client reads turns a working site into a 502.
-Each fault is decided on its own, by the RFC section or by what curl does with the
-same bytes from a raw origin (`tests/test_origin_responses.py`; the table is in
-docs/http.md):
+Each fault is decided on its own, by the RFC section or by what direct clients do with
+the same bytes from a raw origin: curl (`tests/test_origin_responses.py`) and Chromium
+(the table in docs/http.md has both):
 
 ================================================  ==========================================
 fault                                             decision
 ================================================  ==========================================
 whitespace between field name and colon           removed (§5.1 tells a proxy to)
 obs-fold (a line starting with SP or HTAB)        replaced by one SP (§5.2)
+such lines right after the status line            dropped (§2.2 allows it; Chromium too)
 bare CR in a value or the reason phrase           replaced by SP (§2.2)
-other controls (not NUL) in a value or reason     kept (RFC 9110 §5.5 allows it; curl too)
-a field name that is not a token, an empty name   field dropped (curl reads on)
-``http/1.1``, spaces before the status code,      accepted (curl reads them)
-no space before the reason, status 600-999
-NUL anywhere                                      502 (RFC 9110 §5.5; curl refuses)
-a line without a colon                            502 (curl refuses)
-whitespace before the first field line            502 (§2.2 allows refusing; curl refuses)
+other controls (not NUL) in a value or reason     kept (RFC 9110 §5.5 allows it; both clients)
+a field name that is not a token, an empty name,  line dropped (Chromium drops it; curl
+a line without a colon                            refuses only the colon-less line)
+``http/1.1``, tabs or spaces before the status    accepted (Chromium reads all of them, curl
+code, no space before the reason, status          all but the tab)
+600-999, ``HTTP/2.0`` and ``HTTP/3.0`` (read
+as 1.1)
+NUL anywhere                                      502 (RFC 9110 §5.5; both clients refuse)
 ================================================  ==========================================
 
 Framing stays unambiguous: any repair that would touch Content-Length or
-Transfer-Encoding (a fold, whitespace before the colon, a bare CR, a dropped name that
-reads as one of them once spaces and controls are ignored) is a 502 instead, because
-recipients disagree about such a field and so about where the body ends.  Every repair
+Transfer-Encoding (a fold, whitespace before the colon, a bare CR, a dropped line that
+reads as one of them once everything but letters is ignored) is a 502 instead, because
+recipients disagree about such a field and so about where the body ends (curl ignores
+``Content-Length : 2``, Chromium obeys it).  Every repair
 is listed in `ResponseHead.repairs` for the caller to log.
 """
 
@@ -42,7 +45,7 @@ MAX_REPAIRS = 10  # repairs listed one by one; more are counted in a last entry
 
 _STATUS_LINE = re.compile(r"HTTP/1\.([0-9]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r?\n")
 _LENIENT_STATUS = re.compile(
-    r"([Hh][Tt][Tt][Pp])/([0-9])\.([0-9])( +)([0-9]{3})(?![0-9])( ?)(.*)", re.DOTALL
+    r"([Hh][Tt][Tt][Pp])/([0-9])\.([0-9])([ \t]+)([0-9]{3})(?![0-9])( ?)(.*)", re.DOTALL
 )
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
@@ -93,14 +96,18 @@ def repair_response_head(text: str) -> ResponseHead:
         raise ParseError("malformed status line", 502)
     name, major, minor, gap, code, space, reason = m.groups()
     status = int(code)
-    if major != "1":
-        raise ParseError(f"HTTP/{major} status line on an HTTP/1.1 connection", 502)
+    if major not in "123":
+        raise ParseError(f"HTTP/{major} status line", 502)
     if status < 100:
         raise ParseError("malformed status line", 502)
     if name != "HTTP":
         repairs.append(f"status line: {name} read as HTTP")
+    if major != "1":
+        # Both curl and browsers read such a line from an HTTP/1.1 connection as 1.1.
+        repairs.append(f"status line: HTTP/{major}.{minor} read as HTTP/1.1")
+        minor = "1"
     if gap != " ":
-        repairs.append("status line: several spaces before the status code")
+        repairs.append(f"status line: {gap!r} before the status code")
     if reason and not space:
         repairs.append("status line: no space before the reason phrase")
     if status > 599:
@@ -123,12 +130,15 @@ def _repair_fields(text: str, pos: int, repairs: list[str]) -> list[tuple[str, s
         if not line:
             raise ParseError("empty line inside the header section", 502)
         if line[0] in " \t":
-            # RFC 9112 §5.2: a proxy replaces obs-fold with SP before forwarding.
+            if not fields and not dropped:
+                # RFC 9112 §2.2: whitespace-preceded lines right after the start line
+                # are refused or ignored, with the lines folded onto them.
+                _drop(line, "line starting with whitespace before the first field", repairs)
+                dropped = True
+                continue
             if dropped:
                 continue
-            if not fields:
-                # RFC 9112 §2.2: reject, or ignore such lines; curl rejects.
-                raise ParseError("whitespace before the first header field", 502)
+            # RFC 9112 §5.2: a proxy replaces obs-fold with SP before forwarding.
             name, value = fields[-1]
             if name.lower() in _FRAMING:
                 raise ParseError(f"obs-fold in {name}", 502)
@@ -138,16 +148,13 @@ def _repair_fields(text: str, pos: int, repairs: list[str]) -> list[tuple[str, s
             continue
         name, colon, value = line.partition(":")
         if not colon:
-            raise ParseError("header line without a colon", 502)
+            _drop(line, "line without a colon", repairs)
+            dropped = True
+            continue
         stripped = name.rstrip(" \t")
         if not _TOKEN.fullmatch(stripped):
-            if _NOT_LETTERS.sub("", name.lower()) in ("contentlength", "transferencoding"):
-                raise ParseError("malformed Content-Length or Transfer-Encoding name", 502)
-            repairs.append(
-                f"field with invalid name {stripped[:40]!r} dropped"
-                if stripped
-                else "field with an empty name dropped"
-            )
+            what = f"field with invalid name {stripped[:40]!r}" if stripped else "empty field name"
+            _drop(name, what, repairs)
             dropped = True
             continue
         dropped = False
@@ -160,6 +167,15 @@ def _repair_fields(text: str, pos: int, repairs: list[str]) -> list[tuple[str, s
         value = _clean(value, f"header {stripped}", repairs, framing)
         fields.append((stripped, value.strip(" \t")))
     return fields
+
+
+def _drop(text: str, what: str, repairs: list[str]) -> None:
+    """Note a line dropped for being ``what``, unless ``text`` (its name part) reads as
+    Content-Length or Transfer-Encoding once everything but letters is ignored: some
+    recipient may take it for that field, so the framing would be ambiguous."""
+    if _NOT_LETTERS.sub("", text.lower()).startswith(("contentlength", "transferencoding")):
+        raise ParseError(f"{what} that may be Content-Length or Transfer-Encoding", 502)
+    repairs.append(f"{what} dropped")
 
 
 def _clean(value: str, where: str, repairs: list[str], framing: bool) -> str:
