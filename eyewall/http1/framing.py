@@ -145,7 +145,7 @@ def body_framing(head: RequestHead | ResponseHead, request_method: str | None = 
                 )
         if final < len(codings):
             # 3. chunked is the final coding: read chunks.  A repeated final chunked is
-            # decoded once, as curl does (RFC 9112 §6.1 forbids sending it twice).
+            # decoded once, as curl and Chromium do (RFC 9112 §6.1 forbids sending it twice).
             return Framing(BodyKind.CHUNKED, 0, kept)
         # 4. Transfer-Encoding without a final chunked: read until the origin closes.
         return Framing(BodyKind.CLOSE, 0, kept)
