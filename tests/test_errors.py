@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from eyewall.http1.parse import parse_response_head
+from eyewall.http1.response import parse_response_head
 from tests.conftest import raw_request, read_response
 
 
@@ -125,11 +125,13 @@ def test_unresolvable_name_is_502_with_the_reason(proxy, still_serving):
 @pytest.mark.parametrize(
     "response",
     [
-        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
         b"HTTP/1.1 2000 OK\r\n\r\n",
         b"ICY 200 OK\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx",
-        b"HTTP/1.1 200 OK\r\nBad Header: x\r\n folded\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length 1\r\n\r\nx",
+        b"HTTP/1.1 200 OK\r\nContent-Length : 1\r\n\r\nx",
         b"HTTP/2 200\r\n\r\n",
     ],
 )

@@ -21,10 +21,21 @@ ROOT = Path(__file__).resolve().parent.parent
 PURE = [
     "eyewall.http1.parse",
     "eyewall.http1.target",
-    "eyewall.http1.message",
+    "eyewall.http1.framing",
+    "eyewall.http1.fields",
+    "eyewall.http1.methods",
+    "eyewall.http1.response",
+    "eyewall.http1.chunked",
     "eyewall.errors",
     "eyewall.config",
     "eyewall.flow",
+    "eyewall.policy.admission",
+    "eyewall.policy.auth",
+    "eyewall.policy.engine",
+    "eyewall.policy.limits",
+    "eyewall.policy.networks",
+    "eyewall.policy.rules",
+    "eyewall.policy.state",
 ]
 # Modules of the package that are allowed to use Tornado; a pure module importing one of
 # them would pull Tornado in.

@@ -1,13 +1,17 @@
-"""Parsing of HTTP/1.1 message heads, chunk-size lines and trailers (RFC 9112).
+"""Request heads, field sections, chunk-size lines and the `Headers` container
+(RFC 9112 §2-§7).
 
 Pure functions over complete byte strings: the I/O layer reads a whole head (up to the
 blank line) and hands it here.  Each function returns a value or raises `ParseError`;
 nothing else escapes (the fuzz tests hold the module to that contract).
 
-Leniency, on purpose and nowhere else: a bare LF is accepted as a line end (RFC 9112
-§2.2 allows it) and the reason phrase of a status line may be missing.  Everything that
-lets two parsers disagree about where a message ends is refused: obs-fold, whitespace
-before a colon, control characters and bare CR in values, malformed chunk sizes.
+Requests are parsed strictly, because a request the proxy and the origin read
+differently is a smuggled request.  Leniency, on purpose and nowhere else: a bare LF is
+accepted as a line end and one empty line before the request line is skipped (RFC 9112
+§2.2).  Refused with 400: obs-fold, whitespace before a colon, control characters and
+bare CR in values, a case-variant of a registered method (see `methods`), malformed
+chunk sizes.  Responses from origins are read by `eyewall.http1.response`, which
+repairs what RFC 9112 tells a proxy to repair.
 """
 
 from __future__ import annotations
@@ -16,15 +20,18 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from eyewall.http1.methods import REGISTERED, canonical_method
+
 __all__ = [
     "Headers",
     "ParseError",
     "RequestHead",
     "ResponseHead",
+    "check_field",
+    "match_fields",
     "parse_chunk_size",
     "parse_fields",
     "parse_request_head",
-    "parse_response_head",
 ]
 
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
@@ -39,7 +46,6 @@ _FIELD = re.compile(
 )
 _REQUEST_LINE = re.compile(rf"({_TOKEN}) ([\x21-\x7e]+) HTTP/1\.([0-9])\r?\n")
 _ANY_VERSION = re.compile(r"\S+ \S+ HTTP/([0-9])(?:\.[0-9])?\r?\n")
-_STATUS_LINE = re.compile(rf"HTTP/1\.([0-9]) ([1-5][0-9][0-9])(?: ({_VALUE_CHARS}*))?\r?\n")
 _CHUNK_SIZE = re.compile(rf"([0-9A-Fa-f]{{1,16}})[ \t]*(?:;{_VALUE_CHARS}*)?\r?\n")
 _TOKEN_RE = re.compile(_TOKEN)
 
@@ -59,31 +65,35 @@ class ParseError(ValueError):
 class Headers:
     """An ordered list of header fields that keeps names as received.
 
-    Lookups ignore case; repeated fields (``Set-Cookie``) stay separate lines.
-    ``index`` maps lower-cased names to their values and ``keys`` lists the lower-cased
-    names in order; both are rebuilt by every method that changes the fields (change
-    ``fields`` only through the methods).
+    ``fields`` holds ``(name, value)`` pairs in order; lookups ignore case; repeated
+    fields (``Set-Cookie``) stay separate lines.  ``index`` maps each lower-cased name to
+    its value, or to the list of its values in order when the name occurs more than
+    once (one string per name keeps a head of many short fields small): use it for
+    membership tests, and `get`, `get_all` or `tokens` for values.  Both are kept in
+    step by `add`, `set` and `remove`, which update the index in place (an `add` costs
+    O(1), a `set` or `remove` of a present name one pass over the fields): change
+    ``fields`` only through them.  Methods that add a field raise ``ValueError`` for one
+    that could not be written out (see `check_field`).
     """
 
-    __slots__ = ("_tokens", "fields", "index", "keys")
+    __slots__ = ("_tokens", "fields", "index")
 
     def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
         self.fields: list[tuple[str, str]] = list(fields)
-        self._reindex()
-
-    def _reindex(self) -> None:
-        index: dict[str, list[str]] = {}
-        keys: list[str] = []
-        for n, v in self.fields:
-            key = n.lower()
-            keys.append(key)
-            if key in index:
-                index[key].append(v)
+        index: dict[str, str | list[str]] = {}
+        for name, value in self.fields:
+            key = name.lower()
+            if key == name:
+                key = name  # one string for both when the name is lower-case already
+            values = index.get(key)
+            if values is None:
+                index[key] = value
+            elif isinstance(values, str):
+                index[key] = [values, value]
             else:
-                index[key] = [v]
+                values.append(value)
         self.index = index
-        self.keys = keys
-        self._tokens: dict[str, list[str]] = {}
+        self._tokens: dict[str, list[str]] | None = None
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self.fields)
@@ -101,37 +111,65 @@ class Headers:
         return f"Headers({self.fields!r})"
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        """The first value of ``name``, or ``default``."""
+        """The first value of ``name`` (any case), or ``default``."""
         values = self.index.get(name.lower())
-        return values[0] if values else default
+        if values is None:
+            return default
+        return values if isinstance(values, str) else values[0]
 
     def get_all(self, name: str) -> list[str]:
-        return self.index.get(name.lower(), [])
+        """Every value of ``name`` (any case) in order; empty if there is none."""
+        values = self.index.get(name.lower())
+        if values is None:
+            return []
+        return [values] if isinstance(values, str) else list(values)
 
     def tokens(self, name: str) -> list[str]:
-        """Comma-separated list elements of every ``name`` line, lower-cased."""
+        """The comma-separated list elements of every ``name`` line, stripped of
+        whitespace and lower-cased; empty elements are skipped (RFC 9110 §5.6.1).
+        Cached until ``name`` changes."""
         key = name.lower()
-        cached = self._tokens.get(key)
-        if cached is not None:
-            return cached
+        cache = self._tokens
+        if cache is None:
+            cache = self._tokens = {}
+        else:
+            cached = cache.get(key)
+            if cached is not None:
+                return cached
         out = []
-        for value in self.index.get(key, ()):
+        values = self.index.get(key, ())
+        for value in (values,) if isinstance(values, str) else values:
             for token in value.split(","):
                 token = token.strip(" \t")
                 if token:
                     out.append(token.lower())
-        self._tokens[key] = out
+        cache[key] = out
         return out
 
     def add(self, name: str, value: str) -> None:
+        """Append a field line."""
         check_field(name, value)
         self.fields.append((name, value))
-        self._reindex()
+        key = name.lower()
+        values = self.index.get(key)
+        if values is None:
+            self.index[key] = value
+        elif isinstance(values, str):
+            self.index[key] = [values, value]
+        else:
+            values.append(value)
+        self._forget(key)
 
     def set(self, name: str, value: str) -> None:
-        """Replace every ``name`` line by one line, keeping the first one's place."""
+        """Replace every ``name`` line by one line, keeping the first one's place (or
+        appending it when there is none)."""
         check_field(name, value)
         key = name.lower()
+        self._forget(key)
+        if key not in self.index:
+            self.fields.append((name, value))
+            self.index[key] = value
+            return
         out: list[tuple[str, str]] = []
         placed = False
         for n, v in self.fields:
@@ -140,22 +178,25 @@ class Headers:
             elif not placed:
                 out.append((name, value))
                 placed = True
-        if not placed:
-            out.append((name, value))
         self.fields = out
-        self._reindex()
+        self.index[key] = value
 
     def remove(self, name: str) -> None:
+        """Remove every ``name`` line (nothing happens if there is none)."""
         key = name.lower()
+        if self.index.pop(key, None) is None:
+            return
         self.fields = [(n, v) for n, v in self.fields if n.lower() != key]
-        self._reindex()
+        self._forget(key)
 
-    def copy(self) -> Headers:
-        return Headers(self.fields)
+    def _forget(self, key: str) -> None:
+        if self._tokens is not None:
+            self._tokens.pop(key, None)
 
 
 def check_field(name: str, value: str) -> None:
-    """Refuse a field that would break the framing when written out."""
+    """Refuse (ValueError) a field that would break the head when written out: a name
+    that is not a token, a value with CR, LF or NUL (RFC 9110 §5.1, §5.5)."""
     if not _TOKEN_RE.fullmatch(name):
         raise ValueError(f"invalid header name {name!r}")
     if "\r" in value or "\n" in value or "\0" in value:
@@ -164,32 +205,65 @@ def check_field(name: str, value: str) -> None:
 
 @dataclass(slots=True)
 class RequestHead:
+    """A parsed request line and header section.
+
+    ``target`` is the request-target exactly as sent (see `eyewall.http1.target`);
+    ``version`` is ``"HTTP/1.0"`` or ``"HTTP/1.1"`` (a higher 1.x minor reads as 1.1,
+    RFC 9112 §2.3).
+    """
+
     method: str
     target: str
-    version: str  # "HTTP/1.0" or "HTTP/1.1"
+    version: str
     headers: Headers
 
 
 @dataclass(slots=True)
 class ResponseHead:
+    """A parsed status line and header section.
+
+    ``version`` as for `RequestHead`; ``status`` is 100-999 (600-999 are invalid codes
+    a client treats as 5xx, RFC 9110 §15); ``reason`` may be empty.  ``repairs`` lists,
+    in plain words, what the parser changed or dropped to read an origin's faulty head
+    (see `eyewall.http1.response`), for the caller to log; empty for a valid head.
+    """
+
     version: str
     status: int
     reason: str
     headers: Headers
+    repairs: tuple[str, ...] = ()
 
 
-def parse_fields(text: str, pos: int = 0) -> Headers:
-    """Parse field lines from ``pos`` through the terminating empty line."""
-    fields = _FIELD.findall(text, pos)
+def match_fields(text: str, pos: int = 0) -> list[tuple[str, str]] | None:
+    """The valid field lines of ``text`` from ``pos`` through the terminating empty line,
+    as ``(name, value)`` pairs; None if any line there is not a valid field line or
+    the section does not end with an empty line (RFC 9112 §5)."""
+    fields: list[tuple[str, str]] = _FIELD.findall(text, pos)
     if len(fields) != text.count("\n", pos) - 1 or not (
         text.endswith("\n\r\n") or text.endswith("\n\n") or text[pos:] in ("\r\n", "\n")
     ):
-        raise ParseError(_describe_bad_fields(text, pos))
+        return None
+    return fields
+
+
+def parse_fields(text: str, pos: int = 0, status: int = 400) -> Headers:
+    """Parse the field lines of ``text`` from ``pos`` through the terminating empty line
+    (a header or trailer section, RFC 9112 §5); ParseError with ``status`` names the
+    first fault."""
+    fields = match_fields(text, pos)
+    if fields is None:
+        raise ParseError(_describe_bad_fields(text, pos), status)
     return Headers(fields)
 
 
 def parse_request_head(data: bytes) -> RequestHead:
-    """Parse a request line and its header fields (the bytes end with the empty line)."""
+    """Parse a request line and its header section; ``data`` ends with the empty line.
+
+    ParseError: 505 for an HTTP major version other than 1, 400 for anything else
+    malformed, including a method that is a case-variant of a registered one
+    (RFC 9110 §9.1: ``get`` is not GET, but many origins would serve it as GET).
+    """
     text = data.decode("latin-1")
     # RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request.
     start = 2 if text.startswith("\r\n") else 1 if text.startswith("\n") else 0
@@ -199,21 +273,19 @@ def parse_request_head(data: bytes) -> RequestHead:
         if v is not None and v.group(1) != "1":
             raise ParseError("HTTP version not supported", 505)
         raise ParseError("malformed request line")
+    method = m.group(1)
+    if method not in REGISTERED:
+        canonical = canonical_method(method)
+        if canonical is not None:
+            raise ParseError(f"method names are case-sensitive: send {canonical}, not {method}")
     version = "HTTP/1.0" if m.group(3) == "0" else "HTTP/1.1"
-    return RequestHead(m.group(1), m.group(2), version, parse_fields(text, m.end()))
-
-
-def parse_response_head(data: bytes) -> ResponseHead:
-    text = data.decode("latin-1")
-    m = _STATUS_LINE.match(text)
-    if m is None:
-        raise ParseError("malformed status line")
-    version = "HTTP/1.0" if m.group(1) == "0" else "HTTP/1.1"
-    return ResponseHead(version, int(m.group(2)), m.group(3) or "", parse_fields(text, m.end()))
+    return RequestHead(method, m.group(2), version, parse_fields(text, m.end()))
 
 
 def parse_chunk_size(line: bytes) -> int:
-    """The size from a chunk-size line (extensions are dropped)."""
+    """The chunk size in bytes from one chunk-size line with its line end (RFC 9112
+    §7.1): 1-16 hex digits, optional whitespace and extensions (dropped).  ParseError
+    (400) for anything else: a sign, ``0x``, no digits, more than 16 digits."""
     m = _CHUNK_SIZE.fullmatch(line.decode("latin-1"))
     if m is None:
         raise ParseError("malformed chunk size line")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from eyewall.http1.parse import ParseError
 
-__all__ = ["Target", "TargetError", "parse_authority", "parse_target"]
+__all__ = ["Target", "TargetError", "parse_authority", "parse_target", "redact_userinfo"]
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # Labels of letters, digits, "-" and "_", not starting or ending with "-"; one trailing
@@ -29,8 +29,12 @@ _SIMPLE_ABSOLUTE = re.compile(
 )
 
 
+_AUTHORITY_END = re.compile(r"[/?#\\]")  # WHATWG URL parsers also end it at a backslash
+
+
 class TargetError(ParseError):
-    """A target the proxy cannot use; ``origin_form`` marks a request sent as to a server."""
+    """A target the proxy cannot use (status 400); ``origin_form`` marks a request sent
+    as to a server (origin-form or ``*``) rather than to a proxy."""
 
     def __init__(self, message: str, origin_form: bool = False) -> None:
         super().__init__(message, 400)
@@ -39,19 +43,17 @@ class TargetError(ParseError):
 
 @dataclass(frozen=True, slots=True)
 class Target:
+    """Where a request goes, and the request-target to send there.
+
+    ``path`` is the origin-form for the next hop, byte for byte (``*`` for an OPTIONS
+    to an empty path and no query, RFC 9112 §3.2.4), and "" for CONNECT.
+    """
+
     scheme: str  # "http", "https", or "" for a CONNECT authority
     host: str  # lower-case name or IP literal, IPv6 without brackets
     port: int
     authority: str  # host[:port] as it goes in the Host field (brackets kept)
     path: str  # origin-form for the next hop; "" for CONNECT
-
-    @property
-    def is_ip_literal(self) -> bool:
-        try:
-            ipaddress.ip_address(self.host)
-        except ValueError:
-            return False
-        return True
 
     def url(self) -> str:
         """The target written back as a URL (for logs and records)."""
@@ -61,6 +63,14 @@ class Target:
 
 
 def parse_target(method: str, target: str) -> Target:
+    """The `Target` of a request sent to a forward proxy (RFC 9112 §3.2).
+
+    CONNECT takes authority-form ``host:port``; every other method absolute-form
+    ``http[s]://host[:port][path][?query]``; the scheme and host are case-insensitive.
+    An empty path becomes ``/``, or ``*`` for OPTIONS without a query (§3.2.1, §3.2.4).
+    TargetError (400) for anything else, with ``origin_form`` set for origin-form and
+    ``*`` targets.
+    """
     if method == "CONNECT":
         return parse_authority(target, require_port=True)
     if target.startswith("/") or target == "*":
@@ -99,7 +109,10 @@ def parse_target(method: str, target: str) -> Target:
 def parse_authority(
     authority: str, default_port: int | None = None, require_port: bool = False
 ) -> Target:
-    """Parse ``host[:port]``; userinfo is refused (RFC 9110 §4.2.4)."""
+    """Parse ``host[:port]`` (a reg-name, IPv4 or bracketed IPv6 literal) into a `Target`
+    with no scheme and no path.  ``default_port`` stands in for a missing port unless
+    ``require_port``.  TargetError (400) for userinfo (RFC 9110 §4.2.4), zone
+    identifiers, invalid hosts and ports outside 1-65535."""
     if "@" in authority:
         raise TargetError("userinfo in target authority")
     if authority.startswith("["):
@@ -138,3 +151,35 @@ def parse_authority(
     else:
         port = default_port
     return Target("", host, port, shown, "")
+
+
+def redact_userinfo(text: str) -> str:
+    """``text`` with the userinfo of every URL in it replaced by ``***`` (for logs).
+
+    Works on any string, valid or not: in each authority (from ``://`` to the first
+    ``/``, ``?``, ``#`` or backslash) everything up to the last ``@`` goes, so a password
+    holding an ``@`` or spaces goes too.  Text without ``://`` is taken as an
+    authority-form target (``user:pw@host:443``) unless it starts with ``/`` or ``*``.
+    Linear in the length of ``text``; text without ``@`` comes back as it is.
+    """
+    if "@" not in text:
+        return text
+    start = text.find("://")
+    if start == -1:
+        if text.startswith(("/", "*")):
+            return text
+        start = -3  # the whole text is an authority
+    parts = []
+    pos = 0
+    while start != -1:
+        begin = start + 3
+        found = _AUTHORITY_END.search(text, begin)
+        end = found.start() if found is not None else len(text)
+        at = text.rfind("@", begin, end)
+        if at != -1:
+            parts.append(text[pos:begin])
+            parts.append("***")
+            pos = at
+        start = text.find("://", end)
+    parts.append(text[pos:])
+    return "".join(parts)

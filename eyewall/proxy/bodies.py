@@ -4,6 +4,8 @@ Every write is awaited before the next read, so a slow reader on one side stops 
 reading on the other: memory per transfer stays at one buffer.  Each piece read is
 counted in a `Meter`; the body-idle limit watches those counts (and the streams' own
 write counts), so a slow but steady transfer is never mistaken for a stalled one.
+Chunked bodies are decoded by `eyewall.http1.chunked.ChunkedDecoder`, read only as
+far as its hints say, so nothing past the body's end is ever consumed.
 
 The functions raise what the streams raise (`StreamClosedError`) and `ParseError` for
 broken chunked framing; the caller decides which side was at fault.
@@ -11,11 +13,13 @@ broken chunked framing; the caller decides which side was at fault.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from tornado.iostream import IOStream, StreamClosedError
 
-from eyewall.http1.message import HOP_BY_HOP
-from eyewall.http1.parse import ParseError, parse_chunk_size, parse_fields
-from eyewall.proxy.streams import LINE_END, TRAILERS_END, complete, read_block
+from eyewall.http1.chunked import ChunkedDecoder, encode_chunk, last_chunk
+from eyewall.http1.fields import HOP_BY_HOP
+from eyewall.proxy.streams import LINE_END, read_block
 
 __all__ = ["Meter", "copy_chunked", "copy_length", "copy_until_close", "read_upto"]
 
@@ -44,10 +48,6 @@ class Meter:
             capture += data[:room]
 
 
-def _chunk(data: bytes | memoryview) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
 async def _copy_pieces(
     src: IOStream, dst: IOStream, remaining: int, chunked: bool, meter: Meter
 ) -> None:
@@ -59,47 +59,44 @@ async def _copy_pieces(
         meter.count += len(piece)
         if meter.capture is not None:
             meter.keep(piece)
-        await dst.write(_chunk(piece) if chunked else piece)
+        await dst.write(encode_chunk(piece) if chunked else piece)
 
 
-async def _copy_chunk_data(
-    src: IOStream, dst: IOStream, size: int, chunked: bool, meter: Meter
-) -> int:
-    """Move one chunk's data and check the CRLF after it."""
-    await _copy_pieces(src, dst, size, chunked, meter)
-    end = await read_block(src, LINE_END, CHUNK_LINE_LIMIT)
-    if end not in (b"\r\n", b"\n"):
-        raise ParseError("chunk data not followed by CRLF")
-    return size
+def _read_chunked(src: IOStream, decoder: ChunkedDecoder) -> Awaitable[bytes]:
+    """The next bytes of a chunked body, as the decoder's hints say: never past its end."""
+    if decoder.in_line:
+        return read_block(src, LINE_END, decoder.wanted)
+    return src.read_bytes(min(decoder.wanted, PIECE), partial=True)
 
 
-async def _read_exactly(src: IOStream, n: int, meter: Meter, parts: list[bytes]) -> None:
+async def _read_exactly(src: IOStream, n: int, meter: Meter) -> bytes:
+    parts = []
     while n:
         piece = await src.read_bytes(min(n, PIECE), partial=True)
         n -= len(piece)
         meter.count += len(piece)
         parts.append(piece)
+    return b"".join(parts)
 
 
 async def read_upto(
     src: IOStream, kind: str, length: int, limit: int, trailer_limit: int, meter: Meter
-) -> tuple[bytes, int | None]:
+) -> tuple[bytes, int | ChunkedDecoder | None]:
     """Read a whole body into memory if it fits in ``limit`` bytes (for addons),
     counting what is read in ``meter`` (which does not capture: the caller does).
 
     Returns ``(body, None)`` when complete.  Otherwise ``(prefix, resume)``: for a
     fixed length, nothing was read (``resume`` is the length); for chunked framing,
-    ``prefix`` is the data of the complete chunks read and ``resume`` the size of the
-    chunk whose size line was read but not its data (give it to `copy_chunked`); for
-    a close-delimited body, ``prefix`` is what was read and ``resume`` is -1.
-    Raises StreamClosedError if ``src`` ends early, ParseError for broken chunking.
+    ``prefix`` is the data decoded so far (up to one read past ``limit``) and
+    ``resume`` the decoder to give `copy_chunked`; for a close-delimited body,
+    ``prefix`` is what was read and ``resume`` is -1.  Raises StreamClosedError if
+    ``src`` ends early, ParseError for broken chunking.
     """
-    parts: list[bytes] = []
     if kind == "length":
         if length > limit:
             return b"", length
-        await _read_exactly(src, length, meter, parts)
-        return b"".join(parts), None
+        return await _read_exactly(src, length, meter), None
+    parts: list[bytes] = []
     size_so_far = 0
     if kind == "close":
         while size_so_far <= limit:
@@ -111,23 +108,16 @@ async def read_upto(
             parts.append(piece)
             size_so_far += len(piece)
         return b"".join(parts), -1
-    while True:
-        size_line = await read_block(src, LINE_END, CHUNK_LINE_LIMIT)
-        if not complete(size_line):
-            raise ParseError("chunk size line too long")
-        size = parse_chunk_size(size_line)
-        if size == 0:
-            block = await read_block(src, TRAILERS_END, trailer_limit)
-            if not complete(block):
-                raise ParseError("trailer section too large")
-            return b"".join(parts), None
-        if size_so_far + size > limit:
-            return b"".join(parts), size
-        await _read_exactly(src, size, meter, parts)
-        size_so_far += size
-        end = await read_block(src, LINE_END, CHUNK_LINE_LIMIT)
-        if end not in (b"\r\n", b"\n"):
-            raise ParseError("chunk data not followed by CRLF")
+    decoder = ChunkedDecoder(CHUNK_LINE_LIMIT, trailer_limit)
+    while not decoder.done:
+        data = await _read_chunked(src, decoder)
+        meter.count += len(data)
+        for part in decoder.feed(data):
+            parts.append(bytes(part))
+            size_so_far += len(part)
+        if size_so_far > limit and not decoder.done:
+            return b"".join(parts), decoder
+    return b"".join(parts), None
 
 
 async def copy_length(src: IOStream, dst: IOStream, length: int, meter: Meter) -> int:
@@ -160,7 +150,7 @@ async def copy_until_close(src: IOStream, dst: IOStream, chunked: bool, meter: M
         meter.count += n
         if meter.capture is not None:
             meter.keep(view[:n])
-        await dst.write(_chunk(view[:n]) if chunked else view[:n])
+        await dst.write(encode_chunk(view[:n]) if chunked else view[:n])
     if chunked:
         await dst.write(b"0\r\n\r\n")
     return total
@@ -172,33 +162,25 @@ async def copy_chunked(
     chunked: bool,
     meter: Meter,
     trailer_limit: int,
-    remaining: int = 0,
+    decoder: ChunkedDecoder | None = None,
 ) -> int:
     """Decode a chunked body from ``src``; write it chunked (with trailers) or raw.
 
     Chunk extensions are dropped.  Trailer fields are forwarded, minus framing and
-    hop-by-hop fields, only when the output is chunked.  ``remaining`` resumes a body
-    whose current chunk still has that many bytes to come (see `read_upto`).
+    hop-by-hop fields, only when the output is chunked.  ``decoder`` resumes a body
+    `read_upto` began.
     """
+    if decoder is None:
+        decoder = ChunkedDecoder(CHUNK_LINE_LIMIT, trailer_limit)
     total = 0
-    if remaining:
-        total += await _copy_chunk_data(src, dst, remaining, chunked, meter)
-    while True:
-        size_line = await read_block(src, LINE_END, CHUNK_LINE_LIMIT)
-        if not complete(size_line):
-            raise ParseError("chunk size line too long")
-        size = parse_chunk_size(size_line)
-        if size == 0:
-            break
-        total += await _copy_chunk_data(src, dst, size, chunked, meter)
-    block = await read_block(src, TRAILERS_END, trailer_limit)
-    if not complete(block):
-        raise ParseError("trailer section too large")
+    while not decoder.done:
+        for piece in decoder.feed(await _read_chunked(src, decoder)):
+            total += len(piece)
+            meter.count += len(piece)
+            if meter.capture is not None:
+                meter.keep(piece)
+            await dst.write(encode_chunk(piece) if chunked else piece)
     if chunked:
-        trailers = [
-            f"{n}: {v}\r\n"
-            for n, v in parse_fields(block.decode("latin-1"))
-            if n.lower() not in _FRAMING_FIELDS
-        ]
-        await dst.write(b"0\r\n" + "".join(trailers).encode("latin-1") + b"\r\n")
+        trailers = [(n, v) for n, v in decoder.trailers if n.lower() not in _FRAMING_FIELDS]
+        await dst.write(last_chunk(trailers))
     return total

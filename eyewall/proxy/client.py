@@ -26,7 +26,8 @@ from eyewall.addons.hooks import HttpConnect
 from eyewall.addons.runner import AddonFailed
 from eyewall.errors import ErrorKind, ProxyError, error_answer
 from eyewall.flow import Flow
-from eyewall.http1.message import BodyKind, client_keeps_alive, request_framing
+from eyewall.http1 import framing as rules
+from eyewall.http1.framing import BodyKind, body_framing
 from eyewall.http1.parse import ParseError, RequestHead, parse_request_head
 from eyewall.http1.target import Target, TargetError, parse_authority, parse_target
 from eyewall.policy.admission import Allow, Refusal, Ticket
@@ -274,7 +275,7 @@ class ClientConnection:
         flow.port = target.port
         connect = method == "CONNECT"
         try:
-            framing = request_framing(head)
+            framing = body_framing(head)
         except ParseError as e:
             kind = ErrorKind.BAD_CONNECT if connect else ErrorKind.BAD_REQUEST
             return False, await self._error(flow, method, kind, str(e), True)
@@ -283,7 +284,7 @@ class ClientConnection:
                 flow, method, ErrorKind.BAD_CONNECT, "CONNECT request with a body", True
             )
         # After a refusal the connection carries on only if no request body is left unread.
-        close = framing.kind is not BodyKind.NONE or not client_keeps_alive(head)
+        close = framing.kind is not BodyKind.NONE or not rules.keep_alive(head)
         decision = await self._admit(head, target, flow, close)
         if decision is None:
             return False, not close and not self.stream.closed()
@@ -332,12 +333,12 @@ class ClientConnection:
                     await exchange.settle(0)
                     self.stream.close()
                     return False, False
-                keep = client_keeps_alive(head) and not close_after
+                keep = rules.keep_alive(head) and not close_after
                 return False, await self._error(
                     flow, method, error.kind, error.detail, not keep, settle=exchange.settle
                 )
             case Answered(answer, close_after):
-                keep = client_keeps_alive(head) and not close_after
+                keep = rules.keep_alive(head) and not close_after
                 return False, await self._answer_addon(flow, method, answer, not keep)
             case Killed():
                 return False, self._kill(flow)

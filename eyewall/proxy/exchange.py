@@ -35,9 +35,12 @@ from eyewall.addons.hooks import (
 from eyewall.addons.runner import AddonFailed
 from eyewall.errors import ErrorKind, ProxyError
 from eyewall.flow import Flow
-from eyewall.http1 import message as m
-from eyewall.http1.message import BodyKind, Framing
-from eyewall.http1.parse import ParseError, RequestHead, ResponseHead, parse_response_head
+from eyewall.http1 import fields as wire
+from eyewall.http1 import framing as rules
+from eyewall.http1.chunked import ChunkedDecoder, encode_chunk
+from eyewall.http1.framing import BodyKind, Framing
+from eyewall.http1.parse import ParseError, RequestHead, ResponseHead
+from eyewall.http1.response import parse_response_head
 from eyewall.http1.target import Target
 from eyewall.proxy import bodies
 from eyewall.proxy.context import ProxyContext
@@ -143,7 +146,8 @@ class Exchange:
         self.hf = hf
         self.t_head = t_head or monotonic()
         self.body: bytes | None = None  # a request body read whole (for addons)
-        self.resume: tuple[bytes, int] | None = None  # (read prefix, resume) if too big
+        # A body too big for an addon: (what was read, where to go on).
+        self.resume: tuple[bytes, int | ChunkedDecoder] | None = None
         self.up: Upstream | None = None
         self.upload: asyncio.Future[None] | None = None
         self.upload_error: ProxyError | None = None
@@ -179,7 +183,7 @@ class Exchange:
         """Forward the request and relay the response; never raises for a failure of
         the client, the origin or an addon (those are outcomes)."""
         head, flow, framing, hf = self.head, self.flow, self.framing, self.hf
-        upgrade = m.websocket_upgrade(head)
+        upgrade = rules.websocket_upgrade(head)
         try:
             if hf is not None:
                 framing = await self._request_hooks(hf, framing)
@@ -191,7 +195,7 @@ class Exchange:
             response = await self._send(framing, upgrade)
             if response.status == 101:
                 return await self._switch(response)
-            return await self._respond(response, m.client_keeps_alive(head))
+            return await self._respond(response, rules.keep_alive(head))
         except ProxyError as e:
             return await self._failed(e, framing)
         except StreamClosedError:
@@ -220,10 +224,10 @@ class Exchange:
         if self.hf is not None and self.hf.request is not None:
             self.target = self.hf.request.target  # an addon may change the path
         target = self.target
-        fields = m.upstream_fields(head, target, framing, ctx.settings.via, upgrade)
-        request = m.render_request(head.method, target.path, fields)
+        fields = wire.upstream_fields(head, target, framing, ctx.settings.via, upgrade)
+        request = wire.render_request(head.method, target.path, fields)
         whole = framing.kind is BodyKind.NONE or self.body is not None
-        retryable = whole and m.is_idempotent(head.method)
+        retryable = whole and rules.is_idempotent(head.method)
         attempt = 0
         while True:
             self._enter(Phase.CONNECTING)
@@ -265,8 +269,9 @@ class Exchange:
                 else:
                     if prefix:
                         self._count(self.sent, prefix)
-                        await up.stream.write(b"%x\r\n%s\r\n" % (len(prefix), prefix))
-                    await bodies.copy_chunked(src, up.stream, True, self.sent, limit, resume)
+                        await up.stream.write(encode_chunk(prefix))
+                    decoder = resume if isinstance(resume, ChunkedDecoder) else None
+                    await bodies.copy_chunked(src, up.stream, True, self.sent, limit, decoder)
             elif framing.kind is BodyKind.LENGTH:
                 await bodies.copy_length(src, up.stream, framing.length, self.sent)
             else:
@@ -350,16 +355,18 @@ class Exchange:
             if budget < 0:
                 raise ProxyError(ErrorKind.HTTP_PROTOCOL_ERROR, "interim responses too large")
             if head.version == "HTTP/1.1":
-                fields = m.response_fields(
-                    response, m.NO_BODY, head.version, True, self.ctx.settings.via
+                fields = wire.response_fields(
+                    response, rules.NO_BODY, head.version, True, self.ctx.settings.via
                 )
-                await self.client.write(m.render_response(response.status, response.reason, fields))
+                await self.client.write(
+                    wire.render_response(response.status, response.reason, fields)
+                )
 
     async def _respond(self, response: ResponseHead, keep_alive: bool) -> Outcome:
         ctx, head, flow, up = self.ctx, self.head, self.flow, self.up
         assert up is not None
         try:
-            framing = m.response_framing(head.method, response)
+            framing = rules.body_framing(response, head.method)
         except ParseError as e:
             raise ProxyError(ErrorKind.HTTP_PROTOCOL_ERROR, str(e)) from None
         client, origin = self.client, up.stream
@@ -367,14 +374,21 @@ class Exchange:
         flow.t_response = monotonic() - self.t_head
         hf = self.hf
         buffered: bytes | None = None  # a whole body an addon read (and may have changed)
-        prefix, resume = b"", 0  # a body too big for an addon: what was read, where to go on
+        # A body too big for an addon: what was read, where to go on.
+        prefix: bytes = b""
+        resume: int | ChunkedDecoder = 0
         if hf is not None:
             hf.response = Response(response)
             await self._hook(ResponseHeaders)
             if hf.killed or hf.answer is not None:
                 origin.close()  # its body is not read
                 return self._addon_outcome(hf)
-            if hf.response.buffer_limit and framing.kind is not BodyKind.NONE:
+            # A body still carrying transfer codings cannot become a Content-Length one.
+            if (
+                hf.response.buffer_limit
+                and framing.kind is not BodyKind.NONE
+                and not framing.codings
+            ):
                 kind = {BodyKind.LENGTH: "length", BodyKind.CHUNKED: "chunked"}.get(
                     framing.kind, "close"
                 )
@@ -400,15 +414,15 @@ class Exchange:
                 else:
                     hf.response.truncated = True
                     prefix, resume = data, more
-        out = m.downstream_framing(framing, head.version)
+        out = rules.downstream_framing(framing, head.version)
         keep_alive = (
             keep_alive
             and out.kind is not BodyKind.CLOSE
             and not ctx.draining
             and (self.upload is None or self.upload.done())
         )
-        fields = m.response_fields(response, out, head.version, keep_alive, ctx.settings.via)
-        head_bytes = m.render_response(response.status, response.reason, fields)
+        fields = wire.response_fields(response, out, head.version, keep_alive, ctx.settings.via)
+        head_bytes = wire.render_response(response.status, response.reason, fields)
         flow.status = response.status
         self._enter(Phase.RESPONDING)
         received = self.received
@@ -433,13 +447,14 @@ class Exchange:
             chunked = out.kind is BodyKind.CHUNKED
             if prefix:  # read for an addon that could not have it whole: send it first
                 self._count(received, prefix)
-                head_bytes += b"%x\r\n%s\r\n" % (len(prefix), prefix) if chunked else prefix
+                head_bytes += encode_chunk(prefix) if chunked else prefix
             await client.write(head_bytes)
             if framing.kind is BodyKind.LENGTH:
                 await bodies.copy_length(origin, client, framing.length, received)
             elif framing.kind is BodyKind.CHUNKED:
                 limit = ctx.settings.limits.max_header_size
-                await bodies.copy_chunked(origin, client, chunked, received, limit, max(resume, 0))
+                decoder = resume if isinstance(resume, ChunkedDecoder) else None
+                await bodies.copy_chunked(origin, client, chunked, received, limit, decoder)
             else:
                 await bodies.copy_until_close(origin, client, chunked, received)
         if hf is not None and buffered is None:
@@ -450,7 +465,7 @@ class Exchange:
         if (
             self._request_complete()
             and framing.kind is not BodyKind.CLOSE
-            and m.upstream_reusable(response)
+            and rules.keep_alive(response)
             and not origin.closed()
         ):
             ctx.pool.release(up, ctx.clock())
@@ -499,7 +514,7 @@ class Exchange:
         self.head.headers.remove("transfer-encoding")
         if body or framing.kind is not BodyKind.NONE:
             self.head.headers.set("Content-Length", str(len(body)))
-        return Framing(BodyKind.LENGTH, len(body)) if body else m.NO_BODY
+        return Framing(BodyKind.LENGTH, len(body)) if body else rules.NO_BODY
 
     def _addon_outcome(self, hf: HTTPFlow) -> Outcome:
         if self.up is not None:
@@ -515,9 +530,9 @@ class Exchange:
         up = self.up
         assert up is not None
         via = self.ctx.settings.via
-        fields = m.response_fields(response, m.NO_BODY, "HTTP/1.1", True, via, True)
+        fields = wire.response_fields(response, rules.NO_BODY, "HTTP/1.1", True, via, True)
         self.responded = True
-        await self.client.write(m.render_response(101, response.reason, fields))
+        await self.client.write(wire.render_response(101, response.reason, fields))
         self.flow.response = response
         self.flow.status = 101
         self.flow.kind = "websocket"

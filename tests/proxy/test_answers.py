@@ -10,7 +10,7 @@ from http import HTTPStatus
 import pytest
 
 from eyewall.errors import ErrorKind, error_answer, proxy_status_type, status_of
-from eyewall.http1.parse import parse_response_head
+from eyewall.http1.response import parse_response_head
 from eyewall.proxy.client import render_answer
 
 STATUS = {

@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eyewall.http1.parse import ParseError
-from eyewall.http1.target import Target, TargetError, parse_authority, parse_target
+from eyewall.http1.target import (
+    Target,
+    TargetError,
+    parse_authority,
+    parse_target,
+    redact_userinfo,
+)
+from tests.http1.scaling import LINEAR, doubling_ratio
 
 LONG_HOST = ".".join(["a" * 63] * 3 + ["b" * 61])  # 253 characters, the longest name
 
@@ -164,23 +171,19 @@ def test_parse_authority_ports():
 
 
 @pytest.mark.parametrize(
-    ("target", "url", "ip"),
+    ("target", "url"),
     [
-        ("HTTP://A.com:81/p?q", "http://a.com:81/p?q", False),
-        ("https://[::1]", "https://[::1]/", True),
-        ("http://10.1.2.3/", "http://10.1.2.3/", True),
+        ("HTTP://A.com:81/p?q", "http://a.com:81/p?q"),
+        ("https://[::1]", "https://[::1]/"),
+        ("http://10.1.2.3/", "http://10.1.2.3/"),
     ],
 )
-def test_target_url_and_ip_literal(target, url, ip):
-    t = parse_target("GET", target)
-    assert t.url() == url
-    assert t.is_ip_literal is ip
+def test_target_url(target, url):
+    assert parse_target("GET", target).url() == url
 
 
 def test_connect_target_url_is_the_authority():
-    t = parse_target("CONNECT", "A.com:443")
-    assert t.url() == "a.com:443"
-    assert not t.is_ip_literal
+    assert parse_target("CONNECT", "A.com:443").url() == "a.com:443"
 
 
 # -- properties ---------------------------------------------------------------------------
@@ -287,3 +290,108 @@ def test_any_string_parses_or_raises_target_error(method, target):
     assert 0 < t.port < 65536
     assert t.host in t.authority
     assert (t.path == "") == (method == "CONNECT")
+
+
+# -- OPTIONS and the asterisk (RFC 9112 §3.2.4) ------------------------------------------
+
+HOSTS = [  # authority, host, port (None: the scheme's default)
+    ("e.com", "e.com", None),
+    ("E.COM", "e.com", None),
+    ("e.com.", "e.com", None),
+    ("e.com:8080", "e.com", 8080),
+    ("E.com.:8080", "e.com", 8080),
+    ("e.com:", "e.com", None),
+    ("10.0.0.1", "10.0.0.1", None),
+    ("10.0.0.1:81", "10.0.0.1", 81),
+    ("[::1]", "::1", None),
+    ("[::1]:8080", "::1", 8080),
+    ("[2001:DB8::1]", "2001:db8::1", None),
+    ("[2001:db8::1]:443", "2001:db8::1", 443),
+]
+SCHEMES = ["http", "HTTP", "Http", "https", "HTTPS"]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize(("authority", "host", "port"), HOSTS)
+@pytest.mark.parametrize(
+    ("rest", "path"),
+    [("", "*"), ("?x", "/?x"), ("?", "/?"), ("/", "/"), ("/*", "/*"), ("/?x", "/?x")],
+)
+def test_options_to_an_empty_path_asks_for_asterisk(scheme, authority, host, port, rest, path):
+    # "OPTIONS http://host:port" goes on as "OPTIONS *"; with a query there is a path
+    # to send, "/" (RFC 9112 §3.2.1); any other method gets "/" for an empty path.
+    t = parse_target("OPTIONS", f"{scheme}://{authority}{rest}")
+    if port is None:
+        port = 443 if scheme.lower() == "https" else 80
+    assert (t.scheme, t.host, t.port, t.path) == (scheme.lower(), host, port, path)
+    assert t.authority == authority.lower().removesuffix(":")
+    other = parse_target("GET", f"{scheme}://{authority}{rest}")
+    assert other.path == ("/" if path == "*" else path)
+
+
+def test_options_asterisk_is_origin_form_at_a_proxy():
+    with pytest.raises(TargetError) as info:
+        parse_target("OPTIONS", "*")
+    assert info.value.origin_form
+
+
+# -- redacting userinfo for logs -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("http://user:pass@host/", "http://***@host/"),
+        ("HTTPS://u:p@h:8443/x?y@z#f", "HTTPS://***@h:8443/x?y@z#f"),
+        ("http://u:p@ss@word@h/", "http://***@h/"),
+        ("http://u:p a s s@h?q", "http://***@h?q"),
+        ("http://@h/", "http://***@h/"),
+        ("http://u:p@[::1]:80", "http://***@[::1]:80"),
+        ("http://u:p@h#x@y", "http://***@h#x@y"),
+        ("http://u:p@h\\x@y", "http://***@h\\x@y"),
+        ("ftp://u:p@h/", "ftp://***@h/"),
+        ("user:pw@host:443", "***@host:443"),
+        ("http://host/p@q:r", "http://host/p@q:r"),
+        ("/p@q", "/p@q"),
+        ("*", "*"),
+        ("http://host/", "http://host/"),
+        ("", ""),
+        ("@", "***@"),
+        ("://@", "://***@"),
+        ("a http://u:p@h/ b https://v:q@i c", "a http://***@h/ b https://***@i c"),
+    ],
+)
+def test_redact_userinfo(text, shown):
+    assert redact_userinfo(text) == shown
+
+
+@settings(max_examples=300, database=None)
+@given(
+    st.sampled_from(["http", "https", "HTTP", "x"]),
+    st.text(string.ascii_letters + string.digits + "-._~!$&'()*+,;=:% @", min_size=1),
+    HOST,
+    PATH,
+)
+def test_redacted_targets_hold_no_credentials(scheme, userinfo, host, path):
+    text = f"{scheme}://{userinfo}@{host}{path}"
+    shown = redact_userinfo(text)
+    assert shown == f"{scheme}://***@{host}{path}"
+    assert redact_userinfo(shown) == shown
+
+
+@settings(max_examples=500, database=None)
+@given(ANY_TARGET)
+def test_redact_userinfo_takes_any_text(text):
+    shown = redact_userinfo(text)
+    assert isinstance(shown, str)
+    assert redact_userinfo(shown) == shown
+    if "@" not in text:
+        assert shown == text
+
+
+def test_redact_userinfo_takes_linear_time():
+    def make(n):
+        text = "a://" * n + "@"
+        return lambda: redact_userinfo(text)
+
+    assert doubling_ratio(make, 20_000) < LINEAR
