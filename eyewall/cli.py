@@ -22,7 +22,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eyewall import __version__
+from eyewall import __version__, sdnotify
 from eyewall.config import ConfigError, Settings, iter_settings, load_settings
 from eyewall.observe.accesslog import AccessLog
 from eyewall.observe.events import EventBus
@@ -235,12 +235,21 @@ async def serve(
         Path(settings.pid_file).write_text(f"{os.getpid()}\n")
     shown = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
     print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
+    sdnotify.notify(f"READY=1\nSTATUS=listening on {shown}")
 
     def reload() -> None:
+        sdnotify.notify(sdnotify.reloading())
+        try:
+            apply_reload()
+        finally:
+            sdnotify.notify("READY=1")
+
+    def apply_reload() -> None:
         try:
             new_settings, new_policy = loader.load()
         except ConfigError as e:
             log.error("reload refused, keeping the current configuration: %s", e)
+            sdnotify.notify("STATUS=reload refused (see the log); the previous configuration runs")
             return
         old = proxy.settings
         if (new_settings.admin.listen, new_settings.flows) != (old.admin.listen, old.flows):
@@ -250,6 +259,7 @@ async def serve(
         proxy.reload(new_settings, new_policy)
         addons.lifecycle("configure", new_settings)
         log.info("configuration reloaded")
+        sdnotify.notify(f"STATUS=listening on {shown}")
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -273,6 +283,7 @@ async def serve(
         watcher = PeriodicCallback(poll, 2000)
         watcher.start()
     await stop.wait()
+    sdnotify.notify("STOPPING=1")
     if watcher is not None:
         watcher.stop()
     log.info("shutting down; in-flight work has %.0f s to finish", proxy.settings.timeouts.drain)
