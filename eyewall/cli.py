@@ -235,7 +235,6 @@ async def serve(
         Path(settings.pid_file).write_text(f"{os.getpid()}\n")
     shown = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
     print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
-    sdnotify.notify(f"READY=1\nSTATUS=listening on {shown}")
 
     def reload() -> None:
         sdnotify.notify(sdnotify.reloading())
@@ -282,6 +281,9 @@ async def serve(
 
         watcher = PeriodicCallback(poll, 2000)
         watcher.start()
+    # Ready once the listeners accept and the signal handlers are in place (a stop sent
+    # right after READY=1 must drain, not kill).
+    sdnotify.notify(f"READY=1\nSTATUS=listening on {shown}")
     await stop.wait()
     sdnotify.notify("STOPPING=1")
     if watcher is not None:

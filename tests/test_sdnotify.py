@@ -129,3 +129,21 @@ def test_proxy_is_accepting_when_it_says_ready(manager, tmp_path):
             process.wait(5)
     log = stderr_path.read_text()
     assert "Traceback" not in log, log
+
+
+def test_a_stop_right_after_ready_drains_instead_of_killing(manager, tmp_path):
+    """READY=1 comes after the signal handlers: systemd may stop the service at once."""
+    env = {**os.environ, "NOTIFY_SOCKET": manager.getsockname()}
+    cmd = [sys.executable, "-m", "eyewall", "--listen", "127.0.0.1:0",
+           "--admin-listen", "127.0.0.1:0", "--access-log", "off", "--no-flows"]  # fmt: skip
+    with open(tmp_path / "stderr.log", "wb") as stderr:
+        process = subprocess.Popen(cmd, stderr=stderr, cwd=ROOT, env=env)
+    try:
+        assert _next(manager, "READY")["READY"] == "1"
+        process.send_signal(signal.SIGTERM)
+        assert _next(manager, "STOPPING")["STOPPING"] == "1"
+        assert process.wait(30) == 0  # not -SIGTERM: the handler ran
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
