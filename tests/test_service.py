@@ -239,8 +239,9 @@ mount -t tmpfs -o mode=0755 tmpfs /srv
 for d in config state logs runtime; do
     mkdir /srv/$d && mount --bind "$T/$d" /srv/$d
 done
-cp "$CA_BUNDLE" /srv/config/origin-ca.pem 2>/dev/null || true
-# ProtectHome=yes. A Python interpreter living under /root (pyenv) is mounted back.
+cp "$CA_BUNDLE" /srv/config/origin-ca.pem
+# ProtectHome=yes. A Python interpreter installed in a home directory (pyenv, say) is
+# mounted back, read-only like the rest.
 mkdir /srv/python
 case "$PY_PREFIX" in /root/*|/home/*) mount --bind "$PY_PREFIX" /srv/python ;; esac
 for d in /home /root /run/user; do
