@@ -182,9 +182,12 @@ class Loader:
     """Loads the configuration from ``config`` (a file, or None) and the flags'
     ``overrides``, at start and again on every reload."""
 
-    def __init__(self, config: str | None, overrides: dict[str, Any]) -> None:
+    def __init__(
+        self, config: str | None, overrides: dict[str, Any], check_paths: bool = True
+    ) -> None:
         self.config = config
         self.overrides = overrides
+        self.check_paths = check_paths  # False: skip the checks of this machine's paths
 
     def load(self) -> Loaded:
         """Raises ConfigError listing every problem, each with its setting (as the flag
@@ -197,12 +200,13 @@ class Loader:
             policy = build_policy(settings)
         except ConfigError as e:
             errors.extend(e.errors)
-        if policy is not None:
+        if policy is not None and self.check_paths:
             try:
                 ca = load_ca(settings, policy)
             except ConfigError as e:
                 errors.extend(e.errors)
-        errors.extend(preflight(settings))
+        if self.check_paths:
+            errors.extend(preflight(settings))
         if errors:
             raise ConfigError(annotate(errors, self.config, self.overrides))
         assert policy is not None
@@ -342,7 +346,7 @@ class _Stats:
 
 
 def _write_pid_file(path: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()}\n")
 
@@ -353,7 +357,7 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
 
     from eyewall.policy.state import AdmissionState
     from eyewall.proxy.server import Proxy
-    from eyewall.sdnotify import notify
+    from eyewall.sdnotify import notify, reloading
 
     settings = loaded.settings
     _raise_fd_limit()
@@ -411,19 +415,28 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
     if settings.pid_file:
         _write_pid_file(settings.pid_file)
     shown = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
-    print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
-    notify("READY=1")
 
     def reload() -> None:
-        notify("RELOADING=1")
+        notify(reloading())
+        ok = False
+        try:
+            ok = _reload()
+        finally:
+            if metrics is not None:
+                metrics.reloaded(ok)
+            notify(
+                f"STATUS=listening on {shown}"
+                if ok
+                else "STATUS=reload refused (see the log); the previous configuration runs"
+            )
+            notify("READY=1")
+
+    def _reload() -> bool:
         try:
             new = loader.load()
         except ConfigError as e:
             log.error("reload refused, keeping the current configuration: %s", e)
-            if metrics is not None:
-                metrics.reloaded(False)
-            notify("READY=1")
-            return
+            return False
         old = proxy.settings
         for name in restart_settings(old, new.settings):
             log.warning("%s changed: it applies after a restart", name)
@@ -431,16 +444,11 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
             observers.reconfigure(old, new.settings)
         except OSError as e:
             log.error("reload refused, keeping the current configuration: %s", e)
-            if metrics is not None:
-                metrics.reloaded(False)
-            notify("READY=1")
-            return
+            return False
         proxy.reload(new.settings, new.policy, new.ca)
         addons.lifecycle(Configure(new.settings))
-        if metrics is not None:
-            metrics.reloaded(True)
         log.info("configuration reloaded")
-        notify("READY=1")
+        return True
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -473,6 +481,10 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
     watcher = PeriodicCallback(poll, 2000)
     if settings.watch_config or settings.auth.htpasswd:
         watcher.start()
+    # Ready only now that a signal finds its handler: a SIGTERM right after readiness
+    # drains instead of killing the process.
+    print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
+    notify(f"READY=1\nSTATUS=listening on {shown}")
     await stop.wait()
     watcher.stop()
     notify("STOPPING=1")

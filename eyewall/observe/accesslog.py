@@ -5,8 +5,9 @@ the batch to the shared writer thread (`eyewall.observe.writer`).  A slow disk o
 stalled stderr pipe never blocks traffic: batches the writer cannot take are dropped
 and counted, and the count is reported in the log and in the metrics.
 
-A log file is created readable by its owner only (0600); SIGUSR1 reopens it after
-rotation, and a reload may change its path or format.
+A log file is created readable by its owner and group only (0640, less what the umask
+takes away); SIGUSR1 reopens it after rotation, and a reload may change its path or
+format.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ FLUSH_LINES = 1000
 
 
 def open_log(path: str) -> IO[str]:
-    """Open ``path`` for appending, created 0600 (access lines name clients, users and
-    URLs).  Raises OSError."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """Open ``path`` for appending, created 0640 (access lines name clients, users and
+    URLs: not for everyone; the group is for log readers).  Raises OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
     return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
 
 
