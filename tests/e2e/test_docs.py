@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUNNERS = {"sh", "bash", "toml", "json", "python", "haproxy", "yaml"}
 MARKER = re.compile(r"<!--\s*docs-test:\s*(skip|fragment)\s*(?::\s*(.*?))?\s*-->")
