@@ -15,7 +15,16 @@ from http import HTTPStatus
 from eyewall.config import Settings, parse_endpoint
 from eyewall.errors import ErrorKind, status_of
 from eyewall.http1.target import TargetError, parse_authority, parse_target
-from eyewall.policy.admission import Allow, Refusal, Resolve, Ticket, Trace, Verify, decide
+from eyewall.policy.admission import (
+    Allow,
+    Refusal,
+    Resolve,
+    Ticket,
+    Trace,
+    Verify,
+    decide,
+    perform,
+)
 from eyewall.policy.auth import Credentials
 from eyewall.policy.engine import Policy
 from eyewall.policy.networks import OwnListeners, protected_range
@@ -82,7 +91,10 @@ def render_explanation(
     own = own_listeners(settings)
     shown = 0
     while True:
-        step = decide(ticket, policy, state, time.monotonic(), own, trace)
+        now = time.monotonic()
+        step = decide(ticket, policy, state, now, own, trace)
+        if perform(step, ticket, state, now):
+            continue
         for label, text in trace[shown:]:
             say(label, text)
         shown = len(trace)

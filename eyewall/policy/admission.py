@@ -12,27 +12,44 @@ state and the time.  It runs the checks in this order, stopping at the first ref
 5. destination rules, first match wins (403), then the guards: CONNECT ports,
    private destinations (403), and the proxy's own listeners (403, a loop).
 
-Two of those steps need I/O that a pure function cannot do.  Instead of a decision,
-`decide` then returns what it needs — `Verify` (a bcrypt check) or `Resolve` (the
-destination's addresses) — and the caller performs it, records the result in the
-ticket and calls `decide` again.  The ticket remembers what was already done (tokens
-spent, a failure counted), so asking again never counts twice.  The proxy
-(`eyewall.proxy.admission`) and ``eyewall explain`` drive the same function; explain
-passes a ``trace`` list and prints it.
+Several steps need what a pure function cannot do: I/O (a bcrypt check, a name
+resolution) and the limits kept between requests, which may live in this process, in
+memory shared by worker processes, or in Redis for a fleet.  Instead of a decision,
+`decide` then returns what it needs — `Charge` (spend a token), `CheckLogin` (is this
+source or user locked out), `Verify` (a bcrypt check), `RecordFailure` (count a failed
+login), `Resolve` (the destination's addresses) — and the caller performs it, records
+the result in the ticket and calls `decide` again.  The ticket remembers what was done,
+so asking again never counts twice.  `perform` does the limit steps on an
+`AdmissionState` in this process, without waiting; the proxy (`eyewall.proxy.admission`)
+does them on whichever store holds its limits, and ``eyewall explain`` drives the same
+function with a ``trace`` list it prints.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Container
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from eyewall.errors import ErrorKind
 from eyewall.policy.auth import Credentials
 from eyewall.policy.engine import LimitParameters, Policy
 from eyewall.policy.rules import Action, Request
-from eyewall.policy.state import AdmissionState
+from eyewall.policy.state import AdmissionState, LimitsStore
 
-__all__ = ["Allow", "Refusal", "Resolve", "Step", "Ticket", "Trace", "Verify", "decide"]
+__all__ = [
+    "Allow",
+    "Charge",
+    "CheckLogin",
+    "RecordFailure",
+    "Refusal",
+    "Resolve",
+    "Step",
+    "Ticket",
+    "Trace",
+    "Verify",
+    "decide",
+    "perform",
+]
 
 Trace = list[tuple[str, str]]  # (step, what happened), for eyewall explain
 Say = Callable[[tuple[str, str]], None]
@@ -43,9 +60,9 @@ class Ticket:
     """One request on its way through admission.
 
     The first fields are what the client asked for; ``scheme`` is "http", "https" or
-    "connect".  The rest is filled in along the way: ``verified`` and ``addresses`` (or
-    ``resolve_error``) by the caller after a `Verify` or `Resolve` step, the others by
-    `decide`.
+    "connect".  The rest is filled in along the way, by the caller performing a step
+    (``charges``, ``login_wait``, ``verified``, ``failure_recorded``, ``addresses`` or
+    ``resolve_error``) or by `decide` (``user``, ``login_done``).
     """
 
     client: str
@@ -54,13 +71,15 @@ class Ticket:
     host: str
     port: int
     credentials: Credentials | None = None
+    charges: dict[str, float | None] = field(default_factory=dict)  # limit -> wait or None
+    login_checked: bool = False
+    login_wait: float | None = None  # seconds the source or user is locked out for
     verified: bool | None = None
+    failure_recorded: bool = False
     addresses: tuple[str, ...] | None = None
     resolve_error: str = ""
     user: str | None = None
-    client_charged: bool = False
     login_done: bool = False
-    user_charged: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +109,41 @@ class Refusal:
 
 
 @dataclass(frozen=True, slots=True)
+class Charge:
+    """Spend one token of ``limit`` (``client_rps``, ``user_rps``) for ``key``, at
+    ``rate`` per second with ``burst``; set ``ticket.charges[limit]`` to None (granted)
+    or the seconds to wait."""
+
+    limit: str
+    key: str
+    rate: float
+    burst: float
+
+
+@dataclass(frozen=True, slots=True)
+class CheckLogin:
+    """Look up whether ``client``'s source or ``user`` is locked out by failed logins;
+    set ``ticket.login_wait`` (seconds, or None) and ``ticket.login_checked``."""
+
+    client: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
 class Verify:
     """Check these credentials (bcrypt, slow: off the event loop) and set
     ``ticket.verified``."""
 
     credentials: Credentials
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFailure:
+    """Count a failed login of ``user`` from ``client``; set
+    ``ticket.failure_recorded``."""
+
+    client: str
+    user: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +154,7 @@ class Resolve:
     port: int
 
 
-Step = Allow | Refusal | Verify | Resolve
+Step = Allow | Refusal | Charge | CheckLogin | Verify | RecordFailure | Resolve
 
 _NOWHERE: frozenset[tuple[str, int]] = frozenset()
 
@@ -113,7 +162,7 @@ _NOWHERE: frozenset[tuple[str, int]] = frozenset()
 def decide(
     ticket: Ticket,
     policy: Policy,
-    state: AdmissionState,
+    state: LimitsStore,
     now: float,
     own: Container[tuple[str, int]] = _NOWHERE,
     trace: Trace | None = None,
@@ -121,8 +170,9 @@ def decide(
     """The next step for ``ticket`` (see the module docstring).
 
     ``now`` is monotonic seconds; ``own`` holds the proxy's own listening (address,
-    port) pairs (`eyewall.policy.networks.OwnListeners`).  Mutates ``ticket`` and
-    ``state`` (tokens, login failures, verified logins); raises nothing.
+    port) pairs (`eyewall.policy.networks.OwnListeners`).  Of ``state`` it uses the
+    verified-login cache only (the limits are steps).  Mutates ``ticket``; raises
+    nothing.
     """
     t = ticket
     say: Say | None = trace.append if trace is not None else None
@@ -137,28 +187,20 @@ def decide(
         nets = ", ".join(str(n) for n in policy.clients)
         say(("client", f"{t.client} allowed ({nets})"))
         say(("limits", _describe_limits(limits)))
-    if limits.client_rps and not t.client_charged:
-        t.client_charged = True
-        burst = LimitParameters.burst_of(limits.client_rps, limits.client_burst)
-        limited = state.client_rps.take(t.client, now, limits.client_rps, burst)
-        if limited is not None:
-            return Refusal(
-                ErrorKind.RATE_LIMITED, limited.limit, limited.describe(), limited.retry_after
-            )
+    if limits.client_rps:
+        charged = _charge(t, "client_rps", t.client, limits.client_rps, limits.client_burst)
+        if charged is not None:
+            return charged
     if policy.auth_required and not t.login_done:
         refused = _login(t, policy, state, now, say)
         if refused is not None:
             return refused
     elif say and not policy.auth_required:
         say(("auth", "not required (no users configured)"))
-    if limits.user_rps and t.user is not None and not t.user_charged:
-        t.user_charged = True
-        burst = LimitParameters.burst_of(limits.user_rps, limits.user_burst)
-        limited = state.user_rps.take(t.user, now, limits.user_rps, burst)
-        if limited is not None:
-            return Refusal(
-                ErrorKind.RATE_LIMITED, limited.limit, limited.describe(), limited.retry_after
-            )
+    if limits.user_rps and t.user is not None:
+        charged = _charge(t, "user_rps", t.user, limits.user_rps, limits.user_burst)
+        if charged is not None:
+            return charged
     req = Request(t.client, t.method, t.scheme, t.host, t.port, t.user, policy.users.groups(t.user))
     addresses = () if t.resolve_error else t.addresses
     decision = policy.explain(req, addresses) if say else policy.decide(req, addresses)
@@ -184,9 +226,18 @@ def decide(
     return Allow(decision.action, decision.rule, chosen, t.user)
 
 
+def _charge(t: Ticket, limit: str, key: str, rate: float, burst: float) -> Charge | Refusal | None:
+    if limit not in t.charges:
+        return Charge(limit, key, rate, LimitParameters.burst_of(rate, burst))
+    wait = t.charges[limit]
+    if wait is None:
+        return None
+    return Refusal(ErrorKind.RATE_LIMITED, limit, f"rate limit {limit} reached for {key}", wait)
+
+
 def _login(
-    t: Ticket, policy: Policy, state: AdmissionState, now: float, log: Say | None
-) -> Refusal | Verify | None:
+    t: Ticket, policy: Policy, state: LimitsStore, now: float, log: Say | None
+) -> Refusal | CheckLogin | Verify | RecordFailure | None:
     """Step 3: authentication.  None when the user is established (``t.user`` set)."""
     credentials = t.credentials
     if credentials is None:
@@ -206,27 +257,29 @@ def _login(
             if log:
                 log(("auth", f"required (Basic); {user} logged in recently"))
             return None
-        else:
-            wait = state.logins.locked(t.client, user, now)
-            if wait is not None:
-                t.login_done = True
-                return Refusal(
-                    ErrorKind.RATE_LIMITED,
-                    "login-throttle",
-                    "too many failed logins; try again later",
-                    max(wait, 1.0),
-                    login="throttled",
-                    user=user,
-                )
-            return Verify(credentials)
-    t.login_done = True
+        if not t.login_checked:
+            return CheckLogin(t.client, user)
+        if t.login_wait is not None:
+            t.login_done = True
+            return Refusal(
+                ErrorKind.RATE_LIMITED,
+                "login-throttle",
+                "too many failed logins; try again later",
+                max(t.login_wait, 1.0),
+                login="throttled",
+                user=user,
+            )
+        return Verify(credentials)
     if not t.verified or stored is None:
-        state.logins.failed(t.client, user, now)
+        if not t.failure_recorded:
+            return RecordFailure(t.client, user)
+        t.login_done = True
         if log:
             log(("auth", f"required (Basic); credentials for {user!r} are not valid"))
         return Refusal(
             ErrorKind.AUTH_REQUIRED, "auth", "proxy authentication failed", login="wrong", user=user
         )
+    t.login_done = True
     state.credentials.remember(credentials, stored, now + policy.login_ttl)
     t.user = user
     if log:
@@ -245,3 +298,21 @@ def _describe_limits(limits: LimitParameters) -> str:
     }
     shown = [f"{name} {value:g}" for name, value in configured.items() if value]
     return ", ".join(shown) if shown else "none configured"
+
+
+def perform(step: Step, ticket: Ticket, state: AdmissionState, now: float) -> bool:
+    """Do a limit step (`Charge`, `CheckLogin`, `RecordFailure`) on ``state``, the
+    limits of this process, and record its result in ``ticket``; False for any other
+    step (the caller's I/O)."""
+    match step:
+        case Charge(limit, key, rate, burst):
+            ticket.charges[limit] = state.take(limit, key, now, rate, burst)
+        case CheckLogin(client, user):
+            ticket.login_wait = state.login_wait(client, user, now)
+            ticket.login_checked = True
+        case RecordFailure(client, user):
+            state.login_failed(client, user, now)
+            ticket.failure_recorded = True
+        case _:
+            return False
+    return True

@@ -11,11 +11,22 @@ touches them.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Awaitable
+from typing import Protocol
 
 from eyewall.policy.auth import Credentials, LoginThrottle
 from eyewall.policy.limits import Counter, TokenBuckets
 
-__all__ = ["AdmissionState", "CredentialCache"]
+__all__ = ["AdmissionState", "CredentialCache", "LimitsStore", "LimitsUnavailable"]
+
+
+class LimitsUnavailable(Exception):
+    """A shared limits store cannot be reached.  ``fail_open``: let the request through
+    without that limit (the store's setting); otherwise refuse it."""
+
+    def __init__(self, message: str, fail_open: bool) -> None:
+        super().__init__(message)
+        self.fail_open = fail_open
 
 
 class CredentialCache:
@@ -53,8 +64,37 @@ class CredentialCache:
         return len(self._verified)
 
 
+class LimitsStore(Protocol):
+    """Where the limits live: this process (`AdmissionState`), memory shared by worker
+    processes, or Redis.  ``asynchronous`` stores return coroutines from every method
+    and raise `LimitsUnavailable` when unreachable; the verified-login cache is always
+    this process's own."""
+
+    asynchronous: bool
+    credentials: CredentialCache
+
+    def take(
+        self, limit: str, key: str, now: float, rate: float, burst: float
+    ) -> float | Awaitable[float | None] | None: ...
+
+    def acquire(self, counter: str, key: str, maximum: int) -> bool | Awaitable[bool]: ...
+
+    def release(self, counter: str, key: str) -> Awaitable[None] | None: ...
+
+    def login_wait(
+        self, client: str, user: str | None, now: float
+    ) -> float | Awaitable[float | None] | None: ...
+
+    def login_failed(self, client: str, user: str | None, now: float) -> Awaitable[None] | None: ...
+
+
 class AdmissionState:
-    """The mutable side of admission, kept across reloads (see the module docstring)."""
+    """The limits of one process, kept across reloads (see the module docstring), and
+    the verified-login cache.  The methods are what admission's limit steps do
+    (`eyewall.policy.admission.perform`); a store shared by several processes offers
+    the same ones, as coroutines (``asynchronous``)."""
+
+    asynchronous = False
 
     def __init__(self) -> None:
         self.client_rps = TokenBuckets("client_rps")
@@ -64,3 +104,29 @@ class AdmissionState:
         self.user_tunnels = Counter("user_tunnels")
         self.logins = LoginThrottle()
         self.credentials = CredentialCache()
+        self._buckets = {"client_rps": self.client_rps, "user_rps": self.user_rps}
+        self._counters = {
+            "client_connections": self.client_connections,
+            "client_tunnels": self.client_tunnels,
+            "user_tunnels": self.user_tunnels,
+        }
+
+    def take(self, limit: str, key: str, now: float, rate: float, burst: float) -> float | None:
+        """Spend a token of bucket ``limit`` for ``key``: None, or seconds to wait."""
+        limited = self._buckets[limit].take(key, now, rate, burst)
+        return None if limited is None else limited.retry_after
+
+    def acquire(self, counter: str, key: str, maximum: int) -> bool:
+        """Count one more open ``counter`` (connections, tunnels) for ``key`` unless
+        ``maximum`` (0: unlimited) are open."""
+        return self._counters[counter].acquire(key, maximum) is None
+
+    def release(self, counter: str, key: str) -> None:
+        self._counters[counter].release(key)
+
+    def login_wait(self, client: str, user: str | None, now: float) -> float | None:
+        """Seconds ``client``'s source or ``user`` is locked out for, or None."""
+        return self.logins.locked(client, user, now)
+
+    def login_failed(self, client: str, user: str | None, now: float) -> None:
+        self.logins.failed(client, user, now)

@@ -11,10 +11,25 @@ the client loop, which answers it.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 from eyewall.errors import ErrorKind, ProxyError
-from eyewall.policy.admission import Allow, Refusal, Resolve, Step, Ticket, Verify, decide
+from eyewall.policy.admission import (
+    Allow,
+    Charge,
+    CheckLogin,
+    RecordFailure,
+    Refusal,
+    Resolve,
+    Step,
+    Ticket,
+    Verify,
+    decide,
+    perform,
+)
+from eyewall.policy.state import AdmissionState, LimitsUnavailable
 from eyewall.proxy.context import ProxyContext
 from eyewall.proxy.timeouts import Phase, Watch
 
@@ -22,29 +37,41 @@ __all__ = ["admit", "admit_now"]
 
 
 def admit_now(ctx: ProxyContext, ticket: Ticket) -> Step:
-    """The next step for ``ticket``, resolving from cache and IP literals without
-    waiting; a `Verify` or `Resolve` left over needs `admit`."""
-    step = decide(ticket, ctx.policy, ctx.state, ctx.clock(), ctx.own)
-    while isinstance(step, Resolve):
-        known = ctx.pool.resolver.known(step.host, step.port)
-        if known is None:
+    """The next step for ``ticket`` that needs waiting, or the decision: limit steps
+    on this process's own limits, cached resolutions and IP literals are done here."""
+    state = ctx.state
+    local = state if isinstance(state, AdmissionState) else None
+    while True:
+        step = decide(ticket, ctx.policy, state, ctx.clock(), ctx.own)
+        if isinstance(step, Resolve):
+            known = ctx.pool.resolver.known(step.host, step.port)
+            if known is None:
+                return step
+            ticket.addresses = tuple(ip for _, (ip, *_) in known)
+        elif local is None or not perform(step, ticket, local, ctx.clock()):
             return step
-        ticket.addresses = tuple(ip for _, (ip, *_) in known)
-        step = decide(ticket, ctx.policy, ctx.state, ctx.clock(), ctx.own)
-    return step
 
 
 async def admit(
     ctx: ProxyContext, ticket: Ticket, step: Step, watch: Watch, alive: Callable[[], bool]
 ) -> Allow | Refusal:
-    """Perform the checks ``step`` asks for until admission decides.  The policy in
-    force is read afresh at each step (a reload meanwhile applies at once)."""
+    """Perform the steps admission asks for until it decides.  The policy in force is
+    read afresh at each step (a reload meanwhile applies at once).  A limits store that
+    cannot be reached refuses with 503 or lets the request through, as the store says."""
+    state = ctx.state
     while True:
         match step:
             case Allow() | Refusal():
                 return step
+            case Charge() | CheckLogin() | RecordFailure():
+                try:
+                    await _perform(step, ticket, state, ctx.clock())
+                except LimitsUnavailable as e:
+                    if not e.fail_open:
+                        return Refusal(ErrorKind.OVERLOADED, "limits-store", str(e), 1.0)
+                    _allow_without(step, ticket)
             case Verify(credentials):
-                watch.enter(Phase.HOOK, ctx.clock(), None)  # a queue wait, bounded by size
+                watch.enter(Phase.AUTHENTICATING, ctx.clock(), None)  # bounded by its queue
                 ok = await ctx.verifier.verify(ctx.policy.users, credentials, alive)
                 if ok is None:
                     return Refusal(
@@ -68,4 +95,33 @@ async def admit(
                     ticket.resolve_error = e.detail
                 else:
                     ticket.addresses = tuple(ip for _, (ip, *_) in addrs)
-        step = decide(ticket, ctx.policy, ctx.state, ctx.clock(), ctx.own)
+        step = decide(ticket, ctx.policy, state, ctx.clock(), ctx.own)
+
+
+async def _perform(step: Step, ticket: Ticket, state: Any, now: float) -> None:
+    """A limit step on ``state``, whose methods may be coroutines (a shared store)."""
+
+    async def done(result: Any) -> Any:
+        return await result if inspect.isawaitable(result) else result
+
+    match step:
+        case Charge(limit, key, rate, burst):
+            ticket.charges[limit] = await done(state.take(limit, key, now, rate, burst))
+        case CheckLogin(client, user):
+            ticket.login_wait = await done(state.login_wait(client, user, now))
+            ticket.login_checked = True
+        case RecordFailure(client, user):
+            await done(state.login_failed(client, user, now))
+            ticket.failure_recorded = True
+
+
+def _allow_without(step: Step, ticket: Ticket) -> None:
+    """Fail open: record the step as done with nothing against the request."""
+    match step:
+        case Charge(limit):
+            ticket.charges[limit] = None
+        case CheckLogin():
+            ticket.login_wait = None
+            ticket.login_checked = True
+        case RecordFailure():
+            ticket.failure_recorded = True

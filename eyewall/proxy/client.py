@@ -14,10 +14,13 @@ through `render_answer`, which follows RFC 9110 §9.3.2 and §6.4.1: no body for
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from time import monotonic
+from typing import Any
 
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
@@ -466,26 +469,31 @@ class ClientConnection:
 
     # -- tunnels -----------------------------------------------------------------------
 
-    def _acquire_tunnel(self, user: str | None) -> str | None:
+    async def _acquire_tunnel(self, user: str | None) -> str | None:
         """Count a tunnel against the client's and the user's limits; the limit that
         refused it, or None."""
         ctx = self.ctx
         state, limits = ctx.state, ctx.policy.limits
         client = self.address[0]
-        limited = state.client_tunnels.acquire(client, limits.client_tunnels)
-        if limited is None and user is not None:
-            limited = state.user_tunnels.acquire(user, limits.user_tunnels)
-            if limited is not None:
-                state.client_tunnels.release(client)
-        return limited.describe() if limited is not None else None
+        if not await _done(state.acquire("client_tunnels", client, limits.client_tunnels)):
+            return f"rate limit client_tunnels reached for {client}"
+        if user is not None and not await _done(
+            state.acquire("user_tunnels", user, limits.user_tunnels)
+        ):
+            await _done(state.release("client_tunnels", client))
+            return f"rate limit user_tunnels reached for {user}"
+        return None
 
     def _releaser(self, user: str | None) -> Callable[[], None]:
         state, client = self.ctx.state, self.address[0]
+        loop = self.stream.io_loop
 
         def release() -> None:
-            state.client_tunnels.release(client)
-            if user is not None:
-                state.user_tunnels.release(user)
+            for counter, key in (("client_tunnels", client), ("user_tunnels", user)):
+                if key is not None:
+                    result = state.release(counter, key)
+                    if inspect.isawaitable(result):
+                        loop.add_future(asyncio.ensure_future(result), _quiet)
 
         return release
 
@@ -494,7 +502,7 @@ class ClientConnection:
     ) -> tuple[bool, bool]:
         ctx = self.ctx
         flow.kind = "tunnel"
-        limited = self._acquire_tunnel(decision.user)
+        limited = await self._acquire_tunnel(decision.user)
         if limited is not None:
             flow.cause = "tunnels"
             return False, await self._error(
@@ -549,7 +557,7 @@ class ClientConnection:
         client connection); True once the flow belongs to the relay."""
         ctx = self.ctx
         if release is None:
-            limited = self._acquire_tunnel(flow.user)
+            limited = await self._acquire_tunnel(flow.user)
             if limited is not None:
                 flow.fail(ErrorKind.RATE_LIMITED, limited)
                 flow.cause = "tunnels"
@@ -598,7 +606,7 @@ class ClientConnection:
             flow.fail(ErrorKind.BAD_CONNECT, "TLS data sent before the CONNECT answer")
             self.stream.close()
             return False, False
-        limited = self._acquire_tunnel(decision.user)
+        limited = await self._acquire_tunnel(decision.user)
         if limited is not None:
             flow.cause = "tunnels"
             return False, await self._error(
@@ -639,6 +647,17 @@ class ClientConnection:
         self.tunnel_user = decision.user
         self.release = release
         return False, True
+
+
+def _quiet(future: asyncio.Future[Any]) -> None:
+    """Retrieve a background release's outcome (a store down is logged by the store)."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _done(result: Any) -> Any:
+    """``result``, awaited if a shared limits store returned a coroutine."""
+    return await result if inspect.isawaitable(result) else result
 
 
 def inner_target(tunnel: Target, head: RequestHead) -> Target:

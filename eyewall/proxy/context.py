@@ -16,7 +16,7 @@ from eyewall.config import Settings
 from eyewall.flow import Flow
 from eyewall.policy.engine import Policy
 from eyewall.policy.networks import OwnListeners
-from eyewall.policy.state import AdmissionState
+from eyewall.policy.state import LimitsStore
 
 if TYPE_CHECKING:
     from eyewall.addons.runner import Addons
@@ -34,7 +34,7 @@ class ProxyContext(Protocol):
 
     settings: Settings  # in force now
     policy: Policy  # in force now
-    state: AdmissionState  # kept across reloads
+    state: LimitsStore  # the limits, kept across reloads
     own: OwnListeners  # this proxy's own listening addresses (loop guard)
     pool: UpstreamPool
     pipes: PipePool

@@ -580,5 +580,6 @@ _WAITED_FOR = {
     Phase.CLIENT_HEAD: "the request head",
     Phase.IDLE: "idle",
     Phase.HOOK: "an addon hook",
+    Phase.AUTHENTICATING: "checking a password",
     Phase.CLOSING: "closing",
 }

@@ -5,6 +5,7 @@ shutdown.  `Proxy` is the `ProxyContext` every client connection works in.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 import secrets
@@ -25,7 +26,7 @@ from eyewall.errors import ErrorKind, error_answer
 from eyewall.flow import Flow
 from eyewall.policy.engine import Policy
 from eyewall.policy.networks import OwnListeners
-from eyewall.policy.state import AdmissionState
+from eyewall.policy.state import AdmissionState, LimitsStore
 from eyewall.proxy.client import ClientConnection, render_answer
 from eyewall.proxy.intercept import HandshakeFailed, Interception, accept_tls
 from eyewall.proxy.streams import STREAM_BUFFER, BoundedStream, lingering_close
@@ -58,7 +59,7 @@ class Proxy:
         settings: Settings,
         policy: Policy,
         *,
-        state: AdmissionState | None = None,
+        state: LimitsStore | None = None,
         addons: Addons | None = None,
         ca: CertificateAuthority | None = None,
         publish: Callable[[Flow], None] | None = None,
@@ -66,7 +67,7 @@ class Proxy:
     ) -> None:
         self.settings = settings
         self.policy = policy
-        self.state = state or AdmissionState()
+        self.state: LimitsStore = state or AdmissionState()
         self.addons = addons or Addons()
         self.publish = publish or (lambda flow: None)
         self.clock: Callable[[], float] = clock or (lambda: asyncio.get_running_loop().time())
@@ -123,9 +124,16 @@ class Proxy:
         assert isinstance(conn, ClientConnection)
         self.connections.discard(conn)
         self.watchdog.discard(conn)
-        self.state.client_connections.release(conn.address[0])
+        self._release("client_connections", conn.address[0])
         if self._draining:
             self._idle.set()
+
+    def _release(self, counter: str, key: str) -> None:
+        result = self.state.release(counter, key)
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     # -- listening -----------------------------------------------------------------------
 
@@ -192,9 +200,11 @@ class Proxy:
             log.warning("refused connection from %s: too many connections", client[0])
         else:
             maximum = self.policy.limits.client_connections
-            limited = self.state.client_connections.acquire(client[0], maximum)
-            if limited is not None:
-                refusal = (ErrorKind.RATE_LIMITED, limited.describe())
+            if not await _done(self.state.acquire("client_connections", client[0], maximum)):
+                refusal = (
+                    ErrorKind.RATE_LIMITED,
+                    f"rate limit client_connections reached for {client[0]}",
+                )
         if refusal is not None:
             await self._refuse(stream, client, *refusal)
             return
@@ -204,7 +214,7 @@ class Proxy:
                 stream = await accept_tls(stream, secure, self.settings.tls.handshake_timeout)
             except HandshakeFailed as e:
                 log.info("TLS handshake with %s failed: %s", format_address(client), e)
-                self.state.client_connections.release(client[0])
+                self._release("client_connections", client[0])
                 return
         conn = ClientConnection(self, stream, client, secure=secure is not None)
         self.connections.add(conn)
@@ -321,6 +331,11 @@ class Proxy:
         self.verifier.close()
         self.watchdog.stop()
         await asyncio.sleep(0)  # let the closing connections run their finally blocks
+
+
+async def _done(result: Any) -> Any:
+    """``result``, awaited if a shared limits store returned a coroutine."""
+    return await result if inspect.isawaitable(result) else result
 
 
 def _bind(endpoint: Endpoint, setting: str) -> list[socket.socket]:

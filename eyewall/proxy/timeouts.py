@@ -55,6 +55,7 @@ class Phase(enum.Enum):
     BUFFERING = ("body_idle", True, ErrorKind.BODY_STALLED)  # a body read for an addon
     RESPONDING = ("body_idle", True, ErrorKind.BODY_STALLED)  # response body in transit
     HOOK = ("", False, None)  # user code: the addon runner enforces timeouts.addon_hook
+    AUTHENTICATING = ("", False, None)  # a bcrypt check: bounded by its queue
     HANDSHAKE = ("", False, ErrorKind.CLIENT_TLS_ERROR)  # tls.handshake_timeout
     CLOSING = ("", False, None)  # an answer is out; the connection is closing
 

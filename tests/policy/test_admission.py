@@ -13,7 +13,16 @@ import pytest
 from eyewall.app import build_policy
 from eyewall.config import load_settings
 from eyewall.errors import ErrorKind
-from eyewall.policy.admission import Allow, Refusal, Resolve, Ticket, Verify, decide
+from eyewall.policy.admission import (
+    Allow,
+    CheckLogin,
+    Refusal,
+    Resolve,
+    Ticket,
+    Verify,
+    decide,
+    perform,
+)
 from eyewall.policy.auth import Credentials
 from eyewall.policy.engine import Policy
 from eyewall.policy.networks import OwnListeners
@@ -52,6 +61,8 @@ def run(
     asked = []
     while True:
         step = decide(t, p, state, now, own)
+        if perform(step, t, state, now):
+            continue
         match step:
             case Verify():
                 asked.append("verify")
@@ -318,6 +329,9 @@ def test_the_trace_names_every_step() -> None:
     t = ticket(credentials=Credentials("alice", "alice-pw"))
     trace: list[tuple[str, str]] = []
     state = AdmissionState()
+    step = decide(t, p, state, 0.0, frozenset(), trace)
+    assert isinstance(step, CheckLogin)
+    assert perform(step, t, state, 0.0)
     step = decide(t, p, state, 0.0, frozenset(), trace)
     assert isinstance(step, Verify)
     t.verified = True
