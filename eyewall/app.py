@@ -16,6 +16,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ __all__ = ["Loaded", "Loader", "Observers", "build_policy", "preflight", "run", 
 if TYPE_CHECKING:
     from eyewall.dashboard.app import AdminServer
     from eyewall.observe.metrics import Metrics
+    from eyewall.workers.handover import Inherited
 
 log = logging.getLogger("eyewall")
 
@@ -351,13 +353,21 @@ def _write_pid_file(path: str) -> None:
         f.write(f"{os.getpid()}\n")
 
 
-async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandler) -> None:
-    """Run the proxy until SIGTERM/SIGINT, then drain and stop."""
+async def serve(
+    loader: Loader,
+    loaded: Loaded,
+    log_handler: DroppingQueueHandler,
+    inherited: Inherited | None = None,
+) -> None:
+    """Run the proxy until SIGTERM/SIGINT, then drain and stop; on SIGUSR2, start a new
+    generation on the same sockets and drain once it serves (``inherited``: what this
+    process took over from the generation before; `eyewall.workers.handover`)."""
     from tornado.ioloop import PeriodicCallback
 
     from eyewall.policy.state import AdmissionState
     from eyewall.proxy.server import Proxy
     from eyewall.sdnotify import notify, reloading
+    from eyewall.workers.handover import Restart, listener_keys, owns_pid_file
 
     settings = loaded.settings
     _raise_fd_limit()
@@ -399,10 +409,13 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
     metrics = observers.metrics
     if metrics is not None:
         metrics.track_drops("log", lambda: log_handler.dropped)
+    taken = inherited.take(listener_keys(settings)) if inherited else {}
     try:
-        addresses = proxy.start_listening()
+        addresses = proxy.start_listening(taken)
         if observers.admin is not None:
-            admin_addresses = observers.admin.start()
+            admin_addresses = observers.admin.start(
+                taken.get(("admin.listen", settings.admin.listen))
+            )
             proxy.protect(admin_addresses)
     except OSError as e:
         raise SystemExit(f"eyewall: {e.strerror or e}") from None
@@ -484,10 +497,25 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
     # Ready only now that a signal finds its handler: a SIGTERM right after readiness
     # drains instead of killing the process.
     print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
-    notify(f"READY=1\nSTATUS=listening on {shown}")
+    if inherited is not None:  # the generation before drains once told
+        notify(f"MAINPID={os.getpid()}\nREADY=1\nSTATUS=listening on {shown}")
+        inherited.announce_ready()
+    else:
+        notify(f"READY=1\nSTATUS=listening on {shown}")
+
+    def listeners() -> dict[tuple[str, str], list[socket.socket]]:
+        bound = dict(proxy.bound)
+        if observers.admin is not None:
+            bound["admin.listen", proxy.settings.admin.listen] = observers.admin.sockets
+        return bound
+
+    restart = Restart(listeners, lambda: on_stop(signal.SIGUSR2))
+    loop.add_signal_handler(signal.SIGUSR2, restart.request)
     await stop.wait()
+    restart.refused = True
     watcher.stop()
-    notify("STOPPING=1")
+    if stop_signal[0] != signal.SIGUSR2:  # else the successor is the service now
+        notify("STOPPING=1")
     grace = proxy.settings.timeouts.drain_grace if stop_signal[0] == signal.SIGTERM else 0.0
     log.info(
         "shutting down; in-flight work has %.0f s to finish%s",
@@ -504,20 +532,22 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
     addon_watch.stop()
     addons.lifecycle(Done())
     await observers.stop()
-    if settings.pid_file:
+    if settings.pid_file and owns_pid_file(settings.pid_file):
         Path(settings.pid_file).unlink(missing_ok=True)
     log.info("stopped")
 
 
-def run(loader: Loader) -> int:
-    """Load the configuration and run the proxy until it is stopped; the exit code."""
-    try:
-        loaded = loader.load()
-    except ConfigError as e:
-        print("eyewall: invalid configuration:", file=sys.stderr)
-        for error in e.errors:
-            print(f"  {error}", file=sys.stderr)
-        return 2
+def run(loader: Loader, loaded: Loaded | None = None, inherited: Inherited | None = None) -> int:
+    """Load the configuration (unless ``loaded``) and run the proxy until it is
+    stopped; the exit code.  ``workers`` above 1 is `eyewall.workers.launch`'s."""
+    if loaded is None:
+        try:
+            loaded = loader.load()
+        except ConfigError as e:
+            print("eyewall: invalid configuration:", file=sys.stderr)
+            for error in e.errors:
+                print(f"  {error}", file=sys.stderr)
+            return 2
     handler, listener = setup_logging(loaded.settings.log_level)
     # Every request allocates a few hundred objects and leaves a few reference cycles:
     # collecting the young generation every 700 allocations cost ~10% at 100 clients.
@@ -525,7 +555,7 @@ def run(loader: Loader) -> int:
     gc.set_threshold(50_000, 50, 100)
     gc.freeze()
     try:
-        run_loop(serve(loader, loaded, handler), loaded.settings.event_loop)
+        run_loop(serve(loader, loaded, handler, inherited), loaded.settings.event_loop)
     except KeyboardInterrupt:
         return 130
     finally:

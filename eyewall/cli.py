@@ -288,9 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return har_command(args)
         case "explain":
             return explain_command(args, overrides_of(args, parser))
-    from eyewall.app import Loader, run
+    from eyewall.app import Loader
+    from eyewall.workers.launch import launch
 
-    return run(Loader(args.config, overrides_of(args, parser)))
+    return launch(Loader(args.config, overrides_of(args, parser)))
 
 
 def explain_command(args: argparse.Namespace, overrides: dict[str, Any]) -> int:

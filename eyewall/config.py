@@ -245,6 +245,12 @@ class Pool:
     )
 
 
+def _workers(value: Any) -> str | None:
+    if value == "auto" or (isinstance(value, int) and 1 <= value <= 256):
+        return None
+    return "must be a number of processes (1-256) or auto"
+
+
 def _networks(values: Any) -> str | None:
     for value in values:
         try:
@@ -550,6 +556,16 @@ class Settings:
             None if v in ("auto", "uvloop", "asyncio") else "must be auto, uvloop or asyncio"
         ),
     )
+    workers: int | str = setting(
+        1,
+        "Worker processes serving the listeners: a number, or auto (one per CPU this"
+        " process may run on). Above 1, a supervisor starts them, restarts one that"
+        " dies, and keeps one set of limits, access log, flow store, metrics and admin"
+        " listener for all of them (docs/scaling.md).",
+        flag="--workers",
+        check=_workers,
+        restart=True,
+    )
     via: str = setting(
         "eyewall",
         "Pseudonym this proxy adds to Via fields and names itself by in Proxy-Status.",
@@ -625,6 +641,12 @@ def _coerce(path: str, hint: Any, value: Any) -> Any:
     if hint in ("bool", bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: must be true or false (got {value!r})")
+        return value
+    if hint == "int | str":  # a count or a word: workers = 4, workers = "auto"
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"{path}: must be a number or a word (got {value!r})")
         return value
     if hint == "tuple[str, ...]":
         items = [value] if isinstance(value, str | int) else value

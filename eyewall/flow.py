@@ -50,6 +50,7 @@ class Flow:
     intercepted: bool = False  # decrypted by TLS interception
     t_start: float = 0.0  # monotonic time of the request head (for the duration)
     head_bytes: int = 0  # request and response heads as received (memory accounting)
+    worker: int = 0  # the worker process that served it, 1..N (0: a single process)
 
     def fail(self, kind: ErrorKind, detail: str = "") -> None:
         """Record the first failure; later ones are consequences of it."""

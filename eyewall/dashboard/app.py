@@ -9,6 +9,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -295,18 +296,21 @@ class AdminServer:
             websocket_max_message_size=1 << 16,
         )
         self.server: HTTPServer | None = None
+        self.sockets: list[socket.socket] = []  # the listening sockets (a restart passes them on)
         self.address: tuple[str, int] | None = None
         self.addresses: list[tuple[str, int]] = []
 
-    def start(self) -> list[tuple[str, int]]:
-        """Listen; returns every bound (host, port) (``localhost`` binds IPv4 and
-        IPv6).  Raises OSError naming the address and the setting."""
+    def start(self, bound: list[socket.socket] | None = None) -> list[tuple[str, int]]:
+        """Listen (on ``bound``, sockets already bound for the endpoint, when given);
+        returns every bound (host, port) (``localhost`` binds IPv4 and IPv6).  Raises
+        OSError naming the address and the setting."""
         try:
-            sockets = bind_sockets(self.endpoint.port, self.endpoint.host)
+            sockets = bound or bind_sockets(self.endpoint.port, self.endpoint.host)
         except OSError as e:
             raise OSError(
                 e.errno, f"cannot listen on {self.endpoint} (admin.listen): {e.strerror}"
             ) from None
+        self.sockets = sockets
         self.server = HTTPServer(self.app, xheaders=False)
         self.server.add_sockets(sockets)
         self.addresses = [s.getsockname()[:2] for s in sockets]

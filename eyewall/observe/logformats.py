@@ -4,7 +4,8 @@ Pure functions of a finished `Flow`; each returns one line ending in a newline.
 
 json fields: time, ts, id, kind, client, client_port, user, method, url, host, port,
 upstream, reused, status, bytes_in, bytes_out, duration_ms, ttfb_ms, connect_ms, rule,
-error, error_detail.  Durations are milliseconds; ``ttfb_ms`` and ``connect_ms`` are
+error, error_detail, worker (the worker process that served it, 1..N; 0 when a single
+process serves).  Durations are milliseconds; ``ttfb_ms`` and ``connect_ms`` are
 null when not reached (``connect_ms`` is also null on a reused connection).
 """
 
@@ -59,12 +60,14 @@ def format_json(flow: Flow) -> str:
         f'"status":{flow.status},"bytes_in":{flow.bytes_in},"bytes_out":{flow.bytes_out},'
         f'"duration_ms":{_ms(flow.duration)},"ttfb_ms":{_ms(flow.t_response)},'
         f'"connect_ms":{_ms(flow.connect_time)},"rule":{_quote(flow.rule)},'
-        f'"error":{_str_or_null(error)},"error_detail":{_quote(flow.error_detail)}}}\n'
+        f'"error":{_str_or_null(error)},"error_detail":{_quote(flow.error_detail)},'
+        f'"worker":{flow.worker}}}\n'
     )
 
 
 def format_text(flow: Flow) -> str:
-    """``time client id method url status in out duration up=… [err=…]``"""
+    """``time client id method url status in out duration up=… [user=…] [rule=…]
+    [worker=…] [err=…]``"""
     client = f"{flow.client[0]}:{flow.client[1]}"
     line = (
         f"{_iso(flow.started)} {client} {flow.id} {flow.method or '-'} {flow.url or '-'}"
@@ -77,6 +80,8 @@ def format_text(flow: Flow) -> str:
         line += f" user={flow.user}"
     if flow.rule:
         line += f" rule={flow.rule}"
+    if flow.worker:
+        line += f" worker={flow.worker}"
     if flow.error is not None:
         detail = flow.error_detail.replace('"', "'")
         line += f' err={flow.error.value} "{detail}"'

@@ -29,11 +29,15 @@ class DroppingQueueHandler(logging.handlers.QueueHandler):
             self.dropped += 1
 
 
-def setup_logging(level: str) -> tuple[DroppingQueueHandler, logging.handlers.QueueListener]:
-    """Route every log record through a bounded queue to a stderr-writing thread."""
+def setup_logging(
+    level: str, process: str = ""
+) -> tuple[DroppingQueueHandler, logging.handlers.QueueListener]:
+    """Route every log record through a bounded queue to a stderr-writing thread.
+    ``process`` names the process in every line (``worker 2``): workers share stderr."""
     q: queue.Queue[logging.LogRecord] = queue.Queue(MAX_RECORDS)
     stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    who = f" [{process.replace('%', '%%')}]" if process else ""
+    stream.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s{who}: %(message)s"))
     handler = DroppingQueueHandler(q)
     root = logging.getLogger()
     root.handlers[:] = [handler]

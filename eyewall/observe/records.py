@@ -43,6 +43,7 @@ COLUMNS = (
     "response_headers",
     "request_body",
     "response_body",
+    "worker",
 )
 
 
@@ -99,6 +100,7 @@ def row_of(flow: Flow) -> tuple[Any, ...]:
         _heads(response.headers if response is not None else None),
         bytes(flow.request_body) if flow.request_body is not None else None,
         bytes(flow.response_body) if flow.response_body is not None else None,
+        flow.worker,
     )
 
 
@@ -135,6 +137,7 @@ def summary(record: Record) -> dict[str, Any]:
         "error": record["error"],
         "error_detail": record["error_detail"],
         "intercepted": bool(record["intercepted"]),
+        "worker": record["worker"] or 0,
     }
 
 

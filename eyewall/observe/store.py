@@ -125,6 +125,9 @@ class FlowStore:
             os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))  # traffic is private
             db = _connect(path)  # fail at start-up, not in the thread
             db.executescript(_SCHEMA)
+            with db:  # a database written by an earlier version gains the new columns
+                for column in sorted(set(COLUMNS) - _columns(db), key=COLUMNS.index):
+                    db.execute(f"ALTER TABLE flows ADD COLUMN {column}")
             db.close()
             writer.on_idle(self._prune_now)
             self._timer = PeriodicCallback(self.flush, FLUSH_INTERVAL * 1000)
@@ -253,11 +256,17 @@ def read_records(
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
         db.row_factory = sqlite3.Row
+        present = _columns(db)  # an earlier version's database lacks the newer ones
+        selected = ", ".join(c if c in present else f"NULL AS {c}" for c in COLUMNS)
         rows = db.execute(
-            f"SELECT {', '.join(COLUMNS)} FROM (SELECT * FROM flows WHERE {where}"
+            f"SELECT {selected} FROM (SELECT * FROM flows WHERE {where}"
             " ORDER BY started DESC LIMIT ?) ORDER BY started",
             (*params, limit),
         ).fetchall()
     finally:
         db.close()
     return [dict(row) for row in rows]
+
+
+def _columns(db: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in db.execute("PRAGMA table_info(flows)")}

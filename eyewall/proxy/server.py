@@ -12,7 +12,7 @@ import secrets
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from tornado.iostream import IOStream, StreamClosedError
@@ -41,7 +41,7 @@ from eyewall.proxy.upstream import (
 from eyewall.proxy.verifier import Verifier
 from eyewall.tls.ca import CertificateAuthority
 
-__all__ = ["Proxy"]
+__all__ = ["Proxy", "bind_endpoint"]
 
 log = logging.getLogger("eyewall")
 
@@ -90,6 +90,7 @@ class Proxy:
         self.stopping = False  # SIGTERM seen: /healthz says 503 (listeners may still serve)
         self._draining = False  # new responses close their connection; no new connections
         self.addresses: list[tuple[str, int]] = []  # what the proxy listeners are bound to
+        self.bound: dict[tuple[str, str], list[socket.socket]] = {}  # (setting, endpoint)
         self.protected: list[tuple[str, int]] = []  # other listeners of this process
         self._listeners: list[tuple[socket.socket, Callable[[], None]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -137,9 +138,14 @@ class Proxy:
 
     # -- listening -----------------------------------------------------------------------
 
-    def start_listening(self) -> list[tuple[str, int]]:
+    def start_listening(
+        self, bound: Mapping[tuple[str, str], list[socket.socket]] | None = None
+    ) -> list[tuple[str, int]]:
         """Bind every configured address (``listen`` and ``tls.listen``); returns the
-        bound (host, port) pairs.  Raises OSError naming the address and the setting."""
+        bound (host, port) pairs.  ``bound`` holds sockets already bound (by a
+        supervisor, or inherited from the generation before), by (setting, endpoint
+        text): those are used instead.  Raises OSError naming the address and the
+        setting."""
         tls = self.settings.tls
         server_tls = _server_context(tls.certificate, tls.key) if tls.listen else None
         for setting, endpoints, secure in (
@@ -147,7 +153,10 @@ class Proxy:
             ("tls.listen", tls.listen, server_tls),
         ):
             for endpoint in endpoints:
-                for sock in _bind(endpoint, setting):
+                given = bound.get((setting, str(endpoint))) if bound else None
+                sockets = given or bind_endpoint(endpoint, setting)
+                self.bound[(setting, str(endpoint))] = sockets
+                for sock in sockets:
                     _defer_accept(sock, self.settings.timeouts.client_header)
 
                     def accept(s: socket.socket, address: Any, secure: Any = secure) -> None:
@@ -338,7 +347,9 @@ async def _done(result: Any) -> Any:
     return await result if inspect.isawaitable(result) else result
 
 
-def _bind(endpoint: Endpoint, setting: str) -> list[socket.socket]:
+def bind_endpoint(endpoint: Endpoint, setting: str) -> list[socket.socket]:
+    """Listening sockets for ``endpoint`` (two for "localhost": IPv4 and IPv6).  Raises
+    OSError naming the address and ``setting``."""
     family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_UNSPEC
     try:
         return bind_sockets(endpoint.port, endpoint.host, family=family, backlog=1024)

@@ -1,0 +1,589 @@
+"""The supervisor: one process that owns what must be one, and N workers that serve.
+
+It binds the listening sockets (or takes them from the generation before, see
+`eyewall.workers.handover`) and starts ``python -m eyewall.workers.worker`` N times,
+each with the sockets, the shared limits segment and a control socket pair.  A fresh
+interpreter per worker rather than a fork: the supervisor runs an event loop and
+threads (the observers' writer, the log), which a fork must not copy.
+
+What it owns:
+
+* the observers — access log, flow store, metrics, live feed and the admin listener —
+  fed by the flows every worker sends (so there is one of each, with every worker's
+  traffic, and their disk writes happen off the workers' cores);
+* the configuration: loaded and validated here, on start and on SIGHUP or a watched
+  file's change, and sent to every worker as a `Snapshot`;
+* the signals: SIGTERM (health checks say 503 for ``timeouts.drain_grace``, then the
+  workers drain), SIGINT (drain now), a second one (close now), SIGHUP (reload),
+  SIGUSR1 (reopen the access log), SIGUSR2 (restart: a new generation);
+* the pid file and the service manager's notifications;
+* the worker slots of the shared limits: a worker that exits has its counts released
+  (`eyewall.workers.limits.reap`) before it is started again, after a back-off that
+  grows while it keeps dying young (`backoff`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tornado.ioloop import PeriodicCallback
+
+from eyewall import __version__
+from eyewall.app import Loaded, Loader, Observers, _mtimes, _raise_fd_limit, _write_pid_file
+from eyewall.config import ConfigError, restart_settings
+from eyewall.observe.oplog import DroppingQueueHandler
+from eyewall.proxy.server import bind_endpoint
+from eyewall.sdnotify import notify, reloading
+from eyewall.tls.ca import CertificateAuthority, default_ca_dir
+from eyewall.workers.channel import Channel, StreamClosedError
+from eyewall.workers.handover import (
+    Bound,
+    Inherited,
+    Restart,
+    listener_keys,
+    owns_pid_file,
+)
+from eyewall.workers.limits import TABLES, SharedLimits, create_segment, reap
+from eyewall.workers.shm import MAX_SLOTS, Segment, process_start
+from eyewall.workers.snapshot import snapshot_of
+from eyewall.workers.stats import WorkerCollector, WorkersStats, WorkerState
+from eyewall.workers.wire import (
+    FLOWS,
+    INIT,
+    READY,
+    RELOAD,
+    RELOADED,
+    STATS,
+    STOP,
+    STOP_NOW,
+    Snapshot,
+    WorkerInit,
+    decode,
+    encode,
+    unpack,
+)
+
+__all__ = ["Supervisor", "backoff"]
+
+log = logging.getLogger("eyewall")
+
+STABLE = 60.0  # seconds a worker must live for its next death to be restarted at once
+MAX_BACKOFF = 30.0
+START_TIMEOUT = 60.0  # seconds the workers have to start listening
+RELOAD_TIMEOUT = 10.0  # seconds a worker has to apply a reload
+KILL_MARGIN = 10.0  # seconds past the drain deadline before a worker is killed
+SWEEP_INTERVAL = 5.0  # seconds between checks for slots whose process is gone
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait before restarting a worker that died ``failures`` times in a row
+    without living `STABLE` seconds: at once the first time, then 0.5 s doubling up to
+    `MAX_BACKOFF`."""
+    return 0.0 if failures <= 1 else min(MAX_BACKOFF, 0.5 * 2 ** (failures - 2))
+
+
+class WorkerProcess:
+    """One running worker process."""
+
+    def __init__(self, state: WorkerState, slot: int, process: subprocess.Popen[bytes]) -> None:
+        self.state = state
+        self.slot = slot
+        self.process = process
+        self.started = time.monotonic()
+        self.channel: Channel | None = None
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Event = asyncio.Event()  # its channel reached end of file
+        self.reload_answer: asyncio.Future[str | None] | None = None
+
+
+class Supervisor:
+    """Runs ``count`` workers for ``loaded`` until stopped; `run` returns the exit
+    status."""
+
+    def __init__(
+        self,
+        loader: Loader,
+        loaded: Loaded,
+        count: int,
+        log_handler: DroppingQueueHandler,
+        inherited: Inherited | None = None,
+    ) -> None:
+        self.loader = loader
+        self.loaded = loaded
+        self.settings = loaded.settings
+        self.count = count
+        self.log_handler = log_handler
+        self.inherited = inherited
+        self.states = {n: WorkerState(n) for n in range(1, count + 1)}
+        self.processes: dict[int, WorkerProcess] = {}  # by worker number
+        self.failures = dict.fromkeys(self.states, 0)
+        self.stats = WorkersStats(self.states.values)
+        self.stopping = False
+        self.handing_over = False
+        self.stop_event = asyncio.Event()
+        self.stop_signal = 0
+        self.all_ready = asyncio.Event()
+        self.start_failed = False
+        self.started_up = False  # every worker listened once
+        self.shown = ""
+        self.reload_lock = asyncio.Lock()
+        self.tasks: set[asyncio.Future[Any]] = set()
+        self.bound: Bound = {}
+        self.admin_sockets: list[socket.socket] = []
+
+    # -- start -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        settings = self.settings
+        _raise_fd_limit()
+        self.segment = self._segment()
+        self.limits_view = SharedLimits(self.segment, MAX_SLOTS - 1)  # statistics only
+        taken = self.inherited.take(listener_keys(settings)) if self.inherited else {}
+        try:
+            self.snapshot = snapshot_of(self.loaded)
+            self._bind(taken)
+            observers = self.observers = Observers(settings, self.stats, self._ca_pem)
+            if observers.admin is not None:
+                admin = taken.get(("admin.listen", settings.admin.listen))
+                self.protected = observers.admin.start(admin)
+                self.admin_sockets = observers.admin.sockets
+            else:
+                self.protected = []
+        except (OSError, ConfigError) as e:
+            raise SystemExit(f"eyewall: {getattr(e, 'strerror', None) or e}") from None
+        metrics = observers.metrics
+        if metrics is not None:
+            metrics.track_drops("log", lambda: self.log_handler.dropped + self.stats.log_dropped())
+            metrics.track_drops("workers", self.stats.flows_dropped)
+            metrics.registry.register(
+                WorkerCollector(self.count, self.states.values, self.limits_view.statistics)
+            )
+        if observers.admin is not None:
+            print(f"eyewall admin on {observers.admin.url()}", file=sys.stderr, flush=True)
+        self._signals()
+        for number in self.states:
+            self._spawn(number)
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                await self._started()
+        except TimeoutError:
+            log.error("the workers did not start within %.0f s", START_TIMEOUT)
+            self.start_failed = True
+        if self.start_failed:
+            await self._stop(0.0)
+            return 1
+        self._announce()
+        watcher = self._watch()
+        sweeper = PeriodicCallback(self._sweep, SWEEP_INTERVAL * 1000)
+        sweeper.start()
+        await self.stop_event.wait()
+        watcher.stop()
+        sweeper.stop()
+        grace = settings.timeouts.drain_grace if self.stop_signal == signal.SIGTERM else 0.0
+        if not self.handing_over:
+            notify("STOPPING=1")
+        await self._stop(grace)
+        log.info("stopped")
+        return 0
+
+    def _segment(self) -> Segment:
+        inherited = self.inherited
+        if inherited is not None and inherited.limits_fd is not None:
+            try:
+                return Segment.attach(inherited.limits_fd, TABLES)
+            except (OSError, ValueError) as e:
+                log.warning("restart: the limits start afresh (%s)", e)
+        try:
+            return create_segment()
+        except OSError as e:
+            raise SystemExit(f"eyewall: cannot create the shared limits: {e.strerror}") from None
+
+    def _bind(self, taken: Bound) -> None:
+        """The listening sockets: ``taken`` from the generation before where the
+        endpoint is the same, else new ones.  Raises OSError."""
+        settings = self.settings
+        wanted = [("listen", e) for e in settings.listen]
+        wanted += [("tls.listen", e) for e in settings.tls.listen]
+        for setting, endpoint in wanted:
+            key = (setting, str(endpoint))
+            self.bound[key] = taken.get(key) or bind_endpoint(endpoint, setting)
+        if settings.tls.listen:
+            from eyewall.proxy.server import _server_context
+
+            _server_context(settings.tls.certificate, settings.tls.key)  # fail here, once
+
+    def _ca_pem(self) -> bytes | None:
+        ca = self.loaded.ca
+        if ca is not None:
+            return ca.pem()
+        configured = self.settings.tls.ca_dir
+        try:
+            directory = Path(configured) if configured else default_ca_dir()
+            return CertificateAuthority.load(directory).pem()
+        except (OSError, ValueError):
+            return None
+
+    def _signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._later, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self._reopen)
+        self.restart = Restart(self._listeners, self._hand_over, self.segment.fd)
+        loop.add_signal_handler(signal.SIGUSR2, self.restart.request)
+
+    def _later(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _started(self) -> None:
+        while not self.start_failed and not all(s.ready for s in self.states.values()):
+            self.all_ready.clear()
+            await self.all_ready.wait()
+
+    def _addresses(self) -> list[tuple[str, int]]:
+        return [s.getsockname()[:2] for socks in self.bound.values() for s in socks]
+
+    def _announce(self) -> None:
+        shown = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self._addresses())
+        self.shown = shown
+        self.started_up = True
+        if self.settings.pid_file:
+            _write_pid_file(self.settings.pid_file)
+        pids = ", ".join(f"{s.number} (pid {s.pid})" for s in self.states.values())
+        print(f"eyewall workers: {pids}", file=sys.stderr, flush=True)
+        print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
+        status = f"STATUS=listening on {shown} ({self.count} workers)"
+        if self.inherited is not None:
+            notify(f"MAINPID={os.getpid()}\nREADY=1\n{status}")
+            self.inherited.announce_ready()
+            log.info("restart: this generation serves; the one before drains")
+        else:
+            notify(f"READY=1\n{status}")
+
+    # -- workers -----------------------------------------------------------------------
+
+    def _spawn(self, number: int) -> None:
+        state = self.states[number]
+        with self.segment.locked():
+            slot = self.segment.free_slot()
+            if slot == -1 or slot == MAX_SLOTS - 1:
+                log.error("no free slot in the shared limits for worker %d", number)
+                return
+            self.segment.set_slot(slot, os.getpid(), process_start(os.getpid()))  # reserved
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = [theirs.fileno(), self.segment.fd]
+        fds += [s.fileno() for socks in self.bound.values() for s in socks]
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "eyewall.workers.worker", str(theirs.fileno())],
+                pass_fds=fds,
+                env=env,
+            )
+        except OSError as e:
+            log.error("cannot start worker %d: %s", number, e)
+            ours.close()
+            with self.segment.locked():
+                self.segment.set_slot(slot, 0, 0)
+            self.failures[number] += 1
+            self._restart_later(number, backoff(self.failures[number]))
+            return
+        finally:
+            theirs.close()
+        with self.segment.locked():
+            self.segment.set_slot(slot, process.pid, process_start(process.pid))
+        worker = WorkerProcess(state, slot, process)
+        state.pid = process.pid
+        state.ready = False
+        self.processes[number] = worker
+        channel = worker.channel = Channel(ours)
+        listeners = tuple(
+            (setting, endpoint, tuple(s.fileno() for s in socks))
+            for (setting, endpoint), socks in self.bound.items()
+        )
+        init = WorkerInit(
+            number,
+            slot,
+            self.segment.fd,
+            listeners,
+            tuple(self.protected),
+            self.snapshot,
+            __version__,
+        )
+        channel.send(encode(INIT, init), force=True)
+        self._later(lambda: self._listen(worker))
+        self._watch_exit(worker)
+
+    async def _listen(self, worker: WorkerProcess) -> None:
+        """Frames from one worker until its channel closes."""
+        assert worker.channel is not None
+        state = worker.state
+        publish = self.observers.bus.publish
+        try:
+            while True:
+                kind, payload = await worker.channel.receive()
+                if kind == FLOWS:
+                    for flow in unpack(payload, state.number):
+                        publish(flow)
+                elif kind == STATS:
+                    state.gauges = decode(payload)
+                elif kind == READY:
+                    state.ready = True
+                    log.debug("worker %d (pid %d) ready", state.number, worker.process.pid)
+                    self.all_ready.set()
+                elif kind == RELOADED:
+                    answer = worker.reload_answer
+                    if answer is not None and not answer.done():
+                        answer.set_result(decode(payload))
+        except StreamClosedError:
+            pass
+        except (ValueError, TypeError, EOFError):
+            log.exception("worker %d sent a malformed frame; closing its channel", state.number)
+        finally:
+            worker.channel.close()
+            worker.closed.set()
+
+    def _watch_exit(self, worker: WorkerProcess) -> None:
+        loop = asyncio.get_running_loop()
+        process = worker.process
+        try:
+            pidfd = os.pidfd_open(process.pid)
+        except (AttributeError, OSError):
+            timer = PeriodicCallback(lambda: self._poll(worker, timer), 100)
+            timer.start()
+            return
+
+        def exited() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            self._exited(worker, process.wait())
+
+        loop.add_reader(pidfd, exited)
+
+    def _poll(self, worker: WorkerProcess, timer: PeriodicCallback) -> None:
+        code = worker.process.poll()
+        if code is not None:
+            timer.stop()
+            self._exited(worker, code)
+
+    def _exited(self, worker: WorkerProcess, code: int) -> None:
+        state = worker.state
+        state.ready = False
+        state.dropped_before += int(state.gauges.get("flows_dropped", 0))
+        state.gauges = {}
+        released = reap(self.segment, worker.slot)
+        if self.processes.get(state.number) is worker:
+            del self.processes[state.number]
+        worker.exited.set_result(code)
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        if self.stopping:
+            if code != 0:
+                log.warning("worker %d (pid %d) %s", state.number, worker.process.pid, how)
+            return
+        if not self.started_up:
+            log.error("worker %d (pid %d) %s while starting", state.number, worker.process.pid, how)
+            self.start_failed = True
+            self.all_ready.set()
+            return
+        lived = time.monotonic() - worker.started
+        self.failures[state.number] = 1 if lived >= STABLE else self.failures[state.number] + 1
+        delay = backoff(self.failures[state.number])
+        state.restarts += 1
+        log.warning(
+            "worker %d (pid %d) %s after %.1f s%s; restarting it%s",
+            state.number,
+            worker.process.pid,
+            how,
+            lived,
+            f", releasing {released} connection and tunnel counts" if released else "",
+            f" in {delay:g} s" if delay else "",
+        )
+        self._restart_later(state.number, delay)
+
+    def _restart_later(self, number: int, delay: float) -> None:
+        def again() -> None:
+            if not self.stopping and number not in self.processes:
+                self._spawn(number)
+
+        asyncio.get_running_loop().call_later(delay, again)
+
+    def _sweep(self) -> None:
+        """Release the slots of workers that are gone but were not reaped here: those of
+        a generation before this one whose supervisor died."""
+        ours = {w.slot for w in self.processes.values()}
+        for slot in range(MAX_SLOTS - 1):
+            if slot in ours:
+                continue
+            with self.segment.locked():
+                pid, started, _ = self.segment.slot(slot)
+            if pid and process_start(pid) != started:
+                released = reap(self.segment, slot)
+                log.info("released %d counts of a worker that is gone (pid %d)", released, pid)
+
+    # -- reload, reopen, restart ------------------------------------------------------
+
+    async def reload(self) -> None:
+        async with self.reload_lock:
+            notify(reloading())
+            ok = False
+            try:
+                ok = await self._reload()
+            finally:
+                metrics = self.observers.metrics
+                if metrics is not None:
+                    metrics.reloaded(ok)
+                notify(
+                    f"STATUS=listening on {self.shown} ({self.count} workers)"
+                    if ok
+                    else "STATUS=reload refused (see the log); the previous configuration runs"
+                )
+                notify("READY=1")
+
+    async def _reload(self) -> bool:
+        try:
+            new = self.loader.load()
+            snapshot = snapshot_of(new)
+        except ConfigError as e:
+            log.error("reload refused, keeping the current configuration: %s", e)
+            return False
+        old = self.settings
+        for name in restart_settings(old, new.settings):
+            log.warning("%s changed: it applies after a restart (eyewall restart)", name)
+        try:
+            self.observers.reconfigure(old, new.settings)
+        except OSError as e:
+            log.error("reload refused, keeping the current configuration: %s", e)
+            return False
+        self.loaded, self.settings, self.snapshot = new, new.settings, snapshot
+        refused = await self._broadcast_reload(snapshot)
+        if refused:
+            log.error("reload: %s", "; ".join(refused))
+            return False
+        log.info("configuration reloaded (%d workers)", len(self.processes))
+        return True
+
+    async def _broadcast_reload(self, snapshot: Snapshot) -> list[str]:
+        loop = asyncio.get_running_loop()
+        waiting = []
+        for worker in list(self.processes.values()):
+            if worker.channel is None or not worker.state.ready:
+                continue  # starting: it gets the new snapshot with its INIT
+            worker.reload_answer = loop.create_future()
+            worker.channel.send(encode(RELOAD, snapshot), force=True)
+            waiting.append(worker)
+        refused = []
+        for worker in waiting:
+            assert worker.reload_answer is not None
+            try:
+                async with asyncio.timeout(RELOAD_TIMEOUT):
+                    error = await asyncio.shield(worker.reload_answer)
+            except TimeoutError:
+                error = "no answer"
+            if error is not None and not worker.exited.done():
+                refused.append(f"worker {worker.state.number}: {error}")
+        return refused
+
+    def _reopen(self) -> None:
+        if self.observers.access is not None:
+            self.observers.access.reopen()
+
+    def _listeners(self) -> Bound:
+        """What a successor takes over."""
+        bound = dict(self.bound)
+        if self.admin_sockets:
+            bound["admin.listen", self.settings.admin.listen] = self.admin_sockets
+        return bound
+
+    def _hand_over(self) -> None:
+        self.handing_over = True
+        self._on_stop(signal.SIGINT)
+
+    # -- stop --------------------------------------------------------------------------
+
+    def _on_stop(self, sig: int) -> None:
+        if self.stop_event.is_set():  # a second signal: close everything now
+            log.warning("second signal: closing everything now")
+            for worker in self.processes.values():
+                if worker.channel is not None:
+                    worker.channel.send(encode(STOP_NOW, None), force=True)
+            return
+        self.stop_signal = sig
+        self.restart.refused = True
+        self.stop_event.set()
+
+    async def _stop(self, grace: float) -> None:
+        """Stop every worker (``grace`` seconds of serving first, then the drain), then
+        the observers."""
+        self.stopping = self.stats.stopping = True
+        settings = self.settings
+        if not self.handing_over:
+            log.info(
+                "shutting down; in-flight work has %.0f s to finish%s",
+                settings.timeouts.drain,
+                f" after {grace:g} s of grace" if grace else "",
+            )
+        for worker in self.processes.values():
+            if worker.channel is not None:
+                worker.channel.send(encode(STOP, grace), force=True)
+        if self.handing_over and self.observers.admin is not None:
+            await self.observers.admin.stop()  # the successor serves the admin listener
+        if grace:
+            await asyncio.sleep(grace)
+        for socks in self.bound.values():
+            for sock in socks:
+                sock.close()
+        waiting = list(self.processes.values())
+        deadline = settings.timeouts.drain + KILL_MARGIN
+        try:
+            async with asyncio.timeout(deadline):
+                for worker in waiting:
+                    await worker.exited
+                    await worker.closed.wait()
+        except TimeoutError:
+            for worker in waiting:
+                if not worker.exited.done():
+                    log.error("worker %d did not stop: killing it", worker.state.number)
+                    worker.process.kill()
+            for worker in waiting:
+                await worker.exited
+        await self.observers.stop()
+        pid_file = settings.pid_file
+        if pid_file and owns_pid_file(pid_file):
+            Path(pid_file).unlink(missing_ok=True)
+        self.segment.close()
+
+    # -- config watch -------------------------------------------------------------------
+
+    def _watch(self) -> PeriodicCallback:
+        files = self.loader.watched_files(self.settings)
+        seen = _mtimes(files)
+
+        def poll() -> None:
+            nonlocal seen, files
+            now = _mtimes(files)
+            if now != seen:
+                seen = now
+
+                async def reload() -> None:
+                    nonlocal files, seen
+                    await self.reload()
+                    files = self.loader.watched_files(self.settings)
+                    seen = _mtimes(files)
+
+                self._later(reload)
+
+        watcher = PeriodicCallback(poll, 2000)
+        if self.settings.watch_config or self.settings.auth.htpasswd:
+            watcher.start()
+        return watcher
