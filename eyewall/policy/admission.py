@@ -19,10 +19,10 @@ memory shared by worker processes, or in Redis for a fleet.  Instead of a decisi
 source or user locked out), `Verify` (a bcrypt check), `RecordFailure` (count a failed
 login), `Resolve` (the destination's addresses) — and the caller performs it, records
 the result in the ticket and calls `decide` again.  The ticket remembers what was done,
-so asking again never counts twice.  `perform` does the limit steps on an
-`AdmissionState` in this process, without waiting; the proxy (`eyewall.proxy.admission`)
-does them on whichever store holds its limits, and ``eyewall explain`` drives the same
-function with a ``trace`` list it prints.
+so asking again never counts twice.  `perform` does the limit steps on a store that
+answers at once (`AdmissionState` in this process, or memory shared by workers); the
+proxy (`eyewall.proxy.admission`) does them on whichever store holds its limits, and
+``eyewall explain`` drives the same function with a ``trace`` list it prints.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from eyewall.errors import ErrorKind
 from eyewall.policy.auth import Credentials
 from eyewall.policy.engine import LimitParameters, Policy
 from eyewall.policy.rules import Action, Request
-from eyewall.policy.state import AdmissionState, LimitsStore
+from eyewall.policy.state import LimitsStore, SynchronousLimits
 
 __all__ = [
     "Allow",
@@ -300,10 +300,10 @@ def _describe_limits(limits: LimitParameters) -> str:
     return ", ".join(shown) if shown else "none configured"
 
 
-def perform(step: Step, ticket: Ticket, state: AdmissionState, now: float) -> bool:
-    """Do a limit step (`Charge`, `CheckLogin`, `RecordFailure`) on ``state``, the
-    limits of this process, and record its result in ``ticket``; False for any other
-    step (the caller's I/O)."""
+def perform(step: Step, ticket: Ticket, state: SynchronousLimits, now: float) -> bool:
+    """Do a limit step (`Charge`, `CheckLogin`, `RecordFailure`) on ``state``, a store
+    that answers at once (this process's limits, or memory shared by workers), and
+    record its result in ``ticket``; False for any other step (the caller's I/O)."""
     match step:
         case Charge(limit, key, rate, burst):
             ticket.charges[limit] = state.take(limit, key, now, rate, burst)

@@ -17,7 +17,13 @@ from typing import Protocol
 from eyewall.policy.auth import Credentials, LoginThrottle
 from eyewall.policy.limits import Counter, TokenBuckets
 
-__all__ = ["AdmissionState", "CredentialCache", "LimitsStore", "LimitsUnavailable"]
+__all__ = [
+    "AdmissionState",
+    "CredentialCache",
+    "LimitsStore",
+    "LimitsUnavailable",
+    "SynchronousLimits",
+]
 
 
 class LimitsUnavailable(Exception):
@@ -86,6 +92,25 @@ class LimitsStore(Protocol):
     ) -> float | Awaitable[float | None] | None: ...
 
     def login_failed(self, client: str, user: str | None, now: float) -> Awaitable[None] | None: ...
+
+
+class SynchronousLimits(Protocol):
+    """A `LimitsStore` whose methods answer at once (``asynchronous`` is False):
+    `AdmissionState`, or `eyewall.workers.limits.SharedLimits` in memory shared by
+    worker processes.  Admission performs its limit steps on one without awaiting."""
+
+    asynchronous: bool
+    credentials: CredentialCache
+
+    def take(self, limit: str, key: str, now: float, rate: float, burst: float) -> float | None: ...
+
+    def acquire(self, counter: str, key: str, maximum: int) -> bool: ...
+
+    def release(self, counter: str, key: str) -> None: ...
+
+    def login_wait(self, client: str, user: str | None, now: float) -> float | None: ...
+
+    def login_failed(self, client: str, user: str | None, now: float) -> None: ...
 
 
 class AdmissionState:

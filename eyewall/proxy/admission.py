@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from eyewall.errors import ErrorKind, ProxyError
 from eyewall.policy.admission import (
@@ -29,7 +29,7 @@ from eyewall.policy.admission import (
     decide,
     perform,
 )
-from eyewall.policy.state import AdmissionState, LimitsUnavailable
+from eyewall.policy.state import LimitsUnavailable, SynchronousLimits
 from eyewall.proxy.context import ProxyContext
 from eyewall.proxy.timeouts import Phase, Watch
 
@@ -38,9 +38,10 @@ __all__ = ["admit", "admit_now"]
 
 def admit_now(ctx: ProxyContext, ticket: Ticket) -> Step:
     """The next step for ``ticket`` that needs waiting, or the decision: limit steps
-    on this process's own limits, cached resolutions and IP literals are done here."""
+    on a synchronous store (this process's own limits, or shared memory), cached
+    resolutions and IP literals are done here."""
     state = ctx.state
-    local = state if isinstance(state, AdmissionState) else None
+    local = None if state.asynchronous else cast(SynchronousLimits, state)
     while True:
         step = decide(ticket, ctx.policy, state, ctx.clock(), ctx.own)
         if isinstance(step, Resolve):
