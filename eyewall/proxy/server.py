@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
-from tornado.netutil import add_accept_handler, bind_sockets
+from tornado.netutil import bind_sockets
 
 from eyewall.addons.api import Client, HTTPFlow
 from eyewall.addons.hooks import ClientConnected, ClientDisconnected, Hook, TunnelEnd, TunnelStart
@@ -44,6 +45,8 @@ from eyewall.tls.ca import CertificateAuthority
 __all__ = ["Proxy", "bind_endpoint"]
 
 log = logging.getLogger("eyewall")
+
+ACCEPT_BATCH = 128  # Tornado's: a single process takes what is queued
 
 
 class Proxy:
@@ -93,6 +96,10 @@ class Proxy:
         self.bound: dict[tuple[str, str], list[socket.socket]] = {}  # (setting, endpoint)
         self.protected: list[tuple[str, int]] = []  # other listeners of this process
         self._listeners: list[tuple[socket.socket, Callable[[], None]]] = []
+        # Connections accepted per wake-up of a listener.  Workers sharing a listening
+        # socket take few at a time, so that a burst of new connections is spread over
+        # all of them instead of going to whichever woke first.
+        self.accept_batch = ACCEPT_BATCH
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(3)
@@ -162,7 +169,8 @@ class Proxy:
                     def accept(s: socket.socket, address: Any, secure: Any = secure) -> None:
                         self._accept(s, address, secure)
 
-                    self._listeners.append((sock, add_accept_handler(sock, accept)))
+                    remove = _accept_handler(sock, accept, self.accept_batch)
+                    self._listeners.append((sock, remove))
                     self.addresses.append(sock.getsockname()[:2])
         self._refresh_own()
         self.watchdog.start()
@@ -345,6 +353,36 @@ class Proxy:
 async def _done(result: Any) -> Any:
     """``result``, awaited if a shared limits store returned a coroutine."""
     return await result if inspect.isawaitable(result) else result
+
+
+def _accept_handler(
+    sock: socket.socket, callback: Callable[[socket.socket, Any], None], batch: int
+) -> Callable[[], None]:
+    """Call ``callback(connection, address)`` for connections accepted on ``sock``, at
+    most ``batch`` per wake-up (`tornado.netutil.add_accept_handler` with the batch
+    as a parameter); returns the function that stops it."""
+    loop = IOLoop.current()
+    removed = False
+
+    def accept(fd: Any, events: int) -> None:
+        for _ in range(batch):
+            if removed:
+                return
+            try:
+                connection, address = sock.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue
+            callback(connection, address)
+
+    def remove() -> None:
+        nonlocal removed
+        loop.remove_handler(sock)
+        removed = True
+
+    loop.add_handler(sock, accept, IOLoop.READ)
+    return remove
 
 
 def bind_endpoint(endpoint: Endpoint, setting: str) -> list[socket.socket]:
