@@ -5,6 +5,7 @@
                                             flags override the --config file)
     eyewall check-config FILE...            validate configuration files
     eyewall reload [--pid-file F | --config F]   ask a running proxy to reload
+    eyewall restart [--pid-file F | --config F]  replace it without dropping connections
     eyewall explain [options] URL|HOST:PORT  show what the policy decides, and why
     eyewall ca init|export                  the TLS interception CA
     eyewall har export                      recorded flows as HAR 1.2
@@ -101,6 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     reload.add_argument("--pid-file", help="the running proxy's pid file")
     reload.add_argument("--config", help="read pid_file from this configuration")
 
+    restart = commands.add_parser(
+        "restart",
+        help="replace a running proxy by a new one without dropping connections (SIGUSR2)",
+        description="Start a new generation of a running proxy beside it, on the same"
+        " sockets, with the code installed now (an upgrade goes live this way); the old"
+        " generation drains once the new one serves. Sends SIGUSR2, then waits until the"
+        " pid file names the new process. Exit status 1 if it does not within --wait.",
+    )
+    restart.add_argument("--pid-file", help="the running proxy's pid file")
+    restart.add_argument("--config", help="read pid_file from this configuration")
+    restart.add_argument(
+        "--wait", type=float, default=60.0, help="seconds to wait for the new generation"
+    )
+
     explain = commands.add_parser(
         "explain",
         help="show what the policy decides for a request, and why",
@@ -171,25 +186,56 @@ def check_config(files: Sequence[str], check_paths: bool = True) -> int:
     return status
 
 
-def reload_command(args: argparse.Namespace) -> int:
+def _signal_proxy(args: argparse.Namespace, command: str, sig: int) -> tuple[int, str, int]:
+    """Send ``sig`` to the proxy named by the pid file of ``args``: (status, the pid
+    file, the pid); status 0 when sent, else 1 or 2 (said on stderr)."""
     pid_file = args.pid_file
     if pid_file is None and args.config:
         try:
             pid_file = load_settings(args.config).pid_file
         except ConfigError as e:
-            print(f"eyewall reload: {e}", file=sys.stderr)
-            return 2
+            print(f"eyewall {command}: {e}", file=sys.stderr)
+            return 2, "", 0
     if not pid_file:
-        print("eyewall reload: give --pid-file, or --config with pid_file set", file=sys.stderr)
-        return 2
+        print(f"eyewall {command}: give --pid-file, or --config with pid_file set", file=sys.stderr)
+        return 2, "", 0
     try:
         pid = int(Path(pid_file).read_text().strip())
-        os.kill(pid, signal.SIGHUP)
+        os.kill(pid, sig)
     except (OSError, ValueError) as e:
-        print(f"eyewall reload: {pid_file}: {e}", file=sys.stderr)
-        return 1
-    print(f"sent SIGHUP to {pid}")
-    return 0
+        print(f"eyewall {command}: {pid_file}: {e}", file=sys.stderr)
+        return 1, pid_file, 0
+    return 0, pid_file, pid
+
+
+def reload_command(args: argparse.Namespace) -> int:
+    status, _, pid = _signal_proxy(args, "reload", signal.SIGHUP)
+    if status == 0:
+        print(f"sent SIGHUP to {pid}")
+    return status
+
+
+def restart_command(args: argparse.Namespace) -> int:
+    status, pid_file, old = _signal_proxy(args, "restart", signal.SIGUSR2)
+    if status:
+        return status
+    print(f"sent SIGUSR2 to {old}", flush=True)
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        try:
+            new = int(Path(pid_file).read_text().strip())
+        except (OSError, ValueError):
+            new = old  # being rewritten
+        if new != old:
+            print(f"restarted: {new} serves; {old} drains and exits")
+            return 0
+        time.sleep(0.1)
+    print(
+        f"eyewall restart: {pid_file} still names {old} after {args.wait:g} s"
+        " (the proxy's log says why)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def har_command(args: argparse.Namespace) -> int:
@@ -282,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_config(args.files, not args.no_paths)
         case "reload":
             return reload_command(args)
+        case "restart":
+            return restart_command(args)
         case "ca":
             return ca_command(args)
         case "har":

@@ -25,6 +25,7 @@ What it owns:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -130,6 +131,7 @@ class Supervisor:
         self.stopping = False
         self.handing_over = False
         self.stop_event = asyncio.Event()
+        self.stop_now = asyncio.Event()
         self.stop_signal = 0
         self.all_ready = asyncio.Event()
         self.start_failed = False
@@ -303,6 +305,8 @@ class Supervisor:
             theirs.close()
         with self.segment.locked():
             self.segment.set_slot(slot, process.pid, process_start(process.pid))
+        if self.started_up:
+            log.info("worker %d started (pid %d)", number, process.pid)
         worker = WorkerProcess(state, slot, process)
         state.pid = process.pid
         state.ready = False
@@ -514,6 +518,7 @@ class Supervisor:
     def _on_stop(self, sig: int) -> None:
         if self.stop_event.is_set():  # a second signal: close everything now
             log.warning("second signal: closing everything now")
+            self.stop_now.set()
             for worker in self.processes.values():
                 if worker.channel is not None:
                     worker.channel.send(encode(STOP_NOW, None), force=True)
@@ -538,8 +543,10 @@ class Supervisor:
                 worker.channel.send(encode(STOP, grace), force=True)
         if self.handing_over and self.observers.admin is not None:
             await self.observers.admin.stop()  # the successor serves the admin listener
-        if grace:
-            await asyncio.sleep(grace)
+        if grace:  # a second signal cuts it short
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self.stop_now.wait()
         for socks in self.bound.values():
             for sock in socks:
                 sock.close()
