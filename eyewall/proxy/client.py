@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from time import monotonic
@@ -53,6 +54,20 @@ _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 _KNOWN_STATUS = frozenset(s.value for s in HTTPStatus)
 TLS_HANDSHAKE_RECORD = 0x16  # the first byte of a TLS ClientHello record
 TLS_ALERT_HANDSHAKE_FAILURE = b"\x15\x03\x01\x00\x02\x02\x28"  # fatal handshake_failure
+
+
+def _readable(stream: IOStream) -> bool:
+    """Whether bytes (or the end) wait in the kernel for ``stream`` to read."""
+    sock = stream.socket
+    if sock is None:
+        return False
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True  # an error or a TLS socket: let the exchange find out
+    return True
 
 
 def render_answer(
@@ -147,12 +162,18 @@ class ClientConnection:
         self.watch.enter(phase, self.ctx.clock(), limit)
 
     def idle(self) -> bool:
-        """Waiting for a request that has not started (safe to close when draining)."""
+        """Waiting for a request that has not started, no byte of it received yet, not
+        even by the kernel (safe to close when draining).  A head read and not yet
+        answered is not idle, exchange or not (admission may be waiting), nor are bytes
+        read for a coroutine that has not resumed yet (no read pending)."""
         return (
             self.exchange is None
+            and not self.head_started
+            and self.stream.reading()
             and self.watch.phase in (Phase.IDLE, Phase.CLIENT_HEAD)
             and not buffered_size(self.stream)
             and not self.stream.closed()
+            and not _readable(self.stream)
         )
 
     # -- the request loop --------------------------------------------------------------

@@ -210,9 +210,9 @@ class Proxy:
     async def _serve(self, stream: IOStream, address: Any, secure: ssl.SSLContext | None) -> None:
         client = (address[0], address[1])
         refusal: tuple[ErrorKind, str] | None = None
-        if self._draining:
-            refusal = (ErrorKind.OVERLOADED, "shutting down")
-        elif len(self.connections) >= self.settings.limits.max_connections:
+        # Accepted before the listeners closed: served (one exchange, then closed) even
+        # when draining has begun since — its request is on its way, maybe already here.
+        if len(self.connections) >= self.settings.limits.max_connections:
             refusal = (ErrorKind.OVERLOADED, "too many connections")
             log.warning("refused connection from %s: too many connections", client[0])
         else:

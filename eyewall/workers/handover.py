@@ -105,6 +105,7 @@ class Inherited:
         """Tell the generation before that this one serves (it then drains)."""
         if self.ready_fd is None:
             return
+        log.info("restart: this generation serves; pid %d drains", self.predecessor)
         try:
             os.write(self.ready_fd, b"ready\n")
         except OSError:

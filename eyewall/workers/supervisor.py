@@ -269,7 +269,6 @@ class Supervisor:
         if self.inherited is not None:
             notify(f"MAINPID={os.getpid()}\nREADY=1\n{status}")
             self.inherited.announce_ready()
-            log.info("restart: this generation serves; the one before drains")
         else:
             notify(f"READY=1\n{status}")
 
