@@ -256,7 +256,14 @@ class Observers:
         f = settings.flows
         path = (Path(f.path) if f.path else default_path()) if f.enabled else None
         self.store = FlowStore(
-            path, f.max_count, f.max_age, f.memory, f.memory_bytes, self.writer, f.max_bytes
+            path,
+            f.max_count,
+            f.max_age,
+            f.memory,
+            f.memory_bytes,
+            self.writer,
+            f.max_bytes,
+            f.credentials,
         )
         self.bus.subscribe(self.store)
         self.metrics: Metrics | None = None

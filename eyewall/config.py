@@ -406,6 +406,12 @@ class Flows:
         path=True,
         restart=True,
     )
+    credentials: bool = setting(
+        False,
+        "Record the values of Authorization, Cookie and Set-Cookie fields; off: they are"
+        " recorded as [redacted] (Proxy-Authorization always is).",
+        flag="--flows-credentials",
+    )
     body_limit: int = setting(
         0,
         "Bytes of each request and response body to record (0: none).",

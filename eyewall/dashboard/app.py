@@ -62,17 +62,33 @@ class Guarded:
         self.set_header("Cache-Control", "no-cache")  # type: ignore[attr-defined]
 
     def check_access(self) -> None:
+        """403 for an unexpected Host (DNS rebinding), 401 without the token when one
+        is set."""
         if not self.admin.host_allowed(self.request.host):
             raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
         if self.admin.token and not self.authorized():
-            raise tornado.web.HTTPError(401, "admin token required")
+            raise tornado.web.HTTPError(
+                401,
+                "admin token required: send 'Authorization: Bearer TOKEN', or open"
+                " /login?token=TOKEN once in a browser",
+            )
 
     def authorized(self) -> bool:
+        """The token as a Bearer header, or the cookie /login set (which holds a value
+        derived from the token, never the token itself)."""
         token = self.admin.token
         header = self.request.headers.get("Authorization", "")
+        if header.startswith("Bearer "):
+            return hmac.compare_digest(header[7:].strip().encode(), token.encode())
         cookie = self.request.cookies.get(COOKIE)
-        offered = header[7:] if header.startswith("Bearer ") else cookie.value if cookie else ""
-        return hmac.compare_digest(offered.encode(), token.encode())
+        offered = cookie.value if cookie else ""
+        return hmac.compare_digest(offered.encode(), cookie_value(token).encode())
+
+
+def cookie_value(token: str) -> str:
+    """What the admin cookie holds: an HMAC of a fixed label under the token (hex), so
+    the cookie proves the token was shown without containing it."""
+    return hmac.new(token.encode(), b"eyewall admin session", "sha256").hexdigest()
 
 
 class Base(Guarded, tornado.web.RequestHandler):
@@ -87,8 +103,12 @@ class Base(Guarded, tornado.web.RequestHandler):
         self.check_access()
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """A short plain-text page: the status, and the reason when it helps the user
+        (never anything from the request)."""
         self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.finish(f"{status_code} {self._reason}\n")
+        error = kwargs.get("exc_info", (None, None))[1]
+        hint = error.log_message if isinstance(error, tornado.web.HTTPError) else None
+        self.finish(f"{status_code} {self._reason}\n" + (f"{hint}\n" if hint else ""))
 
     def write_json(self, value: Any) -> None:
         self.set_header("Content-Type", "application/json")
@@ -101,15 +121,23 @@ class Login(Base):
             raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
 
     def get(self) -> None:
+        """Exchange ``?token=`` for a session cookie and go to the dashboard."""
         offered = self.get_query_argument("token", "")
         token = self.admin.token
         if not token or not hmac.compare_digest(offered.encode(), token.encode()):
             raise tornado.web.HTTPError(401, "wrong token")
-        self.set_cookie(COOKIE, offered, httponly=True, samesite="Strict")
+        self.set_cookie(COOKIE, cookie_value(token), httponly=True, samesite="Strict")
         self.redirect("/")
 
 
 class Health(Base):
+    """Readiness for load balancers and probes: 200, or 503 once the proxy is stopping.
+    It reveals no traffic, so it needs no token (the Host check still applies)."""
+
+    def prepare(self) -> None:
+        if not self.admin.host_allowed(self.request.host):
+            raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
+
     def get(self) -> None:
         proxy = self.admin.proxy
         healthy = proxy.healthy()

@@ -104,8 +104,10 @@ class FlowStore:
         memory_bytes: int = 64 << 20,
         writer: BatchWriter | None = None,
         max_bytes: int = 1 << 30,
+        credentials: bool = False,
     ) -> None:
         self.path = path
+        self.credentials = credentials  # record Authorization, Cookie, Set-Cookie values
         self.max_bytes = max_bytes
         self.max_count = max_count
         self.max_age = max_age
@@ -165,7 +167,7 @@ class FlowStore:
         if self._db is None:
             self._db = _connect(self.path)
         try:
-            self._insert(self._db, [row_of(f) for f in batch])
+            self._insert(self._db, [row_of(f, self.credentials) for f in batch])
         except (sqlite3.Error, OSError):
             self.dropped += len(batch)
             log.exception("recording %d flows failed", len(batch))
@@ -229,13 +231,13 @@ class FlowStore:
     def recent_records(self) -> Iterator[Record]:
         """Recent flows, newest first."""
         for flow in reversed(self.recent):
-            yield record_of(flow)
+            yield record_of(flow, self.credentials)
 
     def find_recent(self, flow_id: str) -> Record | None:
         """A flow by id from memory (on the event loop)."""
         for flow in reversed(self.recent):
             if flow.id == flow_id:
-                return record_of(flow)
+                return record_of(flow, self.credentials)
         return None
 
     def find_stored(self, flow_id: str) -> Record | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 from collections.abc import Awaitable
 
 from tornado.concurrent import Future
@@ -182,13 +183,23 @@ def take_over(stream: IOStream) -> tuple[socket.socket, bytes]:
 
     IOStream reads ahead, so bytes the peer sent after the last consumed message may be
     in its buffer; they are returned and must be relayed before anything read from the
-    socket.  No read may be pending on the stream.
+    socket.  No read may be pending on the stream.  A plain socket is duplicated and the
+    stream closed; a TLS socket (which cannot be duplicated) is taken as it is, with its
+    TLS state, and the stream is left spent (closed, without a socket).
     """
     n = stream._read_buffer_size
     early = bytes(stream._read_buffer[:n]) if n else b""
     if stream.closed() or stream.socket is None:
         raise StreamClosedError()
-    sock = stream.socket.dup()
+    sock = stream.socket
+    if isinstance(sock, ssl.SSLSocket):
+        stream.io_loop.remove_handler(sock)
+        stream._state = None
+        stream.socket = None  # type: ignore[assignment]
+        stream._closed = True
+        stream._read_buffer_size = 0
+        return sock, early
+    sock = sock.dup()
     stream.close()
     sock.setblocking(False)
     return sock, early

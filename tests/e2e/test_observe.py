@@ -237,8 +237,39 @@ def test_flows_api_lists_filters_and_details(make_proxy, origin):
     assert admin_get(p, "/api/flows/nope-1").status_code == 404
 
 
+def test_credentials_are_redacted_in_recorded_flows_by_default(make_proxy, origin):
+    """Any local user may read the token-less loopback admin: it must not hand out every
+    client's cookies and passwords (flows.credentials opts in)."""
+    p = make_proxy()
+    through(
+        p,
+        f"{origin.url}/cookies?x=1",
+        headers={"Cookie": "session=s3cr3t", "Authorization": "Basic dXNlcjpwdw=="},
+    )
+    flows = admin_get(p, "/api/flows").json()["flows"]
+    detail = admin_get(p, f"/api/flows/{flows[0]['id']}").json()
+    assert ["Cookie", "[redacted]"] in detail["request"]["headers"]
+    assert ["Authorization", "[redacted]"] in detail["request"]["headers"]
+    assert all(
+        value == "[redacted]"
+        for name, value in detail["response"]["headers"]
+        if name.lower() == "set-cookie"
+    )
+    har = admin_get(p, "/api/har").text
+    assert "s3cr3t" not in har and "dXNlcjpwdw" not in har
+    db = p.access_path.parent / "flows.sqlite3"
+    assert wait_for(
+        lambda: (
+            db.exists()
+            and sqlite3.connect(db).execute("SELECT COUNT(*) FROM flows").fetchone()[0] == 1
+        )
+    )
+    rows = sqlite3.connect(db).execute("SELECT request_headers FROM flows").fetchall()
+    assert "s3cr3t" not in repr(rows)
+
+
 def test_har_download_and_cli_export_validate_against_the_har_schema(make_proxy, origin, tmp_path):
-    p = make_proxy("--flows-body-limit", "1000")
+    p = make_proxy("--flows-body-limit", "1000", "--flows-credentials")
     through(p, f"{origin.url}/cookies?x=1&y=2", headers={"Cookie": "a=1; b=2"})
     through(p, f"{origin.url}/upload", method="POST", content=b"hello har")
     through(p, f"{origin.url}/bytes?n=700")
