@@ -406,6 +406,7 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
     metrics = observers.metrics
     if metrics is not None:
         metrics.track_drops("log", lambda: log_handler.dropped)
+        metrics.login_checks = lambda: proxy.verifier.checks
     try:
         addresses = proxy.start_listening()
         if observers.admin is not None:

@@ -47,7 +47,14 @@ from eyewall.proxy.admission import admit, admit_now
 from eyewall.proxy.context import ProxyContext
 from eyewall.proxy.exchange import Answered, Exchange, Failed, Killed, Responded, Upgraded
 from eyewall.proxy.intercept import CONNECT_ESTABLISHED, HandshakeFailed, accept_tls
-from eyewall.proxy.streams import buffered_size, complete, lingering_close, read_head, take_over
+from eyewall.proxy.streams import (
+    buffered_size,
+    complete,
+    lingering_close,
+    peer_gone,
+    read_head,
+    take_over,
+)
 from eyewall.proxy.timeouts import Phase, Watch
 from eyewall.proxy.tunnel import Tunnel
 
@@ -330,6 +337,15 @@ class ClientConnection:
             ):
                 return await self._intercept(target, flow, decision)
             return await self._connect(target, flow, decision, close)
+        relay_slot = None  # a WebSocket upgrade may become a tunnel: its limits first
+        if rules.websocket_upgrade(head):
+            limited = await self._acquire_tunnel(decision.user)
+            if limited is not None:
+                flow.cause = "tunnels"
+                return False, await self._error(
+                    flow, method, ErrorKind.RATE_LIMITED, limited, close, [("Retry-After", "1")]
+                )
+            relay_slot = self._releaser(decision.user)
         exchange = self.exchange = Exchange(
             ctx,
             self.stream,
@@ -343,6 +359,8 @@ class ClientConnection:
             self.t_head,
         )
         outcome = await exchange.run()
+        if relay_slot is not None and not isinstance(outcome, Upgraded):
+            relay_slot()
         match outcome:
             case Responded(keep_alive):
                 return False, keep_alive
@@ -362,7 +380,7 @@ class ClientConnection:
                 return False, self._kill(flow)
             case Upgraded(origin):
                 self.exchange = None
-                return await self._relay(flow, origin.stream), False
+                return await self._relay(flow, origin.stream, relay_slot), False
         raise AssertionError(f"unhandled outcome {outcome!r}")
 
     # -- admission ---------------------------------------------------------------------
@@ -389,7 +407,7 @@ class ClientConnection:
         step = admit_now(ctx, ticket)
         if not isinstance(step, Allow | Refusal):
             stream = self.stream
-            step = await admit(ctx, ticket, step, self.watch, lambda: not stream.closed())
+            step = await admit(ctx, ticket, step, self.watch, lambda: not peer_gone(stream))
         if isinstance(step, Allow):
             return step
         await self._refuse(flow, head.method, step, close)

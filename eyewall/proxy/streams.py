@@ -25,6 +25,7 @@ __all__ = [
     "complete",
     "lingering_close",
     "moved",
+    "peer_gone",
     "read_block",
     "read_buffered",
     "read_head",
@@ -129,6 +130,24 @@ def moved(stream: IOStream) -> int:
     """Bytes ``stream`` has handed to the kernel so far (grows as a slow reader takes
     them): with body byte counts, the progress the body-idle limit watches."""
     return stream._total_write_done_index
+
+
+def peer_gone(stream: IOStream) -> bool:
+    """Whether the peer of ``stream`` has closed or reset its connection, seen without
+    reading (a non-blocking peek; bytes waiting, even TLS records, mean it is there).
+    For a stream nobody is reading, whose close IOStream has not noticed yet."""
+    sock = stream.socket
+    if stream.closed() or sock is None:
+        return True
+    with socket.socket(fileno=sock.fileno()) as raw:
+        try:
+            return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        finally:
+            raw.detach()
 
 
 def complete(block: bytes) -> bool:
