@@ -188,9 +188,13 @@ def test_tls_sides_relay_both_ways_with_half_close(tls_side, ca):
         closed: asyncio.Future[BaseException | None] = loop.create_future()
         pipes = PipePool()
         tunnel = Tunnel(
-            proxy_client, proxy_origin, pipes, 60.0, to_client=b"HELLO ",
+            proxy_client,
+            proxy_origin,
+            pipes,
+            60.0,
+            to_client=b"HELLO ",
             on_close=lambda t, e: closed.set_result(e),
-        )  # fmt: skip
+        )
         tunnel.start()
         payload = pattern(3_000_000)
 

@@ -140,8 +140,9 @@ def listener_cert(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> t
 
 def https_proxy(make_proxy, listener_cert, *args: str) -> tuple[ProxyProcess, int]:
     cert, key = listener_cert
-    p = make_proxy("--tls-listen", "127.0.0.1:0", "--tls-certificate", cert, "--tls-key", key,
-                   *args)  # fmt: skip
+    p = make_proxy(
+        "--tls-listen", "127.0.0.1:0", "--tls-certificate", cert, "--tls-key", key, *args
+    )
     tls_port = int(p.listening[1].rsplit(":", 1)[1])
     return p, tls_port
 
@@ -152,8 +153,16 @@ def test_1_8_an_https_proxy_listener_serves_requests_and_tunnels(
     """curl --proxy https://...: TLS to the proxy itself, then a request or a CONNECT
     inside it (the tunnel relays a TLS client connection)."""
     p, tls_port = https_proxy(make_proxy, listener_cert)
-    base = ["curl", "-sS", "--max-time", "10", "--proxy", f"https://localhost:{tls_port}",
-            "--proxy-cacert", ca_file]  # fmt: skip
+    base = [
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "--proxy",
+        f"https://localhost:{tls_port}",
+        "--proxy-cacert",
+        ca_file,
+    ]
     plain = subprocess.run([*base, f"{origin.url}/echo/plain"], capture_output=True)
     assert plain.returncode == 0, plain.stderr
     assert b'"/echo/plain"' in plain.stdout
@@ -258,8 +267,10 @@ def test_3_every_refusal_is_bodiless_for_head(make_proxy, origin, tmp_path, meth
     with socket.create_connection(p.address, timeout=10) as sock:
         sock.sendall(f"{method} {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())  # 407
         auth = basic("alice", "pw")
-        sock.sendall(f"{method} http://deny.example/ HTTP/1.1\r\nHost: x\r\n"
-                     f"Proxy-Authorization: {auth}\r\n\r\n".encode())  # fmt: skip
+        sock.sendall(
+            f"{method} http://deny.example/ HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {auth}\r\n\r\n".encode()
+        )
         sock.sendall(
             f"{method} {origin.url}/ HTTP/1.1\r\nHost: x\r\n"
             f"Proxy-Authorization: {auth}\r\n\r\n".encode()
@@ -288,9 +299,15 @@ class Answer:
 """
 
 
-@pytest.mark.parametrize(("method", "answer", "body"), [
-    ("HEAD", 200, b""), ("GET", 204, b""), ("GET", 304, b""), ("GET", 200, b"addon body"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "answer", "body"),
+    [
+        ("HEAD", 200, b""),
+        ("GET", 204, b""),
+        ("GET", 304, b""),
+        ("GET", 200, b"addon body"),
+    ],
+)
 def test_3_addon_answers_follow_the_method_and_status(
     make_proxy, origin, tmp_path, method, answer, body
 ):
@@ -298,8 +315,10 @@ def test_3_addon_answers_follow_the_method_and_status(
     addon.write_text(ANSWERING)
     p = make_proxy("--addon", str(addon))
     with socket.create_connection(p.address, timeout=10) as sock:
-        sock.sendall(f"{method} {origin.url}/ HTTP/1.1\r\nHost: x\r\nX-Status: {answer}\r\n\r\n"
-                     f"GET {origin.url}/echo/after HTTP/1.1\r\nHost: x\r\n\r\n".encode())  # fmt: skip
+        sock.sendall(
+            f"{method} {origin.url}/ HTTP/1.1\r\nHost: x\r\nX-Status: {answer}\r\n\r\n"
+            f"GET {origin.url}/echo/after HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
         data = recv_until(sock, b'"/echo/after"')
     head, rest = head_and_rest(data)
     assert status(head) == answer and b"X-Answered: yes" in head
@@ -397,8 +416,14 @@ def test_9_the_proxy_and_its_admin_listener_are_refused_in_every_spelling(tmp_pa
     p = ProxyProcess(tmp_path, "--allow-private", "--connect-port", "1-65535")
     try:
         admin_port = int(p.admin_url.rsplit(":", 1)[1])
-        for host in ("0.0.0.0", "[::ffff:0.0.0.0]", "127.0.0.1", "[::ffff:127.0.0.1]",
-                     "localhost", "0"):  # fmt: skip
+        for host in (
+            "0.0.0.0",
+            "[::ffff:0.0.0.0]",
+            "127.0.0.1",
+            "[::ffff:127.0.0.1]",
+            "localhost",
+            "0",
+        ):
             for port in (admin_port, p.port):
                 data = raw_request(
                     p.address,
@@ -462,11 +487,17 @@ def test_11_a_guesser_is_locked_out_whatever_the_password(make_proxy, origin, tm
     p = make_proxy("--config", str(config))
     url = f"{origin.url}/echo/x"
     for i in range(5):
-        data = raw_request(p.address, f"GET {url} HTTP/1.1\r\nHost: x\r\n"
-                           f"Proxy-Authorization: {basic('alice', f'guess{i}')}\r\n\r\n".encode())  # fmt: skip
+        data = raw_request(
+            p.address,
+            f"GET {url} HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {basic('alice', f'guess{i}')}\r\n\r\n".encode(),
+        )
         assert status(data) == 407
-    locked = raw_request(p.address, f"GET {url} HTTP/1.1\r\nHost: x\r\n"
-                         f"Proxy-Authorization: {basic('alice', 'right')}\r\n\r\n".encode())  # fmt: skip
+    locked = raw_request(
+        p.address,
+        f"GET {url} HTTP/1.1\r\nHost: x\r\n"
+        f"Proxy-Authorization: {basic('alice', 'right')}\r\n\r\n".encode(),
+    )
     assert status(locked) == 429 and b"Retry-After: " in locked
     assert b"too many failed logins" in locked
     line = p.access_entry("err=rate_limited")
@@ -481,17 +512,24 @@ def test_11_a_guesser_is_locked_out_whatever_the_password(make_proxy, origin, tm
 def test_11_clients_that_hang_up_cost_no_bcrypt_check(make_proxy, origin, tmp_path):
     """60 made-up logins from 60 addresses, each hanging up at once, then a real user."""
     config = tmp_path / "auth.toml"
-    config.write_text(f'[auth.users]\nalice = "{bcrypt.hashpw(b"right", bcrypt.gensalt(10)).decode()}"\n'
-                      '[access]\nallow_clients = ["127.0.0.0/8"]\n')  # fmt: skip
+    config.write_text(
+        f'[auth.users]\nalice = "{bcrypt.hashpw(b"right", bcrypt.gensalt(10)).decode()}"\n'
+        '[access]\nallow_clients = ["127.0.0.0/8"]\n'
+    )
     p = make_proxy("--config", str(config))
     for i in range(60):
         with socket.socket() as s:
             s.bind((f"127.0.0.{10 + i}", 0))
             s.connect(p.address)
-            s.sendall(f"GET http://example.com/ HTTP/1.1\r\nHost: x\r\n"
-                      f"Proxy-Authorization: {basic(f'u{i}', 'x')}\r\n\r\n".encode())  # fmt: skip
-    data = raw_request(p.address, f"GET {origin.url}/echo/real HTTP/1.1\r\nHost: x\r\n"
-                       f"Proxy-Authorization: {basic('alice', 'right')}\r\n\r\n".encode())  # fmt: skip
+            s.sendall(
+                f"GET http://example.com/ HTTP/1.1\r\nHost: x\r\n"
+                f"Proxy-Authorization: {basic(f'u{i}', 'x')}\r\n\r\n".encode()
+            )
+    data = raw_request(
+        p.address,
+        f"GET {origin.url}/echo/real HTTP/1.1\r\nHost: x\r\n"
+        f"Proxy-Authorization: {basic('alice', 'right')}\r\n\r\n".encode(),
+    )
     assert status(data) == 200
     with httpx.Client(timeout=10, trust_env=False) as admin:
         metrics = admin.get(p.admin_url + "/metrics").text
@@ -502,13 +540,16 @@ def test_11_clients_that_hang_up_cost_no_bcrypt_check(make_proxy, origin, tmp_pa
 # -- 12. a malformed body ends the connection (no desync) ------------------------------------
 
 
-@pytest.mark.parametrize("body", [
-    b"4\r\nabcdXX0\r\n\r\n",  # chunk data not followed by CRLF
-    b"0x4\r\nabcd\r\n0\r\n\r\n",  # a size line in another notation
-    b"fffffffffffffffff\r\n",  # a size beyond 64 bits
-    b"4;" + b"e" * 5000 + b"\r\nabcd\r\n0\r\n\r\n",  # a size line too long
-    b"-1\r\n",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"4\r\nabcdXX0\r\n\r\n",  # chunk data not followed by CRLF
+        b"0x4\r\nabcd\r\n0\r\n\r\n",  # a size line in another notation
+        b"fffffffffffffffff\r\n",  # a size beyond 64 bits
+        b"4;" + b"e" * 5000 + b"\r\nabcd\r\n0\r\n\r\n",  # a size line too long
+        b"-1\r\n",
+    ],
+)
 def test_12_after_a_malformed_chunked_body_the_next_request_never_reaches_the_origin(
     proxy, raw_origin, body
 ):
@@ -519,8 +560,11 @@ def test_12_after_a_malformed_chunked_body_the_next_request_never_reaches_the_or
     origin = raw_origin(record)
     smuggled = f"GET {origin.url}/smuggled HTTP/1.1\r\nHost: x\r\n\r\n".encode()
     with socket.create_connection(proxy.address, timeout=10) as sock:
-        sock.sendall(f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                     "\r\n".encode() + body + smuggled)  # fmt: skip
+        sock.sendall(
+            f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            + body
+            + smuggled
+        )
         data = recv_all(sock)
     assert status(data) == 400 and data.count(b"HTTP/1.1 ") == 1
     assert b"Connection: close" in data
@@ -566,8 +610,13 @@ def curl_through(
 def test_14_one_client_refusing_interception_does_not_turn_it_off_for_others(
     make_proxy, tls_origin, ca_file, ca_dir, tmp_path
 ):
-    p = make_proxy("--config", intercepting(tmp_path, ca_dir, ca_file), "--passthrough-pinned",
-                   "--allow-client", "127.0.0.0/8")  # fmt: skip
+    p = make_proxy(
+        "--config",
+        intercepting(tmp_path, ca_dir, ca_file),
+        "--passthrough-pinned",
+        "--allow-client",
+        "127.0.0.0/8",
+    )
     refused = curl_through(p, f"{tls_origin.url}/echo/a", ca_file, source="127.0.0.2")
     assert refused.returncode == 60
     p.log_with("will be tunnelled without interception")
@@ -593,8 +642,17 @@ def test_15_requests_inside_an_authenticated_intercepted_tunnel_inherit_its_user
     )
     assert ok.returncode == 0, ok.stderr
     assert b'"/echo/in"' in ok.stdout
-    denied = curl_through(p, f"{tls_origin.url}/echo/post", str(ca_dir / "ca.pem"),
-                          "--proxy-user", "alice:pw", "-d", "x", "-w", "%{http_code}")  # fmt: skip
+    denied = curl_through(
+        p,
+        f"{tls_origin.url}/echo/post",
+        str(ca_dir / "ca.pem"),
+        "--proxy-user",
+        "alice:pw",
+        "-d",
+        "x",
+        "-w",
+        "%{http_code}",
+    )
     assert denied.stdout.endswith(b"403")
     assert "user=alice" in p.access_entry("/echo/in")
 
@@ -637,8 +695,11 @@ def test_17_user_names_cannot_forge_access_lines(make_proxy, tmp_path, log_forma
     config.write_text(f'[auth.users]\nalice = "{hashed("pw")}"\n')
     p = make_proxy("--config", str(config), "--log-format", log_format)
     forged = "eve\n2026-11-30T00:00:00.000Z 10.0.0.1:1 x-1 GET http://forged/ 200"
-    raw_request(p.address, f"GET http://example.com/ HTTP/1.1\r\nHost: x\r\n"
-                f"Proxy-Authorization: {basic(forged, 'x')}\r\n\r\n".encode())  # fmt: skip
+    raw_request(
+        p.address,
+        f"GET http://example.com/ HTTP/1.1\r\nHost: x\r\n"
+        f"Proxy-Authorization: {basic(forged, 'x')}\r\n\r\n".encode(),
+    )
     lines = p.access_lines(wait_for=1)
     assert len(lines) == 1, lines
     assert "http://forged/" not in lines[0] or "\\x0a" in lines[0] or "\\n" in lines[0]
@@ -729,8 +790,14 @@ class Slow:
 def test_18_a_slow_policy_hook_fails_as_an_addon_never_as_the_origin(make_proxy, origin, tmp_path):
     addon = tmp_path / "slow.py"
     addon.write_text(SLOW_POLICY)
-    p = make_proxy("--policy-addon", str(addon), "--addon-hook-timeout", "0.3",
-                   "--upstream-head-timeout", "0.1")  # fmt: skip
+    p = make_proxy(
+        "--policy-addon",
+        str(addon),
+        "--addon-hook-timeout",
+        "0.3",
+        "--upstream-head-timeout",
+        "0.1",
+    )
     p.expected_errors.append("took longer than timeouts.addon_hook")
     data = raw_request(p.address, f"GET {origin.url}/echo HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert status(data) == 502 and b"addon_failed" in data
