@@ -22,10 +22,13 @@ a temp dir) and prints the summary.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
+import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,11 +38,12 @@ from typing import Any
 
 import http_load
 from bench_context import BenchContext, Settings, Target
-from origins import start_origins
-from processes import free_port, install_cleanup_handlers, stop_all
-from systems import BENCH_DIR, Eyewall
+from origins import SMALL_FILE, start_origins
+from processes import free_port, install_cleanup_handlers, pinned, stop_all
+from systems import BENCH_DIR, Eyewall, venv_tool
 
 PROBE = BENCH_DIR / "stall_probe.py"
+TIMED_CLIENT = BENCH_DIR / "timed_client.py"
 OBS_OFF = {"access": False, "flows": False, "admin": False}
 
 
@@ -179,7 +183,7 @@ def attribute(probe: dict[str, Any], lags: list[list[float]], stall_ms: float) -
     # schedstat: on a CPU, runnable but waiting for a CPU, and the rest asleep
     # (blocked on the GIL or a lock, or idle in epoll for at most the interval).
     split = {"span": 0.0, "on_cpu": 0.0, "cpu_wait": 0.0, "asleep": 0.0}
-    for _woke, late, on_cpu, waiting in (r for r in lags if r[1] * 1000 >= stall_ms):
+    for _woke, late, on_cpu, waiting, *_ in (r for r in lags if r[1] * 1000 >= stall_ms):
         span = interval + late
         split["span"] += span * 1000
         split["on_cpu"] += on_cpu * 1000
@@ -201,6 +205,163 @@ def attribute(probe: dict[str, Any], lags: list[list[float]], stall_ms: float) -
     }
 
 
+def start_py_spy(args: argparse.Namespace, pid: int, workdir: Path) -> Any:
+    """py-spy record over the measured run: raw stacks per thread, by function;
+    `cpu`: samples of threads that are running, `gil`: of the thread holding the GIL."""
+    if not args.profile:
+        return None
+    py_spy = venv_tool("py-spy")
+    if py_spy is None:
+        raise RuntimeError("py-spy not found (pip install py-spy into the venv)")
+    command = [py_spy, "record", "--pid", str(pid), "--rate", str(args.profile_rate)]
+    command += ["--duration", str(args.duration), "--format", "raw", "--threads"]
+    command += ["--nonblocking", "--nolineno", "-o", str(workdir / "py-spy.txt")]
+    if args.profile == "gil":
+        command.append("--gil")
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+PY_SPY_THREADS = {"MainThread": "main", "flows": "flows", "access-log": "access"}
+
+
+def read_py_spy(
+    path: Path, args: argparse.Namespace, stats: dict[str, Any], on_cpu_ms: dict[str, float]
+) -> dict[str, Any]:
+    """µs per request: per thread, per function (self), per eyewall module (inclusive,
+    main thread). With `cpu`, py-spy's samples of a thread are scaled to the CPU
+    time the kernel says it had (schedstat): py-spy counts a thread that waits for
+    a CPU as active, which on a shared core inflates its numbers."""
+    requests = stats["requests_per_s"] * args.duration
+    lines = [line.rpartition(" ") for line in path.read_text().splitlines()]
+    lines = [(stack, int(count)) for stack, _, count in lines if stack and count.isdigit()]
+    counted: dict[str, int] = {}
+    for stack, count in lines:
+        thread = stack.split(";")[0].partition(": ")[2]
+        counted[thread] = counted.get(thread, 0) + count
+    thread_scale: dict[str, float] = {}
+    for thread, count in counted.items():
+        cpu_ms = on_cpu_ms.get(PY_SPY_THREADS.get(thread, ""))
+        if args.profile == "cpu" and cpu_ms is not None and requests:
+            thread_scale[thread] = cpu_ms * 1000 / requests / count
+        else:
+            thread_scale[thread] = 1e6 / args.profile_rate / requests if requests else 0.0
+    threads: dict[str, float] = {}
+    functions: dict[str, float] = {}
+    modules: dict[str, float] = {}
+    for stack, count in lines:
+        frames = stack.split(";")
+        thread = frames[0].partition(": ")[2] or frames[0]
+        us = count * thread_scale[thread]
+        threads[thread] = threads.get(thread, 0.0) + us
+        leaf = f"{thread}: {frames[-1]}"
+        functions[leaf] = functions.get(leaf, 0.0) + us
+        if thread == "MainThread":
+            seen = set()
+            for frame in frames[1:]:
+                module = frame.rpartition("(")[2].rstrip(")")
+                if module.startswith("eyewall/") and module not in seen:
+                    seen.add(module)
+                    modules[module] = modules.get(module, 0.0) + us
+    top = sorted(functions.items(), key=lambda item: -item[1])[:25]
+    return {
+        "kind": args.profile,
+        "us_per_request_by_thread": {k: round(v, 2) for k, v in threads.items()},
+        "top_self_us_per_request": {k: round(v, 2) for k, v in top},
+        "main_inclusive_us_per_request_by_module": {
+            k: round(v, 2) for k, v in sorted(modules.items(), key=lambda item: -item[1])
+        },
+    }
+
+
+def latency_stats(timed: dict[str, Any], command: str) -> dict[str, Any]:
+    latencies = sorted(latency for _, latency in timed["samples"])
+    seconds = timed["end"] - timed["start"]
+
+    def pick(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
+
+    return {
+        "requests_per_s": len(latencies) / seconds,
+        "p50_ms": pick(0.5),
+        "p90_ms": pick(0.9),
+        "p99_ms": pick(0.99),
+        "errors_total": timed["errors"],
+        "command": command,
+    }
+
+
+CAUSES = ("other processes", "own writer threads", "gc", "periodic loop work", "asleep")
+
+
+def attribute_requests(samples: list[list[float]], probe: dict[str, Any]) -> dict[str, Any]:
+    """The slowest 1% of requests laid beside what the proxy did meanwhile.
+
+    For each request [sent, sent + latency], from the lag sampler's records
+    (proportionally to how much of each sample's span overlaps it): time the
+    loop thread waited for a CPU while the writer threads ran (own writer
+    threads), the rest of its CPU wait (other processes on its core), and time
+    it slept although it was late (asleep: GIL or lock waits); plus the overlap
+    with collections and with the loop's periodic work (flushes, live tick,
+    watchdog sweep). A request's cause is its largest component; `unexplained`
+    when none reaches a third of its excess over the median. The same overlaps
+    for a sample of all requests give the base rates."""
+    interval = probe["settings"]["lag_interval"]
+    spans = sorted(
+        (woke - interval - late, woke, rest) for woke, late, *rest in probe["lag"] if len(rest) == 3
+    )
+    starts = [span[0] for span in spans]
+    gcs = [(at, at + duration) for _, at, duration, _ in probe["gc"]]
+    calls = [(at, at + duration) for _, at, duration in probe["calls"]]
+    busy = [(at, at + duration) for _, at, duration in probe["busy"]]
+
+    def components(t0: float, t1: float) -> dict[str, float]:
+        out = dict.fromkeys(CAUSES, 0.0)
+        out["writers busy"] = 0.0
+        index = max(0, bisect.bisect_left(starts, t0 - 1.0))
+        while index < len(spans) and spans[index][0] < t1:
+            s0, s1, (on_cpu, waiting, writers) = spans[index]
+            index += 1
+            share = overlap(t0, t1, s0, s1) / (s1 - s0) if s1 > s0 else 0.0
+            if share <= 0:
+                continue
+            own = min(waiting, writers)
+            out["own writer threads"] += own * share
+            out["other processes"] += (waiting - own) * share
+            late = max(0.0, (s1 - s0) - interval)
+            out["asleep"] += min(late, max(0.0, (s1 - s0) - on_cpu - waiting)) * share
+        out["gc"] = sum(overlap(t0, t1, a, b) for a, b in gcs)
+        out["periodic loop work"] = sum(overlap(t0, t1, a, b) for a, b in calls)
+        out["writers busy"] = sum(overlap(t0, t1, a, b) for a, b in busy)
+        return {key: value * 1000 for key, value in out.items()}
+
+    ordered = sorted(samples, key=lambda sample: sample[1])
+    if not ordered:
+        return {}
+    median = ordered[len(ordered) // 2][1] * 1000
+    slow = ordered[int(len(ordered) * 0.99) :]
+    every = ordered[:: max(1, len(ordered) // 2000)]
+    result: dict[str, Any] = {"slow": len(slow), "median_ms": median}
+    dominant: dict[str, int] = {}
+    for name, group in (("slow", slow), ("all", every)):
+        sums: dict[str, float] = {}
+        touched: dict[str, int] = {}
+        for sent, latency in group:
+            parts = components(sent, sent + latency)
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value
+                touched[key] = touched.get(key, 0) + (value > 0.2)
+            if name == "slow":
+                excess = latency * 1000 - median
+                cause = max(CAUSES, key=lambda c: parts[c])
+                cause = cause if parts[cause] >= excess / 3 else "unexplained"
+                dominant[cause] = dominant.get(cause, 0) + 1
+        result[f"{name}_mean_ms"] = {k: round(v / len(group), 3) for k, v in sums.items()}
+        result[f"{name}_touched"] = {k: round(v / len(group), 3) for k, v in touched.items()}
+    result["slow_mean_latency_ms"] = statistics.fmean(lat for _, lat in slow) * 1000
+    result["dominant"] = dominant
+    return result
+
+
 def run_once(
     variant: Variant, ctx: BenchContext, cpu: int | None, index: int, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -220,13 +381,31 @@ def run_once(
             else:
                 os.environ[key] = value
     target = Target(system.name, port, process)
+    timed: dict[str, Any] | None = None
     try:
-        http_load.run_wrk(ctx, target, args.connections, args.warmup)
-        before = cpu_times_ms(process.pid)
-        start = time.monotonic()
-        stats = http_load.run_wrk(ctx, target, args.connections, args.duration)
-        end = time.monotonic()
-        after = cpu_times_ms(process.pid)
+        if args.client == "wrk":
+            http_load.run_wrk(ctx, target, args.connections, args.warmup)
+            before = cpu_times_ms(process.pid)
+            profiler = start_py_spy(args, process.pid, workdir)
+            start = time.monotonic()
+            stats = http_load.run_wrk(ctx, target, args.connections, args.duration)
+            end = time.monotonic()
+            after = cpu_times_ms(process.pid)
+            if profiler is not None:
+                profiler.wait(timeout=60)
+        else:
+            timed_out = workdir / "timed.json"
+            origin = f"127.0.0.1:{ctx.origins.nginx_port}"
+            command = [sys.executable, str(TIMED_CLIENT), str(port), origin, f"/{SMALL_FILE}"]
+            command += [str(args.connections), str(args.duration), str(args.warmup)]
+            client = subprocess.Popen(pinned([*command, str(timed_out)], ctx.load_cpu))
+            time.sleep(args.warmup)
+            before = cpu_times_ms(process.pid)
+            client.wait(timeout=args.duration + args.warmup + 60)
+            after = cpu_times_ms(process.pid)
+            timed = json.loads(timed_out.read_text())
+            start, end = timed["start"], timed["end"]
+            stats = latency_stats(timed, shlex.join(command))
     finally:
         process.stop(grace=10)
     probe = json.loads(probe_out.read_text()) if probe_out.exists() else None
@@ -249,9 +428,14 @@ def run_once(
         }
         for name, (run, wait) in after.items()
     }
+    if args.profile and (workdir / "py-spy.txt").exists():
+        on_cpu = {name: times["run_ms"] for name, times in result["threads"].items()}
+        result["profile"] = read_py_spy(workdir / "py-spy.txt", args, stats, on_cpu)
     if probe is not None:
         result["probe_settings"] = probe["settings"]
         result.update(analyse(probe, start, end, args.stall_ms))
+        if timed is not None:
+            result["slow_requests"] = attribute_requests(timed["samples"], probe)
     else:
         result["probe"] = "no probe output: " + process.log_tail()
     return result
@@ -330,7 +514,81 @@ def summary(
                 f"| {split['on_cpu']:.0f} / {split['cpu_wait']:.0f} / {split['asleep']:.0f} "
                 f"| {causes} |"
             )
+    if args.client == "timed":
+        lines += slow_request_table(results, variants)
+    if args.profile:
+        lines += profile_table(results, variants)
     return "\n".join(lines) + "\n"
+
+
+def profile_table(results: list[dict[str, Any]], variants: list[Variant]) -> list[str]:
+    """Mean over the runs of py-spy's µs per request."""
+    lines = []
+    for variant in variants:
+        runs = [r for r in results if r["variant"] == variant.name]
+        profiles = [r["profile"] for r in runs if "profile" in r]
+        if not profiles:
+            continue
+        kind = profiles[0]["kind"]
+        lines += ["", f"py-spy ({kind}) for `{variant.name}`, µs per request, mean of "
+                  f"{len(profiles)} runs:", ""]  # fmt: skip
+        for key, title in (
+            ("us_per_request_by_thread", "thread"),
+            ("top_self_us_per_request", "function (self)"),
+            ("main_inclusive_us_per_request_by_module", "main-thread module (inclusive)"),
+        ):
+            merged: dict[str, float] = {}
+            for profile in profiles:
+                for name, value in profile[key].items():
+                    merged[name] = merged.get(name, 0.0) + value / len(profiles)
+            ranked = sorted(merged.items(), key=lambda item: -item[1])[:20]
+            lines += [f"| {title} | µs/request |", "|---|---|"]
+            lines += [f"| {name} | {value:.1f} |" for name, value in ranked]
+            lines.append("")
+    return lines
+
+
+def slow_request_table(results: list[dict[str, Any]], variants: list[Variant]) -> list[str]:
+    keys = [*CAUSES, "writers busy"]
+    lines = [
+        "",
+        "The slowest 1% of requests (bench/timed_client.py), summed over the runs: the "
+        "share whose largest component is each cause, then the mean ms per slow request "
+        "(and per request of a sample of all requests) that overlapped: "
+        + ", ".join(keys)
+        + ". `writers busy` = a writer thread was working on a batch (it overlaps the "
+        "other causes).",
+        "",
+        "| variant | slow requests | their mean ms | largest cause (share) "
+        "| mean ms per slow request | mean ms per request |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant in variants:
+        runs = [r["slow_requests"] for r in results if r["variant"] == variant.name]
+        runs = [r for r in runs if r]
+        if not runs:
+            continue
+        slow = sum(r["slow"] for r in runs)
+        dominant: dict[str, int] = {}
+        for r in runs:
+            for cause, n in r["dominant"].items():
+                dominant[cause] = dominant.get(cause, 0) + n
+        shares = ", ".join(
+            f"{cause} {n / slow:.0%}" for cause, n in sorted(dominant.items(), key=lambda x: -x[1])
+        )
+        mean_latency = sum(r["slow_mean_latency_ms"] * r["slow"] for r in runs) / slow
+
+        def means(kind: str, group: list[dict[str, Any]] = runs) -> str:
+            return " / ".join(
+                f"{statistics.fmean(r[f'{kind}_mean_ms'].get(k, 0.0) for r in group):.2f}"
+                for k in keys
+            )
+
+        lines.append(
+            f"| {variant.name} | {slow} | {mean_latency:.2f} | {shares} "
+            f"| {means('slow')} | {means('all')} |"
+        )
+    return lines
 
 
 def main() -> int:
@@ -342,7 +600,21 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=10)
     parser.add_argument("--duration", type=int, default=10, help="seconds of measured wrk")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--client",
+        choices=("wrk", "timed"),
+        default="wrk",
+        help="wrk (the harness's), or bench/timed_client.py, which records every request "
+        "so the slowest 1%% can be attributed (needs --lag-ms)",
+    )
     parser.add_argument("--lag-ms", type=float, default=0.0, help="lag sampler period (0: off)")
+    parser.add_argument(
+        "--profile",
+        choices=("cpu", "gil"),
+        default=None,
+        help="py-spy over the measured wrk run: cpu (running threads) or gil (GIL holder)",
+    )
+    parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples/s")
     parser.add_argument("--stall-ms", type=float, default=3.0, help="lateness counted as stall")
     parser.add_argument(
         "--nice",
@@ -361,11 +633,14 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown variant(s) {sorted(unknown)}; choose from {list(BY_NAME)}")
     variants = [BY_NAME[name] for name in names]
+    if args.client == "timed" and args.lag_ms <= 0:
+        parser.error("--client timed needs --lag-ms (e.g. 2)")
     install_cleanup_handlers()
     os.sched_setaffinity(0, {args.load_cpu})
     if args.nice:
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)
     workdir = Path(tempfile.mkdtemp(prefix="eyewall-stalls-"))
+    workdir.chmod(0o755)  # nginx's worker drops root and must read the files
     output = args.output or workdir
     results: list[dict[str, Any]] = []
     try:
@@ -375,6 +650,8 @@ def main() -> int:
             for variant in variants:
                 result = run_once(variant, ctx, args.proxy_cpu, index, args)
                 results.append(result)
+                if result["errors"]:
+                    raise RuntimeError(f"{variant.name}: {result['errors']} errors")
                 print(
                     f"{variant.name} #{index}: {result['requests_per_s']:.0f} req/s "
                     f"p50 {result['p50_ms']:.2f} p99 {result['p99_ms']:.2f} ms "

@@ -41,6 +41,7 @@ from typing import Any
 
 now = time.monotonic
 RECORDED: dict[str, Any] = {"gc": [], "lag": [], "calls": [], "busy": [], "settings": {}}
+WRITER_STATS: list[int] = []  # fds of the writer threads' /proc/.../schedstat
 
 
 def timed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
@@ -62,6 +63,7 @@ def setup_writer_thread(name: str) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
     tid = threading.get_native_id()
+    WRITER_STATS.append(os.open(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY))
     nice = os.environ.get("EYEWALL_PROBE_WRITER_NICE")
     if nice:
         os.setpriority(os.PRIO_PROCESS, tid, int(nice))  # per thread on Linux
@@ -126,22 +128,29 @@ def schedstat() -> Callable[[], tuple[int, int]]:
     return read
 
 
+def writers_cpu() -> int:
+    """ns the writer threads have run, summed."""
+    return sum(int(os.pread(fd, 100, 0).split()[0]) for fd in WRITER_STATS)
+
+
 async def sample_lag(interval: float) -> None:
     """Each sample: (wake time, lateness, then over the sample's span from going to
-    sleep to waking: seconds on a CPU, seconds waiting for a CPU).  The rest of the
-    span the main thread slept: idle in epoll (at most `interval`) or blocked,
-    e.g. waiting for the GIL."""
+    sleep to waking: seconds the main thread was on a CPU, seconds it waited for
+    one, seconds the writer threads ran).  The rest of the span the main thread
+    slept: idle in epoll (at most `interval`) or blocked, e.g. on the GIL."""
     import asyncio
 
     lag = RECORDED["lag"]
     read = schedstat()
     while True:
         cpu0, wait0 = read()
+        writers0 = writers_cpu()
         due = now() + interval
         await asyncio.sleep(interval)
         woke = now()
         cpu1, wait1 = read()
-        lag.append((woke, woke - due, (cpu1 - cpu0) / 1e9, (wait1 - wait0) / 1e9))
+        writers = (writers_cpu() - writers0) / 1e9
+        lag.append((woke, woke - due, (cpu1 - cpu0) / 1e9, (wait1 - wait0) / 1e9, writers))
 
 
 def patch(off: set[str], lag_interval: float) -> None:
