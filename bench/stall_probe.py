@@ -22,6 +22,9 @@ variables (nothing in eyewall/ changes; the probe patches it at start-up):
     EYEWALL_PROBE_WRITER_NICE=N   the writer threads (access log, flows) run at
         niceness N (the loop thread keeps the process's)
     EYEWALL_PROBE_WRITER_CPU=N    the writer threads run on CPU N (not the loop's)
+    EYEWALL_PROBE_FLOWS_FLUSH=SECONDS   the flow store's flush interval (1 s)
+    EYEWALL_PROBE_FLOWS_CHUNK=N   the flow writer inserts N rows per transaction
+        and yields the GIL (time.sleep(0)) between them
 
 Time stamps are time.monotonic(), the same clock in every process, so the
 driver can cut out the window of its wrk run.
@@ -201,6 +204,21 @@ def patch(off: set[str], lag_interval: float) -> None:
             self._timer.stop()
 
         LiveFeed.__init__ = init_without_tick  # type: ignore[method-assign]
+    import eyewall.observe.store as store
+
+    flush = os.environ.get("EYEWALL_PROBE_FLOWS_FLUSH")
+    if flush:
+        store.FLUSH_INTERVAL = float(flush)
+    chunk = int(os.environ.get("EYEWALL_PROBE_FLOWS_CHUNK", "0"))
+    if chunk:
+        insert = FlowStore._insert
+
+        def insert_in_chunks(db: Any, rows: list[Any]) -> None:
+            for start in range(0, len(rows), chunk):
+                insert(db, rows[start : start + chunk])
+                time.sleep(0)
+
+        FlowStore._insert = staticmethod(insert_in_chunks)  # type: ignore[method-assign]
     AccessLog.flush = timed("access_flush", AccessLog.flush)  # type: ignore[method-assign]
     FlowStore.flush = timed("flows_flush", FlowStore.flush)  # type: ignore[method-assign]
     access_init, store_init = AccessLog.__init__, FlowStore.__init__
