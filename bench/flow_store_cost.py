@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from eyewall.flow import Flow
 from eyewall.http1.parse import Headers, RequestHead, ResponseHead
 from eyewall.observe import store
-from eyewall.observe.flow import Flow
 from eyewall.observe.records import row_of
 
 BATCH = 1000
