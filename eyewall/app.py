@@ -326,6 +326,8 @@ class Observers:
             self.admin.token = new.admin.token
 
     async def stop(self) -> None:
+        """Stop the admin listener, then flush and close the flow store, access log and writer
+        thread, in that order."""
         if self.admin is not None:
             await self.admin.stop()
         self.store.close()

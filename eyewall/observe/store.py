@@ -52,6 +52,8 @@ _INSERT_MANY = _INSERT + f", {_ROW}" * (ROWS_PER_STATEMENT - 1)
 
 
 def default_path() -> Path:
+    """Where flows are recorded when ``flows.path`` is unset:
+    ``$XDG_DATA_HOME/eyewall/flows.sqlite3`` (default ``~/.local/share``)."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
     return Path(base) / "eyewall" / "flows.sqlite3"
 
@@ -147,6 +149,7 @@ class FlowStore:
                 self.flush()
 
     def flush(self) -> None:
+        """Hand pending flows to the writer thread; counts them as dropped if it is behind."""
         if not self._pending or self.writer is None:
             return
         batch, self._pending = self._pending, []

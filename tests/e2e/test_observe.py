@@ -236,6 +236,15 @@ def test_flows_api_lists_filters_and_details(make_proxy, origin):
     assert ["Host", origin.authority] in detail["request"]["headers"]
     assert detail["response"]["status"] == 404
     assert admin_get(p, "/api/flows/nope-1").status_code == 404
+    assert [f["url"] for f in admin_get(p, "/api/flows?limit=1").json()["flows"]] == [
+        everything[0]["url"]
+    ]
+    for bad in ("abc", "-1", "1e3", "%C2%B2"):
+        answer = admin_get(p, f"/api/flows?limit={bad}")
+        assert answer.status_code == 400, bad
+        assert "limit" in answer.text
+    assert admin_get(p, "/api/har?since=nan").status_code == 400
+    assert len(admin_get(p, "/api/har?since=0&limit=1").json()["log"]["entries"]) == 1
 
 
 def test_credentials_are_redacted_in_recorded_flows_by_default(make_proxy, origin):
