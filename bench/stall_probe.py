@@ -12,19 +12,19 @@ variables (nothing in eyewall/ changes; the probe patches it at start-up):
                  late it woke: (wake time, lateness) of every sample
         calls    duration of the loop's periodic work: watchdog sweep, live-feed
                  tick, access-log and flow-store flushes
-        busy     when each writer thread (access-log, flows) worked on a batch
+        busy     when the writer thread (access log and flows) worked on a batch
     EYEWALL_PROBE_GC=as-is | default | off | T0,T1,T2
         as-is: eyewall's own gc.set_threshold(50_000, 50, 100) + gc.freeze();
         default: CPython's (700, 10, 10), still frozen; off: gc.disable();
         T0,T1,T2: those thresholds, still frozen
     EYEWALL_PROBE_SWITCH=SECONDS   sys.setswitchinterval (CPython's default: 0.005)
     EYEWALL_PROBE_OFF=watchdog,live   periodic work not started
-    EYEWALL_PROBE_WRITER_NICE=N   the writer threads (access log, flows) run at
+    EYEWALL_PROBE_WRITER_NICE=N   the writer thread (access log, flows) runs at
         niceness N (the loop thread keeps the process's)
-    EYEWALL_PROBE_WRITER_CPU=N    the writer threads run on CPU N (not the loop's)
-    EYEWALL_PROBE_FLOWS_FLUSH=SECONDS   the flow store's flush interval (1 s)
-    EYEWALL_PROBE_FLOWS_CHUNK=N   the flow writer inserts N rows per transaction
-        and yields the GIL (time.sleep(0)) between them
+    EYEWALL_PROBE_WRITER_CPU=N    the writer thread runs on CPU N (not the loop's)
+    EYEWALL_PROBE_FLOWS_FLUSH=SECONDS   the flow store's flush interval (0.25 s)
+    EYEWALL_PROBE_FLOWS_CHUNK=N   the flow writer builds N rows between offers of
+        the GIL (time.sleep(0)); eyewall's own: ROWS_PER_SLICE
 
 Time stamps are time.monotonic(), the same clock in every process, so the
 driver can cut out the window of its wrk run.
@@ -75,23 +75,28 @@ def setup_writer_thread(name: str) -> None:
         os.sched_setaffinity(tid, {int(cpu)})
 
 
-def track_busy(queue: Any, name: str) -> None:
-    """Record when a writer thread works: from getting a batch to asking for the next."""
-    original = queue.get
-    state: dict[str, float | None] = {"since": None, "named": None}
+class TrackedQueue:
+    """A writer's queue that records when the thread works: from getting a batch to
+    asking for the next."""
 
-    def get(*args: Any, **kwargs: Any) -> Any:
-        if state["named"] is None:
-            state["named"] = 1.0
-            setup_writer_thread(name.removesuffix("_writer").replace("_", "-"))
-        since = state["since"]
-        if since is not None:
-            RECORDED["busy"].append((name, since, now() - since))
-        item = original(*args, **kwargs)
-        state["since"] = now() if item else None
+    def __init__(self, queue: Any, name: str) -> None:
+        self.queue, self.name = queue, name
+        self.since: float | None = None
+        self.named = False
+
+    def put(self, *args: Any, **kwargs: Any) -> Any:
+        return self.queue.put(*args, **kwargs)
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.named:
+            self.named = True
+            setup_writer_thread(self.name.removesuffix("_writer").replace("_", "-"))
+        if self.since is not None:
+            RECORDED["busy"].append((self.name, self.since, now() - self.since))
+            self.since = None
+        item = self.queue.get(*args, **kwargs)
+        self.since = now() if item else None
         return item
-
-    queue.get = get
 
 
 def install_gc_timer() -> None:
@@ -157,13 +162,15 @@ async def sample_lag(interval: float) -> None:
 
 
 def patch(off: set[str], lag_interval: float) -> None:
-    import eyewall.cli as cli
+    import eyewall.app as app
+    import eyewall.observe.store as store
     from eyewall.observe.accesslog import AccessLog
     from eyewall.observe.live import LiveFeed
     from eyewall.observe.store import FlowStore
-    from eyewall.proxy.watchdog import Watchdog
+    from eyewall.observe.writer import BatchWriter
+    from eyewall.proxy.timeouts import Watchdog
 
-    original_run_loop, original_serve = cli.run_loop, cli.serve
+    original_run_loop, original_serve = app.run_loop, app.serve
 
     def run_loop(main: Any, choice: str) -> None:
         apply_gc_choice(os.environ.get("EYEWALL_PROBE_GC", ""))  # after eyewall's own
@@ -190,7 +197,7 @@ def patch(off: set[str], lag_interval: float) -> None:
             if task is not None:
                 task.cancel()
 
-    cli.run_loop, cli.serve = run_loop, serve
+    app.run_loop, app.serve = run_loop, serve  # type: ignore[assignment]
 
     Watchdog.sweep = timed("watchdog_sweep", Watchdog.sweep)  # type: ignore[method-assign]
     if "watchdog" in off:
@@ -204,35 +211,22 @@ def patch(off: set[str], lag_interval: float) -> None:
             self._timer.stop()
 
         LiveFeed.__init__ = init_without_tick  # type: ignore[method-assign]
-    import eyewall.observe.store as store
 
     flush = os.environ.get("EYEWALL_PROBE_FLOWS_FLUSH")
     if flush:
         store.FLUSH_INTERVAL = float(flush)
     chunk = int(os.environ.get("EYEWALL_PROBE_FLOWS_CHUNK", "0"))
     if chunk:
-        insert = FlowStore._insert
-
-        def insert_in_chunks(db: Any, rows: list[Any]) -> None:
-            for start in range(0, len(rows), chunk):
-                insert(db, rows[start : start + chunk])
-                time.sleep(0)
-
-        FlowStore._insert = staticmethod(insert_in_chunks)  # type: ignore[method-assign]
+        store.ROWS_PER_SLICE = chunk
     AccessLog.flush = timed("access_flush", AccessLog.flush)  # type: ignore[method-assign]
     FlowStore.flush = timed("flows_flush", FlowStore.flush)  # type: ignore[method-assign]
-    access_init, store_init = AccessLog.__init__, FlowStore.__init__
+    original_thread_run = BatchWriter._run
 
-    def access_init_tracked(self: AccessLog, *args: Any, **kwargs: Any) -> None:
-        access_init(self, *args, **kwargs)
-        track_busy(self._batches, "access_writer")
+    def run_tracked(self: BatchWriter) -> None:
+        self._queue = TrackedQueue(self._queue, "writer")  # type: ignore[assignment]
+        original_thread_run(self)
 
-    def store_init_tracked(self: FlowStore, *args: Any, **kwargs: Any) -> None:
-        store_init(self, *args, **kwargs)
-        track_busy(self._batches, "flows_writer")
-
-    AccessLog.__init__ = access_init_tracked  # type: ignore[method-assign]
-    FlowStore.__init__ = store_init_tracked  # type: ignore[method-assign]
+    BatchWriter._run = run_tracked  # type: ignore[method-assign]
 
 
 def write_out(path: str) -> None:
