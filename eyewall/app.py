@@ -258,7 +258,14 @@ class Observers:
         f = settings.flows
         path = (Path(f.path) if f.path else default_path()) if f.enabled else None
         self.store = FlowStore(
-            path, f.max_count, f.max_age, f.memory, f.memory_bytes, self.writer, f.max_bytes
+            path,
+            f.max_count,
+            f.max_age,
+            f.memory,
+            f.memory_bytes,
+            self.writer,
+            f.max_bytes,
+            f.credentials,
         )
         self.bus.subscribe(self.store)
         self.metrics: Metrics | None = None
@@ -321,6 +328,8 @@ class Observers:
             self.admin.token = new.admin.token
 
     async def stop(self) -> None:
+        """Stop the admin listener, then flush and close the flow store, access log and writer
+        thread, in that order."""
         if self.admin is not None:
             await self.admin.stop()
         self.store.close()
@@ -409,6 +418,7 @@ async def serve(
     metrics = observers.metrics
     if metrics is not None:
         metrics.track_drops("log", lambda: log_handler.dropped)
+        metrics.login_checks = lambda: proxy.verifier.checks
     taken = inherited.take(listener_keys(settings)) if inherited else {}
     try:
         addresses = proxy.start_listening(taken)
@@ -554,6 +564,10 @@ def run(loader: Loader, loaded: Loaded | None = None, inherited: Inherited | Non
     # Start-up objects are frozen out of collection altogether.
     gc.set_threshold(50_000, 50, 100)
     gc.freeze()
+    # The observers' writer thread holds the GIL while it builds rows; the event loop,
+    # wanting it back, waits up to the switch interval (5 ms by default): a visible
+    # share of the tail latency (bench/results/2026-11-30-loop-stalls.md).
+    sys.setswitchinterval(0.001)
     try:
         run_loop(serve(loader, loaded, handler, inherited), loaded.settings.event_loop)
     except KeyboardInterrupt:

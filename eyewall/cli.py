@@ -69,6 +69,8 @@ def overrides_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> d
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``eyewall`` argument parser: the run options (one per setting, see
+    `eyewall.config.iter_settings`) and the subcommands."""
     parser = argparse.ArgumentParser(
         prog="eyewall",
         description="An asynchronous HTTP/HTTPS forward proxy. Without a command, runs the"
@@ -170,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_config(files: Sequence[str], check_paths: bool = True) -> int:
+    """Load each file as a start-up would (settings, policy, files it names unless
+    ``check_paths`` is false); print every error. Returns the exit status: 0 when all are
+    valid, 2 otherwise."""
     from eyewall.app import Loader
 
     status = 0
@@ -209,6 +214,8 @@ def _signal_proxy(args: argparse.Namespace, command: str, sig: int) -> tuple[int
 
 
 def reload_command(args: argparse.Namespace) -> int:
+    """``eyewall reload``: send SIGHUP to the process in the pid file (from ``--pid-file`` or
+    the config). Returns the exit status: 0 sent, 1 no such process, 2 usage or config error."""
     status, _, pid = _signal_proxy(args, "reload", signal.SIGHUP)
     if status == 0:
         print(f"sent SIGHUP to {pid}")
@@ -216,6 +223,9 @@ def reload_command(args: argparse.Namespace) -> int:
 
 
 def restart_command(args: argparse.Namespace) -> int:
+    """``eyewall restart``: send SIGUSR2 to the process in the pid file, then wait up to
+    ``--wait`` seconds for the pid file to name its successor.  Returns the exit status:
+    0 restarted, 1 no such process or no successor in time, 2 usage or config error."""
     status, pid_file, old = _signal_proxy(args, "restart", signal.SIGUSR2)
     if status:
         return status
@@ -239,6 +249,8 @@ def restart_command(args: argparse.Namespace) -> int:
 
 
 def har_command(args: argparse.Namespace) -> int:
+    """``eyewall har export``: write recorded flows as HAR 1.2 JSON to stdout or ``--output``.
+    Returns the exit status (0 written, 1 no flow store, 2 usage error)."""
     import json
 
     from eyewall.observe.har import har
@@ -282,6 +294,8 @@ Trust this CA only on machines whose traffic you mean to inspect:
 
 
 def ca_command(args: argparse.Namespace) -> int:
+    """``eyewall ca init|export``: create the interception CA (key file mode 0600) or print its
+    certificate. Returns the exit status."""
     from eyewall.tls.ca import CertificateAuthority, default_ca_dir
 
     directory = args.ca_dir

@@ -75,4 +75,5 @@ class Channel:
             pass
 
     def close(self) -> None:
+        """Close this end (the other end reads end of file)."""
         self.stream.close()

@@ -262,6 +262,8 @@ class Restart:
         self.refused = False  # stopping: no more restarts
 
     def request(self) -> None:
+        """Start a restart unless one runs or this generation is stopping (then it
+        logs why not).  Returns at once; the restart goes on in a task."""
         if self.refused or self.task is not None:
             log.warning("restart: already restarting or stopping; ignored")
             return

@@ -38,6 +38,7 @@ def launch(loader: Loader) -> int:
     handler, listener = setup_logging(loaded.settings.log_level)
     gc.set_threshold(50_000, 50, 100)  # as eyewall.app.run: the supervisor sees every flow
     gc.freeze()
+    sys.setswitchinterval(0.001)  # as eyewall.app.run: the writer thread lives here
     status = [1]
 
     async def main() -> None:

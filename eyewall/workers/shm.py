@@ -56,6 +56,7 @@ class TableSpec:
 
     @property
     def size(self) -> int:
+        """Bytes the table takes in the segment."""
         return self.sets * WAYS * (TAG + struct.calcsize(self.payload))
 
 
@@ -76,6 +77,7 @@ class Table:
         self.capacity = spec.sets * WAYS
 
     def set_of(self, tag: bytes) -> int:
+        """The index of the set where ``tag`` lives."""
         return int.from_bytes(tag[:8], "little") & self.mask
 
     def find(self, tag: bytes, set_index: int) -> int:
@@ -100,15 +102,19 @@ class Table:
         return index
 
     def entries_of_set(self, set_index: int) -> range:
+        """The entry numbers of one set."""
         return range(set_index * WAYS, (set_index + 1) * WAYS)
 
     def tag(self, index: int) -> bytes:
+        """The tag of entry ``index`` (`EMPTY` when unused)."""
         return self.mm[self.tags + index * TAG : self.tags + (index + 1) * TAG]
 
     def read(self, index: int) -> tuple[Any, ...]:
+        """The payload of entry ``index``, unpacked by the table's format."""
         return self.record.unpack_from(self.mm, self.payloads + index * self.record.size)
 
     def write(self, index: int, *values: object) -> None:
+        """Write the payload of entry ``index`` (``values`` as the format says)."""
         self.record.pack_into(self.mm, self.payloads + index * self.record.size, *values)
 
     def clear(self, index: int) -> None:
@@ -158,9 +164,12 @@ class Segment:
 
     @classmethod
     def attach(cls, fd: int, specs: tuple[TableSpec, ...]) -> Segment:
+        """The segment behind an inherited descriptor ``fd``, laid out by ``specs``.
+        Raises OSError, or ValueError for another layout."""
         return cls(fd, specs, new=False)
 
     def close(self) -> None:
+        """Unmap the segment and close its descriptor (others keep theirs)."""
         self.mm.close()
         os.close(self.fd)
 
@@ -168,6 +177,7 @@ class Segment:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
+        """Hold the segment's lock for the ``with`` block."""
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
         try:
             yield
@@ -175,9 +185,11 @@ class Segment:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
     def lock(self) -> None:
+        """Take the segment's lock, waiting for it (`unlock` gives it back)."""
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
 
     def unlock(self) -> None:
+        """Give back the lock `lock` took."""
         fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
     # -- keys ----------------------------------------------------------------------
@@ -191,9 +203,11 @@ class Segment:
     # -- statistics (with the lock held) ------------------------------------------------
 
     def stat(self, index: int) -> int:
+        """Statistics counter ``index`` (0-15)."""
         return int(struct.unpack_from("<Q", self.mm, 32 + 8 * index)[0])
 
     def bump(self, index: int, by: int = 1) -> None:
+        """Add ``by`` to statistics counter ``index``."""
         struct.pack_into("<Q", self.mm, 32 + 8 * index, self.stat(index) + by)
 
     # -- slots ---------------------------------------------------------------------------
@@ -204,6 +218,8 @@ class Segment:
         return int(pid), int(start), int(flags)
 
     def set_slot(self, index: int, pid: int, start: int, flags: int = 0) -> None:
+        """Record slot ``index`` as ``pid``'s (started at ``start``, `process_start`), or
+        free it (pid 0)."""
         SLOT.pack_into(self.mm, HEADER + index * SLOT.size, pid, start, flags)
 
     def free_slot(self) -> int:

@@ -44,8 +44,17 @@ class WorkerState:
     pid: int = 0
     ready: bool = False
     restarts: int = 0
-    gauges: dict[str, float] = field(default_factory=dict)  # its last STATS
+    gauges: dict[str, Any] = field(default_factory=dict)  # its last STATS
     dropped_before: int = 0  # flows dropped by its earlier processes
+    checks_before: dict[str, int] = field(default_factory=dict)  # logins checked by them
+
+    def retire(self) -> None:
+        """Its process is gone: keep what its counters reached, forget its gauges."""
+        self.ready = False
+        self.dropped_before += int(self.gauges.get("flows_dropped", 0))
+        for result, n in self.gauges.get("login_checks", {}).items():
+            self.checks_before[result] = self.checks_before.get(result, 0) + n
+        self.gauges = {}
 
 
 class WorkersStats:
@@ -56,6 +65,9 @@ class WorkersStats:
         self.stopping = False
 
     def gauges(self) -> dict[str, float]:
+        """Open connections, tunnels and idle pooled connections summed over the
+        workers serving, and how many serve: ``{"connections", "tunnels", "pool_idle",
+        "workers"}``."""
         total = {"connections": 0.0, "tunnels": 0.0, "pool_idle": 0.0, "workers": 0.0}
         for w in self.workers():
             if w.ready:
@@ -65,12 +77,24 @@ class WorkersStats:
         return total
 
     def healthy(self) -> bool:
+        """Not stopping, and at least one worker serves."""
         return not self.stopping and any(w.ready for w in self.workers())
 
     def flows_dropped(self) -> int:
+        """Flows the workers could not send (the channel was full), since start."""
         return sum(int(w.gauges.get("flows_dropped", 0)) + w.dropped_before for w in self.workers())
 
+    def login_checks(self) -> dict[str, int]:
+        """bcrypt checks of proxy logins by result, in every worker since start."""
+        total: dict[str, int] = {}
+        for w in self.workers():
+            for counts in (w.checks_before, w.gauges.get("login_checks", {})):
+                for result, n in counts.items():
+                    total[result] = total.get(result, 0) + n
+        return total
+
     def log_dropped(self) -> int:
+        """Log records the running workers dropped."""
         return sum(int(w.gauges.get("log_dropped", 0)) for w in self.workers())
 
 
@@ -88,6 +112,7 @@ class WorkerCollector:
         self.limits = limits
 
     def collect(self) -> Iterator[Any]:
+        """The metric families (prometheus_client's collector protocol)."""
         workers = sorted(self.workers(), key=lambda w: w.number)
         yield GaugeMetricFamily(
             "eyewall_workers", "Worker processes serving.", value=sum(w.ready for w in workers)

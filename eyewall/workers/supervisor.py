@@ -145,6 +145,9 @@ class Supervisor:
     # -- start -------------------------------------------------------------------------
 
     async def run(self) -> int:
+        """Start the workers and serve until stopped (or handed over); the exit status:
+        0, or 1 when the workers could not start.  Raises SystemExit for a listener
+        that cannot be bound."""
         settings = self.settings
         _raise_fd_limit()
         self.segment = self._segment()
@@ -166,6 +169,7 @@ class Supervisor:
         if metrics is not None:
             metrics.track_drops("log", lambda: self.log_handler.dropped + self.stats.log_dropped())
             metrics.track_drops("workers", self.stats.flows_dropped)
+            metrics.login_checks = self.stats.login_checks
             metrics.registry.register(
                 WorkerCollector(self.count, self.states.values, self.limits_view.statistics)
             )
@@ -382,9 +386,7 @@ class Supervisor:
 
     def _exited(self, worker: WorkerProcess, code: int) -> None:
         state = worker.state
-        state.ready = False
-        state.dropped_before += int(state.gauges.get("flows_dropped", 0))
-        state.gauges = {}
+        state.retire()
         released = reap(self.segment, worker.slot)
         if self.processes.get(state.number) is worker:
             del self.processes[state.number]
@@ -437,6 +439,8 @@ class Supervisor:
     # -- reload, reopen, restart ------------------------------------------------------
 
     async def reload(self) -> None:
+        """Load and validate the configuration, then send it to every worker (SIGHUP, a
+        watched file); a refusal is logged and changes nothing."""
         async with self.reload_lock:
             notify(reloading())
             ok = False

@@ -81,6 +81,7 @@ class WorkerInit:
 
 
 def frame(kind: int, payload: bytes) -> bytes:
+    """A frame of ``kind`` around ``payload``."""
     return HEAD.pack(len(payload) + 1, kind) + payload
 
 
@@ -90,6 +91,7 @@ def encode(kind: int, message: Any) -> bytes:
 
 
 def decode(payload: bytes) -> Any:
+    """The message of a control frame's payload (`encode`'s inverse)."""
     return pickle.loads(payload)
 
 

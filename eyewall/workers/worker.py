@@ -90,6 +90,7 @@ class FlowSender:
             self.flush()
 
     def flush(self) -> None:
+        """Send the flows waiting, as one frame (or count them dropped)."""
         if not self._pending:
             return
         flows, self._pending = self._pending, []
@@ -97,6 +98,7 @@ class FlowSender:
             self.dropped += len(flows)
 
     def close(self) -> None:
+        """Stop the timer and send what waits."""
         self._timer.stop()
         self.flush()
 
@@ -130,6 +132,8 @@ class Worker:
         self.shutdown: asyncio.Future[None] | None = None
 
     def start(self) -> None:
+        """Listen on the inherited sockets, start the addons and the timers, and tell
+        the supervisor ``READY``."""
         bound = {
             (setting, endpoint): [socket.socket(fileno=fd) for fd in fds]
             for setting, endpoint, fds in self.init.listeners
@@ -149,6 +153,8 @@ class Worker:
         self.report()
 
     def report(self) -> None:
+        """Send ``STATS``: open connections, tunnels, idle pooled connections, flows and
+        log records dropped."""
         proxy = self.proxy
         stats = {
             "connections": len(proxy.connections),
@@ -156,16 +162,19 @@ class Worker:
             "pool_idle": proxy.pool.idle_count(),
             "flows_dropped": self.sender.dropped,
             "log_dropped": self.log_handler.dropped,
+            "login_checks": dict(proxy.verifier.checks),
         }
         self.channel.send(encode(STATS, stats))
 
     def stop(self, grace: float) -> None:
+        """Drain after ``grace`` seconds of serving (once; later calls do nothing)."""
         if self.shutdown is not None:
             return
         self.grace = grace
         self.stop_requested.set()
 
     def stop_now(self) -> None:
+        """Close everything now (a second stop signal)."""
         if self.shutdown is not None:
             self.shutdown.cancel()
         else:
@@ -198,6 +207,8 @@ class Worker:
         return None
 
     async def run(self) -> None:
+        """Serve until told to stop, then drain, say goodbye (the last flows and stats)
+        and close the channel."""
         self.start()
         listening = asyncio.ensure_future(self.listen())
         await self.stop_requested.wait()
@@ -224,6 +235,8 @@ class Worker:
 
 
 async def serve(init: WorkerInit, sock: socket.socket, log_handler: DroppingQueueHandler) -> None:
+    """Run the worker ``init`` describes over the control socket ``sock``.  Raises
+    SystemExit(`EXIT_START_FAILED`) when it cannot start (an addon, a socket)."""
     channel = Channel(sock)
     try:
         worker = Worker(init, channel, log_handler)
@@ -262,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     _raise_fd_limit()
     gc.set_threshold(50_000, 50, 100)  # as a single process does (eyewall.app.run)
     gc.freeze()
+    sys.setswitchinterval(0.001)  # the bcrypt threads give the loop its GIL back soon
     try:
         run_loop(serve(init, sock, handler), init.snapshot.settings.event_loop)
     finally:
