@@ -32,6 +32,7 @@ class Settings:
     ttfb_requests: int = 200
     tls_connections: tuple[int, ...] = (10, 50)
     tls_duration_s: float = 10.0
+    multicore_connections: tuple[int, ...] = (10, 100)
 
     @classmethod
     def quick(cls) -> Settings:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -114,6 +115,42 @@ def small_requests(ctx: BenchContext, target: Target, connections: int) -> dict:
         prime_credentials(ctx, target)
     run_wrk(ctx, target, connections, ctx.settings.wrk_warmup_s)
     return run_wrk(ctx, target, connections, ctx.settings.wrk_duration_s)
+
+
+def cpu_seconds(target: Target) -> tuple[float, float]:
+    """CPU time (user + system, seconds) of the proxy's process tree: (its first
+    process, the others): for Eyewall the supervisor and its workers."""
+    if target.process is None:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    root, rest = 0.0, 0.0
+    for pid in target.process.process_tree():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        if pid == target.process.pid:
+            root += seconds
+        else:
+            rest += seconds
+    return root, rest
+
+
+def multicore_requests(ctx: BenchContext, target: Target, connections: int) -> dict:
+    """Scenario 1's wrk load, and the proxy's CPU time per request over the measured
+    run: in all, and in its first process (Eyewall's supervisor, squid's master)."""
+    run_wrk(ctx, target, connections, ctx.settings.wrk_warmup_s)
+    before = cpu_seconds(target)
+    result = run_wrk(ctx, target, connections, ctx.settings.wrk_duration_s)
+    after = cpu_seconds(target)
+    requests = result["requests"] or 1
+    if target.process is not None:
+        main, others = after[0] - before[0], after[1] - before[1]
+        result["cpu_us_per_request"] = (main + others) / requests * 1e6
+        result["main_cpu_us_per_request"] = main / requests * 1e6
+        result["cores_busy"] = (main + others) / ctx.settings.wrk_duration_s
+    return result
 
 
 # --- scenario 2: 100 MiB download / upload with curl ------------------------

@@ -31,7 +31,8 @@ def child_environment() -> dict[str, str]:
 
 
 def pinned(command: list[str], cpu: int | None) -> list[str]:
-    """Prefix `command` with ``taskset -c CPU`` when pinning is possible."""
+    """Prefix `command` with ``taskset -c CPU`` when pinning is possible (None: not
+    pinned, it runs on the CPUs the harness may use)."""
     taskset = shutil.which("taskset")
     if cpu is None or taskset is None:
         return command

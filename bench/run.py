@@ -75,6 +75,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--proxy-cpu", type=int, default=0)
     parser.add_argument("--load-cpu", type=int, default=1)
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="pin nothing: proxies, origins and load generators share every core (what"
+        " the multicore scenario needs: several worker processes on several cores)",
+    )
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--keep-workdir", action="store_true", help="keep logs and configs in /tmp")
     args = parser.parse_args()
@@ -104,6 +110,9 @@ def parse_args() -> argparse.Namespace:
 
 def choose_cpus(args: argparse.Namespace, notes: list[str]) -> tuple[int | None, int | None]:
     available = sorted(os.sched_getaffinity(0))
+    if args.no_pin:
+        notes.append(f"--no-pin: nothing pinned; every process may run on cores {available}.")
+        return None, None
     if (
         args.proxy_cpu in available
         and args.load_cpu in available
@@ -284,9 +293,15 @@ def main() -> int:
     run["machine"] = machine_info(fd_limit)
     run["versions"] = tool_versions(systems)
     run["settings"] = dataclasses.asdict(settings)
-    run["layout"] = [
+    pinning = (
         f"proxy under test pinned to core {proxy_cpu} (taskset -c {proxy_cpu}); "
-        f"origins (nginx, origin.py), wrk, curl and the Python clients on core {load_cpu}",
+        f"origins (nginx, origin.py), wrk, curl and the Python clients on core {load_cpu}"
+        if proxy_cpu is not None
+        else "nothing pinned (--no-pin): proxies, origins, wrk, curl and the Python clients "
+        f"share cores {sorted(os.sched_getaffinity(0))}"
+    )
+    run["layout"] = [
+        pinning,
         "systems run one after another; each proxy is restarted for every scenario "
         "(and for every tunnel count in scenario 5)",
         "scenarios 3-5 use the harness's own Python clients (bench/tunnel_load.py, "

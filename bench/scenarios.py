@@ -246,4 +246,37 @@ SCENARIOS += [
     ),
 ]
 
+SCENARIOS += [
+    Scenario(
+        key="multicore",
+        title="10. Several cores: 1 and 2 worker processes, Eyewall and Squid (wrk, 1 KiB)",
+        description=(
+            "Scenario 1's wrk load (1 KiB, keep-alive, -t1, warm-up first) through Eyewall "
+            "with `--workers 1` and `--workers 2` and through Squid with `workers 1` (-N) and "
+            "`workers 2` (SMP), all with their usual settings (Eyewall with its default "
+            "observability, now in its supervisor). Run it with --no-pin: the proxy's "
+            "processes, nginx and wrk then share both cores, as on a real 2-core host. "
+            "`CPU µs/req` is the proxy's whole process tree (user + system) over the measured "
+            "run divided by the requests; `main µs/req` is the part of its first process "
+            "(Eyewall's supervisor: the observers; Squid's master); `cores` is the tree's CPU "
+            "seconds per second of the run."
+        ),
+        variants=lambda settings: list(settings.multicore_connections),
+        measure=http_load.multicore_requests,
+        columns=[
+            Column("requests_per_s", "req/s", ratio=True),
+            Column("p50_ms", "p50 ms", digits=2),
+            Column("p99_ms", "p99 ms", digits=2),
+            Column("cpu_us_per_request", "CPU µs/req"),
+            Column("main_cpu_us_per_request", "main µs/req"),
+            Column("cores_busy", "cores", digits=2),
+            Column("errors", "errors"),
+        ],
+        variant_header="conns",
+        systems=system_variants.multicore_systems,
+        baselines=(DIRECT, "eyewall-workers1", "squid-workers2"),
+        eyewall_baseline_row=None,
+    ),
+]
+
 SCENARIO_KEYS = [scenario.key for scenario in SCENARIOS]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench_context import BenchContext
 from processes import ManagedProcess, run_command
-from systems import EYEWALL_BASELINE, EYEWALL_CONFIG, Eyewall, Mitmproxy, ProxySystem
+from systems import EYEWALL_BASELINE, EYEWALL_CONFIG, Eyewall, Mitmproxy, ProxySystem, Squid
 from tls_origin import TLS_HOST, start_tls_origin
 
 POLICY_USER, POLICY_PASSWORD = "bench", "pw"
@@ -200,6 +200,17 @@ def observability_systems(_ctx: BenchContext, peers: list[ProxySystem]) -> list[
                 Eyewall(f"{peer.name}-obs-off", observability=False, checkout=peer.checkout),
                 Eyewall(f"{peer.name}-obs-on", checkout=peer.checkout),
             ]
+    return systems
+
+
+def multicore_systems(_ctx: BenchContext, peers: list[ProxySystem]) -> list[ProxySystem]:
+    """Eyewall with 1 and 2 workers, squid with 1 and 2 (those among the peers)."""
+    systems: list[ProxySystem] = []
+    names = {peer.name for peer in peers}
+    if "eyewall" in names:
+        systems += [Eyewall("eyewall-workers1"), Eyewall("eyewall-workers2", workers=2)]
+    if "squid" in names:
+        systems += [Squid(), Squid(workers=2)]
     return systems
 
 

@@ -102,7 +102,11 @@ class Eyewall(ProxySystem):
     its package, not this repository's."""
 
     def __init__(
-        self, name: str = "eyewall", observability: bool = True, checkout: Path = REPO_DIR
+        self,
+        name: str = "eyewall",
+        observability: bool = True,
+        checkout: Path = REPO_DIR,
+        workers: int = 1,
     ) -> None:
         if checkout == REPO_DIR:
             python: str | None = venv_tool("python") or sys.executable
@@ -111,6 +115,7 @@ class Eyewall(ProxySystem):
             python = str(candidate) if candidate.exists() else None
         super().__init__(name, python)
         self.observability = observability
+        self.workers = workers  # > 1: a supervisor and that many worker processes
         self.checkout = checkout
         self.cwd = checkout
         if name == EYEWALL_BASELINE:
@@ -170,12 +175,14 @@ class Eyewall(ProxySystem):
 
     def command(self, workdir: Path, port: int) -> list[str]:
         config = self.config_file(workdir)
+        workers = ["--workers", str(self.workers)] if self.workers != 1 else []
         return self.eyewall_command(
             "--config",
             str(config),
             "--listen",
             f"127.0.0.1:{port}",
             *self.observability_args(workdir),
+            *workers,
             *self.extra_args(workdir),
         )
 
@@ -248,12 +255,21 @@ class ProxyPy(ProxySystem):
 
 
 class Squid(ProxySystem):
-    def __init__(self) -> None:
-        super().__init__("squid", find_executable("squid"))
-        self.notes.append(
-            "squid: started with -N (no daemon, master process is the single worker), "
-            "so RSS is one process; the tree is summed anyway."
-        )
+    def __init__(self, workers: int = 1) -> None:
+        name = "squid" if workers == 1 else f"squid-workers{workers}"
+        super().__init__(name, find_executable("squid"))
+        self.workers = workers
+        if workers == 1:
+            self.notes.append(
+                "squid: started with -N (no daemon, master process is the single worker), "
+                "so RSS is one process; the tree is summed anyway."
+            )
+        else:
+            self.notes.append(
+                f"{name}: SMP mode, `workers {workers}`, started with --foreground (-N "
+                "would disable SMP): a master, a coordinator and the kids, which share "
+                "the listening socket the coordinator opened; the same squid.conf otherwise."
+            )
 
     def version(self) -> str:
         return first_line_of([self.executable or "squid", "-v"])
@@ -276,7 +292,7 @@ class Squid(ProxySystem):
             coredump_dir {workdir}
             logfile_rotate 0
             pinger_enable off
-            workers 1
+            workers {self.workers}
             max_filedescriptors {FD_LIMIT}
             shutdown_lifetime 0 seconds
             via off
@@ -284,7 +300,8 @@ class Squid(ProxySystem):
             """)
         config = workdir / "squid.conf"
         config.write_text(self.config_text)
-        return [self.executable or "squid", "-N", "-f", str(config)]
+        mode = "-N" if self.workers == 1 else "--foreground"
+        return [self.executable or "squid", mode, "-f", str(config)]
 
 
 class Mitmproxy(ProxySystem):

@@ -17,9 +17,9 @@ installed now, so this is how an upgrade goes live.  The successor inherits
 
 The descriptors are named in the ``EYEWALL_HANDOVER`` environment variable (JSON).  The
 successor binds what its configuration adds and ignores what it dropped.  When it is
-ready it writes the pid file, tells the service manager ``MAINPID=`` (systemd follows
-the new main process when the unit has ``NotifyAccess=all``) and ``READY=1``, and
-writes to the pipe; the old generation then drains with no grace (the listeners stay
+ready it writes the pid file and writes to the pipe; the old generation tells the
+service manager ``MAINPID=`` the successor (systemd follows the new main process) and
+drains with no grace (the listeners stay
 open in the successor) and exits.  If the successor exits or is not ready within
 `READY_TIMEOUT`, the old generation logs why and keeps serving.
 """
@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from eyewall.config import Settings
+from eyewall.sdnotify import notify
 
 __all__ = [
     "ENV",
@@ -224,14 +225,20 @@ def listener_keys(settings: Settings) -> list[tuple[str, str]]:
 
 async def hand_over(listeners: Bound, limits_fd: int | None = None) -> bool:
     """Start a successor on ``listeners`` (and a supervisor's ``limits_fd``); True once
-    it serves, when this generation should drain.  Failures are logged."""
+    it serves, when this generation should drain.  Failures are logged.
+
+    The service manager is told the successor is the main process now (``MAINPID=``,
+    accepted from the current main process without ``NotifyAccess=all``)."""
     log.info("restart: starting a new generation")
     try:
         successor = Successor.start(listeners, limits_fd)
     except OSError as e:
         log.error("restart: cannot start a new generation: %s", e)
         return False
-    return await successor.ready()
+    if not await successor.ready():
+        return False
+    notify(f"MAINPID={successor.process.pid}")
+    return True
 
 
 def owns_pid_file(path: str) -> bool:
