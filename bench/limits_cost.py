@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from eyewall.policy.state import AdmissionState  # noqa: E402
-from eyewall.workers.limits import TABLES, SharedLimits, create_segment  # noqa: E402
+from eyewall.workers.limits import SharedLimits, create_segment  # noqa: E402
 from eyewall.workers.shm import Segment  # noqa: E402
 
 CALLS = 100_000
