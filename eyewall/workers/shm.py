@@ -13,11 +13,13 @@ creates it, its workers inherit the descriptor, and a successor generation start
 ``eyewall restart`` inherits it too, so the limits survive a restart.  Memory is fixed
 at creation: tables never grow; a full set evicts by a rule each table chooses.
 
-One lock guards everything: a POSIX record lock (``fcntl.lockf``) on the descriptor.
-The kernel releases it when its holder dies, so a worker killed inside a critical
-section cannot leave the others waiting forever (it may leave the entry it was writing
+One lock guards everything: ``flock`` on an open file description of the segment's
+own (opened through /proc/self/fd, so that processes sharing the inherited descriptor
+still exclude each other; a POSIX record lock, ``lockf``, where /proc is missing).  The
+kernel releases it when its holder dies, so a worker killed inside a critical section
+cannot leave the others waiting forever (it may leave the entry it was writing
 half-updated; the limits module orders its writes so that this can only under-count).
-Record locks belong to a process: the event loop thread is the only one that takes it.
+The event loop thread is the only one of a process that takes it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 __all__ = ["MAX_SLOTS", "Segment", "Table", "TableSpec", "process_start"]
@@ -138,6 +141,17 @@ class Segment:
 
     def __init__(self, fd: int, specs: tuple[TableSpec, ...], *, new: bool) -> None:
         self.fd = fd
+        # lock() and unlock() take and give back the lock: C calls, no Python frame.
+        self.lock: Callable[[], None]
+        self.unlock: Callable[[], None]
+        try:  # a description of our own: flock excludes other holders of the fd
+            self.lock_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+            self.lock = partial(fcntl.flock, self.lock_fd, fcntl.LOCK_EX)
+            self.unlock = partial(fcntl.flock, self.lock_fd, fcntl.LOCK_UN)
+        except OSError:
+            self.lock_fd = -1
+            self.lock = partial(fcntl.lockf, fd, fcntl.LOCK_EX)
+            self.unlock = partial(fcntl.lockf, fd, fcntl.LOCK_UN)
         self.specs = specs
         self.size = HEADER + _slots_size() + sum(s.size for s in specs)
         if new:
@@ -171,6 +185,8 @@ class Segment:
     def close(self) -> None:
         """Unmap the segment and close its descriptor (others keep theirs)."""
         self.mm.close()
+        if self.lock_fd != -1:
+            os.close(self.lock_fd)
         os.close(self.fd)
 
     # -- the lock ------------------------------------------------------------------
@@ -178,19 +194,11 @@ class Segment:
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the segment's lock for the ``with`` block."""
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        self.lock()
         try:
             yield
         finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
-
-    def lock(self) -> None:
-        """Take the segment's lock, waiting for it (`unlock` gives it back)."""
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-
-    def unlock(self) -> None:
-        """Give back the lock `lock` took."""
-        fcntl.lockf(self.fd, fcntl.LOCK_UN)
+            self.unlock()
 
     # -- keys ----------------------------------------------------------------------
 
