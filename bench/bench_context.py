@@ -32,7 +32,7 @@ class Settings:
     ttfb_requests: int = 200
     tls_connections: tuple[int, ...] = (10, 50)
     tls_duration_s: float = 10.0
-    multicore_connections: tuple[int, ...] = (10, 100)
+    multicore_connections: tuple[int, ...] = (10, 100, 500)
 
     @classmethod
     def quick(cls) -> Settings:
@@ -50,6 +50,7 @@ class Settings:
             idle_wait_s=1.0,
             ttfb_requests=30,
             tls_duration_s=3.0,
+            multicore_connections=(10, 100),
         )
 
 
