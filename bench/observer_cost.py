@@ -34,10 +34,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flow_store_cost import flows as make_flows  # noqa: E402
+from flow_store_cost import flows as make_flows
 
-from eyewall.config import load_settings  # noqa: E402
-from eyewall.workers.wire import HEAD, pack, unpack  # noqa: E402
+from eyewall.config import load_settings
+from eyewall.workers.wire import HEAD, pack, unpack
 
 BATCH = 50
 
