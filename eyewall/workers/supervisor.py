@@ -269,7 +269,7 @@ class Supervisor:
         pids = ", ".join(f"{s.number} (pid {s.pid})" for s in self.states.values())
         print(f"eyewall workers: {pids}", file=sys.stderr, flush=True)
         print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
-        status = f"STATUS=listening on {shown} ({self.count} workers)"
+        status = f"STATUS=listening on {shown}"  # as a single process says it
         if self.inherited is not None:
             notify(f"MAINPID={os.getpid()}\nREADY=1\n{status}")
             self.inherited.announce_ready()
@@ -451,7 +451,7 @@ class Supervisor:
                 if metrics is not None:
                     metrics.reloaded(ok)
                 notify(
-                    f"STATUS=listening on {self.shown} ({self.count} workers)"
+                    f"STATUS=listening on {self.shown}"
                     if ok
                     else "STATUS=reload refused (see the log); the previous configuration runs"
                 )

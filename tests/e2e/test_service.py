@@ -102,6 +102,12 @@ def test_unit_is_a_notify_service_reloaded_by_sighup():
     assert int(service_value("LimitNOFILE")) >= 65536
 
 
+def test_stop_signals_the_supervisor_only():
+    # With workers, SIGTERM to every process would make each worker drain at once
+    # and skip the grace; the supervisor tells them when (docs/scaling.md).
+    assert service_value("KillMode") == "mixed"
+
+
 def test_stop_timeout_outlasts_drain_grace_and_drain():
     settings = load_settings(CONFIG)
     # timeouts.drain_grace is being added with the SIGTERM health change; until it is,
@@ -437,11 +443,15 @@ def sandbox_available() -> None:
         pytest.skip(reason)
 
 
-def test_proxy_works_under_the_units_sandbox(tmp_path, notify_socket, ca_file, tls_origin):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_proxy_works_under_the_units_sandbox(
+    tmp_path, notify_socket, ca_file, tls_origin, workers
+):
     """ExecStart in the unit's sandbox as an unprivileged user: ca init, plain HTTP with
     Basic auth, a spliced CONNECT tunnel, an intercepted HTTPS request (cryptography,
     uvloop, bcrypt, sqlite all loaded), metrics with process_* values, SIGHUP reload,
-    SIGUSR1 reopen, SIGTERM."""
+    SIGUSR1 reopen, SIGTERM; one process, and a supervisor with two workers (shared
+    memory, pidfd, flock and the socket pairs under the system call filter)."""
     sandbox_available()
     analyze = require_tool("systemd-analyze", "systemd")
     sock, notify_address = notify_socket
@@ -496,6 +506,8 @@ def test_proxy_works_under_the_units_sandbox(tmp_path, notify_socket, ca_file, t
         "/srv/config/htpasswd",
         "--upstream-ca-bundle",
         "/srv/config/origin-ca.pem",
+        "--workers",
+        workers,
     ]
     with open(stderr_path, "wb") as stderr:
         process = subprocess.Popen(cmd, stderr=stderr, env=env, cwd=ROOT)
