@@ -5,6 +5,7 @@ its workers; either may be a new generation taking over from a running one
 from __future__ import annotations
 
 import gc
+import os
 import sys
 
 from eyewall.app import Loader, run, run_loop
@@ -32,6 +33,9 @@ def launch(loader: Loader) -> int:
         return 2
     count = worker_count(loaded.settings.workers)
     if count == 1:
+        if inherited is not None and inherited.limits_fd is not None:
+            os.close(inherited.limits_fd)  # a supervisor's limits: one process keeps its own
+            inherited.limits_fd = None
         return run(loader, loaded, inherited)
     from eyewall.workers.supervisor import Supervisor
 

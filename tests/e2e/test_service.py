@@ -444,9 +444,7 @@ def sandbox_available() -> None:
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_proxy_works_under_the_units_sandbox(
-    tmp_path, notify_socket, ca_file, tls_origin, workers
-):
+def test_proxy_works_under_the_units_sandbox(tmp_path, notify_socket, ca_file, tls_origin, workers):
     """ExecStart in the unit's sandbox as an unprivileged user: ca init, plain HTTP with
     Basic auth, a spliced CONNECT tunnel, an intercepted HTTPS request (cryptography,
     uvloop, bcrypt, sqlite all loaded), metrics with process_* values, SIGHUP reload,

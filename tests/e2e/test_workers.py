@@ -26,6 +26,7 @@ from pathlib import Path
 import bcrypt
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import PROXY_ARGS, ROOT, ProxyProcess, read_response
 from tests.tools import require_tool
@@ -170,6 +171,10 @@ def test_metrics_count_the_whole_proxy_and_pass_promtool(busy) -> None:
     assert metric(text, 'eyewall_worker_up{worker="2"}') == 1
     assert metric(text, 'eyewall_worker_cpu_seconds_total{worker="2"}') > 0
     assert metric(text, 'eyewall_events_dropped_total{subscriber="workers"}') == 0
+    table = (ROOT / "docs" / "monitoring.md").read_text().split("## Metrics", 1)[1]
+    documented = {n.removesuffix("_total") for n in re.findall(r"`(eyewall_[a-z_]+)`", table)}
+    scraped = {f.name for f in text_string_to_metric_families(text)}
+    assert {n for n in scraped if n.startswith("eyewall_")} <= documented
     tool = require_tool("promtool", "prometheus")
     result = subprocess.run(
         [tool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
