@@ -104,6 +104,7 @@ class WorkerProcess:
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Event = asyncio.Event()  # its channel reached end of file
         self.reload_answer: asyncio.Future[str | None] | None = None
+        self.snapshot: Snapshot | None = None  # the configuration it was last sent
 
 
 class Supervisor:
@@ -329,6 +330,7 @@ class Supervisor:
             __version__,
         )
         channel.send(encode(INIT, init), force=True)
+        worker.snapshot = self.snapshot
         self._later(lambda: self._listen(worker))
         self._watch_exit(worker)
 
@@ -348,6 +350,9 @@ class Supervisor:
                 elif kind == READY:
                     state.ready = True
                     log.debug("worker %d (pid %d) ready", state.number, worker.process.pid)
+                    if worker.snapshot is not self.snapshot:  # reloaded while it started
+                        worker.snapshot = self.snapshot
+                        worker.channel.send(encode(RELOAD, self.snapshot), force=True)
                     self.all_ready.set()
                 elif kind == RELOADED:
                     answer = worker.reload_answer
@@ -487,6 +492,7 @@ class Supervisor:
             if worker.channel is None or not worker.state.ready:
                 continue  # starting: it gets the new snapshot with its INIT
             worker.reload_answer = loop.create_future()
+            worker.snapshot = snapshot
             worker.channel.send(encode(RELOAD, snapshot), force=True)
             waiting.append(worker)
         refused = []
