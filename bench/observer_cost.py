@@ -14,7 +14,9 @@ SQLite, metrics, live feed):
 * ``observers`` — publishing flows to the observers, their writer included (the same
   code in a single process and in a supervisor), paced so that the writer never falls
   behind far enough to drop anything;
-* ``supervisor: unpack + observers`` — the supervisor's whole cost per flow.
+* ``supervisor: unpack + observers`` — the supervisor's whole cost per flow;
+* the observers again with the flow store off (``--no-flows``), the access log off, and
+  both (metrics and the live feed remain: the admin listener's).
 
 Median of the rounds, and the range.  The writer's work is finished (``close``) before
 the clock stops.
@@ -42,8 +44,17 @@ from eyewall.workers.wire import HEAD, pack, unpack
 BATCH = 50
 
 
-async def observe(flows: list, directory: Path) -> float:
-    """CPU seconds to publish ``flows`` to default observers and write everything."""
+VARIANTS = {
+    "observers": {},
+    "observers, --no-flows": {"flows.enabled": False},
+    "observers, --access-log off": {"access_log": "off"},
+    "observers, both off (metrics, live)": {"flows.enabled": False, "access_log": "off"},
+}
+
+
+async def observe(flows: list, directory: Path, overrides: dict[str, object]) -> float:
+    """CPU seconds to publish ``flows`` to the observers ``overrides`` leave on (all by
+    default) and write everything."""
     from eyewall.app import Observers
 
     class Stats:
@@ -60,6 +71,7 @@ async def observe(flows: list, directory: Path) -> float:
             "log_format": "json",
             "flows.path": str(directory / "flows.sqlite3"),
             "admin.listen": "127.0.0.1:0",
+            **overrides,
         },
     )
     observers = Observers(settings, Stats(), lambda: None)
@@ -93,10 +105,13 @@ def main() -> int:
         rebuilt = [f for frame in frames for f in unpack(frame[HEAD.size :], 1)]
         unpacking = (time.process_time() - start) / n
         results.setdefault("supervisor: unpack", []).append(unpacking)
-        with tempfile.TemporaryDirectory() as tmp:
-            observing = asyncio.run(observe(rebuilt, Path(tmp))) / n
-        results.setdefault("observers", []).append(observing)
-        results.setdefault("supervisor: unpack + observers", []).append(unpacking + observing)
+        for name, overrides in VARIANTS.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                observing = asyncio.run(observe(rebuilt, Path(tmp), overrides)) / n
+            results.setdefault(name, []).append(observing)
+            if not overrides:
+                total = unpacking + observing
+                results.setdefault("supervisor: unpack + observers", []).append(total)
     print(f"{'per flow':<32} {'µs (median)':>12} {'range':>16}")
     for name, values in results.items():
         us = [v * 1e6 for v in values]
