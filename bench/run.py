@@ -89,7 +89,12 @@ def parse_args() -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown scenario(s) {sorted(unknown)}; choose from {SCENARIO_KEYS}")
     if args.peers is None:
-        args.peers = [name for name in PEER_NAMES if name != "mitmproxy" or args.mitmdump]
+        # eyewall-workers2 on demand only: pinned to one core, two workers mean nothing.
+        args.peers = [
+            name
+            for name in PEER_NAMES
+            if (name != "mitmproxy" or args.mitmdump) and name != "eyewall-workers2"
+        ]
     else:
         args.peers = [
             name.strip().replace("proxy.py", "proxypy")

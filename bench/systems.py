@@ -337,7 +337,7 @@ class Mitmproxy(ProxySystem):
         return command
 
 
-PEER_NAMES = ("eyewall", "tinyproxy", "proxypy", "squid", "mitmproxy")
+PEER_NAMES = ("eyewall", "eyewall-workers2", "tinyproxy", "proxypy", "squid", "mitmproxy")
 
 
 def make_systems(
@@ -347,6 +347,7 @@ def make_systems(
     checkout, `eyewall-baseline` right after `eyewall` (or first)."""
     factories = {
         "eyewall": Eyewall,
+        "eyewall-workers2": lambda: Eyewall("eyewall-workers2", workers=2),
         "tinyproxy": Tinyproxy,
         "proxypy": ProxyPy,
         "squid": Squid,
