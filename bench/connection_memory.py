@@ -67,7 +67,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=5000)
     parser.add_argument("--workers", default="1")
     args = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     fd, name = tempfile.mkstemp(prefix="eyewall-connection-memory-", suffix=".log")
     os.close(fd)
