@@ -46,7 +46,8 @@ __all__ = ["Proxy", "bind_endpoint"]
 
 log = logging.getLogger("eyewall")
 
-ACCEPT_BATCH = 128  # Tornado's: a single process takes what is queued
+ACCEPT_BATCH = 128  # connections accepted per wake-up at most (Tornado's number)
+ACCEPT_PAUSE = 0.005  # seconds a process declining to accept leaves it to the others
 
 
 class Proxy:
@@ -96,10 +97,10 @@ class Proxy:
         self.bound: dict[tuple[str, str], list[socket.socket]] = {}  # (setting, endpoint)
         self.protected: list[tuple[str, int]] = []  # other listeners of this process
         self._listeners: list[tuple[socket.socket, Callable[[], None]]] = []
-        # Connections accepted per wake-up of a listener.  Workers sharing a listening
-        # socket take few at a time, so that a burst of new connections is spread over
-        # all of them instead of going to whichever woke first.
-        self.accept_batch = ACCEPT_BATCH
+        # Asked before each accept (workers sharing the socket: is another one less
+        # busy?); False pauses this process's accepting for ACCEPT_PAUSE seconds.
+        self.accept_gate: Callable[[], bool] | None = None
+        self.accepted = 0  # client connections accepted and not yet ended (any state)
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(3)
@@ -176,7 +177,7 @@ class Proxy:
                     def accept(s: socket.socket, address: Any, secure: Any = secure) -> None:
                         self._accept(s, address, secure)
 
-                    remove = _accept_handler(sock, accept, self.accept_batch)
+                    remove = _accept_handler(sock, accept, ACCEPT_BATCH, self.accept_gate)
                     self._listeners.append((sock, remove))
                     self.addresses.append(sock.getsockname()[:2])
         self._refresh_own()
@@ -213,7 +214,12 @@ class Proxy:
         stream = BoundedStream(sock, max_buffer_size=STREAM_BUFFER)
         task = asyncio.ensure_future(self._serve(stream, address, secure))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.accepted += 1
+        task.add_done_callback(self._served)
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self.accepted -= 1
 
     async def _serve(self, stream: IOStream, address: Any, secure: ssl.SSLContext | None) -> None:
         client = (address[0], address[1])
@@ -364,17 +370,35 @@ async def _done(result: Any) -> Any:
 
 
 def _accept_handler(
-    sock: socket.socket, callback: Callable[[socket.socket, Any], None], batch: int
+    sock: socket.socket,
+    callback: Callable[[socket.socket, Any], None],
+    batch: int,
+    gate: Callable[[], bool] | None = None,
 ) -> Callable[[], None]:
     """Call ``callback(connection, address)`` for connections accepted on ``sock``, at
     most ``batch`` per wake-up (`tornado.netutil.add_accept_handler` with the batch
-    as a parameter); returns the function that stops it."""
+    as a parameter); when ``gate()``, asked before each, says no, stop watching
+    ``sock`` for `ACCEPT_PAUSE` seconds (the connections wait for another process sharing the
+    socket).  Returns the function that stops it."""
     loop = IOLoop.current()
     removed = False
+    paused = False
+
+    def resume() -> None:
+        nonlocal paused
+        paused = False
+        if not removed:
+            loop.add_handler(sock, accept, IOLoop.READ)
 
     def accept(fd: Any, events: int) -> None:
+        nonlocal paused
         for _ in range(batch):
             if removed:
+                return
+            if gate is not None and not gate():
+                paused = True
+                loop.remove_handler(sock)
+                loop.call_later(ACCEPT_PAUSE, resume)
                 return
             try:
                 connection, address = sock.accept()
@@ -386,7 +410,8 @@ def _accept_handler(
 
     def remove() -> None:
         nonlocal removed
-        loop.remove_handler(sock)
+        if not paused:
+            loop.remove_handler(sock)
         removed = True
 
     loop.add_handler(sock, accept, IOLoop.READ)

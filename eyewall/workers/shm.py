@@ -5,7 +5,7 @@ Layout (little-endian; every offset is fixed by the constants below, and the mag
 names the layout's version)::
 
     0        magic (16 bytes), hash key (16 bytes), then u64 statistics
-    4096     slot table: MAX_SLOTS x (pid u32, pad, start time u64, flags u32, pad)
+    4096     slot table: MAX_SLOTS x (pid u32, pad, start time u64, group u32, load u32)
     ...      tables, each TAGS then PAYLOADS (see `Table`)
 
 The segment is a memfd (anonymous memory with a file descriptor): the supervisor
@@ -38,14 +38,16 @@ from typing import Any
 
 __all__ = ["MAX_SLOTS", "Segment", "Table", "TableSpec", "process_start"]
 
-MAGIC = b"eyewall-limits\x00\x01"  # the last byte is the layout version
+MAGIC = b"eyewall-limits\x00\x02"  # the last byte is the layout version
 HEADER = 4096
 MAX_SLOTS = 512  # worker slots, shared by the generations that overlap in a restart
-SLOT = struct.Struct("<IxxxxQIxxxx")  # pid, process start time (clock ticks), flags
+SLOT = struct.Struct("<IxxxxQII")  # pid, process start time (clock ticks), group, load
+LOAD = struct.Struct("<I")
 TAG = 16  # bytes of an entry's identity: a keyed BLAKE2b digest of its key
 WAYS = 8  # entries per set
 EMPTY = bytes(TAG)
 STATS = struct.Struct("<16Q")  # counters at offset 32: see Segment.stat
+MEMBERSHIP = 15  # the statistics counter bumped whenever a slot's group changes
 
 
 @dataclass(frozen=True)
@@ -221,14 +223,37 @@ class Segment:
     # -- slots ---------------------------------------------------------------------------
 
     def slot(self, index: int) -> tuple[int, int, int]:
-        """(pid, start time, flags) of a slot; pid 0 is a free slot."""
-        pid, start, flags = SLOT.unpack_from(self.mm, HEADER + index * SLOT.size)
-        return int(pid), int(start), int(flags)
+        """(pid, start time, group) of a slot; pid 0 is a free slot, group 0 a worker
+        not accepting connections (yet, or any more)."""
+        pid, start, group, _ = SLOT.unpack_from(self.mm, HEADER + index * SLOT.size)
+        return int(pid), int(start), int(group)
 
-    def set_slot(self, index: int, pid: int, start: int, flags: int = 0) -> None:
+    def set_slot(self, index: int, pid: int, start: int, group: int = 0) -> None:
         """Record slot ``index`` as ``pid``'s (started at ``start``, `process_start`), or
-        free it (pid 0)."""
-        SLOT.pack_into(self.mm, HEADER + index * SLOT.size, pid, start, flags)
+        free it (pid 0); its load starts at 0.  With the lock held."""
+        SLOT.pack_into(self.mm, HEADER + index * SLOT.size, pid, start, group, 0)
+        self.bump(MEMBERSHIP)
+
+    def set_group(self, index: int, group: int) -> None:
+        """Say the worker in slot ``index`` accepts connections with the others of
+        ``group`` (its supervisor's pid), or no longer does (0)."""
+        with self.locked():
+            LOAD.pack_into(self.mm, HEADER + index * SLOT.size + 16, group)
+            self.bump(MEMBERSHIP)
+
+    def membership(self) -> int:
+        """A number that changes whenever a worker joins or leaves a group (read
+        without the lock: compare it, then look at the slots)."""
+        return self.stat(MEMBERSHIP)
+
+    def set_load(self, index: int, load: int) -> None:
+        """Publish the open connections of the worker in slot ``index``.  No lock: one
+        aligned 4-byte write, read by others as a hint."""
+        LOAD.pack_into(self.mm, HEADER + index * SLOT.size + 20, load)
+
+    def load(self, index: int) -> int:
+        """The open connections the worker in slot ``index`` last published."""
+        return int(LOAD.unpack_from(self.mm, HEADER + index * SLOT.size + 20)[0])
 
     def free_slot(self) -> int:
         """A free slot's index, or -1 (with the lock held)."""

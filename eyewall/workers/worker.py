@@ -38,6 +38,7 @@ from eyewall.config import ConfigError
 from eyewall.flow import Flow
 from eyewall.observe.oplog import DroppingQueueHandler, setup_logging
 from eyewall.observe.store import summarise_refused
+from eyewall.workers.balance import Balancer
 from eyewall.workers.channel import Channel, StreamClosedError
 from eyewall.workers.limits import TABLES, SharedLimits
 from eyewall.workers.shm import Segment
@@ -64,10 +65,6 @@ log = logging.getLogger("eyewall.worker")
 FLUSH_INTERVAL = 0.05  # seconds between flow batches
 FLUSH_FLOWS = 256  # or as soon as this many wait
 STATS_INTERVAL = 1.0
-# Connections a worker accepts per wake-up (Proxy.accept_batch).  Tornado's 128 let the
-# first worker awake take most of a burst: wrk -c100 measured 13k/29k requests between
-# two workers, against 27k/25k and more requests/s at 4.
-ACCEPT_BATCH = 4
 EXIT_START_FAILED = 3  # the supervisor stops a start-up in which a worker exits so
 
 
@@ -127,6 +124,8 @@ class Worker:
             ca=loaded.ca,
             publish=self.sender,
         )
+        proxy = self.proxy
+        self.balancer = Balancer(self.segment, init.slot, os.getppid(), lambda: proxy.accepted)
         self.stop_requested = asyncio.Event()
         self.grace = 0.0
         self.shutdown: asyncio.Future[None] | None = None
@@ -138,8 +137,9 @@ class Worker:
             (setting, endpoint): [socket.socket(fileno=fd) for fd in fds]
             for setting, endpoint, fds in self.init.listeners
         }
-        self.proxy.accept_batch = ACCEPT_BATCH
+        self.proxy.accept_gate = self.balancer  # spread new connections (balance.py)
         self.proxy.start_listening(bound)
+        self.balancer.join()
         self.proxy.protect(list(self.init.protected))
         self.addons.lifecycle(Running())
         self.addon_watch = PeriodicCallback(
@@ -213,6 +213,7 @@ class Worker:
         listening = asyncio.ensure_future(self.listen())
         await self.stop_requested.wait()
         proxy = self.proxy
+        self.balancer.leave()
         self.shutdown = asyncio.ensure_future(proxy.shutdown(self.grace))
         try:
             await self.shutdown

@@ -182,6 +182,25 @@ def test_metrics_count_the_whole_proxy_and_pass_promtool(busy) -> None:
     assert result.returncode == 0 and not result.stdout + result.stderr, result
 
 
+def test_a_burst_of_connections_is_spread_over_the_workers(workers_proxy, origin) -> None:
+    """40 connections that become acceptable at once (their requests are sent together;
+    TCP_DEFER_ACCEPT holds each until its bytes arrive): without the accept gate the
+    worker awake first took them all."""
+    p = workers_proxy()
+    sockets = [socket.create_connection(p.address, timeout=10) for _ in range(40)]
+    head = f"GET {origin.url}/echo/burst HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    for s in sockets:
+        s.sendall(head)
+    for s in sockets:
+        assert read_response(s).startswith(b"HTTP/1.1 200 ")
+    ports = {s.getsockname()[1] for s in sockets}
+    served = [r["worker"] for r in entries(p, 40) if r["client_port"] in ports]
+    assert len(served) == 40
+    assert min(served.count(1), served.count(2)) >= 10, served
+    for s in sockets:
+        s.close()
+
+
 # -- the limits hold for the proxy as a whole ----------------------------------------
 
 
