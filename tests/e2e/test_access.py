@@ -10,14 +10,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import bcrypt
 import httpx
 import pytest
 
-from tests.conftest import ROOT, ProxyProcess, raw_request, read_response
+from tests.conftest import ROOT, ProxyProcess, poll, raw_request, read_response
 
 PASSWORD = "correct horse"
 
@@ -256,7 +255,8 @@ def test_concurrent_tunnels_per_client_are_limited(make_proxy, raw_origin):
         third = raw_request(p.address, f"CONNECT {upstream.authority} HTTP/1.1\r\n\r\n".encode())
         assert status(third) == 429
         held.pop().close()
-        time.sleep(0.2)
+        # The slot is given back before the tunnel's access line is written.
+        p.access_entry(f"CONNECT {upstream.authority} 200")
         again = socket.create_connection(p.address, timeout=5)
         again.sendall(f"CONNECT {upstream.authority} HTTP/1.1\r\n\r\n".encode())
         assert read_response(again, head_only=True).startswith(b"HTTP/1.1 200")
@@ -312,7 +312,7 @@ def test_reload_under_load_drops_nothing(make_proxy, origin, tmp_path):
     workers = [threading.Thread(target=load) for _ in range(4)]
     for w in workers:
         w.start()
-    time.sleep(0.5)
+    poll(lambda: count[0] >= 10 or failures, what="the load to get going")
     config.write_text(
         '[access]\nallow_private = true\n[[rules]]\nid = "no-echo"\naction = "deny"\n'
         'host_regex = "^never-matches$"\n'
@@ -326,10 +326,13 @@ def test_reload_under_load_drops_nothing(make_proxy, origin, tmp_path):
         check=False,
     )
     assert reload.returncode == 0, reload.stderr
+    p.log_with("configuration reloaded")  # `eyewall reload` only sends the signal
     config.write_text("[access\nbroken = ")  # invalid: refused, old policy stays
     p.expected_errors.append("reload refused")
     p.signal(signal.SIGHUP)
-    time.sleep(0.5)
+    p.log_with("reload refused, keeping the current configuration")
+    after = count[0]
+    poll(lambda: count[0] >= after + 10 or failures, what="requests after the reloads")
     done.set()
     for w in workers:
         w.join()

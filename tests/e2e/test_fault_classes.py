@@ -225,9 +225,9 @@ def test_2_a_slow_upload_with_short_gaps_is_not_cut(make_proxy, origin):
 def test_2_the_head_wait_does_not_count_as_body_idleness(make_proxy, raw_origin):
     def slow(sock: socket.socket) -> None:
         origin.read_head(sock)
-        time.sleep(1.2)
+        time.sleep(1.2)  # the origin's own pace (the input), not a synchronisation
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
-        time.sleep(0.6)
+        time.sleep(0.6)  # likewise
         sock.sendall(b"hello")
 
     origin = raw_origin(slow)
@@ -783,7 +783,7 @@ import asyncio
 
 class Slow:
     async def requestheaders(self, flow):
-        await asyncio.sleep(3600)
+        await asyncio.sleep(3600)  # a hook that never ends (the input)
 """
 
 
