@@ -326,6 +326,8 @@ class Observers:
             self.admin.token = new.admin.token
 
     async def stop(self) -> None:
+        """Stop the admin listener, then flush and close the flow store, access log and writer
+        thread, in that order."""
         if self.admin is not None:
             await self.admin.stop()
         self.store.close()
@@ -532,6 +534,10 @@ def run(loader: Loader) -> int:
     # Start-up objects are frozen out of collection altogether.
     gc.set_threshold(50_000, 50, 100)
     gc.freeze()
+    # The observers' writer thread holds the GIL while it builds rows; the event loop,
+    # wanting it back, waits up to the switch interval (5 ms by default): a visible
+    # share of the tail latency (bench/results/2026-11-30-loop-stalls.md).
+    sys.setswitchinterval(0.001)
     try:
         run_loop(serve(loader, loaded, handler), loaded.settings.event_loop)
     except KeyboardInterrupt:

@@ -91,6 +91,9 @@ def setting(
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
+    """A listening address: ``host`` (an IP literal or name, IPv6 without brackets) and
+    ``port``."""
+
     host: str
     port: int
 
@@ -99,6 +102,7 @@ class Endpoint:
 
     @property
     def is_loopback(self) -> bool:
+        """Whether the host is a loopback address (127.0.0.0/8, ::1) or ``localhost``."""
         try:
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
@@ -130,6 +134,9 @@ def parse_endpoint(text: str) -> Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
+    """The ``timeouts.*`` settings: seconds each phase of a connection may last (see
+    docs/design.md, "Time limits")."""
+
     client_header: float = setting(
         10.0,
         "A client has this long to send a whole request head, counted from its first byte"
@@ -203,6 +210,9 @@ class Timeouts:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """The ``limits.*`` settings: sizes (bytes) and counts that bound what one client can make
+    the proxy hold."""
+
     max_header_size: int = setting(
         65536,
         "Request line plus header section; a larger request head is answered with 431"
@@ -229,6 +239,8 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class Pool:
+    """The ``pool.*`` settings: upstream keep-alive connections kept for reuse."""
+
     idle_per_origin: int = setting(
         256,
         "Idle keep-alive connections kept per origin (scheme, host, port); enough for"
@@ -267,6 +279,9 @@ def _ports(values: Any) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Access:
+    """The ``access.*`` settings: which clients may connect and which destinations they may
+    reach."""
+
     allow_clients: tuple[str, ...] = setting(
         (),
         "Client networks (CIDR) that may use the proxy; others get 403. Empty means"
@@ -297,6 +312,9 @@ class Access:
 
 @dataclass(frozen=True, slots=True)
 class Auth:
+    """The ``auth.*`` settings: proxy authentication (RFC 9110 §11.7, Basic) and its brute-force
+    throttle."""
+
     htpasswd: str = setting(
         "",
         "htpasswd file of user:bcrypt-hash lines. Any user (here or in auth.users) turns"
@@ -323,6 +341,9 @@ class Auth:
 
 @dataclass(frozen=True, slots=True)
 class RateLimits:
+    """The ``rate_limits.*`` settings: per-client and per-user request rates and concurrent
+    tunnels."""
+
     client_rps: float = setting(
         0.0,
         "Requests per second per client address (token bucket); 0: no limit. Beyond it:"
@@ -373,6 +394,9 @@ def _listen_or_off(value: Any) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Admin:
+    """The ``admin.*`` settings: the admin listener (metrics, health, dashboard, flows API) and
+    its token."""
+
     listen: str = setting(
         "127.0.0.1:8480",
         'Admin listener (metrics, health, dashboard, flows API), or "off". Anywhere but'
@@ -391,6 +415,8 @@ class Admin:
 
 @dataclass(frozen=True, slots=True)
 class Flows:
+    """The ``flows.*`` settings: flow recording (where, how much body, how long kept)."""
+
     enabled: bool = setting(
         True,
         "Record flows (heads, timings, sizes, decisions) to flows.path; --no-flows turns"
@@ -456,6 +482,8 @@ class Flows:
 
 @dataclass(frozen=True, slots=True)
 class Tls:
+    """The ``tls.*`` settings: HTTPS proxy listeners and opt-in TLS interception."""
+
     listen: tuple[Endpoint, ...] = setting(
         (),
         "Addresses of HTTPS proxy listeners: clients speak TLS to the proxy itself"
@@ -514,6 +542,10 @@ class Tls:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """Every setting, with its default, help text, command-line flag and check; built by
+    `load_settings` from embedded defaults, a TOML file and flags, in that order of
+    precedence (last wins)."""
+
     listen: tuple[Endpoint, ...] = setting(
         (Endpoint("127.0.0.1", 8080),),
         "Addresses the proxy listens on (repeat the flag for several; IPv6 as [::1]:8080).",
@@ -885,6 +917,8 @@ class SettingInfo:
 
 
 def iter_settings(cls: Any = Settings, prefix: str = "") -> Iterator[SettingInfo]:
+    """Every leaf setting of ``cls`` (default: `Settings`) as a `SettingInfo`, with dotted names
+    (``timeouts.client_header``), in declaration order."""
     for f in dataclasses.fields(cls):
         if f.default_factory is not dataclasses.MISSING:
             yield from iter_settings(f.default_factory, f"{prefix}{f.name}.")

@@ -55,6 +55,8 @@ class Guarded:
     request: Any
 
     def set_default_headers(self) -> None:
+        """Security headers on every admin response: no Server, nosniff, no referrer, a strict
+        CSP."""
         self.clear_header("Server")  # type: ignore[attr-defined]
         self.set_header("X-Content-Type-Options", "nosniff")  # type: ignore[attr-defined]
         self.set_header("Referrer-Policy", "no-referrer")  # type: ignore[attr-defined]
@@ -92,6 +94,8 @@ def cookie_value(token: str) -> str:
 
 
 class Base(Guarded, tornado.web.RequestHandler):
+    """A JSON/text admin endpoint: the guard runs before every method."""
+
     def initialize(self, admin: AdminServer) -> None:
         self.admin = admin
 
@@ -110,12 +114,25 @@ class Base(Guarded, tornado.web.RequestHandler):
         hint = error.log_message if isinstance(error, tornado.web.HTTPError) else None
         self.finish(f"{status_code} {self._reason}\n" + (f"{hint}\n" if hint else ""))
 
+    def count_argument(self, name: str, default: int, most: int) -> int:
+        """Query argument ``name`` as a whole number, at most ``most`` (larger values are
+        clamped); 400 for anything but ASCII digits."""
+        text = self.get_query_argument(name, None)
+        if text is None:
+            return default
+        if not (text.isascii() and text.isdigit()):
+            raise tornado.web.HTTPError(400, f"{name} must be a whole number")
+        return min(most, int(text))
+
     def write_json(self, value: Any) -> None:
+        """Finish with ``value`` as an ``application/json`` body."""
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(value))
 
 
 class Login(Base):
+    """``/login?token=``: trade the admin token for a session cookie."""
+
     def prepare(self) -> None:
         if not self.admin.host_allowed(self.request.host):
             raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
@@ -155,6 +172,8 @@ class Health(Base):
 
 
 class MetricsPage(Base):
+    """``/metrics``: the Prometheus text exposition (version 0.0.4)."""
+
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(self.admin.metrics.exposition())
@@ -184,8 +203,11 @@ def matches(s: dict[str, Any], query: dict[str, str]) -> bool:
 
 
 class FlowList(Base):
+    """``/api/flows``: recent flow summaries, newest first, at most ``limit`` (1..5000,
+    default 200); ``host``, ``status``, ``method``, ``user`` and ``q`` filter."""
+
     def get(self) -> None:
-        limit = min(5000, max(1, int(self.get_query_argument("limit", "200"))))
+        limit = max(1, self.count_argument("limit", 200, 5000))
         names = ("host", "status", "method", "user", "q")
         query = {k: self.get_query_argument(k, "") for k in names}
         out = []
@@ -199,6 +221,8 @@ class FlowList(Base):
 
 
 class FlowDetail(Base):
+    """``/api/flows/ID``: one recorded flow, heads and captured bodies; 404 when unknown."""
+
     async def get(self, flow_id: str) -> None:
         store = self.admin.store
         record = store.find_recent(flow_id)
@@ -211,6 +235,8 @@ class FlowDetail(Base):
 
 
 class Stats(Base):
+    """``/api/stats``: counters and gauges as JSON, for the dashboard's header."""
+
     def get(self) -> None:
         admin = self.admin
         self.write_json(
@@ -224,10 +250,12 @@ class Stats(Base):
 
 
 class HarDownload(Base):
+    """``/api/har``: recorded flows as a HAR 1.2 download."""
+
     async def get(self) -> None:
-        since = float(self.get_query_argument("since", "0"))
+        since = self.count_argument("since", 0, 2**40)  # a Unix time, seconds
         host = self.get_query_argument("host", "")
-        limit = min(100_000, int(self.get_query_argument("limit", "10000")))
+        limit = self.count_argument("limit", 10_000, 100_000)
         records = await self.admin.records(since, host, limit)
         self.set_header("Content-Type", "application/json")
         self.set_header("Content-Disposition", 'attachment; filename="eyewall.har"')
@@ -235,6 +263,8 @@ class HarDownload(Base):
 
 
 class CACertificate(Base):
+    """``/api/ca.pem``: the interception CA's certificate (404 without interception)."""
+
     def get(self) -> None:
         pem = self.admin.ca_pem() if self.admin.ca_pem is not None else None
         if pem is None:
@@ -245,6 +275,8 @@ class CACertificate(Base):
 
 
 class Live(Guarded, tornado.websocket.WebSocketHandler):
+    """``/api/live``: the dashboard's WebSocket feed of flows and per-second stats."""
+
     def initialize(self, admin: AdminServer) -> None:
         self.admin = admin
         self.client: Client | None = None
@@ -284,6 +316,9 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
 
 
 class AdminServer:
+    """The admin listener: routes, the Host guard and token, the live feed. Loopback by default;
+    elsewhere only with a token (checked at start-up)."""
+
     def __init__(
         self,
         proxy: ProxyStats,
@@ -342,17 +377,21 @@ class AdminServer:
         return self.addresses
 
     async def stop(self) -> None:
+        """Stop listening, close live feeds and wait for them to end."""
         self.live.stop()
         if self.server is not None:
             self.server.stop()
             await self.server.close_all_connections()
 
     def url(self) -> str:
+        """The base URL of the first bound address, e.g. ``http://127.0.0.1:8480``."""
         assert self.address is not None
         host, port = self.address
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def host_allowed(self, host_header: str) -> bool:
+        """Whether a request's Host header names this listener (an IP literal, ``localhost`` or
+        a configured name): the DNS-rebinding guard."""
         host = urlsplit(f"//{host_header}").hostname or ""
         if host in ("localhost", self.endpoint.host):
             return True
@@ -363,6 +402,7 @@ class AdminServer:
         return True
 
     def gauges(self) -> dict[str, float]:
+        """Current gauges (connections, tunnels, pool sizes) from the proxy."""
         return self.proxy.gauges()
 
     async def records(self, since: float, host: str, limit: int) -> list[Record]:
@@ -401,6 +441,8 @@ class IndexPage(Guarded, tornado.web.StaticFileHandler):
 
 
 class StaticFiles(Guarded, tornado.web.StaticFileHandler):
+    """``/static/``: the dashboard's own files, behind the same guard."""
+
     def prepare(self) -> None:
         self.admin = self.application.settings["admin"]
         self.check_access()

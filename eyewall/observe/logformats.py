@@ -67,6 +67,8 @@ def _str_or_null(value: str | None) -> str:
 
 
 def format_json(flow: Flow) -> str:
+    """One JSON object per line for ``flow`` (the ``json`` access-log format; field names in
+    docs/monitoring.md)."""
     client_ip, client_port = flow.client
     error = flow.error.value if flow.error is not None else None
     return (

@@ -158,11 +158,13 @@ class Metrics:
             self.last_reload_success = time.time()
 
     def track_drops(self, subscriber: str, count: Callable[[], int]) -> None:
+        """Report ``count()`` as ``eyewall_events_dropped_total`` for ``subscriber``."""
         self.dropped[subscriber] = count
 
     # -- prometheus_client collector protocol -------------------------------------------
 
     def collect(self) -> Iterator[Any]:
+        """The metric families at scrape time (prometheus_client's collector protocol)."""
         info = GaugeMetricFamily(
             "eyewall_build_info",
             "Eyewall's version and platform.",
@@ -253,4 +255,5 @@ class Metrics:
             yield GaugeMetricFamily(f"eyewall_{name}", name.replace("_", " ") + ".", value=value)
 
     def exposition(self) -> bytes:
+        """The registry in Prometheus text format (version 0.0.4)."""
         return generate_latest(self.registry)

@@ -74,6 +74,8 @@ class BoundedStream(IOStream):
             return self._read_max_bytes
 
     def write(self, data: bytes | memoryview) -> Future[None]:
+        """Write ``data``, trying the socket directly first when nothing is queued (one system
+        call instead of a loop round); the rest is queued as by IOStream."""
         if data and not self._write_buffer and not self._connecting:
             self._check_closed()
             try:

@@ -53,6 +53,7 @@ class PipePool:
         self._free: list[tuple[int, int]] = []
 
     def acquire(self) -> tuple[int, int]:
+        """A non-blocking pipe (read fd, write fd) of PIPE_SIZE bytes where the kernel allows."""
         if self._free:
             return self._free.pop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -63,6 +64,7 @@ class PipePool:
         return r, w
 
     def release(self, pipe: tuple[int, int], empty: bool) -> None:
+        """Return ``pipe`` for reuse when ``empty`` and the pool has room; otherwise close it."""
         if empty and len(self._free) < self.keep:
             self._free.append(pipe)
         else:
@@ -70,6 +72,7 @@ class PipePool:
             os.close(pipe[1])
 
     def close(self) -> None:
+        """Close every pooled pipe."""
         while self._free:
             r, w = self._free.pop()
             os.close(r)
@@ -295,17 +298,22 @@ class Tunnel:
 
     @property
     def bytes_up(self) -> int:
+        """Bytes relayed from client to upstream so far."""
         return self.up.count
 
     @property
     def bytes_down(self) -> int:
+        """Bytes relayed from upstream to client so far."""
         return self.down.count
 
     def start(self) -> None:
+        """Start relaying in both directions."""
         self.down.start()
         self.up.start()
 
     def check(self, now: float) -> None:
+        """The watchdog's check: close the tunnel once no byte has moved for ``idle_timeout``
+        seconds (``now``: loop time)."""
         if self.active:
             self.active = False
             self.idle_since = now
@@ -338,6 +346,7 @@ class Tunnel:
         self.close(error)
 
     def close(self, error: BaseException | None = None) -> None:
+        """Close both sides and report once, with ``error`` when one ended it."""
         if self.closed:
             return
         self.closed = True

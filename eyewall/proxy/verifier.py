@@ -71,4 +71,5 @@ class Verifier:
         return result.result()
 
     def close(self) -> None:
+        """Stop the checking threads; queued checks are cancelled."""
         self._pool.shutdown(wait=False, cancel_futures=True)
