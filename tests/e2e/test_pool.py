@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 from tests.conftest import poll, raw_request
 
@@ -73,15 +74,21 @@ def test_post_is_not_retried(proxy, raw_origin):
 
 
 def test_origin_closing_idle_connection_is_noticed(proxy, raw_origin):
+    pooled = threading.Event()
+
     def handler(sock):
+        first = origin.accepted == 1
         origin.read_head(sock)
         sock.sendall(OK)
-        sock.shutdown(socket.SHUT_RDWR)  # keep-alive promised, then closed while idle
+        if first:
+            pooled.wait(10)
+            sock.shutdown(socket.SHUT_RDWR)  # keep-alive promised, then closed while idle
 
     origin = raw_origin(handler)
     assert get(proxy, origin).endswith(b"ok")
     proxy.access_entry(f"{origin.url}/ ")  # pooled by now
-    poll(lambda: origin.finished, what="the origin to close its side")
+    pooled.set()
+    poll(lambda: origin.finished, what="the origin to close the pooled connection")
     assert get(proxy, origin, method="POST", body=b"x").endswith(b"ok")
     assert origin.accepted == 2
 
