@@ -252,9 +252,9 @@ def _is_decimal(text: bytes, digits: int) -> bool:
 
 def _parse_v2(data: memoryview, max_length: int) -> tuple[ProxyHeader, int] | None:
     _check_v2_command(data)
+    if len(data) >= 14 and data[12] & 0x0F == 0x01:
+        _v2_family(data[13])  # fail early on a PROXY header's bad family byte
     if len(data) < 16:
-        if len(data) >= 14 and data[12] & 0x0F == 0x01:
-            _v2_family(data[13])  # fail early on a PROXY header's bad family byte
         return None
     total = 16 + ((data[14] << 8) | data[15])
     if total > max_length:
