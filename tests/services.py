@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import functools
 import io
 import os
@@ -24,6 +25,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -107,6 +109,14 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) ->
             process.wait(timeout=10)
 
 
+def die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the test run dies without stopping us
+    (Linux's PR_SET_PDEATHSIG).  The fixtures stop their servers by PID as usual; this
+    only keeps a killed run from leaving servers behind."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 def short_tempdir(prefix: str) -> Path:
     """A fresh directory with a short path: unix socket paths must fit in 107 bytes."""
     return Path(tempfile.mkdtemp(prefix=prefix))
@@ -157,6 +167,7 @@ class RedisServer:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
             )
             try:
                 wait_for(functools.partial(_redis_pong, port), "redis-server", process, log)
@@ -264,6 +275,7 @@ class PostgresServer:
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
+                    preexec_fn=die_with_parent,
                     **run_as,  # type: ignore[arg-type]
                 )
             try:
@@ -285,10 +297,11 @@ class PostgresServer:
         server.started_in = time.monotonic() - began
         return server
 
-    def psql(self, *statements: str) -> str:
-        """Run ``statements`` as the superuser over the unix socket; their output."""
+    def psql(self, *statements: str, database: str = "postgres") -> str:
+        """Run ``statements`` as the superuser over the unix socket, in ``database``;
+        their output."""
         where = ["-h", str(self.socket_dir), "-p", str(self.port), "-U", self.superuser]
-        where += ["-d", "postgres"]
+        where += ["-d", database]
         args = [self.psql_binary, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", *where]
         for statement in statements:
             args += ["-c", statement]
@@ -411,6 +424,7 @@ class HAProxy:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
             )
         server = cls(process, directory, config, 0.0, log)
         wait_for(lambda: server._answers(), "haproxy", process, log)
