@@ -402,34 +402,53 @@ class HAProxy:
     started_in: float  # seconds from spawn to the stats socket answering
     log: Path = field(repr=False, default=Path())
 
+    @property
+    def frontend(self) -> tuple[str, int]:
+        """(host, port) of the configuration's first ``bind`` line."""
+        for line in self.config.splitlines():
+            if line.strip().startswith("bind "):
+                host, _, port = line.split()[1].rpartition(":")
+                return host.strip("[]"), int(port)
+        raise ValueError("no bind line")
+
     @classmethod
     def start(cls, make_config: Callable[[Path], str]) -> HAProxy:
+        """Run HAProxy on ``make_config(directory)``.  ``make_config`` picks its ports
+        (`free_port`); it is called again, for new ones, if a port was taken meanwhile."""
         binary = find_tool("haproxy", "haproxy")
-        directory = short_tempdir("ew-haproxy-")
-        config = make_config(directory)
-        (directory / "haproxy.cfg").write_text(config)
-        log = directory / "haproxy.log"
-        check = subprocess.run(
-            [binary, "-c", "-q", "-f", str(directory / "haproxy.cfg")],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if check.returncode != 0:
-            raise RuntimeError(f"haproxy rejects the configuration:\n{check.stderr}\n{config}")
-        began = time.monotonic()
-        with open(log, "ab") as out:
-            process = subprocess.Popen(
-                [binary, "-db", "-f", str(directory / "haproxy.cfg")],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,
+        for _ in range(5):
+            directory = short_tempdir("ew-haproxy-")
+            config = make_config(directory)
+            (directory / "haproxy.cfg").write_text(config)
+            log = directory / "haproxy.log"
+            check = subprocess.run(
+                [binary, "-c", "-q", "-f", str(directory / "haproxy.cfg")],
+                capture_output=True,
+                text=True,
+                check=False,
             )
-        server = cls(process, directory, config, 0.0, log)
-        wait_for(lambda: server._answers(), "haproxy", process, log)
-        server.started_in = time.monotonic() - began
-        return server
+            if check.returncode != 0:
+                raise RuntimeError(f"haproxy rejects the configuration:\n{check.stderr}\n{config}")
+            began = time.monotonic()
+            with open(log, "ab") as out:
+                process = subprocess.Popen(
+                    [binary, "-db", "-f", str(directory / "haproxy.cfg")],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=die_with_parent,
+                )
+            server = cls(process, directory, config, 0.0, log)
+            try:
+                wait_for(server._answers, "haproxy", process, log)
+            except RuntimeError as exc:  # its message ends with the log's tail
+                server.stop()
+                if "cannot bind socket" in str(exc):
+                    continue
+                raise
+            server.started_in = time.monotonic() - began
+            return server
+        raise RuntimeError("haproxy: no free port after 5 tries")
 
     def _answers(self) -> bool:
         try:

@@ -118,10 +118,13 @@ def test_relayed_connection_carries_the_client_address(
 ) -> None:
     if lb_host == "::1" and not ipv6_loopback():
         pytest.skip("no IPv6 loopback on this machine")
-    lb_port = free_port() if lb_host == "127.0.0.1" else free_ipv6_port()
-    bind = f"{lb_host}:{lb_port}" if lb_host == "127.0.0.1" else f"[{lb_host}]:{lb_port}"
+
+    def bind() -> str:
+        return f"127.0.0.1:{free_port()}" if lb_host == "127.0.0.1" else f"[::1]:{free_ipv6_port()}"
+
     backend = Backend("node1", node.port, options=f"{option} check inter 100ms")
-    lb = haproxy(lambda d: haproxy_config(d, bind, [backend]))
+    lb = haproxy(lambda d: haproxy_config(d, bind(), [backend]))
+    lb_port = lb.frontend[1]
     lb.wait_status("nodes", "node1", "UP")
 
     me, reply = relay(lb_host, lb_port, b"GET / HTTP/1.1\r\n\r\n")
@@ -170,15 +173,15 @@ def test_v2_crc32c_and_unique_id_vectors(haproxy: StartHAProxy, node: Node) -> N
     backend = Backend(
         "node1", node.port, options="send-proxy-v2 proxy-v2-options crc32c,unique-id check"
     )
-    lb_port = free_port()
     lb = haproxy(
         lambda d: haproxy_config(
             d,
-            f"127.0.0.1:{lb_port}",
+            f"127.0.0.1:{free_port()}",
             [backend],
             frontend_lines=('unique-id-format "%{+X}o%ci:%cp_%fi:%fp_%Ts_%rt:%pid"',),
         )
     )
+    lb_port = lb.frontend[1]
     lb.wait_status("nodes", "node1", "UP")
     me, _ = relay("127.0.0.1", lb_port, b"hello")
     got = node.wait(lambda r: r.data.endswith(b"hello"))
