@@ -86,7 +86,7 @@ Call = Callable[[], Awaitable[Any]]
 
 
 async def _client(op: str, redis_url: str, dsn: str) -> tuple[Call, Callable[[], Awaitable[None]]]:
-    from eyewall.shared.redis_limits import TOKEN_BUCKET
+    from eyewall.shared.redis_limits import TOKEN_BUCKETS
 
     library, operation = op.split(":")
     bucket_args = [1e9, 1e9, 1]  # a bucket that never runs dry: every call is allowed
@@ -94,7 +94,7 @@ async def _client(op: str, redis_url: str, dsn: str) -> tuple[Call, Callable[[],
         from redis.asyncio import BlockingConnectionPool, Redis
 
         r = Redis.from_pool(BlockingConnectionPool.from_url(redis_url, max_connections=POOL))
-        script = r.register_script(TOKEN_BUCKET)
+        script = r.register_script(TOKEN_BUCKETS)
         if operation == "ping":
             return r.ping, r.aclose
         return (lambda: script(keys=["bench:tb:a"], args=bucket_args)), r.aclose
@@ -103,7 +103,7 @@ async def _client(op: str, redis_url: str, dsn: str) -> tuple[Call, Callable[[],
 
         c = coredis.Redis.from_url(redis_url, max_connections=POOL)
         await c.__aenter__()
-        cscript = c.register_script(TOKEN_BUCKET)
+        cscript = c.register_script(TOKEN_BUCKETS)
 
         async def cclose() -> None:
             await c.__aexit__(None, None, None)

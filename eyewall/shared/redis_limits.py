@@ -35,7 +35,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -44,34 +44,44 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-__all__ = ["Lease", "RedisLimits", "RedisLimitsSettings", "SharedLimitsUnavailable"]
+__all__ = ["Bucket", "Lease", "RedisLimits", "RedisLimitsSettings", "SharedLimitsUnavailable"]
 
 T = TypeVar("T")
 
-# Token bucket.  KEYS[1]: a hash {tokens, stamp in µs}.  ARGV: rate (tokens/s), burst,
-# cost.  Returns {1, tokens left} or {0, seconds until `cost` tokens are there}, the
-# numbers as strings (Redis truncates Lua numbers to integers).  The key expires when
-# the bucket would be full again, which is the state a missing key stands for.
-TOKEN_BUCKET = """
-local rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+# Token buckets, all or nothing.  KEYS[i]: a hash {tokens, stamp in µs} per bucket.
+# ARGV: rate (tokens/s), burst, cost for each key in turn.  If every bucket holds its
+# cost, spends them all and returns {0}; else spends none and returns {i, wait} where i
+# is the first bucket short of tokens and wait (a string: Redis truncates Lua numbers)
+# the longest time, in seconds, until every bucket holds its cost.  A key expires when
+# its bucket would be full again, which is the state a missing key stands for.
+TOKEN_BUCKETS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
-local tokens, stamp = tonumber(state[1]), tonumber(state[2])
-if tokens == nil or stamp == nil then
-  tokens, stamp = burst, now
+local tokens, refused, wait = {}, 0, 0
+for i = 1, #KEYS do
+  local rate, burst, cost = tonumber(ARGV[3*i-2]), tonumber(ARGV[3*i-1]), tonumber(ARGV[3*i])
+  local state = redis.call('HMGET', KEYS[i], 'tokens', 'stamp')
+  local have, stamp = tonumber(state[1]), tonumber(state[2])
+  if have == nil or stamp == nil then
+    have, stamp = burst, now
+  end
+  have = math.min(burst, have + math.max(0, now - stamp) * rate / 1000000)
+  tokens[i] = have
+  if have < cost then
+    if refused == 0 then refused = i end
+    wait = math.max(wait, (cost - have) / rate)
+  end
 end
-tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate / 1000000)
-local allowed, answer = 0, 0
-if tokens >= cost then
-  tokens = tokens - cost
-  allowed, answer = 1, tokens
-else
-  answer = (cost - tokens) / rate
+if refused > 0 then
+  return {refused, string.format('%.17g', wait)}
 end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'stamp', now)
-redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil((burst - tokens) / rate * 1000)))
-return {allowed, string.format('%.17g', answer)}
+for i = 1, #KEYS do
+  local rate, burst, cost = tonumber(ARGV[3*i-2]), tonumber(ARGV[3*i-1]), tonumber(ARGV[3*i])
+  local left = tokens[i] - cost
+  redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', left), 'stamp', now)
+  redis.call('PEXPIRE', KEYS[i], math.max(1, math.ceil((burst - left) / rate * 1000)))
+end
+return {0}
 """
 
 # Lease acquisition.  KEYS[1]: a sorted set of lease ids scored by expiry (ms).
@@ -176,6 +186,18 @@ class RedisLimitsSettings:
     failures_kept: int = 1000
 
 
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """A token bucket to spend from: ``cost`` tokens of bucket ``name``/``key``, which
+    refills at ``rate`` tokens a second up to ``burst``."""
+
+    name: str
+    key: str
+    rate: float
+    burst: float
+    cost: float = 1
+
+
 class Lease:
     """One unit of a concurrency limit, held until `release` or until it expires
     ``lease_ttl`` seconds after the last refresh.  ``lost`` turns true when a refresh
@@ -250,7 +272,7 @@ class RedisLimits:
         self._last_error = ""
         self._ids = itertools.count(1)
         self._held: dict[str, Lease] = {}
-        self._bucket = client.register_script(TOKEN_BUCKET)
+        self._buckets = client.register_script(TOKEN_BUCKETS)
         self._acquire = client.register_script(ACQUIRE)
         self._refresh = client.register_script(REFRESH)
         self._count = client.register_script(COUNT)
@@ -284,15 +306,33 @@ class RedisLimits:
         tokens a second up to ``burst``.  None if they were there (allowed), else the
         seconds until they will be (nothing is spent then).
 
-        Raises `ValueError` unless 0 < rate, 0 < cost <= burst; `SharedLimitsUnavailable`.
+        Raises `ValueError` unless 0 < rate and 0 < cost <= burst;
+        `SharedLimitsUnavailable`.
         """
-        if not (rate > 0 and 0 < cost <= burst):
-            raise ValueError(f"need 0 < rate and 0 < cost <= burst, got {rate}, {cost}, {burst}")
-        allowed, answer = await self._run(
-            "take",
-            lambda: self._bucket(keys=[self.key("tb", name, key)], args=[rate, burst, cost]),
-        )
-        return None if int(allowed) else float(answer)
+        refused = await self.take_all([Bucket(name, key, rate, burst, cost)])
+        return None if refused is None else refused[1]
+
+    async def take_all(self, buckets: Sequence[Bucket]) -> tuple[Bucket, float] | None:
+        """Spend from every bucket of ``buckets`` or from none, in one round trip (say
+        the client's and the user's request rates).  None if all were allowed, else the
+        first bucket short of tokens and the seconds until all will have theirs.
+
+        All keys go to one script: with Redis Cluster they would need one hash slot.
+        Raises `ValueError` for no buckets, the same bucket twice, or a bucket as
+        `take` would;
+        `SharedLimitsUnavailable`.
+        """
+        if not buckets or len({(b.name, b.key) for b in buckets}) < len(buckets):
+            raise ValueError("need one or more distinct buckets")
+        keys, args = [], []
+        for b in buckets:
+            if not (b.rate > 0 and 0 < b.cost <= b.burst):
+                raise ValueError(f"need 0 < rate and 0 < cost <= burst, got {b}")
+            keys.append(self.key("tb", b.name, b.key))
+            args += [b.rate, b.burst, b.cost]
+        reply = await self._run("take", lambda: self._buckets(keys=keys, args=args))
+        refused = int(reply[0])
+        return None if refused == 0 else (buckets[refused - 1], float(reply[1]))
 
     async def acquire(self, name: str, key: str, maximum: int) -> Lease | None:
         """Take one of ``maximum`` leases of ``name``/``key``: a `Lease`, refreshed by

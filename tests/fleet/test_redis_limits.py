@@ -21,6 +21,7 @@ import uvloop
 from tornado.ioloop import IOLoop
 
 from eyewall.shared.redis_limits import (
+    Bucket,
     RedisLimits,
     RedisLimitsSettings,
     SharedLimitsUnavailable,
@@ -89,6 +90,14 @@ def test_bucket_allows_the_burst_then_says_when(settings: RedisLimitsSettings) -
     assert retry is not None and 0 < retry <= 1 / SLOW
 
 
+def test_works_over_a_unix_socket(settings: RedisLimitsSettings, redis_server: RedisServer) -> None:
+    async def body(limits: RedisLimits) -> list[float | None]:
+        return [await limits.take("rps", "unix", rate=SLOW, burst=1) for _ in range(2)]
+
+    allowed, limited = using(settings, body, url=redis_server.unix_url)
+    assert allowed is None and limited is not None
+
+
 def test_buckets_are_per_name_and_key(settings: RedisLimitsSettings) -> None:
     async def body(limits: RedisLimits) -> list[float | None]:
         first = await limits.take("rps", "a", rate=SLOW, burst=1)
@@ -102,6 +111,27 @@ def test_buckets_are_per_name_and_key(settings: RedisLimitsSettings) -> None:
     allowed, again, other_key, other_name = using(settings, body)
     assert (allowed, other_key, other_name) == (None, None, None)
     assert again is not None
+
+
+def test_take_all_spends_from_every_bucket_or_none(settings: RedisLimitsSettings) -> None:
+    client = Bucket("client_rps", "10.0.0.2", rate=SLOW, burst=2)
+    user = Bucket("user_rps", "alice", rate=SLOW, burst=1)
+
+    async def body(limits: RedisLimits) -> None:
+        assert await limits.take_all([client, user]) is None  # client 1 left, user 0
+        refused = await limits.take_all([client, user])
+        assert refused is not None
+        bucket, wait = refused
+        assert bucket == user and 0 < wait <= 1 / SLOW
+        # The refusal spent nothing: the client's last token is still there.
+        assert await limits.take_all([client]) is None
+        assert await limits.take(client.name, client.key, client.rate, client.burst) is not None
+        with pytest.raises(ValueError):
+            await limits.take_all([])
+        with pytest.raises(ValueError):
+            await limits.take_all([client, client])
+
+    using(settings, body)
 
 
 def test_bucket_refills_at_its_rate(settings: RedisLimitsSettings, inspect: redis.Redis) -> None:
