@@ -488,3 +488,37 @@ def test_the_parser_is_pure() -> None:
     assert tornado_modules_after_importing("eyewall.proxyproto") == []
     top = {name.split(".")[0] for name in imported_names("eyewall.proxyproto")}
     assert top <= {"__future__", "dataclasses", "socket", "struct", "typing"}, top
+
+
+def test_public_api_is_pinned() -> None:
+    # A change here is a change for every caller: make it on purpose.
+    assert set(proxyproto.__all__) == {
+        "MAX_HEADER",
+        "MAX_V1_HEADER",
+        "MAX_V2_HEADER",
+        "PP2_TYPE_ALPN",
+        "PP2_TYPE_AUTHORITY",
+        "PP2_TYPE_CRC32C",
+        "PP2_TYPE_NETNS",
+        "PP2_TYPE_NOOP",
+        "PP2_TYPE_SSL",
+        "PP2_TYPE_UNIQUE_ID",
+        "V2_SIGNATURE",
+        "Command",
+        "Family",
+        "ProxyHeader",
+        "ProxyProtocolError",
+        "crc32c",
+        "encode",
+        "looks_like_proxy_header",
+        "parse",
+        "parse_tlvs",
+    }
+    assert [f.name for f in dataclasses.fields(ProxyHeader)] == [
+        "version",
+        "command",
+        "family",
+        "source",
+        "destination",
+        "tlvs",
+    ]

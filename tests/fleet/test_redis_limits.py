@@ -460,3 +460,31 @@ def test_works_on_uvloop(settings: RedisLimitsSettings) -> None:
 def test_works_on_tornado_ioloop(settings: RedisLimitsSettings) -> None:
     # Eyewall's I/O layer: Tornado's IOLoop on asyncio's default loop.
     assert IOLoop(make_current=False).run_sync(_scenario(settings)) == [None, None, 1]
+
+
+def test_public_api_is_pinned() -> None:
+    from eyewall.shared import redis_limits
+
+    assert sorted(redis_limits.__all__) == [
+        "Bucket",
+        "Lease",
+        "RedisLimits",
+        "RedisLimitsSettings",
+        "SharedLimitsUnavailable",
+    ]
+    public = sorted(n for n in vars(RedisLimits) if not n.startswith("_"))
+    assert public == [
+        "acquire",
+        "clear_failures",
+        "close",
+        "count",
+        "failures",
+        "from_settings",
+        "held",
+        "key",
+        "ping",
+        "record_failure",
+        "refresh_leases",
+        "take",
+        "take_all",
+    ]
