@@ -29,6 +29,7 @@ from eyewall.policy.networks import OwnListeners
 from eyewall.policy.state import AdmissionState, LimitsStore
 from eyewall.proxy.client import ClientConnection, render_answer
 from eyewall.proxy.intercept import HandshakeFailed, Interception, accept_tls
+from eyewall.proxy.proxied import ProxyProtocolGate
 from eyewall.proxy.streams import STREAM_BUFFER, BoundedStream, lingering_close
 from eyewall.proxy.timeouts import Watchdog, sweep_interval
 from eyewall.proxy.tunnel import PipePool, Relay
@@ -85,6 +86,8 @@ class Proxy:
         )
         self.watchdog.add(self.pool)
         self.own = OwnListeners()
+        pp = settings.proxy_protocol
+        self.proxy_protocol = ProxyProtocolGate(pp.trusted, pp.header_timeout)
         self.connections: set[ClientConnection] = set()
         self.tunnels: dict[Relay, tuple[Flow, Callable[[], None]]] = {}
         self.stopping = False  # SIGTERM seen: /healthz says 503 (listeners may still serve)
@@ -147,11 +150,17 @@ class Proxy:
             ("tls.listen", tls.listen, server_tls),
         ):
             for endpoint in endpoints:
+                relayed = self._relayed(endpoint)
                 for sock in _bind(endpoint, setting):
                     _defer_accept(sock, self.settings.timeouts.client_header)
 
-                    def accept(s: socket.socket, address: Any, secure: Any = secure) -> None:
-                        self._accept(s, address, secure)
+                    def accept(
+                        s: socket.socket, address: Any, secure: Any = secure, lb: bool = relayed
+                    ) -> None:
+                        if lb and self.proxy_protocol.enabled:
+                            self._spawn(self._serve_relayed(s, address, secure))
+                        else:
+                            self._accept(s, address, secure)
 
                     self._listeners.append((sock, add_accept_handler(sock, accept)))
                     self.addresses.append(sock.getsockname()[:2])
@@ -186,9 +195,33 @@ class Proxy:
 
     def _accept(self, sock: socket.socket, address: Any, secure: ssl.SSLContext | None) -> None:
         stream = BoundedStream(sock, max_buffer_size=STREAM_BUFFER)
-        task = asyncio.ensure_future(self._serve(stream, address, secure))
+        self._spawn(self._serve(stream, address, secure))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _relayed(self, endpoint: Endpoint) -> bool:
+        """Whether connections to ``endpoint`` may come through a load balancer that
+        sends PROXY protocol headers (proxy_protocol.listeners; empty: every listener)."""
+        listeners = self.settings.proxy_protocol.listeners
+        return not listeners or endpoint in listeners
+
+    async def _serve_relayed(
+        self, sock: socket.socket, peer: Any, secure: ssl.SSLContext | None
+    ) -> None:
+        """Serve a connection to a listener that takes PROXY headers from trusted peers
+        (`eyewall.proxy.proxied`): the client is the one the header names."""
+        try:
+            client = await self.proxy_protocol.client_of(sock, (peer[0], peer[1]))
+        except BaseException:
+            sock.close()
+            raise
+        if client is None:
+            sock.close()
+            return
+        await self._serve(BoundedStream(sock, max_buffer_size=STREAM_BUFFER), client, secure)
 
     async def _serve(self, stream: IOStream, address: Any, secure: ssl.SSLContext | None) -> None:
         client = (address[0], address[1])
@@ -293,6 +326,8 @@ class Proxy:
         self.settings = settings
         self.policy = policy
         self.interception.ca = ca
+        pp = settings.proxy_protocol
+        self.proxy_protocol.configure(pp.trusted, pp.header_timeout)
         pool = self.pool
         pool.connect_timeout = settings.timeouts.upstream_connect
         pool.idle_per_origin = settings.pool.idle_per_origin
