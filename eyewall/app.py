@@ -33,6 +33,8 @@ from eyewall.config import (
     parse_endpoint,
     restart_settings,
 )
+from eyewall.fleet import FleetNode
+from eyewall.fleet import problems as fleet_problems
 from eyewall.observe.oplog import DroppingQueueHandler, setup_logging
 from eyewall.policy.auth import Users
 from eyewall.policy.engine import LimitParameters, Policy
@@ -207,6 +209,7 @@ class Loader:
                 errors.extend(e.errors)
         if self.check_paths:
             errors.extend(preflight(settings))
+        errors.extend(fleet_problems(settings))
         if errors:
             raise ConfigError(annotate(errors, self.config, self.overrides))
         assert policy is not None
@@ -255,6 +258,8 @@ class Observers:
             self.bus.subscribe(self.access)
         f = settings.flows
         path = (Path(f.path) if f.path else default_path()) if f.enabled else None
+        if settings.shared_flows.postgresql:
+            path = None  # recorded to PostgreSQL instead (eyewall.fleet)
         self.store = FlowStore(
             path, f.max_count, f.max_age, f.memory, f.memory_bytes, self.writer, f.max_bytes
         )
@@ -367,7 +372,8 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
     except ValueError as e:
         raise SystemExit(f"eyewall: {e}") from None
     addons.lifecycle(Configure(settings))
-    state = AdmissionState()
+    fleet = FleetNode(settings)
+    state = fleet.limits_store(AdmissionState())
     proxy: Proxy
 
     def ca_pem() -> bytes | None:
@@ -396,6 +402,8 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
         publish=observers.bus.publish,
     )
     stats.proxy = proxy
+    fleet.attach(observers, proxy)
+    await fleet.start()
     metrics = observers.metrics
     if metrics is not None:
         metrics.track_drops("log", lambda: log_handler.dropped)
@@ -446,6 +454,7 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
             log.error("reload refused, keeping the current configuration: %s", e)
             return False
         proxy.reload(new.settings, new.policy, new.ca)
+        fleet.reconfigure(new.settings)
         addons.lifecycle(Configure(new.settings))
         log.info("configuration reloaded")
         return True
@@ -503,6 +512,7 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
         log.warning("second signal: closing everything now")
     addon_watch.stop()
     addons.lifecycle(Done())
+    await fleet.stop()
     await observers.stop()
     if settings.pid_file:
         Path(settings.pid_file).unlink(missing_ok=True)

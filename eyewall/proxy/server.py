@@ -26,7 +26,7 @@ from eyewall.errors import ErrorKind, error_answer
 from eyewall.flow import Flow
 from eyewall.policy.engine import Policy
 from eyewall.policy.networks import OwnListeners
-from eyewall.policy.state import AdmissionState, LimitsStore
+from eyewall.policy.state import AdmissionState, LimitsStore, LimitsUnavailable
 from eyewall.proxy.client import ClientConnection, render_answer
 from eyewall.proxy.intercept import HandshakeFailed, Interception, accept_tls
 from eyewall.proxy.proxied import ProxyProtocolGate
@@ -233,11 +233,16 @@ class Proxy:
             log.warning("refused connection from %s: too many connections", client[0])
         else:
             maximum = self.policy.limits.client_connections
-            if not await _done(self.state.acquire("client_connections", client[0], maximum)):
-                refusal = (
-                    ErrorKind.RATE_LIMITED,
-                    f"rate limit client_connections reached for {client[0]}",
-                )
+            try:
+                counted = await _done(self.state.acquire("client_connections", client[0], maximum))
+            except LimitsUnavailable as e:  # a shared store that fails closed
+                refusal = (ErrorKind.OVERLOADED, str(e))
+            else:
+                if not counted:
+                    refusal = (
+                        ErrorKind.RATE_LIMITED,
+                        f"rate limit client_connections reached for {client[0]}",
+                    )
         if refusal is not None:
             await self._refuse(stream, client, *refusal)
             return

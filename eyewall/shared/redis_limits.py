@@ -44,7 +44,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-__all__ = ["Bucket", "Lease", "RedisLimits", "RedisLimitsSettings", "SharedLimitsUnavailable"]
+__all__ = [
+    "Bucket",
+    "Lease",
+    "RedisLimits",
+    "RedisLimitsSettings",
+    "SharedLimitsUnavailable",
+    "Window",
+]
 
 T = TypeVar("T")
 
@@ -151,6 +158,28 @@ local first = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (now - window), '+inf'
 return {count, math.ceil(tonumber(first[2]) + window - now)}
 """
 
+# Lockout over several failure windows.  KEYS[i]: failure sets as FAILURES keeps them.
+# ARGV: window (ms) and allowance for each key in turn.  Returns, as a string, the
+# longest time (ms) until every key has fewer than its allowance of failures in its
+# window, or -1 if none has that many now.  The failure that must leave the window is
+# the allowance-th newest: the (count - allowance)-th oldest, counting from 0.
+LOCKOUT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local wait = -1
+for i = 1, #KEYS do
+  local window, allowance = tonumber(ARGV[2*i-1]), tonumber(ARGV[2*i])
+  local since = '(' .. (now - window)
+  local count = redis.call('ZCOUNT', KEYS[i], since, '+inf')
+  if count >= allowance then
+    local entry = redis.call('ZRANGEBYSCORE', KEYS[i], since, '+inf', 'WITHSCORES',
+      'LIMIT', count - allowance, 1)
+    wait = math.max(wait, tonumber(entry[2]) + window - now)
+  end
+end
+return string.format('%.17g', wait)
+"""
+
 
 class SharedLimitsUnavailable(Exception):
     """Redis did not answer in time, could not be reached, or refused the command.
@@ -196,6 +225,17 @@ class Bucket:
     rate: float
     burst: float
     cost: float = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Failures of ``name``/``key`` counted over the last ``window`` seconds: with
+    ``allowance`` of them in it, the key is locked out until enough leave (`lockout`)."""
+
+    name: str
+    key: str
+    window: float
+    allowance: int
 
 
 class Lease:
@@ -277,6 +317,7 @@ class RedisLimits:
         self._refresh = client.register_script(REFRESH)
         self._count = client.register_script(COUNT)
         self._failures = client.register_script(FAILURES)
+        self._lockout = client.register_script(LOCKOUT)
 
     @classmethod
     def from_settings(
@@ -405,6 +446,48 @@ class RedisLimits:
         Raises `ValueError` if ``window`` <= 0; `SharedLimitsUnavailable`.
         """
         return await self._failures_call(name, key, window, "")
+
+    async def lockout(self, windows: Sequence[Window]) -> float | None:
+        """Seconds until every window of ``windows`` holds fewer failures than its
+        allowance (the longest wait), or None if none is at its allowance: whether a
+        login may be tried, for a source and a user name in one round trip.
+
+        Raises `ValueError` for no windows, a window <= 0 or an allowance < 1;
+        `SharedLimitsUnavailable`.
+        """
+        keys, args = self._windows(windows)
+        reply = await self._run("lockout", lambda: self._lockout(keys=keys, args=args))
+        wait = float(reply)
+        return None if wait < 0 else wait / 1000
+
+    async def record_failures(self, windows: Sequence[Window]) -> None:
+        """Count one failure in each of ``windows``, in one round trip (pipelined).
+
+        Raises `ValueError` as `lockout`; `SharedLimitsUnavailable`.
+        """
+        keys, args = self._windows(windows)
+        kept = self.settings.failures_kept
+
+        async def batch() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for i, key in enumerate(keys):
+                    token = secrets.token_hex(8)
+                    await self._failures(keys=[key], args=[args[2 * i], token, kept], client=pipe)
+                return await pipe.execute()
+
+        await self._run("record_failures", batch)
+
+    def _windows(self, windows: Sequence[Window]) -> tuple[list[str], list[float]]:
+        if not windows:
+            raise ValueError("need one or more windows")
+        keys: list[str] = []
+        args: list[float] = []
+        for w in windows:
+            if w.window <= 0 or w.allowance < 1:
+                raise ValueError(f"need 0 < window and 1 <= allowance, got {w}")
+            keys.append(self.key("fail", w.name, w.key))
+            args += [w.window * 1000, w.allowance]
+        return keys, args
 
     async def clear_failures(self, name: str, key: str) -> None:
         """Forget the failures of ``name``/``key`` (after a successful login, say).

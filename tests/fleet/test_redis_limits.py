@@ -25,6 +25,7 @@ from eyewall.shared.redis_limits import (
     RedisLimits,
     RedisLimitsSettings,
     SharedLimitsUnavailable,
+    Window,
 )
 from tests.services import RedisServer, wait_for
 
@@ -325,6 +326,48 @@ def test_failures_kept_per_key_are_bounded(settings: RedisLimitsSettings) -> Non
     assert using(settings, body, failures_kept=5) == 5
 
 
+def test_lockout_over_a_source_and_a_user_in_one_call(
+    settings: RedisLimitsSettings, inspect: redis.Redis
+) -> None:
+    source = Window("login_source", "10.0.0.9", 60, 3)
+    user = Window("login_user", "alice", 60, 5)
+
+    async def body(limits: RedisLimits) -> list[float | None]:
+        waits = [await limits.lockout([source, user])]
+        for _ in range(3):
+            await limits.record_failures([source, user])
+            waits.append(await limits.lockout([source, user]))
+        waits.append(await limits.lockout([user]))
+        return waits
+
+    waits = using(settings, body)
+    # Three failures lock the source out (for up to the window), not yet the user.
+    assert waits[:3] == [None, None, None]
+    assert waits[3] is not None and 59 < waits[3] <= 60
+    assert waits[4] is None
+    # The lockout lasts until the allowance-th newest failure leaves the window: with a
+    # fourth failure, moving the oldest back 50 s changes nothing; the second does.
+    using(settings, lambda limits: limits.record_failures([source]))
+    key = f"{settings.prefix}:fail:login_source:10.0.0.9"
+    oldest, second, *_ = inspect.zrange(key, 0, -1, withscores=True)
+
+    def lockout() -> float | None:
+        return using(settings, lambda limits: limits.lockout([source]))
+
+    inspect.zadd(key, {oldest[0]: oldest[1] - 50_000}, xx=True)
+    wait = lockout()
+    assert wait is not None and 59 < wait <= 60
+    inspect.zadd(key, {second[0]: second[1] - 50_000}, xx=True)
+    wait = lockout()
+    assert wait is not None and 9 < wait <= 10
+
+
+def test_lockout_refuses_nonsense(settings: RedisLimitsSettings) -> None:
+    for windows in ([], [Window("a", "b", 0, 1)], [Window("a", "b", 1, 0)]):
+        with pytest.raises(ValueError):
+            using(settings, lambda limits, w=windows: limits.lockout(w))
+
+
 # -- when Redis cannot answer ------------------------------------------------------------------
 
 
@@ -471,6 +514,7 @@ def test_public_api_is_pinned() -> None:
         "RedisLimits",
         "RedisLimitsSettings",
         "SharedLimitsUnavailable",
+        "Window",
     ]
     public = sorted(n for n in vars(RedisLimits) if not n.startswith("_"))
     assert public == [
@@ -482,8 +526,10 @@ def test_public_api_is_pinned() -> None:
         "from_settings",
         "held",
         "key",
+        "lockout",
         "ping",
         "record_failure",
+        "record_failures",
         "refresh_leases",
         "take",
         "take_all",
