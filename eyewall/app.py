@@ -403,7 +403,6 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
     )
     stats.proxy = proxy
     fleet.attach(observers, proxy)
-    await fleet.start()
     metrics = observers.metrics
     if metrics is not None:
         metrics.track_drops("log", lambda: log_handler.dropped)
@@ -494,6 +493,7 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
     # drains instead of killing the process.
     print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
     notify(f"READY=1\nSTATUS=listening on {shown}")
+    await fleet.start()  # after the ready lines: it may log (whether Redis answers)
     await stop.wait()
     watcher.stop()
     notify("STOPPING=1")

@@ -74,6 +74,8 @@ def settings_for(url: str, **changes: Any) -> RedisLimitsSettings:
         "url": url,
         "prefix": f"t{secrets.token_hex(4)}",
         "down_for": 0.0,  # try Redis on every call: recovery shows at once
+        "connect_timeout": 5.0,  # a loaded machine is no Redis down (it is refused here)
+        "command_timeout": 5.0,
         **changes,
     }
     return RedisLimitsSettings(**values)
