@@ -26,7 +26,6 @@ the time and loop CPU of writing batches of 1,000 with COPY, hence flows/s.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import socket
