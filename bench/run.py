@@ -4,6 +4,7 @@
     python bench/run.py --quick              # smoke run (about 3 min)
     python bench/run.py --only small_requests,ttfb --peers eyewall,squid
     python bench/run.py --only policy_cost,observability_cost,intercept --peers eyewall,mitmproxy
+    python bench/run.py --eyewall-baseline ../eyewall-old   # + eyewall-baseline (before/after)
 
 The proxy under test is pinned to --proxy-cpu, origins and load generators
 to --load-cpu. Results go to bench/results/<date>[-quick].md and .json.
@@ -35,6 +36,7 @@ from processes import free_port, install_cleanup_handlers, stop_all
 from report import DIRECT, format_number, write_results
 from scenarios import SCENARIO_KEYS, SCENARIOS, Scenario
 from systems import (
+    EYEWALL_BASELINE,
     PEER_NAMES,
     REPO_DIR,
     ProxySystem,
@@ -62,6 +64,15 @@ def parse_args() -> argparse.Namespace:
         default=os.environ.get("EYEWALL_BENCH_MITMDUMP") or shutil.which("mitmdump"),
         help="mitmdump executable (default: $EYEWALL_BENCH_MITMDUMP or PATH)",
     )
+    parser.add_argument(
+        "--eyewall-baseline",
+        metavar="DIR",
+        type=Path,
+        default=os.environ.get("EYEWALL_BENCH_BASELINE") or None,
+        help=f"another Eyewall checkout with its own .venv (e.g. a git worktree of an older "
+        f"commit): adds the system {EYEWALL_BASELINE}, started like eyewall but from DIR "
+        "(default: $EYEWALL_BENCH_BASELINE)",
+    )
     parser.add_argument("--proxy-cpu", type=int, default=0)
     parser.add_argument("--load-cpu", type=int, default=1)
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
@@ -82,6 +93,12 @@ def parse_args() -> argparse.Namespace:
         unknown = set(args.peers) - set(PEER_NAMES)
         if unknown:
             parser.error(f"unknown peer(s) {sorted(unknown)}; choose from {PEER_NAMES}")
+    if args.eyewall_baseline is not None:
+        args.eyewall_baseline = Path(args.eyewall_baseline).expanduser().resolve()
+        if not (args.eyewall_baseline / "eyewall").is_dir():
+            parser.error(f"--eyewall-baseline: no eyewall/ package in {args.eyewall_baseline}")
+        if not (args.eyewall_baseline / ".venv" / "bin" / "python").exists():
+            parser.error(f"--eyewall-baseline: no .venv/bin/python in {args.eyewall_baseline}")
     return args
 
 
@@ -263,7 +280,7 @@ def main() -> int:
     }
     proxy_cpu, load_cpu = choose_cpus(args, run["notes"])
     fd_limit = raise_fd_limit()
-    systems = make_systems(args.peers, args.mitmdump)
+    systems = make_systems(args.peers, args.mitmdump, args.eyewall_baseline)
     run["machine"] = machine_info(fd_limit)
     run["versions"] = tool_versions(systems)
     run["settings"] = dataclasses.asdict(settings)
@@ -313,13 +330,16 @@ def main() -> int:
     collect_notes(run, used)
     stem = run["date"] + ("-quick" if args.quick else "")
     paths = {str(workdir): "$WORKDIR", str(workdir.resolve()): "$WORKDIR"}
+    checkouts = [str(REPO_DIR)]
+    if args.eyewall_baseline is not None:
+        paths[str(args.eyewall_baseline)] = "$EYEWALL_BASELINE"
+        checkouts.append(str(args.eyewall_baseline))
     for system in used:
         executable = system.executable or ""
-        if os.path.isabs(executable) and not executable.startswith(str(REPO_DIR)):
+        if os.path.isabs(executable) and not executable.startswith(tuple(checkouts)):
             paths[executable] = Path(executable).name
-    markdown, raw = write_results(
-        args.output_dir, stem, run, [s.as_table_spec() for s in SCENARIOS], paths
-    )
+    specs = [s.as_table_spec(args.eyewall_baseline is not None) for s in SCENARIOS]
+    markdown, raw = write_results(args.output_dir, stem, run, specs, paths)
     print(f"wrote {markdown} and {raw} in {run['elapsed_s']}s", flush=True)
     return 0
 

@@ -12,7 +12,7 @@ import tls_load
 import tunnel_load
 from bench_context import BenchContext, Settings, Target
 from report import DIRECT, Column
-from systems import ProxySystem
+from systems import EYEWALL_BASELINE, ProxySystem
 
 
 @dataclass(frozen=True)
@@ -32,15 +32,20 @@ class Scenario:
     systems: Callable[[BenchContext, list[ProxySystem]], list[ProxySystem]] | None = None
     # Ratio columns ("x NAME") are computed against these systems' rows.
     baselines: tuple[str, ...] = (DIRECT,)
+    # With --eyewall-baseline, one more ratio column against this row (None: no
+    # baseline Eyewall runs in this scenario).
+    eyewall_baseline_row: str | None = EYEWALL_BASELINE
 
-    def as_table_spec(self) -> dict:
+    def as_table_spec(self, eyewall_baseline: bool = False) -> dict:
+        row = self.eyewall_baseline_row
+        extra = (row,) if eyewall_baseline and row else ()
         return {
             "key": self.key,
             "title": self.title,
             "description": self.description,
             "columns": self.columns,
             "variant_header": self.variant_header,
-            "baselines": self.baselines,
+            "baselines": self.baselines + extra,
         }
 
 
@@ -188,6 +193,7 @@ SCENARIOS += [
         includes_direct=False,
         systems=system_variants.policy_systems,
         baselines=("eyewall-no-policy",),
+        eyewall_baseline_row=None,
     ),
     Scenario(
         key="observability_cost",
@@ -196,7 +202,9 @@ SCENARIOS += [
             "Scenario 1's wrk load through Eyewall with observability off (`--access-log off "
             "--no-flows --admin-listen off`) and on, as a user gets it by default (JSON access "
             "log to a file, flows recorded to a SQLite file, admin listener with metrics on "
-            "127.0.0.1:0). Target: ratio on/off >= 0.85."
+            "127.0.0.1:0). Target: ratio on/off >= 0.85. With --eyewall-baseline the same "
+            "pair runs from the baseline checkout (`eyewall-baseline-obs-off/on`); its on/off "
+            "ratio is the `x eyewall-baseline-obs-off` column."
         ),
         variants=lambda settings: list(settings.wrk_connections[:2]),
         measure=http_load.small_requests,
@@ -205,6 +213,7 @@ SCENARIOS += [
         includes_direct=False,
         systems=system_variants.observability_systems,
         baselines=("eyewall-obs-off",),
+        eyewall_baseline_row=f"{EYEWALL_BASELINE}-obs-off",
     ),
     Scenario(
         key="intercept",
@@ -233,6 +242,7 @@ SCENARIOS += [
         prepare=system_variants.prepare_tls_origin,
         systems=system_variants.intercept_systems,
         baselines=(DIRECT, "mitmproxy-intercept"),
+        eyewall_baseline_row=None,
     ),
 ]
 

@@ -1,8 +1,9 @@
 """Systems of the scenarios that compare configurations rather than peers:
 Eyewall with 100 rules and Basic authentication (policy_cost), Eyewall with
-observability off/on (observability_cost), and Eyewall and mitmproxy
-intercepting TLS (intercept). Each scenario's factory picks them from the
---peers list (no eyewall there: no eyewall variants)."""
+observability off/on (observability_cost; also eyewall-baseline when given),
+and Eyewall and mitmproxy intercepting TLS (intercept). Each scenario's
+factory picks them from the --peers list (no eyewall there: no eyewall
+variants)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from bench_context import BenchContext
 from processes import ManagedProcess, run_command
-from systems import EYEWALL_CONFIG, Eyewall, Mitmproxy, ProxySystem
+from systems import EYEWALL_BASELINE, EYEWALL_CONFIG, Eyewall, Mitmproxy, ProxySystem
 from tls_origin import TLS_HOST, start_tls_origin
 
 POLICY_USER, POLICY_PASSWORD = "bench", "pw"
@@ -191,9 +192,15 @@ def policy_systems(_ctx: BenchContext, peers: list[ProxySystem]) -> list[ProxySy
 
 
 def observability_systems(_ctx: BenchContext, peers: list[ProxySystem]) -> list[ProxySystem]:
-    if not has_eyewall(peers):
-        return []
-    return [Eyewall("eyewall-obs-off", observability=False), Eyewall("eyewall-obs-on")]
+    """Off and on for eyewall, and for eyewall-baseline when it runs."""
+    systems: list[ProxySystem] = []
+    for peer in peers:
+        if isinstance(peer, Eyewall) and peer.name in ("eyewall", EYEWALL_BASELINE):
+            systems += [
+                Eyewall(f"{peer.name}-obs-off", observability=False, checkout=peer.checkout),
+                Eyewall(f"{peer.name}-obs-on", checkout=peer.checkout),
+            ]
+    return systems
 
 
 def prepare_tls_origin(ctx: BenchContext) -> None:

@@ -24,6 +24,7 @@ from processes import ManagedProcess, child_environment, pinned
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 EYEWALL_CONFIG = BENCH_DIR / "eyewall-bench.toml"
+EYEWALL_BASELINE = "eyewall-baseline"  # Eyewall from another checkout (--eyewall-baseline)
 MAX_TUNNEL_CLIENTS = 6000
 FD_LIMIT = 20000
 
@@ -40,10 +41,10 @@ def venv_tool(name: str) -> str | None:
     return str(candidate) if candidate.exists() else shutil.which(name)
 
 
-def first_line_of(command: list[str]) -> str:
+def first_line_of(command: list[str], cwd: Path | None = None) -> str:
     try:
         result = subprocess.run(
-            command, capture_output=True, text=True, timeout=30, env=child_environment()
+            command, capture_output=True, text=True, timeout=30, env=child_environment(), cwd=cwd
         )
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"unavailable ({error})"
@@ -64,6 +65,7 @@ class ProxySystem:
     # CA of the certificates an intercepting proxy mints (set by command/start).
     proxy_authorization: str | None = field(default=None, init=False)
     proxy_ca: Path | None = field(default=None, init=False)
+    cwd: Path = field(default=REPO_DIR, init=False)  # where the proxy is started
 
     def unavailable_reason(self) -> str | None:
         return None if self.executable else f"{self.name}: executable not found"
@@ -80,7 +82,7 @@ class ProxySystem:
         command = pinned(self.command(workdir, port), cpu)
         self.last_command = command
         process = ManagedProcess(
-            self.name, command, workdir / f"{self.name}.stderr.log", cwd=REPO_DIR
+            self.name, command, workdir / f"{self.name}.stderr.log", cwd=self.cwd
         )
         try:
             process.wait_for_port(port)
@@ -92,11 +94,32 @@ class ProxySystem:
 
 class Eyewall(ProxySystem):
     """Eyewall from the repository, with the observability a user gets by
-    default (`observability=False`: access log, flows and admin listener off)."""
+    default (`observability=False`: access log, flows and admin listener off).
 
-    def __init__(self, name: str = "eyewall", observability: bool = True) -> None:
-        super().__init__(name, venv_tool("python") or sys.executable)
+    `checkout` is another Eyewall checkout with its own `.venv` (the
+    `eyewall-baseline` systems): the same command line and config, run with
+    that checkout's Python and from that directory, so `-m eyewall` imports
+    its package, not this repository's."""
+
+    def __init__(
+        self, name: str = "eyewall", observability: bool = True, checkout: Path = REPO_DIR
+    ) -> None:
+        if checkout == REPO_DIR:
+            python: str | None = venv_tool("python") or sys.executable
+        else:
+            candidate = checkout / ".venv" / "bin" / "python"
+            python = str(candidate) if candidate.exists() else None
+        super().__init__(name, python)
         self.observability = observability
+        self.checkout = checkout
+        self.cwd = checkout
+        if name == EYEWALL_BASELINE:
+            self.notes.append(
+                f"{EYEWALL_BASELINE}: Eyewall from another checkout "
+                "(`--eyewall-baseline $EYEWALL_BASELINE`) with its own .venv, started with "
+                "exactly eyewall's command line and bench/eyewall-bench.toml, from that "
+                "directory; the same rows in scenarios 1-6 and 8 (`eyewall-baseline-obs-off/on`)."
+            )
         if name == "eyewall":
             self.notes.append(
                 "eyewall: run with the defaults a user gets: JSON access log to a file "
@@ -107,15 +130,19 @@ class Eyewall(ProxySystem):
             )
 
     def unavailable_reason(self) -> str | None:
-        if not (REPO_DIR / "eyewall").is_dir():
-            return "eyewall: package directory eyewall/ not found in the repository"
+        if not (self.checkout / "eyewall").is_dir():
+            return f"{self.name}: package directory eyewall/ not found in {self.checkout}"
+        if self.executable is None:
+            return f"{self.name}: {self.checkout}/.venv/bin/python not found"
         return None
 
     def version(self) -> str:
         python = self.executable or sys.executable
-        eyewall = first_line_of([python, "-m", "eyewall", "--version"])
-        tornado = first_line_of([python, "-c", "import tornado; print(tornado.version)"])
-        git = ["git", "-C", str(REPO_DIR), "describe", "--always", "--dirty"]
+        eyewall = first_line_of([python, "-m", "eyewall", "--version"], cwd=self.checkout)
+        tornado = first_line_of(
+            [python, "-c", "import tornado; print(tornado.version)"], cwd=self.checkout
+        )
+        git = ["git", "-C", str(self.checkout), "describe", "--always", "--dirty"]
         return f"{eyewall} (tornado {tornado}; git {first_line_of(git)})"
 
     def eyewall_command(self, *args: str) -> list[str]:
@@ -296,8 +323,11 @@ class Mitmproxy(ProxySystem):
 PEER_NAMES = ("eyewall", "tinyproxy", "proxypy", "squid", "mitmproxy")
 
 
-def make_systems(names: list[str], mitmdump: str | None) -> list[ProxySystem]:
-    """Build the requested proxies, in the requested order."""
+def make_systems(
+    names: list[str], mitmdump: str | None, eyewall_baseline: Path | None = None
+) -> list[ProxySystem]:
+    """Build the requested proxies, in the requested order; with a baseline
+    checkout, `eyewall-baseline` right after `eyewall` (or first)."""
     factories = {
         "eyewall": Eyewall,
         "tinyproxy": Tinyproxy,
@@ -305,7 +335,11 @@ def make_systems(names: list[str], mitmdump: str | None) -> list[ProxySystem]:
         "squid": Squid,
         "mitmproxy": lambda: Mitmproxy(mitmdump),
     }
-    return [factories[name]() for name in names]
+    systems = [factories[name]() for name in names]
+    if eyewall_baseline is not None:
+        at = names.index("eyewall") + 1 if "eyewall" in names else 0
+        systems.insert(at, Eyewall(EYEWALL_BASELINE, checkout=eyewall_baseline))
+    return systems
 
 
 def nginx_executable() -> str | None:

@@ -261,7 +261,14 @@ class Observers:
         if settings.shared_flows.postgresql:
             path = None  # recorded to PostgreSQL instead (eyewall.fleet)
         self.store = FlowStore(
-            path, f.max_count, f.max_age, f.memory, f.memory_bytes, self.writer, f.max_bytes
+            path,
+            f.max_count,
+            f.max_age,
+            f.memory,
+            f.memory_bytes,
+            self.writer,
+            f.max_bytes,
+            f.credentials,
         )
         self.bus.subscribe(self.store)
         self.metrics: Metrics | None = None
@@ -324,6 +331,8 @@ class Observers:
             self.admin.token = new.admin.token
 
     async def stop(self) -> None:
+        """Stop the admin listener, then flush and close the flow store, access log and writer
+        thread, in that order."""
         if self.admin is not None:
             await self.admin.stop()
         self.store.close()
@@ -406,6 +415,7 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
     metrics = observers.metrics
     if metrics is not None:
         metrics.track_drops("log", lambda: log_handler.dropped)
+        metrics.login_checks = lambda: proxy.verifier.checks
     try:
         addresses = proxy.start_listening()
         if observers.admin is not None:
@@ -534,6 +544,10 @@ def run(loader: Loader) -> int:
     # Start-up objects are frozen out of collection altogether.
     gc.set_threshold(50_000, 50, 100)
     gc.freeze()
+    # The observers' writer thread holds the GIL while it builds rows; the event loop,
+    # wanting it back, waits up to the switch interval (5 ms by default): a visible
+    # share of the tail latency (bench/results/2026-11-30-loop-stalls.md).
+    sys.setswitchinterval(0.001)
     try:
         run_loop(serve(loader, loaded, handler), loaded.settings.event_loop)
     except KeyboardInterrupt:

@@ -68,6 +68,8 @@ def overrides_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> d
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``eyewall`` argument parser: the run options (one per setting, see
+    `eyewall.config.iter_settings`) and the subcommands."""
     parser = argparse.ArgumentParser(
         prog="eyewall",
         description="An asynchronous HTTP/HTTPS forward proxy. Without a command, runs the"
@@ -162,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_config(files: Sequence[str], check_paths: bool = True) -> int:
+    """Load each file as a start-up would (settings, policy, files it names unless
+    ``check_paths`` is false); print every error. Returns the exit status: 0 when all are
+    valid, 2 otherwise."""
     from eyewall.app import Loader
 
     status = 0
@@ -179,6 +184,8 @@ def check_config(files: Sequence[str], check_paths: bool = True) -> int:
 
 
 def reload_command(args: argparse.Namespace) -> int:
+    """``eyewall reload``: send SIGHUP to the process in the pid file (from ``--pid-file`` or
+    the config). Returns the exit status: 0 sent, 1 no such process, 2 usage or config error."""
     pid_file = args.pid_file
     if pid_file is None and args.config:
         try:
@@ -200,6 +207,8 @@ def reload_command(args: argparse.Namespace) -> int:
 
 
 def har_command(args: argparse.Namespace) -> int:
+    """``eyewall har export``: write recorded flows as HAR 1.2 JSON to stdout or ``--output``.
+    Returns the exit status (0 written, 1 no flow store, 2 usage error)."""
     import json
 
     from eyewall.observe.har import har
@@ -277,6 +286,8 @@ Trust this CA only on machines whose traffic you mean to inspect:
 
 
 def ca_command(args: argparse.Namespace) -> int:
+    """``eyewall ca init|export``: create the interception CA (key file mode 0600) or print its
+    certificate. Returns the exit status."""
     from eyewall.tls.ca import CertificateAuthority, default_ca_dir
 
     directory = args.ca_dir

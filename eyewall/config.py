@@ -91,6 +91,9 @@ def setting(
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
+    """A listening address: ``host`` (an IP literal or name, IPv6 without brackets) and
+    ``port``."""
+
     host: str
     port: int
 
@@ -99,6 +102,7 @@ class Endpoint:
 
     @property
     def is_loopback(self) -> bool:
+        """Whether the host is a loopback address (127.0.0.0/8, ::1) or ``localhost``."""
         try:
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
@@ -130,6 +134,9 @@ def parse_endpoint(text: str) -> Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
+    """The ``timeouts.*`` settings: seconds each phase of a connection may last (see
+    docs/design.md, "Time limits")."""
+
     client_header: float = setting(
         10.0,
         "A client has this long to send a whole request head, counted from its first byte"
@@ -203,6 +210,9 @@ class Timeouts:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """The ``limits.*`` settings: sizes (bytes) and counts that bound what one client can make
+    the proxy hold."""
+
     max_header_size: int = setting(
         65536,
         "Request line plus header section; a larger request head is answered with 431"
@@ -229,6 +239,8 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class Pool:
+    """The ``pool.*`` settings: upstream keep-alive connections kept for reuse."""
+
     idle_per_origin: int = setting(
         256,
         "Idle keep-alive connections kept per origin (scheme, host, port); enough for"
@@ -267,6 +279,9 @@ def _ports(values: Any) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Access:
+    """The ``access.*`` settings: which clients may connect and which destinations they may
+    reach."""
+
     allow_clients: tuple[str, ...] = setting(
         (),
         "Client networks (CIDR) that may use the proxy; others get 403. Empty means"
@@ -297,6 +312,9 @@ class Access:
 
 @dataclass(frozen=True, slots=True)
 class Auth:
+    """The ``auth.*`` settings: proxy authentication (RFC 9110 §11.7, Basic) and its brute-force
+    throttle."""
+
     htpasswd: str = setting(
         "",
         "htpasswd file of user:bcrypt-hash lines. Any user (here or in auth.users) turns"
@@ -323,6 +341,9 @@ class Auth:
 
 @dataclass(frozen=True, slots=True)
 class RateLimits:
+    """The ``rate_limits.*`` settings: per-client and per-user request rates and concurrent
+    tunnels."""
+
     client_rps: float = setting(
         0.0,
         "Requests per second per client address (token bucket); 0: no limit. Beyond it:"
@@ -373,6 +394,9 @@ def _listen_or_off(value: Any) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Admin:
+    """The ``admin.*`` settings: the admin listener (metrics, health, dashboard, flows API) and
+    its token."""
+
     listen: str = setting(
         "127.0.0.1:8480",
         'Admin listener (metrics, health, dashboard, flows API), or "off". Anywhere but'
@@ -391,6 +415,8 @@ class Admin:
 
 @dataclass(frozen=True, slots=True)
 class Flows:
+    """The ``flows.*`` settings: flow recording (where, how much body, how long kept)."""
+
     enabled: bool = setting(
         True,
         "Record flows (heads, timings, sizes, decisions) to flows.path; --no-flows turns"
@@ -405,6 +431,12 @@ class Flows:
         flag="--flows",
         path=True,
         restart=True,
+    )
+    credentials: bool = setting(
+        False,
+        "Record the values of Authorization, Cookie and Set-Cookie fields; off: they are"
+        " recorded as [redacted] (Proxy-Authorization always is).",
+        flag="--flows-credentials",
     )
     body_limit: int = setting(
         0,
@@ -450,6 +482,8 @@ class Flows:
 
 @dataclass(frozen=True, slots=True)
 class Tls:
+    """The ``tls.*`` settings: HTTPS proxy listeners and opt-in TLS interception."""
+
     listen: tuple[Endpoint, ...] = setting(
         (),
         "Addresses of HTTPS proxy listeners: clients speak TLS to the proxy itself"
@@ -535,6 +569,9 @@ def _one_of(*choices: str) -> Check:
 
 @dataclass(frozen=True, slots=True)
 class Fleet:
+    """The ``fleet.*`` settings: this node among several behind a load balancer
+    (docs/fleet.md)."""
+
     node: str = setting(
         "",
         "This node's name: the node label of eyewall_node_info, /healthz, and the node"
@@ -547,6 +584,10 @@ class Fleet:
 
 @dataclass(frozen=True, slots=True)
 class ProxyProtocol:
+    """The ``proxy_protocol.*`` settings: which peers must begin their connections with
+    a PROXY protocol header (HAProxy's specification, versions 1 and 2), and how long
+    they have for it."""
+
     trusted: tuple[str, ...] = setting(
         (),
         "Load balancer networks (CIDR) whose connections must start with a PROXY"
@@ -575,6 +616,9 @@ class ProxyProtocol:
 
 @dataclass(frozen=True, slots=True)
 class SharedLimits:
+    """The ``shared_limits.*`` settings: the limits kept in Redis for every node of a
+    fleet, the bounds on waiting for it, and what decides while it does not answer."""
+
     redis: str = setting(
         "",
         "Redis URL (redis://HOST:PORT/DB, rediss:// for TLS, unix:///PATH?db=DB) where"
@@ -636,6 +680,9 @@ class SharedLimits:
 
 @dataclass(frozen=True, slots=True)
 class SharedFlows:
+    """The ``shared_flows.*`` settings: flows of every node recorded to one PostgreSQL
+    database, and the bounds on waiting for it (retention is ``flows.*``)."""
+
     postgresql: str = setting(
         "",
         "PostgreSQL URL (postgresql://USER@HOST:PORT/DB; the password from PGPASSFILE or"
@@ -675,6 +722,10 @@ class SharedFlows:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """Every setting, with its default, help text, command-line flag and check; built by
+    `load_settings` from embedded defaults, a TOML file and flags, in that order of
+    precedence (last wins)."""
+
     listen: tuple[Endpoint, ...] = setting(
         (Endpoint("127.0.0.1", 8080),),
         "Addresses the proxy listens on (repeat the flag for several; IPv6 as [::1]:8080).",
@@ -1061,6 +1112,8 @@ class SettingInfo:
 
 
 def iter_settings(cls: Any = Settings, prefix: str = "") -> Iterator[SettingInfo]:
+    """Every leaf setting of ``cls`` (default: `Settings`) as a `SettingInfo`, with dotted names
+    (``timeouts.client_header``), in declaration order."""
     for f in dataclasses.fields(cls):
         if f.default_factory is not dataclasses.MISSING:
             yield from iter_settings(f.default_factory, f"{prefix}{f.name}.")

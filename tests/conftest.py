@@ -66,7 +66,8 @@ class ProxyProcess:
                 if line.startswith("eyewall admin on "):
                     self.admin_url = line.split(" on ", 1)[1].strip()
                 if " listening on " in line:
-                    return int(line.rsplit(":", 1)[1].split(",")[0])
+                    self.listening = line.split(" listening on ", 1)[1].split(", ")
+                    return int(self.listening[0].rsplit(":", 1)[1])
             if self.process.poll() is not None:
                 raise RuntimeError(f"proxy exited at start:\n{text}")
             time.sleep(0.02)

@@ -40,8 +40,16 @@ SCMP_CMP_MASKED_EQ = 7
 PROT_WRITE, PROT_EXEC = 0x2, 0x4
 SHM_EXEC = 0o100000
 S_ISUID_GID = 0o6000
-NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000,
-                   0x20000000, 0x40000000, 0x00000080)  # fmt: skip
+NAMESPACE_FLAGS = (
+    0x00020000,
+    0x02000000,
+    0x04000000,
+    0x08000000,
+    0x10000000,
+    0x20000000,
+    0x40000000,
+    0x00000080,
+)
 PER_LINUX = 0
 
 
@@ -65,9 +73,12 @@ class Filter:
         self.lib.seccomp_init.restype = ctypes.c_void_p
         self.lib.seccomp_init.argtypes = [ctypes.c_uint32]
         self.lib.seccomp_rule_add_array.argtypes = [
-            ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_uint32,
+            ctypes.c_int,
+            ctypes.c_uint,
             ctypes.POINTER(ArgCmp),
-        ]  # fmt: skip
+        ]
         self.lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
         self.lib.seccomp_load.argtypes = [ctypes.c_void_p]
         self.lib.seccomp_release.argtypes = [ctypes.c_void_p]

@@ -43,10 +43,21 @@ def test_every_hook_is_exported_with_its_method_name():
     assert set(hooks.HOOKS.values()) <= exported
     names = {h.name for h in hooks.HOOKS.values()}
     assert names == {
-        "load", "configure", "running", "done", "client_connected", "client_disconnected",
-        "http_connect", "requestheaders", "request", "responseheaders", "response", "error",
-        "tunnel_start", "tunnel_end",
-    }  # fmt: off
+        "load",
+        "configure",
+        "running",
+        "done",
+        "client_connected",
+        "client_disconnected",
+        "http_connect",
+        "requestheaders",
+        "request",
+        "responseheaders",
+        "response",
+        "error",
+        "tunnel_start",
+        "tunnel_end",
+    }
 
 
 def test_hooks_are_dataclasses_carrying_their_arguments():

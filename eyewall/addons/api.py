@@ -15,6 +15,8 @@ __all__ = ["Client", "HTTPFlow", "Request", "Response"]
 
 @dataclass(frozen=True)
 class Client:
+    """The client side of a flow: ``address`` is its (IP, port) as the proxy saw it."""
+
     address: tuple[str, int]
 
 
@@ -36,6 +38,7 @@ class Request:
 
     @property
     def method(self) -> str:
+        """The request method (RFC 9110 §9), e.g. ``GET``; settable to another token."""
         return self._head.method
 
     @method.setter
@@ -45,6 +48,8 @@ class Request:
 
     @property
     def path(self) -> str:
+        """The path and query of the request-target, e.g. ``/a?b=1``; settable (must start with
+        ``/``, no controls or spaces)."""
         return self._target.path
 
     @path.setter
@@ -56,10 +61,12 @@ class Request:
 
     @property
     def url(self) -> str:
+        """The absolute URL the request goes to (scheme, authority, path and query)."""
         return self._target.url()
 
     @property
     def target(self) -> Target:
+        """The parsed request-target (`eyewall.http1.fields.Target`); read-only."""
         return self._target
 
     def buffer(self, max_bytes: int) -> None:
@@ -68,6 +75,9 @@ class Request:
 
 
 class Response:
+    """The response as the client will receive it; hooks may change status, reason, fields and
+    (when buffered) the body."""
+
     def __init__(self, head: ResponseHead) -> None:
         self._head = head
         self.body: bytes | None = None
@@ -79,6 +89,7 @@ class Response:
 
     @property
     def status(self) -> int:
+        """The status code (RFC 9110 §15); settable to 100..599, else ValueError."""
         return self._head.status
 
     @status.setter
@@ -89,6 +100,7 @@ class Response:
 
     @property
     def reason(self) -> str:
+        """The reason phrase; settable (no CR or LF, else ValueError)."""
         return self._head.reason
 
     @reason.setter
@@ -104,6 +116,9 @@ class Response:
 
 @dataclass
 class Answer:
+    """A response an addon gives instead of the origin's: status, field lines (name, value) and
+    a whole body."""
+
     status: int
     headers: list[tuple[str, str]]
     body: bytes
@@ -111,6 +126,9 @@ class Answer:
 
 @dataclass(eq=False)
 class HTTPFlow:
+    """What hooks see of one exchange: the ``request``, the ``response`` once there is one, a
+    ``metadata`` dict for the addon's own use, and the recorded ``record``."""
+
     record: Flow
     request: Request | None = None
     response: Response | None = None
@@ -128,10 +146,12 @@ class HTTPFlow:
 
     @property
     def error(self) -> str | None:
+        """The error kind (RFC 9209 names, e.g. ``connection_refused``), or None."""
         return self.record.error.value if self.record.error is not None else None
 
     @property
     def error_detail(self) -> str:
+        """A short human-readable account of the error; empty without one."""
         return self.record.error_detail
 
     def respond(self, status: int, headers: Any = (), body: bytes | str = b"") -> None:

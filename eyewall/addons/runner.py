@@ -52,6 +52,9 @@ class Loader:
 
 @dataclass
 class Addon:
+    """One addon instance: its ``name``, the object whose methods are hooks, and whether it came
+    from a policy file (reloaded with the config) or the command line."""
+
     name: str
     instance: Any
     policy: bool
@@ -59,6 +62,9 @@ class Addon:
 
 @dataclass
 class AddonFile:
+    """A loaded addon script: its path, its modification time when loaded (to notice edits) and
+    the addons it defined."""
+
     path: Path
     policy: bool
     mtime: float = 0.0
@@ -179,6 +185,8 @@ class Addons:
 
     @property
     def enabled(self) -> bool:
+        """Whether any addon implements any hook (when not, the data path skips the hook
+        machinery)."""
         return bool(self._by_hook)
 
     def has(self, hook: type[Hook]) -> bool:

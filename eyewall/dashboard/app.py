@@ -72,6 +72,8 @@ class Guarded:
     request: Any
 
     def set_default_headers(self) -> None:
+        """Security headers on every admin response: no Server, nosniff, no referrer, a strict
+        CSP."""
         self.clear_header("Server")  # type: ignore[attr-defined]
         self.set_header("X-Content-Type-Options", "nosniff")  # type: ignore[attr-defined]
         self.set_header("Referrer-Policy", "no-referrer")  # type: ignore[attr-defined]
@@ -79,20 +81,38 @@ class Guarded:
         self.set_header("Cache-Control", "no-cache")  # type: ignore[attr-defined]
 
     def check_access(self) -> None:
+        """403 for an unexpected Host (DNS rebinding), 401 without the token when one
+        is set."""
         if not self.admin.host_allowed(self.request.host):
             raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
         if self.admin.token and not self.authorized():
-            raise tornado.web.HTTPError(401, "admin token required")
+            raise tornado.web.HTTPError(
+                401,
+                "admin token required: send 'Authorization: Bearer TOKEN', or open"
+                " /login?token=TOKEN once in a browser",
+            )
 
     def authorized(self) -> bool:
+        """The token as a Bearer header, or the cookie /login set (which holds a value
+        derived from the token, never the token itself)."""
         token = self.admin.token
         header = self.request.headers.get("Authorization", "")
+        if header.startswith("Bearer "):
+            return hmac.compare_digest(header[7:].strip().encode(), token.encode())
         cookie = self.request.cookies.get(COOKIE)
-        offered = header[7:] if header.startswith("Bearer ") else cookie.value if cookie else ""
-        return hmac.compare_digest(offered.encode(), token.encode())
+        offered = cookie.value if cookie else ""
+        return hmac.compare_digest(offered.encode(), cookie_value(token).encode())
+
+
+def cookie_value(token: str) -> str:
+    """What the admin cookie holds: an HMAC of a fixed label under the token (hex), so
+    the cookie proves the token was shown without containing it."""
+    return hmac.new(token.encode(), b"eyewall admin session", "sha256").hexdigest()
 
 
 class Base(Guarded, tornado.web.RequestHandler):
+    """A JSON/text admin endpoint: the guard runs before every method."""
+
     def initialize(self, admin: AdminServer) -> None:
         self.admin = admin
 
@@ -104,35 +124,54 @@ class Base(Guarded, tornado.web.RequestHandler):
         self.check_access()
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """A short plain-text page: the status, and the reason when it helps the user
+        (never anything from the request)."""
         self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.finish(f"{status_code} {self._reason}\n")
+        error = kwargs.get("exc_info", (None, None))[1]
+        hint = error.log_message if isinstance(error, tornado.web.HTTPError) else None
+        self.finish(f"{status_code} {self._reason}\n" + (f"{hint}\n" if hint else ""))
+
+    def count_argument(self, name: str, default: int, most: int) -> int:
+        """Query argument ``name`` as a whole number, at most ``most`` (larger values are
+        clamped); 400 for anything but ASCII digits."""
+        text = self.get_query_argument(name, None)
+        if text is None:
+            return default
+        if not (text.isascii() and text.isdigit()):
+            raise tornado.web.HTTPError(400, f"{name} must be a whole number")
+        return min(most, int(text))
 
     def write_json(self, value: Any) -> None:
+        """Finish with ``value`` as an ``application/json`` body."""
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(value))
 
 
 class Login(Base):
+    """``/login?token=``: trade the admin token for a session cookie."""
+
     def prepare(self) -> None:
         if not self.admin.host_allowed(self.request.host):
             raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
 
     def get(self) -> None:
+        """Exchange ``?token=`` for a session cookie and go to the dashboard."""
         offered = self.get_query_argument("token", "")
         token = self.admin.token
         if not token or not hmac.compare_digest(offered.encode(), token.encode()):
             raise tornado.web.HTTPError(401, "wrong token")
-        self.set_cookie(COOKIE, offered, httponly=True, samesite="Strict")
+        self.set_cookie(COOKIE, cookie_value(token), httponly=True, samesite="Strict")
         self.redirect("/")
 
 
 class Health(Base):
-    """What a load balancer checks: 200, or 503 from SIGTERM on (the drain grace).
-    No token and no Host check, so that a balancer can ask; without the token it
-    learns the status and the node's name only."""
+    """Readiness for load balancers and probes: 200, or 503 once the proxy is stopping
+    (from SIGTERM on: the drain grace).  It reveals no traffic, so it needs no token
+    (the Host check still applies); a node of a fleet names itself (``node``)."""
 
     def prepare(self) -> None:
-        pass
+        if not self.admin.host_allowed(self.request.host):
+            raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
 
     def get(self) -> None:
         admin = self.admin
@@ -140,18 +179,19 @@ class Health(Base):
         healthy = proxy.healthy()
         if not healthy:
             self.set_status(503)
+        gauges = proxy.gauges()
         answer: dict[str, Any] = {"status": "ok" if healthy else "draining"}
         if admin.node:
             answer["node"] = admin.node
-        if not admin.token or self.authorized():
-            gauges = proxy.gauges()
-            answer["uptime_s"] = round(time.monotonic() - admin.started, 3)
-            answer["connections"] = gauges["connections"]
-            answer["tunnels"] = gauges["tunnels"]
+        answer["uptime_s"] = round(time.monotonic() - admin.started, 3)
+        answer["connections"] = gauges["connections"]
+        answer["tunnels"] = gauges["tunnels"]
         self.write_json(answer)
 
 
 class MetricsPage(Base):
+    """``/metrics``: the Prometheus text exposition (version 0.0.4)."""
+
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(self.admin.metrics.exposition())
@@ -181,8 +221,12 @@ def matches(s: dict[str, Any], query: dict[str, str]) -> bool:
 
 
 class FlowList(Base):
+    """``/api/flows``: recent flow summaries, newest first, at most ``limit`` (1..5000,
+    default 200); ``host``, ``status``, ``method``, ``user`` and ``q`` filter.  In a
+    fleet with a shared flow database: every node's flows, each with its ``node``."""
+
     async def get(self) -> None:
-        limit = min(5000, max(1, int(self.get_query_argument("limit", "200"))))
+        limit = max(1, self.count_argument("limit", 200, 5000))
         names = ("host", "status", "method", "user", "q")
         query = {k: self.get_query_argument(k, "") for k in names}
         shared = self.admin.shared
@@ -200,6 +244,8 @@ class FlowList(Base):
 
 
 class FlowDetail(Base):
+    """``/api/flows/ID``: one recorded flow, heads and captured bodies; 404 when unknown."""
+
     async def get(self, flow_id: str) -> None:
         store = self.admin.store
         record = store.find_recent(flow_id)
@@ -215,6 +261,8 @@ class FlowDetail(Base):
 
 
 class Stats(Base):
+    """``/api/stats``: counters and gauges as JSON, for the dashboard's header."""
+
     def get(self) -> None:
         admin = self.admin
         self.write_json(
@@ -228,10 +276,12 @@ class Stats(Base):
 
 
 class HarDownload(Base):
+    """``/api/har``: recorded flows as a HAR 1.2 download."""
+
     async def get(self) -> None:
-        since = float(self.get_query_argument("since", "0"))
+        since = self.count_argument("since", 0, 2**40)  # a Unix time, seconds
         host = self.get_query_argument("host", "")
-        limit = min(100_000, int(self.get_query_argument("limit", "10000")))
+        limit = self.count_argument("limit", 10_000, 100_000)
         records = await self.admin.records(since, host, limit)
         self.set_header("Content-Type", "application/json")
         self.set_header("Content-Disposition", 'attachment; filename="eyewall.har"')
@@ -239,6 +289,8 @@ class HarDownload(Base):
 
 
 class CACertificate(Base):
+    """``/api/ca.pem``: the interception CA's certificate (404 without interception)."""
+
     def get(self) -> None:
         pem = self.admin.ca_pem() if self.admin.ca_pem is not None else None
         if pem is None:
@@ -249,6 +301,8 @@ class CACertificate(Base):
 
 
 class Live(Guarded, tornado.websocket.WebSocketHandler):
+    """``/api/live``: the dashboard's WebSocket feed of flows and per-second stats."""
+
     def initialize(self, admin: AdminServer) -> None:
         self.admin = admin
         self.client: Client | None = None
@@ -297,6 +351,9 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
 
 
 class AdminServer:
+    """The admin listener: routes, the Host guard and token, the live feed. Loopback by default;
+    elsewhere only with a token (checked at start-up)."""
+
     def __init__(
         self,
         proxy: ProxyStats,
@@ -357,17 +414,21 @@ class AdminServer:
         return self.addresses
 
     async def stop(self) -> None:
+        """Stop listening, close live feeds and wait for them to end."""
         self.live.stop()
         if self.server is not None:
             self.server.stop()
             await self.server.close_all_connections()
 
     def url(self) -> str:
+        """The base URL of the first bound address, e.g. ``http://127.0.0.1:8480``."""
         assert self.address is not None
         host, port = self.address
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def host_allowed(self, host_header: str) -> bool:
+        """Whether a request's Host header names this listener (an IP literal, ``localhost`` or
+        a configured name): the DNS-rebinding guard."""
         host = urlsplit(f"//{host_header}").hostname or ""
         if host in ("localhost", self.endpoint.host):
             return True
@@ -378,6 +439,7 @@ class AdminServer:
         return True
 
     def gauges(self) -> dict[str, float]:
+        """Current gauges (connections, tunnels, pool sizes) from the proxy."""
         return self.proxy.gauges()
 
     async def records(self, since: float, host: str, limit: int) -> list[Record]:
@@ -418,6 +480,8 @@ class IndexPage(Guarded, tornado.web.StaticFileHandler):
 
 
 class StaticFiles(Guarded, tornado.web.StaticFileHandler):
+    """``/static/``: the dashboard's own files, behind the same guard."""
+
     def prepare(self) -> None:
         self.admin = self.application.settings["admin"]
         self.check_access()

@@ -73,6 +73,8 @@ class AccessLog:
             self.flush()
 
     def flush(self) -> None:
+        """Hand the buffered lines to the writer thread (and report lines dropped since the last
+        flush)."""
         if self.dropped != self._reported_dropped:
             log.warning("access log writer is behind: %d lines dropped", self.dropped)
             self._reported_dropped = self.dropped
@@ -100,6 +102,7 @@ class AccessLog:
                 log.error("cannot reopen the access log %s: %s", self.target, e.strerror)
 
     def close(self) -> None:
+        """Stop the flush timer, flush, and close the file (after the writer has written it)."""
         self._timer.stop()
         self.flush()
         if self._file is not sys.stderr:

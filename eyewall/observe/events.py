@@ -28,9 +28,12 @@ class EventBus:
         self.subscribers: list[Subscriber] = []
 
     def subscribe(self, subscriber: Subscriber) -> None:
+        """Call ``subscriber(flow)`` for every finished flow, in subscription order."""
         self.subscribers.append(subscriber)
 
     def publish(self, flow: Flow) -> None:
+        """Give ``flow`` to every subscriber; one that raises is logged and the others still
+        run."""
         for subscriber in self.subscribers:
             try:
                 subscriber(flow)

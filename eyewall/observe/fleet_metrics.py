@@ -53,6 +53,7 @@ class FleetMetrics:
         self.flows = flows
 
     def collect(self) -> Iterator[Any]:
+        """The metric families (prometheus_client's collector protocol), read now."""
         info = GaugeMetricFamily(
             "eyewall_node_info", "This node's name in the fleet (fleet.node).", labels=["node"]
         )

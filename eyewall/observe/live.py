@@ -30,8 +30,13 @@ LATENCY_SAMPLES = 2000
 
 
 class Socket(Protocol):
-    def write_message(self, message: str) -> Any: ...
-    def close(self, code: int | None = None, reason: str | None = None) -> None: ...
+    """What the live feed needs of a WebSocket connection."""
+
+    def write_message(self, message: str) -> Any:
+        """Send one text message."""
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """Close with a WebSocket close code (RFC 6455 §7.4) and reason."""
 
 
 class Client:
@@ -46,6 +51,8 @@ class Client:
         self.closed = False
 
     def push(self, message: str, now: float) -> None:
+        """Queue ``message``; when the queue is full count it as dropped, and close a client
+        that has stayed full for longer than PATIENCE seconds (``now``: loop time)."""
         if len(self.queue) >= QUEUE_LIMIT:
             self.dropped += 1
             if self.behind_since is None:
@@ -57,6 +64,7 @@ class Client:
         self.wakeup.set()
 
     async def run(self) -> None:
+        """Send queued messages until closed, announcing how many were dropped first."""
         while not self.closed:
             await self.wakeup.wait()
             self.wakeup.clear()
@@ -68,6 +76,7 @@ class Client:
                 await self.socket.write_message(self.queue.popleft())
 
     def close(self) -> None:
+        """Close the connection (1008, too slow) and stop ``run``."""
         if not self.closed:
             self.closed = True
             self.wakeup.set()
@@ -118,6 +127,8 @@ class LiveFeed:
                 client.push(text, now)
 
     def tick(self) -> None:
+        """Once a second: push the last second's stats (requests, errors, latency quantiles in
+        seconds) to every client."""
         latencies = sorted(self.latencies)
 
         def pick(q: float) -> float | None:
@@ -141,6 +152,7 @@ class LiveFeed:
             self._broadcast(stats)
 
     def attach(self, socket: Socket) -> Client:
+        """Start feeding ``socket``: a hello message with recent flows, then everything new."""
         client = Client(socket)
         client.queue.append(json.dumps({"type": "hello", "flows": self.recent()}))
         client.wakeup.set()
@@ -148,11 +160,13 @@ class LiveFeed:
         return client
 
     def detach(self, client: Client) -> None:
+        """Stop feeding ``client`` (its socket has closed)."""
         client.closed = True
         client.wakeup.set()
         self.clients.discard(client)
 
     def stop(self) -> None:
+        """Stop the ticker and close every client."""
         self._timer.stop()
         for client in list(self.clients):
             client.close()

@@ -1,6 +1,10 @@
 """Access line formats: json, text, squid (native), common and combined (CLF).
 
-Pure functions of a finished `Flow`; each returns one line ending in a newline.
+Pure functions of a finished `Flow`; each returns one line ending in a newline.  Every
+field that comes from a client or an origin (user name, URL, method, header values,
+error details) is escaped, so no input can end a line early or forge another: JSON
+escapes itself; the other formats escape control characters, non-ASCII, backslash and
+the double quote as ``\\xNN`` (as Apache's log formats do).
 
 json fields: time, ts, id, kind, client, client_port, user, method, url, host, port,
 upstream, reused, status, bytes_in, bytes_out, duration_ms, ttfb_ms, connect_ms, rule,
@@ -11,6 +15,7 @@ null when not reached (``connect_ms`` is also null on a reused connection).
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 
@@ -39,6 +44,20 @@ def _clf_time(t: float) -> str:
     return str(_clf_second[1])
 
 
+_UNSAFE = re.compile(r'[^\x21-\x7e]|[\\"]')
+
+
+def _esc(value: str) -> str:
+    """``value`` with anything but printable ASCII (space, quote and backslash too)
+    as ``\\xNN``: one field, one line."""
+    return _UNSAFE.sub(lambda m: "".join(f"\\x{b:02x}" for b in m.group().encode()), value)
+
+
+def _esc_text(value: str) -> str:
+    """Like `_esc`, but spaces stay (free text inside quotes)."""
+    return " ".join(_esc(part) for part in value.split(" "))
+
+
 def _ms(seconds: float | None) -> str:
     return "null" if seconds is None else f"{seconds * 1000:.3f}"
 
@@ -48,6 +67,8 @@ def _str_or_null(value: str | None) -> str:
 
 
 def format_json(flow: Flow) -> str:
+    """One JSON object per line for ``flow`` (the ``json`` access-log format; field names in
+    docs/monitoring.md)."""
     client_ip, client_port = flow.client
     error = flow.error.value if flow.error is not None else None
     return (
@@ -67,24 +88,28 @@ def format_text(flow: Flow) -> str:
     """``time client id method url status in out duration up=… [err=…]``"""
     client = f"{flow.client[0]}:{flow.client[1]}"
     line = (
-        f"{_iso(flow.started)} {client} {flow.id} {flow.method or '-'} {flow.url or '-'}"
-        f" {flow.status or '-'} in={flow.bytes_in} out={flow.bytes_out}"
+        f"{_iso(flow.started)} {client} {flow.id} {_esc(flow.method) or '-'}"
+        f" {_esc(flow.url) or '-'} {flow.status or '-'} in={flow.bytes_in} out={flow.bytes_out}"
         f" {flow.duration * 1000:.1f}ms up={flow.upstream or '-'}"
     )
     if flow.reused:
         line += " reused"
     if flow.user is not None:
-        line += f" user={flow.user}"
+        line += f" user={_esc(flow.user)}"
     if flow.rule:
         line += f" rule={flow.rule}"
     if flow.error is not None:
-        detail = flow.error_detail.replace('"', "'")
-        line += f' err={flow.error.value} "{detail}"'
+        line += f' err={flow.error.value} "{_esc_text(flow.error_detail)}"'
     return line + "\n"
 
 
 def _squid_code(flow: Flow) -> str:
-    if flow.error is not None and flow.error.value in ("denied", "auth_required", "loop"):
+    if flow.error is not None and flow.error.value in (
+        "denied",
+        "auth_required",
+        "proxy_loop_detected",
+        "rate_limited",
+    ):
         return "TCP_DENIED"
     if flow.kind != "http" and flow.status in (101, 200):
         return "TCP_TUNNEL"
@@ -97,7 +122,7 @@ def _content_type(flow: Flow) -> str:
     if flow.response is None:
         return "-"
     value = flow.response.headers.get("content-type")
-    return value.split(";", 1)[0].strip() or "-" if value else "-"
+    return _esc(value.split(";", 1)[0].strip()) or "-" if value else "-"
 
 
 def format_squid(flow: Flow) -> str:
@@ -110,27 +135,27 @@ def format_squid(flow: Flow) -> str:
     )
     return (
         f"{flow.started:.3f} {int(flow.duration * 1000):6d} {flow.client[0]}"
-        f" {_squid_code(flow)}/{flow.status:03d} {flow.bytes_out} {flow.method or '-'}"
-        f" {flow.url or '-'} {flow.user or '-'} {peer} {_content_type(flow)}\n"
+        f" {_squid_code(flow)}/{flow.status:03d} {flow.bytes_out} {_esc(flow.method) or '-'}"
+        f" {_esc(flow.url) or '-'} {_esc(flow.user or '') or '-'} {peer} {_content_type(flow)}\n"
     )
 
 
 def _request_line(flow: Flow) -> str:
     version = flow.request.version if flow.request is not None else "HTTP/1.1"
-    return f"{flow.method or '-'} {flow.url or '-'} {version}".replace('"', "%22")
+    return f"{_esc(flow.method) or '-'} {_esc(flow.url) or '-'} {version}"
 
 
 def format_common(flow: Flow) -> str:
     """Common Log Format: host ident user [time] "request" status bytes."""
     return (
-        f"{flow.client[0]} - {flow.user or '-'} {_clf_time(flow.started)}"
+        f"{flow.client[0]} - {_esc(flow.user or '') or '-'} {_clf_time(flow.started)}"
         f' "{_request_line(flow)}" {flow.status or "-"} {flow.bytes_out or "-"}\n'
     )
 
 
 def _header(flow: Flow, name: str) -> str:
     value = flow.request.headers.get(name) if flow.request is not None else None
-    return (value or "-").replace('"', "%22")
+    return _esc_text(value) if value else "-"
 
 
 def format_combined(flow: Flow) -> str:

@@ -19,6 +19,8 @@ connections, tunnels, idle pool connections) are read from the proxy at scrape t
     eyewall_rate_limited_total{limit}              refusals by the limit that fired
     eyewall_auth_failures_total{reason}            missing, wrong, throttled
     eyewall_intercept_handshake_failures_total{reason}   unknown_ca, bad_certificate, timeout, ...
+    eyewall_login_checks_total{result}             bcrypt checks: run, skipped (the client
+                                                   left first), refused (queue full)
     eyewall_config_reloads_total{result}           success, failure
     eyewall_config_last_reload_successful          1 if the last reload applied
     eyewall_config_last_reload_success_timestamp_seconds
@@ -115,6 +117,7 @@ class Metrics:
         self.last_reload_ok = 1
         self.last_reload_success = time.time()  # the start counts as a good load
         self.dropped: dict[str, Callable[[], int]] = {}
+        self.login_checks: Callable[[], dict[str, int]] = dict
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ProcessCollector(registry=None))
         self.registry.register(self)
@@ -155,11 +158,13 @@ class Metrics:
             self.last_reload_success = time.time()
 
     def track_drops(self, subscriber: str, count: Callable[[], int]) -> None:
+        """Report ``count()`` as ``eyewall_events_dropped_total`` for ``subscriber``."""
         self.dropped[subscriber] = count
 
     # -- prometheus_client collector protocol -------------------------------------------
 
     def collect(self) -> Iterator[Any]:
+        """The metric families at scrape time (prometheus_client's collector protocol)."""
         info = GaugeMetricFamily(
             "eyewall_build_info",
             "Eyewall's version and platform.",
@@ -217,6 +222,12 @@ class Metrics:
                 self.handshake_failures,
             ),
             ("eyewall_config_reloads", "Configuration reloads.", "result", self.reloads),
+            (
+                "eyewall_login_checks",
+                "bcrypt checks of proxy logins.",
+                "result",
+                self.login_checks(),
+            ),
         ):
             family = CounterMetricFamily(name, doc, labels=[label])
             for key, n in sorted(counts.items()):
@@ -244,4 +255,5 @@ class Metrics:
             yield GaugeMetricFamily(f"eyewall_{name}", name.replace("_", " ") + ".", value=value)
 
     def exposition(self) -> bytes:
+        """The registry in Prometheus text format (version 0.0.4)."""
         return generate_latest(self.registry)

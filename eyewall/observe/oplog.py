@@ -18,11 +18,15 @@ MAX_RECORDS = 10_000
 
 
 class DroppingQueueHandler(logging.handlers.QueueHandler):
+    """A queue handler that drops records when the queue is full (counted in ``dropped``)
+    instead of blocking the event loop."""
+
     def __init__(self, q: queue.Queue[logging.LogRecord]) -> None:
         super().__init__(q)
         self.dropped = 0
 
     def enqueue(self, record: logging.LogRecord) -> None:
+        """Put ``record`` on the queue, or count it as dropped."""
         try:
             self.queue.put_nowait(record)
         except queue.Full:

@@ -46,15 +46,21 @@ COLUMNS = (
 )
 
 
-def _heads(headers: Headers | None) -> str | None:
-    """Header fields as text, one ``Name: value`` per line; the proxy's own credentials
-    (``Proxy-Authorization``) are replaced by ``[redacted]``."""
+# Fields whose values are credentials: recorded as "[redacted]" unless the operator
+# asks for them (flows.credentials); the proxy's own credentials never.
+CREDENTIALS = frozenset({"authorization", "cookie", "set-cookie", "proxy-authorization"})
+PROXY_CREDENTIALS = frozenset({"proxy-authorization"})
+
+
+def _heads(headers: Headers | None, redacted: frozenset[str]) -> str | None:
+    """Header fields as text, one ``Name: value`` per line, the ``redacted`` fields'
+    values replaced by ``[redacted]``."""
     if headers is None:
         return None
-    if "proxy-authorization" in headers.index:
+    index = headers.index
+    if any(name in index for name in redacted):
         return "\n".join(
-            f"{n}: {'[redacted]' if n.lower() == 'proxy-authorization' else v}"
-            for n, v in headers.fields
+            f"{n}: {'[redacted]' if n.lower() in redacted else v}" for n, v in headers.fields
         )
     return "\n".join([f"{n}: {v}" for n, v in headers.fields])
 
@@ -66,8 +72,10 @@ def parse_heads(text: str | None) -> list[list[str]]:
     return [list(line.partition(": ")[::2]) for line in text.split("\n")]
 
 
-def row_of(flow: Flow) -> tuple[Any, ...]:
-    """A finished flow as a row of `COLUMNS` (what the store writes)."""
+def row_of(flow: Flow, credentials: bool = False) -> tuple[Any, ...]:
+    """A finished flow as a row of `COLUMNS` (what the store writes); credential fields
+    redacted unless ``credentials``."""
+    redacted = PROXY_CREDENTIALS if credentials else CREDENTIALS
     request, response = flow.request, flow.response
     return (
         flow.id,
@@ -93,18 +101,18 @@ def row_of(flow: Flow) -> tuple[Any, ...]:
         flow.error_detail,
         int(flow.intercepted),
         request.version if request is not None else None,
-        _heads(request.headers if request is not None else None),
+        _heads(request.headers if request is not None else None, redacted),
         response.version if response is not None else None,
         response.reason if response is not None else None,
-        _heads(response.headers if response is not None else None),
+        _heads(response.headers if response is not None else None, redacted),
         bytes(flow.request_body) if flow.request_body is not None else None,
         bytes(flow.response_body) if flow.response_body is not None else None,
     )
 
 
-def record_of(flow: Flow) -> Record:
+def record_of(flow: Flow, credentials: bool = False) -> Record:
     """A finished flow as a record (headers as text, bodies as bytes or None)."""
-    return dict(zip(COLUMNS, row_of(flow), strict=True))
+    return dict(zip(COLUMNS, row_of(flow, credentials), strict=True))
 
 
 def _ms(seconds: float | None) -> float | None:

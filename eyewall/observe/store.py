@@ -33,8 +33,9 @@ __all__ = ["FlowStore", "default_path", "read_records", "summarise_refused"]
 log = logging.getLogger("eyewall.flows")
 
 ROWS_PER_STATEMENT = 30  # 30 x 29 parameters stays under SQLite's 999 limit
-FLUSH_INTERVAL = 1.0  # seconds
-FLUSH_FLOWS = 1000
+FLUSH_INTERVAL = 0.25  # seconds: small batches, short bursts of work on the writer
+FLUSH_FLOWS = 250
+ROWS_PER_SLICE = 60  # rows built between chances for the event loop to take the GIL
 PRUNE_EVERY = 5.0  # seconds between retention passes
 REFUSED_HEAD = 4096  # bytes of a refused request's head kept
 FLOW_OVERHEAD = 1024  # bytes a flow costs in memory besides its heads (estimate)
@@ -51,6 +52,8 @@ _INSERT_MANY = _INSERT + f", {_ROW}" * (ROWS_PER_STATEMENT - 1)
 
 
 def default_path() -> Path:
+    """Where flows are recorded when ``flows.path`` is unset:
+    ``$XDG_DATA_HOME/eyewall/flows.sqlite3`` (default ``~/.local/share``)."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
     return Path(base) / "eyewall" / "flows.sqlite3"
 
@@ -104,8 +107,10 @@ class FlowStore:
         memory_bytes: int = 64 << 20,
         writer: BatchWriter | None = None,
         max_bytes: int = 1 << 30,
+        credentials: bool = False,
     ) -> None:
         self.path = path
+        self.credentials = credentials  # record Authorization, Cookie, Set-Cookie values
         self.max_bytes = max_bytes
         self.max_count = max_count
         self.max_age = max_age
@@ -144,6 +149,7 @@ class FlowStore:
                 self.flush()
 
     def flush(self) -> None:
+        """Hand pending flows to the writer thread; counts them as dropped if it is behind."""
         if not self._pending or self.writer is None:
             return
         batch, self._pending = self._pending, []
@@ -164,8 +170,12 @@ class FlowStore:
         assert self.path is not None
         if self._db is None:
             self._db = _connect(self.path)
+        rows: list[tuple[Any, ...]] = []
+        for i in range(0, len(batch), ROWS_PER_SLICE):
+            rows.extend(row_of(f, self.credentials) for f in batch[i : i + ROWS_PER_SLICE])
+            time.sleep(0)  # let the event loop have the GIL: building rows holds it
         try:
-            self._insert(self._db, [row_of(f) for f in batch])
+            self._insert(self._db, rows)
         except (sqlite3.Error, OSError):
             self.dropped += len(batch)
             log.exception("recording %d flows failed", len(batch))
@@ -229,13 +239,13 @@ class FlowStore:
     def recent_records(self) -> Iterator[Record]:
         """Recent flows, newest first."""
         for flow in reversed(self.recent):
-            yield record_of(flow)
+            yield record_of(flow, self.credentials)
 
     def find_recent(self, flow_id: str) -> Record | None:
         """A flow by id from memory (on the event loop)."""
         for flow in reversed(self.recent):
             if flow.id == flow_id:
-                return record_of(flow)
+                return record_of(flow, self.credentials)
         return None
 
     def find_stored(self, flow_id: str) -> Record | None:

@@ -148,6 +148,7 @@ class Users:
 
     @property
     def enabled(self) -> bool:
+        """Whether any user is configured (then every request must authenticate)."""
         return bool(self.hashes)
 
     def stored(self, user: str) -> bytes | None:
@@ -176,6 +177,7 @@ class Users:
         return ok and hashed is not None
 
     def groups(self, user: str | None) -> frozenset[str]:
+        """The groups ``user`` belongs to (empty for None or an unknown user)."""
         return self.groups_of.get(user, frozenset()) if user else frozenset()
 
 

@@ -39,6 +39,7 @@ class LimitParameters:
 
     @staticmethod
     def burst_of(rate: float, burst: float) -> float:
+        """The bucket size for ``rate``: ``burst`` when set, else twice the rate (at least 1)."""
         return burst or max(1.0, 2 * rate)
 
 
@@ -66,6 +67,7 @@ class Policy:
 
     @property
     def auth_required(self) -> bool:
+        """Whether requests must carry Proxy-Authorization."""
         return self.users.enabled
 
     def client_allowed(self, client: str) -> bool:

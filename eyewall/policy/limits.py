@@ -23,6 +23,7 @@ class Limited:
     retry_after: float
 
     def describe(self) -> str:
+        """A one-line account for logs and error bodies."""
         return f"rate limit {self.limit} reached for {self.key}"
 
 
@@ -83,6 +84,7 @@ class Counter:
         return None
 
     def release(self, key: str) -> None:
+        """Count one fewer open for ``key`` (forgotten at zero)."""
         n = self._open.get(key, 0) - 1
         if n > 0:
             self._open[key] = n
@@ -90,7 +92,9 @@ class Counter:
             self._open.pop(key, None)
 
     def count(self, key: str) -> int:
+        """How many are open for ``key``."""
         return self._open.get(key, 0)
 
     def total(self) -> int:
+        """How many are open for all keys."""
         return sum(self._open.values())

@@ -53,6 +53,9 @@ _SCHEMES = {"http", "https", "connect"}
 
 
 class Action(enum.Enum):
+    """What a rule does with a request: allow, deny, intercept (CONNECT only), or resolve
+    (evaluate again once the name's addresses are known)."""
+
     ALLOW = "allow"
     DENY = "deny"
     INTERCEPT = "intercept"  # TLS interception of matching CONNECTs
@@ -74,6 +77,9 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """The outcome of evaluating the rules for one request: the action, the rule or guard that
+    decided it, and the addresses the proxy may connect to."""
+
     action: Action
     rule: str  # the rule id, "default", or a guard name
     message: str = ""
@@ -86,6 +92,8 @@ RESOLVE = Decision(Action.RESOLVE, "")
 
 
 def parse_ports(values: Sequence[Any], path: str) -> tuple[tuple[int, int], ...]:
+    """Port numbers and ``low-high`` ranges from a config list (``path`` names it in errors).
+    Raises ValueError for anything else or a port outside 1..65535."""
     ranges = []
     for i, value in enumerate(values):
         text = str(value).strip()
@@ -105,6 +113,9 @@ def _in_ports(port: int, ranges: tuple[tuple[int, int], ...]) -> bool:
 
 @dataclass(frozen=True)
 class Rule:
+    """One destination rule: match conditions (hosts, domains, networks, ports, methods,
+    clients, users, groups) and an action; all given conditions must match."""
+
     id: str
     action: Action
     message: str = ""
@@ -241,6 +252,9 @@ def compile_rule(raw: Mapping[str, Any], path: str) -> Rule:
 
 @dataclass(frozen=True)
 class RuleSet:
+    """The destination rules in order, the default action, the ports CONNECT may reach and
+    whether private addresses are allowed; first match wins, then the guards."""
+
     rules: tuple[Rule, ...] = ()
     default: Action = Action.ALLOW
     connect_ports: tuple[tuple[int, int], ...] = ((443, 443),)

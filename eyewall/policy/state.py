@@ -42,6 +42,8 @@ class CredentialCache:
         self._verified: OrderedDict[bytes, float] = OrderedDict()
 
     def hit(self, credentials: Credentials, stored: bytes | None, now: float) -> bool:
+        """Whether ``credentials`` passed a check against ``stored`` and that is still valid at
+        ``now`` (seconds, monotonic)."""
         if stored is None:
             return False
         key = credentials.fingerprint(stored)
@@ -55,6 +57,7 @@ class CredentialCache:
         return True
 
     def remember(self, credentials: Credentials, stored: bytes, until: float) -> None:
+        """Record that ``credentials`` passed against ``stored``, valid until ``until``."""
         self._verified[credentials.fingerprint(stored)] = until
         self._verified.move_to_end(credentials.fingerprint(stored))
         while len(self._verified) > self.size:
@@ -75,17 +78,23 @@ class LimitsStore(Protocol):
 
     def take(
         self, limit: str, key: str, now: float, rate: float, burst: float
-    ) -> float | Awaitable[float | None] | None: ...
+    ) -> float | Awaitable[float | None] | None:
+        """Spend a token of bucket ``limit`` for ``key``: None, or seconds to wait."""
 
-    def acquire(self, counter: str, key: str, maximum: int) -> bool | Awaitable[bool]: ...
+    def acquire(self, counter: str, key: str, maximum: int) -> bool | Awaitable[bool]:
+        """Count one more open ``counter`` for ``key`` unless ``maximum`` (0: unlimited) are
+        open; False when at the maximum."""
 
-    def release(self, counter: str, key: str) -> Awaitable[None] | None: ...
+    def release(self, counter: str, key: str) -> Awaitable[None] | None:
+        """Count one fewer open ``counter`` for ``key``."""
 
     def login_wait(
         self, client: str, user: str | None, now: float
-    ) -> float | Awaitable[float | None] | None: ...
+    ) -> float | Awaitable[float | None] | None:
+        """Seconds ``client``'s source or ``user`` is locked out for, or None."""
 
-    def login_failed(self, client: str, user: str | None, now: float) -> Awaitable[None] | None: ...
+    def login_failed(self, client: str, user: str | None, now: float) -> Awaitable[None] | None:
+        """Count a failed login for ``client``'s source and ``user``."""
 
 
 class AdmissionState:
@@ -122,6 +131,7 @@ class AdmissionState:
         return self._counters[counter].acquire(key, maximum) is None
 
     def release(self, counter: str, key: str) -> None:
+        """Count one fewer open ``counter`` for ``key``."""
         self._counters[counter].release(key)
 
     def login_wait(self, client: str, user: str | None, now: float) -> float | None:
@@ -129,4 +139,5 @@ class AdmissionState:
         return self.logins.locked(client, user, now)
 
     def login_failed(self, client: str, user: str | None, now: float) -> None:
+        """Count a failed login for ``client``'s source and ``user``."""
         self.logins.failed(client, user, now)

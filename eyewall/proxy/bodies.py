@@ -41,6 +41,7 @@ class Meter:
         self.capture: bytearray | None = bytearray() if limit else None
 
     def keep(self, data: bytes | memoryview) -> None:
+        """Copy what fits of ``data`` into the capture (up to ``limit`` bytes in all)."""
         capture = self.capture
         assert capture is not None
         room = self.limit - len(capture)

@@ -30,9 +30,16 @@ from eyewall.addons.runner import AddonFailed
 from eyewall.errors import ErrorKind, ProxyError, error_answer
 from eyewall.flow import Flow
 from eyewall.http1 import framing as rules
+from eyewall.http1.fields import max_forwards, trace_echo
 from eyewall.http1.framing import BodyKind, body_framing
 from eyewall.http1.parse import ParseError, RequestHead, parse_request_head
-from eyewall.http1.target import Target, TargetError, parse_authority, parse_target
+from eyewall.http1.target import (
+    Target,
+    TargetError,
+    parse_authority,
+    parse_target,
+    redact_userinfo,
+)
 from eyewall.policy.admission import Allow, Refusal, Ticket
 from eyewall.policy.auth import parse_basic
 from eyewall.policy.rules import Action
@@ -41,7 +48,14 @@ from eyewall.proxy.admission import admit, admit_now
 from eyewall.proxy.context import ProxyContext
 from eyewall.proxy.exchange import Answered, Exchange, Failed, Killed, Responded, Upgraded
 from eyewall.proxy.intercept import CONNECT_ESTABLISHED, HandshakeFailed, accept_tls
-from eyewall.proxy.streams import buffered_size, complete, lingering_close, read_head, take_over
+from eyewall.proxy.streams import (
+    buffered_size,
+    complete,
+    lingering_close,
+    peer_gone,
+    read_head,
+    take_over,
+)
 from eyewall.proxy.timeouts import Phase, Watch
 from eyewall.proxy.tunnel import Tunnel
 
@@ -250,7 +264,8 @@ class ClientConnection:
             return False, await self._error(flow, "GET", kind, str(e), True)
         flow.method = head.method
         flow.request = head
-        flow.url = head.target
+        flow.head_bytes = len(data)
+        flow.url = redact_userinfo(head.target)
         method = head.method
         if len(head.target) > limits.max_target_length:
             return False, await self._error(
@@ -310,12 +325,28 @@ class ClientConnection:
                     return False, self._kill(flow)
                 if hf.answer is not None:
                     return False, await self._answer_addon(flow, method, hf.answer, True)
+        if method in ("OPTIONS", "TRACE"):
+            try:
+                hops = max_forwards(head)
+            except ParseError as e:
+                return False, await self._error(flow, method, ErrorKind.BAD_REQUEST, str(e), True)
+            if hops == 0:  # RFC 9110 §7.6.2: the proxy is the final recipient
+                return False, await self._answer_itself(flow, head, close)
         if connect:
             if decision.action is Action.INTERCEPT and not ctx.interception.is_pinned(
                 self.address[0], target.host
             ):
                 return await self._intercept(target, flow, decision)
             return await self._connect(target, flow, decision, close)
+        relay_slot = None  # a WebSocket upgrade may become a tunnel: its limits first
+        if rules.websocket_upgrade(head):
+            limited = await self._acquire_tunnel(decision.user)
+            if limited is not None:
+                flow.cause = "tunnels"
+                return False, await self._error(
+                    flow, method, *limited, close, [("Retry-After", "1")]
+                )
+            relay_slot = self._releaser(decision.user)
         exchange = self.exchange = Exchange(
             ctx,
             self.stream,
@@ -329,6 +360,8 @@ class ClientConnection:
             self.t_head,
         )
         outcome = await exchange.run()
+        if relay_slot is not None and not isinstance(outcome, Upgraded):
+            relay_slot()
         match outcome:
             case Responded(keep_alive):
                 return False, keep_alive
@@ -348,7 +381,7 @@ class ClientConnection:
                 return False, self._kill(flow)
             case Upgraded(origin):
                 self.exchange = None
-                return await self._relay(flow, origin.stream, b""), False
+                return await self._relay(flow, origin.stream, relay_slot), False
         raise AssertionError(f"unhandled outcome {outcome!r}")
 
     # -- admission ---------------------------------------------------------------------
@@ -375,7 +408,7 @@ class ClientConnection:
         step = admit_now(ctx, ticket)
         if not isinstance(step, Allow | Refusal):
             stream = self.stream
-            step = await admit(ctx, ticket, step, self.watch, lambda: not stream.closed())
+            step = await admit(ctx, ticket, step, self.watch, lambda: not peer_gone(stream))
         if isinstance(step, Allow):
             return step
         await self._refuse(flow, head.method, step, close)
@@ -463,6 +496,17 @@ class ClientConnection:
             return False
         return True
 
+    async def _answer_itself(self, flow: Flow, head: RequestHead, close: bool) -> bool:
+        """OPTIONS or TRACE with ``Max-Forwards: 0``: 200, with the request echoed as
+        ``message/http`` for TRACE (credentials left out, RFC 9110 §9.3.8)."""
+        if head.method == "TRACE":
+            fields = [("Content-Type", "message/http")]
+            body = trace_echo(head)
+        else:
+            fields, body = [], b""
+        fields.append(("Via", f"{head.version[5:]} {self.ctx.settings.via}"))
+        return await self._send_answer(flow, head.method, 200, fields, body, close)
+
     def _kill(self, flow: Flow) -> bool:
         flow.fail(ErrorKind.ADDON_KILLED, "killed by an addon")
         self.stream.close()
@@ -536,7 +580,7 @@ class ClientConnection:
         if isinstance(self.stream, SSLIOStream):
             await self.stream.write(CONNECT_ESTABLISHED)
             origin = IOStream(sock)
-            return await self._relay(flow, origin, b"", release), False
+            return await self._relay(flow, origin, release), False
         try:
             client_sock, early = take_over(self.stream)
         except StreamClosedError:
@@ -557,14 +601,12 @@ class ClientConnection:
         return True, False
 
     async def _relay(
-        self,
-        flow: Flow,
-        origin: IOStream,
-        early: bytes,
-        release: Callable[[], None] | None = None,
+        self, flow: Flow, origin: IOStream, release: Callable[[], None] | None = None
     ) -> bool:
-        """Hand the client and ``origin`` to a byte relay (a 101, or a CONNECT on a TLS
-        client connection); True once the flow belongs to the relay."""
+        """Hand the client and ``origin`` to a byte relay (after a 101, or a CONNECT on a
+        TLS client connection), under the tunnel limits unless ``release`` says they
+        are already held; True once the flow belongs to the relay.  Either side may be
+        TLS (`eyewall.proxy.tunnel`)."""
         ctx = self.ctx
         if release is None:
             limited = await self._acquire_tunnel(flow.user)
@@ -578,12 +620,11 @@ class ClientConnection:
         try:
             client_sock, from_client = take_over(self.stream)
             origin_sock, from_origin = take_over(origin)
-        except (StreamClosedError, NotImplementedError, OSError) as e:
-            # TLS on either side: no byte relay of sockets yet (issue: relay over streams)
+        except StreamClosedError:
             origin.close()
             self.stream.close()
             release()
-            flow.fail(ErrorKind.CLIENT_ABORTED, f"relay could not start: {e}")
+            flow.fail(ErrorKind.CLIENT_ABORTED, "client left before the relay started")
             return False
         tunnel = Tunnel(
             client_sock,

@@ -19,6 +19,7 @@ while a body is read for an addon, RESPONDING while the response body goes down.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from time import monotonic
 
@@ -47,6 +48,8 @@ from eyewall.proxy.context import ProxyContext
 from eyewall.proxy.streams import complete, moved, read_buffered, read_head
 from eyewall.proxy.timeouts import Phase, Watch
 from eyewall.proxy.upstream import Upstream
+
+log = logging.getLogger("eyewall.exchange")
 
 __all__ = ["Answered", "Exchange", "Failed", "Killed", "Outcome", "Responded", "Upgraded"]
 
@@ -345,6 +348,14 @@ class Exchange:
                 response = parse_response_head(data)
             except ParseError as e:
                 raise ProxyError(ErrorKind.HTTP_PROTOCOL_ERROR, str(e)) from None
+            self.flow.head_bytes += len(data)
+            if response.repairs:
+                log.info(
+                    "%s: repaired the response head from %s (RFC 9112 §5): %s",
+                    self.flow.id,
+                    up.peer,
+                    "; ".join(response.repairs),
+                )
             if response.status == 101:
                 if not upgrade or "websocket" not in response.headers.tokens("upgrade"):
                     raise ProxyError(ErrorKind.HTTP_PROTOCOL_ERROR, "unrequested 101 response")

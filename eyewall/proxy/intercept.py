@@ -95,6 +95,8 @@ class Interception:
         log.warning("%s will be tunnelled without interception for %s for an hour", host, client)
 
     def is_pinned(self, client: str, host: str, now: float | None = None) -> bool:
+        """Whether ``client`` refused an intercepted handshake to ``host`` recently (certificate
+        pinning); such hosts are tunnelled for a while instead."""
         key = (source_key(client), host)
         until = self._pinned.get(key)
         if until is None:
@@ -114,6 +116,7 @@ class Interception:
         return await accept_tls(sock_stream, ctx, timeout)
 
     def close(self) -> None:
+        """Remove the leaf certificates written to disk."""
         if self._leaves is not None:
             self._leaves.close()
 

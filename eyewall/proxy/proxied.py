@@ -176,6 +176,7 @@ class ProxyProtocolGate:
 
     @property
     def enabled(self) -> bool:
+        """Whether any peer is trusted (else the PROXY protocol is off)."""
         return bool(self.trusted)
 
     def trusts(self, peer: str) -> bool:

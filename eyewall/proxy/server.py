@@ -105,18 +105,24 @@ class Proxy:
 
     @property
     def draining(self) -> bool:
+        """Whether the proxy is shutting down (no new requests on kept-alive connections)."""
         return self._draining
 
     def new_flow(self, client: tuple[str, int]) -> Flow:
+        """A new flow record for a request from ``client`` (IP, port), its id unique in this
+        process."""
         flow = Flow(f"{self._id_prefix}-{next(self._ids):x}", "http", client, time.time())
         flow.t_start = time.monotonic()
         return flow
 
     def end_flow(self, flow: Flow) -> None:
+        """Set the flow's duration and publish it to the observers."""
         flow.duration = time.monotonic() - flow.t_start
         self.publish(flow)
 
     def open_tunnel(self, relay: Relay, flow: Flow, release: Callable[[], None]) -> None:
+        """Start relaying ``relay`` under the watchdog; ``release`` frees its admission slots
+        when it closes."""
         self.tunnels[relay] = (flow, release)
         relay.on_close = self._tunnel_closed
         self.watchdog.add(relay)
@@ -124,6 +130,7 @@ class Proxy:
         self._hook_later(TunnelStart, flow)
 
     def connection_closed(self, conn: object) -> None:
+        """Forget a closed client connection and free its connection slot."""
         assert isinstance(conn, ClientConnection)
         self.connections.discard(conn)
         self.watchdog.discard(conn)
@@ -188,6 +195,7 @@ class Proxy:
         return known
 
     def stop_listening(self) -> None:
+        """Close the listening sockets (existing connections carry on)."""
         for sock, remove_handler in self._listeners:
             remove_handler()
             sock.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 from collections.abc import Awaitable
 
 from tornado.concurrent import Future
@@ -24,6 +25,7 @@ __all__ = [
     "complete",
     "lingering_close",
     "moved",
+    "peer_gone",
     "read_block",
     "read_buffered",
     "read_head",
@@ -72,6 +74,8 @@ class BoundedStream(IOStream):
             return self._read_max_bytes
 
     def write(self, data: bytes | memoryview) -> Future[None]:
+        """Write ``data``, trying the socket directly first when nothing is queued (one system
+        call instead of a loop round); the rest is queued as by IOStream."""
         if data and not self._write_buffer and not self._connecting:
             self._check_closed()
             try:
@@ -130,6 +134,24 @@ def moved(stream: IOStream) -> int:
     return stream._total_write_done_index
 
 
+def peer_gone(stream: IOStream) -> bool:
+    """Whether the peer of ``stream`` has closed or reset its connection, seen without
+    reading (a non-blocking peek; bytes waiting, even TLS records, mean it is there).
+    For a stream nobody is reading, whose close IOStream has not noticed yet."""
+    sock = stream.socket
+    if stream.closed() or sock is None:
+        return True
+    with socket.socket(fileno=sock.fileno()) as raw:
+        try:
+            return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        finally:
+            raw.detach()
+
+
 def complete(block: bytes) -> bool:
     """Whether a bounded read found its delimiter (all our delimiters end in LF)."""
     return block.endswith(b"\n")
@@ -182,13 +204,23 @@ def take_over(stream: IOStream) -> tuple[socket.socket, bytes]:
 
     IOStream reads ahead, so bytes the peer sent after the last consumed message may be
     in its buffer; they are returned and must be relayed before anything read from the
-    socket.  No read may be pending on the stream.
+    socket.  No read may be pending on the stream.  A plain socket is duplicated and the
+    stream closed; a TLS socket (which cannot be duplicated) is taken as it is, with its
+    TLS state, and the stream is left spent (closed, without a socket).
     """
     n = stream._read_buffer_size
     early = bytes(stream._read_buffer[:n]) if n else b""
     if stream.closed() or stream.socket is None:
         raise StreamClosedError()
-    sock = stream.socket.dup()
+    sock = stream.socket
+    if isinstance(sock, ssl.SSLSocket):
+        stream.io_loop.remove_handler(sock)
+        stream._state = None
+        stream.socket = None  # type: ignore[assignment]
+        stream._closed = True
+        stream._read_buffer_size = 0
+        return sock, early
+    sock = sock.dup()
     stream.close()
     sock.setblocking(False)
     return sock, early

@@ -130,6 +130,8 @@ class Watch:
 
 
 class Watched(Protocol):
+    """Anything the watchdog checks: connections, tunnels."""
+
     def check(self, now: float) -> None:
         """Act on any limit passed by ``now`` (loop time, seconds)."""
 
@@ -144,10 +146,12 @@ class Watchdog:
         self._timer: PeriodicCallback | None = None
 
     def start(self) -> None:
+        """Start sweeping every ``interval`` seconds."""
         self._timer = PeriodicCallback(self.sweep, self.interval * 1000)
         self._timer.start()
 
     def set_interval(self, interval: float) -> None:
+        """Sweep every ``interval`` seconds from now on (after a reload)."""
         if interval != self.interval:
             self.interval = interval
             if self._timer is not None:
@@ -155,13 +159,16 @@ class Watchdog:
                 self.start()
 
     def stop(self) -> None:
+        """Stop sweeping."""
         if self._timer is not None:
             self._timer.stop()
 
     def add(self, item: Watched) -> None:
+        """Watch ``item`` until discarded."""
         self.watched.add(item)
 
     def discard(self, item: Watched) -> None:
+        """Stop watching ``item`` (no error if it was not watched)."""
         self.watched.discard(item)
 
     def sweep(self, now: float | None = None) -> None:

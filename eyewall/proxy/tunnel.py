@@ -10,6 +10,17 @@ hold thousands of pipes.
 Backpressure: a pump stops reading while its destination cannot take more.  Half-close:
 end of input on one side becomes ``shutdown(SHUT_WR)`` on the other, and the tunnel
 ends when both directions have ended, or at the first error.
+
+Either socket may be a TLS one (`ssl.SSLSocket`, non-blocking) where the proxy
+terminates TLS: a WebSocket upgraded inside an intercepted tunnel, to an ``https://``
+origin, or any tunnel through the HTTPS proxy listener.  Bytes then pass through Python
+(no splice: the kernel sees only ciphertext); "would block" comes as
+`ssl.SSLWantReadError`/`SSLWantWriteError`; decrypted bytes OpenSSL holds
+(``pending()``) are read without waiting for the socket; and end of input is passed on
+as a TLS close_notify, after which the other direction keeps flowing.  OpenSSL discards
+(as an error) records that arrive while it sends close_notify, and Python's shutdown
+call waits for them once, so the close_notify is sent only at a moment nothing is
+waiting to be read on that socket; until then it is held back.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import fcntl
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable
 
 __all__ = ["PipePool", "Relay", "Tunnel"]
@@ -41,6 +53,7 @@ class PipePool:
         self._free: list[tuple[int, int]] = []
 
     def acquire(self) -> tuple[int, int]:
+        """A non-blocking pipe (read fd, write fd) of PIPE_SIZE bytes where the kernel allows."""
         if self._free:
             return self._free.pop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -51,6 +64,7 @@ class PipePool:
         return r, w
 
     def release(self, pipe: tuple[int, int], empty: bool) -> None:
+        """Return ``pipe`` for reuse when ``empty`` and the pool has room; otherwise close it."""
         if empty and len(self._free) < self.keep:
             self._free.append(pipe)
         else:
@@ -58,6 +72,7 @@ class PipePool:
             os.close(pipe[1])
 
     def close(self) -> None:
+        """Close every pooled pipe."""
         while self._free:
             r, w = self._free.pop()
             os.close(r)
@@ -78,8 +93,10 @@ class _Pump:
         "pending",
         "pipe",
         "reading",
+        "splice",
         "src",
         "src_fd",
+        "tls_in",
         "tunnel",
         "writing",
     )
@@ -99,6 +116,8 @@ class _Pump:
         self.eof = False
         self.reading = False
         self.writing = False
+        self.tls_in = isinstance(src, ssl.SSLSocket)
+        self.splice = tunnel.splice and not self.tls_in and not isinstance(dst, ssl.SSLSocket)
 
     def start(self) -> None:
         self._flush()
@@ -107,7 +126,7 @@ class _Pump:
 
     def _on_readable(self) -> None:
         try:
-            if self.tunnel.splice:
+            if self.splice:
                 self._splice_in()
             else:
                 self._recv()
@@ -116,6 +135,10 @@ class _Pump:
             return
         self.tunnel.active = True
         self._flush()
+        if self.tunnel.notify_pending is self.src and not self.tunnel.closed:
+            self.tunnel.half_close(self.src)
+        if self.reading and self.tls_in and self.src.pending():  # type: ignore[attr-defined]
+            self.loop.call_soon(self._on_readable)  # decrypted bytes: no socket event comes
 
     def _on_writable(self) -> None:
         self._flush()
@@ -129,7 +152,7 @@ class _Pump:
             return
         except OSError as e:
             if e.errno in (errno.EINVAL, errno.ENOSYS) and self.count == 0:
-                self.tunnel.splice = False  # this kernel or socket type refuses splice
+                self.splice = self.tunnel.splice = False  # this kernel refuses splice
                 self._recv()
                 return
             raise
@@ -143,8 +166,10 @@ class _Pump:
             self.buffer = bytearray(COPY_BUFFER)
         try:
             n = self.src.recv_into(self.buffer)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
+        except ssl.SSLZeroReturnError:  # the peer's close_notify: end of its input
+            n = 0
         if n == 0:
             self.eof = True
         else:
@@ -180,7 +205,7 @@ class _Pump:
         while self.pending is not None:
             try:
                 sent = self.dst.send(self.pending)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 return True
             self.pending = self.pending[sent:] if sent < len(self.pending) else None
         while self.in_flight:
@@ -198,6 +223,8 @@ class _Pump:
     def _set_reading(self, on: bool) -> None:
         if on and not self.reading:
             self.loop.add_reader(self.src_fd, self._on_readable)
+            if self.tls_in and self.src.pending():  # type: ignore[attr-defined]
+                self.loop.call_soon(self._on_readable)
         elif not on and self.reading:
             self.loop.remove_reader(self.src_fd)
         self.reading = on
@@ -235,6 +262,7 @@ class Tunnel:
         "idle_since",
         "idle_timeout",
         "loop",
+        "notify_pending",
         "on_close",
         "pipes",
         "splice",
@@ -266,20 +294,26 @@ class Tunnel:
         self.down = _Pump(self, upstream, client, to_client)
         self.up.count = len(to_upstream)
         self._ended: set[_Pump] = set()
+        self.notify_pending: socket.socket | None = None  # a held-back close_notify
 
     @property
     def bytes_up(self) -> int:
+        """Bytes relayed from client to upstream so far."""
         return self.up.count
 
     @property
     def bytes_down(self) -> int:
+        """Bytes relayed from upstream to client so far."""
         return self.down.count
 
     def start(self) -> None:
+        """Start relaying in both directions."""
         self.down.start()
         self.up.start()
 
     def check(self, now: float) -> None:
+        """The watchdog's check: close the tunnel once no byte has moved for ``idle_timeout``
+        seconds (``now``: loop time)."""
         if self.active:
             self.active = False
             self.idle_since = now
@@ -292,10 +326,19 @@ class Tunnel:
         if len(self._ended) == 2:
             self.close()
             return
+        self.half_close(pump.dst)
+
+    def half_close(self, sock: socket.socket) -> None:
+        """End output on ``sock`` (TCP FIN, or TLS close_notify when nothing waits to be
+        read there; otherwise retried after the next read from it)."""
+        self.notify_pending = None
         try:
-            pump.dst.shutdown(socket.SHUT_WR)
+            if isinstance(sock, ssl.SSLSocket) and _readable_now(sock):
+                self.notify_pending = sock
+            else:
+                _end_output(sock)
         except OSError as e:
-            self.abort(e, pump.dst)
+            self.abort(e, sock)
 
     def abort(self, error: BaseException, side: socket.socket) -> None:
         """End the tunnel after ``error`` on ``side``'s socket."""
@@ -303,6 +346,7 @@ class Tunnel:
         self.close(error)
 
     def close(self, error: BaseException | None = None) -> None:
+        """Close both sides and report once, with ``error`` when one ended it."""
         if self.closed:
             return
         self.closed = True
@@ -319,3 +363,32 @@ class Tunnel:
 
 
 Relay = Tunnel  # what the proxy tracks as an open tunnel
+
+
+def _readable_now(sock: ssl.SSLSocket) -> bool:
+    """Whether decrypted bytes or raw bytes wait on ``sock`` (a non-blocking peek)."""
+    if sock.pending():
+        return True
+    with socket.socket(fileno=sock.fileno()) as raw:
+        try:
+            return bool(raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return False
+        finally:
+            raw.detach()
+
+
+def _end_output(sock: socket.socket) -> None:
+    """Half-close ``sock``: TCP FIN, or a TLS close_notify (reading goes on: OpenSSL
+    reads after sending close_notify until the peer's arrives)."""
+    if isinstance(sock, ssl.SSLSocket):
+        tls = getattr(sock, "_sslobj", None)  # SSLSocket.shutdown() would drop TLS both ways
+        if tls is not None:
+            try:
+                tls.shutdown()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass  # close_notify is out; the peer's is not in yet
+            except ssl.SSLError as e:
+                raise OSError(str(e)) from None
+        return
+    sock.shutdown(socket.SHUT_WR)

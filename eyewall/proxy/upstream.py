@@ -306,9 +306,11 @@ class UpstreamPool:
                 del self._idle[key]
 
     def idle_count(self) -> int:
+        """Idle pooled connections, over all origins."""
         return sum(len(v) for v in self._idle.values())
 
     def close_all(self) -> None:
+        """Close every idle connection and stop pooling (shutdown)."""
         self.closing = True
         for idle in self._idle.values():
             for up in list(idle):

@@ -30,7 +30,7 @@ class Verifier:
             tuple[int, bytes], tuple[asyncio.Future[bool | None], list[Callable[[], bool]]]
         ] = {}
         self.queued = 0
-        self.skipped = 0  # checks dropped because their clients left
+        self.checks = {"run": 0, "skipped": 0, "refused": 0}  # refused: the queue was full
 
     async def verify(
         self, users: Users, credentials: Credentials, alive: Callable[[], bool]
@@ -44,6 +44,7 @@ class Verifier:
             shared[1].append(alive)
             return await asyncio.shield(shared[0])
         if self.queued >= self.max_queued:
+            self.checks["refused"] += 1
             return None
         result: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
         waiters = [alive]
@@ -52,9 +53,10 @@ class Verifier:
         try:
             async with self._slots:
                 if not any(still() for still in waiters):
-                    self.skipped += 1
+                    self.checks["skipped"] += 1
                     result.set_result(None)
                 else:
+                    self.checks["run"] += 1
                     loop = asyncio.get_running_loop()
                     result.set_result(
                         await loop.run_in_executor(self._pool, users.verify, credentials)
@@ -69,4 +71,5 @@ class Verifier:
         return result.result()
 
     def close(self) -> None:
+        """Stop the checking threads; queued checks are cancelled."""
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -204,6 +204,7 @@ class FlowDatabase:
 
     @property
     def pending(self) -> int:
+        """Flows waiting to be written."""
         return len(self._pending)
 
     def start(self) -> None:

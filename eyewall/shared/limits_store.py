@@ -70,6 +70,7 @@ class LimitsStoreStats:
     up: bool = True
 
     def observe(self, operation: str, seconds: float) -> None:
+        """Count one round trip of ``operation`` that took ``seconds``."""
         counts, total = self.latency.setdefault(
             operation, ([0] * (len(LATENCY_BUCKETS) + 1), [0.0])
         )

@@ -20,6 +20,8 @@ CERT_FILE = "ca.pem"
 
 
 def default_ca_dir() -> Path:
+    """Where the interception CA lives when ``tls.ca_dir`` is unset:
+    ``$XDG_DATA_HOME/eyewall/ca`` (default ``~/.local/share``)."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
     return Path(base) / "eyewall" / "ca"
 
@@ -39,11 +41,15 @@ _CA_USAGE = x509.KeyUsage(
 
 @dataclass(frozen=True)
 class CertificateAuthority:
+    """The interception CA: an EC P-256 key and its self-signed certificate."""
+
     key: ec.EllipticCurvePrivateKey
     cert: x509.Certificate
 
     @classmethod
     def create(cls, name: str = "Eyewall interception CA", years: int = 10) -> CertificateAuthority:
+        """A new CA named ``name``, valid for ``years`` years from a day ago (basic
+        constraints CA, path length 0)."""
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name(
             [
@@ -100,10 +106,13 @@ class CertificateAuthority:
         return cls(key, cert)
 
     def pem(self) -> bytes:
+        """The certificate, PEM-encoded."""
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
     def der(self) -> bytes:
+        """The certificate, DER-encoded."""
         return self.cert.public_bytes(serialization.Encoding.DER)
 
     def fingerprint(self) -> str:
+        """The certificate's SHA-256 fingerprint as colon-separated hex pairs, upper case."""
         return self.cert.fingerprint(hashes.SHA256()).hex(":").upper()

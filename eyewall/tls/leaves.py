@@ -136,4 +136,5 @@ class LeafCache:
         return len(self._certs)
 
     def close(self) -> None:
+        """Delete the directory of leaf certificate files."""
         shutil.rmtree(self._dir, ignore_errors=True)

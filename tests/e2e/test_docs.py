@@ -73,9 +73,15 @@ def blocks(path: Path) -> list[Block]:
         previous = next((line for line in reversed(lines[:start]) if line.strip()), "")
         marker = MARKER.search(previous)
         found.append(
-            Block(path, start + 1, lang, "\n".join(lines[start + 1 : i]) + "\n",
-                  marker[1] if marker else "", (marker[2] or "") if marker else "")
-        )  # fmt: skip
+            Block(
+                path,
+                start + 1,
+                lang,
+                "\n".join(lines[start + 1 : i]) + "\n",
+                marker[1] if marker else "",
+                (marker[2] or "") if marker else "",
+            )
+        )
         i += 1
     return found
 
@@ -142,8 +148,13 @@ def check_toml(block: Block, scratch: Path, tmp_path: Path) -> None:
     env = environment(tmp_path)
     check = subprocess.run(
         [sys.executable, "-m", "eyewall", "check-config", str(config)],
-        capture_output=True, text=True, cwd=scratch, env=env, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=scratch,
+        env=env,
+        timeout=60,
+        check=False,
+    )
     assert check.returncode == 0, f"{block.name}: {check.stderr}"
     # Start it: check-config cannot know whether a log file can be opened.
     name = f"eyewall-docs-{secrets.token_hex(6)}"
@@ -154,10 +165,21 @@ def check_toml(block: Block, scratch: Path, tmp_path: Path) -> None:
         log = tmp_path / "proxy.log"
         with open(log, "wb") as stderr:
             process = subprocess.Popen(
-                [sys.executable, "-m", "eyewall", "--config", str(config),
-                 "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
-                stderr=stderr, cwd=scratch, env=env,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "eyewall",
+                    "--config",
+                    str(config),
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--admin-listen",
+                    "127.0.0.1:0",
+                ],
+                stderr=stderr,
+                cwd=scratch,
+                env=env,
+            )
         try:
             deadline = time.monotonic() + 30
             while True:
@@ -198,9 +220,13 @@ def test_block(block: Block, scratch: Path, tmp_path: Path) -> None:
     if block.lang in ("sh", "bash"):
         result = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", block.text],
-            capture_output=True, text=True, cwd=scratch, env=environment(tmp_path),
-            timeout=120, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            cwd=scratch,
+            env=environment(tmp_path),
+            timeout=120,
+            check=False,
+        )
         if result.returncode == 127 and "command not found" in result.stderr:
             from tests.tools import tools_required
 

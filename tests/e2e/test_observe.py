@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import sqlite3
 import subprocess
@@ -235,10 +236,50 @@ def test_flows_api_lists_filters_and_details(make_proxy, origin):
     assert ["Host", origin.authority] in detail["request"]["headers"]
     assert detail["response"]["status"] == 404
     assert admin_get(p, "/api/flows/nope-1").status_code == 404
+    assert [f["url"] for f in admin_get(p, "/api/flows?limit=1").json()["flows"]] == [
+        everything[0]["url"]
+    ]
+    for bad in ("abc", "-1", "1e3", "%C2%B2"):
+        answer = admin_get(p, f"/api/flows?limit={bad}")
+        assert answer.status_code == 400, bad
+        assert "limit" in answer.text
+    assert admin_get(p, "/api/har?since=nan").status_code == 400
+    assert len(admin_get(p, "/api/har?since=0&limit=1").json()["log"]["entries"]) == 1
+
+
+def test_credentials_are_redacted_in_recorded_flows_by_default(make_proxy, origin):
+    """Any local user may read the token-less loopback admin: it must not hand out every
+    client's cookies and passwords (flows.credentials opts in)."""
+    p = make_proxy()
+    through(
+        p,
+        f"{origin.url}/cookies?x=1",
+        headers={"Cookie": "session=s3cr3t", "Authorization": "Basic dXNlcjpwdw=="},
+    )
+    flows = admin_get(p, "/api/flows").json()["flows"]
+    detail = admin_get(p, f"/api/flows/{flows[0]['id']}").json()
+    assert ["Cookie", "[redacted]"] in detail["request"]["headers"]
+    assert ["Authorization", "[redacted]"] in detail["request"]["headers"]
+    assert all(
+        value == "[redacted]"
+        for name, value in detail["response"]["headers"]
+        if name.lower() == "set-cookie"
+    )
+    har = admin_get(p, "/api/har").text
+    assert "s3cr3t" not in har and "dXNlcjpwdw" not in har
+    db = p.access_path.parent / "flows.sqlite3"
+    assert wait_for(
+        lambda: (
+            db.exists()
+            and sqlite3.connect(db).execute("SELECT COUNT(*) FROM flows").fetchone()[0] == 1
+        )
+    )
+    rows = sqlite3.connect(db).execute("SELECT request_headers FROM flows").fetchall()
+    assert "s3cr3t" not in repr(rows)
 
 
 def test_har_download_and_cli_export_validate_against_the_har_schema(make_proxy, origin, tmp_path):
-    p = make_proxy("--flows-body-limit", "1000")
+    p = make_proxy("--flows-body-limit", "1000", "--flows-credentials")
     through(p, f"{origin.url}/cookies?x=1&y=2", headers={"Cookie": "a=1; b=2"})
     through(p, f"{origin.url}/upload", method="POST", content=b"hello har")
     through(p, f"{origin.url}/bytes?n=700")
@@ -296,10 +337,8 @@ def test_retention_keeps_the_newest_flows(make_proxy, origin):
 
 def test_dns_rebinding_guard(make_proxy):
     p = make_proxy()
-    assert admin_get(p, "/api/flows", Host="attacker.example").status_code == 403
-    assert admin_get(p, "/api/flows", Host="localhost").status_code == 200
-    # a load balancer may name the node as it likes: health tells nothing secret
-    assert admin_get(p, "/healthz", Host="eyewall-1.internal").status_code == 200
+    assert admin_get(p, "/healthz", Host="attacker.example").status_code == 403
+    assert admin_get(p, "/healthz", Host="localhost").status_code == 200
 
 
 def test_admin_token(make_proxy):
@@ -308,9 +347,7 @@ def test_admin_token(make_proxy):
     assert admin_get(p, "/api/flows", Authorization="Bearer wrong").status_code == 401
     assert admin_get(p, "/api/flows", Authorization="Bearer s3cret-token").status_code == 200
     health = admin_get(p, "/healthz")  # a load balancer has no token
-    assert health.status_code == 200 and set(health.json()) == {"status", "node"}
-    health = admin_get(p, "/healthz", Authorization="Bearer s3cret-token")
-    assert {"uptime_s", "connections", "tunnels"} <= set(health.json())
+    assert health.status_code == 200 and health.json()["node"]  # the host name by default
     with httpx.Client(timeout=10, trust_env=False) as c:
         login = c.get(p.admin_url + "/login?token=s3cret-token")
         assert login.status_code == 302
@@ -382,22 +419,20 @@ def test_health_says_draining_during_shutdown(make_proxy, origin):
         assert read_response(s).startswith(b"HTTP/1.1 200")
 
 
-def test_metrics_list_matches_the_docs():
-    documented = (ROOT / "eyewall" / "observe" / "metrics.py").read_text()
-    text = Path(ROOT / "docs" / "monitoring.md").read_text()
-    for name in (
-        "eyewall_requests_total",
-        "eyewall_bytes_total",
-        "eyewall_request_duration_seconds",
-        "eyewall_upstream_connect_seconds",
-        "eyewall_upstream_reuse_ratio",
-        "eyewall_policy_decisions_total",
-        "eyewall_errors_total",
-        "eyewall_rate_limited_total",
-        "eyewall_tunnels",
-        "eyewall_client_connections",
-        "eyewall_upstream_idle_connections",
-        "eyewall_events_dropped_total",
-    ):
-        assert name.replace("_total", "") in documented, name
-        assert name in text, name
+def test_metrics_list_matches_the_docs_and_the_scrape(make_proxy, origin):
+    """Every family a scrape shows is in docs/monitoring.md's table, and every documented
+    eyewall_ family is in the scrape: read from the exposition, not from source text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    p = make_proxy()
+    through(p, f"{origin.url}/echo/metrics")
+    scraped = {
+        family.name for family in text_string_to_metric_families(admin_get(p, "/metrics").text)
+    }
+    scraped = {name for name in scraped if name.startswith("eyewall_")}
+    table = Path(ROOT / "docs" / "monitoring.md").read_text().split("## Metrics", 1)[1]
+    documented = {
+        name.removesuffix("_total")
+        for name in re.findall(r"^\| `(eyewall_[a-z_]+)` \|", table, re.MULTILINE)
+    }
+    assert scraped == documented

@@ -46,8 +46,9 @@ def test_alert_rules_unit_tests_pass():
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory, origin) -> str:
     """/metrics of a proxy after plain requests, a tunnel and a few failures."""
-    p = ProxyProcess(tmp_path_factory.mktemp("metrics"), "--allow-private",
-                     "--connect-port", "1-65535")  # fmt: skip
+    p = ProxyProcess(
+        tmp_path_factory.mktemp("metrics"), "--allow-private", "--connect-port", "1-65535"
+    )
     try:
         with socket.socket() as closed:
             closed.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
@@ -72,9 +73,13 @@ def scraped(tmp_path_factory, origin) -> str:
 def test_live_metrics_pass_promtool_check_metrics(scraped):
     tool = require_tool("promtool", "prometheus")
     result = subprocess.run(
-        [tool, "check", "metrics"], input=scraped, capture_output=True, text=True,
-        timeout=60, check=False,
-    )  # fmt: skip
+        [tool, "check", "metrics"],
+        input=scraped,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert 'eyewall_requests_total{method="CONNECT"' in scraped
     assert "eyewall_errors_total{kind=" in scraped
     assert result.returncode == 0 and not result.stdout + result.stderr, (

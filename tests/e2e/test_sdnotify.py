@@ -85,9 +85,20 @@ def test_proxy_is_accepting_when_it_says_ready(manager, tmp_path):
     config.write_text('via = "first"\n')
     stderr_path = tmp_path / "stderr.log"
     env = {**os.environ, "NOTIFY_SOCKET": manager.getsockname()}
-    cmd = [sys.executable, "-m", "eyewall", "--config", str(config),
-           "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-           "--access-log", "off", "--no-flows"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "eyewall",
+        "--config",
+        str(config),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--access-log",
+        "off",
+        "--no-flows",
+    ]
     with open(stderr_path, "wb") as stderr:
         process = subprocess.Popen(cmd, stderr=stderr, cwd=ROOT, env=env)
     try:
@@ -99,9 +110,10 @@ def test_proxy_is_accepting_when_it_says_ready(manager, tmp_path):
             s.sendall(b"GET /relative HTTP/1.1\r\nHost: a\r\n\r\n")
             assert read_response(s).startswith(b"HTTP/1.1 400")
         admin = next(
-            line.split(" on ", 1)[1] for line in stderr_path.read_text().splitlines()
+            line.split(" on ", 1)[1]
+            for line in stderr_path.read_text().splitlines()
             if line.startswith("eyewall admin on ")
-        )  # fmt: skip
+        )
         host, admin_port = admin.removeprefix("http://").rsplit(":", 1)
         with socket.create_connection((host, int(admin_port)), timeout=5) as s:
             s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -134,8 +146,18 @@ def test_proxy_is_accepting_when_it_says_ready(manager, tmp_path):
 def test_a_stop_right_after_ready_drains_instead_of_killing(manager, tmp_path):
     """READY=1 comes after the signal handlers: systemd may stop the service at once."""
     env = {**os.environ, "NOTIFY_SOCKET": manager.getsockname()}
-    cmd = [sys.executable, "-m", "eyewall", "--listen", "127.0.0.1:0",
-           "--admin-listen", "127.0.0.1:0", "--access-log", "off", "--no-flows"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "eyewall",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--access-log",
+        "off",
+        "--no-flows",
+    ]
     with open(tmp_path / "stderr.log", "wb") as stderr:
         process = subprocess.Popen(cmd, stderr=stderr, cwd=ROOT, env=env)
     try:

@@ -85,8 +85,11 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
     (tmp_path / "eyewall.service").write_text(text.replace(INSTALLED, str(eyewall)))
     result = subprocess.run(
         [analyze, "verify", str(tmp_path / "eyewall.service")],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0 and not result.stdout + result.stderr, result.stderr
 
 
@@ -136,8 +139,12 @@ def test_service_config_paths_match_the_unit_directories():
 def test_service_config_passes_check_config():
     result = subprocess.run(
         [sys.executable, "-m", "eyewall", "check-config", "--no-paths", str(CONFIG)],
-        capture_output=True, text=True, timeout=30, cwd=ROOT, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -146,13 +153,17 @@ def test_sysusers_creates_the_service_user(tmp_path):
     (tmp_path / "etc").mkdir()
     result = subprocess.run(
         [sysusers, f"--root={tmp_path}", str(SYSUSERS)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     entry = next(
-        line.split(":") for line in (tmp_path / "etc/passwd").read_text().splitlines()
+        line.split(":")
+        for line in (tmp_path / "etc/passwd").read_text().splitlines()
         if line.startswith("eyewall:")
-    )  # fmt: skip
+    )
     uid, home, shell = int(entry[2]), entry[5], entry[6]
     assert 0 < uid < 1000 and home == "/var/lib/eyewall" and shell.endswith("nologin")
     groups = (tmp_path / "etc/group").read_text().splitlines()
@@ -172,8 +183,12 @@ def logrotate_config(tmp_path: Path, postrotate: str | None = None) -> Path:
     text = text.replace("eyewall eyewall", f"{user.strip()} {group.strip()}")
     text = text.replace("/var/log/eyewall/", f"{tmp_path / 'logs'}/")
     if postrotate is not None:
-        text = re.sub(r"postrotate\n.*?endscript", f"postrotate\n{postrotate}\nendscript", text,
-                      flags=re.DOTALL)  # fmt: skip
+        text = re.sub(
+            r"postrotate\n.*?endscript",
+            f"postrotate\n{postrotate}\nendscript",
+            text,
+            flags=re.DOTALL,
+        )
     (tmp_path / "logs").mkdir(exist_ok=True)
     path = tmp_path / "logrotate.conf"
     path.write_text(text)
@@ -186,8 +201,11 @@ def test_logrotate_accepts_the_snippet(tmp_path):
     (tmp_path / "logs" / "access.log").write_text('{"status": 200}\n')
     result = subprocess.run(
         [logrotate, "-d", "-f", "-s", str(tmp_path / "state"), str(config)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "error" not in output.lower(), output
@@ -198,8 +216,9 @@ def test_logrotate_accepts_the_snippet(tmp_path):
 def test_rotation_and_sigusr1_move_the_access_log_without_losing_lines(tmp_path, origin):
     logrotate = require_tool("logrotate", "logrotate")
     (tmp_path / "logs").mkdir()
-    proxy = ProxyProcess(tmp_path / "proxy", "--allow-private", "--access-log",
-                         str(tmp_path / "logs" / "access.log"))  # fmt: skip
+    proxy = ProxyProcess(
+        tmp_path / "proxy", "--allow-private", "--access-log", str(tmp_path / "logs" / "access.log")
+    )
     try:
         # The signal goes to the main PID, as `systemctl kill --kill-whom=main` sends it.
         config = logrotate_config(tmp_path, f"    kill -USR1 {proxy.pid}")
@@ -209,8 +228,11 @@ def test_rotation_and_sigusr1_move_the_access_log_without_losing_lines(tmp_path,
             wait_for_text(log, "/before")
             result = subprocess.run(
                 [logrotate, "-f", "-s", str(tmp_path / "state"), str(config)],
-                capture_output=True, text=True, timeout=60, check=False,
-            )  # fmt: skip
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
             assert result.returncode == 0, result.stdout + result.stderr
             assert client.get(f"{origin.url}/echo/after").status_code == 200
             wait_for_text(log, "/after")
@@ -327,9 +349,10 @@ def syscall_set(analyze: str, names: list[str]) -> set[str]:
             [analyze, "syscall-filter", name], capture_output=True, text=True, check=True
         ).stdout
         members = [
-            line.strip() for line in listing.splitlines()[1:]
+            line.strip()
+            for line in listing.splitlines()[1:]
             if line.strip() and not line.strip().startswith("#")
-        ]  # fmt: skip
+        ]
         out |= syscall_set(analyze, members)
     return out
 
@@ -345,16 +368,26 @@ def seccomp_arguments(analyze: str) -> list[str]:
             allow += value.split()
     assert service_value("SystemCallErrorNumber") == "EPERM"
     families = service_value("RestrictAddressFamilies").split()
-    expected = {"MemoryDenyWriteExecute", "RestrictNamespaces", "LockPersonality",
-                "RestrictSUIDSGID"}  # fmt: skip
+    expected = {
+        "MemoryDenyWriteExecute",
+        "RestrictNamespaces",
+        "LockPersonality",
+        "RestrictSUIDSGID",
+    }
     for key in expected:
         assert service_value(key) == "yes", key
     return [
-        "--allow", *sorted(syscall_set(analyze, allow)),
-        "--deny", *sorted(syscall_set(analyze, deny)),
-        "--families", ",".join(families),
-        "--mdwe", "--namespaces", "--personality", "--suid",
-    ]  # fmt: skip
+        "--allow",
+        *sorted(syscall_set(analyze, allow)),
+        "--deny",
+        *sorted(syscall_set(analyze, deny)),
+        "--families",
+        ",".join(families),
+        "--mdwe",
+        "--namespaces",
+        "--personality",
+        "--suid",
+    ]
 
 
 @pytest.fixture
@@ -385,8 +418,11 @@ def next_message(
 
 
 def sandbox_available() -> None:
-    for tool, package in (("unshare", "util-linux"), ("setpriv", "util-linux"),
-                          ("findmnt", "util-linux")):  # fmt: skip
+    for tool, package in (
+        ("unshare", "util-linux"),
+        ("setpriv", "util-linux"),
+        ("findmnt", "util-linux"),
+    ):
         require_tool(tool, package)
     reason = ""
     if os.geteuid() != 0:
@@ -438,11 +474,29 @@ def test_proxy_works_under_the_units_sandbox(tmp_path, notify_socket, ca_file, t
         "UMASK": service_value("UMask"),
         "CA_BUNDLE": ca_file,
     }
-    cmd = ["unshare", "--mount", "--propagation", "private", "bash", "-c", SANDBOX, "sandbox",
-           "--config", "/srv/config/eyewall.toml", "--listen", "127.0.0.1:0",
-           "--admin-listen", "127.0.0.1:0", "--allow-private", "--connect-port", "1-65535",
-           "--htpasswd", "/srv/config/htpasswd",
-           "--upstream-ca-bundle", "/srv/config/origin-ca.pem"]  # fmt: skip
+    cmd = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "bash",
+        "-c",
+        SANDBOX,
+        "sandbox",
+        "--config",
+        "/srv/config/eyewall.toml",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--allow-private",
+        "--connect-port",
+        "1-65535",
+        "--htpasswd",
+        "/srv/config/htpasswd",
+        "--upstream-ca-bundle",
+        "/srv/config/origin-ca.pem",
+    ]
     with open(stderr_path, "wb") as stderr:
         process = subprocess.Popen(cmd, stderr=stderr, env=env, cwd=ROOT)
     try:
@@ -452,8 +506,12 @@ def test_proxy_works_under_the_units_sandbox(tmp_path, notify_socket, ca_file, t
         # MemoryDenyWriteExecute, RestrictAddressFamilies, ProtectSystem (the directory
         # belongs to the sandbox user: only the read-only mount stops the write), and
         # ProtectProc=invisible (other users' processes are not even listed).
-        assert controls == ["mmap-wx:EPERM", "netlink:EAFNOSUPPORT", "config-write:EROFS",
-                            "other-process:ENOENT"]  # fmt: skip
+        assert controls == [
+            "mmap-wx:EPERM",
+            "netlink:EAFNOSUPPORT",
+            "config-write:EROFS",
+            "other-process:ENOENT",
+        ]
         status = Path(f"/proc/{process.pid}/status").read_text()
         assert re.search(r"^Uid:\s+65534\s", status, re.M), status
         assert re.search(r"^NoNewPrivs:\s+1$", status, re.M)
@@ -461,28 +519,50 @@ def test_proxy_works_under_the_units_sandbox(tmp_path, notify_socket, ca_file, t
         assert re.search(r"^CapBnd:\s+0+$", status, re.M)
 
         admin = next(
-            line.split(" on ", 1)[1] for line in stderr_path.read_text().splitlines()
+            line.split(" on ", 1)[1]
+            for line in stderr_path.read_text().splitlines()
             if line.startswith("eyewall admin on ")
-        )  # fmt: skip
+        )
         proxy_url = f"http://alice:{password.replace(' ', '%20')}@127.0.0.1:{port}"
         eyewall_ca = str(tmp_path / "state" / "ca" / "ca.pem")
         with httpx.Client(proxy=proxy_url, trust_env=False, timeout=10) as c:
             assert c.get(f"{plain.url}/echo/plain").status_code == 200
         tunnel = subprocess.run(
-            ["curl", "-fsS", "--max-time", "10", "--cacert", ca_file,
-             "-x", proxy_url, f"https://127.0.0.1:{tls_origin.port}/echo/tunnelled"],
-            capture_output=True, check=False,
-        )  # fmt: skip
+            [
+                "curl",
+                "-fsS",
+                "--max-time",
+                "10",
+                "--cacert",
+                ca_file,
+                "-x",
+                proxy_url,
+                f"https://127.0.0.1:{tls_origin.port}/echo/tunnelled",
+            ],
+            capture_output=True,
+            check=False,
+        )
         assert tunnel.returncode == 0, tunnel.stderr
         # Requests decrypted from an intercepted tunnel are admitted again, credentials
         # included, and curl sends them only on the CONNECT: repeat them inside.
         basic = base64.b64encode(f"alice:{password}".encode()).decode()
         intercepted = subprocess.run(
-            ["curl", "-fsS", "--max-time", "10", "--cacert", eyewall_ca,
-             "-H", f"Proxy-Authorization: Basic {basic}",
-             "-x", proxy_url, f"https://localhost:{tls_origin.port}/echo/intercepted"],
-            capture_output=True, check=False,
-        )  # fmt: skip
+            [
+                "curl",
+                "-fsS",
+                "--max-time",
+                "10",
+                "--cacert",
+                eyewall_ca,
+                "-H",
+                f"Proxy-Authorization: Basic {basic}",
+                "-x",
+                proxy_url,
+                f"https://localhost:{tls_origin.port}/echo/intercepted",
+            ],
+            capture_output=True,
+            check=False,
+        )
         assert intercepted.returncode == 0, intercepted.stderr
         log = tmp_path / "logs" / "access.log"
         wait_for_text(log, "/intercepted")

@@ -65,7 +65,7 @@ frontend proxy
 backend eyewall
     balance leastconn
     option httpchk
-    http-check send meth GET uri /healthz ver HTTP/1.1 hdr Host eyewall
+    http-check send meth GET uri /healthz ver HTTP/1.1 hdr Host localhost
     http-check expect status 200
     default-server send-proxy-v2 inter 100ms fall 1 rise 1
 {servers}

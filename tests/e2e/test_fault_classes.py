@@ -1,0 +1,827 @@
+"""Fault classes found by replaying public bug reports of other proxies and by a
+security review, each through the real proxy (a subprocess; raw sockets where the bytes
+matter): the reported input and further members of its class.  The classes are
+numbered as in the issue that named them; timing-sensitive members also have
+in-process tests with an injected clock (tests/proxy/test_lifecycle.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import bcrypt
+import httpx
+import pytest
+import trustme
+from websockets.asyncio.client import connect
+
+from tests.conftest import ROOT, ProxyProcess, raw_request, read_response
+from tests.e2e.test_websocket import masked_frame
+
+
+def status(data: bytes) -> int:
+    return int(data.split(b" ", 2)[1])
+
+
+def head_and_rest(data: bytes) -> tuple[bytes, bytes]:
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def recv_until(sock: socket.socket, needle: bytes, data: bytes = b"") -> bytes:
+    while needle not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"closed before {needle!r}: {data[-300:]!r}")
+        data += chunk
+    return data
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def eyewall(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "eyewall", *args], capture_output=True, timeout=60, cwd=ROOT
+    )
+
+
+@pytest.fixture(scope="module")
+def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("fault-ca") / "ca"
+    assert eyewall("ca", "init", "--ca-dir", str(directory)).returncode == 0
+    return directory
+
+
+def intercepting(tmp_path: Path, ca_dir: Path, bundle: str, extra: str = "") -> str:
+    path = tmp_path / "intercept.toml"
+    path.write_text(
+        f'[tls]\nca_dir = "{ca_dir}"\nupstream_ca_bundle = "{bundle}"\n{extra}'
+        '[[rules]]\nid = "mitm"\naction = "intercept"\nhosts = ["localhost"]\n'
+    )
+    return str(path)
+
+
+def hashed(password: str) -> str:
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+# -- 1. byte relays where Eyewall terminates TLS ------------------------------------------
+
+
+def test_1_websocket_inside_an_intercepted_tunnel(
+    make_proxy, tls_origin, ca_file, ca_dir, tmp_path
+):
+    p = make_proxy("--config", intercepting(tmp_path, ca_dir, ca_file))
+    trust = ssl.create_default_context(cafile=str(ca_dir / "ca.pem"))
+
+    async def talk() -> list[str | bytes]:
+        url = tls_origin.url.replace("https://", "wss://") + "/ws"
+        async with connect(url, proxy=p.url, ssl=trust, max_size=None) as ws:
+            replies = []
+            for message in ("hello", b"\x00\x01binary", "x" * 300_000):
+                await ws.send(message)
+                replies.append(await ws.recv())
+            return replies
+
+    assert asyncio.run(talk()) == ["hello", b"\x00\x01binary", "x" * 300_000]
+    line = p.access_entry(" 101 ")
+    assert "websocket" in line or "/ws" in line
+
+
+def test_1_websocket_upgrade_to_an_https_origin_on_a_plain_connection(
+    make_proxy, tls_origin, ca_file
+):
+    p = make_proxy("--upstream-ca-bundle", ca_file)
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection(p.address, timeout=10) as sock:
+        sock.sendall(
+            f"GET {tls_origin.url}/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+            f"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
+            "\r\n".encode()
+        )
+        head, rest = head_and_rest(recv_until(sock, b"\r\n\r\n"))
+        assert head.startswith(b"HTTP/1.1 101"), head
+        sock.sendall(masked_frame(b"over tls"))
+        data = rest
+        while len(data) < 10:
+            data += sock.recv(100)
+        assert data[:10] == bytes([0x81, 8]) + b"over tls"
+
+
+@pytest.fixture(scope="module")
+def listener_cert(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> tuple[str, str]:
+    directory = tmp_path_factory.mktemp("listener")
+    issued = ca.issue_cert("localhost", "127.0.0.1")
+    cert, key = directory / "proxy.pem", directory / "proxy.key"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    return str(cert), str(key)
+
+
+def https_proxy(make_proxy, listener_cert, *args: str) -> tuple[ProxyProcess, int]:
+    cert, key = listener_cert
+    p = make_proxy(
+        "--tls-listen", "127.0.0.1:0", "--tls-certificate", cert, "--tls-key", key, *args
+    )
+    tls_port = int(p.listening[1].rsplit(":", 1)[1])
+    return p, tls_port
+
+
+def test_1_8_an_https_proxy_listener_serves_requests_and_tunnels(
+    make_proxy, listener_cert, origin, tls_origin, ca_file
+):
+    """curl --proxy https://...: TLS to the proxy itself, then a request or a CONNECT
+    inside it (the tunnel relays a TLS client connection)."""
+    p, tls_port = https_proxy(make_proxy, listener_cert)
+    base = [
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "--proxy",
+        f"https://localhost:{tls_port}",
+        "--proxy-cacert",
+        ca_file,
+    ]
+    plain = subprocess.run([*base, f"{origin.url}/echo/plain"], capture_output=True)
+    assert plain.returncode == 0, plain.stderr
+    assert b'"/echo/plain"' in plain.stdout
+    tunnelled = subprocess.run(
+        [*base, "--cacert", ca_file, f"{tls_origin.url}/echo/tunnelled"], capture_output=True
+    )
+    assert tunnelled.returncode == 0, tunnelled.stderr
+    assert b'"/echo/tunnelled"' in tunnelled.stdout
+    assert " 200 " in p.access_entry("CONNECT localhost")
+
+
+def test_8_tls_spoken_to_the_plain_listener_gets_an_alert_at_once(proxy):
+    hello = bytes.fromhex("160301") + (200).to_bytes(2, "big") + b"\x01" + os.urandom(199)
+    started = time.monotonic()
+    with socket.create_connection(proxy.address, timeout=10) as sock:
+        sock.sendall(hello)
+        data = recv_all(sock)
+    assert data[:1] == b"\x15"  # a TLS alert record, then the connection closes
+    assert time.monotonic() - started < 5  # not the 10 s header deadline
+    proxy.log_with("spoke TLS to the plain HTTP proxy listener")
+
+
+def test_1_16_websocket_relays_count_against_the_tunnel_limit(make_proxy, origin):
+    p = make_proxy("--client-tunnels", "1")
+    key = base64.b64encode(os.urandom(16)).decode()
+    upgrade = (
+        f"GET {origin.url}/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(p.address, timeout=10) as first:
+        first.sendall(upgrade)
+        assert recv_until(first, b"\r\n\r\n").startswith(b"HTTP/1.1 101")
+        second = raw_request(p.address, upgrade)
+        assert status(second) == 429  # before the origin was even asked
+    with socket.create_connection(p.address, timeout=10) as third:  # the slot came back
+        third.sendall(upgrade)
+        deadline = time.monotonic() + 5
+        data = recv_until(third, b"\r\n\r\n")
+        while status(data) == 429 and time.monotonic() < deadline:
+            data = raw_request(p.address, upgrade)
+        assert status(data) == 101
+
+
+# -- 2. body idle measures bytes moved, both ways ------------------------------------------
+
+
+def test_2_a_slow_upload_with_short_gaps_is_not_cut(make_proxy, origin):
+    p = make_proxy("--body-idle-timeout", "1")
+    with socket.create_connection(p.address, timeout=10) as sock:
+        sock.sendall(
+            f"POST {origin.url}/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 6000\r\n\r\n".encode()
+        )
+        for _ in range(15):  # 400 bytes every 0.3 s: 4.5 s in all, no gap near 1 s
+            sock.sendall(b"u" * 400)
+            time.sleep(0.3)  # the input's own pace, not a synchronisation
+        data = read_response(sock)
+    assert status(data) == 200 and b'"size": 6000' in data
+
+
+def test_2_the_head_wait_does_not_count_as_body_idleness(make_proxy, raw_origin):
+    def slow(sock: socket.socket) -> None:
+        origin.read_head(sock)
+        time.sleep(1.2)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        time.sleep(0.6)
+        sock.sendall(b"hello")
+
+    origin = raw_origin(slow)
+    p = make_proxy("--body-idle-timeout", "1")
+    data = raw_request(p.address, f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status(data) == 200 and data.endswith(b"hello")
+
+
+# -- 3. answers the proxy makes follow the method (RFC 9110 §9.3.2, §6.4.1) ----------------
+
+
+def dead_origin_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_3_head_to_a_dead_origin_gets_a_bodiless_502_and_the_connection_stays_clean(proxy, origin):
+    with socket.create_connection(proxy.address, timeout=10) as sock:
+        sock.sendall(f"HEAD {dead_origin_url()}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        sock.sendall(f"GET {origin.url}/echo/next HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = recv_until(sock, b'"/echo/next"')
+    first, rest = head_and_rest(data)
+    assert status(first) == 502 and b"Content-Length: " in first
+    assert rest.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("method", ["HEAD", "GET"])
+def test_3_every_refusal_is_bodiless_for_head(make_proxy, origin, tmp_path, method):
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[auth.users]\nalice = "{hashed("pw")}"\n[rate_limits]\nclient_rps = 0.01\n'
+        "client_burst = 2\n"
+        '[[rules]]\nid = "no-deny"\naction = "deny"\nhosts = ["deny.example"]\n'
+    )
+    p = make_proxy("--config", str(config))
+    with socket.create_connection(p.address, timeout=10) as sock:
+        sock.sendall(f"{method} {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())  # 407
+        auth = basic("alice", "pw")
+        sock.sendall(
+            f"{method} http://deny.example/ HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {auth}\r\n\r\n".encode()
+        )
+        sock.sendall(
+            f"{method} {origin.url}/ HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {auth}\r\n\r\n".encode()
+        )  # 429, fmt: skip
+        data = b""
+        for _ in range(3):
+            sock.settimeout(10)
+            data = recv_until(sock, b"\r\n\r\n", data)
+            head, data = head_and_rest(data)
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            assert length > 0
+            if method == "GET":
+                while len(data) < length:
+                    data += sock.recv(65536)
+                data = data[length:]
+            assert status(head) in (407, 403, 429)
+        assert data == b""  # no stray body on the connection for HEAD
+
+
+ANSWERING = """
+class Answer:
+    def requestheaders(self, flow):
+        status = flow.request.headers.get("x-status")
+        if status:
+            flow.respond(int(status), {"X-Answered": "yes"}, b"addon body")
+"""
+
+
+@pytest.mark.parametrize(
+    ("method", "answer", "body"),
+    [
+        ("HEAD", 200, b""),
+        ("GET", 204, b""),
+        ("GET", 304, b""),
+        ("GET", 200, b"addon body"),
+    ],
+)
+def test_3_addon_answers_follow_the_method_and_status(
+    make_proxy, origin, tmp_path, method, answer, body
+):
+    addon = tmp_path / "answer.py"
+    addon.write_text(ANSWERING)
+    p = make_proxy("--addon", str(addon))
+    with socket.create_connection(p.address, timeout=10) as sock:
+        sock.sendall(
+            f"{method} {origin.url}/ HTTP/1.1\r\nHost: x\r\nX-Status: {answer}\r\n\r\n"
+            f"GET {origin.url}/echo/after HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        data = recv_until(sock, b'"/echo/after"')
+    head, rest = head_and_rest(data)
+    assert status(head) == answer and b"X-Answered: yes" in head
+    assert rest.startswith(body + b"HTTP/1.1 200")
+    if answer in (204, 304):
+        assert b"Content-Length" not in head
+
+
+# -- 6. interim responses are forwarded, bounded by time and bytes -------------------------
+
+
+def test_6_twelve_102s_then_the_final_response(proxy, raw_origin):
+    def chatty(sock: socket.socket) -> None:
+        origin.read_head(sock)
+        sock.sendall(b"HTTP/1.1 102 Processing\r\n\r\n" * 12)
+        sock.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+        sock.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+
+    origin = raw_origin(chatty)
+    with socket.create_connection(proxy.address, timeout=10) as sock:
+        sock.sendall(
+            f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode()
+        )
+        data = recv_until(sock, b"\r\n\r\nok")
+    assert data.count(b"HTTP/1.1 102") == 12
+    assert b"HTTP/1.1 103" in data and b"Link: </a.css>" in data
+    assert b"HTTP/1.1 201" in data
+
+
+def test_6_an_endless_stream_of_interim_responses_is_bounded(make_proxy, raw_origin):
+    def flood(sock: socket.socket) -> None:
+        origin.read_head(sock)
+        try:
+            for _ in range(100_000):
+                sock.sendall(b"HTTP/1.1 102 Processing\r\nX-Pad: " + b"p" * 1000 + b"\r\n\r\n")
+        except OSError:
+            pass
+
+    origin = raw_origin(flood)
+    p = make_proxy("--max-header-size", "4096")  # interim heads may total 16 x 4 KiB
+    with socket.create_connection(p.address, timeout=10) as sock:
+        sock.sendall(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = recv_until(sock, b"interim responses too large")
+    assert b"HTTP/1.1 502" in data
+    assert data.count(b"HTTP/1.1 102") < 100
+
+
+# -- 7. Max-Forwards and OPTIONS * (RFC 9110 §7.6.2, RFC 9112 §3.2.4) -----------------------
+
+
+def test_7_max_forwards_zero_is_answered_by_the_proxy(proxy, raw_origin):
+    origin = raw_origin(lambda sock: origin.read_head(sock))
+    for method in ("OPTIONS", "TRACE"):
+        data = raw_request(
+            proxy.address,
+            f"{method} {origin.url}/x HTTP/1.1\r\nHost: x\r\nMax-Forwards: 0\r\n"
+            "Cookie: secret=1\r\nX-Kept: yes\r\n\r\n".encode(),
+        )
+        head, body = head_and_rest(data)
+        assert status(head) == 200, data
+        if method == "TRACE":
+            assert b"Content-Type: message/http" in head
+            assert body.startswith(f"TRACE {origin.url}/x HTTP/1.1".encode())
+            assert b"X-Kept: yes" in body and b"secret" not in body
+        else:
+            assert b"Content-Length: 0" in head
+    assert origin.accepted == 0
+
+
+def test_7_max_forwards_is_counted_down_and_options_star_forwarded(proxy, raw_origin):
+    def record(sock: socket.socket) -> None:
+        origin.read_head(sock)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    origin = raw_origin(record)
+    for target in (origin.url, origin.url.upper().replace("HTTP", "http", 1)):
+        data = raw_request(
+            proxy.address,
+            f"OPTIONS {target} HTTP/1.1\r\nHost: x\r\nMax-Forwards: 5\r\n\r\n".encode(),
+        )
+        assert status(data) == 200
+    assert all(r.startswith(b"OPTIONS * HTTP/1.1\r\n") for r in origin.requests)
+    assert all(b"Max-Forwards: 4\r\n" in r for r in origin.requests)
+    bad = raw_request(
+        proxy.address,
+        f"TRACE {origin.url}/ HTTP/1.1\r\nHost: x\r\nMax-Forwards: x\r\n\r\n".encode(),
+    )
+    assert status(bad) == 400
+
+
+# -- 9. requests aimed at the proxy itself, in every spelling -------------------------------
+
+
+def test_9_the_proxy_and_its_admin_listener_are_refused_in_every_spelling(tmp_path):
+    p = ProxyProcess(tmp_path, "--allow-private", "--connect-port", "1-65535")
+    try:
+        admin_port = int(p.admin_url.rsplit(":", 1)[1])
+        for host in (
+            "0.0.0.0",
+            "[::ffff:0.0.0.0]",
+            "127.0.0.1",
+            "[::ffff:127.0.0.1]",
+            "localhost",
+            "0",
+        ):
+            for port in (admin_port, p.port):
+                data = raw_request(
+                    p.address,
+                    f"GET http://{host}:{port}/api/flows HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+                )
+                assert status(data) in (400, 403), (host, port, data[:200])
+                assert b"/api/flows" not in data.split(b"\r\n\r\n", 1)[1][:20]
+        for target in (f"0.0.0.0:{p.port}", f"[::]:{admin_port}", f"127.0.0.1:{p.port}"):
+            data = raw_request(p.address, f"CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert status(data) == 403, (target, data[:200])
+            assert b"proxy_loop_detected" in data
+    finally:
+        p.stop()
+    p.check_clean()
+
+
+def test_9_an_admin_on_ipv6_loopback_is_protected_from_the_unspecified_address(tmp_path):
+    p = ProxyProcess(tmp_path, "--allow-private", "--admin-listen", "[::1]:0")
+    try:
+        admin_port = int(p.admin_url.rsplit(":", 1)[1])
+        data = raw_request(
+            p.address,
+            f"GET http://[::]:{admin_port}/api/flows HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+        )
+        assert status(data) == 403 and b"proxy_loop_detected" in data
+    finally:
+        p.stop()
+    p.check_clean()
+
+
+# -- 10. pre-auth retention is bounded --------------------------------------------------------
+
+
+def test_10_refused_heads_do_not_accumulate_in_memory_or_on_disk(make_proxy, tmp_path):
+    config = tmp_path / "auth.toml"
+    config.write_text(f'[auth.users]\nalice = "{hashed("pw")}"\n')
+    p = make_proxy("--config", str(config), "--client-rps", "0")
+    fields = "".join(f"{i:x}:v\r\n" for i in range(7_900))  # ~58 KB: 7,900 short fields
+    request = f"GET http://example.com/ HTTP/1.1\r\nHost: x\r\n{fields}\r\n".encode()
+    assert len(request) > 55_000
+    raw_request(p.address, request)
+    before = p.rss()
+    for _ in range(240):
+        assert status(raw_request(p.address, request)) == 407
+    growth = p.rss() - before
+    assert growth < 24 << 20, f"RSS grew by {growth / 2**20:.1f} MiB for 240 refused heads"
+    with httpx.Client(timeout=10, trust_env=False) as admin:
+        flows = admin.get(p.admin_url + "/api/flows?limit=1").json()["flows"]
+        detail = admin.get(p.admin_url + f"/api/flows/{flows[0]['id']}").json()
+    headers = detail["request"]["headers"]
+    assert len(headers) < 600
+    assert headers[-1][0] == "X-Eyewall-Omitted"
+
+
+# -- 11. authentication under attack ----------------------------------------------------------
+
+
+def test_11_a_guesser_is_locked_out_whatever_the_password(make_proxy, origin, tmp_path):
+    config = tmp_path / "auth.toml"
+    config.write_text(f'[auth.users]\nalice = "{hashed("right")}"\n')
+    p = make_proxy("--config", str(config))
+    url = f"{origin.url}/echo/x"
+    for i in range(5):
+        data = raw_request(
+            p.address,
+            f"GET {url} HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {basic('alice', f'guess{i}')}\r\n\r\n".encode(),
+        )
+        assert status(data) == 407
+    locked = raw_request(
+        p.address,
+        f"GET {url} HTTP/1.1\r\nHost: x\r\n"
+        f"Proxy-Authorization: {basic('alice', 'right')}\r\n\r\n".encode(),
+    )
+    assert status(locked) == 429 and b"Retry-After: " in locked
+    assert b"too many failed logins" in locked
+    line = p.access_entry("err=rate_limited")
+    assert "rule=login-throttle" in line
+    p.log_with("authentication failed for user 'alice'")
+    with httpx.Client(timeout=10, trust_env=False) as admin:
+        metrics = admin.get(p.admin_url + "/metrics").text
+    assert 'eyewall_auth_failures_total{reason="wrong"} 5.0' in metrics
+    assert 'eyewall_auth_failures_total{reason="throttled"} 1.0' in metrics
+
+
+def test_11_clients_that_hang_up_cost_no_bcrypt_check(make_proxy, origin, tmp_path):
+    """60 made-up logins from 60 addresses, each hanging up at once, then a real user."""
+    config = tmp_path / "auth.toml"
+    config.write_text(
+        f'[auth.users]\nalice = "{bcrypt.hashpw(b"right", bcrypt.gensalt(10)).decode()}"\n'
+        '[access]\nallow_clients = ["127.0.0.0/8"]\n'
+    )
+    p = make_proxy("--config", str(config))
+    for i in range(60):
+        with socket.socket() as s:
+            s.bind((f"127.0.0.{10 + i}", 0))
+            s.connect(p.address)
+            s.sendall(
+                f"GET http://example.com/ HTTP/1.1\r\nHost: x\r\n"
+                f"Proxy-Authorization: {basic(f'u{i}', 'x')}\r\n\r\n".encode()
+            )
+    data = raw_request(
+        p.address,
+        f"GET {origin.url}/echo/real HTTP/1.1\r\nHost: x\r\n"
+        f"Proxy-Authorization: {basic('alice', 'right')}\r\n\r\n".encode(),
+    )
+    assert status(data) == 200
+    with httpx.Client(timeout=10, trust_env=False) as admin:
+        metrics = admin.get(p.admin_url + "/metrics").text
+    skipped = float(metrics.split('eyewall_login_checks_total{result="skipped"} ')[1].split()[0])
+    assert skipped > 0  # made-up logins whose clients had left were never hashed
+
+
+# -- 12. a malformed body ends the connection (no desync) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"4\r\nabcdXX0\r\n\r\n",  # chunk data not followed by CRLF
+        b"0x4\r\nabcd\r\n0\r\n\r\n",  # a size line in another notation
+        b"fffffffffffffffff\r\n",  # a size beyond 64 bits
+        b"4;" + b"e" * 5000 + b"\r\nabcd\r\n0\r\n\r\n",  # a size line too long
+        b"-1\r\n",
+    ],
+)
+def test_12_after_a_malformed_chunked_body_the_next_request_never_reaches_the_origin(
+    proxy, raw_origin, body
+):
+    def record(sock: socket.socket) -> None:
+        while chunk := sock.recv(65536):
+            origin.requests.append(chunk)
+
+    origin = raw_origin(record)
+    smuggled = f"GET {origin.url}/smuggled HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with socket.create_connection(proxy.address, timeout=10) as sock:
+        sock.sendall(
+            f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            + body
+            + smuggled
+        )
+        data = recv_all(sock)
+    assert status(data) == 400 and data.count(b"HTTP/1.1 ") == 1
+    assert b"Connection: close" in data
+    assert not any(b"/smuggled" in chunk for chunk in origin.requests)
+
+
+# -- 13. method names are case-sensitive; case-variants of registered ones refused ------------
+
+
+def test_13_case_variants_of_registered_methods_are_refused(make_proxy, origin, tmp_path):
+    config = tmp_path / "rules.toml"
+    config.write_text(
+        '[[rules]]\nid = "ro"\naction = "deny"\nmethods = ["DELETE", "PUT", "brew"]\n'
+    )
+    p = make_proxy("--config", str(config))
+    for method in ("delete", "Delete", "put", "head", "cOnNeCt"):
+        data = raw_request(
+            p.address, f"{method} {origin.url}/echo HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        assert status(data) == 400, method
+        assert method.upper().encode() in data  # names the registered spelling
+    for method in ("DELETE", "BREW", "brew"):
+        data = raw_request(
+            p.address, f"{method} {origin.url}/echo HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        assert status(data) == 403, method  # rules match methods whatever their case
+    ok = raw_request(p.address, f"PROPFIND {origin.url}/echo HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status(ok) == 200
+
+
+# -- 14, 15, 16. interception: pinning per client, auth inside, tunnel limits --------------
+
+
+def curl_through(
+    p: ProxyProcess, url: str, cacert: str, *extra: str, source: str = ""
+) -> subprocess.CompletedProcess[bytes]:
+    command = ["curl", "-sS", "--max-time", "10", "--cacert", cacert, "-x", p.url, *extra, url]
+    if source:
+        command[1:1] = ["--interface", source]
+    return subprocess.run(command, capture_output=True)
+
+
+def test_14_one_client_refusing_interception_does_not_turn_it_off_for_others(
+    make_proxy, tls_origin, ca_file, ca_dir, tmp_path
+):
+    p = make_proxy(
+        "--config",
+        intercepting(tmp_path, ca_dir, ca_file),
+        "--passthrough-pinned",
+        "--allow-client",
+        "127.0.0.0/8",
+    )
+    refused = curl_through(p, f"{tls_origin.url}/echo/a", ca_file, source="127.0.0.2")
+    assert refused.returncode == 60
+    p.log_with("will be tunnelled without interception")
+    pinned = curl_through(p, f"{tls_origin.url}/echo/a", ca_file, source="127.0.0.2")
+    assert pinned.returncode == 0  # that client now gets the origin's own certificate
+    other = curl_through(p, f"{tls_origin.url}/echo/b", str(ca_dir / "ca.pem"), source="127.0.0.3")
+    assert other.returncode == 0, other.stderr  # still intercepted for everyone else
+    assert " 200 " in p.access_entry("/echo/b")
+
+
+def test_15_requests_inside_an_authenticated_intercepted_tunnel_inherit_its_user(
+    make_proxy, tls_origin, ca_file, ca_dir, tmp_path
+):
+    config = intercepting(tmp_path, ca_dir, ca_file)
+    text = Path(config).read_text()
+    Path(config).write_text(
+        f'[auth.users]\nalice = "{hashed("pw")}"\n'
+        '[[rules]]\nid = "ro"\naction = "deny"\nmethods = ["POST"]\nusers = ["alice"]\n' + text
+    )
+    p = make_proxy("--config", config)
+    ok = curl_through(
+        p, f"{tls_origin.url}/echo/in", str(ca_dir / "ca.pem"), "--proxy-user", "alice:pw"
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert b'"/echo/in"' in ok.stdout
+    denied = curl_through(
+        p,
+        f"{tls_origin.url}/echo/post",
+        str(ca_dir / "ca.pem"),
+        "--proxy-user",
+        "alice:pw",
+        "-d",
+        "x",
+        "-w",
+        "%{http_code}",
+    )
+    assert denied.stdout.endswith(b"403")
+    assert "user=alice" in p.access_entry("/echo/in")
+
+
+def test_16_intercepted_tunnels_count_against_the_tunnel_limit(
+    make_proxy, tls_origin, ca_file, ca_dir, tmp_path
+):
+    p = make_proxy("--config", intercepting(tmp_path, ca_dir, ca_file), "--client-tunnels", "1")
+    context = ssl.create_default_context(cafile=str(ca_dir / "ca.pem"))
+    host = tls_origin.url.split("//")[1]
+    with socket.create_connection(p.address, timeout=10) as held:
+        held.sendall(f"CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert recv_until(held, b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+        tls = context.wrap_socket(held, server_hostname="localhost")
+        second = raw_request(p.address, f"CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert status(second) == 429
+        tls.close()
+
+
+def test_16_one_client_cannot_take_every_connection_slot_by_default(proxy):
+    held = []
+    try:
+        for _ in range(256):
+            s = socket.create_connection(proxy.address, timeout=10)
+            s.sendall(b"GET http://a/ HTTP/1.1\r\n")  # a head begun, never finished
+            held.append(s)
+        data = raw_request(proxy.address, b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert status(data) == 429 and b"client_connections" in data
+    finally:
+        for s in held:
+            s.close()
+
+
+# -- 17. secrets and files --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("log_format", ["text", "squid", "common", "combined", "json"])
+def test_17_user_names_cannot_forge_access_lines(make_proxy, tmp_path, log_format):
+    config = tmp_path / "auth.toml"
+    config.write_text(f'[auth.users]\nalice = "{hashed("pw")}"\n')
+    p = make_proxy("--config", str(config), "--log-format", log_format)
+    forged = "eve\n2026-11-30T00:00:00.000Z 10.0.0.1:1 x-1 GET http://forged/ 200"
+    raw_request(
+        p.address,
+        f"GET http://example.com/ HTTP/1.1\r\nHost: x\r\n"
+        f"Proxy-Authorization: {basic(forged, 'x')}\r\n\r\n".encode(),
+    )
+    lines = p.access_lines(wait_for=1)
+    assert len(lines) == 1, lines
+    assert "http://forged/" not in lines[0] or "\\x0a" in lines[0] or "\\n" in lines[0]
+
+
+def test_17_an_admin_token_with_a_space_logs_in_and_the_cookie_is_not_the_token(make_proxy):
+    p = make_proxy("--admin-token", "open sesame")
+    with httpx.Client(timeout=10, trust_env=False, follow_redirects=False) as c:
+        assert c.get(p.admin_url + "/api/flows").status_code == 401
+        login = c.get(p.admin_url + "/login", params={"token": "open sesame"})
+        assert login.status_code == 302
+        cookie = login.cookies.get("eyewall_admin")
+        assert cookie and "sesame" not in cookie
+        assert c.get(p.admin_url + "/api/flows").status_code == 200
+    with httpx.Client(timeout=10, trust_env=False) as anonymous:
+        assert anonymous.get(p.admin_url + "/healthz").status_code == 200
+    unauthorized = httpx.get(p.admin_url + "/metrics", timeout=10, trust_env=False)
+    assert unauthorized.status_code == 401 and "/login" in unauthorized.text
+    assert "sesame" not in p.stderr()
+
+
+def test_17_log_and_pid_files_are_not_world_readable(make_proxy, tmp_path):
+    pid_file = tmp_path / "eyewall.pid"
+    p = make_proxy("--pid-file", str(pid_file))
+    raw_request(p.address, b"GET http://example.invalid/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    p.access_lines(wait_for=1)
+    for path in (p.access_path, pid_file):
+        assert stat.S_IMODE(path.stat().st_mode) & 0o007 == 0, path
+
+
+def test_17_addon_files_others_can_write_are_refused(tmp_path):
+    addon = tmp_path / "addon.py"
+    addon.write_text("class A:\n    def request(self, flow):\n        pass\n")
+    addon.chmod(0o664)
+    result = eyewall("--listen", "127.0.0.1:0", "--admin-listen", "off", "--addon", str(addon))
+    assert result.returncode != 0
+    assert b"writable by group or others" in result.stderr
+
+
+def test_17_origin_credentials_in_a_target_never_reach_logs_or_records(make_proxy):
+    p = make_proxy()
+    data = raw_request(
+        p.address, b"GET http://user:hunter2@example.com/ HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert status(data) == 400
+    line = p.access_entry(" 400 ")
+    assert "hunter2" not in line
+    with httpx.Client(timeout=10, trust_env=False) as admin:
+        assert "hunter2" not in admin.get(p.admin_url + "/api/flows").text
+    assert "hunter2" not in p.stderr()
+
+
+def test_17_metrics_and_health_need_no_token_on_the_default_loopback_admin(proxy):
+    with httpx.Client(timeout=10, trust_env=False) as c:
+        assert c.get(proxy.admin_url + "/metrics").status_code == 200
+        assert c.get(proxy.admin_url + "/healthz").status_code == 200
+
+
+# -- 18. found by reading the code, verified with the real proxy -----------------------------
+
+
+def test_18_a_reload_keeps_connection_counts(make_proxy, tmp_path):
+    config = tmp_path / "limits.toml"
+    config.write_text("[rate_limits]\nclient_connections = 2\n")
+    p = make_proxy("--config", str(config))
+    held = [socket.create_connection(p.address, timeout=10) for _ in range(2)]
+    for s in held:
+        s.sendall(b"GET http://a/ HTTP/1.1\r\n")
+    try:
+        p.signal(signal.SIGHUP)
+        p.log_with("configuration reloaded")
+        data = raw_request(p.address, b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert status(data) == 429
+    finally:
+        for s in held:
+            s.close()
+
+
+SLOW_POLICY = """
+import asyncio
+
+class Slow:
+    async def requestheaders(self, flow):
+        await asyncio.sleep(3600)
+"""
+
+
+def test_18_a_slow_policy_hook_fails_as_an_addon_never_as_the_origin(make_proxy, origin, tmp_path):
+    addon = tmp_path / "slow.py"
+    addon.write_text(SLOW_POLICY)
+    p = make_proxy(
+        "--policy-addon",
+        str(addon),
+        "--addon-hook-timeout",
+        "0.3",
+        "--upstream-head-timeout",
+        "0.1",
+    )
+    p.expected_errors.append("took longer than timeouts.addon_hook")
+    data = raw_request(p.address, f"GET {origin.url}/echo HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status(data) == 502 and b"addon_failed" in data
+    assert "err=addon_failed" in p.access_entry("/echo")
+
+
+def test_18_the_certificate_cache_survives_concurrent_minting(ca_dir):
+    from eyewall.tls.ca import CertificateAuthority
+    from eyewall.tls.leaves import LeafCache
+
+    cache = LeafCache(CertificateAuthority.load(ca_dir), size=16)
+    errors: list[BaseException] = []
+
+    def mint(worker: int) -> None:
+        try:
+            for i in range(60):
+                cache.context(f"h{(worker * 7 + i) % 40}.example")
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=mint, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cache.close()
+    assert errors == [] and len(cache) <= 16
