@@ -59,6 +59,7 @@ class FleetNode:
         self.node = node_name(settings)
         self.limits: RedisLimitsStore | None = None
         self.flows: FlowDatabase | None = None
+        self._live: Any = None  # the admin listener's LiveFeed, when flows are shared
         if settings.flows.enabled and settings.shared_flows.postgresql:
             from eyewall.shared.flow_db import FlowDatabase
 
@@ -108,6 +109,9 @@ class FleetNode:
         if observers.admin is not None:
             observers.admin.node = self.node
             observers.admin.shared = flows
+            if flows is not None:  # the dashboard's live table shows every node's flows
+                self._live = observers.live
+                self._live.node = self.node
         metrics = observers.metrics
         if metrics is not None:
             gate = proxy.proxy_protocol
@@ -126,6 +130,9 @@ class FleetNode:
         """Begin the background work; one line about Redis."""
         if self.flows is not None:
             self.flows.start()
+            live = self._live
+            if live is not None:
+                self.flows.follow(live.push, lambda: bool(live.clients))
         if self.limits is not None:
             self.limits.start()
             problem = await self.limits.check()

@@ -20,8 +20,11 @@ adds them; a DBA can run `SCHEMA` beforehand and grant only INSERT, SELECT, DELE
     seq bigserial   the order rows were recorded in (retention by count)
     node text       the node that recorded the flow (fleet.node)
     size integer    the row's payload in bytes (retention by bytes)
+    batch bigint    the batch it was written in (random), named by the NOTIFY on
+                    ``CHANNEL`` that follows each batch: "BATCH LOW HIGH NODE"
     + the columns of `eyewall.observe.records.COLUMNS`, typed as `COLUMN_TYPES` says
 
+`follow` shows a node's dashboard the other nodes' flows as their batches commit.
 Reading (`records`, `find`, `summaries`) returns the records of
 `eyewall.observe.records` with ``node`` added.  Every database error is turned into
 `FlowDatabaseError` at this boundary.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -89,8 +93,15 @@ COLUMN_TYPES: dict[str, str] = {
     "request_body": "bytea",
     "response_body": "bytea",
 }
-_WRITTEN = ("node", *COLUMNS, "size")
+_WRITTEN = ("seq", "batch", "node", *COLUMNS, "size")
 _READ = ", ".join(f'"{c}"' for c in ("node", *COLUMNS))
+
+_NEXTVALS = (
+    f"SELECT array_agg(nextval(pg_get_serial_sequence('{TABLE}', 'seq')))"
+    " FROM generate_series(1, $1)"
+)
+CHANNEL = TABLE  # NOTIFY payload per batch: "BATCH LOW_SEQ HIGH_SEQ NODE"
+_NOTIFY = f"SELECT pg_notify('{CHANNEL}', $1)"
 
 SCHEMA = "\n".join(
     [
@@ -98,9 +109,11 @@ SCHEMA = "\n".join(
         "    seq bigserial PRIMARY KEY,",
         "    node text NOT NULL,",
         "    size integer NOT NULL,",
+        "    batch bigint,",
         *(f'    "{c}" {COLUMN_TYPES[c]},' for c in COLUMNS[:-1]),
         f'    "{COLUMNS[-1]}" {COLUMN_TYPES[COLUMNS[-1]]}',
         ");",
+        f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS batch bigint;",
         *(
             f'ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS "{c}" '
             + COLUMN_TYPES[c].replace(" NOT NULL", "")
@@ -184,6 +197,7 @@ class FlowDatabase:
         self._pool_lock = asyncio.Lock()
         self._schema_ready = not create
         self._writer: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
         self._closing = False
         self._last_prune = 0.0
         self._written_at_prune = 0  # a node that wrote nothing since leaves it to others
@@ -216,6 +230,10 @@ class FlowDatabase:
     async def close(self) -> None:
         """Write what waits (once, within command_timeout), then close."""
         self._closing = True
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
+            self._follower = None
         if self._writer is not None:
             self._wake.set()
             try:
@@ -261,12 +279,21 @@ class FlowDatabase:
         batch, self._pending = self._pending, []
         size, self._pending_bytes = self._pending_bytes, 0
         started = time.perf_counter()
+        batch_id = secrets.randbits(63)
         try:
             rows = [self._row(flow) for flow in batch]
-            async with self._connection() as conn:
+            async with self._connection() as conn, conn.transaction():
+                # Row numbers taken first, so that the notification can name them: a
+                # follower fetches exactly this batch once it is committed.
+                seqs = await conn.fetchval(_NEXTVALS, len(rows), timeout=self.command_timeout)
                 await conn.copy_records_to_table(
-                    TABLE, records=rows, columns=_WRITTEN, timeout=self.command_timeout
+                    TABLE,
+                    records=[(seq, batch_id, *row) for seq, row in zip(seqs, rows, strict=True)],
+                    columns=_WRITTEN,
+                    timeout=self.command_timeout,
                 )
+                payload = f"{batch_id} {min(seqs)} {max(seqs)} {self.node}"
+                await conn.execute(_NOTIFY, payload, timeout=self.command_timeout)
         except FlowDatabaseError as e:
             self.failures += 1
             self._pending[:0] = batch
@@ -355,6 +382,67 @@ class FlowDatabase:
             [*args, limit],
         )
         return [summary(r) for r in rows]
+
+    def follow(self, show: Callable[[dict[str, Any]], None], wanted: Callable[[], bool]) -> None:
+        """Call ``show`` with the summary of every flow other nodes record from now on,
+        batch by batch as they commit (LISTEN on a connection of its own, re-opened
+        after a pause when lost), while ``wanted()`` — a dashboard is open — holds.
+        Batches that arrive faster than they can be read are skipped (at most 100
+        wait)."""
+        if self._follower is None:
+            self._follower = asyncio.ensure_future(self._follow(show, wanted))
+
+    async def _follow(
+        self, show: Callable[[dict[str, Any]], None], wanted: Callable[[], bool]
+    ) -> None:
+        batches: asyncio.Queue[tuple[int, int, int]] = asyncio.Queue(100)
+
+        def notified(conn: Any, pid: int, channel: str, payload: object) -> None:
+            batch, low, high, node = str(payload).split(" ", 3)
+            if node != self.node and wanted() and not batches.full():
+                batches.put_nowait((int(batch), int(low), int(high)))
+
+        reader = asyncio.ensure_future(self._show_batches(batches, show))
+        pause = 1.0
+        try:
+            while True:
+                lost = asyncio.Event()
+                try:
+                    conn = await asyncpg.connect(
+                        self.dsn, timeout=self.connect_timeout, command_timeout=self.command_timeout
+                    )
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+                    await asyncio.sleep(pause)
+                    pause = min(MAX_BACKOFF, pause * 2)
+                    continue
+                try:
+                    conn.add_termination_listener(lambda _, lost=lost: lost.set())
+                    await conn.add_listener(CHANNEL, notified)
+                    pause = 1.0
+                    await lost.wait()
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+                    await asyncio.sleep(pause)
+                finally:
+                    conn.terminate()
+        finally:
+            reader.cancel()
+
+    async def _show_batches(
+        self, batches: asyncio.Queue[tuple[int, int, int]], show: Callable[[dict[str, Any]], None]
+    ) -> None:
+        while True:
+            batch, low, high = await batches.get()
+            try:
+                records = await self._fetch(
+                    f"SELECT {_READ} FROM {TABLE} WHERE seq BETWEEN $2 AND $3 AND batch = $1"
+                    " ORDER BY seq",
+                    [batch, low, high],
+                )
+            except FlowDatabaseError as e:
+                log.debug("reading another node's batch failed: %s", e)
+                continue
+            for record in records:
+                show(summary(record))
 
     @staticmethod
     def _filters(query: dict[str, str]) -> tuple[list[str], list[Any]]:

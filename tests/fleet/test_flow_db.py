@@ -214,3 +214,54 @@ def test_text_postgres_refuses_is_repaired_not_lost(dsn: str) -> None:
         assert record["error_detail"] == "nul \ufffd and ? here"
 
     run(body)
+
+
+def test_a_follower_sees_the_other_nodes_batches_as_they_commit(dsn: str) -> None:
+    async def body() -> None:
+        a, b = FlowDatabase(dsn, "node-a"), FlowDatabase(dsn, "node-b")
+        shown: list[dict[str, Any]] = []
+        wanted = [True]
+        asked: list[bool] = []  # what the follower was told, notification by notification
+
+        def watching() -> bool:
+            asked.append(wanted[0])
+            return wanted[0]
+
+        a.follow(shown.append, watching)
+        try:
+            await a.records()  # the table exists before the follower listens
+            loop = asyncio.get_running_loop()
+
+            async def until(condition: Callable[[], bool]) -> None:
+                deadline = loop.time() + 30
+                while not condition():
+                    assert loop.time() < deadline
+                    await asyncio.sleep(0.01)
+
+            # the follower's LISTEN is in place once a notification comes back
+            while not shown:
+                b(flow(0))
+                await b._flush()
+                await asyncio.sleep(0.05)
+            shown.clear()
+            for n in range(1, 4):
+                b(flow(n, host="b.test"))
+            a(flow(9, host="a.test"))  # its own: not shown
+            await a._flush()
+            await b._flush()
+            await until(lambda: len(shown) == 3)
+            assert [(s["id"], s["node"]) for s in shown] == [(f"f{n}", "node-b") for n in (1, 2, 3)]
+            wanted[0] = False  # nobody watching: batches are not even read
+            b(flow(5))
+            await b._flush()
+            await until(lambda: asked[-1] is False)
+            wanted[0] = True
+            b(flow(6))
+            await b._flush()
+            await until(lambda: len(shown) == 4)  # notifications come in commit order
+            assert shown[3]["id"] == "f6"
+        finally:
+            await a.close()
+            await b.close()
+
+    run(body)

@@ -11,6 +11,7 @@ No sleeping: every wait polls a condition with a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -23,8 +24,10 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
 
 from eyewall.proxyproto import ProxyHeader, encode
 from tests.conftest import PROXY_ARGS, ProxyProcess
@@ -286,6 +289,32 @@ def test_one_har_export_holds_the_flows_of_every_node(
         }
         other = next(f for f in flows if f["node"] != node.name)
         assert json.loads(node.admin(f"/api/flows/{other['id']}"))["node"] == other["node"]
+
+
+def test_the_dashboard_live_table_shows_every_node(fleet: Fleet, origin: OriginServer) -> None:
+    a, b = fleet.nodes
+    assert a.admin_url is not None
+    url = a.admin_url.replace("http://", "ws://") + "/api/live"
+    marker = f"live{time.monotonic_ns()}"
+
+    async def watch() -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+        async with connect(url, origin=a.admin_url, proxy=None) as ws:
+            hello = json.loads(await ws.recv())
+            seen: dict[str, dict[str, Any]] = {}
+            for node, path in ((b, "from-b"), (a, "from-a")):  # straight to each node
+                await asyncio.to_thread(
+                    request, node.address, f"{origin.url}/echo/{marker}/{path}", "127.0.0.70"
+                )
+            while len(seen) < 2:
+                message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                if message["type"] == "flow" and marker in message["flow"]["url"]:
+                    seen[message["flow"]["url"].rsplit("/", 1)[1]] = message["flow"]
+            return [f.get("node", "") for f in hello["flows"]], seen["from-a"], seen["from-b"]
+
+    hello_nodes, from_a, from_b = asyncio.run(watch())
+    assert set(hello_nodes) <= {"node-a"}  # this node's recent flows, named
+    assert (from_a["node"], from_b["node"]) == ("node-a", "node-b")
+    assert from_b["status"] == 200
 
 
 def test_healthz_answers_the_balancer_without_the_token(fleet: Fleet) -> None:
