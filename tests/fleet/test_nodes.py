@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from websockets.asyncio.client import connect
 
@@ -276,6 +277,7 @@ def test_one_har_export_holds_the_flows_of_every_node(
     )
     assert done.returncode == 0, done.stderr
     har = json.loads(done.stdout)
+    jsonschema.validate(har, json.loads((ROOT / "tests/data/har-1.2.schema.json").read_text()))
     mine = [e for e in har["log"]["entries"] if marker in e["request"]["url"]]
     assert sorted(e["_node"] for e in mine) == ["node-a", "node-a", "node-b", "node-b"]
     # every node's admin API shows the fleet's flows too
@@ -315,6 +317,26 @@ def test_the_dashboard_live_table_shows_every_node(fleet: Fleet, origin: OriginS
     assert set(hello_nodes) <= {"node-a"}  # this node's recent flows, named
     assert (from_a["node"], from_b["node"]) == ("node-a", "node-b")
     assert from_b["status"] == 200
+
+
+def test_the_fleet_metrics_are_the_documented_ones(fleet: Fleet) -> None:
+    """A node with every fleet part exposes exactly the families of docs/monitoring.md
+    and docs/fleet.md's tables, read from the exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    scraped = {
+        family.name
+        for family in text_string_to_metric_families(fleet.nodes[0].admin("/metrics"))
+        if family.name.startswith("eyewall_")
+    }
+
+    def table(doc: str, heading: str) -> set[str]:
+        text = (ROOT / "docs" / doc).read_text().split(heading, 1)[1].split("\n## ", 1)[0]
+        found = re.findall(r"^\| `(eyewall_[a-z_]+)` \|", text, re.MULTILINE)
+        return {name.removesuffix("_total") for name in found}
+
+    documented = table("monitoring.md", "## Metrics") | table("fleet.md", "## Metrics and")
+    assert scraped == documented
 
 
 def test_healthz_answers_the_balancer_without_the_token(fleet: Fleet) -> None:
