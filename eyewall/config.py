@@ -602,7 +602,6 @@ class ProxyProtocol:
         "Which of listen and tls.listen expect PROXY headers from trusted peers;"
         " empty: all of them. On the others a trusted peer is an ordinary client.",
         flag="--proxy-protocol-listener",
-        restart=True,
     )
     header_timeout: float = setting(
         3.0,

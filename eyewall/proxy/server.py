@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
 import itertools
 import logging
 import secrets
@@ -157,17 +158,11 @@ class Proxy:
             ("tls.listen", tls.listen, server_tls),
         ):
             for endpoint in endpoints:
-                relayed = self._relayed(endpoint)
                 for sock in _bind(endpoint, setting):
                     _defer_accept(sock, self.settings.timeouts.client_header)
 
-                    def accept(
-                        s: socket.socket, address: Any, secure: Any = secure, lb: bool = relayed
-                    ) -> None:
-                        if lb and self.proxy_protocol.enabled:
-                            self._spawn(self._serve_relayed(s, address, secure))
-                        else:
-                            self._accept(s, address, secure)
+                    def accept(s: socket.socket, address: Any, secure: Any = secure) -> None:
+                        self._accept(s, address, secure)
 
                     self._listeners.append((sock, add_accept_handler(sock, accept)))
                     self.addresses.append(sock.getsockname()[:2])
@@ -202,6 +197,9 @@ class Proxy:
         self._listeners.clear()
 
     def _accept(self, sock: socket.socket, address: Any, secure: ssl.SSLContext | None) -> None:
+        if self.proxy_protocol.enabled and self._relayed(sock):
+            self._spawn(self._serve_relayed(sock, address, secure))
+            return
         stream = BoundedStream(sock, max_buffer_size=STREAM_BUFFER)
         self._spawn(self._serve(stream, address, secure))
 
@@ -210,11 +208,17 @@ class Proxy:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _relayed(self, endpoint: Endpoint) -> bool:
-        """Whether connections to ``endpoint`` may come through a load balancer that
-        sends PROXY protocol headers (proxy_protocol.listeners; empty: every listener)."""
+    def _relayed(self, sock: socket.socket) -> bool:
+        """Whether the connection ``sock`` reached a listener that takes PROXY headers
+        from trusted peers (proxy_protocol.listeners; empty: every listener)."""
         listeners = self.settings.proxy_protocol.listeners
-        return not listeners or endpoint in listeners
+        if not listeners:
+            return True
+        try:
+            local = sock.getsockname()
+        except OSError:
+            return True  # gone already: the gate will find nothing to read
+        return any(_serves(endpoint, local[0], local[1]) for endpoint in listeners)
 
     async def _serve_relayed(
         self, sock: socket.socket, peer: Any, secure: ssl.SSLContext | None
@@ -384,6 +388,21 @@ class Proxy:
 async def _done(result: Any) -> Any:
     """``result``, awaited if a shared limits store returned a coroutine."""
     return await result if inspect.isawaitable(result) else result
+
+
+def _serves(endpoint: Endpoint, host: str, port: int) -> bool:
+    """Whether a listener on ``endpoint`` accepts connections to ``host``:``port`` (the
+    wildcard addresses take every address; localhost, the loopback ones)."""
+    if endpoint.port != port:
+        return False
+    if endpoint.host in ("0.0.0.0", "::"):
+        return True
+    local = ipaddress.ip_address(host.partition("%")[0])
+    if local.version == 6 and local.ipv4_mapped is not None:
+        local = local.ipv4_mapped
+    if endpoint.host == "localhost":
+        return local.is_loopback
+    return local == ipaddress.ip_address(endpoint.host)
 
 
 def _bind(endpoint: Endpoint, setting: str) -> list[socket.socket]:

@@ -368,3 +368,27 @@ def test_an_https_listener_reads_the_header_before_the_handshake(ca: Any, tmp_pa
             await proxy.shutdown()
 
     run(main)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "local", "expected"),
+    [
+        ("10.0.0.11:3128", ("10.0.0.11", 3128), True),
+        ("10.0.0.11:3128", ("10.0.0.12", 3128), False),
+        ("10.0.0.11:3128", ("10.0.0.11", 8080), False),
+        ("0.0.0.0:3128", ("10.0.0.12", 3128), True),
+        ("[::]:3128", ("::ffff:10.0.0.12", 3128), True),
+        ("10.0.0.11:3128", ("::ffff:10.0.0.11", 3128), True),
+        ("[2001:db8::1]:3128", ("2001:db8:0::1", 3128), True),
+        ("localhost:3128", ("::1", 3128), True),
+        ("localhost:3128", ("127.0.0.1", 3128), True),
+        ("localhost:3128", ("10.0.0.1", 3128), False),
+    ],
+)
+def test_which_listener_a_connection_reached(
+    endpoint: str, local: tuple[str, int], expected: bool
+) -> None:
+    from eyewall.config import parse_endpoint
+    from eyewall.proxy.server import _serves
+
+    assert _serves(parse_endpoint(endpoint), *local) is expected
