@@ -14,15 +14,7 @@ Retention is the flow store's (``flows.max_count``, ``max_age``, ``max_bytes``, 
 bytes being the rows' payload as Eyewall estimates it): every 10 s one node — whichever
 takes the advisory lock — deletes what is over.
 
-The table, ``eyewall_flows`` (created at first contact, columns added when Eyewall
-adds them; a DBA can run `SCHEMA` beforehand and grant only INSERT, SELECT, DELETE)::
-
-    seq bigserial   the order rows were recorded in (retention by count)
-    node text       the node that recorded the flow (fleet.node)
-    size integer    the row's payload in bytes (retention by bytes)
-    batch bigint    the batch it was written in (random), named by the NOTIFY on
-                    ``CHANNEL`` that follows each batch: "BATCH LOW HIGH NODE"
-    + the columns of `eyewall.observe.records.COLUMNS`, typed as `COLUMN_TYPES` says
+The table and the statements are `eyewall.shared.flow_schema`'s.
 
 `follow` shows a node's dashboard the other nodes' flows as their batches commit.
 Reading (`records`, `find`, `summaries`) returns the records of
@@ -37,108 +29,37 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 
 from eyewall.flow import Flow
-from eyewall.observe.records import COLUMNS, Record, row_of, summary
+from eyewall.observe.records import Record, row_of, summary
 from eyewall.observe.store import summarise_refused
+from eyewall.shared.flow_schema import (
+    CHANNEL,
+    LOCK,
+    NEXTVALS,
+    NOTIFY,
+    READ,
+    TABLE,
+    WRITTEN,
+    Connections,
+    FlowDatabaseError,
+    summary_filters,
+    text,
+)
+from eyewall.shared.flow_schema import record as as_record
 
-__all__ = ["COLUMN_TYPES", "SCHEMA", "TABLE", "FlowDatabase", "FlowDatabaseError"]
+__all__ = ["FLUSH_FLOWS", "FlowDatabase", "FlowDatabaseError"]
 
 log = logging.getLogger("eyewall.flows")
 
-if TYPE_CHECKING:
-    from asyncpg.pool import PoolConnectionProxy
-
-    Connection = PoolConnectionProxy[asyncpg.Record]
-
-TABLE = "eyewall_flows"
 FLUSH_INTERVAL = 1.0  # seconds, as the SQLite store
 FLUSH_FLOWS = 1000
 PRUNE_EVERY = 10.0  # seconds between retention passes
 MAX_BACKOFF = 10.0  # seconds between tries while the database does not take batches
 FLOW_OVERHEAD = 1024  # bytes a waiting flow costs besides its heads and bodies
-_LOCK = 0x6579_6577_616C_6C  # pg advisory lock key: "eyewall" (schema and retention)
-
-COLUMN_TYPES: dict[str, str] = {
-    "id": "text NOT NULL",
-    "started": "double precision NOT NULL",
-    "kind": "text",
-    "client": "text",
-    "client_port": "integer",
-    "user": "text",
-    "method": "text",
-    "url": "text",
-    "host": "text",
-    "port": "integer",
-    "status": "integer",
-    "upstream": "text",
-    "reused": "smallint",
-    "bytes_in": "bigint",
-    "bytes_out": "bigint",
-    "duration": "double precision",
-    "ttfb": "double precision",
-    "connect": "double precision",
-    "rule": "text",
-    "error": "text",
-    "error_detail": "text",
-    "intercepted": "smallint",
-    "request_version": "text",
-    "request_headers": "text",
-    "response_version": "text",
-    "reason": "text",
-    "response_headers": "text",
-    "request_body": "bytea",
-    "response_body": "bytea",
-}
-_WRITTEN = ("seq", "batch", "node", *COLUMNS, "size")
-_READ = ", ".join(f'"{c}"' for c in ("node", *COLUMNS))
-
-_NEXTVALS = (
-    f"SELECT array_agg(nextval(pg_get_serial_sequence('{TABLE}', 'seq')))"
-    " FROM generate_series(1, $1)"
-)
-CHANNEL = TABLE  # NOTIFY payload per batch: "BATCH LOW_SEQ HIGH_SEQ NODE"
-_NOTIFY = f"SELECT pg_notify('{CHANNEL}', $1)"
-
-SCHEMA = "\n".join(
-    [
-        f"CREATE TABLE IF NOT EXISTS {TABLE} (",
-        "    seq bigserial PRIMARY KEY,",
-        "    node text NOT NULL,",
-        "    size integer NOT NULL,",
-        "    batch bigint,",
-        *(f'    "{c}" {COLUMN_TYPES[c]},' for c in COLUMNS[:-1]),
-        f'    "{COLUMNS[-1]}" {COLUMN_TYPES[COLUMNS[-1]]}',
-        ");",
-        f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS batch bigint;",
-        *(
-            f'ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS "{c}" '
-            + COLUMN_TYPES[c].replace(" NOT NULL", "")
-            + ";"
-            for c in COLUMNS
-        ),
-        f"CREATE INDEX IF NOT EXISTS {TABLE}_started ON {TABLE} (started);",
-        f"CREATE INDEX IF NOT EXISTS {TABLE}_id ON {TABLE} (id);",
-    ]
-)
-
-
-class FlowDatabaseError(Exception):
-    """The database could not be reached, did not answer in time, or refused the query;
-    ``__cause__`` is the driver's error."""
-
-
-def _text(value: Any) -> Any:
-    """A string PostgreSQL's text takes: no NUL, valid UTF-8 (what the HTTP parser let
-    through is ASCII or Latin-1 anyway)."""
-    if isinstance(value, str) and not value.isascii():
-        value = value.encode("utf-8", "replace").decode("utf-8")
-    if isinstance(value, str) and "\x00" in value:
-        value = value.replace("\x00", "\ufffd")
-    return value
 
 
 def _size(flow: Flow) -> int:
@@ -193,9 +114,7 @@ class FlowDatabase:
         self._pending: list[Flow] = []
         self._pending_bytes = 0
         self._wake = asyncio.Event()
-        self._pool: asyncpg.Pool | None = None
-        self._pool_lock = asyncio.Lock()
-        self._schema_ready = not create
+        self.db = Connections(dsn, connect_timeout, command_timeout, create)
         self._writer: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
         self._closing = False
@@ -249,9 +168,7 @@ class FlowDatabase:
                 "%d flows were not recorded: the database did not take them", len(self._pending)
             )
             self._pending.clear()
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool = None
+        self.db.close()
 
     async def _write_forever(self) -> None:
         backoff = 0.0
@@ -282,18 +199,18 @@ class FlowDatabase:
         batch_id = secrets.randbits(63)
         try:
             rows = [self._row(flow) for flow in batch]
-            async with self._connection() as conn, conn.transaction():
+            async with self.db.connection() as conn, conn.transaction():
                 # Row numbers taken first, so that the notification can name them: a
                 # follower fetches exactly this batch once it is committed.
-                seqs = await conn.fetchval(_NEXTVALS, len(rows), timeout=self.command_timeout)
+                seqs = await conn.fetchval(NEXTVALS, len(rows), timeout=self.command_timeout)
                 await conn.copy_records_to_table(
                     TABLE,
                     records=[(seq, batch_id, *row) for seq, row in zip(seqs, rows, strict=True)],
-                    columns=_WRITTEN,
+                    columns=WRITTEN,
                     timeout=self.command_timeout,
                 )
                 payload = f"{batch_id} {min(seqs)} {max(seqs)} {self.node}"
-                await conn.execute(_NOTIFY, payload, timeout=self.command_timeout)
+                await conn.execute(NOTIFY, payload, timeout=self.command_timeout)
         except FlowDatabaseError as e:
             self.failures += 1
             self._pending[:0] = batch
@@ -313,14 +230,14 @@ class FlowDatabase:
             self.dropped += 1
 
     def _row(self, flow: Flow) -> tuple[Any, ...]:
-        return (self.node, *(_text(v) for v in row_of(flow)), _size(flow))
+        return (self.node, *(text(v) for v in row_of(flow)), _size(flow))
 
     async def _prune(self) -> None:
         self._last_prune = self.clock()
         self._written_at_prune = self.written
         try:
-            async with self._connection() as conn, conn.transaction():
-                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _LOCK):
+            async with self.db.connection() as conn, conn.transaction():
+                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", LOCK):
                     return  # another node is at it
                 timeout = self.command_timeout
                 await conn.execute(
@@ -356,7 +273,7 @@ class FlowDatabase:
             where += " AND host = $2"
             args_.append(host)
         query = (
-            f"SELECT {_READ} FROM (SELECT * FROM {TABLE} WHERE {where}"
+            f"SELECT {READ} FROM (SELECT * FROM {TABLE} WHERE {where}"
             f" ORDER BY started DESC LIMIT ${len(args_) + 1}) t ORDER BY started"
         )
         return await self._fetch(query, [*args_, limit])
@@ -365,7 +282,7 @@ class FlowDatabase:
         """The flow with ``flow_id`` (the newest, should two nodes have made the same
         id), or None.  Raises `FlowDatabaseError`."""
         rows = await self._fetch(
-            f"SELECT {_READ} FROM {TABLE} WHERE id = $1 ORDER BY seq DESC LIMIT 1", [flow_id]
+            f"SELECT {READ} FROM {TABLE} WHERE id = $1 ORDER BY seq DESC LIMIT 1", [flow_id]
         )
         return rows[0] if rows else None
 
@@ -374,10 +291,10 @@ class FlowDatabase:
         filtered as the API filters (docs/admin-api.md): host and q are
         case-insensitive substrings, status a code or a class (2xx), method, user.
         Raises `FlowDatabaseError`."""
-        conditions, args = self._filters(query)
+        conditions, args = summary_filters(query)
         where = " AND ".join(conditions) or "true"
         rows = await self._fetch(
-            f"SELECT {_READ} FROM {TABLE} WHERE {where} ORDER BY started DESC"
+            f"SELECT {READ} FROM {TABLE} WHERE {where} ORDER BY started DESC"
             f" LIMIT ${len(args) + 1}",
             [*args, limit],
         )
@@ -434,84 +351,20 @@ class FlowDatabase:
             batch, low, high = await batches.get()
             try:
                 records = await self._fetch(
-                    f"SELECT {_READ} FROM {TABLE} WHERE seq BETWEEN $2 AND $3 AND batch = $1"
+                    f"SELECT {READ} FROM {TABLE} WHERE seq BETWEEN $2 AND $3 AND batch = $1"
                     " ORDER BY seq",
                     [batch, low, high],
                 )
             except FlowDatabaseError as e:
                 log.debug("reading another node's batch failed: %s", e)
                 continue
-            for record in records:
-                show(summary(record))
-
-    @staticmethod
-    def _filters(query: dict[str, str]) -> tuple[list[str], list[Any]]:
-        conditions: list[str] = []
-        args: list[Any] = []
-
-        def arg(value: Any) -> str:
-            args.append(value)
-            return f"${len(args)}"
-
-        if query.get("host"):
-            conditions.append(f"strpos(lower(host), lower({arg(query['host'])})) > 0")
-        status = query.get("status", "").strip().lower()
-        if len(status) == 3 and status.endswith("xx") and status[0].isdigit():
-            low = int(status[0]) * 100
-            conditions.append(f"status >= {arg(low)} AND status < {arg(low + 100)}")
-        elif status.isdigit():
-            conditions.append(f"status = {arg(int(status))}")
-        elif status:
-            conditions.append("false")
-        if query.get("method"):
-            conditions.append(f"upper(method) = {arg(query['method'].upper())}")
-        if query.get("user"):
-            conditions.append(f'"user" = {arg(query["user"])}')
-        if query.get("q"):
-            text = arg(query["q"].lower())
-            conditions.append(
-                "("
-                + " OR ".join(
-                    f"strpos(lower(coalesce({c}, '')), {text}) > 0"
-                    for c in ("url", "host", "error", "error_detail")
-                )
-                + ")"
-            )
-        return conditions, args
+            for found in records:
+                show(summary(found))
 
     async def _fetch(self, query: str, args: Sequence[Any]) -> list[Record]:
-        async with self._connection() as conn:
+        async with self.db.connection() as conn:
             rows = await conn.fetch(query, *args, timeout=self.command_timeout)
-        return [_record(row) for row in rows]
-
-    # -- connections ---------------------------------------------------------------------
-
-    def _connection(self) -> _Connection:
-        return _Connection(self)
-
-    async def _acquire(self) -> Connection:
-        async with self._pool_lock:
-            if self._pool is None:  # with min_size 0 this connects nothing yet
-                self._pool = await asyncpg.create_pool(
-                    self.dsn,
-                    min_size=0,
-                    max_size=4,
-                    timeout=self.connect_timeout,
-                    command_timeout=self.command_timeout,
-                    max_inactive_connection_lifetime=60.0,
-                )
-        pool = self._pool
-        conn = await pool.acquire(timeout=self.connect_timeout)
-        if not self._schema_ready:
-            try:
-                async with conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK)
-                    await conn.execute(SCHEMA, timeout=self.command_timeout)
-            except BaseException:
-                await pool.release(conn)
-                raise
-            self._schema_ready = True
-        return conn
+        return [as_record(row) for row in rows]
 
     def _down(self, error: Exception) -> None:
         if self.up:
@@ -529,43 +382,3 @@ class FlowDatabase:
             log.warning(
                 "recording flows to PostgreSQL works again; %d flows dropped so far", self.dropped
             )
-
-
-class _Connection:
-    """``async with``: a pooled connection, every driver error as `FlowDatabaseError`."""
-
-    def __init__(self, db: FlowDatabase) -> None:
-        self.db = db
-        self.conn: Connection | None = None
-
-    async def __aenter__(self) -> Connection:
-        try:
-            self.conn = await self.db._acquire()
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as e:
-            raise FlowDatabaseError(_describe(e)) from e
-        return self.conn
-
-    async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
-        pool, conn = self.db._pool, self.conn
-        if pool is not None and conn is not None:
-            try:
-                await pool.release(conn)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
-                conn.terminate()
-        if isinstance(
-            error, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | TimeoutError
-        ):
-            raise FlowDatabaseError(_describe(error)) from error
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _record(row: asyncpg.Record) -> Record:
-    record = dict(row.items())
-    for column in ("request_body", "response_body"):
-        if record[column] is not None:
-            record[column] = bytes(record[column])
-    return record

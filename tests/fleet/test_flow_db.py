@@ -20,7 +20,8 @@ from eyewall.flow import Flow
 from eyewall.http1.parse import parse_request_head
 from eyewall.observe.har import har
 from eyewall.observe.records import COLUMNS
-from eyewall.shared.flow_db import COLUMN_TYPES, SCHEMA, TABLE, FlowDatabase
+from eyewall.shared.flow_db import FlowDatabase
+from eyewall.shared.flow_schema import COLUMN_TYPES, SCHEMA, TABLE
 from tests.services import PostgresServer
 
 pytestmark = pytest.mark.fleet
