@@ -36,7 +36,7 @@ from eyewall.config import (
 from eyewall.fleet import FleetNode
 from eyewall.fleet import problems as fleet_problems
 from eyewall.observe.oplog import DroppingQueueHandler, setup_logging
-from eyewall.policy.auth import Users
+from eyewall.policy.auth import HtpasswdError, Users
 from eyewall.policy.engine import LimitParameters, Policy
 from eyewall.policy.networks import parse_network
 from eyewall.policy.rules import Action, Rule, RuleSet, compile_rule, parse_ports
@@ -76,7 +76,11 @@ def build_policy(settings: Settings, read_text: Callable[[str], str] | None = No
             errors.append(f"auth.htpasswd: cannot read {auth.htpasswd}: {e.strerror or e}")
     users = Users()
     try:
-        users = Users.from_entries(dict(auth.users), text, {g: list(m) for g, m in auth.groups})
+        users = Users.from_entries(
+            dict(auth.users), text, {g: list(m) for g, m in auth.groups}, "auth", auth.htpasswd
+        )
+    except HtpasswdError as e:
+        errors.extend(e.errors)
     except ValueError as e:
         errors.append(str(e))
     groups = {g for g, _ in auth.groups}
@@ -126,6 +130,8 @@ def build_policy(settings: Settings, read_text: Callable[[str], str] | None = No
 
 
 def _writable_dir(directory: Path) -> str | None:
+    if directory.exists() and not directory.is_dir():
+        return f"{directory} is not a directory"
     if not directory.is_dir():
         return f"directory {directory} does not exist"
     if not os.access(directory, os.W_OK | os.X_OK):
@@ -166,6 +172,20 @@ def preflight(settings: Settings) -> list[str]:
         path = getattr(tls, key)
         if path and not os.access(path, os.R_OK):
             problems.append(f"tls.{key}: cannot read {path}")
+    for key, secret in (("auth.htpasswd", settings.auth.htpasswd), ("tls.key", tls.key)):
+        try:
+            mode = os.stat(secret).st_mode if secret else 0
+        except OSError:
+            continue  # reported where it is read
+        if mode & 0o004:
+            # A warning, not an error: the proxy works, but every local account can
+            # copy the hashes (or the key) for offline guessing.
+            log.warning(
+                "%s: %s is readable by every local user (mode %04o); chmod o-r it",
+                key,
+                secret,
+                mode & 0o7777,
+            )
     return problems
 
 
@@ -216,8 +236,12 @@ class Loader:
         return Loaded(settings, policy, ca)
 
     def watched_files(self, settings: Settings) -> list[str]:
-        """Files whose change triggers a reload (config file, htpasswd)."""
-        return [f for f in (self.config, settings.auth.htpasswd) if f]
+        """Files whose change triggers a reload: the user file (always: `auth.htpasswd`
+        says it is re-read when it changes), and the config file with ``watch_config``
+        (otherwise only SIGHUP reloads it, so an edit is applied when the operator says,
+        after ``check-config``)."""
+        config = self.config if settings.watch_config else None
+        return [f for f in (config, settings.auth.htpasswd) if f]
 
 
 def _mtimes(paths: list[str]) -> list[float]:
@@ -455,7 +479,9 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
             log.error("reload refused, keeping the current configuration: %s", e)
             return False
         old = proxy.settings
-        for name in restart_settings(old, new.settings):
+        # Against what this process started with, not the last reload: a setting put
+        # back to its running value needs no restart.
+        for name in restart_settings(settings, new.settings):
             log.warning("%s changed: it applies after a restart", name)
         try:
             observers.reconfigure(old, new.settings)
@@ -496,9 +522,8 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
             files = loader.watched_files(proxy.settings)
             seen = _mtimes(files)
 
-    watcher = PeriodicCallback(poll, 2000)
-    if settings.watch_config or settings.auth.htpasswd:
-        watcher.start()
+    watcher = PeriodicCallback(poll, 2000)  # a stat of two files at most: always on, so
+    watcher.start()  # a reload that turns watch_config or auth.htpasswd on takes effect
     # Ready only now that a signal finds its handler: a SIGTERM right after readiness
     # drains instead of killing the process.
     print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)

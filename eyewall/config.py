@@ -966,6 +966,8 @@ def locate(text: str, dotted: str) -> int | None:
         full = [*table, *key.group(1).replace('"', "").split(".")] if key else None
         if full == names and _right_entry(".".join(table), seen, wanted):
             return number
+    if header_line is None and "." in dotted:  # a key that is missing: its table's line
+        return locate(text, dotted.rsplit(".", 1)[0])
     return header_line
 
 

@@ -21,7 +21,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from eyewall.config import Endpoint
-from eyewall.observe.har import har
+from eyewall.observe.har import har, har_query, is_exchange
 from eyewall.observe.live import Client, LiveFeed
 from eyewall.observe.metrics import Metrics
 from eyewall.observe.records import Record, detail, summary
@@ -92,6 +92,16 @@ class Guarded:
                 " /login?token=TOKEN once in a browser",
             )
 
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """A short plain-text page on every admin route, the dashboard's included: the
+        status, and the reason when it helps the user (never anything from the
+        request)."""
+        self.set_header("Content-Type", "text/plain; charset=utf-8")  # type: ignore[attr-defined]
+        error = kwargs.get("exc_info", (None, None))[1]
+        hint = error.log_message if isinstance(error, tornado.web.HTTPError) else None
+        reason = self._reason  # type: ignore[attr-defined]
+        self.finish(f"{status_code} {reason}\n" + (f"{hint}\n" if hint else ""))  # type: ignore[attr-defined]
+
     def authorized(self) -> bool:
         """The token as a Bearer header, or the cookie /login set (which holds a value
         derived from the token, never the token itself)."""
@@ -122,14 +132,6 @@ class Base(Guarded, tornado.web.RequestHandler):
 
     def prepare(self) -> None:
         self.check_access()
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """A short plain-text page: the status, and the reason when it helps the user
-        (never anything from the request)."""
-        self.set_header("Content-Type", "text/plain; charset=utf-8")
-        error = kwargs.get("exc_info", (None, None))[1]
-        hint = error.log_message if isinstance(error, tornado.web.HTTPError) else None
-        self.finish(f"{status_code} {self._reason}\n" + (f"{hint}\n" if hint else ""))
 
     def count_argument(self, name: str, default: int, most: int) -> int:
         """Query argument ``name`` as a whole number, at most ``most`` (larger values are
@@ -443,24 +445,20 @@ class AdminServer:
         return self.proxy.gauges()
 
     async def records(self, since: float, host: str, limit: int) -> list[Record]:
-        """Recorded flows for HAR, oldest first: the database, plus what is still in
+        """Recorded HTTP exchanges for HAR, oldest first: the database, plus what is still in
         memory waiting to be written."""
 
         def wanted(r: Record) -> bool:
-            return r["started"] >= since and (not host or r["host"] == host)
+            return r["started"] >= since and (not host or r["host"] == host) and is_exchange(r)
 
         stored: list[Record] = []
         path = self.store.path
         if self.shared is not None:
             stored = await _shared(self.shared.records(since, host, limit))
         elif path is not None and path.exists():
-            where = "started >= ?"
-            params: list[object] = [since]
-            if host:
-                where += " AND host = ?"
-                params.append(host)
+            where, params = har_query(since, host)
             stored = await asyncio.get_running_loop().run_in_executor(
-                None, read_records, path, where, tuple(params), limit
+                None, read_records, path, where, params, limit
             )
         seen = {r["id"] for r in stored}
         pending = [r for r in self.store.recent_records() if r["id"] not in seen and wanted(r)]

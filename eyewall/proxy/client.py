@@ -411,6 +411,8 @@ class ClientConnection:
             step = await admit(ctx, ticket, step, self.watch, lambda: not peer_gone(stream))
         if isinstance(step, Allow):
             return step
+        if ticket.user is not None:
+            flow.user = ticket.user  # refused after logging in: the audit trail names them
         await self._refuse(flow, head.method, step, close)
         return None
 

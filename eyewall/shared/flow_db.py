@@ -265,9 +265,10 @@ class FlowDatabase:
     async def records(
         self, since: float = 0.0, host: str = "", limit: int = 10_000
     ) -> list[Record]:
-        """Flows started at or after ``since`` (epoch seconds), to ``host`` if given,
-        the newest ``limit`` of them, oldest first.  Raises `FlowDatabaseError`."""
-        where = "started >= $1"
+        """HTTP exchanges (what HAR holds: no opaque tunnels) started at or after
+        ``since`` (epoch seconds), to ``host`` if given, the newest ``limit`` of them,
+        oldest first.  Raises `FlowDatabaseError`."""
+        where = "started >= $1 AND kind <> 'tunnel' AND method <> ''"
         args_: list[Any] = [since]
         if host:
             where += " AND host = $2"

@@ -51,11 +51,17 @@ def test_ca_init_and_export(ca_dir):
     key = ca_dir / "ca.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert stat.S_IMODE(ca_dir.stat().st_mode) == 0o700
-    again = eyewall("ca", "init", "--ca-dir", str(ca_dir))
-    assert again.returncode == 1 and b"already exists" in again.stderr
+    before = (ca_dir / "ca.pem").read_bytes()
+    again = eyewall("ca", "init", "--ca-dir", str(ca_dir))  # idempotent: the CA is kept
+    assert again.returncode == 0 and b"already exists: kept" in again.stdout
+    assert (ca_dir / "ca.pem").read_bytes() == before
     pem = eyewall("ca", "export", "--ca-dir", str(ca_dir))
     assert pem.returncode == 0 and pem.stdout == (ca_dir / "ca.pem").read_bytes()
     assert b"update-ca-certificates" in pem.stderr
+    assert f"cp {ca_dir / 'ca.pem'} ".encode() in pem.stderr  # the hints name the real file
+    missing = eyewall("ca", "export", "--ca-dir", str(ca_dir.parent / "nowhere"))
+    assert missing.returncode == 1
+    assert f"eyewall ca init --ca-dir {ca_dir.parent / 'nowhere'}".encode() in missing.stderr
     der = eyewall("ca", "export", "--der", "--ca-dir", str(ca_dir))
     cert = x509.load_der_x509_certificate(der.stdout)
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca

@@ -316,6 +316,36 @@ def test_har_download_and_cli_export_validate_against_the_har_schema(make_proxy,
     ]
 
 
+def test_har_limits_count_exchanges_not_tunnels(make_proxy, origin, tmp_path):
+    """Opaque tunnels are no HAR entries, so they must not use up a --limit."""
+    p = make_proxy("--connect-port", "1024-65535")
+    through(p, f"{origin.url}/bytes?n=1&i=exchange")
+    for _ in range(2):
+        with socket.create_connection(p.address, timeout=5) as s:
+            s.sendall(f"CONNECT {origin.authority} HTTP/1.1\r\n\r\n".encode())
+            assert s.recv(100).startswith(b"HTTP/1.1 200")
+    db = p.access_path.parent / "flows.sqlite3"
+    assert wait_for(
+        lambda: (
+            db.exists()
+            and sqlite3.connect(db).execute("SELECT COUNT(*) FROM flows").fetchone()[0] == 3
+        )
+    )
+    download = admin_get(p, "/api/har?limit=1").json()
+    assert [e["request"]["url"] for e in download["log"]["entries"]] == [
+        f"{origin.url}/bytes?n=1&i=exchange"
+    ]
+    exported = subprocess.run(
+        [sys.executable, "-m", "eyewall", "har", "export", "--flows", str(db), "--limit", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        check=True,
+    )
+    assert len(json.loads(exported.stdout)["log"]["entries"]) == 1
+
+
 def test_retention_keeps_the_newest_flows(make_proxy, origin):
     p = make_proxy("--flows-max-count", "5")
     for i in range(12):
@@ -346,6 +376,11 @@ def test_admin_token(make_proxy):
     assert admin_get(p, "/api/flows").status_code == 401
     assert admin_get(p, "/api/flows", Authorization="Bearer wrong").status_code == 401
     assert admin_get(p, "/api/flows", Authorization="Bearer s3cret-token").status_code == 200
+    for page in ("/", "/static/app.js", "/metrics", "/api/flows"):
+        refused = admin_get(p, page)  # what a person opening the page sees: how to log in
+        assert refused.status_code == 401, page
+        assert refused.headers["content-type"].startswith("text/plain"), page
+        assert "/login?token=" in refused.text, page
     health = admin_get(p, "/healthz")  # a load balancer has no token
     assert health.status_code == 200 and health.json()["node"]  # the host name by default
     with httpx.Client(timeout=10, trust_env=False) as c:
