@@ -106,9 +106,9 @@ class Guarded:
         """The token as a Bearer header, or the cookie /login set (which holds a value
         derived from the token, never the token itself)."""
         token = self.admin.token
-        header = self.request.headers.get("Authorization", "")
-        if header.startswith("Bearer "):
-            return hmac.compare_digest(header[7:].strip().encode(), token.encode())
+        scheme, _, credentials = self.request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":  # auth schemes are case-insensitive (RFC 9110 §11.1)
+            return hmac.compare_digest(credentials.strip().encode(), token.encode())
         cookie = self.request.cookies.get(COOKIE)
         offered = cookie.value if cookie else ""
         return hmac.compare_digest(offered.encode(), cookie_value(token).encode())
@@ -192,7 +192,17 @@ class Health(Base):
 
 
 class MetricsPage(Base):
-    """``/metrics``: the Prometheus text exposition (version 0.0.4)."""
+    """``/metrics``: the Prometheus text exposition (version 0.0.4); no token needed from
+    this host (loopback), the token from anywhere else."""
+
+    def prepare(self) -> None:
+        # Metrics reveal no traffic: a scraper on this host needs no token (the Host
+        # check still applies); from elsewhere the token is required as for the API.
+        if ipaddress.ip_address(self.request.remote_ip).is_loopback:
+            if not self.admin.host_allowed(self.request.host):
+                raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
+            return
+        self.check_access()
 
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")

@@ -716,8 +716,18 @@ def test_17_an_admin_token_with_a_space_logs_in_and_the_cookie_is_not_the_token(
         assert c.get(p.admin_url + "/api/flows").status_code == 200
     with httpx.Client(timeout=10, trust_env=False) as anonymous:
         assert anonymous.get(p.admin_url + "/healthz").status_code == 200
-    unauthorized = httpx.get(p.admin_url + "/metrics", timeout=10, trust_env=False)
+    unauthorized = httpx.get(p.admin_url + "/api/stats", timeout=10, trust_env=False)
     assert unauthorized.status_code == 401 and "/login" in unauthorized.text
+    for scheme in ("Bearer", "bearer", "BEARER"):  # case-insensitive (RFC 9110 §11.1)
+        authorized = httpx.get(
+            p.admin_url + "/api/stats",
+            headers={"Authorization": f"{scheme} open sesame"},
+            timeout=10,
+            trust_env=False,
+        )
+        assert authorized.status_code == 200, scheme
+    # Metrics reveal no traffic: a scraper on this host needs no token even with one set.
+    assert httpx.get(p.admin_url + "/metrics", timeout=10, trust_env=False).status_code == 200
     assert "sesame" not in p.stderr()
 
 

@@ -376,7 +376,7 @@ def test_admin_token(make_proxy):
     assert admin_get(p, "/api/flows").status_code == 401
     assert admin_get(p, "/api/flows", Authorization="Bearer wrong").status_code == 401
     assert admin_get(p, "/api/flows", Authorization="Bearer s3cret-token").status_code == 200
-    for page in ("/", "/static/app.js", "/metrics", "/api/flows"):
+    for page in ("/", "/static/app.js", "/api/stats", "/api/flows"):
         refused = admin_get(p, page)  # what a person opening the page sees: how to log in
         assert refused.status_code == 401, page
         assert refused.headers["content-type"].startswith("text/plain"), page
