@@ -33,6 +33,8 @@ from eyewall.config import (
     parse_endpoint,
     restart_settings,
 )
+from eyewall.fleet import FleetNode
+from eyewall.fleet import problems as fleet_problems
 from eyewall.observe.oplog import DroppingQueueHandler, setup_logging
 from eyewall.policy.auth import HtpasswdError, Users
 from eyewall.policy.engine import LimitParameters, Policy
@@ -227,6 +229,7 @@ class Loader:
                 errors.extend(e.errors)
         if self.check_paths:
             errors.extend(preflight(settings))
+        errors.extend(fleet_problems(settings))
         if errors:
             raise ConfigError(annotate(errors, self.config, self.overrides))
         assert policy is not None
@@ -279,6 +282,8 @@ class Observers:
             self.bus.subscribe(self.access)
         f = settings.flows
         path = (Path(f.path) if f.path else default_path()) if f.enabled else None
+        if settings.shared_flows.postgresql:
+            path = None  # recorded to PostgreSQL instead (eyewall.fleet)
         self.store = FlowStore(
             path,
             f.max_count,
@@ -400,7 +405,8 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
     except ValueError as e:
         raise SystemExit(f"eyewall: {e}") from None
     addons.lifecycle(Configure(settings))
-    state = AdmissionState()
+    fleet = FleetNode(settings)
+    state = fleet.limits_store(AdmissionState())
     proxy: Proxy
 
     def ca_pem() -> bytes | None:
@@ -429,6 +435,7 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
         publish=observers.bus.publish,
     )
     stats.proxy = proxy
+    fleet.attach(observers, proxy)
     metrics = observers.metrics
     if metrics is not None:
         metrics.track_drops("log", lambda: log_handler.dropped)
@@ -482,6 +489,7 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
             log.error("reload refused, keeping the current configuration: %s", e)
             return False
         proxy.reload(new.settings, new.policy, new.ca)
+        fleet.reconfigure(new.settings)
         addons.lifecycle(Configure(new.settings))
         log.info("configuration reloaded")
         return True
@@ -520,6 +528,7 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
     # drains instead of killing the process.
     print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
     notify(f"READY=1\nSTATUS=listening on {shown}")
+    await fleet.start()  # after the ready lines: it may log (whether Redis answers)
     await stop.wait()
     watcher.stop()
     notify("STOPPING=1")
@@ -538,6 +547,7 @@ async def serve(loader: Loader, loaded: Loaded, log_handler: DroppingQueueHandle
         log.warning("second signal: closing everything now")
     addon_watch.stop()
     addons.lifecycle(Done())
+    await fleet.stop()
     await observers.stop()
     if settings.pid_file:
         Path(settings.pid_file).unlink(missing_ok=True)

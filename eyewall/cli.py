@@ -181,7 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write recorded flows as HAR 1.2 to stdout.",
     )
     export.add_argument("--flows", help="the flows database (default: the user data dir)")
-    export.add_argument("--config", help="read flows.path from this configuration")
+    export.add_argument(
+        "--postgresql",
+        metavar="URL",
+        help="read a fleet's flows from this PostgreSQL database instead",
+    )
+    export.add_argument(
+        "--config", help="read flows.path (or shared_flows.postgresql) from this configuration"
+    )
     export.add_argument(
         "--since", type=float, default=0.0, help="epoch seconds, or -N for N seconds ago"
     )
@@ -245,19 +252,53 @@ def har_command(args: argparse.Namespace) -> int:
     from eyewall.observe.store import default_path, read_records
 
     path = Path(args.flows) if args.flows else None
-    if path is None and args.config:
+    postgresql = args.postgresql
+    if path is None and postgresql is None and args.config:
         try:
-            configured = load_settings(args.config).flows.path
+            settings = load_settings(args.config)
         except ConfigError as e:
             print(f"eyewall har: {e}", file=sys.stderr)
             return 2
+        configured = settings.flows.path
         path = Path(configured) if configured else None
+        postgresql = settings.shared_flows.postgresql or None
+    since = args.since if args.since >= 0 else time.time() + args.since
+    if postgresql:
+        return _har_from_postgresql(postgresql, since, args.host or "", args.limit)
     path = path or default_path()
     if not path.exists():
         print(f"eyewall har: no flows recorded at {path}", file=sys.stderr)
         return 1
-    since = args.since if args.since >= 0 else time.time() + args.since
     records = read_records(path, *har_query(since, args.host), args.limit)
+    json.dump(har(records), sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _har_from_postgresql(dsn: str, since: float, host: str, limit: int) -> int:
+    """`har_command` for a fleet's flows in PostgreSQL (the ``fleet`` extra)."""
+    import asyncio
+    import json
+
+    try:
+        from eyewall.shared.flow_db import FlowDatabase, FlowDatabaseError
+    except ImportError:
+        print("eyewall har: PostgreSQL needs: pip install 'eyewall[fleet]'", file=sys.stderr)
+        return 2
+    from eyewall.observe.har import har
+
+    async def read() -> list[dict[str, Any]]:
+        db = FlowDatabase(dsn, "", create=False)
+        try:
+            return await db.records(since, host, limit)
+        finally:
+            await db.close()
+
+    try:
+        records = asyncio.run(read())
+    except FlowDatabaseError as e:
+        print(f"eyewall har: reading the flows from PostgreSQL failed: {e}", file=sys.stderr)
+        return 1
     json.dump(har(records), sys.stdout)
     sys.stdout.write("\n")
     return 0

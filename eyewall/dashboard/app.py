@@ -10,8 +10,9 @@ import ipaddress
 import json
 import logging
 import time
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import tornado.web
@@ -26,7 +27,9 @@ from eyewall.observe.metrics import Metrics
 from eyewall.observe.records import Record, detail, summary
 from eyewall.observe.store import FlowStore, read_records
 
-__all__ = ["AdminServer", "ProxyStats"]
+__all__ = ["AdminServer", "ProxyStats", "SharedFlows"]
+
+T = TypeVar("T")
 
 
 class ProxyStats(Protocol):
@@ -38,6 +41,20 @@ class ProxyStats(Protocol):
 
     def healthy(self) -> bool:
         """False once the proxy is stopping (health checks answer 503)."""
+
+
+class SharedFlows(Protocol):
+    """The flows of every node of a fleet (`eyewall.shared.flow_db.FlowDatabase`).
+    Each method raises an Exception subclass when the database cannot answer."""
+
+    async def records(self, since: float, host: str, limit: int) -> list[Record]:
+        """Records (with ``node``) started at or after ``since``, oldest first."""
+
+    async def find(self, flow_id: str) -> Record | None:
+        """One record by id."""
+
+    async def summaries(self, query: dict[str, str], limit: int) -> list[dict[str, Any]]:
+        """API summaries (with ``node``) matching the API's filters, newest first."""
 
 
 access_log = logging.getLogger("eyewall.admin")
@@ -150,27 +167,28 @@ class Login(Base):
 
 
 class Health(Base):
-    """Readiness for load balancers and probes: 200, or 503 once the proxy is stopping.
-    It reveals no traffic, so it needs no token (the Host check still applies)."""
+    """Readiness for load balancers and probes: 200, or 503 once the proxy is stopping
+    (from SIGTERM on: the drain grace).  It reveals no traffic, so it needs no token
+    (the Host check still applies); a node of a fleet names itself (``node``)."""
 
     def prepare(self) -> None:
         if not self.admin.host_allowed(self.request.host):
             raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
 
     def get(self) -> None:
-        proxy = self.admin.proxy
+        admin = self.admin
+        proxy = admin.proxy
         healthy = proxy.healthy()
         if not healthy:
             self.set_status(503)
         gauges = proxy.gauges()
-        self.write_json(
-            {
-                "status": "ok" if healthy else "draining",
-                "uptime_s": round(time.monotonic() - self.admin.started, 3),
-                "connections": gauges["connections"],
-                "tunnels": gauges["tunnels"],
-            }
-        )
+        answer: dict[str, Any] = {"status": "ok" if healthy else "draining"}
+        if admin.node:
+            answer["node"] = admin.node
+        answer["uptime_s"] = round(time.monotonic() - admin.started, 3)
+        answer["connections"] = gauges["connections"]
+        answer["tunnels"] = gauges["tunnels"]
+        self.write_json(answer)
 
 
 class MetricsPage(Base):
@@ -216,12 +234,17 @@ def matches(s: dict[str, Any], query: dict[str, str]) -> bool:
 
 class FlowList(Base):
     """``/api/flows``: recent flow summaries, newest first, at most ``limit`` (1..5000,
-    default 200); ``host``, ``status``, ``method``, ``user`` and ``q`` filter."""
+    default 200); ``host``, ``status``, ``method``, ``user`` and ``q`` filter.  In a
+    fleet with a shared flow database: every node's flows, each with its ``node``."""
 
-    def get(self) -> None:
+    async def get(self) -> None:
         limit = max(1, self.count_argument("limit", 200, 5000))
         names = ("host", "status", "method", "user", "q")
         query = {k: self.get_query_argument(k, "") for k in names}
+        shared = self.admin.shared
+        if shared is not None:
+            self.write_json({"flows": await _shared(shared.summaries(query, limit))})
+            return
         out = []
         for record in self.admin.store.recent_records():
             s = summary(record)
@@ -238,7 +261,10 @@ class FlowDetail(Base):
     async def get(self, flow_id: str) -> None:
         store = self.admin.store
         record = store.find_recent(flow_id)
-        if record is None:
+        shared = self.admin.shared
+        if record is None and shared is not None:
+            record = await _shared(shared.find(flow_id))
+        elif record is None:
             loop = asyncio.get_running_loop()
             record = await loop.run_in_executor(None, store.find_stored, flow_id)
         if record is None:
@@ -320,6 +346,15 @@ class Live(Guarded, tornado.websocket.WebSocketHandler):
             self.admin.live.detach(self.client)
 
 
+async def _shared(call: Awaitable[T]) -> T:
+    """A read of the fleet's flow database; 503 when it cannot answer."""
+    try:
+        return await call
+    except Exception as e:
+        logging.getLogger("eyewall.flows").warning("reading the flow database failed: %s", e)
+        raise tornado.web.HTTPError(503, "the flow database does not answer") from None
+
+
 def _log_request(handler: tornado.web.RequestHandler) -> None:
     """Debug-level request log without query strings (they may carry the token)."""
     if access_log.isEnabledFor(logging.DEBUG):
@@ -348,6 +383,8 @@ class AdminServer:
         self.endpoint = endpoint
         self.token = token
         self.ca_pem = ca_pem
+        self.node = ""  # this node's name in a fleet (/healthz)
+        self.shared: SharedFlows | None = None  # the fleet's flows, instead of this node's
         self.started = time.monotonic()
         args = {"admin": self}
         self.app = tornado.web.Application(
@@ -426,7 +463,9 @@ class AdminServer:
 
         stored: list[Record] = []
         path = self.store.path
-        if path is not None and path.exists():
+        if self.shared is not None:
+            stored = await _shared(self.shared.records(since, host, limit))
+        elif path is not None and path.exists():
             where, params = har_query(since, host)
             stored = await asyncio.get_running_loop().run_in_executor(
                 None, read_records, path, where, params, limit

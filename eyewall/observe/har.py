@@ -122,6 +122,8 @@ def _entry(r: Record) -> dict[str, Any]:
         "connection": r["id"],
         "comment": f"eyewall flow {r['id']}" + (f"; error: {r['error']}" if r["error"] else ""),
     }
+    if r.get("node"):
+        entry["_node"] = r["node"]  # the fleet node that recorded it (a custom field)
     if r["upstream"]:
         entry["serverIPAddress"] = r["upstream"].rsplit(":", 1)[0].strip("[]")
     return entry

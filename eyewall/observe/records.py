@@ -120,8 +120,9 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def summary(record: Record) -> dict[str, Any]:
-    """The flow summary of the admin API (docs/admin-api.md)."""
-    return {
+    """The flow summary of the admin API (docs/admin-api.md); with ``node`` when the
+    record comes from a fleet's shared flow database."""
+    out = {
         "id": record["id"],
         "kind": record["kind"],
         "started": record["started"],
@@ -144,6 +145,9 @@ def summary(record: Record) -> dict[str, Any]:
         "error_detail": record["error_detail"],
         "intercepted": bool(record["intercepted"]),
     }
+    if "node" in record:
+        out["node"] = record["node"]
+    return out
 
 
 def _body(data: bytes | None, size: int) -> dict[str, Any]:
