@@ -51,7 +51,7 @@ def opened(ctx: FakeContext) -> list[Upstream]:
 
 
 def close_leaked(connections: list[Upstream]) -> list[Upstream]:
-    """Close the connections left open (see the xfail test below); returns them."""
+    """Close the connections left open; returns them."""
     leaked = [up for up in connections if not up.stream.closed()]
     for up in leaked:
         up.stream.close()
@@ -114,12 +114,6 @@ def test_a_bug_after_the_response_began_closes_without_a_second_answer(
     assert "internal error handling t-1 " in caplog.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: Exchange.run closes its origin connection only for the failures"
-    " it expects, so after an unexpected exception the connection stays open until"
-    " garbage collection (neither pooled nor closed)",
-)
 def test_the_origin_connection_of_an_exchange_that_hit_a_bug_is_closed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
