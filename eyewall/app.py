@@ -34,8 +34,10 @@ from eyewall.config import (
     parse_endpoint,
     restart_settings,
 )
+from eyewall.fleet import FleetNode
+from eyewall.fleet import problems as fleet_problems
 from eyewall.observe.oplog import DroppingQueueHandler, setup_logging
-from eyewall.policy.auth import Users
+from eyewall.policy.auth import HtpasswdError, Users
 from eyewall.policy.engine import LimitParameters, Policy
 from eyewall.policy.networks import parse_network
 from eyewall.policy.rules import Action, Rule, RuleSet, compile_rule, parse_ports
@@ -76,7 +78,11 @@ def build_policy(settings: Settings, read_text: Callable[[str], str] | None = No
             errors.append(f"auth.htpasswd: cannot read {auth.htpasswd}: {e.strerror or e}")
     users = Users()
     try:
-        users = Users.from_entries(dict(auth.users), text, {g: list(m) for g, m in auth.groups})
+        users = Users.from_entries(
+            dict(auth.users), text, {g: list(m) for g, m in auth.groups}, "auth", auth.htpasswd
+        )
+    except HtpasswdError as e:
+        errors.extend(e.errors)
     except ValueError as e:
         errors.append(str(e))
     groups = {g for g, _ in auth.groups}
@@ -126,6 +132,8 @@ def build_policy(settings: Settings, read_text: Callable[[str], str] | None = No
 
 
 def _writable_dir(directory: Path) -> str | None:
+    if directory.exists() and not directory.is_dir():
+        return f"{directory} is not a directory"
     if not directory.is_dir():
         return f"directory {directory} does not exist"
     if not os.access(directory, os.W_OK | os.X_OK):
@@ -166,6 +174,20 @@ def preflight(settings: Settings) -> list[str]:
         path = getattr(tls, key)
         if path and not os.access(path, os.R_OK):
             problems.append(f"tls.{key}: cannot read {path}")
+    for key, secret in (("auth.htpasswd", settings.auth.htpasswd), ("tls.key", tls.key)):
+        try:
+            mode = os.stat(secret).st_mode if secret else 0
+        except OSError:
+            continue  # reported where it is read
+        if mode & 0o004:
+            # A warning, not an error: the proxy works, but every local account can
+            # copy the hashes (or the key) for offline guessing.
+            log.warning(
+                "%s: %s is readable by every local user (mode %04o); chmod o-r it",
+                key,
+                secret,
+                mode & 0o7777,
+            )
     return problems
 
 
@@ -209,14 +231,19 @@ class Loader:
                 errors.extend(e.errors)
         if self.check_paths:
             errors.extend(preflight(settings))
+        errors.extend(fleet_problems(settings))
         if errors:
             raise ConfigError(annotate(errors, self.config, self.overrides))
         assert policy is not None
         return Loaded(settings, policy, ca)
 
     def watched_files(self, settings: Settings) -> list[str]:
-        """Files whose change triggers a reload (config file, htpasswd)."""
-        return [f for f in (self.config, settings.auth.htpasswd) if f]
+        """Files whose change triggers a reload: the user file (always: `auth.htpasswd`
+        says it is re-read when it changes), and the config file with ``watch_config``
+        (otherwise only SIGHUP reloads it, so an edit is applied when the operator says,
+        after ``check-config``)."""
+        config = self.config if settings.watch_config else None
+        return [f for f in (config, settings.auth.htpasswd) if f]
 
 
 def _mtimes(paths: list[str]) -> list[float]:
@@ -257,6 +284,8 @@ class Observers:
             self.bus.subscribe(self.access)
         f = settings.flows
         path = (Path(f.path) if f.path else default_path()) if f.enabled else None
+        if settings.shared_flows.postgresql:
+            path = None  # recorded to PostgreSQL instead (eyewall.fleet)
         self.store = FlowStore(
             path,
             f.max_count,
@@ -386,7 +415,8 @@ async def serve(
     except ValueError as e:
         raise SystemExit(f"eyewall: {e}") from None
     addons.lifecycle(Configure(settings))
-    state = AdmissionState()
+    fleet = FleetNode(settings)
+    state = fleet.limits_store(AdmissionState())
     proxy: Proxy
 
     def ca_pem() -> bytes | None:
@@ -415,6 +445,7 @@ async def serve(
         publish=observers.bus.publish,
     )
     stats.proxy = proxy
+    fleet.attach(observers, proxy)
     metrics = observers.metrics
     if metrics is not None:
         metrics.track_drops("log", lambda: log_handler.dropped)
@@ -461,7 +492,9 @@ async def serve(
             log.error("reload refused, keeping the current configuration: %s", e)
             return False
         old = proxy.settings
-        for name in restart_settings(old, new.settings):
+        # Against what this process started with, not the last reload: a setting put
+        # back to its running value needs no restart.
+        for name in restart_settings(settings, new.settings):
             log.warning("%s changed: it applies after a restart", name)
         try:
             observers.reconfigure(old, new.settings)
@@ -469,6 +502,7 @@ async def serve(
             log.error("reload refused, keeping the current configuration: %s", e)
             return False
         proxy.reload(new.settings, new.policy, new.ca)
+        fleet.reconfigure(new.settings)
         addons.lifecycle(Configure(new.settings))
         log.info("configuration reloaded")
         return True
@@ -501,9 +535,8 @@ async def serve(
             files = loader.watched_files(proxy.settings)
             seen = _mtimes(files)
 
-    watcher = PeriodicCallback(poll, 2000)
-    if settings.watch_config or settings.auth.htpasswd:
-        watcher.start()
+    watcher = PeriodicCallback(poll, 2000)  # a stat of two files at most: always on, so
+    watcher.start()  # a reload that turns watch_config or auth.htpasswd on takes effect
     # Ready only now that a signal finds its handler: a SIGTERM right after readiness
     # drains instead of killing the process.
     print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
@@ -521,6 +554,7 @@ async def serve(
 
     restart = Restart(listeners, lambda: on_stop(signal.SIGUSR2))
     loop.add_signal_handler(signal.SIGUSR2, restart.request)
+    await fleet.start()  # after the ready lines: it may log (whether Redis answers)
     await stop.wait()
     restart.refused = True
     watcher.stop()
@@ -541,6 +575,7 @@ async def serve(
         log.warning("second signal: closing everything now")
     addon_watch.stop()
     addons.lifecycle(Done())
+    await fleet.stop()
     await observers.stop()
     if settings.pid_file and owns_pid_file(settings.pid_file):
         Path(settings.pid_file).unlink(missing_ok=True)

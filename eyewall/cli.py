@@ -25,11 +25,19 @@ from pathlib import Path
 from typing import Any
 
 from eyewall import __version__
-from eyewall.config import ConfigError, iter_settings, load_settings
+from eyewall.config import ConfigError, SettingInfo, iter_settings, load_settings
 
 __all__ = ["main"]
 
-EXPLAIN_SETTINGS = ("listen", "admin.", "access.", "auth.", "rate_limits.", "tls.listen")
+# What the decision depends on: own listeners (self-access), access rules, users, limits.
+EXPLAIN_SETTINGS = (
+    "listen",
+    "admin.listen",
+    "access.",
+    "auth.htpasswd",
+    "rate_limits.",
+    "tls.listen",
+)
 
 
 def add_setting_flags(
@@ -40,7 +48,9 @@ def add_setting_flags(
         if s.flag is None or (only is not None and not s.path.startswith(only)):
             continue
         unit = f" [{s.unit}]" if s.unit else ""
-        kwargs: dict[str, Any] = {"dest": s.path, "help": s.help + unit, "default": None}
+        default = _shown_default(s)
+        help_text = s.help + unit + (f" (default: {default})" if default else "")
+        kwargs: dict[str, Any] = {"dest": s.path, "help": help_text, "default": None}
         if s.type == "bool" and s.flag.startswith("--no-"):
             kwargs.update(action="store_const", const=False)
         elif s.type == "bool":
@@ -50,6 +60,19 @@ def add_setting_flags(
         else:
             kwargs["metavar"] = (s.unit or s.type).upper()
         parser.add_argument(s.flag, **kwargs)
+
+
+def _shown_default(s: SettingInfo) -> str:
+    """The default as a user would type it, or "" when there is nothing to show (off,
+    empty, or a boolean flag)."""
+    value = s.default
+    if s.type == "bool" or value in ("", (), None):
+        return ""
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).replace("%", "%%")  # argparse formats help with %
 
 
 def overrides_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -68,10 +91,21 @@ def overrides_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> d
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options, here and in every subcommand (subparsers are made of the
+    parent's class): the top-level parser would claim a subcommand's option as an
+    abbreviation of its own (explain --client vs --client-rps), and an abbreviation that
+    works today breaks when a longer flag is added."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``eyewall`` argument parser: the run options (one per setting, see
     `eyewall.config.iter_settings`) and the subcommands."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="eyewall",
         description="An asynchronous HTTP/HTTPS forward proxy. Without a command, runs the"
         " proxy (default 127.0.0.1:8080).",
@@ -162,7 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write recorded flows as HAR 1.2 to stdout.",
     )
     export.add_argument("--flows", help="the flows database (default: the user data dir)")
-    export.add_argument("--config", help="read flows.path from this configuration")
+    export.add_argument(
+        "--postgresql",
+        metavar="URL",
+        help="read a fleet's flows from this PostgreSQL database instead",
+    )
+    export.add_argument(
+        "--config", help="read flows.path (or shared_flows.postgresql) from this configuration"
+    )
     export.add_argument(
         "--since", type=float, default=0.0, help="epoch seconds, or -N for N seconds ago"
     )
@@ -171,10 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_config(files: Sequence[str], check_paths: bool = True) -> int:
+def check_config(files: Sequence[str], check_paths: bool = True, quiet: bool = False) -> int:
     """Load each file as a start-up would (settings, policy, files it names unless
-    ``check_paths`` is false); print every error. Returns the exit status: 0 when all are
-    valid, 2 otherwise."""
+    ``check_paths`` is false); print every error to stderr, and ``FILE: ok`` to stdout
+    unless ``quiet``.  Returns the exit status: 0 when all are valid, 1 otherwise."""
     from eyewall.app import Loader
 
     status = 0
@@ -187,20 +228,24 @@ def check_config(files: Sequence[str], check_paths: bool = True) -> int:
             for error in e.errors:
                 print(f"  {error}", file=sys.stderr)
             continue
-        print(f"{path}: ok")
+        if not quiet:
+            print(f"{path}: ok")
     return status
 
 
 def _signal_proxy(args: argparse.Namespace, command: str, sig: int) -> tuple[int, str, int]:
-    """Send ``sig`` to the proxy named by the pid file of ``args``: (status, the pid
-    file, the pid); status 0 when sent, else 1 or 2 (said on stderr)."""
+    """Send ``sig`` to the proxy named by the pid file (``--pid-file``, or the
+    ``--config`` file's pid_file).  With ``--config`` the file is checked first, as
+    ``check-config`` would, and nothing is sent when it is invalid.  Returns (status,
+    the pid file, the pid); status 0 when sent, 1 no such process, 2 usage or config
+    error (said on stderr)."""
     pid_file = args.pid_file
-    if pid_file is None and args.config:
-        try:
-            pid_file = load_settings(args.config).pid_file
-        except ConfigError as e:
-            print(f"eyewall {command}: {e}", file=sys.stderr)
+    if args.config:
+        if check_config([args.config], quiet=True) != 0:
+            print(f"eyewall {command}: not sent; the proxy keeps running as it is", file=sys.stderr)
             return 2, "", 0
+        if pid_file is None:
+            pid_file = load_settings(args.config).pid_file
     if not pid_file:
         print(f"eyewall {command}: give --pid-file, or --config with pid_file set", file=sys.stderr)
         return 2, "", 0
@@ -215,10 +260,12 @@ def _signal_proxy(args: argparse.Namespace, command: str, sig: int) -> tuple[int
 
 def reload_command(args: argparse.Namespace) -> int:
     """``eyewall reload``: send SIGHUP to the process in the pid file (from ``--pid-file`` or
-    the config). Returns the exit status: 0 sent, 1 no such process, 2 usage or config error."""
+    the config).  With ``--config`` the file is checked first, as ``check-config`` would,
+    and nothing is sent when it is invalid.  Returns the exit status: 0 sent, 1 no such
+    process, 2 usage or config error (not sent)."""
     status, _, pid = _signal_proxy(args, "reload", signal.SIGHUP)
     if status == 0:
-        print(f"sent SIGHUP to {pid}")
+        print(f"sent SIGHUP to {pid}; the proxy logs whether the reload was applied")
     return status
 
 
@@ -253,27 +300,57 @@ def har_command(args: argparse.Namespace) -> int:
     Returns the exit status (0 written, 1 no flow store, 2 usage error)."""
     import json
 
-    from eyewall.observe.har import har
+    from eyewall.observe.har import har, har_query
     from eyewall.observe.store import default_path, read_records
 
     path = Path(args.flows) if args.flows else None
-    if path is None and args.config:
+    postgresql = args.postgresql
+    if path is None and postgresql is None and args.config:
         try:
-            configured = load_settings(args.config).flows.path
+            settings = load_settings(args.config)
         except ConfigError as e:
             print(f"eyewall har: {e}", file=sys.stderr)
             return 2
+        configured = settings.flows.path
         path = Path(configured) if configured else None
+        postgresql = settings.shared_flows.postgresql or None
+    since = args.since if args.since >= 0 else time.time() + args.since
+    if postgresql:
+        return _har_from_postgresql(postgresql, since, args.host or "", args.limit)
     path = path or default_path()
     if not path.exists():
         print(f"eyewall har: no flows recorded at {path}", file=sys.stderr)
         return 1
-    since = args.since if args.since >= 0 else time.time() + args.since
-    where, params = "started >= ?", [since]
-    if args.host:
-        where += " AND host = ?"
-        params.append(args.host)
-    records = read_records(path, where, tuple(params), args.limit)
+    records = read_records(path, *har_query(since, args.host), args.limit)
+    json.dump(har(records), sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _har_from_postgresql(dsn: str, since: float, host: str, limit: int) -> int:
+    """`har_command` for a fleet's flows in PostgreSQL (the ``fleet`` extra)."""
+    import asyncio
+    import json
+
+    try:
+        from eyewall.shared.flow_db import FlowDatabase, FlowDatabaseError
+    except ImportError:
+        print("eyewall har: PostgreSQL needs: pip install 'eyewall[fleet]'", file=sys.stderr)
+        return 2
+    from eyewall.observe.har import har
+
+    async def read() -> list[dict[str, Any]]:
+        db = FlowDatabase(dsn, "", create=False)
+        try:
+            return await db.records(since, host, limit)
+        finally:
+            await db.close()
+
+    try:
+        records = asyncio.run(read())
+    except FlowDatabaseError as e:
+        print(f"eyewall har: reading the flows from PostgreSQL failed: {e}", file=sys.stderr)
+        return 1
     json.dump(har(records), sys.stdout)
     sys.stdout.write("\n")
     return 0
@@ -281,21 +358,22 @@ def har_command(args: argparse.Namespace) -> int:
 
 INSTALL_HINTS = """\
 Trust this CA only on machines whose traffic you mean to inspect:
-  Debian/Ubuntu:  sudo cp ca.pem /usr/local/share/ca-certificates/eyewall.crt \\
+  Debian/Ubuntu:  sudo cp {pem} /usr/local/share/ca-certificates/eyewall.crt \\
                     && sudo update-ca-certificates
-  Fedora/RHEL:    sudo cp ca.pem /etc/pki/ca-trust/source/anchors/eyewall.pem \\
+  Fedora/RHEL:    sudo cp {pem} /etc/pki/ca-trust/source/anchors/eyewall.pem \\
                     && sudo update-ca-trust
   macOS:          sudo security add-trusted-cert -d -r trustRoot \\
-                    -k /Library/Keychains/System.keychain ca.pem
+                    -k /Library/Keychains/System.keychain {pem}
   Windows:        certutil -addstore -f ROOT eyewall.der   (eyewall ca export --der)
   Firefox:        Settings > Privacy & Security > Certificates > Import
-  curl / Python / Node:  --cacert ca.pem / REQUESTS_CA_BUNDLE / NODE_EXTRA_CA_CERTS
+  curl / Python / Node:  --cacert {pem} / REQUESTS_CA_BUNDLE / NODE_EXTRA_CA_CERTS
 """
 
 
 def ca_command(args: argparse.Namespace) -> int:
-    """``eyewall ca init|export``: create the interception CA (key file mode 0600) or print its
-    certificate. Returns the exit status."""
+    """``eyewall ca init|export``: create the interception CA (key file mode 0600; an
+    existing one is kept) or print its certificate. Returns the exit status: 0 done, 1
+    the CA cannot be written or read, 2 an invalid configuration."""
     from eyewall.tls.ca import CertificateAuthority, default_ca_dir
 
     directory = args.ca_dir
@@ -310,15 +388,22 @@ def ca_command(args: argparse.Namespace) -> int:
         try:
             ca = CertificateAuthority.create()
             ca.save(path)
-        except FileExistsError as e:
-            print(f"eyewall ca init: {e} (keeping it)", file=sys.stderr)
-            return 1
+        except FileExistsError:
+            # Idempotent, as provisioning wants: the CA that exists is the one to keep.
+            try:
+                ca = CertificateAuthority.load(path)
+            except (OSError, ValueError) as e:
+                print(f"eyewall ca init: {path} holds a broken CA: {e}", file=sys.stderr)
+                return 1
+            print(f"{path / 'ca.pem'} already exists: kept (not replaced)")
+            print(f"SHA-256 fingerprint: {ca.fingerprint()}")
+            return 0
         except OSError as e:
             print(f"eyewall ca init: cannot write {path}: {e.strerror}", file=sys.stderr)
             return 1
         print(f"created {path / 'ca.pem'} (key: {path / 'ca.key'}, mode 0600)")
         print(f"SHA-256 fingerprint: {ca.fingerprint()}")
-        print(INSTALL_HINTS, end="")
+        print(INSTALL_HINTS.format(pem=path / "ca.pem"), end="")
         return 0
     try:
         ca = CertificateAuthority.load(path)
@@ -329,7 +414,7 @@ def ca_command(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(ca.der())
     else:
         sys.stdout.write(ca.pem().decode())
-        print(INSTALL_HINTS, end="", file=sys.stderr)
+        print(INSTALL_HINTS.format(pem=path / "ca.pem"), end="", file=sys.stderr)
     return 0
 
 

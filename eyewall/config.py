@@ -546,6 +546,185 @@ class Tls:
     )
 
 
+# --- a fleet of nodes behind a load balancer (docs/fleet.md) ----------------------------
+
+
+def _token(value: Any) -> str | None:
+    ok = all(c.isalnum() or c in "-._" for c in value) and len(value) <= 64
+    return None if ok else "must be a token of at most 64 letters, digits, - . _"
+
+
+def _url(*schemes: str) -> Check:
+    def check(value: Any) -> str | None:
+        if not value:
+            return None
+        scheme = value.partition("://")[0].lower()
+        if "://" not in value or scheme not in schemes:
+            return f"must be empty or a URL starting {' or '.join(s + '://' for s in schemes)}"
+        return None
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be {', '.join(choices[:-1])} or {choices[-1]}"
+
+    return check
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """The ``fleet.*`` settings: this node among several behind a load balancer
+    (docs/fleet.md)."""
+
+    node: str = setting(
+        "",
+        "This node's name: the node label of eyewall_node_info, /healthz, and the node"
+        " of each flow in a shared flow database. Empty: the host name.",
+        flag="--node",
+        check=_token,
+        restart=True,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyProtocol:
+    """The ``proxy_protocol.*`` settings: which peers must begin their connections with
+    a PROXY protocol header (HAProxy's specification, versions 1 and 2), and how long
+    they have for it."""
+
+    trusted: tuple[str, ...] = setting(
+        (),
+        "Load balancer networks (CIDR) whose connections must start with a PROXY"
+        " protocol header (v1 or v2); the header's source becomes the client address for"
+        " rules, limits and logs. A trusted peer without a header, or another peer with"
+        " one, is refused. Empty: the PROXY protocol is off.",
+        flag="--proxy-protocol-trusted",
+        check=_networks,
+    )
+    listeners: tuple[Endpoint, ...] = setting(
+        (),
+        "Which of listen and tls.listen expect PROXY headers from trusted peers;"
+        " empty: all of them. On the others a trusted peer is an ordinary client.",
+        flag="--proxy-protocol-listener",
+    )
+    header_timeout: float = setting(
+        3.0,
+        "A trusted peer has this long from accept to send the whole PROXY header;"
+        " then the connection is closed.",
+        flag="--proxy-protocol-timeout",
+        unit="s",
+        check=_positive,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SharedLimits:
+    """The ``shared_limits.*`` settings: the limits kept in Redis for every node of a
+    fleet, the bounds on waiting for it, and what decides while it does not answer."""
+
+    redis: str = setting(
+        "",
+        "Redis URL (redis://HOST:PORT/DB, rediss:// for TLS, unix:///PATH?db=DB) where"
+        " every node keeps the rate limits, connection and tunnel caps and failed-login"
+        " counts together; empty: each node keeps its own.",
+        flag="--shared-limits-redis",
+        check=_url("redis", "rediss", "unix"),
+        restart=True,
+    )
+    when_down: str = setting(
+        "local",
+        "When Redis does not answer in time: local (this node applies the limits alone),"
+        " open (no limits) or closed (refuse with 503).",
+        flag="--shared-limits-when-down",
+        check=_one_of("local", "open", "closed"),
+    )
+    connect_timeout: float = setting(
+        0.25,
+        "Opening a connection to Redis; a limit check waits at most this plus command_timeout.",
+        flag="--shared-limits-connect-timeout",
+        unit="s",
+        check=_positive,
+        restart=True,
+    )
+    command_timeout: float = setting(
+        0.25,
+        "Redis's answer to one limit check.",
+        flag="--shared-limits-command-timeout",
+        unit="s",
+        check=_positive,
+        restart=True,
+    )
+    retry_after: float = setting(
+        1.0,
+        "After Redis failed to answer, checks go straight to when_down for this long"
+        " before Redis is tried again (0: try every time).",
+        flag="--shared-limits-retry-after",
+        unit="s",
+        check=_at_least(0),
+        restart=True,
+    )
+    lease_ttl: float = setting(
+        30.0,
+        "A connection or tunnel counted in Redis stays counted this long after its node"
+        " last refreshed it (a crashed node's count expires); refreshed every third of it.",
+        flag="--shared-limits-lease-ttl",
+        unit="s",
+        check=_at_least(3),
+        restart=True,
+    )
+    prefix: str = setting(
+        "eyewall",
+        "First part of every Redis key (several fleets can share one Redis).",
+        flag="--shared-limits-prefix",
+        check=_token,
+        restart=True,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SharedFlows:
+    """The ``shared_flows.*`` settings: flows of every node recorded to one PostgreSQL
+    database, and the bounds on waiting for it (retention is ``flows.*``)."""
+
+    postgresql: str = setting(
+        "",
+        "PostgreSQL URL (postgresql://USER@HOST:PORT/DB; the password from PGPASSFILE or"
+        " ~/.pgpass) that every node records its flows to, and that the flows API, HAR"
+        " export and dashboard read; empty: flows.path (SQLite, this node only).",
+        flag="--shared-flows-postgresql",
+        check=_url("postgresql", "postgres"),
+        restart=True,
+    )
+    connect_timeout: float = setting(
+        5.0,
+        "Opening a connection to PostgreSQL.",
+        flag="--shared-flows-connect-timeout",
+        unit="s",
+        check=_positive,
+        restart=True,
+    )
+    command_timeout: float = setting(
+        10.0,
+        "Writing one batch of flows, or one read of the flows API; a batch that takes"
+        " longer is dropped and counted.",
+        flag="--shared-flows-command-timeout",
+        unit="s",
+        check=_positive,
+        restart=True,
+    )
+    max_pending: int = setting(
+        8 << 20,
+        "Flows waiting to be written may take this much memory; beyond it new flows are"
+        " dropped and counted (traffic never waits for the database).",
+        flag="--shared-flows-max-pending",
+        unit="bytes",
+        check=_at_least(1 << 20),
+        restart=True,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Every setting, with its default, help text, command-line flag and check; built by
@@ -655,6 +834,10 @@ class Settings:
     admin: Admin = field(default_factory=Admin)
     flows: Flows = field(default_factory=Flows)
     tls: Tls = field(default_factory=Tls)
+    fleet: Fleet = field(default_factory=Fleet)
+    proxy_protocol: ProxyProtocol = field(default_factory=ProxyProtocol)
+    shared_limits: SharedLimits = field(default_factory=SharedLimits)
+    shared_flows: SharedFlows = field(default_factory=SharedFlows)
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -805,6 +988,8 @@ def locate(text: str, dotted: str) -> int | None:
         full = [*table, *key.group(1).replace('"', "").split(".")] if key else None
         if full == names and _right_entry(".".join(table), seen, wanted):
             return number
+    if header_line is None and "." in dotted:  # a key that is missing: its table's line
+        return locate(text, dotted.rsplit(".", 1)[0])
     return header_line
 
 
@@ -847,6 +1032,7 @@ def load_settings(
     settings: Settings = _build(Settings, data, "", errors)
     if not errors:
         errors.extend(_exposure_problems(settings))
+        errors.extend(_fleet_problems(settings))
     if errors:
         raise ConfigError([_where(e, path, text, overrides or {}) for e in dict.fromkeys(errors)])
     return settings
@@ -902,6 +1088,16 @@ def _exposure_problems(settings: Settings) -> list[str]:
                 " an unrestricted proxy can use it)"
             )
     return problems
+
+
+def _fleet_problems(settings: Settings) -> list[str]:
+    """PROXY protocol listeners must be listeners."""
+    listeners = (*settings.listen, *settings.tls.listen)
+    return [
+        f"proxy_protocol.listeners: {e} is not in listen or tls.listen"
+        for e in settings.proxy_protocol.listeners
+        if e not in listeners
+    ]
 
 
 def restart_settings(old: Settings, new: Settings) -> list[str]:

@@ -91,6 +91,8 @@ def render_explanation(
     own = own_listeners(settings)
     shown = 0
     while True:
+        # Each call decides from the start, tracing every step again: show what is new.
+        trace.clear()
         now = time.monotonic()
         step = decide(ticket, policy, state, now, own, trace)
         if perform(step, ticket, state, now):
@@ -104,8 +106,9 @@ def render_explanation(
                 ticket.verified = known
                 say(
                     "auth",
-                    f"{credentials.user} is {'a known' if known else 'NOT a known'} user"
-                    " (its password is assumed right)",
+                    f"{credentials.user} is a known user (explain assumes the right password)"
+                    if known
+                    else f"{credentials.user} is not a known user",
                 )
             case Resolve(host, port):
                 addresses, text = _resolve(host, port)

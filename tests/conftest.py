@@ -9,8 +9,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trustme
@@ -25,6 +27,33 @@ settings.register_profile(
 settings.load_profile("eyewall")
 
 ROOT = Path(__file__).resolve().parent.parent
+
+T = TypeVar("T")
+
+
+def poll(
+    condition: Callable[[], T], timeout: float = 10.0, what: str = "", interval: float = 0.02
+) -> T:
+    """Call ``condition`` until it returns something true, and return that.
+
+    Tests wait for another process or thread this way, never by sleeping a guessed
+    time: on a busy machine the guess is too short, on an idle one needlessly long.
+    Fails after ``timeout`` seconds, naming ``what`` (or the condition)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s in vain for {what or condition}")
+        time.sleep(interval)
+    return value
+
+
+def refuses_connections(address: tuple[str, int]) -> bool:
+    """Whether nothing accepts connections at ``address`` any more."""
+    try:
+        socket.create_connection(address, timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 class ProxyProcess:
@@ -118,12 +147,31 @@ class ProxyProcess:
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS")
 
+    def metrics(self) -> dict[str, float]:
+        """The admin listener's Prometheus samples without labels, by name (gauges such
+        as ``eyewall_client_connections``, ``eyewall_tunnels``)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        assert self.admin_url, "the admin listener is off"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(self.admin_url + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return {
+            s.name: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if not s.labels
+        }
+
     def signal(self, sig: int) -> None:
         self.process.send_signal(sig)
 
     def stop(self) -> int | None:
+        """Stop the proxy the clean way.  SIGINT rather than SIGTERM: the same orderly
+        shutdown without SIGTERM's drain grace (timeouts.drain_grace, 3 s by default),
+        which would add seconds to every test's teardown.  Tests of SIGTERM send it."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:

@@ -90,6 +90,7 @@ class Upload(Base):
     async def data_received(self, chunk: bytes) -> None:
         self.hash.update(chunk)
         self.size += len(chunk)
+        # The pauses are the input: a slow or stalling reader, as the test asked.
         if self.stall:  # stop reading for a while after the first chunk
             await asyncio.sleep(self.stall)
             self.stall = 0
@@ -120,7 +121,7 @@ class Bytes(Base):
             self.write(chunk)
             sent += size
             await self.flush()
-            if delay:
+            if delay:  # the input's pace: a slow origin, as the test asked
                 await asyncio.sleep(delay)
         self.finish()
 
@@ -151,6 +152,8 @@ class Gzip(Base):
 
 
 class Sleep(Base):
+    """``/sleep?seconds=S``: answers after S seconds (a slow origin, on purpose)."""
+
     async def get(self) -> None:
         await asyncio.sleep(float(self.get_query_argument("seconds")))
         self.write("slept\n")
@@ -222,7 +225,9 @@ class RawOrigin:
         self.authority = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.authority}"
         self.accepted = 0
+        self.finished = 0  # handlers that returned normally (not by a socket error)
         self.requests: list[bytes] = []
+        self._lock = threading.Lock()
         self._stopping = False
         threading.Thread(target=self._accept_loop, daemon=True).start()
 
@@ -241,7 +246,9 @@ class RawOrigin:
             try:
                 self.handler(sock)
             except OSError:
-                pass
+                return
+        with self._lock:
+            self.finished += 1
 
     def read_head(self, sock: socket.socket) -> bytes:
         """Read one request head (through the empty line); records it."""

@@ -4,12 +4,13 @@ paths relative to the file, the exposure checks, and what a reload cannot change
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from eyewall.app import Loader, build_policy
+from eyewall.app import Loader, build_policy, preflight
 from eyewall.config import (
     ConfigError,
     annotate,
@@ -132,7 +133,14 @@ def test_intercept_rules_need_a_ca(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("dotted", "line"),
-    [("timeouts.body_idle", 3), ("rules[1].hosts", 9), ("rules[0]", 5), ("auth.users.bob", 11)],
+    [
+        ("timeouts.body_idle", 3),
+        ("rules[1].hosts", 9),
+        ("rules[0]", 5),
+        ("auth.users.bob", 11),
+        ("rules[0].action", 5),  # missing: the line of its table
+        ("rules[1].id", 8),
+    ],
 )
 def test_locate_finds_keys_tables_and_array_entries(dotted: str, line: int) -> None:
     text = (
@@ -205,3 +213,43 @@ def test_invalid_access_settings_name_the_setting(key: str, value: Any, tmp_path
         else raised.value.errors[0]
     )
     assert message.startswith(f"{path}:3: {key}:"), message
+
+
+def test_preflight_warns_of_secrets_others_can_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    users = tmp_path / "htpasswd"
+    users.write_text("alice:$2b$04$" + "a" * 53 + "\n")
+    conf = tmp_path / "c.toml"
+    conf.write_text('[auth]\nhtpasswd = "htpasswd"\n')
+    settings = load_settings(str(conf), {})
+    users.chmod(0o640)
+    with caplog.at_level(logging.WARNING, logger="eyewall"):
+        assert preflight(settings) == []
+    assert not caplog.records
+    users.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="eyewall"):
+        assert preflight(settings) == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"auth.htpasswd: {users} is readable by every local user (mode 0644); chmod o-r it"
+    ]
+
+
+def test_preflight_tells_a_file_from_a_missing_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    settings = load_settings(None, {"access_log": str(tmp_path / "file" / "access.log")})
+    assert preflight(settings) == [f"access_log: {tmp_path / 'file'} is not a directory"]
+
+
+def test_the_config_file_is_watched_only_when_asked(tmp_path: Path) -> None:
+    """The user file is re-read when it changes; the config file only with watch_config
+    (otherwise an edit waits for SIGHUP, after the operator's check-config)."""
+    (tmp_path / "htpasswd").write_text("")
+    conf = tmp_path / "c.toml"
+    conf.write_text('[auth]\nhtpasswd = "htpasswd"\n')
+    loader = Loader(str(conf), {})
+    settings = load_settings(str(conf), {})
+    assert loader.watched_files(settings) == [str(tmp_path / "htpasswd")]
+    watching = load_settings(str(conf), {"watch_config": True})
+    assert loader.watched_files(watching) == [str(conf), str(tmp_path / "htpasswd")]
+    assert Loader(None, {}).watched_files(load_settings(None, {"watch_config": True})) == []

@@ -59,7 +59,7 @@ def test_take_over_returns_the_bytes_read_ahead():
         sock, early = take_over(stream)
         assert early == b"early bytes" and stream.closed()
         b.sendall(b"more")
-        await asyncio.sleep(0.01)
+        sock.settimeout(5)  # blocking: recv waits for the bytes
         assert sock.recv(10) == b"more"  # the socket still works after the take-over
         sock.close()
         b.close()
@@ -94,7 +94,7 @@ def test_a_head_split_across_reads_is_joined():
         async def trickle() -> None:
             for piece in (b"HTTP/1.1 200 OK\r", b"\nA: b\r\n", b"\r", b"\nbody"):
                 b.sendall(piece)
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # the input's pace: one piece per read
 
         task = asyncio.ensure_future(trickle())
         head = await read_head(stream, 1000)

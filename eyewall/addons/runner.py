@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import importlib.util
 import inspect
 import logging
+import math
 import os
 import stat
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +32,7 @@ log = logging.getLogger("eyewall.addons")
 
 _HOOK_NAMES = frozenset(HOOKS)
 _DATA_NAMES = tuple(h.name for h in DATA_HOOKS)
+BLOCKING = 0.1  # seconds a plain hook may hold the event loop before it is reported
 
 
 class AddonFailed(Exception):
@@ -67,22 +69,69 @@ class AddonFile:
 
     path: Path
     policy: bool
-    mtime: float = 0.0
+    stamp: tuple[int, ...] = ()  # `read_code`'s stamp of the loaded version
     addons: list[Addon] = field(default_factory=list)
 
 
 def unsafe_code(path: str | Path) -> str | None:
-    """Why a code file must not be loaded, or None: writable by group or others, or
-    owned by another user than this one (root excepted) — as ssh refuses such keys."""
+    """Why a code file must not be loaded, or None (as ssh's StrictModes refuses keys):
+    the file is writable by group or others or owned by another user than this one
+    (root excepted), or a directory on its way — as given or with symlinks resolved —
+    lets someone else replace it (owned by another user, or writable by group or others
+    without the sticky bit)."""
     try:
         info = os.stat(path)
     except OSError as e:
         return f"cannot read {path}: {e.strerror}"
+    return _unsafe_owner_or_mode(info, Path(path)) or _unsafe_directories(Path(path))
+
+
+def _unsafe_owner_or_mode(info: os.stat_result, path: Path) -> str | None:
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return f"{path} is writable by group or others (chmod go-w {path})"
     if info.st_uid not in (os.getuid(), 0):
         return f"{path} belongs to another user (uid {info.st_uid})"
     return None
+
+
+def _unsafe_directories(path: Path) -> str | None:
+    seen: set[Path] = set()
+    for directory in (*Path(os.path.abspath(path)).parents, *path.resolve().parents):
+        if directory in seen:
+            continue
+        seen.add(directory)
+        try:
+            info = os.stat(directory)
+        except OSError as e:
+            return f"cannot read directory {directory}: {e.strerror}"
+        if info.st_uid not in (os.getuid(), 0):
+            return f"directory {directory} belongs to another user (uid {info.st_uid})"
+        writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if writable and not info.st_mode & stat.S_ISVTX:
+            return (
+                f"directory {directory} is writable by group or others, who could replace"
+                f" {path.name} (chmod go-w {directory})"
+            )
+    return None
+
+
+def read_code(path: Path) -> tuple[bytes, tuple[int, ...]]:
+    """The source of a code file and its stamp (what changes when the file is edited,
+    replaced or its mode or owner changed), checked on the opened file itself so it
+    cannot be swapped between check and read.  Raises PermissionError with the
+    reason for an unsafe file (`unsafe_code`), OSError when it cannot be read."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        problem = _unsafe_owner_or_mode(info, path) or _unsafe_directories(path)
+        if problem is not None:
+            raise PermissionError(problem)
+        source = f.read()
+    return source, _stamp(info)
+
+
+def _stamp(info: os.stat_result) -> tuple[int, ...]:
+    return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def _near_misses(instance: Any) -> list[tuple[str, str]]:
@@ -114,13 +163,19 @@ class Addons:
     """The loaded addons of ``observed`` and ``policy`` files, indexed by hook."""
 
     def __init__(
-        self, observed: Iterable[str] = (), policy: Iterable[str] = (), hook_timeout: float = 30.0
+        self,
+        observed: Iterable[str] = (),
+        policy: Iterable[str] = (),
+        hook_timeout: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.hook_timeout = hook_timeout
+        self.clock = clock  # seconds; tests inject their own
         self.files = [AddonFile(Path(p), False) for p in observed]
         self.files += [AddonFile(Path(p), True) for p in policy]
         self._by_hook: dict[str, list[Addon]] = {}
         self._loaded = 0
+        self._blocking_reported: dict[str, float] = {}  # addon name -> when last logged
 
     def load_all(self) -> None:
         """Load every file; a file that fails is a start-up error (ValueError)."""
@@ -132,20 +187,24 @@ class Addons:
 
     def _load(self, f: AddonFile) -> str | None:
         """(Re)load one file; returns an error message, keeping the old version."""
-        unsafe = unsafe_code(f.path)
-        if unsafe is not None:
-            log.error("addon refused: %s", unsafe)
-            return f"addon refused: {unsafe}"
         try:
-            mtime = os.stat(f.path).st_mtime
+            source, stamp = read_code(f.path)
+        except PermissionError as e:
+            log.error("addon refused: %s", e)
+            return f"addon refused: {e}"
+        except OSError as e:
+            log.error("addon %s cannot be read: %s", f.path, e.strerror)
+            return f"addon {f.path} cannot be read: {e.strerror}"
+        try:
+            # Compiled from the source just checked, never through the import system:
+            # no bytecode cache is read (or written) that someone else could plant.
+            code = compile(source, str(f.path), "exec", dont_inherit=True)
             self._loaded += 1
             name = f"eyewall_addon_{self._loaded}_{f.path.stem}"
-            spec = importlib.util.spec_from_file_location(name, f.path)
-            if spec is None or spec.loader is None:
-                return f"addon {f.path}: not a Python file"
-            module = importlib.util.module_from_spec(spec)
+            module = ModuleType(name)
+            module.__file__ = str(f.path)
             sys.modules[name] = module
-            spec.loader.exec_module(module)
+            exec(code, module.__dict__)
             instances = _instances(module)
         except Exception as e:  # any error in user code must be reported, never raised
             log.error(
@@ -169,7 +228,7 @@ class Addons:
         for old in f.addons:
             self._lifecycle(old, Done())
         f.addons = [Addon(f"{f.path.stem}.{type(i).__name__}", i, f.policy) for i in instances]
-        f.mtime = mtime
+        f.stamp = stamp
         for addon in f.addons:
             self._lifecycle(addon, Load(Loader(f.path, logging.getLogger(f"addon.{addon.name}"))))
         return None
@@ -220,10 +279,13 @@ class Addons:
         name = hook.name
         for addon in self._by_hook.get(name, ()):
             try:
+                started = self.clock()
                 result = getattr(addon.instance, name)(*hook.args())
                 if inspect.isawaitable(result):
                     async with asyncio.timeout(self.hook_timeout):
                         await result
+                else:
+                    self._check_blocking(addon, name, self.clock() - started)
             except TimeoutError:
                 log.error(
                     "addon %s: %s took longer than timeouts.addon_hook (%g s); cancelled",
@@ -238,22 +300,44 @@ class Addons:
                 if addon.policy:
                     raise AddonFailed(addon.name, name) from None
 
+    def _check_blocking(self, addon: Addon, hook: str, seconds: float) -> None:
+        """A plain (not ``async``) hook runs on the event loop: while it runs, every
+        connection waits.  Say so when it took longer than BLOCKING seconds (at most once
+        a minute per addon); longer than the hook timeout, it counts as a timed-out hook
+        (raises TimeoutError) — it cannot be cancelled, only reported."""
+        if seconds > self.hook_timeout:
+            raise TimeoutError
+        if seconds > BLOCKING:
+            now = self.clock()
+            if now - self._blocking_reported.get(addon.name, -math.inf) >= 60:
+                self._blocking_reported[addon.name] = now
+                log.warning(
+                    "addon %s: %s blocked the event loop for %.2f s (every connection"
+                    " waited); make the hook async, or faster",
+                    addon.name,
+                    hook,
+                    seconds,
+                )
+
     def reload_changed(self, settings: Any) -> None:
-        """Reload the files whose modification time changed (a failed one keeps its old
-        version and logs why)."""
+        """Reload the files that changed — edited, replaced, or their mode or owner
+        changed (so a file refused as unsafe loads once fixed); a failed one keeps its
+        old version and logs why, once."""
         changed = False
         for f in self.files:
             try:
-                mtime = os.stat(f.path).st_mtime
+                stamp = _stamp(os.stat(f.path))
             except OSError:
                 continue
-            if mtime != f.mtime and self._load(f) is None:
+            if stamp == f.stamp:
+                continue
+            if self._load(f) is None:
                 changed = True
                 log.info("addon %s reloaded", f.path)
                 for addon in f.addons:
                     self._lifecycle(addon, Configure(settings))
                     self._lifecycle(addon, Running())
-            elif mtime != f.mtime:
-                f.mtime = mtime  # report a broken file once, not every second
+            else:
+                f.stamp = stamp  # report a broken file once, not every second
         if changed:
             self._index()

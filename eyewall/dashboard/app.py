@@ -11,8 +11,9 @@ import json
 import logging
 import socket
 import time
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import tornado.web
@@ -21,13 +22,15 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from eyewall.config import Endpoint
-from eyewall.observe.har import har
+from eyewall.observe.har import har, har_query, is_exchange
 from eyewall.observe.live import Client, LiveFeed
 from eyewall.observe.metrics import Metrics
 from eyewall.observe.records import Record, detail, summary
 from eyewall.observe.store import FlowStore, read_records
 
-__all__ = ["AdminServer", "ProxyStats"]
+__all__ = ["AdminServer", "ProxyStats", "SharedFlows"]
+
+T = TypeVar("T")
 
 
 class ProxyStats(Protocol):
@@ -39,6 +42,20 @@ class ProxyStats(Protocol):
 
     def healthy(self) -> bool:
         """False once the proxy is stopping (health checks answer 503)."""
+
+
+class SharedFlows(Protocol):
+    """The flows of every node of a fleet (`eyewall.shared.flow_db.FlowDatabase`).
+    Each method raises an Exception subclass when the database cannot answer."""
+
+    async def records(self, since: float, host: str, limit: int) -> list[Record]:
+        """Records (with ``node``) started at or after ``since``, oldest first."""
+
+    async def find(self, flow_id: str) -> Record | None:
+        """One record by id."""
+
+    async def summaries(self, query: dict[str, str], limit: int) -> list[dict[str, Any]]:
+        """API summaries (with ``node``) matching the API's filters, newest first."""
 
 
 access_log = logging.getLogger("eyewall.admin")
@@ -76,13 +93,23 @@ class Guarded:
                 " /login?token=TOKEN once in a browser",
             )
 
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """A short plain-text page on every admin route, the dashboard's included: the
+        status, and the reason when it helps the user (never anything from the
+        request)."""
+        self.set_header("Content-Type", "text/plain; charset=utf-8")  # type: ignore[attr-defined]
+        error = kwargs.get("exc_info", (None, None))[1]
+        hint = error.log_message if isinstance(error, tornado.web.HTTPError) else None
+        reason = self._reason  # type: ignore[attr-defined]
+        self.finish(f"{status_code} {reason}\n" + (f"{hint}\n" if hint else ""))  # type: ignore[attr-defined]
+
     def authorized(self) -> bool:
         """The token as a Bearer header, or the cookie /login set (which holds a value
         derived from the token, never the token itself)."""
         token = self.admin.token
-        header = self.request.headers.get("Authorization", "")
-        if header.startswith("Bearer "):
-            return hmac.compare_digest(header[7:].strip().encode(), token.encode())
+        scheme, _, credentials = self.request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":  # auth schemes are case-insensitive (RFC 9110 §11.1)
+            return hmac.compare_digest(credentials.strip().encode(), token.encode())
         cookie = self.request.cookies.get(COOKIE)
         offered = cookie.value if cookie else ""
         return hmac.compare_digest(offered.encode(), cookie_value(token).encode())
@@ -106,14 +133,6 @@ class Base(Guarded, tornado.web.RequestHandler):
 
     def prepare(self) -> None:
         self.check_access()
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        """A short plain-text page: the status, and the reason when it helps the user
-        (never anything from the request)."""
-        self.set_header("Content-Type", "text/plain; charset=utf-8")
-        error = kwargs.get("exc_info", (None, None))[1]
-        hint = error.log_message if isinstance(error, tornado.web.HTTPError) else None
-        self.finish(f"{status_code} {self._reason}\n" + (f"{hint}\n" if hint else ""))
 
     def count_argument(self, name: str, default: int, most: int) -> int:
         """Query argument ``name`` as a whole number, at most ``most`` (larger values are
@@ -149,31 +168,42 @@ class Login(Base):
 
 
 class Health(Base):
-    """Readiness for load balancers and probes: 200, or 503 once the proxy is stopping.
-    It reveals no traffic, so it needs no token (the Host check still applies)."""
+    """Readiness for load balancers and probes: 200, or 503 once the proxy is stopping
+    (from SIGTERM on: the drain grace).  It reveals no traffic, so it needs no token
+    (the Host check still applies); a node of a fleet names itself (``node``)."""
 
     def prepare(self) -> None:
         if not self.admin.host_allowed(self.request.host):
             raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
 
     def get(self) -> None:
-        proxy = self.admin.proxy
+        admin = self.admin
+        proxy = admin.proxy
         healthy = proxy.healthy()
         if not healthy:
             self.set_status(503)
         gauges = proxy.gauges()
-        self.write_json(
-            {
-                "status": "ok" if healthy else "draining",
-                "uptime_s": round(time.monotonic() - self.admin.started, 3),
-                "connections": gauges["connections"],
-                "tunnels": gauges["tunnels"],
-            }
-        )
+        answer: dict[str, Any] = {"status": "ok" if healthy else "draining"}
+        if admin.node:
+            answer["node"] = admin.node
+        answer["uptime_s"] = round(time.monotonic() - admin.started, 3)
+        answer["connections"] = gauges["connections"]
+        answer["tunnels"] = gauges["tunnels"]
+        self.write_json(answer)
 
 
 class MetricsPage(Base):
-    """``/metrics``: the Prometheus text exposition (version 0.0.4)."""
+    """``/metrics``: the Prometheus text exposition (version 0.0.4); no token needed from
+    this host (loopback), the token from anywhere else."""
+
+    def prepare(self) -> None:
+        # Metrics reveal no traffic: a scraper on this host needs no token (the Host
+        # check still applies); from elsewhere the token is required as for the API.
+        if ipaddress.ip_address(self.request.remote_ip).is_loopback:
+            if not self.admin.host_allowed(self.request.host):
+                raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
+            return
+        self.check_access()
 
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
@@ -205,12 +235,17 @@ def matches(s: dict[str, Any], query: dict[str, str]) -> bool:
 
 class FlowList(Base):
     """``/api/flows``: recent flow summaries, newest first, at most ``limit`` (1..5000,
-    default 200); ``host``, ``status``, ``method``, ``user`` and ``q`` filter."""
+    default 200); ``host``, ``status``, ``method``, ``user`` and ``q`` filter.  In a
+    fleet with a shared flow database: every node's flows, each with its ``node``."""
 
-    def get(self) -> None:
+    async def get(self) -> None:
         limit = max(1, self.count_argument("limit", 200, 5000))
         names = ("host", "status", "method", "user", "q")
         query = {k: self.get_query_argument(k, "") for k in names}
+        shared = self.admin.shared
+        if shared is not None:
+            self.write_json({"flows": await _shared(shared.summaries(query, limit))})
+            return
         out = []
         for record in self.admin.store.recent_records():
             s = summary(record)
@@ -227,7 +262,10 @@ class FlowDetail(Base):
     async def get(self, flow_id: str) -> None:
         store = self.admin.store
         record = store.find_recent(flow_id)
-        if record is None:
+        shared = self.admin.shared
+        if record is None and shared is not None:
+            record = await _shared(shared.find(flow_id))
+        elif record is None:
             loop = asyncio.get_running_loop()
             record = await loop.run_in_executor(None, store.find_stored, flow_id)
         if record is None:
@@ -309,6 +347,15 @@ class Live(Guarded, tornado.websocket.WebSocketHandler):
             self.admin.live.detach(self.client)
 
 
+async def _shared(call: Awaitable[T]) -> T:
+    """A read of the fleet's flow database; 503 when it cannot answer."""
+    try:
+        return await call
+    except Exception as e:
+        logging.getLogger("eyewall.flows").warning("reading the flow database failed: %s", e)
+        raise tornado.web.HTTPError(503, "the flow database does not answer") from None
+
+
 def _log_request(handler: tornado.web.RequestHandler) -> None:
     """Debug-level request log without query strings (they may carry the token)."""
     if access_log.isEnabledFor(logging.DEBUG):
@@ -337,6 +384,8 @@ class AdminServer:
         self.endpoint = endpoint
         self.token = token
         self.ca_pem = ca_pem
+        self.node = ""  # this node's name in a fleet (/healthz)
+        self.shared: SharedFlows | None = None  # the fleet's flows, instead of this node's
         self.started = time.monotonic()
         args = {"admin": self}
         self.app = tornado.web.Application(
@@ -410,22 +459,20 @@ class AdminServer:
         return self.proxy.gauges()
 
     async def records(self, since: float, host: str, limit: int) -> list[Record]:
-        """Recorded flows for HAR, oldest first: the database, plus what is still in
+        """Recorded HTTP exchanges for HAR, oldest first: the database, plus what is still in
         memory waiting to be written."""
 
         def wanted(r: Record) -> bool:
-            return r["started"] >= since and (not host or r["host"] == host)
+            return r["started"] >= since and (not host or r["host"] == host) and is_exchange(r)
 
         stored: list[Record] = []
         path = self.store.path
-        if path is not None and path.exists():
-            where = "started >= ?"
-            params: list[object] = [since]
-            if host:
-                where += " AND host = ?"
-                params.append(host)
+        if self.shared is not None:
+            stored = await _shared(self.shared.records(since, host, limit))
+        elif path is not None and path.exists():
+            where, params = har_query(since, host)
             stored = await asyncio.get_running_loop().run_in_executor(
-                None, read_records, path, where, tuple(params), limit
+                None, read_records, path, where, params, limit
             )
         seen = {r["id"] for r in stored}
         pending = [r for r in self.store.recent_records() if r["id"] not in seen and wanted(r)]

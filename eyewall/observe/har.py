@@ -1,7 +1,8 @@
 """HAR 1.2 export of recorded flows (http://www.softwareishard.com/blog/har-12-spec/).
 
 Pure: records in, a JSON-ready dict out.  Tunnels that were not decrypted carry no HTTP
-messages and are left out; the count of such flows is given in the log comment.
+messages and are left out (`har_query` leaves them out of the selection, so a limit
+counts entries); the count of any such flows handed in is given in the log comment.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from urllib.parse import parse_qsl, urlsplit
 from eyewall import __version__
 from eyewall.observe.records import Record, parse_heads
 
-__all__ = ["har"]
+__all__ = ["har", "har_query", "is_exchange"]
 
 
 def _iso(t: float) -> str:
@@ -121,14 +122,32 @@ def _entry(r: Record) -> dict[str, Any]:
         "connection": r["id"],
         "comment": f"eyewall flow {r['id']}" + (f"; error: {r['error']}" if r["error"] else ""),
     }
+    if r.get("node"):
+        entry["_node"] = r["node"]  # the fleet node that recorded it (a custom field)
     if r["upstream"]:
         entry["serverIPAddress"] = r["upstream"].rsplit(":", 1)[0].strip("[]")
     return entry
 
 
+def is_exchange(r: Record) -> bool:
+    """Whether ``r`` is an HTTP exchange (a HAR entry), not an opaque tunnel."""
+    return r["kind"] != "tunnel" and bool(r["method"])
+
+
+def har_query(since: float, host: str | None) -> tuple[str, tuple[Any, ...]]:
+    """The flow-store selection (a WHERE clause and its parameters) of HAR entries
+    started at or after ``since`` (Unix time, seconds), to ``host`` when given."""
+    where = "started >= ? AND kind != 'tunnel' AND method != ''"
+    params: list[Any] = [since]
+    if host:
+        where += " AND host = ?"
+        params.append(host)
+    return where, tuple(params)
+
+
 def har(records: list[Record]) -> dict[str, Any]:
     """A HAR 1.2 log of the HTTP flows among ``records`` (oldest first)."""
-    entries = [_entry(r) for r in records if r["kind"] != "tunnel" and r["method"]]
+    entries = [_entry(r) for r in records if is_exchange(r)]
     skipped = sum(1 for r in records if r["kind"] == "tunnel")
     return {
         "log": {

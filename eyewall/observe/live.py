@@ -93,6 +93,7 @@ class LiveFeed:
     ) -> None:
         self.gauges = gauges
         self.recent = recent
+        self.node = ""  # in a fleet sharing its flows: this node's name, on every summary
         self.clients: set[Client] = set()
         self.series: deque[dict[str, Any]] = deque(maxlen=SERIES)
         self._reset()
@@ -115,7 +116,10 @@ class LiveFeed:
         if flow.kind == "http" and len(self.latencies) < LATENCY_SAMPLES:
             self.latencies.append(flow.duration * 1000)  # a tunnel's lifetime is no latency
         if self.clients:
-            self._broadcast({"type": "flow", "flow": summary(record_of(flow))})
+            shown = summary(record_of(flow))
+            if self.node:
+                shown["node"] = self.node
+            self._broadcast({"type": "flow", "flow": shown})
 
     def _broadcast(self, message: dict[str, Any]) -> None:
         text = json.dumps(message)
@@ -154,10 +158,19 @@ class LiveFeed:
     def attach(self, socket: Socket) -> Client:
         """Start feeding ``socket``: a hello message with recent flows, then everything new."""
         client = Client(socket)
-        client.queue.append(json.dumps({"type": "hello", "flows": self.recent()}))
+        flows = self.recent()
+        if self.node:
+            flows = [{"node": self.node, **f} for f in flows]
+        client.queue.append(json.dumps({"type": "hello", "flows": flows}))
         client.wakeup.set()
         self.clients.add(client)
         return client
+
+    def push(self, flow: dict[str, Any]) -> None:
+        """Show open dashboards a flow summary that did not pass through this node
+        (another node's, read from a fleet's shared flow database)."""
+        if self.clients:
+            self._broadcast({"type": "flow", "flow": flow})
 
     def detach(self, client: Client) -> None:
         """Stop feeding ``client`` (its socket has closed)."""

@@ -122,8 +122,9 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def summary(record: Record) -> dict[str, Any]:
-    """The flow summary of the admin API (docs/admin-api.md)."""
-    return {
+    """The flow summary of the admin API (docs/admin-api.md); with ``node`` when the
+    record comes from a fleet's shared flow database."""
+    out = {
         "id": record["id"],
         "kind": record["kind"],
         "started": record["started"],
@@ -147,6 +148,9 @@ def summary(record: Record) -> dict[str, Any]:
         "intercepted": bool(record["intercepted"]),
         "worker": record["worker"] or 0,
     }
+    if "node" in record:
+        out["node"] = record["node"]
+    return out
 
 
 def _body(data: bytes | None, size: int) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import bcrypt
 
 __all__ = [
     "Credentials",
+    "HtpasswdError",
     "LoginThrottle",
     "Users",
     "parse_basic",
@@ -85,21 +86,36 @@ def _check_hash(user: str, hashed: str, where: str) -> bytes:
     return hashed.encode()
 
 
+class HtpasswdError(ValueError):
+    """Bad lines in an htpasswd file: ``errors`` has one message per line at fault."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
 def parse_htpasswd(text: str, where: str) -> dict[str, bytes]:
     """``user:hash`` lines (``htpasswd -B``); blank lines and ``#`` comments skipped.
 
-    Raises ValueError naming ``where`` and the line for a line that is not
-    ``user:bcrypt-hash``.
+    Raises `HtpasswdError` naming every line that is not ``user:bcrypt-hash``, as
+    ``WHERE:LINE: problem`` (``where`` is the file, or the setting naming it).
     """
     users: dict[str, bytes] = {}
+    errors: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         user, colon, hashed = line.partition(":")
         if not colon or not user:
-            raise ValueError(f"{where} line {number}: expected user:hash")
-        users[user] = _check_hash(user, hashed, f"{where} line {number}")
+            errors.append(f"{where}:{number}: expected user:hash")
+            continue
+        try:
+            users[user] = _check_hash(user, hashed, f"{where}:{number}")
+        except ValueError as e:
+            errors.append(str(e))
+    if errors:
+        raise HtpasswdError(errors)
     return users
 
 
@@ -131,11 +147,14 @@ class Users:
         htpasswd_text: str | None,
         groups: Mapping[str, list[str]],
         where: str = "auth",
+        htpasswd_path: str = "",
     ) -> Users:
-        """Build from an htpasswd text and inline ``name = hash`` entries (inline wins),
-        with ``group = [users]``.  Raises ValueError naming the setting at fault (a bad
-        hash, a group member who is not a user)."""
-        hashes = parse_htpasswd(htpasswd_text, f"{where}.htpasswd") if htpasswd_text else {}
+        """Build from an htpasswd text (read from ``htpasswd_path``, named in errors) and
+        inline ``name = hash`` entries (inline wins), with ``group = [users]``.  Raises
+        ValueError naming the setting at fault (a group member who is not a user, a bad
+        inline hash), or `HtpasswdError` naming every bad line of the file."""
+        source = f"{where}.htpasswd: {htpasswd_path}" if htpasswd_path else f"{where}.htpasswd"
+        hashes = parse_htpasswd(htpasswd_text, source) if htpasswd_text else {}
         for user, hashed in inline.items():
             hashes[user] = _check_hash(user, hashed, f"{where}.users.{user}")
         members: dict[str, set[str]] = {}

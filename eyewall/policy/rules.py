@@ -23,6 +23,7 @@ After the rules, two guards apply to whatever was allowed:
 
 from __future__ import annotations
 
+import difflib
 import enum
 import re
 from collections.abc import Mapping, Sequence
@@ -185,7 +186,9 @@ def compile_rule(raw: Mapping[str, Any], path: str) -> Rule:
         raise ValueError(f"{path}: must be a table")
     unknown = sorted(set(raw) - _RULE_KEYS)
     if unknown:
-        raise ValueError(f"{path}.{unknown[0]}: unknown rule field")
+        near = difflib.get_close_matches(unknown[0], sorted(_RULE_KEYS), n=1, cutoff=0.6)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ValueError(f"{path}.{unknown[0]}: unknown rule field{hint}")
     rule_id = raw.get("id")
     if not isinstance(rule_id, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", rule_id):
         raise ValueError(f"{path}.id: required, letters, digits and _ . : - only")
@@ -281,11 +284,14 @@ class RuleSet:
         if chosen is None and explain:
             trace.append(f"no rule matched: default action {self.default.value}")
         if action is Action.DENY:
-            message = chosen.message if chosen is not None else "denied by default"
+            message = chosen.message if chosen is not None else "no rule allows it (access.default)"
             return Decision(action, rule_id, message, trace=tuple(trace))
         port_named = chosen is not None and _in_ports(req.port, chosen.ports)
         if req.scheme == "connect" and not (_in_ports(req.port, self.connect_ports) or port_named):
-            message = f"CONNECT to port {req.port} is not allowed"
+            message = (
+                f"CONNECT to port {req.port} is not allowed (to allow it: access.connect_ports,"
+                " or the ports of an allow rule)"
+            )
             if explain:
                 trace.append(f"guard connect-port: {message}")
             return Decision(Action.DENY, "connect-port", message, trace=tuple(trace))

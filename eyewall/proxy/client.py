@@ -44,6 +44,7 @@ from eyewall.http1.target import (
 from eyewall.policy.admission import Allow, Refusal, Ticket
 from eyewall.policy.auth import parse_basic
 from eyewall.policy.rules import Action
+from eyewall.policy.state import LimitsUnavailable
 from eyewall.proxy.admission import admit, admit_now
 from eyewall.proxy.context import ProxyContext
 from eyewall.proxy.exchange import Answered, Exchange, Failed, Killed, Responded, Upgraded
@@ -364,7 +365,7 @@ class ClientConnection:
             if limited is not None:
                 flow.cause = "tunnels"
                 return False, await self._error(
-                    flow, method, ErrorKind.RATE_LIMITED, limited, close, [("Retry-After", "1")]
+                    flow, method, *limited, close, [("Retry-After", "1")]
                 )
             relay_slot = self._releaser(decision.user)
         exchange = self.exchange = Exchange(
@@ -431,6 +432,8 @@ class ClientConnection:
             step = await admit(ctx, ticket, step, self.watch, lambda: not peer_gone(stream))
         if isinstance(step, Allow):
             return step
+        if ticket.user is not None:
+            flow.user = ticket.user  # refused after logging in: the audit trail names them
         await self._refuse(flow, head.method, step, close)
         return None
 
@@ -534,19 +537,28 @@ class ClientConnection:
 
     # -- tunnels -----------------------------------------------------------------------
 
-    async def _acquire_tunnel(self, user: str | None) -> str | None:
-        """Count a tunnel against the client's and the user's limits; the limit that
-        refused it, or None."""
+    async def _acquire_tunnel(self, user: str | None) -> tuple[ErrorKind, str] | None:
+        """Count a tunnel against the client's and the user's limits; why it was
+        refused (a limit reached: RATE_LIMITED; a shared store failing closed:
+        OVERLOADED), or None."""
         ctx = self.ctx
         state, limits = ctx.state, ctx.policy.limits
         client = self.address[0]
-        if not await _done(state.acquire("client_tunnels", client, limits.client_tunnels)):
-            return f"rate limit client_tunnels reached for {client}"
-        if user is not None and not await _done(
-            state.acquire("user_tunnels", user, limits.user_tunnels)
-        ):
-            await _done(state.release("client_tunnels", client))
-            return f"rate limit user_tunnels reached for {user}"
+        try:
+            if not await _done(state.acquire("client_tunnels", client, limits.client_tunnels)):
+                return ErrorKind.RATE_LIMITED, f"rate limit client_tunnels reached for {client}"
+            try:
+                counted = user is None or await _done(
+                    state.acquire("user_tunnels", user, limits.user_tunnels)
+                )
+            except LimitsUnavailable:
+                await _done(state.release("client_tunnels", client))
+                raise
+            if not counted:
+                await _done(state.release("client_tunnels", client))
+                return ErrorKind.RATE_LIMITED, f"rate limit user_tunnels reached for {user}"
+        except LimitsUnavailable as e:
+            return ErrorKind.OVERLOADED, str(e)
         return None
 
     def _releaser(self, user: str | None) -> Callable[[], None]:
@@ -571,7 +583,7 @@ class ClientConnection:
         if limited is not None:
             flow.cause = "tunnels"
             return False, await self._error(
-                flow, "CONNECT", ErrorKind.RATE_LIMITED, limited, close, [("Retry-After", "1")]
+                flow, "CONNECT", *limited, close, [("Retry-After", "1")]
             )
         release = self._releaser(decision.user)
         self._enter(Phase.CONNECTING, None)  # bounded by the pool's connect timeout
@@ -622,7 +634,7 @@ class ClientConnection:
         if release is None:
             limited = await self._acquire_tunnel(flow.user)
             if limited is not None:
-                flow.fail(ErrorKind.RATE_LIMITED, limited)
+                flow.fail(*limited)
                 flow.cause = "tunnels"
                 origin.close()
                 self.stream.close()
@@ -672,7 +684,7 @@ class ClientConnection:
         if limited is not None:
             flow.cause = "tunnels"
             return False, await self._error(
-                flow, "CONNECT", ErrorKind.RATE_LIMITED, limited, False, [("Retry-After", "1")]
+                flow, "CONNECT", *limited, False, [("Retry-After", "1")]
             )
         release = self._releaser(decision.user)
         try:

@@ -207,6 +207,10 @@ class Exchange:
             return await self._failed(ProxyError(ErrorKind.HTTP_PROTOCOL_ERROR, str(e)), framing)
         except AddonFailed as e:
             return await self._failed(ProxyError(ErrorKind.ADDON_FAILED, str(e)), framing)
+        except BaseException:  # a bug, or cancellation: the origin connection is unusable
+            if self.up is not None:
+                self.up.stream.close()
+            raise
         finally:
             if self.upload is not None and self.responded:
                 await self._finish_upload()
@@ -479,6 +483,7 @@ class Exchange:
             and rules.keep_alive(response)
             and not origin.closed()
         ):
+            self.up = None  # the pool's now: nothing here may close it
             ctx.pool.release(up, ctx.clock())
         else:
             origin.close()

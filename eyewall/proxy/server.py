@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
 import itertools
 import logging
 import secrets
@@ -27,9 +28,10 @@ from eyewall.errors import ErrorKind, error_answer
 from eyewall.flow import Flow
 from eyewall.policy.engine import Policy
 from eyewall.policy.networks import OwnListeners
-from eyewall.policy.state import AdmissionState, LimitsStore
+from eyewall.policy.state import AdmissionState, LimitsStore, LimitsUnavailable
 from eyewall.proxy.client import ClientConnection, render_answer
 from eyewall.proxy.intercept import HandshakeFailed, Interception, accept_tls
+from eyewall.proxy.proxied import ProxyProtocolGate
 from eyewall.proxy.streams import STREAM_BUFFER, BoundedStream, lingering_close
 from eyewall.proxy.timeouts import Watchdog, sweep_interval
 from eyewall.proxy.tunnel import PipePool, Relay
@@ -89,6 +91,8 @@ class Proxy:
         )
         self.watchdog.add(self.pool)
         self.own = OwnListeners()
+        pp = settings.proxy_protocol
+        self.proxy_protocol = ProxyProtocolGate(pp.trusted, pp.header_timeout)
         self.connections: set[ClientConnection] = set()
         self.tunnels: dict[Relay, tuple[Flow, Callable[[], None]]] = {}
         self.stopping = False  # SIGTERM seen: /healthz says 503 (listeners may still serve)
@@ -211,8 +215,14 @@ class Proxy:
         self._listeners.clear()
 
     def _accept(self, sock: socket.socket, address: Any, secure: ssl.SSLContext | None) -> None:
+        if self.proxy_protocol.enabled and self._relayed(sock):
+            self._spawn(self._serve_relayed(sock, address, secure))
+            return
         stream = BoundedStream(sock, max_buffer_size=STREAM_BUFFER)
-        task = asyncio.ensure_future(self._serve(stream, address, secure))
+        self._spawn(self._serve(stream, address, secure))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         self.accepted += 1
         task.add_done_callback(self._served)
@@ -220,6 +230,33 @@ class Proxy:
     def _served(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self.accepted -= 1
+
+    def _relayed(self, sock: socket.socket) -> bool:
+        """Whether the connection ``sock`` reached a listener that takes PROXY headers
+        from trusted peers (proxy_protocol.listeners; empty: every listener)."""
+        listeners = self.settings.proxy_protocol.listeners
+        if not listeners:
+            return True
+        try:
+            local = sock.getsockname()
+        except OSError:
+            return True  # gone already: the gate will find nothing to read
+        return any(_serves(endpoint, local[0], local[1]) for endpoint in listeners)
+
+    async def _serve_relayed(
+        self, sock: socket.socket, peer: Any, secure: ssl.SSLContext | None
+    ) -> None:
+        """Serve a connection to a listener that takes PROXY headers from trusted peers
+        (`eyewall.proxy.proxied`): the client is the one the header names."""
+        try:
+            client = await self.proxy_protocol.client_of(sock, (peer[0], peer[1]))
+        except BaseException:
+            sock.close()
+            raise
+        if client is None:
+            sock.close()
+            return
+        await self._serve(BoundedStream(sock, max_buffer_size=STREAM_BUFFER), client, secure)
 
     async def _serve(self, stream: IOStream, address: Any, secure: ssl.SSLContext | None) -> None:
         client = (address[0], address[1])
@@ -231,11 +268,16 @@ class Proxy:
             log.warning("refused connection from %s: too many connections", client[0])
         else:
             maximum = self.policy.limits.client_connections
-            if not await _done(self.state.acquire("client_connections", client[0], maximum)):
-                refusal = (
-                    ErrorKind.RATE_LIMITED,
-                    f"rate limit client_connections reached for {client[0]}",
-                )
+            try:
+                counted = await _done(self.state.acquire("client_connections", client[0], maximum))
+            except LimitsUnavailable as e:  # a shared store that fails closed
+                refusal = (ErrorKind.OVERLOADED, str(e))
+            else:
+                if not counted:
+                    refusal = (
+                        ErrorKind.RATE_LIMITED,
+                        f"rate limit client_connections reached for {client[0]}",
+                    )
         if refusal is not None:
             await self._refuse(stream, client, *refusal)
             return
@@ -324,6 +366,8 @@ class Proxy:
         self.settings = settings
         self.policy = policy
         self.interception.ca = ca
+        pp = settings.proxy_protocol
+        self.proxy_protocol.configure(pp.trusted, pp.header_timeout)
         pool = self.pool
         pool.connect_timeout = settings.timeouts.upstream_connect
         pool.idle_per_origin = settings.pool.idle_per_origin
@@ -416,6 +460,21 @@ def _accept_handler(
 
     loop.add_handler(sock, accept, IOLoop.READ)
     return remove
+
+
+def _serves(endpoint: Endpoint, host: str, port: int) -> bool:
+    """Whether a listener on ``endpoint`` accepts connections to ``host``:``port`` (the
+    wildcard addresses take every address; localhost, the loopback ones)."""
+    if endpoint.port != port:
+        return False
+    if endpoint.host in ("0.0.0.0", "::"):
+        return True
+    local = ipaddress.ip_address(host.partition("%")[0])
+    if local.version == 6 and local.ipv4_mapped is not None:
+        local = local.ipv4_mapped
+    if endpoint.host == "localhost":
+        return local.is_loopback
+    return local == ipaddress.ip_address(endpoint.host)
 
 
 def bind_endpoint(endpoint: Endpoint, setting: str) -> list[socket.socket]:

@@ -99,7 +99,8 @@ class CertificateAuthority:
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         except FileNotFoundError as e:
             raise FileNotFoundError(
-                f"no interception CA in {directory} ({e.filename} missing): run eyewall ca init"
+                f"no interception CA in {directory} ({e.filename} missing):"
+                f" run eyewall ca init --ca-dir {directory}"
             ) from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ValueError(f"{key_path}: not an EC private key")

@@ -66,6 +66,7 @@ class SharedLimits:
         if max(t.per_source, t.per_user) > KEEP:
             raise ValueError(f"login allowances above {KEEP} do not fit shared memory")
         self.window, self.per_source, self.per_user = t.window, t.per_source, t.per_user
+        self.logins = t  # its parameters (a Redis store reads them); its state is unused
         self.credentials = CredentialCache()
         tables = segment.tables
         self._buckets = tables["buckets"]

@@ -14,8 +14,8 @@ and `WorkerCollector` adds, per worker::
     eyewall_worker_tunnels{worker}               its open tunnels
     eyewall_worker_cpu_seconds_total{worker}     its CPU time (user + system)
     eyewall_worker_resident_memory_bytes{worker} its RSS
-    eyewall_shared_limits_evictions_total        shared limit entries forgotten (full set)
-    eyewall_shared_limits_overflows_total        counts not kept (full set): fail open
+    eyewall_shared_memory_evictions_total        shared limit entries forgotten (full set)
+    eyewall_shared_memory_overflows_total        counts not kept (full set): fail open
 
 Counters from flows (requests, bytes, errors, ...) need nothing here: every worker's
 flows reach the supervisor's one `Metrics`, so they are the whole proxy's already.
@@ -46,14 +46,16 @@ class WorkerState:
     restarts: int = 0
     gauges: dict[str, Any] = field(default_factory=dict)  # its last STATS
     dropped_before: int = 0  # flows dropped by its earlier processes
-    checks_before: dict[str, int] = field(default_factory=dict)  # logins checked by them
+    before: dict[str, dict[str, int]] = field(default_factory=dict)  # their labelled counts
 
     def retire(self) -> None:
         """Its process is gone: keep what its counters reached, forget its gauges."""
         self.ready = False
         self.dropped_before += int(self.gauges.get("flows_dropped", 0))
-        for result, n in self.gauges.get("login_checks", {}).items():
-            self.checks_before[result] = self.checks_before.get(result, 0) + n
+        for counter in ("login_checks", "proxy_protocol"):
+            kept = self.before.setdefault(counter, {})
+            for label, n in self.gauges.get(counter, {}).items():
+                kept[label] = kept.get(label, 0) + n
         self.gauges = {}
 
 
@@ -86,11 +88,16 @@ class WorkersStats:
 
     def login_checks(self) -> dict[str, int]:
         """bcrypt checks of proxy logins by result, in every worker since start."""
+        return self.summed("login_checks")
+
+    def summed(self, counter: str) -> dict[str, int]:
+        """A counter the workers report by label (``login_checks``,
+        ``proxy_protocol``), summed over the workers and their earlier processes."""
         total: dict[str, int] = {}
         for w in self.workers():
-            for counts in (w.checks_before, w.gauges.get("login_checks", {})):
-                for result, n in counts.items():
-                    total[result] = total.get(result, 0) + n
+            for counts in (w.before.get(counter, {}), w.gauges.get(counter, {})):
+                for label, n in counts.items():
+                    total[label] = total.get(label, 0) + n
         return total
 
     def log_dropped(self) -> int:
@@ -156,8 +163,8 @@ class WorkerCollector:
         counts = self.limits()
         for name in ("evictions", "overflows"):
             yield CounterMetricFamily(
-                f"eyewall_shared_limits_{name}",
-                f"Shared limit entries: {name} (docs/scaling.md).",
+                f"eyewall_shared_memory_{name}",
+                f"Limits in the workers' shared memory: {name} (docs/scaling.md).",
                 value=counts.get(name, 0),
             )
 

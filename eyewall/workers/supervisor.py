@@ -40,7 +40,8 @@ from tornado.ioloop import PeriodicCallback
 
 from eyewall import __version__
 from eyewall.app import Loaded, Loader, Observers, _mtimes, _raise_fd_limit, _write_pid_file
-from eyewall.config import ConfigError, restart_settings
+from eyewall.config import ConfigError, Settings, restart_settings
+from eyewall.fleet import FleetNode
 from eyewall.observe.oplog import DroppingQueueHandler
 from eyewall.proxy.server import bind_endpoint
 from eyewall.sdnotify import notify, reloading
@@ -174,6 +175,8 @@ class Supervisor:
             metrics.registry.register(
                 WorkerCollector(self.count, self.states.values, self.limits_view.statistics)
             )
+        self.fleet = FleetNode(settings)  # PostgreSQL flows here; Redis limits: the workers'
+        self.fleet.attach(observers, _WorkersGate(self.stats, settings))
         if observers.admin is not None:
             print(f"eyewall admin on {observers.admin.url()}", file=sys.stderr, flush=True)
         self._signals()
@@ -189,6 +192,7 @@ class Supervisor:
             await self._stop(0.0)
             return 1
         self._announce()
+        await self.fleet.start()
         watcher = self._watch()
         sweeper = PeriodicCallback(self._sweep, SWEEP_INTERVAL * 1000)
         sweeper.start()
@@ -474,6 +478,7 @@ class Supervisor:
             log.warning("%s changed: it applies after a restart (eyewall restart)", name)
         try:
             self.observers.reconfigure(old, new.settings)
+            self.fleet.reconfigure(new.settings)
         except OSError as e:
             log.error("reload refused, keeping the current configuration: %s", e)
             return False
@@ -573,6 +578,7 @@ class Supervisor:
                     worker.process.kill()
             for worker in waiting:
                 await worker.exited
+        await self.fleet.stop()
         await self.observers.stop()
         pid_file = settings.pid_file
         if pid_file and owns_pid_file(pid_file):
@@ -603,3 +609,18 @@ class Supervisor:
         if self.settings.watch_config or self.settings.auth.htpasswd:
             watcher.start()
         return watcher
+
+
+class _WorkersGate:
+    """What `FleetNode.attach` reads of a proxy, from the workers: whether the PROXY
+    protocol is on, and its counts summed over the workers (their last reports)."""
+
+    def __init__(self, stats: WorkersStats, settings: Settings) -> None:
+        self.proxy_protocol = self
+        self.enabled = bool(settings.proxy_protocol.trusted)
+        self._stats = stats
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """PROXY protocol outcomes by result, summed over the workers."""
+        return self._stats.summed("proxy_protocol")

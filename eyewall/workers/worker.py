@@ -27,7 +27,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
+from typing import Any, cast
 
 from tornado.ioloop import PeriodicCallback
 
@@ -35,9 +35,11 @@ from eyewall import __version__
 from eyewall.addons.hooks import Configure, Done, Running
 from eyewall.addons.runner import Addons
 from eyewall.config import ConfigError
+from eyewall.fleet import FleetNode
 from eyewall.flow import Flow
 from eyewall.observe.oplog import DroppingQueueHandler, setup_logging
 from eyewall.observe.store import summarise_refused
+from eyewall.policy.state import AdmissionState
 from eyewall.workers.balance import Balancer
 from eyewall.workers.channel import Channel, StreamClosedError
 from eyewall.workers.limits import TABLES, SharedLimits
@@ -116,10 +118,16 @@ class Worker:
         self.addons.lifecycle(Configure(settings))
         self.segment = Segment.attach(init.limits_fd, TABLES)
         self.sender = FlowSender(channel)
+        # Limits in Redis for a fleet (shared_limits.redis), this machine's shared memory
+        # deciding when Redis does not answer; else the shared memory alone.  The shared
+        # flows (PostgreSQL) are the supervisor's.
+        self.fleet = FleetNode(settings)
+        shared = SharedLimits(self.segment, init.slot)
+        state = self.fleet.limits_store(cast(AdmissionState, shared))  # what Redis uses of it
         self.proxy = Proxy(
             settings,
             loaded.policy,
-            state=SharedLimits(self.segment, init.slot),
+            state=state,
             addons=self.addons,
             ca=loaded.ca,
             publish=self.sender,
@@ -138,6 +146,8 @@ class Worker:
             for setting, endpoint, fds in self.init.listeners
         }
         self.proxy.accept_gate = self.balancer  # spread new connections (balance.py)
+        if self.fleet.limits is not None:
+            self.fleet.limits.start()
         self.proxy.start_listening(bound)
         self.balancer.join()
         self.proxy.protect(list(self.init.protected))
@@ -163,6 +173,7 @@ class Worker:
             "flows_dropped": self.sender.dropped,
             "log_dropped": self.log_handler.dropped,
             "login_checks": dict(proxy.verifier.checks),
+            "proxy_protocol": dict(proxy.proxy_protocol.counts),
         }
         self.channel.send(encode(STATS, stats))
 
@@ -203,6 +214,7 @@ class Worker:
             log.error("reload refused by this worker: %s", e)
             return str(e)
         self.proxy.reload(loaded.settings, loaded.policy, loaded.ca)
+        self.fleet.reconfigure(loaded.settings)
         self.addons.lifecycle(Configure(loaded.settings))
         return None
 
@@ -228,6 +240,8 @@ class Worker:
         self.addon_watch.stop()
         self.stats_timer.stop()
         self.addons.lifecycle(Done())
+        if self.fleet.limits is not None:
+            await self.fleet.limits.close()
         self.sender.close()
         self.report()
         await self.channel.drained()

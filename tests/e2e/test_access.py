@@ -10,14 +10,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import bcrypt
 import httpx
 import pytest
 
-from tests.conftest import ROOT, ProxyProcess, raw_request, read_response
+from tests.conftest import ROOT, ProxyProcess, poll, raw_request, read_response
 
 PASSWORD = "correct horse"
 
@@ -108,6 +107,26 @@ def test_failed_logins_are_logged_with_the_client_and_never_the_password(auth_pr
     log = auth_proxy.log_with("authentication failed for user 'alice' from 127.0.0.1")
     assert "wrong-pw" not in log + "\n".join(auth_proxy.access_lines())
     assert PASSWORD not in log
+
+
+def test_refusals_after_login_name_the_user(make_proxy, origin, tmp_path):
+    """Who tried to reach what and was refused: the audit question of an egress proxy."""
+    users = htpasswd(tmp_path, {"alice": PASSWORD, "bob": "hunter2"})
+    config = write_config(
+        tmp_path / "x.toml",
+        '[[rules]]\nid = "no-bob"\naction = "deny"\nusers = ["bob"]\n',
+    )
+    p = make_proxy("--config", config, "--htpasswd", users)
+    denied = get(p, f"{origin.url}/echo?who=bob", f"Proxy-Authorization: {basic('bob', 'hunter2')}")
+    assert status(denied) == 403
+    assert "user=bob" in p.access_entry("who=bob")
+    unresolvable = "http://no-such-host.invalid/"
+    failed = get(p, unresolvable, f"Proxy-Authorization: {basic('alice', PASSWORD)}")
+    assert status(failed) == 502
+    assert "user=alice" in p.access_entry("no-such-host.invalid")
+    anonymous = get(p, f"{origin.url}/echo?who=nobody")
+    assert status(anonymous) == 407
+    assert "user=" not in p.access_entry("who=nobody").replace("user=-", "")
 
 
 # -- rules ------------------------------------------------------------------------------
@@ -256,7 +275,8 @@ def test_concurrent_tunnels_per_client_are_limited(make_proxy, raw_origin):
         third = raw_request(p.address, f"CONNECT {upstream.authority} HTTP/1.1\r\n\r\n".encode())
         assert status(third) == 429
         held.pop().close()
-        time.sleep(0.2)
+        # The slot is given back before the tunnel's access line is written.
+        p.access_entry(f"CONNECT {upstream.authority} 200")
         again = socket.create_connection(p.address, timeout=5)
         again.sendall(f"CONNECT {upstream.authority} HTTP/1.1\r\n\r\n".encode())
         assert read_response(again, head_only=True).startswith(b"HTTP/1.1 200")
@@ -312,7 +332,7 @@ def test_reload_under_load_drops_nothing(make_proxy, origin, tmp_path):
     workers = [threading.Thread(target=load) for _ in range(4)]
     for w in workers:
         w.start()
-    time.sleep(0.5)
+    poll(lambda: count[0] >= 10 or failures, what="the load to get going")
     config.write_text(
         '[access]\nallow_private = true\n[[rules]]\nid = "no-echo"\naction = "deny"\n'
         'host_regex = "^never-matches$"\n'
@@ -326,10 +346,13 @@ def test_reload_under_load_drops_nothing(make_proxy, origin, tmp_path):
         check=False,
     )
     assert reload.returncode == 0, reload.stderr
+    p.log_with("configuration reloaded")  # `eyewall reload` only sends the signal
     config.write_text("[access\nbroken = ")  # invalid: refused, old policy stays
     p.expected_errors.append("reload refused")
     p.signal(signal.SIGHUP)
-    time.sleep(0.5)
+    p.log_with("reload refused, keeping the current configuration")
+    after = count[0]
+    poll(lambda: count[0] >= after + 10 or failures, what="requests after the reloads")
     done.set()
     for w in workers:
         w.join()
@@ -338,6 +361,55 @@ def test_reload_under_load_drops_nothing(make_proxy, origin, tmp_path):
     p.log_with("configuration reloaded")
     p.log_with("reload refused, keeping the current configuration")
     assert status(get(p, f"{origin.url}/echo")) == 200
+
+
+def test_reload_command_checks_the_file_before_signalling(make_proxy, origin, tmp_path):
+    pid_file = tmp_path / "eyewall.pid"
+    config = tmp_path / "live.toml"
+    config.write_text(f'pid_file = "{pid_file}"\n[access]\nallow_private = true\n')
+    p = make_proxy("--config", str(config))
+
+    def reload() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "eyewall", "reload", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            cwd=ROOT,
+            check=False,
+        )
+
+    config.write_text(f'pid_file = "{pid_file}"\n[access]\nallow_privat = true\n')
+    refused = reload()
+    assert refused.returncode == 2
+    assert "did you mean access.allow_private" in refused.stderr and "not sent" in refused.stderr
+    config.write_text(
+        f'pid_file = "{pid_file}"\n[access]\nallow_private = true\n'
+        '[[rules]]\nid = "block-all"\naction = "deny"\n'
+    )
+    sent = reload()
+    assert sent.returncode == 0, sent.stderr
+    p.log_with("configuration reloaded")
+    assert p.stderr().count("configuration reloaded") == 1
+    assert status(get(p, f"{origin.url}/echo")) == 403
+
+
+def test_restart_settings_are_named_against_what_runs(make_proxy, tmp_path):
+    """A restart-only setting changed by a reload is named; put back to the running
+    value, it is not (the process never stopped using it)."""
+    config = tmp_path / "c.toml"
+    running, other = tmp_path / "a.pid", tmp_path / "b.pid"
+    config.write_text(f'pid_file = "{running}"\n')
+    p = make_proxy("--config", str(config))
+    config.write_text(f'pid_file = "{other}"\n')
+    p.signal(signal.SIGHUP)
+    p.log_with("pid_file changed: it applies after a restart")
+    config.write_text(f'pid_file = "{running}"\n')
+    p.signal(signal.SIGHUP)
+    poll(lambda: p.stderr().count("configuration reloaded") >= 2, what="the second reload")
+    assert p.stderr().count("configuration reloaded") == 2
+    assert p.stderr().count("pid_file changed") == 1
+    assert running.read_text().strip() == str(p.pid) and not other.exists()
 
 
 def test_reload_applies_new_rules_to_new_requests(make_proxy, origin, tmp_path):
@@ -386,3 +458,38 @@ def test_explain_shows_the_ssrf_guard_and_connect_ports():
     assert "link-local (cloud metadata)" in result.stdout
     result = explain("--allow-private", "example.com:25")
     assert "connect-port" in result.stdout
+
+
+def test_explain_takes_client_and_user_after_the_command(tmp_path):
+    """``--client`` and ``--user`` belong to explain; the top-level parser must not claim
+    them as abbreviations of its own --client-rps or --user-burst."""
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+    (tmp_path / "htpasswd").write_text(f"alice:{hashed}\nbob:{hashed}\n")
+    config = write_config(
+        tmp_path / "x.toml",
+        '[access]\nallow_clients = ["10.0.0.0/8"]\nallow_private = true\n'
+        '[auth]\nhtpasswd = "htpasswd"\n'
+        '[[rules]]\nid = "no-bob"\naction = "deny"\nusers = ["bob"]\n',
+    )
+    known = explain(
+        "--config", config, "--client", "10.1.2.3", "--user", "alice", "http://127.0.0.1:9/"
+    )
+    assert known.returncode == 0, known.stderr
+    assert "from 10.1.2.3 as user alice" in known.stdout
+    assert "alice is a known user" in known.stdout
+    labels = [line.split()[0] for line in known.stdout.splitlines() if line[:1] != " "]
+    assert labels.count("client") == 1 and labels.count("limits") == 1, known.stdout
+    unknown = explain(
+        "--config", config, "--client=10.1.2.3", "--user=carol", "http://127.0.0.1:9/"
+    )
+    assert unknown.returncode == 3
+    assert "carol is not a known user" in unknown.stdout
+    assert "407" in unknown.stdout
+    denied = explain(
+        "--config", config, "--client", "10.1.2.3", "--user", "bob", "http://127.0.0.1:9/"
+    )
+    assert denied.returncode == 3 and "403 Forbidden by no-bob" in denied.stdout
+    outside = explain("--config", config, "--client", "192.0.2.1", "http://127.0.0.1:9/")
+    assert outside.returncode == 3 and "192.0.2.1" in outside.stdout
+    abbreviated = explain("--config", config, "--cli", "10.1.2.3", "http://127.0.0.1:9/")
+    assert abbreviated.returncode == 2 and "unrecognized arguments: --cli" in abbreviated.stderr

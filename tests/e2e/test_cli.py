@@ -5,13 +5,12 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from eyewall.config import ConfigError, Endpoint, load_settings, reference_table
-from tests.conftest import ROOT, ProxyProcess, read_response
+from tests.conftest import ROOT, ProxyProcess, poll, read_response
 
 
 def run_eyewall(*args: str) -> subprocess.CompletedProcess[str]:
@@ -135,7 +134,10 @@ def test_max_connections_answers_503(make_proxy):
     held = [socket.create_connection(p.address) for _ in range(2)]
     for s in held:
         s.sendall(b"GET http://a/ HTTP/1.1\r\n")  # a request begun, never finished
-    time.sleep(0.2)
+    poll(
+        lambda: p.metrics()["eyewall_client_connections"] >= 2,
+        what="the proxy to hold both connections",
+    )
     try:
         with socket.create_connection(p.address, timeout=5) as s:
             s.sendall(b"GET http://a/ HTTP/1.1\r\n\r\n")

@@ -201,7 +201,7 @@ def test_slowloris_gets_408(make_proxy):
         s.sendall(b"GET http://a/ HTTP/1.1\r\nX-Slow: ")
         try:
             for _ in range(50):  # a byte now and then, never the end of the head
-                time.sleep(0.05)
+                time.sleep(0.05)  # the input's own pace, not a synchronisation
                 s.sendall(b"a")
         except OSError:
             pass  # the proxy gave up on us, as it should

@@ -225,9 +225,9 @@ def test_2_a_slow_upload_with_short_gaps_is_not_cut(make_proxy, origin):
 def test_2_the_head_wait_does_not_count_as_body_idleness(make_proxy, raw_origin):
     def slow(sock: socket.socket) -> None:
         origin.read_head(sock)
-        time.sleep(1.2)
+        time.sleep(1.2)  # the origin's own pace (the input), not a synchronisation
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
-        time.sleep(0.6)
+        time.sleep(0.6)  # likewise
         sock.sendall(b"hello")
 
     origin = raw_origin(slow)
@@ -716,8 +716,18 @@ def test_17_an_admin_token_with_a_space_logs_in_and_the_cookie_is_not_the_token(
         assert c.get(p.admin_url + "/api/flows").status_code == 200
     with httpx.Client(timeout=10, trust_env=False) as anonymous:
         assert anonymous.get(p.admin_url + "/healthz").status_code == 200
-    unauthorized = httpx.get(p.admin_url + "/metrics", timeout=10, trust_env=False)
+    unauthorized = httpx.get(p.admin_url + "/api/stats", timeout=10, trust_env=False)
     assert unauthorized.status_code == 401 and "/login" in unauthorized.text
+    for scheme in ("Bearer", "bearer", "BEARER"):  # case-insensitive (RFC 9110 §11.1)
+        authorized = httpx.get(
+            p.admin_url + "/api/stats",
+            headers={"Authorization": f"{scheme} open sesame"},
+            timeout=10,
+            trust_env=False,
+        )
+        assert authorized.status_code == 200, scheme
+    # Metrics reveal no traffic: a scraper on this host needs no token even with one set.
+    assert httpx.get(p.admin_url + "/metrics", timeout=10, trust_env=False).status_code == 200
     assert "sesame" not in p.stderr()
 
 
@@ -783,7 +793,7 @@ import asyncio
 
 class Slow:
     async def requestheaders(self, flow):
-        await asyncio.sleep(3600)
+        await asyncio.sleep(3600)  # a hook that never ends (the input)
 """
 
 

@@ -51,11 +51,17 @@ def test_ca_init_and_export(ca_dir):
     key = ca_dir / "ca.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert stat.S_IMODE(ca_dir.stat().st_mode) == 0o700
-    again = eyewall("ca", "init", "--ca-dir", str(ca_dir))
-    assert again.returncode == 1 and b"already exists" in again.stderr
+    before = (ca_dir / "ca.pem").read_bytes()
+    again = eyewall("ca", "init", "--ca-dir", str(ca_dir))  # idempotent: the CA is kept
+    assert again.returncode == 0 and b"already exists: kept" in again.stdout
+    assert (ca_dir / "ca.pem").read_bytes() == before
     pem = eyewall("ca", "export", "--ca-dir", str(ca_dir))
     assert pem.returncode == 0 and pem.stdout == (ca_dir / "ca.pem").read_bytes()
     assert b"update-ca-certificates" in pem.stderr
+    assert f"cp {ca_dir / 'ca.pem'} ".encode() in pem.stderr  # the hints name the real file
+    missing = eyewall("ca", "export", "--ca-dir", str(ca_dir.parent / "nowhere"))
+    assert missing.returncode == 1
+    assert f"eyewall ca init --ca-dir {ca_dir.parent / 'nowhere'}".encode() in missing.stderr
     der = eyewall("ca", "export", "--der", "--ca-dir", str(ca_dir))
     cert = x509.load_der_x509_certificate(der.stdout)
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -171,8 +177,16 @@ def test_tls_bytes_before_the_connect_answer_get_a_clean_close(
     assert "TLS data sent before the CONNECT answer" in p.access_entry("CONNECT")
 
 
-def test_connect_inside_an_intercepted_tunnel_is_refused(
-    make_proxy, tls_origin, ca_file, ca_dir, tmp_path
+@pytest.mark.parametrize(
+    ("inner", "reason"),
+    [
+        (b"CONNECT elsewhere.example:443 HTTP/1.1\r\n\r\n", b"CONNECT inside"),
+        (b"GET https://elsewhere.example/ HTTP/1.1\r\nHost: x\r\n\r\n", b"another host"),
+    ],
+    ids=["connect", "absolute-form"],
+)
+def test_a_request_for_another_destination_inside_an_intercepted_tunnel_is_refused(
+    make_proxy, tls_origin, ca_file, ca_dir, tmp_path, inner, reason
 ):
     p = make_proxy("--config", rules(tmp_path, ca_dir, ca_file))
     context = ssl.create_default_context(cafile=str(ca_dir / "ca.pem"))
@@ -180,8 +194,9 @@ def test_connect_inside_an_intercepted_tunnel_is_refused(
         raw.sendall(f"CONNECT {tls_origin.authority} HTTP/1.1\r\n\r\n".encode())
         assert read_response(raw, head_only=True).startswith(b"HTTP/1.1 200")
         with context.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(b"CONNECT elsewhere.example:443 HTTP/1.1\r\n\r\n")
-            assert read_response(tls).startswith(b"HTTP/1.1 400")
+            tls.sendall(inner)
+            data = read_response(tls)
+    assert data.startswith(b"HTTP/1.1 400") and reason in data
 
 
 def test_dashboard_offers_the_ca(make_proxy, ca_dir, ca_file, tmp_path):

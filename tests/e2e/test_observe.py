@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from eyewall.observe.records import parse_heads
-from tests.conftest import PROXY_ARGS, ROOT, read_response
+from tests.conftest import PROXY_ARGS, ROOT, poll, read_response
 from tests.origins import pattern
 
 SCHEMA = json.loads((ROOT / "tests" / "data" / "har-1.2.schema.json").read_text())
@@ -140,11 +140,14 @@ def test_a_stalled_log_reader_never_stalls_traffic(origin, tmp_path):
             pad = "x" * 7000  # long lines: 4 MiB of them wait for the writer within ~600
             for _ in range(1200):
                 assert c.get(f"{origin.url}/bytes?n=1&pad={pad}").status_code == 200
-        time.sleep(0.5)
-        metrics = httpx.get(admin + "/metrics", timeout=5, trust_env=False).text
         name = 'eyewall_events_dropped_total{subscriber="access_log"}'
-        dropped = [line for line in metrics.splitlines() if line.startswith(name)]
-        assert dropped and float(dropped[0].split()[-1]) > 0
+
+        def dropped() -> float:
+            metrics = httpx.get(admin + "/metrics", timeout=5, trust_env=False).text
+            lines = [line for line in metrics.splitlines() if line.startswith(name)]
+            return float(lines[0].split()[-1]) if lines else 0.0
+
+        poll(dropped, what="access lines counted as dropped")
     finally:
         process.kill()
         process.wait()
@@ -316,13 +319,42 @@ def test_har_download_and_cli_export_validate_against_the_har_schema(make_proxy,
     ]
 
 
+def test_har_limits_count_exchanges_not_tunnels(make_proxy, origin, tmp_path):
+    """Opaque tunnels are no HAR entries, so they must not use up a --limit."""
+    p = make_proxy("--connect-port", "1024-65535")
+    through(p, f"{origin.url}/bytes?n=1&i=exchange")
+    for _ in range(2):
+        with socket.create_connection(p.address, timeout=5) as s:
+            s.sendall(f"CONNECT {origin.authority} HTTP/1.1\r\n\r\n".encode())
+            assert s.recv(100).startswith(b"HTTP/1.1 200")
+    db = p.access_path.parent / "flows.sqlite3"
+    assert wait_for(
+        lambda: (
+            db.exists()
+            and sqlite3.connect(db).execute("SELECT COUNT(*) FROM flows").fetchone()[0] == 3
+        )
+    )
+    download = admin_get(p, "/api/har?limit=1").json()
+    assert [e["request"]["url"] for e in download["log"]["entries"]] == [
+        f"{origin.url}/bytes?n=1&i=exchange"
+    ]
+    exported = subprocess.run(
+        [sys.executable, "-m", "eyewall", "har", "export", "--flows", str(db), "--limit", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        check=True,
+    )
+    assert len(json.loads(exported.stdout)["log"]["entries"]) == 1
+
+
 def test_retention_keeps_the_newest_flows(make_proxy, origin):
     p = make_proxy("--flows-max-count", "5")
     for i in range(12):
         through(p, f"{origin.url}/bytes?n=1&i={i}")
     db = p.access_path.parent / "flows.sqlite3"
-    time.sleep(0.5)
-    through(p, f"{origin.url}/bytes?n=1&i=last")  # after the writer's retention pass interval
+    through(p, f"{origin.url}/bytes?n=1&i=last")
 
     def kept():
         rows = sqlite3.connect(db).execute("SELECT url FROM flows").fetchall()
@@ -346,6 +378,13 @@ def test_admin_token(make_proxy):
     assert admin_get(p, "/api/flows").status_code == 401
     assert admin_get(p, "/api/flows", Authorization="Bearer wrong").status_code == 401
     assert admin_get(p, "/api/flows", Authorization="Bearer s3cret-token").status_code == 200
+    for page in ("/", "/static/app.js", "/api/stats", "/api/flows"):
+        refused = admin_get(p, page)  # what a person opening the page sees: how to log in
+        assert refused.status_code == 401, page
+        assert refused.headers["content-type"].startswith("text/plain"), page
+        assert "/login?token=" in refused.text, page
+    health = admin_get(p, "/healthz")  # a load balancer has no token
+    assert health.status_code == 200 and health.json()["node"]  # the host name by default
     with httpx.Client(timeout=10, trust_env=False) as c:
         login = c.get(p.admin_url + "/login?token=s3cret-token")
         assert login.status_code == 302
@@ -404,17 +443,30 @@ def test_live_feed_refuses_other_origins(make_proxy):
     assert info.value.response.status_code == 403
 
 
-def test_health_says_draining_during_shutdown(make_proxy, origin):
+def test_health_says_draining_during_shutdown(make_proxy, origin, raw_origin):
+    """On SIGTERM /healthz answers 503 at once; for the drain grace the proxy still
+    serves new requests (a load balancer stops sending first); in-flight work ends."""
     import signal
+    import threading
 
-    p = make_proxy("--drain-timeout", "3")
+    gate = threading.Event()
+
+    def held(sock):  # answers only once the test has seen what it waits for
+        slow.read_head(sock)
+        gate.wait(30)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    slow = raw_origin(held)
+    p = make_proxy("--drain-timeout", "10", "--drain-grace", "3")
     with socket.create_connection(p.address, timeout=10) as s:
-        s.sendall(f"GET {origin.url}/sleep?seconds=1.5 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        time.sleep(0.3)
+        s.sendall(f"GET {slow.url}/held HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        poll(lambda: slow.requests, what="the request to reach the origin")
         p.signal(signal.SIGTERM)
-        time.sleep(0.2)
-        assert admin_get(p, "/healthz").status_code == 503
+        poll(lambda: admin_get(p, "/healthz").status_code == 503, what="/healthz to say 503")
+        assert through(p, f"{origin.url}/bytes?n=3").status_code == 200  # the grace
+        gate.set()
         assert read_response(s).startswith(b"HTTP/1.1 200")
+    assert p.process.wait(15) == 0
 
 
 def test_metrics_list_matches_the_docs_and_the_scrape(make_proxy, origin):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import socket
-import time
+import threading
 
-from tests.conftest import raw_request
+from tests.conftest import poll, raw_request
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -64,7 +64,8 @@ def test_idempotent_request_is_retried_once_on_a_stale_connection(proxy, raw_ori
 def test_post_is_not_retried(proxy, raw_origin):
     origin = dies_on_second_request(raw_origin)
     assert get(proxy, origin, "/one").endswith(b"ok")
-    time.sleep(0.05)
+    # The connection goes back to the pool before the exchange's access line is written.
+    proxy.access_entry(f"{origin.url}/one")
     data = get(proxy, origin, "/two", method="POST", body=b"data")
     # Either the pool saw the stale socket first (then a new connection works), or the
     # POST failed on it; it is never sent twice.
@@ -73,14 +74,21 @@ def test_post_is_not_retried(proxy, raw_origin):
 
 
 def test_origin_closing_idle_connection_is_noticed(proxy, raw_origin):
+    pooled = threading.Event()
+
     def handler(sock):
+        first = origin.accepted == 1
         origin.read_head(sock)
         sock.sendall(OK)
-        sock.shutdown(socket.SHUT_RDWR)  # keep-alive promised, then closed while idle
+        if first:
+            pooled.wait(10)
+            sock.shutdown(socket.SHUT_RDWR)  # keep-alive promised, then closed while idle
 
     origin = raw_origin(handler)
     assert get(proxy, origin).endswith(b"ok")
-    time.sleep(0.2)
+    proxy.access_entry(f"{origin.url}/ ")  # pooled by now
+    pooled.set()
+    poll(lambda: origin.finished, what="the origin to close the pooled connection")
     assert get(proxy, origin, method="POST", body=b"x").endswith(b"ok")
     assert origin.accepted == 2
 
@@ -89,7 +97,7 @@ def test_idle_pooled_connections_expire(make_proxy, raw_origin):
     p = make_proxy("--pool-idle-timeout", "0.3")
     origin = keep_alive_origin(raw_origin)
     assert get(p, origin).endswith(b"ok")
-    time.sleep(1.0)
+    poll(lambda: origin.finished, what="the proxy to close the idle pooled connection")
     assert get(p, origin).endswith(b"ok")
     assert origin.accepted == 2
 

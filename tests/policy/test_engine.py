@@ -80,7 +80,7 @@ def test_policy_errors_name_the_auth_setting() -> None:
     settings = load_settings(overrides={"auth.htpasswd": "/etc/eyewall/htpasswd"})
     with pytest.raises(ConfigError, match=r"^auth\.htpasswd: cannot read /etc/eyewall/htpasswd"):
         build_policy(settings, read_text=unreadable)
-    with pytest.raises(ConfigError, match=r"^auth\.htpasswd line 1: user 'bob'"):
+    with pytest.raises(ConfigError, match=r"^auth\.htpasswd: /etc/eyewall/htpasswd:1: user 'bob'"):
         build_policy(settings, read_text=lambda p: "bob:{SHA}abc\n")
     assert build_policy(settings, read_text=lambda p: f"bob:{BOB}\n").auth_required
     inline = load_settings(overrides={"auth.users": {"carol": "$apr1$x$y"}})

@@ -76,7 +76,8 @@ def test_compile_rule_accepts_a_single_string_for_a_list_and_defaults() -> None:
 OK = {"id": "r", "action": "allow"}
 BAD_RULES = [
     (["not", "a", "table"], "rules[3]: must be a table"),
-    ({**OK, "host": "example.com"}, "rules[3].host: unknown rule field"),
+    ({**OK, "host": "example.com"}, "rules[3].host: unknown rule field (did you mean hosts?)"),
+    ({**OK, "zzz": 1}, "rules[3].zzz: unknown rule field"),
     ({"action": "allow"}, "rules[3].id:"),
     ({**OK, "id": "has space"}, "rules[3].id:"),
     ({**OK, "id": ""}, "rules[3].id:"),
@@ -235,7 +236,7 @@ def test_first_match_wins() -> None:
     ("default", "expected"),
     [
         (Action.ALLOW, (Action.ALLOW, "default", "")),
-        (Action.DENY, (Action.DENY, "default", "denied by default")),
+        (Action.DENY, (Action.DENY, "default", "no rule allows it (access.default)")),
     ],
 )
 def test_default_action_when_no_rule_matches(default: Action, expected: tuple) -> None:

@@ -50,6 +50,7 @@ function flowRow(flow) {
   el('td', { class: 'time', title: new Date(flow.started * 1000).toString() }, fmtClock(flow.started)),
   el('td', { class: 'method' }, flow.method || ''),
   el('td', { class: 'url', title: flow.url },
+    flow.node ? el('span', { class: 'badge node', title: 'the fleet node that served it' }, flow.node) : null,
     badge(flow),
     flow.intercepted ? el('span', { class: 'badge tls', title: 'TLS intercepted' }, 'tls') : null,
     shortUrl(flow)),

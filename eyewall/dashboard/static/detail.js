@@ -50,6 +50,7 @@ function render(flow) {
       ['Kind', flow.kind + (flow.intercepted ? ' (TLS intercepted)' : '')],
       ['Started', fmtDate(flow.started)],
       ['Client', flow.client],
+      ['Node', flow.node],
       ['User', flow.user],
       ['Upstream', flow.upstream && `${flow.upstream}${flow.reused ? ' (reused)' : ''}`],
       ['Rule', flow.rule],

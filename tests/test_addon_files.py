@@ -1,0 +1,170 @@
+"""Addon files are code run with the proxy's rights: they load only from files and
+directories no one else can change (class 17d), always from their source; a plain hook
+that holds the event loop is reported (class 18)."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import os
+import py_compile
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from eyewall.addons.api import Client
+from eyewall.addons.hooks import ClientConnected
+from eyewall.addons.runner import AddonFailed, Addons, unsafe_code
+
+SOURCE = "class A:\n    MARK = '{mark}'\n\n    def request(self, flow):\n        pass\n"
+
+
+def write_addon(directory: Path, mark: str = "source!") -> Path:
+    directory.mkdir(mode=0o755, exist_ok=True)
+    path = directory / "probe.py"
+    path.write_text(SOURCE.format(mark=mark))
+    path.chmod(0o644)
+    return path
+
+
+def loaded_mark(addons: Addons) -> str:
+    [addon] = addons.files[0].addons
+    return str(addon.instance.MARK)
+
+
+def test_a_planted_bytecode_cache_is_never_run(tmp_path: Path) -> None:
+    path = write_addon(tmp_path / "addons")
+    legit = path.read_bytes()
+    stamp = os.stat(path)
+    # Someone plants a cache whose header matches the source (same size and mtime), as
+    # the import system would trust it.
+    path.write_text(SOURCE.format(mark="planted"))
+    assert path.stat().st_size == stamp.st_size
+    cache = Path(py_compile.compile(str(path), cfile=None, doraise=True))
+    assert cache.parent.name == "__pycache__" and sys.implementation.cache_tag in cache.name
+    path.write_bytes(legit)
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    addons = Addons([str(path)])
+    addons.load_all()
+    assert loaded_mark(addons) == "source!"
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757])
+def test_a_directory_others_can_write_is_refused(tmp_path: Path, mode: int) -> None:
+    path = write_addon(tmp_path / "addons")
+    path.parent.chmod(mode)
+    problem = unsafe_code(path)
+    assert problem is not None and f"directory {path.parent} is writable" in problem
+    with pytest.raises(ValueError, match="writable by group or others"):
+        Addons([str(path)]).load_all()
+
+
+def test_a_sticky_shared_directory_is_accepted(tmp_path: Path) -> None:
+    # Like /tmp: others may add files but cannot replace or rename this one.
+    path = write_addon(tmp_path / "shared")
+    path.parent.chmod(0o1777)
+    assert unsafe_code(path) is None
+
+
+def test_a_symlink_is_checked_on_both_paths(tmp_path: Path) -> None:
+    path = write_addon(tmp_path / "real")
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    link = open_dir / "probe.py"
+    link.symlink_to(path)
+    problem = unsafe_code(link)
+    assert problem is not None and str(open_dir) in problem
+
+
+def test_files_others_can_write_are_refused(tmp_path: Path) -> None:
+    path = write_addon(tmp_path / "addons")
+    path.chmod(0o664)
+    with pytest.raises(ValueError, match=r"probe\.py is writable by group or others"):
+        Addons([str(path)]).load_all()
+
+
+def test_fixing_the_mode_reloads_without_an_edit(tmp_path: Path) -> None:
+    path = write_addon(tmp_path / "addons")
+    addons = Addons([str(path)])
+    addons.load_all()
+    path.write_text(SOURCE.format(mark="second!"))
+    path.chmod(0o666)
+    addons.reload_changed(None)
+    assert loaded_mark(addons) == "source!"  # refused: the old version keeps running
+    path.chmod(0o644)  # the fix the message suggests; the content is unchanged
+    addons.reload_changed(None)
+    assert loaded_mark(addons) == "second!"
+
+
+# -- a plain hook holds the event loop: reported, and past the hook timeout a failure ----
+
+SLOW = """
+import builtins
+
+
+class Slow:
+    def client_connected(self, client):
+        builtins.eyewall_test_clock.advance(builtins.eyewall_test_hold)
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def slow_addons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[float, bool], Addons]:
+    clock = Clock()
+    monkeypatch.setattr(builtins, "eyewall_test_clock", clock, raising=False)
+    path = tmp_path / "addons"
+    path.mkdir(mode=0o755)
+    (path / "slow.py").write_text(SLOW)
+
+    def make(hold: float, policy: bool) -> Addons:
+        monkeypatch.setattr(builtins, "eyewall_test_hold", hold, raising=False)
+        files = [str(path / "slow.py")]
+        observed, policies = ((), files) if policy else (files, ())
+        addons = Addons(observed, policies, hook_timeout=2.0, clock=clock)
+        addons.load_all()
+        return addons
+
+    return make
+
+
+def test_a_plain_hook_that_blocks_is_reported_once_a_minute(
+    slow_addons: Callable[[float, bool], Addons], caplog: pytest.LogCaptureFixture
+) -> None:
+    addons = slow_addons(0.5, False)
+    hook = ClientConnected(Client(("127.0.0.1", 1)))
+    with caplog.at_level(logging.WARNING, logger="eyewall.addons"):
+        for _ in range(3):
+            asyncio.run(addons.call(hook))
+    blocked = [r.getMessage() for r in caplog.records if "blocked the event loop" in r.getMessage()]
+    assert blocked == [
+        "addon slow.Slow: client_connected blocked the event loop for 0.50 s (every"
+        " connection waited); make the hook async, or faster"
+    ]
+
+
+def test_a_plain_hook_past_the_timeout_fails_a_policy_addon(
+    slow_addons: Callable[[float, bool], Addons], caplog: pytest.LogCaptureFixture
+) -> None:
+    hook = ClientConnected(Client(("127.0.0.1", 1)))
+    with pytest.raises(AddonFailed, match="timed out in client_connected"):
+        asyncio.run(slow_addons(3.0, True).call(hook))
+    with caplog.at_level(logging.ERROR, logger="eyewall.addons"):
+        asyncio.run(slow_addons(3.0, False).call(hook))  # observed: logged, traffic goes on
+    assert any("took longer than timeouts.addon_hook" in r.getMessage() for r in caplog.records)
+    quick = slow_addons(0.05, True)
+    asyncio.run(quick.call(hook))  # fast enough: nothing to say
