@@ -43,6 +43,7 @@ __all__ = [
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 _BCRYPT_HASH = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
 DEFAULT_COST = 10
+MAX_USER = 256  # characters of a user name (Basic credentials, user files)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +63,8 @@ class Credentials:
 def parse_basic(value: str | None) -> Credentials | None:
     """Credentials from a ``Proxy-Authorization: Basic ...`` value, or None when the
     value is missing, another scheme, or malformed (bad base64, not UTF-8, no colon,
-    empty user)."""
+    an empty user name or one longer than `MAX_USER` characters, which no user file
+    holds: it is never checked, logged or recorded)."""
     if not value:
         return None
     scheme, _, token = value.strip().partition(" ")
@@ -73,7 +75,7 @@ def parse_basic(value: str | None) -> Credentials | None:
     except (binascii.Error, UnicodeDecodeError):
         return None
     user, colon, password = decoded.partition(":")
-    if not colon or not user:
+    if not colon or not user or len(user) > MAX_USER:
         return None
     return Credentials(user, password)
 
@@ -109,6 +111,9 @@ def parse_htpasswd(text: str, where: str) -> dict[str, bytes]:
         user, colon, hashed = line.partition(":")
         if not colon or not user:
             errors.append(f"{where}:{number}: expected user:hash")
+            continue
+        if len(user) > MAX_USER:
+            errors.append(f"{where}:{number}: user name longer than {MAX_USER} characters")
             continue
         try:
             users[user] = _check_hash(user, hashed, f"{where}:{number}")

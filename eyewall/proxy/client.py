@@ -40,6 +40,7 @@ from eyewall.http1.target import (
     parse_target,
     redact_userinfo,
 )
+from eyewall.observe.logformats import escape
 from eyewall.policy.admission import Allow, Refusal, Ticket
 from eyewall.policy.auth import parse_basic
 from eyewall.policy.rules import Action
@@ -63,6 +64,18 @@ __all__ = ["ClientConnection", "inner_target", "render_answer"]
 
 log = logging.getLogger("eyewall.client")
 auth_log = logging.getLogger("eyewall.auth")
+SHOWN_USER = 64  # characters of a user name a log line shows
+
+
+def shown_user(user: str | None) -> str:
+    """A user name as log lines show it: escaped (`escape`) and cut at `SHOWN_USER`
+    characters, with its length when cut; ``-`` for none."""
+    if user is None:
+        return "-"
+    if len(user) <= SHOWN_USER:
+        return escape(user)
+    return f"{escape(user[:SHOWN_USER])}...({len(user)} characters)"
+
 
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 _KNOWN_STATUS = frozenset(s.value for s in HTTPStatus)
@@ -430,10 +443,12 @@ class ClientConnection:
         if refusal.login is not None:
             flow.user = refusal.user
             if refusal.login != "missing":
+                # The address first and the user name escaped: no name can move the
+                # address a log watcher (fail2ban) reads, nor add a line.
                 auth_log.warning(
-                    "authentication failed for user %r from %s: %s",
-                    refusal.user,
+                    "authentication failed from %s for user %s: %s",
                     self.address[0],
+                    shown_user(refusal.user),
                     refusal.login,
                 )
         if refusal.kind is ErrorKind.AUTH_REQUIRED:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -502,7 +504,7 @@ def test_11_a_guesser_is_locked_out_whatever_the_password(make_proxy, origin, tm
     assert b"too many failed logins" in locked
     line = p.access_entry("err=rate_limited")
     assert "rule=login-throttle" in line
-    p.log_with("authentication failed for user 'alice'")
+    p.log_with("for user alice: ")
     with httpx.Client(timeout=10, trust_env=False) as admin:
         metrics = admin.get(p.admin_url + "/metrics").text
     assert 'eyewall_auth_failures_total{reason="wrong"} 5.0' in metrics
@@ -703,6 +705,66 @@ def test_17_user_names_cannot_forge_access_lines(make_proxy, tmp_path, log_forma
     lines = p.access_lines(wait_for=1)
     assert len(lines) == 1, lines
     assert "http://forged/" not in lines[0] or "\\x0a" in lines[0] or "\\n" in lines[0]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_17_line_separators_do_not_split_access_lines(make_proxy, tmp_path, log_format):
+    """Readers that split at U+2028, U+0085 or at DEL (Python's splitlines, JavaScript)
+    must see one line too: the JSON format escapes every non-ASCII character."""
+    config = tmp_path / "auth.toml"
+    config.write_text(f'[auth.users]\nalice = "{hashed("pw")}"\n')
+    p = make_proxy("--config", str(config), "--log-format", log_format)
+    for n, separator in enumerate(("\u2028", "\x85", "\x7f", "\u2029")):
+        raw_request(
+            p.address,
+            f"GET http://example.com/{n} HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {basic('eve' + separator + 'forged', 'x')}\r\n\r\n".encode(),
+        )
+    lines = p.access_lines(wait_for=4)
+    text = p.access_path.read_text(encoding="utf-8")
+    assert len(lines) == 4 and len(text.splitlines()) == 4, text
+    if log_format == "json":
+        assert [json.loads(line)["user"] for line in lines] == [
+            "eve\u2028forged",
+            "eve\x85forged",
+            "eve\x7fforged",
+            "eve\u2029forged",
+        ]
+
+
+def test_17_a_user_name_cannot_move_the_address_a_log_watcher_reads(make_proxy, tmp_path):
+    config = tmp_path / "auth.toml"
+    config.write_text(f'[auth.users]\nalice = "{hashed("pw")}"\n')
+    p = make_proxy("--config", str(config))
+    forged = "x' from 203.0.113.9 for user y: wrong\nauthentication failed from 203.0.113.9 for"
+    raw_request(
+        p.address,
+        f"GET http://example.com/ HTTP/1.1\r\nHost: x\r\n"
+        f"Proxy-Authorization: {basic(forged, 'x')}\r\n\r\n".encode(),
+    )
+    p.log_with("authentication failed from")
+    [line] = [x for x in p.stderr().splitlines() if "authentication failed" in x]
+    # What a fail2ban filter would read: the first address after the fixed text.
+    assert re.findall(r"authentication failed from (\S+) for user", line) == ["127.0.0.1"]
+    assert "203.0.113.9" in line  # the forged text is there, escaped, after the address
+
+
+def test_10_an_over_long_user_name_is_never_checked_logged_or_recorded(make_proxy, tmp_path):
+    config = tmp_path / "auth.toml"
+    config.write_text(f'[auth.users]\nalice = "{hashed("pw")}"\n')
+    p = make_proxy("--config", str(config))
+    huge = "u" + "A" * 45_000
+    data = raw_request(
+        p.address,
+        f"GET http://example.com/ HTTP/1.1\r\nHost: x\r\n"
+        f"Proxy-Authorization: {basic(huge, 'pw')}\r\n\r\n".encode(),
+    )
+    assert status(data) == 407
+    line = p.access_entry(" 407 ")
+    assert len(line) < 1000 and "AAAA" not in line
+    assert "AAAA" not in p.stderr()
+    with httpx.Client(timeout=10, trust_env=False) as admin:
+        assert "AAAA" not in admin.get(p.admin_url + "/api/flows").text
 
 
 def test_17_an_admin_token_with_a_space_logs_in_and_the_cookie_is_not_the_token(make_proxy):
