@@ -140,6 +140,7 @@ class Users:
     ) -> None:
         self.hashes = dict(hashes or {})
         self.groups_of = dict(groups or {})  # user -> groups
+        self.absent: list[str] = []  # "setting: no user 'name'" for names nobody defines
         costs = Tally(_cost(h) for h in self.hashes.values())
         self.dummy_cost = costs.most_common(1)[0][0] if costs else DEFAULT_COST
         self._dummy: bytes | None = None
@@ -155,20 +156,26 @@ class Users:
         htpasswd_path: str = "",
     ) -> Users:
         """Build from an htpasswd text (read from ``htpasswd_path``, named in errors) and
-        inline ``name = hash`` entries (inline wins), with ``group = [users]``.  Raises
-        ValueError naming the setting at fault (a group member who is not a user, a bad
-        inline hash), or `HtpasswdError` naming every bad line of the file."""
+        inline ``name = hash`` entries (inline wins), with ``group = [users]``.  A group
+        member who is not a user is left out and named in ``absent`` (removing a user
+        from the file must not make the reload that revokes them fail).  Raises
+        ValueError naming the setting at fault (a bad inline hash), or `HtpasswdError`
+        naming every bad line of the file."""
         source = f"{where}.htpasswd: {htpasswd_path}" if htpasswd_path else f"{where}.htpasswd"
         hashes = parse_htpasswd(htpasswd_text, source) if htpasswd_text else {}
         for user, hashed in inline.items():
             hashes[user] = _check_hash(user, hashed, f"{where}.users.{user}")
         members: dict[str, set[str]] = {}
+        absent: list[str] = []
         for group, names in groups.items():
             for name in names:
                 if name not in hashes:
-                    raise ValueError(f"{where}.groups.{group}: unknown user {name!r}")
+                    absent.append(f"{where}.groups.{group}: no user {name!r}")
+                    continue
                 members.setdefault(name, set()).add(group)
-        return cls(hashes, {u: frozenset(g) for u, g in members.items()})
+        users = cls(hashes, {u: frozenset(g) for u, g in members.items()})
+        users.absent = absent
+        return users
 
     @property
     def enabled(self) -> bool:

@@ -415,7 +415,20 @@ class ClientConnection:
         )
         if self.tunnel_user is not None:
             # Inside an intercepted tunnel, requests carry the user who authenticated
-            # the CONNECT (browsers send Proxy-Authorization on the CONNECT only).
+            # the CONNECT (browsers send Proxy-Authorization on the CONNECT only) — as
+            # long as the user file still has them: a removed user's next request ends
+            # the tunnel (the client must CONNECT, and log in, again).
+            if ctx.policy.auth_required and ctx.policy.users.stored(self.tunnel_user) is None:
+                flow.user = self.tunnel_user
+                revoked = Refusal(
+                    ErrorKind.AUTH_REQUIRED,
+                    "auth",
+                    "the tunnel's user is no longer valid; connect again",
+                    login="revoked",
+                    user=self.tunnel_user,
+                )
+                await self._refuse(flow, head.method, revoked, True)
+                return None
             ticket.user = self.tunnel_user
             ticket.login_done = True
         step = admit_now(ctx, ticket)

@@ -659,6 +659,58 @@ def test_15_requests_inside_an_authenticated_intercepted_tunnel_inherit_its_user
     assert "user=alice" in p.access_entry("/echo/in")
 
 
+def test_15_removing_a_user_ends_what_they_have_open(
+    make_proxy, origin, tls_origin, ca_file, ca_dir, tmp_path
+):
+    """Revocation: the user file loses alice while a rule still names her. The reload
+    applies (a warning, not a refusal), her opaque tunnel is closed, and her
+    intercepted tunnel answers its next request with 407 and closes."""
+    users = tmp_path / "htpasswd"
+    users.write_text(f"alice:{hashed('pw')}\nbob:{hashed('pw')}\n")
+    config = intercepting(tmp_path, ca_dir, ca_file, f'[auth]\nhtpasswd = "{users}"\n')
+    text = Path(config).read_text()
+    Path(config).write_text(text + '[[rules]]\nid = "a"\naction = "allow"\nusers = ["alice"]\n')
+    p = make_proxy("--config", config, "--connect-port", "1024-65535")
+    login = f"Proxy-Authorization: {basic('alice', 'pw')}\r\n"
+    opaque = socket.create_connection(p.address, timeout=10)
+    opaque.sendall(f"CONNECT {origin.authority} HTTP/1.1\r\n{login}\r\n".encode())
+    assert recv_until(opaque, b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+    host = tls_origin.url.split("//")[1]
+    inner = socket.create_connection(p.address, timeout=10)
+    inner.sendall(f"CONNECT {host} HTTP/1.1\r\n{login}\r\n".encode())
+    assert recv_until(inner, b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+    context = ssl.create_default_context(cafile=str(ca_dir / "ca.pem"))
+    tls = context.wrap_socket(inner, server_hostname="localhost")
+    ask = f"GET /echo/x HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    tls.sendall(ask)
+    assert status(read_response(tls)) == 200
+    users.write_text(f"bob:{hashed('pw')}\n")  # the watcher reloads the user file
+    p.expected_errors.append("no user 'alice'")
+    p.log_with("configuration reloaded", timeout=15)
+    assert "reload refused" not in p.stderr()
+    assert "rules[1].users: no user 'alice' in the user file" in p.stderr()
+    assert recv_all(opaque) == b""  # closed by the proxy
+    tls.sendall(ask)
+    assert status(read_response(tls)) == 407
+    assert recv_all(tls) == b""
+    assert "err=auth_required" in p.access_entry(f"CONNECT {origin.authority}")
+    bob = f"Proxy-Authorization: {basic('bob', 'pw')}\r\n"
+    again = raw_request(
+        p.address, f"GET {origin.url}/echo HTTP/1.1\r\nHost: x\r\n{login}\r\n".encode()
+    )
+    assert status(again) == 407
+    for s in (opaque, tls):
+        s.close()
+    assert (
+        status(
+            raw_request(
+                p.address, f"GET {origin.url}/echo HTTP/1.1\r\nHost: x\r\n{bob}\r\n".encode()
+            )
+        )
+        == 200
+    )
+
+
 def test_16_intercepted_tunnels_count_against_the_tunnel_limit(
     make_proxy, tls_origin, ca_file, ca_dir, tmp_path
 ):

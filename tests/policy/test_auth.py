@@ -110,7 +110,6 @@ def test_users_from_inline_and_file_are_merged_with_groups() -> None:
 @pytest.mark.parametrize(
     ("inline", "text", "groups", "expected"),
     [
-        ({}, f"alice:{ALICE}", {"admins": ["alice", "zed"]}, "auth.groups.admins: unknown user"),
         ({"carol": "{SHA}abc"}, None, {}, "auth.users.carol:"),
         ({}, "carol:$apr1$x$y", {}, "auth.htpasswd:1: user 'carol'"),
     ],
