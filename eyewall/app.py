@@ -107,6 +107,12 @@ def build_policy(settings: Settings, read_text: Callable[[str], str] | None = No
     if not errors:
         for absent in users.absent:
             log.warning("%s in the user file (it matches nobody)", absent)
+        if len(users.costs) > 1:
+            log.warning(
+                "the user file mixes bcrypt costs (%s): how long a login takes tells which"
+                " user names exist; hash every password at one cost",
+                ", ".join(map(str, sorted(users.costs))),
+            )
     access = settings.access
     try:
         connect_ports = parse_ports(access.connect_ports, "access.connect_ports")

@@ -142,6 +142,7 @@ class Users:
         self.groups_of = dict(groups or {})  # user -> groups
         self.absent: list[str] = []  # "setting: no user 'name'" for names nobody defines
         costs = Tally(_cost(h) for h in self.hashes.values())
+        self.costs = frozenset(costs)  # bcrypt costs in use; more than one leaks timing
         self.dummy_cost = costs.most_common(1)[0][0] if costs else DEFAULT_COST
         self._dummy: bytes | None = None
         self._lock = threading.Lock()

@@ -542,6 +542,22 @@ def test_11_clients_that_hang_up_cost_no_bcrypt_check(make_proxy, origin, tmp_pa
 # -- 12. a malformed body ends the connection (no desync) ------------------------------------
 
 
+def test_11_a_half_closed_client_with_a_new_login_gets_its_answer(make_proxy, origin, tmp_path):
+    """Shutting down the sending side after the request is legal (RFC 9112 §9.6); on an
+    idle proxy the login is checked and the response delivered, not a 503."""
+    config = tmp_path / "auth.toml"
+    config.write_text(f'[auth.users]\nalice = "{hashed("pw")}"\n')
+    p = make_proxy("--config", str(config))
+    with socket.create_connection(p.address, timeout=10) as s:
+        s.sendall(
+            f"GET {origin.url}/echo/half HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"Proxy-Authorization: {basic('alice', 'pw')}\r\n\r\n".encode()
+        )
+        s.shutdown(socket.SHUT_WR)
+        answer = recv_all(s)
+    assert status(answer) == 200 and b"/echo/half" in answer
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -132,6 +132,19 @@ def test_users_missing_from_the_user_file_are_warnings(caplog: pytest.LogCapture
     ]
 
 
+def test_mixed_bcrypt_costs_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """Unknown users are checked against a dummy hash of one cost: with several costs in
+    the file, timing tells the users apart (user enumeration)."""
+    slow = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=5)).decode()
+    settings = load_settings(overrides={"auth.users": {"alice": ALICE, "bob": slow}})
+    with caplog.at_level(logging.WARNING, logger="eyewall"):
+        build_policy(settings)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the user file mixes bcrypt costs (4, 5): how long a login takes tells which user"
+        " names exist; hash every password at one cost"
+    ]
+
+
 def test_rules_naming_users_without_any_users_configured_are_errors() -> None:
     settings = load_settings(overrides={"rules": [{"id": "u", "action": "allow", "users": ["a"]}]})
     with pytest.raises(ConfigError, match=r"rules\[0\]\.users: no users are configured"):
