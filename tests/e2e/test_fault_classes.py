@@ -673,6 +673,7 @@ def test_15_requests_inside_an_authenticated_intercepted_tunnel_inherit_its_user
     )
     assert denied.stdout.endswith(b"403")
     assert "user=alice" in p.access_entry("/echo/in")
+    assert "user=alice" in p.access_entry("/echo/post")  # refusals name the user too
 
 
 def test_15_removing_a_user_ends_what_they_have_open(
