@@ -97,12 +97,24 @@ def build_policy(settings: Settings, read_text: Callable[[str], str] | None = No
         undefined = sorted(rule.groups - groups)
         if undefined:
             errors.append(f"{path}.groups: undefined group {undefined[0]!r} (auth.groups)")
-        unknown = sorted(rule.users - set(users.hashes)) if users.enabled or rule.users else []
-        if unknown:
-            errors.append(f"{path}.users: unknown user {unknown[0]!r} (auth.htpasswd, auth.users)")
+        unknown = sorted(rule.users - set(users.hashes))
+        if unknown and not users.enabled:
+            errors.append(f"{path}.users: no users are configured (auth.htpasswd, auth.users)")
+        elif unknown:
+            # A warning: the file that revokes a user must apply, not be refused for it.
+            users.absent.extend(f"{path}.users: no user {name!r}" for name in unknown)
         if rule.id in {r.id for r in rules}:
             errors.append(f"{path}.id: duplicate rule id {rule.id!r}")
         rules.append(rule)
+    if not errors:
+        for absent in users.absent:
+            log.warning("%s in the user file (it matches nobody)", absent)
+        if len(users.costs) > 1:
+            log.warning(
+                "the user file mixes bcrypt costs (%s): how long a login takes tells which"
+                " user names exist; hash every password at one cost",
+                ", ".join(map(str, sorted(users.costs))),
+            )
     access = settings.access
     try:
         connect_ports = parse_ports(access.connect_ports, "access.connect_ports")

@@ -440,8 +440,9 @@ class Flows:
     )
     credentials: bool = setting(
         False,
-        "Record the values of Authorization, Cookie and Set-Cookie fields; off: they are"
-        " recorded as [redacted] (Proxy-Authorization always is).",
+        "Record credentials (Authorization, cookies, API-key and token fields, token query"
+        " parameters); off: they are recorded as [redacted] (Proxy-Authorization always"
+        " is).",
         flag="--flows-credentials",
     )
     body_limit: int = setting(

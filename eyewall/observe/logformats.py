@@ -22,9 +22,10 @@ from collections.abc import Callable
 
 from eyewall.flow import Flow
 
-__all__ = ["FORMATS", "format_json", "format_text"]
+__all__ = ["FORMATS", "escape", "format_json", "format_text"]
 
-_quote = json.encoder.encode_basestring
+# ASCII-only JSON: U+2028, U+0085 and DEL are escaped too, so no reader splits a line.
+_quote = json.encoder.encode_basestring_ascii
 _iso_second: list[object] = [-1, ""]
 _clf_second: list[object] = [-1, ""]
 
@@ -48,10 +49,13 @@ def _clf_time(t: float) -> str:
 _UNSAFE = re.compile(r'[^\x21-\x7e]|[\\"]')
 
 
-def _esc(value: str) -> str:
+def escape(value: str) -> str:
     """``value`` with anything but printable ASCII (space, quote and backslash too)
-    as ``\\xNN``: one field, one line."""
+    as ``\\xNN`` (UTF-8 bytes): one field, one line, whatever the input."""
     return _UNSAFE.sub(lambda m: "".join(f"\\x{b:02x}" for b in m.group().encode()), value)
+
+
+_esc = escape
 
 
 def _esc_text(value: str) -> str:

@@ -17,7 +17,7 @@ connections, tunnels, idle pool connections) are read from the proxy at scrape t
     eyewall_policy_decisions_total{rule}           which rule or guard decided
     eyewall_errors_total{kind}                     failures by error kind (docs/monitoring.md)
     eyewall_rate_limited_total{limit}              refusals by the limit that fired
-    eyewall_auth_failures_total{reason}            missing, wrong, throttled
+    eyewall_auth_failures_total{reason}            missing, wrong, throttled, revoked
     eyewall_intercept_handshake_failures_total{reason}   unknown_ca, bad_certificate, timeout, ...
     eyewall_login_checks_total{result}             bcrypt checks: run, skipped (the client
                                                    left first), refused (queue full)

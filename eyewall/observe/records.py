@@ -4,12 +4,15 @@ and HAR export reads.  Pure functions."""
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any
+from urllib.parse import unquote
 
 from eyewall.flow import Flow
 from eyewall.http1.parse import Headers
+from eyewall.http1.target import redact_userinfo
 
-__all__ = ["COLUMNS", "detail", "record_of", "summary"]
+__all__ = ["COLUMNS", "detail", "is_credential_field", "record_of", "redact_url", "summary"]
 
 Record = dict[str, Any]
 
@@ -47,23 +50,70 @@ COLUMNS = (
 )
 
 
-# Fields whose values are credentials: recorded as "[redacted]" unless the operator
-# asks for them (flows.credentials); the proxy's own credentials never.
-CREDENTIALS = frozenset({"authorization", "cookie", "set-cookie", "proxy-authorization"})
+# What holds a credential, recorded as "[redacted]" unless the operator asks for them
+# (flows.credentials); the proxy's own credentials never.  Field names and query
+# parameter names are matched by what they say: Authorization, Cookie, Cookie2,
+# X-Api-Key, X-Auth-Token, X-Amz-Security-Token, ?access_token=, ?client_secret=...
+# The challenges (WWW-Authenticate, Proxy-Authenticate) hold none.
+_SECRET_NAME = re.compile(
+    r"token|secret|passw|api[-_]?key|auth|session|cookie|credential|signature", re.I
+)
+_NOT_SECRET = frozenset({"www-authenticate", "proxy-authenticate"})
+_SECRET_PARAMS = frozenset({"key", "sig", "code", "pwd", "pass"})  # short, common ones
 PROXY_CREDENTIALS = frozenset({"proxy-authorization"})
+REDACTED = "[redacted]"
+_field_verdicts: dict[str, bool] = {}  # lower-cased name -> holds a credential
 
 
-def _heads(headers: Headers | None, redacted: frozenset[str]) -> str | None:
-    """Header fields as text, one ``Name: value`` per line, the ``redacted`` fields'
-    values replaced by ``[redacted]``."""
+def is_credential_field(name: str) -> bool:
+    """Whether a field named ``name`` (any case) holds a credential."""
+    key = name.lower()
+    verdict = _field_verdicts.get(key)
+    if verdict is None:
+        verdict = key not in _NOT_SECRET and _SECRET_NAME.search(key) is not None
+        if len(_field_verdicts) < 4096:  # names come from traffic: bounded
+            _field_verdicts[key] = verdict
+    return verdict
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its userinfo and the values of credential-like query parameters
+    (``access_token``, ``api_key``, ``X-Amz-Signature``, ``sig``...) replaced."""
+    url = redact_userinfo(url)
+    path, question, rest = url.partition("?")
+    if not question:
+        return url
+    query, hash_, fragment = rest.partition("#")
+    params = query.split("&")
+    changed = False
+    for i, param in enumerate(params):
+        name, equals, value = param.partition("=")
+        if not (equals and value):
+            continue
+        plain = unquote(name).lower()
+        if plain in _SECRET_PARAMS or _SECRET_NAME.search(plain):
+            params[i] = f"{name}={REDACTED}"
+            changed = True
+    if not changed:
+        return url
+    return f"{path}?{'&'.join(params)}{hash_}{fragment}"
+
+
+def _heads(headers: Headers | None, credentials: bool) -> str | None:
+    """Header fields as text, one ``Name: value`` per line; credential values replaced
+    by ``[redacted]`` (only the proxy's own when ``credentials``), userinfo and
+    credential parameters of URLs in ``Referer`` and ``Location`` too."""
     if headers is None:
         return None
-    index = headers.index
-    if any(name in index for name in redacted):
-        return "\n".join(
-            f"{n}: {'[redacted]' if n.lower() in redacted else v}" for n, v in headers.fields
-        )
-    return "\n".join([f"{n}: {v}" for n, v in headers.fields])
+    lines = []
+    for n, v in headers.fields:
+        key = n.lower()
+        if key in PROXY_CREDENTIALS or (not credentials and is_credential_field(key)):
+            v = REDACTED
+        elif not credentials and key in ("referer", "location", "content-location"):
+            v = redact_url(v)
+        lines.append(f"{n}: {v}")
+    return "\n".join(lines)
 
 
 def parse_heads(text: str | None) -> list[list[str]]:
@@ -76,7 +126,6 @@ def parse_heads(text: str | None) -> list[list[str]]:
 def row_of(flow: Flow, credentials: bool = False) -> tuple[Any, ...]:
     """A finished flow as a row of `COLUMNS` (what the store writes); credential fields
     redacted unless ``credentials``."""
-    redacted = PROXY_CREDENTIALS if credentials else CREDENTIALS
     request, response = flow.request, flow.response
     return (
         flow.id,
@@ -86,7 +135,7 @@ def row_of(flow: Flow, credentials: bool = False) -> tuple[Any, ...]:
         flow.client[1],
         flow.user,
         flow.method,
-        flow.url,
+        flow.url if credentials else redact_url(flow.url),
         flow.host,
         flow.port,
         flow.status,
@@ -102,10 +151,10 @@ def row_of(flow: Flow, credentials: bool = False) -> tuple[Any, ...]:
         flow.error_detail,
         int(flow.intercepted),
         request.version if request is not None else None,
-        _heads(request.headers if request is not None else None, redacted),
+        _heads(request.headers if request is not None else None, credentials),
         response.version if response is not None else None,
         response.reason if response is not None else None,
-        _heads(response.headers if response is not None else None, redacted),
+        _heads(response.headers if response is not None else None, credentials),
         bytes(flow.request_body) if flow.request_body is not None else None,
         bytes(flow.response_body) if flow.response_body is not None else None,
         flow.worker,

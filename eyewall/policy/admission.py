@@ -97,8 +97,9 @@ class Allow:
 class Refusal:
     """Refuse with the status of ``kind``.  ``rule`` names what refused (a rule id, a
     guard, a limit) and ``message`` says why (for a rule, its own message, maybe
-    empty); ``retry_after`` (seconds) goes with 429; ``login`` is "missing", "wrong" or
-    "throttled" for authentication failures."""
+    empty); ``retry_after`` (seconds) goes with 429; ``login`` is "missing", "wrong",
+    "throttled" or "revoked" (the user was removed while their tunnel was open) for
+    authentication failures."""
 
     kind: ErrorKind
     rule: str

@@ -43,6 +43,7 @@ __all__ = [
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 _BCRYPT_HASH = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
 DEFAULT_COST = 10
+MAX_USER = 256  # characters of a user name (Basic credentials, user files)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +63,8 @@ class Credentials:
 def parse_basic(value: str | None) -> Credentials | None:
     """Credentials from a ``Proxy-Authorization: Basic ...`` value, or None when the
     value is missing, another scheme, or malformed (bad base64, not UTF-8, no colon,
-    empty user)."""
+    an empty user name or one longer than `MAX_USER` characters, which no user file
+    holds: it is never checked, logged or recorded)."""
     if not value:
         return None
     scheme, _, token = value.strip().partition(" ")
@@ -73,7 +75,7 @@ def parse_basic(value: str | None) -> Credentials | None:
     except (binascii.Error, UnicodeDecodeError):
         return None
     user, colon, password = decoded.partition(":")
-    if not colon or not user:
+    if not colon or not user or len(user) > MAX_USER:
         return None
     return Credentials(user, password)
 
@@ -110,6 +112,9 @@ def parse_htpasswd(text: str, where: str) -> dict[str, bytes]:
         if not colon or not user:
             errors.append(f"{where}:{number}: expected user:hash")
             continue
+        if len(user) > MAX_USER:
+            errors.append(f"{where}:{number}: user name longer than {MAX_USER} characters")
+            continue
         try:
             users[user] = _check_hash(user, hashed, f"{where}:{number}")
         except ValueError as e:
@@ -135,7 +140,9 @@ class Users:
     ) -> None:
         self.hashes = dict(hashes or {})
         self.groups_of = dict(groups or {})  # user -> groups
+        self.absent: list[str] = []  # "setting: no user 'name'" for names nobody defines
         costs = Tally(_cost(h) for h in self.hashes.values())
+        self.costs = frozenset(costs)  # bcrypt costs in use; more than one leaks timing
         self.dummy_cost = costs.most_common(1)[0][0] if costs else DEFAULT_COST
         self._dummy: bytes | None = None
         self._lock = threading.Lock()
@@ -150,20 +157,26 @@ class Users:
         htpasswd_path: str = "",
     ) -> Users:
         """Build from an htpasswd text (read from ``htpasswd_path``, named in errors) and
-        inline ``name = hash`` entries (inline wins), with ``group = [users]``.  Raises
-        ValueError naming the setting at fault (a group member who is not a user, a bad
-        inline hash), or `HtpasswdError` naming every bad line of the file."""
+        inline ``name = hash`` entries (inline wins), with ``group = [users]``.  A group
+        member who is not a user is left out and named in ``absent`` (removing a user
+        from the file must not make the reload that revokes them fail).  Raises
+        ValueError naming the setting at fault (a bad inline hash), or `HtpasswdError`
+        naming every bad line of the file."""
         source = f"{where}.htpasswd: {htpasswd_path}" if htpasswd_path else f"{where}.htpasswd"
         hashes = parse_htpasswd(htpasswd_text, source) if htpasswd_text else {}
         for user, hashed in inline.items():
             hashes[user] = _check_hash(user, hashed, f"{where}.users.{user}")
         members: dict[str, set[str]] = {}
+        absent: list[str] = []
         for group, names in groups.items():
             for name in names:
                 if name not in hashes:
-                    raise ValueError(f"{where}.groups.{group}: unknown user {name!r}")
+                    absent.append(f"{where}.groups.{group}: no user {name!r}")
+                    continue
                 members.setdefault(name, set()).add(group)
-        return cls(hashes, {u: frozenset(g) for u, g in members.items()})
+        users = cls(hashes, {u: frozenset(g) for u, g in members.items()})
+        users.absent = absent
+        return users
 
     @property
     def enabled(self) -> bool:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from ipaddress import ip_address
 
 from eyewall.policy.auth import Users
-from eyewall.policy.networks import IPNetwork, parse_network
+from eyewall.policy.networks import IPNetwork, NetworkSet, parse_network
 from eyewall.policy.rules import Decision, Request, RuleSet
 
 __all__ = ["LOOPBACK", "LimitParameters", "Policy"]
@@ -59,10 +58,10 @@ class Policy:
     ) -> None:
         self.rules = rules or RuleSet()
         self.clients = clients or LOOPBACK
+        self._clients = NetworkSet(self.clients)
         self.users = users or Users()
         self.limits = limits or LimitParameters()
         self.login_ttl = login_ttl
-        self._client_ok: dict[str, bool] = {}
         self._decisions: OrderedDict[tuple[object, ...], Decision] = OrderedDict()
 
     @property
@@ -73,16 +72,7 @@ class Policy:
     def client_allowed(self, client: str) -> bool:
         """Whether ``client`` (an IP address; IPv4-mapped IPv6 counts as IPv4) is in one
         of the allowed networks."""
-        ok = self._client_ok.get(client)
-        if ok is None:
-            ip = ip_address(client)
-            if ip.version == 6 and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped
-            ok = any(ip.version == n.version and ip in n for n in self.clients)
-            if len(self._client_ok) > 65536:
-                self._client_ok.clear()
-            self._client_ok[client] = ok
-        return ok
+        return client in self._clients
 
     def decide(self, req: Request, addresses: tuple[str, ...] | None) -> Decision:
         """The rules' decision (see `RuleSet.evaluate`), cached (least recently used

@@ -14,6 +14,7 @@ __all__ = [
     "PROTECTED",
     "IPAddress",
     "IPNetwork",
+    "NetworkSet",
     "OwnListeners",
     "parse_network",
     "protected_range",
@@ -81,6 +82,36 @@ def protected_range(address: str) -> str | None:
                 shown = f"{network}" if candidate is ip else f"{network} via {ip}"
                 return f"{label}, {shown}"
     return None
+
+
+class NetworkSet:
+    """Networks and a membership test for addresses, remembered per address (at most
+    ``memo`` of them, then forgotten at once).  An IPv4-mapped IPv6 address counts as
+    its IPv4 address; a zone (``fe80::1%eth0``) is ignored."""
+
+    def __init__(self, networks: Iterable[IPNetwork], memo: int = 65536) -> None:
+        self.networks = tuple(networks)
+        self._memo = memo
+        self._known: dict[str, bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def __contains__(self, address: object) -> bool:
+        """Whether ``address`` (an IP address string) is in one of the networks; raises
+        ValueError for anything else."""
+        if not isinstance(address, str):
+            return False
+        known = self._known.get(address)
+        if known is None:
+            ip = ipaddress.ip_address(address.partition("%")[0])
+            if ip.version == 6 and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            known = any(ip.version == n.version and ip in n for n in self.networks)
+            if len(self._known) >= self._memo:
+                self._known.clear()
+            self._known[address] = known
+        return known
 
 
 def parse_network(text: str) -> IPNetwork:

@@ -29,6 +29,7 @@ from eyewall.policy.admission import (
     decide,
     perform,
 )
+from eyewall.policy.auth import source_key
 from eyewall.policy.state import LimitsUnavailable, SynchronousLimits
 from eyewall.proxy.context import ProxyContext
 from eyewall.proxy.timeouts import Phase, Watch
@@ -73,7 +74,8 @@ async def admit(
                     _allow_without(step, ticket)
             case Verify(credentials):
                 watch.enter(Phase.AUTHENTICATING, ctx.clock(), None)  # bounded by its queue
-                ok = await ctx.verifier.verify(ctx.policy.users, credentials, alive)
+                source = source_key(ticket.client)
+                ok = await ctx.verifier.verify(ctx.policy.users, credentials, alive, source)
                 if ok is None:
                     return Refusal(
                         ErrorKind.OVERLOADED,

@@ -41,6 +41,7 @@ from eyewall.http1.target import (
     parse_target,
     redact_userinfo,
 )
+from eyewall.observe.logformats import escape
 from eyewall.policy.admission import Allow, Refusal, Ticket
 from eyewall.policy.auth import parse_basic
 from eyewall.policy.rules import Action
@@ -64,6 +65,18 @@ __all__ = ["ClientConnection", "inner_target", "render_answer"]
 
 log = logging.getLogger("eyewall.client")
 auth_log = logging.getLogger("eyewall.auth")
+SHOWN_USER = 64  # characters of a user name a log line shows
+
+
+def shown_user(user: str | None) -> str:
+    """A user name as log lines show it: escaped (`escape`) and cut at `SHOWN_USER`
+    characters, with its length when cut; ``-`` for none."""
+    if user is None:
+        return "-"
+    if len(user) <= SHOWN_USER:
+        return escape(user)
+    return f"{escape(user[:SHOWN_USER])}...({len(user)} characters)"
+
 
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 _KNOWN_STATUS = frozenset(s.value for s in HTTPStatus)
@@ -423,7 +436,20 @@ class ClientConnection:
         )
         if self.tunnel_user is not None:
             # Inside an intercepted tunnel, requests carry the user who authenticated
-            # the CONNECT (browsers send Proxy-Authorization on the CONNECT only).
+            # the CONNECT (browsers send Proxy-Authorization on the CONNECT only) — as
+            # long as the user file still has them: a removed user's next request ends
+            # the tunnel (the client must CONNECT, and log in, again).
+            if ctx.policy.auth_required and ctx.policy.users.stored(self.tunnel_user) is None:
+                flow.user = self.tunnel_user
+                revoked = Refusal(
+                    ErrorKind.AUTH_REQUIRED,
+                    "auth",
+                    "the tunnel's user is no longer valid; connect again",
+                    login="revoked",
+                    user=self.tunnel_user,
+                )
+                await self._refuse(flow, head.method, revoked, True)
+                return None
             ticket.user = self.tunnel_user
             ticket.login_done = True
         step = admit_now(ctx, ticket)
@@ -451,10 +477,12 @@ class ClientConnection:
         if refusal.login is not None:
             flow.user = refusal.user
             if refusal.login != "missing":
+                # The address first and the user name escaped: no name can move the
+                # address a log watcher (fail2ban) reads, nor add a line.
                 auth_log.warning(
-                    "authentication failed for user %r from %s: %s",
-                    refusal.user,
+                    "authentication failed from %s for user %s: %s",
                     self.address[0],
+                    shown_user(refusal.user),
                     refusal.login,
                 )
         if refusal.kind is ErrorKind.AUTH_REQUIRED:

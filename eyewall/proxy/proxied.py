@@ -37,6 +37,7 @@ import logging
 import socket
 from collections.abc import Iterable
 
+from eyewall.policy.networks import NetworkSet
 from eyewall.proxyproto import (
     MAX_V1_HEADER,
     ProxyHeader,
@@ -170,9 +171,8 @@ class ProxyProtocolGate:
 
     def configure(self, trusted: Iterable[str], header_timeout: float) -> None:
         """Apply new settings (a reload) to connections accepted from now on."""
-        self.trusted = _networks(trusted)
+        self.trusted = NetworkSet(_networks(trusted), memo=4096)
         self.header_timeout = header_timeout
-        self._trust: dict[str, bool] = {}
 
     @property
     def enabled(self) -> bool:
@@ -182,16 +182,7 @@ class ProxyProtocolGate:
     def trusts(self, peer: str) -> bool:
         """Whether ``peer`` (an IP address; IPv4-mapped IPv6 counts as IPv4) is in a
         trusted network."""
-        known = self._trust.get(peer)
-        if known is None:
-            ip = ipaddress.ip_address(peer.partition("%")[0])
-            if ip.version == 6 and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped
-            known = any(ip.version == n.version and ip in n for n in self.trusted)
-            if len(self._trust) > 4096:
-                self._trust.clear()
-            self._trust[peer] = known
-        return known
+        return peer in self.trusted
 
     async def client_of(self, sock: socket.socket, peer: tuple[str, int]) -> tuple[str, int] | None:
         """The client address of a connection accepted from ``peer``: the header's

@@ -52,6 +52,10 @@ ACCEPT_BATCH = 128  # connections accepted per wake-up at most (Tornado's number
 ACCEPT_PAUSE = 0.005  # seconds a process declining to accept leaves it to the others
 
 
+class LoginRevoked(Exception):
+    """A tunnel's user was removed from the user file: the tunnel is closed."""
+
+
 class Proxy:
     """Listeners and everything the connections share (see `ProxyContext`).
 
@@ -346,6 +350,9 @@ class Proxy:
         flow.bytes_out = relay.bytes_down
         if isinstance(error, TimeoutError):
             flow.fail(ErrorKind.TUNNEL_IDLE, "no byte either way for timeouts.tunnel_idle")
+        elif isinstance(error, LoginRevoked):
+            flow.cause = "revoked"
+            flow.fail(ErrorKind.AUTH_REQUIRED, "the user was removed from the user file")
         elif isinstance(error, ConnectionAbortedError):
             flow.fail(ErrorKind.CLIENT_ABORTED, str(error))
         elif error is not None and relay.failed_side == "client":
@@ -374,6 +381,19 @@ class Proxy:
         pool.idle_timeout = settings.pool.idle_timeout
         pool.tls_context = default_tls_context(settings.tls.upstream_ca_bundle or None)
         self.watchdog.set_interval(sweep_interval(settings.timeouts, settings.pool.idle_timeout))
+        self._end_revoked(policy)
+
+    def _end_revoked(self, policy: Policy) -> None:
+        """Close the tunnels of users the new user file no longer has (removing a user
+        revokes what they have open, not only their next login); an intercepted
+        tunnel's next request is answered 407 and the tunnel closed (`ClientConnection`)."""
+        users = policy.users
+        if not users.enabled:
+            return
+        for relay, (flow, _) in list(self.tunnels.items()):
+            if flow.user is not None and users.stored(flow.user) is None:
+                log.info("closing %s's tunnel %s: no longer in the user file", flow.user, flow.id)
+                relay.close(LoginRevoked(flow.user))
 
     async def shutdown(self, grace: float = 0.0) -> None:
         """Stop: for ``grace`` seconds keep serving while health checks say 503 (a load

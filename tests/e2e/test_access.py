@@ -104,7 +104,7 @@ def test_failed_logins_are_logged_with_the_client_and_never_the_password(auth_pr
             auth_proxy, f"{origin.url}/", f"Proxy-Authorization: {basic('alice', 'wrong-pw')}"
         )
         assert status(data) == 407
-    log = auth_proxy.log_with("authentication failed for user 'alice' from 127.0.0.1")
+    log = auth_proxy.log_with("authentication failed from 127.0.0.1 for user alice: wrong")
     assert "wrong-pw" not in log + "\n".join(auth_proxy.access_lines())
     assert PASSWORD not in log
 

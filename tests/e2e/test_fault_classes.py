@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -502,7 +504,7 @@ def test_11_a_guesser_is_locked_out_whatever_the_password(make_proxy, origin, tm
     assert b"too many failed logins" in locked
     line = p.access_entry("err=rate_limited")
     assert "rule=login-throttle" in line
-    p.log_with("authentication failed for user 'alice'")
+    p.log_with("for user alice: ")
     with httpx.Client(timeout=10, trust_env=False) as admin:
         metrics = admin.get(p.admin_url + "/metrics").text
     assert 'eyewall_auth_failures_total{reason="wrong"} 5.0' in metrics
@@ -538,6 +540,22 @@ def test_11_clients_that_hang_up_cost_no_bcrypt_check(make_proxy, origin, tmp_pa
 
 
 # -- 12. a malformed body ends the connection (no desync) ------------------------------------
+
+
+def test_11_a_half_closed_client_with_a_new_login_gets_its_answer(make_proxy, origin, tmp_path):
+    """Shutting down the sending side after the request is legal (RFC 9112 §9.6); on an
+    idle proxy the login is checked and the response delivered, not a 503."""
+    config = tmp_path / "auth.toml"
+    config.write_text(f'[auth.users]\nalice = "{hashed("pw")}"\n')
+    p = make_proxy("--config", str(config))
+    with socket.create_connection(p.address, timeout=10) as s:
+        s.sendall(
+            f"GET {origin.url}/echo/half HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"Proxy-Authorization: {basic('alice', 'pw')}\r\n\r\n".encode()
+        )
+        s.shutdown(socket.SHUT_WR)
+        answer = recv_all(s)
+    assert status(answer) == 200 and b"/echo/half" in answer
 
 
 @pytest.mark.parametrize(
@@ -655,6 +673,59 @@ def test_15_requests_inside_an_authenticated_intercepted_tunnel_inherit_its_user
     )
     assert denied.stdout.endswith(b"403")
     assert "user=alice" in p.access_entry("/echo/in")
+    assert "user=alice" in p.access_entry("/echo/post")  # refusals name the user too
+
+
+def test_15_removing_a_user_ends_what_they_have_open(
+    make_proxy, origin, tls_origin, ca_file, ca_dir, tmp_path
+):
+    """Revocation: the user file loses alice while a rule still names her. The reload
+    applies (a warning, not a refusal), her opaque tunnel is closed, and her
+    intercepted tunnel answers its next request with 407 and closes."""
+    users = tmp_path / "htpasswd"
+    users.write_text(f"alice:{hashed('pw')}\nbob:{hashed('pw')}\n")
+    config = intercepting(tmp_path, ca_dir, ca_file, f'[auth]\nhtpasswd = "{users}"\n')
+    text = Path(config).read_text()
+    Path(config).write_text(text + '[[rules]]\nid = "a"\naction = "allow"\nusers = ["alice"]\n')
+    p = make_proxy("--config", config, "--connect-port", "1024-65535")
+    login = f"Proxy-Authorization: {basic('alice', 'pw')}\r\n"
+    opaque = socket.create_connection(p.address, timeout=10)
+    opaque.sendall(f"CONNECT {origin.authority} HTTP/1.1\r\n{login}\r\n".encode())
+    assert recv_until(opaque, b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+    host = tls_origin.url.split("//")[1]
+    inner = socket.create_connection(p.address, timeout=10)
+    inner.sendall(f"CONNECT {host} HTTP/1.1\r\n{login}\r\n".encode())
+    assert recv_until(inner, b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+    context = ssl.create_default_context(cafile=str(ca_dir / "ca.pem"))
+    tls = context.wrap_socket(inner, server_hostname="localhost")
+    ask = f"GET /echo/x HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    tls.sendall(ask)
+    assert status(read_response(tls)) == 200
+    users.write_text(f"bob:{hashed('pw')}\n")  # the watcher reloads the user file
+    p.expected_errors.append("no user 'alice'")
+    p.log_with("configuration reloaded", timeout=15)
+    assert "reload refused" not in p.stderr()
+    assert "rules[1].users: no user 'alice' in the user file" in p.stderr()
+    assert recv_all(opaque) == b""  # closed by the proxy
+    tls.sendall(ask)
+    assert status(read_response(tls)) == 407
+    assert recv_all(tls) == b""
+    assert "err=auth_required" in p.access_entry(f"CONNECT {origin.authority}")
+    bob = f"Proxy-Authorization: {basic('bob', 'pw')}\r\n"
+    again = raw_request(
+        p.address, f"GET {origin.url}/echo HTTP/1.1\r\nHost: x\r\n{login}\r\n".encode()
+    )
+    assert status(again) == 407
+    for s in (opaque, tls):
+        s.close()
+    assert (
+        status(
+            raw_request(
+                p.address, f"GET {origin.url}/echo HTTP/1.1\r\nHost: x\r\n{bob}\r\n".encode()
+            )
+        )
+        == 200
+    )
 
 
 def test_16_intercepted_tunnels_count_against_the_tunnel_limit(
@@ -703,6 +774,66 @@ def test_17_user_names_cannot_forge_access_lines(make_proxy, tmp_path, log_forma
     lines = p.access_lines(wait_for=1)
     assert len(lines) == 1, lines
     assert "http://forged/" not in lines[0] or "\\x0a" in lines[0] or "\\n" in lines[0]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_17_line_separators_do_not_split_access_lines(make_proxy, tmp_path, log_format):
+    """Readers that split at U+2028, U+0085 or at DEL (Python's splitlines, JavaScript)
+    must see one line too: the JSON format escapes every non-ASCII character."""
+    config = tmp_path / "auth.toml"
+    config.write_text(f'[auth.users]\nalice = "{hashed("pw")}"\n')
+    p = make_proxy("--config", str(config), "--log-format", log_format)
+    for n, separator in enumerate(("\u2028", "\x85", "\x7f", "\u2029")):
+        raw_request(
+            p.address,
+            f"GET http://example.com/{n} HTTP/1.1\r\nHost: x\r\n"
+            f"Proxy-Authorization: {basic('eve' + separator + 'forged', 'x')}\r\n\r\n".encode(),
+        )
+    lines = p.access_lines(wait_for=4)
+    text = p.access_path.read_text(encoding="utf-8")
+    assert len(lines) == 4 and len(text.splitlines()) == 4, text
+    if log_format == "json":
+        assert [json.loads(line)["user"] for line in lines] == [
+            "eve\u2028forged",
+            "eve\x85forged",
+            "eve\x7fforged",
+            "eve\u2029forged",
+        ]
+
+
+def test_17_a_user_name_cannot_move_the_address_a_log_watcher_reads(make_proxy, tmp_path):
+    config = tmp_path / "auth.toml"
+    config.write_text(f'[auth.users]\nalice = "{hashed("pw")}"\n')
+    p = make_proxy("--config", str(config))
+    forged = "x' from 203.0.113.9 for user y: wrong\nauthentication failed from 203.0.113.9 for"
+    raw_request(
+        p.address,
+        f"GET http://example.com/ HTTP/1.1\r\nHost: x\r\n"
+        f"Proxy-Authorization: {basic(forged, 'x')}\r\n\r\n".encode(),
+    )
+    p.log_with("authentication failed from")
+    [line] = [x for x in p.stderr().splitlines() if "authentication failed" in x]
+    # What a fail2ban filter would read: the first address after the fixed text.
+    assert re.findall(r"authentication failed from (\S+) for user", line) == ["127.0.0.1"]
+    assert "203.0.113.9" in line  # the forged text is there, escaped, after the address
+
+
+def test_10_an_over_long_user_name_is_never_checked_logged_or_recorded(make_proxy, tmp_path):
+    config = tmp_path / "auth.toml"
+    config.write_text(f'[auth.users]\nalice = "{hashed("pw")}"\n')
+    p = make_proxy("--config", str(config))
+    huge = "u" + "A" * 45_000
+    data = raw_request(
+        p.address,
+        f"GET http://example.com/ HTTP/1.1\r\nHost: x\r\n"
+        f"Proxy-Authorization: {basic(huge, 'pw')}\r\n\r\n".encode(),
+    )
+    assert status(data) == 407
+    line = p.access_entry(" 407 ")
+    assert len(line) < 1000 and "AAAA" not in line
+    assert "AAAA" not in p.stderr()
+    with httpx.Client(timeout=10, trust_env=False) as admin:
+        assert "AAAA" not in admin.get(p.admin_url + "/api/flows").text
 
 
 def test_17_an_admin_token_with_a_space_logs_in_and_the_cookie_is_not_the_token(make_proxy):

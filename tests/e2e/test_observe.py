@@ -256,20 +256,35 @@ def test_credentials_are_redacted_in_recorded_flows_by_default(make_proxy, origi
     p = make_proxy()
     through(
         p,
-        f"{origin.url}/cookies?x=1",
-        headers={"Cookie": "session=s3cr3t", "Authorization": "Basic dXNlcjpwdw=="},
+        f"{origin.url}/cookies?x=1&access_token=t0k3n&X-Amz-Signature=s1g",
+        headers={
+            "Cookie": "session=s3cr3t",
+            "Authorization": "Basic dXNlcjpwdw==",
+            "X-Api-Key": "ap1k3y",
+            "X-Auth-Token": "auth70k",
+            "Cookie2": "c00k1e2",
+            "Referer": "http://u:r3f3rpw@example.com/page?api_key=r3fk3y&q=ok",
+        },
     )
     flows = admin_get(p, "/api/flows").json()["flows"]
+    assert flows[0]["url"].endswith(
+        "/cookies?x=1&access_token=[redacted]&X-Amz-Signature=[redacted]"
+    )
     detail = admin_get(p, f"/api/flows/{flows[0]['id']}").json()
-    assert ["Cookie", "[redacted]"] in detail["request"]["headers"]
-    assert ["Authorization", "[redacted]"] in detail["request"]["headers"]
+    headers = detail["request"]["headers"]
+    for name in ("Cookie", "Authorization", "X-Api-Key", "X-Auth-Token", "Cookie2"):
+        assert [name, "[redacted]"] in headers, name
+    assert ["Referer", "http://***@example.com/page?api_key=[redacted]&q=ok"] in headers
+    secrets = ("s3cr3t", "dXNlcjpwdw", "ap1k3y", "auth70k", "c00k1e2", "r3f3rpw", "r3fk3y")
+    secrets += ("t0k3n", "s1g")
+    assert not [x for x in secrets if x in admin_get(p, "/api/flows").text]
     assert all(
         value == "[redacted]"
         for name, value in detail["response"]["headers"]
         if name.lower() == "set-cookie"
     )
     har = admin_get(p, "/api/har").text
-    assert "s3cr3t" not in har and "dXNlcjpwdw" not in har
+    assert not [x for x in secrets if x in har]
     db = p.access_path.parent / "flows.sqlite3"
     assert wait_for(
         lambda: (
@@ -277,8 +292,8 @@ def test_credentials_are_redacted_in_recorded_flows_by_default(make_proxy, origi
             and sqlite3.connect(db).execute("SELECT COUNT(*) FROM flows").fetchone()[0] == 1
         )
     )
-    rows = sqlite3.connect(db).execute("SELECT request_headers FROM flows").fetchall()
-    assert "s3cr3t" not in repr(rows)
+    rows = sqlite3.connect(db).execute("SELECT url, request_headers FROM flows").fetchall()
+    assert not [x for x in secrets if x in repr(rows)]
 
 
 def test_har_download_and_cli_export_validate_against_the_har_schema(make_proxy, origin, tmp_path):

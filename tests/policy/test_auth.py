@@ -11,6 +11,7 @@ import bcrypt
 import pytest
 
 from eyewall.policy.auth import (
+    MAX_USER,
     Credentials,
     HtpasswdError,
     LoginThrottle,
@@ -109,7 +110,6 @@ def test_users_from_inline_and_file_are_merged_with_groups() -> None:
 @pytest.mark.parametrize(
     ("inline", "text", "groups", "expected"),
     [
-        ({}, f"alice:{ALICE}", {"admins": ["alice", "zed"]}, "auth.groups.admins: unknown user"),
         ({"carol": "{SHA}abc"}, None, {}, "auth.users.carol:"),
         ({}, "carol:$apr1$x$y", {}, "auth.htpasswd:1: user 'carol'"),
     ],
@@ -251,3 +251,15 @@ def test_throttle_memory_is_bounded() -> None:
     for i in range(10_000):
         throttle.failed(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", None, float(i) / 1000)
     assert len(throttle._sources._events) <= 100
+
+
+def test_over_long_user_names_are_malformed_credentials() -> None:
+    longest = "u" * MAX_USER
+    assert parse_basic(basic_value(longest, "pw")) == Credentials(longest, "pw")
+    assert parse_basic(basic_value(longest + "u", "pw")) is None
+    with pytest.raises(HtpasswdError, match=f"where:1: user name longer than {MAX_USER}"):
+        parse_htpasswd(f"{longest}u:{ALICE}\n", "where")
+
+
+def basic_value(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()

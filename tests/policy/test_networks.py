@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eyewall.policy.networks import PROTECTED, parse_network, protected_range
+from eyewall.policy.networks import PROTECTED, NetworkSet, parse_network, protected_range
 
 IPV4 = st.integers(min_value=0, max_value=2**32 - 1).map(ipaddress.IPv4Address)
 IPV4_PROTECTED = [(int(n.network_address), int(n.netmask)) for n, _ in PROTECTED if n.version == 4]
@@ -175,3 +175,12 @@ def test_parse_network_accepts_cidrs_and_bare_addresses(text: str, expected: str
 def test_parse_network_rejects_garbage(text: str) -> None:
     with pytest.raises(ValueError):
         parse_network(text)
+
+
+def test_network_set_membership_is_remembered_and_bounded() -> None:
+    nets = NetworkSet([parse_network("10.0.0.0/8"), parse_network("2001:db8::/32")], memo=2)
+    assert "10.1.2.3" in nets and "::ffff:10.1.2.3" in nets  # IPv4-mapped is IPv4
+    assert "2001:db8::1%eth0" in nets  # the zone is ignored
+    assert "192.0.2.1" not in nets and 5 not in nets
+    assert len(nets._known) <= 2  # forgotten at once when full
+    assert not NetworkSet([]) and nets

@@ -39,8 +39,10 @@ def test_checks_of_clients_that_left_are_skipped_and_a_real_login_goes_first() -
         )
         while users.started < 1:
             await asyncio.sleep(0)
-        flood = [
-            asyncio.ensure_future(verifier.verify(users, Credentials("alice", f"g{i}"), left))
+        flood = [  # made-up users from as many addresses, each hanging up at once
+            asyncio.ensure_future(
+                verifier.verify(users, Credentials(f"u{i}", "g"), left, f"192.0.2.{i}")
+            )
             for i in range(60)
         ]
         real = asyncio.ensure_future(
@@ -63,15 +65,82 @@ def test_the_queue_is_bounded() -> None:
         verifier = Verifier(threads=1, max_queued=3)
         waiting = [
             asyncio.ensure_future(
-                verifier.verify(users, Credentials("alice", f"p{i}"), lambda: True)
+                verifier.verify(users, Credentials(f"u{i}", "p"), lambda: True, f"s{i}")
             )
             for i in range(3)
         ]
         await asyncio.sleep(0)
-        assert await verifier.verify(users, Credentials("alice", "late"), lambda: True) is None
+        late = Credentials("alice", "late")
+        assert await verifier.verify(users, late, lambda: True, "s9") is None
         assert verifier.checks["refused"] == 1
         users.gate.set()
         assert await asyncio.gather(*waiting) == [False, False, False]
+        verifier.close()
+
+    asyncio.run(main())
+
+
+def test_guesses_at_one_account_cannot_delay_another_users_login() -> None:
+    """Attackers who wait for their answers, from many addresses, all at bob: beyond
+    `per_key` queued checks for one user name they are refused at once, so alice's
+    first login runs next."""
+
+    async def main() -> None:
+        users = GatedUsers()
+        verifier = Verifier(threads=1, max_queued=100, per_key=2)
+        guesses = [
+            asyncio.ensure_future(
+                verifier.verify(users, Credentials("bob", f"g{i}"), lambda: True, f"10.0.0.{i}")
+            )
+            for i in range(60)
+        ]
+        while users.started < 1:
+            await asyncio.sleep(0)
+        real = asyncio.ensure_future(
+            verifier.verify(users, Credentials("alice", "right"), lambda: True, "10.9.9.9")
+        )
+        users.gate.set()
+        assert await real is True
+        outcomes = await asyncio.gather(*guesses)
+        assert outcomes.count(None) == 58 and outcomes.count(False) == 2
+        assert users.started == 3  # two guesses and alice
+        assert verifier.checks["refused"] == 58
+        verifier.close()
+
+    asyncio.run(main())
+
+
+def test_one_source_gets_its_share_of_the_queue() -> None:
+    async def main() -> None:
+        users = GatedUsers()
+        verifier = Verifier(threads=1, max_queued=100, per_key=2)
+        first = [
+            asyncio.ensure_future(
+                verifier.verify(users, Credentials(f"u{i}", "x"), lambda: True, "203.0.113.7")
+            )
+            for i in range(2)
+        ]
+        await asyncio.sleep(0)
+        third = Credentials("u9", "x")
+        assert await verifier.verify(users, third, lambda: True, "203.0.113.7") is None
+        users.gate.set()
+        assert await asyncio.gather(*first) == [False, False]
+        verifier.close()
+
+    asyncio.run(main())
+
+
+def test_a_half_closed_client_is_still_checked_when_no_one_else_waits() -> None:
+    """EOF may be a half-close (RFC 9112 §9.6): with nobody queued behind, the check
+    runs and the client gets its answer."""
+
+    async def main() -> None:
+        users = GatedUsers()
+        users.gate.set()
+        verifier = Verifier(threads=1)
+        gone = lambda: False  # noqa: E731
+        assert await verifier.verify(users, Credentials("alice", "right"), gone, "s") is True
+        assert verifier.checks == {"run": 1, "skipped": 0, "refused": 0}
         verifier.close()
 
     asyncio.run(main())

@@ -1,0 +1,66 @@
+"""The in-memory flow window is bounded by what its flows really hold (class 10): a head
+of thousands of short fields costs far more as parsed objects than on the wire."""
+
+from __future__ import annotations
+
+import gc
+import time
+import tracemalloc
+
+from eyewall.errors import ErrorKind
+from eyewall.flow import Flow
+from eyewall.http1.parse import parse_request_head
+from eyewall.observe.store import REFUSED_FIELDS, FlowStore, summarise_refused
+
+SHORT_FIELDS = b"".join(b"X%d: v\r\n" % i for i in range(6300))  # ~62 KB on the wire
+HEAD = b"GET http://example.com/ HTTP/1.1\r\nHost: x\r\n" + SHORT_FIELDS + b"\r\n"
+
+
+def flow(i: int, refused: bool) -> Flow:
+    f = Flow(f"t-{i}", "http", ("127.0.0.1", 1), time.time())
+    f.request = parse_request_head(HEAD)
+    f.head_bytes = len(HEAD)
+    if refused:
+        f.fail(ErrorKind.AUTH_REQUIRED, "proxy authentication required")
+    else:
+        f.upstream = "192.0.2.1:80"
+    return f
+
+
+def retained(store: FlowStore, count: int, refused: bool) -> int:
+    """Bytes still allocated after feeding ``count`` flows to ``store``."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(count):
+            store(flow(i, refused))
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_window_bounds_what_admitted_flows_really_hold() -> None:
+    bound = 4 << 20
+    store = FlowStore(None, 0, 0, memory=10_000, memory_bytes=bound)
+    held = retained(store, 60, refused=False)  # ~1.2 MiB each as parsed objects
+    assert 0 < len(store.recent) < 60
+    assert held <= bound * 1.25, f"{held / 2**20:.1f} MiB held for a {bound >> 20} MiB bound"
+
+
+def test_refused_flows_keep_a_capped_summary() -> None:
+    store = FlowStore(None, 0, 0, memory=2_000, memory_bytes=64 << 20)
+    held = retained(store, 300, refused=True)
+    assert len(store.recent) == 300
+    assert held / 300 < 24 << 10, f"{held / 300 / 1024:.0f} KiB per refused flow"
+    fields = store.recent[-1].request.headers.fields  # type: ignore[union-attr]
+    assert len(fields) == REFUSED_FIELDS + 1
+    assert fields[-1] == ("X-Eyewall-Omitted", f"6269 more fields ({len(HEAD)} byte head)")
+
+
+def test_a_small_refused_head_is_kept_whole() -> None:
+    f = Flow("t-1", "http", ("127.0.0.1", 1), time.time())
+    f.request = parse_request_head(b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX: 1\r\n\r\n")
+    summarise_refused(f)
+    assert f.request.headers.fields == [("Host", "a"), ("X", "1")]
