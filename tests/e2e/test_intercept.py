@@ -83,7 +83,7 @@ def test_curl_and_httpx_through_interception_are_recorded_decrypted(
             "-x",
             p.url,
             "-H",
-            "X-Secret-Header: visible-to-the-proxy",
+            "X-Inspected-Header: visible-to-the-proxy",
             f"{tls_origin.url}/echo/curl?q=1",
         ],
         capture_output=True,
@@ -100,7 +100,7 @@ def test_curl_and_httpx_through_interception_are_recorded_decrypted(
         assert len(flows) == 1 and flows[0]["intercepted"]
         assert flows[0]["url"] == f"{tls_origin.url}/echo/curl?q=1"
         detail = admin.get(p.admin_url + f"/api/flows/{flows[0]['id']}").json()
-    assert ["X-Secret-Header", "visible-to-the-proxy"] in detail["request"]["headers"]
+    assert ["X-Inspected-Header", "visible-to-the-proxy"] in detail["request"]["headers"]
     assert detail["response"]["status"] == 200
     line = p.access_entry("/echo/curl")
     assert "rule=mitm" in line and " 200 " in line
