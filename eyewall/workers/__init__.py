@@ -5,9 +5,11 @@ worker processes.
   passes them to every worker; it owns the observers (access log, flow store, metrics,
   live feed, admin listener), the configuration (validated once, sent to every worker),
   the signals, and the shared memory of the limits.  It restarts a worker that dies.
+  It starts, watches and restarts the workers (`eyewall.workers.pool`).
 * A worker (`eyewall.workers.worker`) runs the proxy on those sockets, its limits in
-  shared memory (`eyewall.workers.limits`), and sends finished flows to the supervisor
-  (`eyewall.workers.wire`, `eyewall.workers.channel`).
+  shared memory (`eyewall.workers.limits`, on `eyewall.workers.shm`), spreads new
+  connections with the others (`eyewall.workers.balance`), and sends finished flows to
+  the supervisor (`eyewall.workers.wire`, `eyewall.workers.channel`).
 * A restart (`eyewall.workers.handover`) starts a new generation beside the running one
   on the same sockets, then drains the old.
 

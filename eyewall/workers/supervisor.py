@@ -17,9 +17,8 @@ What it owns:
   workers drain), SIGINT (drain now), a second one (close now), SIGHUP (reload),
   SIGUSR1 (reopen the access log), SIGUSR2 (restart: a new generation);
 * the pid file and the service manager's notifications;
-* the worker slots of the shared limits: a worker that exits has its counts released
-  (`eyewall.workers.limits.reap`) before it is started again, after a back-off that
-  grows while it keeps dying young (`backoff`).
+* the workers themselves (`eyewall.workers.pool`): a worker that exits has its counts in
+  the shared limits released before it is started again, after a back-off.
 """
 
 from __future__ import annotations
@@ -30,9 +29,7 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +43,6 @@ from eyewall.observe.oplog import DroppingQueueHandler
 from eyewall.proxy.server import bind_endpoint
 from eyewall.sdnotify import notify, reloading
 from eyewall.tls.ca import CertificateAuthority, default_ca_dir
-from eyewall.workers.channel import Channel, StreamClosedError
 from eyewall.workers.handover import (
     Bound,
     Inherited,
@@ -54,58 +50,19 @@ from eyewall.workers.handover import (
     listener_keys,
     owns_pid_file,
 )
-from eyewall.workers.limits import TABLES, SharedLimits, create_segment, reap
-from eyewall.workers.shm import MAX_SLOTS, Segment, process_start
+from eyewall.workers.limits import TABLES, SharedLimits, create_segment
+from eyewall.workers.pool import SWEEP_INTERVAL, WorkerPool
+from eyewall.workers.shm import MAX_SLOTS, Segment
 from eyewall.workers.snapshot import snapshot_of
-from eyewall.workers.stats import WorkerCollector, WorkersStats, WorkerState
-from eyewall.workers.wire import (
-    FLOWS,
-    INIT,
-    READY,
-    RELOAD,
-    RELOADED,
-    STATS,
-    STOP,
-    STOP_NOW,
-    Snapshot,
-    WorkerInit,
-    decode,
-    encode,
-    unpack,
-)
+from eyewall.workers.stats import WorkerCollector, WorkersStats
+from eyewall.workers.wire import STOP, STOP_NOW, encode
 
-__all__ = ["Supervisor", "backoff"]
+__all__ = ["Supervisor"]
 
 log = logging.getLogger("eyewall")
 
-STABLE = 60.0  # seconds a worker must live for its next death to be restarted at once
-MAX_BACKOFF = 30.0
 START_TIMEOUT = 60.0  # seconds the workers have to start listening
-RELOAD_TIMEOUT = 10.0  # seconds a worker has to apply a reload
 KILL_MARGIN = 10.0  # seconds past the drain deadline before a worker is killed
-SWEEP_INTERVAL = 5.0  # seconds between checks for slots whose process is gone
-
-
-def backoff(failures: int) -> float:
-    """Seconds to wait before restarting a worker that died ``failures`` times in a row
-    without living `STABLE` seconds: at once the first time, then 0.5 s doubling up to
-    `MAX_BACKOFF`."""
-    return 0.0 if failures <= 1 else min(MAX_BACKOFF, 0.5 * 2 ** (failures - 2))
-
-
-class WorkerProcess:
-    """One running worker process."""
-
-    def __init__(self, state: WorkerState, slot: int, process: subprocess.Popen[bytes]) -> None:
-        self.state = state
-        self.slot = slot
-        self.process = process
-        self.started = time.monotonic()
-        self.channel: Channel | None = None
-        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.closed: asyncio.Event = asyncio.Event()  # its channel reached end of file
-        self.reload_answer: asyncio.Future[str | None] | None = None
-        self.snapshot: Snapshot | None = None  # the configuration it was last sent
 
 
 class Supervisor:
@@ -126,22 +83,17 @@ class Supervisor:
         self.count = count
         self.log_handler = log_handler
         self.inherited = inherited
-        self.states = {n: WorkerState(n) for n in range(1, count + 1)}
-        self.processes: dict[int, WorkerProcess] = {}  # by worker number
-        self.failures = dict.fromkeys(self.states, 0)
-        self.stats = WorkersStats(self.states.values)
+        self.pool = pool = WorkerPool(count)
+        self.stats = WorkersStats(pool.states.values)
         self.stopping = False
         self.handing_over = False
         self.stop_event = asyncio.Event()
         self.stop_now = asyncio.Event()
         self.stop_signal = 0
-        self.all_ready = asyncio.Event()
-        self.start_failed = False
-        self.started_up = False  # every worker listened once
         self.shown = ""
         self.reload_lock = asyncio.Lock()
         self.tasks: set[asyncio.Future[Any]] = set()
-        self.bound: Bound = {}
+        self.bound: Bound = pool.bound  # the listening sockets, shared with the workers
         self.admin_sockets: list[socket.socket] = []
 
     # -- start -------------------------------------------------------------------------
@@ -152,7 +104,7 @@ class Supervisor:
         that cannot be bound."""
         settings = self.settings
         _raise_fd_limit()
-        self.segment = self._segment()
+        self.segment = self.pool.segment = self._segment()
         self.limits_view = SharedLimits(self.segment, MAX_SLOTS - 1)  # statistics only
         taken = self.inherited.take(listener_keys(settings)) if self.inherited else {}
         try:
@@ -161,10 +113,8 @@ class Supervisor:
             observers = self.observers = Observers(settings, self.stats, self._ca_pem)
             if observers.admin is not None:
                 admin = taken.get(("admin.listen", settings.admin.listen))
-                self.protected = observers.admin.start(admin)
+                self.pool.protected = observers.admin.start(admin)
                 self.admin_sockets = observers.admin.sockets
-            else:
-                self.protected = []
         except (OSError, ConfigError) as e:
             raise SystemExit(f"eyewall: {getattr(e, 'strerror', None) or e}") from None
         metrics = observers.metrics
@@ -173,28 +123,29 @@ class Supervisor:
             metrics.track_drops("workers", self.stats.flows_dropped)
             metrics.login_checks = self.stats.login_checks
             metrics.registry.register(
-                WorkerCollector(self.count, self.states.values, self.limits_view.statistics)
+                WorkerCollector(self.count, self.pool.states.values, self.limits_view.statistics)
             )
         self.fleet = FleetNode(settings)  # PostgreSQL flows here; Redis limits: the workers'
         self.fleet.attach(observers, _WorkersGate(self.stats, settings))
         if observers.admin is not None:
             print(f"eyewall admin on {observers.admin.url()}", file=sys.stderr, flush=True)
         self._signals()
-        for number in self.states:
-            self._spawn(number)
+        pool = self.pool
+        pool.snapshot, pool.publish = self.snapshot, observers.bus.publish
+        pool.start()
         try:
             async with asyncio.timeout(START_TIMEOUT):
-                await self._started()
+                await pool.started()
         except TimeoutError:
             log.error("the workers did not start within %.0f s", START_TIMEOUT)
-            self.start_failed = True
-        if self.start_failed:
+            pool.start_failed = True
+        if pool.start_failed:
             await self._stop(0.0)
             return 1
         self._announce()
         await self.fleet.start()
         watcher = self._watch()
-        sweeper = PeriodicCallback(self._sweep, SWEEP_INTERVAL * 1000)
+        sweeper = PeriodicCallback(pool.sweep, SWEEP_INTERVAL * 1000)
         sweeper.start()
         await self.stop_event.wait()
         watcher.stop()
@@ -257,21 +208,16 @@ class Supervisor:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _started(self) -> None:
-        while not self.start_failed and not all(s.ready for s in self.states.values()):
-            self.all_ready.clear()
-            await self.all_ready.wait()
-
     def _addresses(self) -> list[tuple[str, int]]:
         return [s.getsockname()[:2] for socks in self.bound.values() for s in socks]
 
     def _announce(self) -> None:
         shown = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self._addresses())
         self.shown = shown
-        self.started_up = True
+        self.pool.started_up = True
         if self.settings.pid_file:
             _write_pid_file(self.settings.pid_file)
-        pids = ", ".join(f"{s.number} (pid {s.pid})" for s in self.states.values())
+        pids = ", ".join(f"{s.number} (pid {s.pid})" for s in self.pool.states.values())
         print(f"eyewall workers: {pids}", file=sys.stderr, flush=True)
         print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
         status = f"STATUS=listening on {shown}"  # as a single process says it
@@ -282,168 +228,6 @@ class Supervisor:
             notify(f"READY=1\n{status}")
 
     # -- workers -----------------------------------------------------------------------
-
-    def _spawn(self, number: int) -> None:
-        state = self.states[number]
-        with self.segment.locked():
-            slot = self.segment.free_slot()
-            if slot == -1 or slot == MAX_SLOTS - 1:
-                log.error("no free slot in the shared limits for worker %d", number)
-                return
-            self.segment.set_slot(slot, os.getpid(), process_start(os.getpid()))  # reserved
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds = [theirs.fileno(), self.segment.fd]
-        fds += [s.fileno() for socks in self.bound.values() for s in socks]
-        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-        try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "eyewall.workers.worker", str(theirs.fileno())],
-                pass_fds=fds,
-                env=env,
-            )
-        except OSError as e:
-            log.error("cannot start worker %d: %s", number, e)
-            ours.close()
-            with self.segment.locked():
-                self.segment.set_slot(slot, 0, 0)
-            self.failures[number] += 1
-            self._restart_later(number, backoff(self.failures[number]))
-            return
-        finally:
-            theirs.close()
-        with self.segment.locked():
-            self.segment.set_slot(slot, process.pid, process_start(process.pid))
-        if self.started_up:
-            log.info("worker %d started (pid %d)", number, process.pid)
-        worker = WorkerProcess(state, slot, process)
-        state.pid = process.pid
-        state.ready = False
-        self.processes[number] = worker
-        channel = worker.channel = Channel(ours)
-        listeners = tuple(
-            (setting, endpoint, tuple(s.fileno() for s in socks))
-            for (setting, endpoint), socks in self.bound.items()
-        )
-        init = WorkerInit(
-            number,
-            slot,
-            self.segment.fd,
-            listeners,
-            tuple(self.protected),
-            self.snapshot,
-            __version__,
-        )
-        channel.send(encode(INIT, init), force=True)
-        worker.snapshot = self.snapshot
-        self._later(lambda: self._listen(worker))
-        self._watch_exit(worker)
-
-    async def _listen(self, worker: WorkerProcess) -> None:
-        """Frames from one worker until its channel closes."""
-        assert worker.channel is not None
-        state = worker.state
-        publish = self.observers.bus.publish
-        try:
-            while True:
-                kind, payload = await worker.channel.receive()
-                if kind == FLOWS:
-                    for flow in unpack(payload, state.number):
-                        publish(flow)
-                elif kind == STATS:
-                    state.gauges = decode(payload)
-                elif kind == READY:
-                    state.ready = True
-                    log.debug("worker %d (pid %d) ready", state.number, worker.process.pid)
-                    if worker.snapshot is not self.snapshot:  # reloaded while it started
-                        worker.snapshot = self.snapshot
-                        worker.channel.send(encode(RELOAD, self.snapshot), force=True)
-                    self.all_ready.set()
-                elif kind == RELOADED:
-                    answer = worker.reload_answer
-                    if answer is not None and not answer.done():
-                        answer.set_result(decode(payload))
-        except StreamClosedError:
-            pass
-        except (ValueError, TypeError, EOFError):
-            log.exception("worker %d sent a malformed frame; closing its channel", state.number)
-        finally:
-            worker.channel.close()
-            worker.closed.set()
-
-    def _watch_exit(self, worker: WorkerProcess) -> None:
-        loop = asyncio.get_running_loop()
-        process = worker.process
-        try:
-            pidfd = os.pidfd_open(process.pid)
-        except (AttributeError, OSError):
-            timer = PeriodicCallback(lambda: self._poll(worker, timer), 100)
-            timer.start()
-            return
-
-        def exited() -> None:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-            self._exited(worker, process.wait())
-
-        loop.add_reader(pidfd, exited)
-
-    def _poll(self, worker: WorkerProcess, timer: PeriodicCallback) -> None:
-        code = worker.process.poll()
-        if code is not None:
-            timer.stop()
-            self._exited(worker, code)
-
-    def _exited(self, worker: WorkerProcess, code: int) -> None:
-        state = worker.state
-        state.retire()
-        released = reap(self.segment, worker.slot)
-        if self.processes.get(state.number) is worker:
-            del self.processes[state.number]
-        worker.exited.set_result(code)
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        if self.stopping:
-            if code != 0:
-                log.warning("worker %d (pid %d) %s", state.number, worker.process.pid, how)
-            return
-        if not self.started_up:
-            log.error("worker %d (pid %d) %s while starting", state.number, worker.process.pid, how)
-            self.start_failed = True
-            self.all_ready.set()
-            return
-        lived = time.monotonic() - worker.started
-        self.failures[state.number] = 1 if lived >= STABLE else self.failures[state.number] + 1
-        delay = backoff(self.failures[state.number])
-        state.restarts += 1
-        log.warning(
-            "worker %d (pid %d) %s after %.1f s%s; restarting it%s",
-            state.number,
-            worker.process.pid,
-            how,
-            lived,
-            f", releasing {released} connection and tunnel counts" if released else "",
-            f" in {delay:g} s" if delay else "",
-        )
-        self._restart_later(state.number, delay)
-
-    def _restart_later(self, number: int, delay: float) -> None:
-        def again() -> None:
-            if not self.stopping and number not in self.processes:
-                self._spawn(number)
-
-        asyncio.get_running_loop().call_later(delay, again)
-
-    def _sweep(self) -> None:
-        """Release the slots of workers that are gone but were not reaped here: those of
-        a generation before this one whose supervisor died."""
-        ours = {w.slot for w in self.processes.values()}
-        for slot in range(MAX_SLOTS - 1):
-            if slot in ours:
-                continue
-            with self.segment.locked():
-                pid, started, _ = self.segment.slot(slot)
-            if pid and process_start(pid) != started:
-                released = reap(self.segment, slot)
-                log.info("released %d counts of a worker that is gone (pid %d)", released, pid)
 
     # -- reload, reopen, restart ------------------------------------------------------
 
@@ -483,34 +267,12 @@ class Supervisor:
             log.error("reload refused, keeping the current configuration: %s", e)
             return False
         self.loaded, self.settings, self.snapshot = new, new.settings, snapshot
-        refused = await self._broadcast_reload(snapshot)
+        refused = await self.pool.reload(snapshot)
         if refused:
             log.error("reload: %s", "; ".join(refused))
             return False
-        log.info("configuration reloaded (%d workers)", len(self.processes))
+        log.info("configuration reloaded (%d workers)", len(self.pool.processes))
         return True
-
-    async def _broadcast_reload(self, snapshot: Snapshot) -> list[str]:
-        loop = asyncio.get_running_loop()
-        waiting = []
-        for worker in list(self.processes.values()):
-            if worker.channel is None or not worker.state.ready:
-                continue  # starting: it gets the new snapshot with its INIT
-            worker.reload_answer = loop.create_future()
-            worker.snapshot = snapshot
-            worker.channel.send(encode(RELOAD, snapshot), force=True)
-            waiting.append(worker)
-        refused = []
-        for worker in waiting:
-            assert worker.reload_answer is not None
-            try:
-                async with asyncio.timeout(RELOAD_TIMEOUT):
-                    error = await asyncio.shield(worker.reload_answer)
-            except TimeoutError:
-                error = "no answer"
-            if error is not None and not worker.exited.done():
-                refused.append(f"worker {worker.state.number}: {error}")
-        return refused
 
     def _reopen(self) -> None:
         if self.observers.access is not None:
@@ -533,9 +295,7 @@ class Supervisor:
         if self.stop_event.is_set():  # a second signal: close everything now
             log.warning("second signal: closing everything now")
             self.stop_now.set()
-            for worker in self.processes.values():
-                if worker.channel is not None:
-                    worker.channel.send(encode(STOP_NOW, None), force=True)
+            self.pool.send_all(encode(STOP_NOW, None))
             return
         self.stop_signal = sig
         self.restart.refused = True
@@ -544,7 +304,7 @@ class Supervisor:
     async def _stop(self, grace: float) -> None:
         """Stop every worker (``grace`` seconds of serving first, then the drain), then
         the observers."""
-        self.stopping = self.stats.stopping = True
+        self.pool.stopping = self.stats.stopping = True
         settings = self.settings
         if not self.handing_over:
             log.info(
@@ -552,9 +312,7 @@ class Supervisor:
                 settings.timeouts.drain,
                 f" after {grace:g} s of grace" if grace else "",
             )
-        for worker in self.processes.values():
-            if worker.channel is not None:
-                worker.channel.send(encode(STOP, grace), force=True)
+        self.pool.send_all(encode(STOP, grace))
         if self.handing_over and self.observers.admin is not None:
             await self.observers.admin.stop()  # the successor serves the admin listener
         if grace:  # a second signal cuts it short
@@ -564,7 +322,7 @@ class Supervisor:
         for socks in self.bound.values():
             for sock in socks:
                 sock.close()
-        waiting = list(self.processes.values())
+        waiting = list(self.pool.processes.values())
         deadline = settings.timeouts.drain + KILL_MARGIN
         try:
             async with asyncio.timeout(deadline):

@@ -10,7 +10,7 @@ import pytest
 
 from eyewall.config import ConfigError, Settings, load_settings, restart_settings
 from eyewall.workers import worker_count
-from eyewall.workers.supervisor import MAX_BACKOFF, backoff
+from eyewall.workers.pool import MAX_BACKOFF, backoff
 
 
 def test_one_process_by_default() -> None:
