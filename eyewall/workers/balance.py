@@ -20,7 +20,7 @@ from eyewall.workers.shm import MAX_SLOTS, Segment
 __all__ = ["Balancer"]
 
 SLACK = 2  # connections more than the least busy worker that still accept
-MAX_DEFERRALS = 2  # wake-ups in a row a worker may leave to the others
+MAX_DEFERRALS = 2  # accepts in a row a worker may leave to the others
 
 
 class Balancer:
