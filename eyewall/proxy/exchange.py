@@ -556,7 +556,7 @@ class Exchange:
             return self.upload_error
         expired = self.watch.expired
         if expired is not None and expired.kind is not None:
-            return ProxyError(expired.kind, f"{_WAITED_FOR[expired]} took too long")
+            return ProxyError(expired.kind, f"{expired.what} took too long")
         if self.client.closed():
             return ProxyError(ErrorKind.CLIENT_ABORTED, "client closed the connection")
         if self.responded:
@@ -578,19 +578,3 @@ class Exchange:
                 pass  # the exchange has failed already
         close = not self._request_complete() or error.kind is ErrorKind.BAD_REQUEST
         return Failed(error, self.responded or self.client.closed(), close)
-
-
-_WAITED_FOR = {
-    Phase.SENDING: "sending the request body (no byte moved)",
-    Phase.WAITING: "waiting for the origin's response head",
-    Phase.BUFFERING: "reading a body for an addon (no byte moved)",
-    Phase.RESPONDING: "the response body (no byte moved)",
-    Phase.CONNECTING: "connecting to the origin",
-    Phase.RESOLVING: "resolving the origin's name",
-    Phase.HANDSHAKE: "the TLS handshake",
-    Phase.CLIENT_HEAD: "the request head",
-    Phase.IDLE: "idle",
-    Phase.HOOK: "an addon hook",
-    Phase.AUTHENTICATING: "checking a password",
-    Phase.CLOSING: "closing",
-}

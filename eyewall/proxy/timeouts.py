@@ -42,24 +42,60 @@ __all__ = ["Phase", "Watch", "Watchdog", "Watched", "sweep_interval"]
 log = logging.getLogger("eyewall.timeouts")
 
 
+@enum.unique
 class Phase(enum.Enum):
-    """(the `Timeouts` setting that limits the phase, idle-based?, the error kind when
-    it runs out; None: the connection is closed quietly)."""
+    """(what is waited for, in words; the `Timeouts` setting that limits the phase,
+    idle-based?, the error kind when it runs out; None: the connection is closed
+    quietly).  The words make every value distinct: members with equal values would be
+    aliases of one another, and RESPONDING would be SENDING."""
 
-    IDLE = ("keepalive_idle", False, None)  # between requests on a kept-alive connection
-    CLIENT_HEAD = ("client_header", False, ErrorKind.CLIENT_TIMEOUT)
-    RESOLVING = ("upstream_connect", False, ErrorKind.CONNECTION_TIMEOUT)
-    CONNECTING = ("upstream_connect", False, ErrorKind.CONNECTION_TIMEOUT)
-    SENDING = ("body_idle", True, ErrorKind.BODY_STALLED)  # request body, no response yet
-    WAITING = ("upstream_head", False, ErrorKind.READ_TIMEOUT)  # request sent
-    BUFFERING = ("body_idle", True, ErrorKind.BODY_STALLED)  # a body read for an addon
-    RESPONDING = ("body_idle", True, ErrorKind.BODY_STALLED)  # response body in transit
-    HOOK = ("", False, None)  # user code: the addon runner enforces timeouts.addon_hook
-    AUTHENTICATING = ("", False, None)  # a bcrypt check: bounded by its queue
-    HANDSHAKE = ("", False, ErrorKind.CLIENT_TLS_ERROR)  # tls.handshake_timeout
-    CLOSING = ("", False, None)  # an answer is out; the connection is closing
+    IDLE = ("idle", "keepalive_idle", False, None)  # between requests, kept alive
+    CLIENT_HEAD = ("the request head", "client_header", False, ErrorKind.CLIENT_TIMEOUT)
+    RESOLVING = (
+        "resolving the origin's name",
+        "upstream_connect",
+        False,
+        ErrorKind.CONNECTION_TIMEOUT,
+    )
+    CONNECTING = (
+        "connecting to the origin",
+        "upstream_connect",
+        False,
+        ErrorKind.CONNECTION_TIMEOUT,
+    )
+    SENDING = (  # request body, no response yet
+        "sending the request body (no byte moved)",
+        "body_idle",
+        True,
+        ErrorKind.BODY_STALLED,
+    )
+    WAITING = (  # request sent
+        "waiting for the origin's response head",
+        "upstream_head",
+        False,
+        ErrorKind.READ_TIMEOUT,
+    )
+    BUFFERING = (  # a body read for an addon
+        "reading a body for an addon (no byte moved)",
+        "body_idle",
+        True,
+        ErrorKind.BODY_STALLED,
+    )
+    RESPONDING = (  # response body in transit
+        "the response body (no byte moved)",
+        "body_idle",
+        True,
+        ErrorKind.BODY_STALLED,
+    )
+    # User code: the addon runner enforces timeouts.addon_hook.
+    HOOK = ("an addon hook", "", False, None)
+    AUTHENTICATING = ("checking a password", "", False, None)  # bounded by its queue
+    # Bounded by tls.handshake_timeout where the handshake runs.
+    HANDSHAKE = ("the TLS handshake", "", False, ErrorKind.CLIENT_TLS_ERROR)
+    CLOSING = ("closing", "", False, None)  # an answer is out; the connection is closing
 
-    def __init__(self, setting: str, idle: bool, kind: ErrorKind | None) -> None:
+    def __init__(self, what: str, setting: str, idle: bool, kind: ErrorKind | None) -> None:
+        self.what = what
         self.setting = setting
         self.idle = idle
         self.kind = kind

@@ -224,6 +224,7 @@ def test_a_reader_that_stops_is_cut_off_after_body_idle() -> None:
         ctx.advance(3.1)
         await until(lambda: ctx.flows)
         assert ctx.flows[0].error is ErrorKind.BODY_STALLED
+        assert ctx.flows[0].error_detail.startswith("the response body")
         await client.finish()
         await origin.close()
         ctx.close()
@@ -287,6 +288,47 @@ def test_an_upload_that_stalls_is_body_stalled() -> None:
         await client.response()
         await until(lambda: ctx.flows)
         assert ctx.flows[0].error is ErrorKind.BODY_STALLED
+        assert ctx.flows[0].error_detail.startswith("sending the request body")
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+def test_an_upload_ending_while_the_response_streams_stays_in_responding() -> None:
+    """The origin answers before it has read the body; the upload ends while the
+    response body is still in transit: the phase stays RESPONDING (body_idle), never
+    WAITING again (upstream_head) — phases are distinct, no member is another's alias."""
+    rest = asyncio.Event()
+
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"a" * 100000)
+        await writer.drain()
+        await reader.readexactly(1000)
+        await rest.wait()
+        writer.write(b"z" * 100000)
+        await writer.drain()
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 60.0, "timeouts.upstream_head": 5.0})
+        origin = await Origin.start(early)
+        client = Client(ctx)
+        await client.send(
+            f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n".encode()
+        )
+        await client.until_received(b"a" * 1000)
+        exchange = client.conn.exchange
+        assert exchange is not None and exchange.upload is not None
+        await client.send(b"u" * 1000)
+        await until(lambda: exchange.upload is not None and exchange.upload.done())
+        assert client.conn.watch.phase is Phase.RESPONDING
+        ctx.advance(6.0)  # past upstream_head: no matter while the body is in transit
+        assert client.conn.watch.expired is None
+        rest.set()
+        data = await client.until_received(b"a" * 1000 + b"z" * 100000)
+        assert status(data) == 200
         await client.finish()
         await origin.close()
         ctx.close()
