@@ -45,7 +45,7 @@ from eyewall.http1.response import parse_response_head
 from eyewall.http1.target import Target
 from eyewall.proxy import bodies
 from eyewall.proxy.context import ProxyContext
-from eyewall.proxy.streams import complete, moved, read_buffered, read_head
+from eyewall.proxy.streams import complete, moved, read_buffered, read_head, unsent
 from eyewall.proxy.timeouts import Phase, Watch
 from eyewall.proxy.upstream import Upstream
 
@@ -168,9 +168,18 @@ class Exchange:
         up = self.up
         return n + moved(up.stream) if up is not None else n
 
+    def _unsent(self) -> int:
+        """Bytes still in the kernel's send queues, both ways (they shrink as peers read)."""
+        up = self.up
+        n = unsent(self.client.socket)
+        return n + unsent(up.stream.socket) if up is not None else n
+
     def _enter(self, phase: Phase) -> None:
         limit = phase.limit(self.ctx.settings.timeouts)
-        self.watch.enter(phase, self.ctx.clock(), limit, self._progress if phase.idle else None)
+        if phase.idle:
+            self.watch.enter(phase, self.ctx.clock(), limit, self._progress, self._unsent)
+        else:
+            self.watch.enter(phase, self.ctx.clock(), limit)
 
     def expire(self, phase: Phase) -> None:
         """The watch ran out in ``phase``: wake the waiting coroutine by closing what it

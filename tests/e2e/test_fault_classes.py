@@ -28,6 +28,7 @@ from websockets.asyncio.client import connect
 
 from tests.conftest import ROOT, ProxyProcess, raw_request, read_response
 from tests.e2e.test_websocket import masked_frame
+from tests.origins import pattern
 
 
 def status(data: bytes) -> int:
@@ -234,6 +235,177 @@ def test_2_the_head_wait_does_not_count_as_body_idleness(make_proxy, raw_origin)
     p = make_proxy("--body-idle-timeout", "1")
     data = raw_request(p.address, f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert status(data) == 200 and data.endswith(b"hello")
+
+
+# 2a. Body idle is "no byte moved on the wire": a slow but steady reader or writer behind
+# a kernel send buffer of megabytes (autotuned; writable again only once a third of it
+# is free) leaves the proxy's own counters still for longer than body_idle.
+
+BIG = 8 << 20
+SLOW_PART = 2 << 20  # read slowly: longer than the first wait for a writable buffer
+PACE = 0.05  # seconds per 64 KiB: about 1.3 MB/s, the reader's own pace
+
+
+def take_slowly(sock: socket.socket | ssl.SSLSocket) -> bytes:
+    """Everything until the proxy closes, the first `SLOW_PART` bytes 64 KiB at a time."""
+    data = bytearray()
+    while chunk := sock.recv(65536):
+        data += chunk
+        if len(data) < SLOW_PART:  # the pace of the reader under test, not a synchronisation
+            time.sleep(PACE * len(chunk) / 65536)
+    return bytes(data)
+
+
+def body_of(response: bytes) -> bytes:
+    """The body of a response read to the close, de-chunked when chunked."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" not in head.lower():
+        return body
+    out = bytearray()
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if not size:
+            return bytes(out)
+        out += body[:size]
+        body = body[size + 2 :]
+
+
+def small_receive_buffer() -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    sock.settimeout(20)
+    return sock
+
+
+@pytest.mark.parametrize(
+    ("query", "version"),
+    [("", "HTTP/1.1"), ("&chunked=1", "HTTP/1.1"), ("", "HTTP/1.0")],
+    ids=["length", "chunked", "http1.0"],
+)
+def test_2a_a_slow_steady_reader_gets_the_whole_body(make_proxy, origin, query, version):
+    p = make_proxy("--body-idle-timeout", "0.5")
+    with small_receive_buffer() as sock:
+        sock.connect(p.address)
+        sock.sendall(
+            f"GET {origin.url}/bytes?n={BIG}{query} {version}\r\nHost: x\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        data = take_slowly(sock)
+    assert status(data) == 200
+    assert body_of(data) == pattern(BIG)
+    assert "err=" not in p.access_entry("/bytes")
+
+
+@pytest.mark.parametrize("listener", ["https", "intercepted"])
+def test_2a_a_slow_steady_reader_over_tls_gets_the_whole_body(
+    make_proxy, listener_cert, tls_origin, ca_file, ca_dir, tmp_path, listener
+):
+    if listener == "https":
+        p, port = https_proxy(
+            make_proxy,
+            listener_cert,
+            "--body-idle-timeout",
+            "0.5",
+            "--upstream-ca-bundle",
+            ca_file,
+        )
+        target, trust = f"{tls_origin.url}/bytes?n={BIG}", ssl.create_default_context()
+    else:
+        p = make_proxy(
+            "--config", intercepting(tmp_path, ca_dir, ca_file), "--body-idle-timeout", "0.5"
+        )
+        port, target = p.port, f"/bytes?n={BIG}"
+        trust = ssl.create_default_context(cafile=str(ca_dir / "ca.pem"))
+    trust.load_verify_locations(ca_file)
+    with small_receive_buffer() as raw:
+        raw.connect(("127.0.0.1", port))
+        if listener == "https":
+            sock = trust.wrap_socket(raw, server_hostname="localhost")
+        else:
+            host = tls_origin.authority
+            raw.sendall(f"CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert recv_until(raw, b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+            sock = trust.wrap_socket(raw, server_hostname="localhost")
+        with sock:
+            sock.sendall(
+                f"GET {target} HTTP/1.1\r\nHost: {tls_origin.authority}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            data = take_slowly(sock)
+    assert status(data) == 200
+    assert body_of(data) == pattern(BIG)
+    assert "err=" not in p.access_entry("/bytes")
+
+
+def test_2a_a_reader_that_stops_is_still_cut(make_proxy, origin):
+    p = make_proxy("--body-idle-timeout", "0.5")
+    with small_receive_buffer() as sock:
+        sock.connect(p.address)
+        sock.sendall(f"GET {origin.url}/bytes?n={BIG} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        recv_until(sock, b"\r\n\r\n")  # then reads no more
+        line = p.access_entry("err=body_stalled", timeout=20)
+    assert "the response body (no byte moved)" in line
+
+
+def slow_origin_reader(origin_box: list, stop: threading.Event | None = None):
+    """An origin handler that reads the request body from a small receive buffer, the
+    first `SLOW_PART` bytes 64 KiB at a time, then answers with the size it read; with
+    ``stop``, it stops reading after 1 MiB until ``stop`` is set."""
+
+    def handler(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        head, _, got = origin_box[0].read_head(sock).partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        size = len(got)
+        while size < length:
+            if stop is not None and size >= 1 << 20:
+                stop.wait(30)  # until the test has seen the proxy give up
+                return
+            chunk = sock.recv(65536)
+            size += len(chunk)
+            if size < SLOW_PART:  # the origin's own pace
+                time.sleep(PACE * len(chunk) / 65536)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (len(str(size)), size))
+
+    return handler
+
+
+def test_2a_an_upload_to_a_slow_steady_origin_reader_goes_through(make_proxy, raw_origin):
+    box: list = []
+    box.append(raw_origin(slow_origin_reader(box)))
+    p = make_proxy("--body-idle-timeout", "0.5")
+    with socket.create_connection(p.address, timeout=20) as sock:
+        sock.sendall(
+            f"POST {box[0].url}/up HTTP/1.1\r\nHost: x\r\nContent-Length: {BIG}\r\n\r\n".encode()
+        )
+        sock.sendall(b"u" * BIG)
+        data = read_response(sock)
+    assert status(data) == 200 and data.endswith(b"\r\n\r\n%d" % BIG)
+    assert "err=" not in p.access_entry("/up")
+
+
+def test_2a_an_origin_that_stops_reading_an_upload_is_cut_naming_the_request_body(
+    make_proxy, raw_origin
+):
+    box: list = []
+    stop = threading.Event()
+    box.append(raw_origin(slow_origin_reader(box, stop)))
+    p = make_proxy("--body-idle-timeout", "0.5")
+    try:
+        with socket.create_connection(p.address, timeout=20) as sock:
+            sock.sendall(
+                f"POST {box[0].url}/up HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Length: {BIG}\r\n\r\n".encode()
+            )
+            try:
+                sock.sendall(b"u" * BIG)
+            except OSError:
+                pass  # the proxy closed the connection with the body half sent
+            line = p.access_entry("err=body_stalled", timeout=20)
+    finally:
+        stop.set()
+    assert "sending the request body (no byte moved)" in line
 
 
 # -- 3. answers the proxy makes follow the method (RFC 9110 §9.3.2, §6.4.1) ----------------

@@ -6,12 +6,18 @@ answers the proxy makes follow the request method; a reload keeps admission stat
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+import pytest
 
 from eyewall.addons.runner import Addons
 from eyewall.app import build_policy
 from eyewall.config import load_settings
 from eyewall.errors import ErrorKind
+from eyewall.proxy.client import ClientConnection
+from eyewall.proxy.streams import unsent
 from eyewall.proxy.timeouts import Phase
 from tests.proxy.harness import DEFAULTS, Client, FakeContext, Origin, read_request, status, until
 
@@ -221,10 +227,87 @@ def test_a_reader_that_stops_is_cut_off_after_body_idle() -> None:
             for _ in range(200):
                 await asyncio.sleep(0)
         ctx.advance(3.1)  # the first sweep notes the last progress
-        ctx.advance(3.1)
+        ctx.advance(0.1)  # the next, what the kernel still holds to send
+        ctx.advance(3.0)
         await until(lambda: ctx.flows)
         assert ctx.flows[0].error is ErrorKind.BODY_STALLED
         assert ctx.flows[0].error_detail.startswith("the response body")
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+SNDBUF = 4 << 20  # what send-buffer autotuning reaches (tcp_wmem max); the kernel doubles it
+
+
+async def slow_rounds(
+    ctx: FakeContext,
+    conn: ClientConnection,
+    sock: socket.socket,
+    take: Callable[[], Awaitable[None]],
+) -> None:
+    """The peer behind ``sock`` (a proxy socket with a full send buffer) takes a little
+    at a time with ``take``; between two takes the clock moves a second.  Goes on until
+    the proxy has handed the kernel nothing for 10 s, body_idle being 3 s."""
+    exchange = conn.exchange
+    assert exchange is not None
+    quiet = 0.0
+    while quiet < 10.0:
+        before, queued = exchange._progress(), unsent(sock)
+        await take()
+        await until(lambda queued=queued: unsent(sock) != queued, "the send queue shrinks")
+        ctx.advance(1.0)
+        assert conn.watch.expired is None
+        quiet = quiet + 1.0 if exchange._progress() == before else 0.0
+
+
+@pytest.mark.parametrize("then", ["reads on", "stops"])
+def test_a_slow_reader_behind_a_full_send_buffer_is_cut_only_when_it_stops(then: str) -> None:
+    """The client reads a little at a time from a small receive buffer; the proxy's send
+    buffer (megabytes) stays unwritable for longer than body_idle, so the proxy hands the
+    kernel nothing, yet bytes move on the wire all along: not idle.  A reader that stops
+    is cut after body_idle, as before."""
+    size = 32 << 20
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size >> 20):
+            writer.write(b"x" * (1 << 20))
+            await writer.drain()
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 3.0})
+        origin = await Origin.start(big)
+        client = Client(ctx, rcvbuf=16 << 10)
+        proxy_side = client.conn.stream.socket
+        proxy_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+        loop = asyncio.get_running_loop()
+        await client.send(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await until(lambda: client.conn.watch.phase is Phase.RESPONDING)
+        await until(client.conn.stream.writing, "the proxy's send buffer is full")
+        received = 0
+
+        async def take() -> None:
+            nonlocal received
+            received += len(await loop.sock_recv(client.sock, 64 << 10))
+
+        await slow_rounds(ctx, client.conn, proxy_side, take)
+        if then == "reads on":
+            while received < size:
+                chunk = await loop.sock_recv(client.sock, 1 << 20)
+                assert chunk, f"closed after {received} bytes"
+                received += len(chunk)
+            await until(lambda: ctx.flows)
+            assert ctx.flows[0].error is None and ctx.flows[0].status == 200
+        else:
+            ctx.advance(1.0)
+            ctx.advance(3.0)
+            await until(lambda: ctx.flows)
+            assert ctx.flows[0].error is ErrorKind.BODY_STALLED
+            assert ctx.flows[0].error_detail.startswith("the response body")
         await client.finish()
         await origin.close()
         ctx.close()
@@ -331,6 +414,75 @@ def test_an_upload_ending_while_the_response_streams_stays_in_responding() -> No
         assert status(data) == 200
         await client.finish()
         await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("then", ["reads on", "stops"])
+def test_an_upload_to_a_slow_origin_reader_is_cut_only_when_it_stops(then: str) -> None:
+    """The same for a request body: the origin reads a little at a time from a small
+    receive buffer, the proxy's send buffer to it stays full for longer than body_idle."""
+    size = 32 << 20
+    permits: asyncio.Queue[int] = asyncio.Queue()
+
+    async def slow(listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        sock, _ = await loop.sock_accept(listener)
+        with sock:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await loop.sock_recv(sock, 65536)
+            got = len(data.partition(b"\r\n\r\n")[2])
+            while got < size:
+                allowed = got + await permits.get()  # read that many bytes more
+                while got < min(allowed, size):
+                    got += len(await loop.sock_recv(sock, min(allowed, size) - got))
+            await loop.sock_sendall(
+                sock, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (len(str(got)), got)
+            )
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 3.0})
+        loop = asyncio.get_running_loop()
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)  # accepted ones too
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        origin = asyncio.ensure_future(slow(listener))
+        client = Client(ctx)
+        await client.send(
+            f"POST http://127.0.0.1:{listener.getsockname()[1]}/ HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {size}\r\n\r\n".encode()
+        )
+        await until(lambda: client.conn.watch.phase is Phase.SENDING)
+        exchange = client.conn.exchange
+        assert exchange is not None and exchange.up is not None
+        origin_side = exchange.up.stream.socket
+        origin_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+        upload = asyncio.ensure_future(loop.sock_sendall(client.sock, b"u" * size))
+        await until(exchange.up.stream.writing, "the proxy's send buffer is full")
+
+        async def take() -> None:
+            permits.put_nowait(64 << 10)
+
+        await slow_rounds(ctx, client.conn, origin_side, take)
+        if then == "reads on":
+            permits.put_nowait(size)
+            await upload
+            data = await client.until_received(b"\r\n\r\n%d" % size)
+            assert status(data) == 200
+        else:
+            ctx.advance(1.0)
+            ctx.advance(3.0)
+            await until(lambda: ctx.flows)
+            assert ctx.flows[0].error is ErrorKind.BODY_STALLED
+            assert ctx.flows[0].error_detail.startswith("sending the request body")
+            upload.cancel()
+        origin.cancel()
+        listener.close()
+        await client.finish()
         ctx.close()
 
     run(main())
