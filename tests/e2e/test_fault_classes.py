@@ -338,6 +338,24 @@ def test_2a_a_slow_steady_reader_over_tls_gets_the_whole_body(
     assert "err=" not in p.access_entry("/bytes")
 
 
+def test_2a_a_slow_steady_reader_keeps_its_connect_tunnel(make_proxy, raw_origin):
+    """The same class for tunnel_idle: the relay reads nothing while the send buffer
+    to the client is full, yet bytes move."""
+
+    def flood(sock: socket.socket) -> None:
+        sock.sendall(pattern(BIG))
+
+    source = raw_origin(flood)
+    p = make_proxy("--tunnel-idle-timeout", "0.5")
+    with small_receive_buffer() as sock:
+        sock.connect(p.address)
+        sock.sendall(f"CONNECT {source.authority} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = take_slowly(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert status(head) == 200 and body == pattern(BIG)
+    assert "err=" not in p.access_entry("CONNECT")
+
+
 def test_2a_a_reader_that_stops_is_still_cut(make_proxy, origin):
     p = make_proxy("--body-idle-timeout", "0.5")
     with small_receive_buffer() as sock:
