@@ -5,15 +5,17 @@
     client ◀─1xx/head/body── proxy ◀── origin      (re-framed for the client)
 
 `Exchange.run` returns an `Outcome` and never calls back into the client loop: the
-origin's response (interim responses included) is written here, but every answer the
-proxy makes itself — an error page, an addon's ``respond()`` — is written by the client
-loop from the outcome.
+origin's response (interim responses included) is written here, and so is the one
+interim response the proxy makes itself (a ``100 Continue`` when it reads a body for an
+addon before asking the origin); every final answer the proxy makes itself — an error
+page, an addon's ``respond()`` — is written by the client loop from the outcome.
 
 The request body is uploaded by a task while the response is awaited, so an origin may
 answer before it has read the whole body (a 413, or a refused 100-continue).  Each wait
 is a phase of the connection's `Watch` (`eyewall.proxy.timeouts`): SENDING while the
-body goes up, WAITING for the response head, HOOK while addon code runs, BUFFERING
-while a body is read for an addon, RESPONDING while the response body goes down.
+body goes up, WAITING for the response head (and for the first body byte of a client
+that expects 100 Continue), HOOK while addon code runs, BUFFERING while a body is read
+for an addon, RESPONDING while the response body goes down.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from eyewall.http1.response import parse_response_head
 from eyewall.http1.target import Target
 from eyewall.proxy import bodies
 from eyewall.proxy.context import ProxyContext
-from eyewall.proxy.streams import complete, moved, read_buffered, read_head, unsent
+from eyewall.proxy.streams import complete, moved, read_buffered, read_head, unread, unsent
 from eyewall.proxy.timeouts import Phase, Watch
 from eyewall.proxy.upstream import Upstream
 
@@ -55,6 +57,7 @@ __all__ = ["Answered", "Exchange", "Failed", "Killed", "Outcome", "Responded", "
 
 SMALL_BODY = 64 << 10  # responses up to this size are read whole and sent with the head
 INTERIM_BUDGET = 16  # interim response heads may total this many max_header_size
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +125,7 @@ class Exchange:
         "up",
         "upload",
         "upload_error",
+        "upload_waits",
         "watch",
     )
 
@@ -154,6 +158,7 @@ class Exchange:
         self.up: Upstream | None = None
         self.upload: asyncio.Future[None] | None = None
         self.upload_error: ProxyError | None = None
+        self.upload_waits = False  # the client has not begun a body it sends on 100
         self.responded = False  # a response head went to the client
         capture = ctx.settings.flows.body_limit
         self.sent = bodies.Meter(capture)  # request body bytes, client to origin
@@ -257,9 +262,12 @@ class Exchange:
                     self._enter(Phase.WAITING)
                     up.stream.write(request + self.body if self.body else request)
                 else:
-                    self._enter(Phase.SENDING)
+                    # A client expecting 100 (Continue) sends nothing until an answer
+                    # comes: that wait is the response head's (RFC 9110 §10.1.1).
+                    waits = rules.expects_continue(head)
+                    self._enter(Phase.WAITING if waits else Phase.SENDING)
                     await up.stream.write(request)
-                    self.upload = asyncio.ensure_future(self._upload_body(framing))
+                    self.upload = asyncio.ensure_future(self._upload_body(framing, waits))
                 return await self._read_final_head(upgrade)
             except StreamClosedError:
                 # A pooled connection the origin closed just as we reused it: safe to
@@ -269,11 +277,19 @@ class Exchange:
                 up.stream.close()
                 attempt += 1
 
-    async def _upload_body(self, framing: Framing) -> None:
+    async def _upload_body(self, framing: Framing, waits: bool = False) -> None:
+        """Stream the request body to the origin; ``waits``: the client sends it only
+        after a 100 (Continue), so the phase is WAITING until its first byte comes."""
         src, up = self.client, self.up
         assert up is not None
         limit = self.ctx.settings.limits.max_header_size
         try:
+            if waits:
+                self.upload_waits = True
+                unread(src, await src.read_bytes(1, partial=True))  # the body begins
+                self.upload_waits = False
+                if self.watch.phase is Phase.WAITING:
+                    self._enter(Phase.SENDING)
             if self.resume is not None:  # an addon asked for a body too big to buffer
                 prefix, resume = self.resume
                 if framing.kind is BodyKind.LENGTH:
@@ -302,9 +318,11 @@ class Exchange:
     async def settle(self, seconds: float = 2.0) -> None:
         """After the client loop answered a failed exchange: let a request body upload
         still running end (its origin is gone, so it stops at its next write), for at
-        most ``seconds``; then close the client, whose body cannot be delimited."""
+        most ``seconds``; then close the client, whose body cannot be delimited.  A
+        client still waiting for a 100 (Continue) has sent no body to wait for: it is
+        closed at once."""
         task = self.upload
-        if task is None or task.done():
+        if task is None or task.done() or self.upload_waits:
             await self._finish_upload()
             return
         try:
@@ -510,6 +528,11 @@ class Exchange:
         if request.buffer_limit and framing.kind is not BodyKind.NONE:
             kind = "length" if framing.kind is BodyKind.LENGTH else "chunked"
             limit = self.ctx.settings.limits.max_header_size
+            if rules.expects_continue(self.head):
+                # The proxy reads the body before the origin is asked: it answers the
+                # expectation itself, and the origin gets none (RFC 9110 §10.1.1).
+                self.head.headers.remove("expect")
+                await self.client.write(CONTINUE)
             self._enter(Phase.BUFFERING)
             try:
                 data, resume = await bodies.read_upto(

@@ -426,6 +426,80 @@ def test_2a_an_origin_that_stops_reading_an_upload_is_cut_naming_the_request_bod
     assert "sending the request body (no byte moved)" in line
 
 
+# 2b. Waiting for 100 Continue is the wait for the response head (RFC 9110 §10.1.1).
+
+
+def late_continue(origin_box: list):
+    def handler(sock: socket.socket) -> None:
+        origin_box[0].read_head(sock)
+        time.sleep(1.5)  # the origin's pace: longer than body_idle
+        sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = b""
+        while len(body) < 5:
+            body += sock.recv(5 - len(body))
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + body)
+
+    return handler
+
+
+def test_2b_a_late_100_continue_is_not_body_idleness(make_proxy, raw_origin):
+    box: list = []
+    box.append(raw_origin(late_continue(box)))
+    p = make_proxy("--body-idle-timeout", "1")
+    with socket.create_connection(p.address, timeout=10) as sock:
+        sock.sendall(
+            f"POST {box[0].url}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        interim = recv_until(sock, b"\r\n\r\n")
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n")
+        sock.sendall(b"hello")
+        data = recv_until(sock, b"\r\n\r\nhello", interim.partition(b"\r\n\r\n")[2])
+    assert status(data) == 200
+    assert "err=" not in p.access_entry(" 200 ")
+
+
+def test_2b_curl_waiting_for_a_late_100_continue_gets_the_answer(make_proxy, raw_origin):
+    box: list = []
+    box.append(raw_origin(late_continue(box)))
+    p = make_proxy("--body-idle-timeout", "1")
+    result = subprocess.run(
+        [
+            "curl", "-sS", "--max-time", "20", "-x", p.url, "--expect100-timeout", "30",
+            "-H", "Expect: 100-continue", "--data-binary", "hello", f"{box[0].url}/",
+        ],
+        capture_output=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"hello"
+
+
+BUFFER_REQUESTS = """
+class Buffer:
+    def requestheaders(self, flow):
+        flow.request.buffer(1 << 20)
+"""
+
+
+def test_2b_an_addon_reading_the_body_answers_100_continue_itself(make_proxy, origin, tmp_path):
+    """The proxy reads the body before asking the origin: it sends the 100 the client
+    waits for (curl would wait 30 s here, body_idle is 1 s) and the origin gets no
+    Expect."""
+    addon = tmp_path / "buffer.py"
+    addon.write_text(BUFFER_REQUESTS)
+    p = make_proxy("--addon", str(addon), "--body-idle-timeout", "1")
+    result = subprocess.run(
+        [
+            "curl", "-sS", "--max-time", "20", "-x", p.url, "--expect100-timeout", "30",
+            "-H", "Expect: 100-continue", "--data-binary", "hello", f"{origin.url}/echo/x",
+        ],
+        capture_output=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert b'"body_len": 5' in result.stdout
+    assert b"expect" not in result.stdout.lower()
+
+
 # -- 3. answers the proxy makes follow the method (RFC 9110 §9.3.2, §6.4.1) ----------------
 
 

@@ -29,6 +29,7 @@ API = {
         "body_framing",
         "content_length",
         "downstream_framing",
+        "expects_continue",
         "is_idempotent",
         "keep_alive",
         "websocket_upgrade",
@@ -56,6 +57,7 @@ SIGNATURES = {
         "(head: 'RequestHead | ResponseHead', request_method: 'str | None' = None) -> 'Framing'"
     ),
     "framing.keep_alive": "(head: 'RequestHead | ResponseHead') -> 'bool'",
+    "framing.expects_continue": "(head: 'RequestHead') -> 'bool'",
     "fields.max_forwards": "(head: 'RequestHead') -> 'int | None'",
     "fields.trace_echo": "(head: 'RequestHead') -> 'bytes'",
     "target.redact_userinfo": "(text: 'str') -> 'str'",

@@ -488,6 +488,107 @@ def test_an_upload_to_a_slow_origin_reader_is_cut_only_when_it_stops(then: str) 
     run(main())
 
 
+def test_waiting_for_100_continue_is_the_response_heads_wait_not_body_idleness() -> None:
+    """Expect: 100-continue, the origin sends its 100 after longer than body_idle: the
+    client is waiting for an answer, so upstream_head bounds the wait (RFC 9110
+    §10.1.1); once the body flows, body_idle applies."""
+    go = asyncio.Event()
+
+    async def late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await go.wait()
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+        body = await reader.readexactly(5)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + body)
+        await writer.drain()
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 3.0, "timeouts.upstream_head": 60.0})
+        origin = await Origin.start(late)
+        client = Client(ctx)
+        await client.send(
+            f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        await until(lambda: client.conn.watch.phase is Phase.WAITING)
+        ctx.advance(2.0)
+        ctx.advance(2.0)  # 4 s, body_idle 3 s
+        assert client.conn.watch.expired is None
+        go.set()
+        await client.until_received(b"HTTP/1.1 100 Continue\r\n")
+        await client.send(b"hello")
+        data = await client.until_received(b"\r\n\r\nhello")
+        assert b"HTTP/1.1 200 OK" in data
+        await until(lambda: ctx.flows)
+        assert ctx.flows[0].error is None
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+def test_an_origin_that_never_sends_100_continue_is_a_504_after_upstream_head() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await reader.read()
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 3.0, "timeouts.upstream_head": 10.0})
+        origin = await Origin.start(silent)
+        client = Client(ctx)
+        await client.send(
+            f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        await until(lambda: client.conn.watch.phase is Phase.WAITING)
+        ctx.advance(9.9)
+        assert client.conn.watch.expired is None
+        ctx.advance(0.2)
+        data = await client.until_received(b"request id")
+        assert status(data) == 504 and b"Connection: close" in data
+        await until(lambda: ctx.flows)
+        assert ctx.flows[0].error is ErrorKind.READ_TIMEOUT
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+def test_a_buffering_addon_answers_100_continue_itself(tmp_path: Path) -> None:
+    """An addon reads the body before the origin is asked: the proxy sends the 100 the
+    client waits for, and the origin gets no Expect."""
+    seen: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_request(reader)
+        seen.append(head)
+        body = await reader.readexactly(5)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + body)
+        await writer.drain()
+
+    async def main() -> None:
+        ctx = FakeContext(addons(tmp_path, BUFFERING, policy=False), **{"timeouts.body_idle": 3.0})
+        origin = await Origin.start(record)
+        client = Client(ctx)
+        await client.send(
+            f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        await client.until_received(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await client.send(b"hello")
+        data = await client.until_received(b"\r\n\r\nhello")
+        assert b"HTTP/1.1 200 OK" in data and data.count(b"100 Continue") == 1
+        assert b"expect" not in seen[0].lower()
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
 def test_a_malformed_chunked_body_closes_the_connection() -> None:
     """After a broken body the next request cannot be delimited: 400, then close; the
     origin never sees the bytes that followed."""
