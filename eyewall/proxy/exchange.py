@@ -415,7 +415,9 @@ class Exchange:
         # A body too big for an addon: what was read, where to go on.
         prefix: bytes = b""
         resume: int | ChunkedDecoder = 0
+        dropped = False  # the origin's body is left unread: its connection cannot be reused
         if hf is not None:
+            status = response.status
             hf.response = Response(response)
             await self._hook(ResponseHeaders)
             if hf.killed or hf.answer is not None:
@@ -452,6 +454,20 @@ class Exchange:
                 else:
                     hf.response.truncated = True
                     prefix, resume = data, more
+            bodiless = (204, 304)
+            if response.status != status and response.status in bodiless:
+                # An addon made it a 204 or 304: no content, and no field that would
+                # frame one (RFC 9110 §6.4.1, §15.3.5, §15.4.5); the origin's body is
+                # dropped, read or not.
+                response.headers.remove("content-length")
+                response.headers.remove("transfer-encoding")
+                dropped = framing.kind is not BodyKind.NONE and buffered is None
+                framing, prefix = rules.NO_BODY, b""
+                buffered = b"" if buffered is not None else None
+            elif response.status != status and status in bodiless and head.method != "HEAD":
+                # Made from a 204 or 304 into a status with content: an empty one.
+                response.headers.set("Content-Length", "0")
+                framing = Framing(BodyKind.LENGTH, 0)
         out = rules.downstream_framing(framing, head.version)
         keep_alive = (
             keep_alive
@@ -502,6 +518,7 @@ class Exchange:
             await self._finish_upload()
         if (
             self._request_complete()
+            and not dropped
             and framing.kind is not BodyKind.CLOSE
             and rules.keep_alive(response)
             and not origin.closed()

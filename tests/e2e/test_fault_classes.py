@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -589,6 +590,146 @@ def test_3_addon_answers_follow_the_method_and_status(
     assert rest.startswith(body + b"HTTP/1.1 200")
     if answer in (204, 304):
         assert b"Content-Length" not in head
+
+
+STATUS_ADDON = """
+class Change:
+    def requestheaders(self, flow):
+        answer = flow.request.headers.get("x-respond")
+        if answer:
+            flow.respond(int(answer), {}, b"addon body")
+
+    def responseheaders(self, flow):
+        if flow.request.headers.get("x-buffer"):
+            flow.response.buffer(1 << 20)
+        elif flow.request.headers.get("x-to"):
+            flow.response.status = int(flow.request.headers.get("x-to"))
+
+    def response(self, flow):
+        if flow.response.body is not None and flow.request.headers.get("x-to"):
+            flow.response.status = int(flow.request.headers.get("x-to"))
+"""
+
+
+@pytest.fixture
+def status_proxy(make_proxy, tmp_path) -> ProxyProcess:
+    addon = tmp_path / "status.py"
+    addon.write_text(STATUS_ADDON)
+    return make_proxy("--addon", str(addon))
+
+
+@pytest.mark.parametrize("to", [204, 304])
+@pytest.mark.parametrize(
+    ("query", "extra"),
+    [("", ""), ("&chunked=1", ""), ("", "X-Buffer: 1\r\n"), ("&n=300000", "")],
+    ids=["length", "chunked", "buffered", "large"],
+)
+def test_3_a_204_or_304_made_by_an_addon_has_no_body_and_the_connection_stays_in_step(
+    status_proxy, origin, to, query, extra
+):
+    with socket.create_connection(status_proxy.address, timeout=10) as sock:
+        sock.sendall(
+            f"GET {origin.url}/bytes?n=11{query} HTTP/1.1\r\nHost: x\r\nX-To: {to}\r\n"
+            f"{extra}\r\nGET {origin.url}/echo/next HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        data = recv_until(sock, b'"/echo/next"')
+    head, rest = head_and_rest(data)
+    assert status(head) == to
+    assert b"Content-Length" not in head and b"Transfer-Encoding" not in head
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js")
+@pytest.mark.parametrize("to", [204, 304])
+def test_3_node_keep_alive_agent_reads_an_addon_made_204_or_304_and_the_next(
+    status_proxy, origin, tmp_path, to
+):
+    """The client that reported it: Node's keep-alive agent failed the next request
+    with HPE_INVALID_CONSTANT when a body followed the 204."""
+    script = tmp_path / "get.js"
+    script.write_text(NODE_GETS)
+    result = subprocess.run(
+        ["node", str(script), str(status_proxy.port), origin.url, str(to)],
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().splitlines() == [f"{to} body=''", "200 body='next'"]
+
+
+NODE_GETS = """
+const http = require('http');
+const agent = new http.Agent({keepAlive: true, maxSockets: 1});
+const [port, origin, to] = process.argv.slice(2);
+function get(path, headers) {
+  return new Promise((resolve, reject) => {
+    const r = http.request(
+      {host: '127.0.0.1', port: +port, path: origin + path, headers, agent},
+      (res) => {
+        let body = '';
+        res.on('data', (d) => body += d);
+        res.on('end', () => resolve(`${res.statusCode} body='${body}'`));
+      });
+    r.on('error', reject);
+    r.end();
+  });
+}
+(async () => {
+  console.log(await get('/bytes?n=11', {'X-To': to}));
+  console.log(await get('/echo/next', {}).then((line) => line.replace(/body='.*'/, "body='next'")));
+  agent.destroy();
+})().catch((e) => { console.error(e.code, e.message); process.exit(1); });
+"""
+
+
+@pytest.mark.parametrize("interim", [100, 101, 103, 199])
+def test_3_an_addon_cannot_make_a_1xx_the_final_response(status_proxy, origin, interim):
+    """respond() and the status setter raise (RFC 9110 §15.2); the hook's failure is
+    logged and the exchange goes on with the origin's response."""
+    status_proxy.expected_errors.append("failed in")
+    for name in ("X-Respond", "X-To"):
+        data = raw_request(
+            status_proxy.address,
+            f"GET {origin.url}/echo/x HTTP/1.1\r\nHost: x\r\n{name}: {interim}\r\n\r\n".encode(),
+        )
+        assert status(data) == 200 and b'"/echo/x"' in data
+        assert data.count(b"HTTP/1.1 ") == 1
+    status_proxy.log_with(f"status {interim} is interim (1xx)")
+
+
+def test_3_a_200_made_from_a_204_has_an_empty_delimited_body(status_proxy, origin):
+    with socket.create_connection(status_proxy.address, timeout=10) as sock:
+        sock.sendall(
+            f"GET {origin.url}/status?code=204 HTTP/1.1\r\nHost: x\r\nX-To: 200\r\n\r\n"
+            f"GET {origin.url}/echo/next HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        data = recv_until(sock, b'"/echo/next"')
+    head, rest = head_and_rest(data)
+    assert status(head) == 200 and b"Content-Length: 0\r\n" in head
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"HEAD http://example.com/ HTTP/1.1\r\nX: " + b"a" * 70_000 + b"\r\n\r\n",  # 431
+        b"HEAD http://example.com/" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n",  # 414
+        b"HEAD http://example.com/ HTTP/1.1\r\nBad Field: x\r\n\r\n",  # 400
+        b"HEAD http://example.com/ HTTP/2.0\r\nHost: x\r\n\r\n",  # 505
+    ],
+    ids=["431", "414", "400", "505"],
+)
+def test_3_answers_to_heads_the_proxy_could_not_parse_have_no_body_for_head(proxy, request_bytes):
+    with socket.create_connection(proxy.address, timeout=10) as sock:
+        try:
+            sock.sendall(request_bytes)
+        except OSError:
+            pass  # the proxy may answer and close before reading it all
+        data = recv_all(sock)
+    head, rest = head_and_rest(data)
+    assert status(head) in (400, 414, 431, 505)
+    assert b"Content-Length: " in head and b"Connection: close" in head
+    assert rest == b""
 
 
 # -- 6. interim responses are forwarded, bounded by time and bytes -------------------------

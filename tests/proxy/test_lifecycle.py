@@ -17,6 +17,7 @@ from eyewall.app import build_policy
 from eyewall.config import load_settings
 from eyewall.errors import ErrorKind
 from eyewall.proxy.client import ClientConnection
+from eyewall.proxy.exchange import Exchange
 from eyewall.proxy.streams import unsent
 from eyewall.proxy.timeouts import Phase
 from tests.proxy.harness import DEFAULTS, Client, FakeContext, Origin, read_request, status, until
@@ -715,6 +716,127 @@ def test_a_buffering_addon_with_a_stalled_client_body_gets_body_idle(tmp_path: P
         assert ctx.flows[0].error is ErrorKind.BODY_STALLED
         await client.finish()
         await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+STATUS_CHANGE = """
+class Change:
+    def responseheaders(self, flow):
+        if flow.request.headers.get("x-buffer"):
+            flow.response.buffer(1 << 20)
+        elif flow.request.headers.get("x-to"):
+            flow.response.status = int(flow.request.headers.get("x-to"))
+
+    def response(self, flow):
+        if flow.request.headers.get("x-buffer") and flow.request.headers.get("x-to"):
+            flow.response.status = int(flow.request.headers.get("x-to"))
+"""
+
+ORIGIN_BODIES = {
+    "length": b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world",
+    "chunked": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nb\r\nhello world\r\n0\r\n\r\n"
+    ),
+    "204": b"HTTP/1.1 204 No Content\r\n\r\n",
+}
+
+
+def answering(
+    response: bytes,
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request(reader)
+            writer.write(ORIGIN_BODIES["length"] if b"/next" in head else response)
+            await writer.drain()
+
+    return handler
+
+
+@pytest.mark.parametrize("to", [204, 304])
+@pytest.mark.parametrize("hook", ["responseheaders", "response"])
+@pytest.mark.parametrize("body", ["length", "chunked"])
+def test_an_addon_made_204_or_304_goes_out_bodiless_and_the_connection_stays_in_step(
+    tmp_path: Path, to: int, hook: str, body: str
+) -> None:
+    """RFC 9110 §6.4.1, §15.3.5, §15.4.5: no content and no field framing one; the
+    origin's body is dropped (read whole for a buffering addon, else with its
+    connection), so the next response on the client connection starts right after."""
+
+    async def main() -> None:
+        ctx = FakeContext(addons(tmp_path, STATUS_CHANGE, policy=False))
+        origin = await Origin.start(answering(ORIGIN_BODIES[body]))
+        client = Client(ctx)
+        buffer = "X-Buffer: 1\r\n" if hook == "response" else ""
+        await client.send(
+            f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\nX-To: {to}\r\n{buffer}\r\n"
+            f"GET {origin.url}/next HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        data = await client.until_received(b"hello world")
+        first, _, rest = data.partition(b"\r\n\r\n")
+        assert status(first) == to
+        assert b"Content-Length" not in first and b"Transfer-Encoding" not in first
+        assert rest.startswith(b"HTTP/1.1 200 OK\r\n") and rest.endswith(b"\r\n\r\nhello world")
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+def test_an_addon_made_200_from_a_204_gets_an_empty_delimited_body(tmp_path: Path) -> None:
+    async def main() -> None:
+        ctx = FakeContext(addons(tmp_path, STATUS_CHANGE, policy=False))
+        origin = await Origin.start(answering(ORIGIN_BODIES["204"]))
+        client = Client(ctx)
+        await client.send(
+            f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\nX-To: 200\r\n\r\n"
+            f"GET {origin.url}/next HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        data = await client.until_received(b"hello world")
+        first, _, rest = data.partition(b"\r\n\r\n")
+        assert status(first) == 200 and b"Content-Length: 0" in first
+        assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+def test_a_head_too_large_for_a_head_request_gets_a_431_without_a_body() -> None:
+    async def main() -> None:
+        ctx = FakeContext(**{"limits.max_header_size": 4096})
+        client = Client(ctx)
+        await client.send(b"HEAD http://example.com/ HTTP/1.1\r\nX: " + b"a" * 5000 + b"\r\n\r\n")
+        data = await client.response()  # then the connection closes
+        assert status(data) == 431 and data.endswith(b"\r\n\r\n")
+        assert b"Content-Length: " in data and b"Connection: close" in data
+        await client.finish()
+        ctx.close()
+
+    run(main())
+
+
+def test_a_bug_costs_one_exchange_and_its_500_follows_the_method(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def broken(self: Exchange) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Exchange, "run", broken)
+
+    async def main() -> None:
+        ctx = FakeContext()
+        for method, body in (("HEAD", False), ("GET", True)):
+            client = Client(ctx)
+            await client.send(f"{method} http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            data = await client.response()
+            assert status(data) == 500 and b"Connection: close" in data
+            assert data.endswith(b"\r\n\r\n") is not body
+            await client.finish()
         ctx.close()
 
     run(main())
