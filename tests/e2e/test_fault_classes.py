@@ -27,7 +27,7 @@ import pytest
 import trustme
 from websockets.asyncio.client import connect
 
-from tests.conftest import ROOT, ProxyProcess, raw_request, read_response
+from tests.conftest import ROOT, ProxyProcess, raw_exchange, raw_request, read_response
 from tests.e2e.test_websocket import masked_frame
 from tests.origins import pattern
 
@@ -609,6 +609,32 @@ class Change:
         if flow.response.body is not None and flow.request.headers.get("x-to"):
             flow.response.status = int(flow.request.headers.get("x-to"))
 """
+
+
+CONNECT_ANSWER = """
+class Answer:
+    def http_connect(self, flow):
+        flow.respond(int(flow.request.headers.get("x-respond")), {"X-A": "1"}, b"not a tunnel")
+"""
+
+
+@pytest.mark.parametrize("answer", [200, 403])
+def test_3_an_addon_answer_to_connect_has_no_body_when_it_is_a_2xx(make_proxy, tmp_path, answer):
+    """RFC 9110 §9.3.6: after a 2xx to CONNECT the bytes are the tunnel's, so the
+    answer carries no body and no length; the connection closes."""
+    addon = tmp_path / "connect.py"
+    addon.write_text(CONNECT_ANSWER)
+    p = make_proxy("--addon", str(addon))
+    data = raw_exchange(
+        p.address,
+        f"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: x\r\nX-Respond: {answer}\r\n\r\n".encode(),
+    )
+    head, rest = head_and_rest(data)
+    assert status(head) == answer and b"X-A: 1" in head
+    if answer == 200:
+        assert b"Content-Length" not in head and rest == b""
+    else:
+        assert rest == b"not a tunnel"
 
 
 @pytest.fixture
