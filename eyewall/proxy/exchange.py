@@ -377,12 +377,7 @@ class Exchange:
                 raise ProxyError(ErrorKind.HTTP_PROTOCOL_ERROR, str(e)) from None
             self.flow.head_bytes += len(data)
             if response.repairs:
-                log.info(
-                    "%s: repaired the response head from %s (RFC 9112 §5): %s",
-                    self.flow.id,
-                    up.peer,
-                    "; ".join(response.repairs),
-                )
+                self._log_repairs("head", response.repairs)
             if response.status == 101:
                 if not upgrade or "websocket" not in response.headers.tokens("upgrade"):
                     raise ProxyError(ErrorKind.HTTP_PROTOCOL_ERROR, "unrequested 101 response")
@@ -415,6 +410,13 @@ class Exchange:
         # A body too big for an addon: what was read, where to go on.
         prefix: bytes = b""
         resume: int | ChunkedDecoder = 0
+        limit = ctx.settings.limits.max_header_size
+        # Response trailers are read as leniently as response heads.
+        decoder = (
+            ChunkedDecoder(bodies.CHUNK_LINE_LIMIT, limit, repair=True)
+            if framing.kind is BodyKind.CHUNKED
+            else None
+        )
         dropped = False  # the origin's body is left unread: its connection cannot be reused
         if hf is not None:
             status = response.status
@@ -438,8 +440,9 @@ class Exchange:
                     kind,
                     framing.length,
                     hf.response.buffer_limit,
-                    ctx.settings.limits.max_header_size,
+                    limit,
                     self.buffered,
+                    decoder,
                 )
                 if more is None:
                     hf.response.body = data
@@ -506,11 +509,11 @@ class Exchange:
             if framing.kind is BodyKind.LENGTH:
                 await bodies.copy_length(origin, client, framing.length, received)
             elif framing.kind is BodyKind.CHUNKED:
-                limit = ctx.settings.limits.max_header_size
-                decoder = resume if isinstance(resume, ChunkedDecoder) else None
                 await bodies.copy_chunked(origin, client, chunked, received, limit, decoder)
             else:
                 await bodies.copy_until_close(origin, client, chunked, received)
+        if decoder is not None and decoder.repairs:
+            self._log_repairs("trailers", decoder.repairs)
         if hf is not None and buffered is None:
             await self._hook(ResponseHook)  # after the fact: the body streamed
         upload = self.upload
@@ -527,6 +530,16 @@ class Exchange:
         else:
             origin.close()
         return Responded(keep_alive and not client.closed() and self._request_complete())
+
+    def _log_repairs(self, section: str, repairs: tuple[str, ...]) -> None:
+        assert self.up is not None
+        log.info(
+            "%s: repaired the response %s from %s (RFC 9112 §5): %s",
+            self.flow.id,
+            section,
+            self.up.peer,
+            "; ".join(repairs),
+        )
 
     @staticmethod
     def _count(meter: bodies.Meter, data: bytes) -> None:

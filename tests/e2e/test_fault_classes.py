@@ -758,6 +758,77 @@ def test_3_answers_to_heads_the_proxy_could_not_parse_have_no_body_for_head(prox
     assert rest == b""
 
 
+# -- 4. responses are read as leniently as RFC 9112 lets a proxy read them ----------------
+
+# fault: (the trailer section sent, the trailer forwarded, curl 7.88's exit code direct)
+FAULTY_TRAILERS = {
+    "whitespace before the colon": (b"X-T : v\r\n", b"X-T: v\r\n", 0),
+    "obs-fold": (b"X-T: a\r\n b\r\n", b"X-T: a b\r\n", 0),
+    # curl refuses it (43) as it refuses such a line in a head; Chromium ignores it in a
+    # head, and the proxy drops it in both, as docs/http.md says.
+    "no colon": (b"garbage\r\nX-T: v\r\n", b"X-T: v\r\n", 43),
+}
+
+
+def trailing(trailer: bytes):
+    def handler(sock: socket.socket) -> None:
+        while True:
+            if not handler_origin[0].read_head(sock):
+                return
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n0\r\n" + trailer + b"\r\n"
+            )
+
+    handler_origin: list = []
+    return handler, handler_origin
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTY_TRAILERS))
+def test_4_response_trailers_are_repaired_like_response_heads(make_proxy, raw_origin, fault):
+    sent, forwarded, curl_direct = FAULTY_TRAILERS[fault]
+    handler, box = trailing(sent)
+    box.append(raw_origin(handler))
+    url = f"{box[0].url}/t"
+    direct = subprocess.run(["curl", "-sS", "--max-time", "10", url], capture_output=True)
+    assert (direct.returncode, direct.stdout) == (curl_direct, b"hello")
+    p = make_proxy()
+    proxied = subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "-x", p.url, url], capture_output=True
+    )
+    assert (proxied.returncode, proxied.stdout) == (0, b"hello"), proxied.stderr
+    end = b"5\r\nhello\r\n0\r\n" + forwarded + b"\r\n"
+    with socket.create_connection(p.address, timeout=10) as sock:
+        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode() * 2)
+        data = b""
+        while data.count(end) < 2:  # both responses whole, one after the other
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert data.count(b"HTTP/1.1 200 OK\r\n") == 2 and data.endswith(end)
+    p.log_with("repaired the response trailers")
+
+
+def test_4_trailers_of_a_body_buffered_for_an_addon_are_repaired_too(status_proxy, raw_origin):
+    handler, box = trailing(b"X-T : v\r\n")
+    box.append(raw_origin(handler))
+    data = raw_request(
+        status_proxy.address,
+        f"GET {box[0].url}/t HTTP/1.1\r\nHost: x\r\nX-Buffer: 1\r\n\r\n".encode(),
+    )
+    head, body = head_and_rest(data)
+    assert status(head) == 200 and b"Content-Length: 5" in head and body == b"hello"
+
+
+def test_4_request_trailers_stay_strict(proxy, origin):
+    data = raw_exchange(
+        proxy.address,
+        f"POST {origin.url}/upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "5\r\nhello\r\n0\r\nX-T : v\r\n\r\n".encode(),
+    )
+    assert status(data) == 400 and data.count(b"HTTP/1.1 ") == 1
+
+
 # -- 6. interim responses are forwarded, bounded by time and bytes -------------------------
 
 

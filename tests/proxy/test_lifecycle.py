@@ -620,6 +620,39 @@ def test_a_malformed_chunked_body_closes_the_connection() -> None:
     run(main())
 
 
+# -- responses read leniently ------------------------------------------------------------
+
+
+def test_a_faulty_response_trailer_section_is_repaired_not_cut(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def trailing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+            b"0\r\nX-T : v\r\nX-F: a\r\n b\r\nbogus\r\n\r\n"
+        )
+        await writer.drain()
+
+    async def main() -> None:
+        ctx = FakeContext()
+        origin = await Origin.start(trailing)
+        client = Client(ctx)
+        await client.send(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = await client.until_received(b"0\r\nX-T: v\r\nX-F: a b\r\n\r\n")
+        assert status(data) == 200 and b"5\r\nhello\r\n" in data
+        await until(lambda: ctx.flows)
+        assert ctx.flows[0].error is None
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    with caplog.at_level("INFO", logger="eyewall.exchange"):
+        run(main())
+    assert "repaired the response trailers" in caplog.text
+    assert "line without a colon dropped" in caplog.text
+
+
 # -- answers the proxy makes itself ------------------------------------------------------
 
 
