@@ -7,7 +7,8 @@
 `Exchange.run` returns an `Outcome` and never calls back into the client loop: the
 origin's response (interim responses included) is written here, and so is the one
 interim response the proxy makes itself (a ``100 Continue`` when it reads a body for an
-addon before asking the origin); every final answer the proxy makes itself — an error
+addon before asking the origin, or when a Connection option kept Expect from the
+origin); every final answer the proxy makes itself — an error
 page, an addon's ``respond()`` — is written by the client loop from the outcome.
 
 The request body is uploaded by a task while the response is awaited, so an origin may
@@ -265,6 +266,11 @@ class Exchange:
                     # A client expecting 100 (Continue) sends nothing until an answer
                     # comes: that wait is the response head's (RFC 9110 §10.1.1).
                     waits = rules.expects_continue(head)
+                    if waits and "expect" in head.headers.tokens("connection"):
+                        # A Connection option made the expectation this hop's, and the
+                        # origin does not get it: the proxy meets it (§7.6.1).
+                        await self.client.write(CONTINUE)
+                        waits = False
                     self._enter(Phase.WAITING if waits else Phase.SENDING)
                     await up.stream.write(request)
                     self.upload = asyncio.ensure_future(self._upload_body(framing, waits))

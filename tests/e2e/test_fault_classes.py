@@ -911,6 +911,65 @@ def test_7_max_forwards_is_counted_down_and_options_star_forwarded(proxy, raw_or
     assert status(bad) == 400
 
 
+@pytest.mark.parametrize("method", ["OPTIONS", "TRACE"])
+def test_7_a_connection_option_naming_max_forwards_does_not_defeat_it(proxy, raw_origin, method):
+    """RFC 9110 §7.6.2: every intermediary MUST update Max-Forwards before forwarding;
+    naming it in Connection (which §7.6.1 forbids for such a field) changes nothing."""
+
+    def record(sock: socket.socket) -> None:
+        origin.read_head(sock)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    origin = raw_origin(record)
+    for connection in ("Max-Forwards", "keep-alive, max-forwards"):
+        data = raw_request(
+            proxy.address,
+            f"{method} {origin.url}/x HTTP/1.1\r\nHost: x\r\nConnection: {connection}\r\n"
+            "Max-Forwards: 3\r\n\r\n".encode(),
+        )
+        assert status(data) == 200
+        assert b"Max-Forwards: 2\r\n" in origin.requests[-1], origin.requests[-1]
+    answered = raw_request(
+        proxy.address,
+        f"{method} {origin.url}/x HTTP/1.1\r\nHost: x\r\nConnection: Max-Forwards\r\n"
+        "Max-Forwards: 0\r\n\r\n".encode(),
+    )
+    assert status(answered) == 200 and len(origin.requests) == 2  # the proxy answered
+
+
+@pytest.mark.parametrize(
+    ("framing", "body"),
+    [("Content-Length: 5", "hello"), ("Transfer-Encoding: chunked", "5\r\nhello\r\n0\r\n\r\n")],
+)
+def test_7_connection_options_cannot_remove_the_fields_the_proxy_acts_on(
+    proxy, origin, framing, body
+):
+    """Host comes from the target, the body keeps its framing, whatever Connection names."""
+    data = raw_request(
+        proxy.address,
+        f"POST {origin.url}/echo/c HTTP/1.1\r\nHost: elsewhere\r\n"
+        f"Connection: host, content-length, transfer-encoding\r\n{framing}\r\n\r\n{body}".encode(),
+    )
+    assert status(data) == 200 and b'"body_len": 5' in data
+    assert f'["Host", "{origin.authority}"]'.encode() in data
+
+
+def test_7_an_expect_named_by_connection_is_met_by_the_proxy(proxy, origin):
+    """The option makes the expectation this hop's and keeps it from the origin, so the
+    proxy sends the 100 (Continue) the client waits for."""
+    with socket.create_connection(proxy.address, timeout=10) as sock:
+        sock.sendall(
+            f"POST {origin.url}/echo/e HTTP/1.1\r\nHost: x\r\nConnection: expect\r\n"
+            "Expect: 100-continue\r\nContent-Length: 5\r\n\r\n".encode()
+        )
+        interim = recv_until(sock, b"\r\n\r\n")
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(b"hello")
+        data = read_response(sock)
+    assert status(data) == 200 and b'"body_len": 5' in data
+    assert b"xpect" not in data  # the origin got no Expect
+
+
 # -- 9. requests aimed at the proxy itself, in every spelling -------------------------------
 
 
