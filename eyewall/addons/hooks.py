@@ -265,15 +265,15 @@ def reference() -> str:
         "| `flow.response` | None until `responseheaders`; then `status`, `reason`, "
         "`version`, `headers`, `body`, `truncated`, `buffer(max_bytes)` |",
         "| `flow.respond(status, headers=(), body=b'')` | answer (or replace the response) |",
+        "| `flow.kill()` | close the client connection without an answer |",
+        "| `flow.error`, `flow.error_detail` | set when the exchange failed |",
+        "| `flow.metadata` | a dict for the addon's own notes |",
         "",
         "A status an addon sets (`flow.response.status`, `flow.respond()`) must be a final "
         "one, 200 to 599: a 1xx is an interim response and cannot end an exchange (RFC 9110 "
         "§15.2), so it raises ValueError. A 204 or 304 goes out without a body and without "
         "Content-Length or Transfer-Encoding (RFC 9110 §6.4.1); the origin's body is "
         "dropped. A response to HEAD never has a body.",
-        "| `flow.kill()` | close the client connection without an answer |",
-        "| `flow.error`, `flow.error_detail` | set when the exchange failed |",
-        "| `flow.metadata` | a dict for the addon's own notes |",
         "",
     ]
     return "\n".join(lines)

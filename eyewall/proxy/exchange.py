@@ -8,8 +8,8 @@
 origin's response (interim responses included) is written here, and so is the one
 interim response the proxy makes itself (a ``100 Continue`` when it reads a body for an
 addon before asking the origin, or when a Connection option kept Expect from the
-origin); every final answer the proxy makes itself — an error
-page, an addon's ``respond()`` — is written by the client loop from the outcome.
+origin); every final answer the proxy makes itself — an error page, an addon's
+``respond()`` — is written by the client loop from the outcome.
 
 The request body is uploaded by a task while the response is awaited, so an origin may
 answer before it has read the whole body (a 413, or a refused 100-continue).  Each wait
