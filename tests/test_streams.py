@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 
 import pytest
 from tornado.iostream import IOStream
@@ -18,6 +19,7 @@ from eyewall.proxy.streams import (
     read_buffered,
     read_head,
     take_over,
+    unsent,
 )
 
 
@@ -128,3 +130,27 @@ def test_writes_complete_and_keep_their_order(cls):
         b.close()
 
     run(main())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SIOCOUTQ is Linux's")
+def test_unsent_follows_the_kernel_send_queue_as_the_peer_reads():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+        reader.connect(listener.getsockname())
+        writer, _ = listener.accept()
+    with reader, writer:
+        writer.setblocking(False)
+        try:
+            while True:
+                writer.send(b"x" * 65536)
+        except BlockingIOError:
+            pass  # the send buffer is full
+        full = unsent(writer)
+        assert full > 0
+        reader.recv(65536)
+        while unsent(writer) == full:  # the peer's window update arrives
+            reader.recv(65536)
+        assert unsent(writer) < full
+    assert unsent(writer) == 0  # closed
+    assert unsent(None) == 0

@@ -11,6 +11,7 @@ import threading
 import pytest
 import trustme
 
+from eyewall.proxy.streams import unsent
 from eyewall.proxy.tunnel import PipePool, Tunnel
 from tests.origins import pattern
 
@@ -155,6 +156,69 @@ def test_idle_check_closes_a_quiet_tunnel():
         ends.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("then", ["reads on", "stops"])
+def test_a_slow_reader_behind_a_full_send_buffer_keeps_the_tunnel(then):
+    """The client reads a little at a time from a small receive buffer while the
+    tunnel's send buffer to it (megabytes) stays full: the pumps read nothing for
+    longer than the idle limit, yet bytes move on the wire; one that stops is cut."""
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+            client.connect(listener.getsockname())
+            proxy_client, _ = listener.accept()
+        proxy_client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        origin, proxy_origin = socket.socketpair()
+        for s in (client, origin, proxy_client, proxy_origin):
+            s.setblocking(False)
+        closed: asyncio.Future[BaseException | None] = loop.create_future()
+        pipes = PipePool()
+        tunnel = Tunnel(
+            proxy_client, proxy_origin, pipes, 3.0, on_close=lambda t, e: closed.set_result(e)
+        )
+        tunnel.start()
+        sending = asyncio.ensure_future(loop.sock_sendall(origin, b"d" * (32 << 20)))
+        counted = -1
+        while tunnel.bytes_down != counted:  # until the pumps can move no more
+            counted = tunnel.bytes_down
+            await until_stable(lambda: unsent(proxy_client))
+        now, quiet = 0.0, 0.0
+        while quiet < 10.0:  # 10 s without a byte read by the pumps, the limit 3 s
+            before, queued = tunnel.bytes_down, unsent(proxy_client)
+            await loop.sock_recv(client, 64 << 10)
+            while unsent(proxy_client) == queued:
+                await asyncio.sleep(0)
+            now += 1.0
+            tunnel.check(now)
+            assert not closed.done()
+            quiet = quiet + 1.0 if tunnel.bytes_down == before else 0.0
+        if then == "stops":
+            tunnel.check(now + 1.0)
+            tunnel.check(now + 4.0)
+            assert isinstance(await asyncio.wait_for(closed, 5), TimeoutError)
+        else:
+            assert not closed.done()
+            tunnel.close()
+        sending.cancel()
+        for s in (client, origin):
+            s.close()
+        pipes.close()
+
+    asyncio.run(run())
+
+
+async def until_stable(value, rounds: int = 200) -> None:
+    """Yield to the loop until ``value()`` stays the same for ``rounds`` turns."""
+    last, same = value(), 0
+    while same < rounds:
+        await asyncio.sleep(0)
+        now = value()
+        same = same + 1 if now == last else 0
+        last = now
 
 
 # -- TLS on either side (a WebSocket inside an intercepted tunnel, an https:// origin,

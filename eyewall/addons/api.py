@@ -10,7 +10,7 @@ from eyewall.flow import Flow
 from eyewall.http1.parse import Headers, RequestHead, ResponseHead, check_field
 from eyewall.http1.target import Target
 
-__all__ = ["Client", "HTTPFlow", "Request", "Response"]
+__all__ = ["Client", "HTTPFlow", "Request", "Response", "final_status"]
 
 
 @dataclass(frozen=True)
@@ -89,14 +89,13 @@ class Response:
 
     @property
     def status(self) -> int:
-        """The status code (RFC 9110 §15); settable to 100..599, else ValueError."""
+        """The status code (RFC 9110 §15); settable to a final status, 200..599, else
+        ValueError (see `final_status`)."""
         return self._head.status
 
     @status.setter
     def status(self, value: int) -> None:
-        if not 100 <= int(value) <= 599:
-            raise ValueError(f"invalid status {value!r}")
-        self._head.status = int(value)
+        self._head.status = final_status(value)
 
     @property
     def reason(self) -> str:
@@ -112,6 +111,20 @@ class Response:
     def buffer(self, max_bytes: int) -> None:
         """Ask for the whole body (up to ``max_bytes``) in the ``response`` hook."""
         self.buffer_limit = max(0, int(max_bytes))
+
+
+def final_status(value: int) -> int:
+    """``value`` as a status an addon may give a response: 200..599.  A 1xx is an
+    interim response, which cannot end an exchange (RFC 9110 §15.2; a 101 needs an
+    upgrade the proxy makes itself): ValueError, as for anything outside 100..599."""
+    status = int(value)
+    if 100 <= status <= 199:
+        raise ValueError(
+            f"status {status} is interim (1xx) and cannot be a final response (RFC 9110 §15.2)"
+        )
+    if not 200 <= status <= 599:
+        raise ValueError(f"invalid status {value!r}")
+    return status
 
 
 @dataclass
@@ -155,9 +168,9 @@ class HTTPFlow:
         return self.record.error_detail
 
     def respond(self, status: int, headers: Any = (), body: bytes | str = b"") -> None:
-        """Answer with this response instead of the origin's (or replace the origin's)."""
-        if not 100 <= int(status) <= 599:
-            raise ValueError(f"invalid status {status!r}")
+        """Answer with this response instead of the origin's (or replace the origin's).
+        ``status`` must be final, 200..599 (ValueError otherwise, see `final_status`)."""
+        status = final_status(status)
         pairs = list(headers.items()) if isinstance(headers, dict) else list(headers)
         for name, value in pairs:
             check_field(name, value)

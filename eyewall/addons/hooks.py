@@ -276,5 +276,11 @@ def reference() -> str:
         "| `flow.error`, `flow.error_detail` | set when the exchange failed |",
         "| `flow.metadata` | a dict for the addon's own notes |",
         "",
+        "A status an addon sets (`flow.response.status`, `flow.respond()`) must be a final "
+        "one, 200 to 599: a 1xx is an interim response and cannot end an exchange (RFC 9110 "
+        "§15.2), so it raises ValueError. A 204 or 304 goes out without a body and without "
+        "Content-Length or Transfer-Encoding (RFC 9110 §6.4.1); the origin's body is "
+        "dropped. A response to HEAD never has a body.",
+        "",
     ]
     return "\n".join(lines)

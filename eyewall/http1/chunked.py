@@ -20,6 +20,7 @@ import re
 from collections.abc import Sequence
 
 from eyewall.http1.parse import ParseError, parse_chunk_size, parse_fields
+from eyewall.http1.response import parse_response_trailers
 
 __all__ = ["ChunkedDecoder", "encode_chunk", "last_chunk"]
 
@@ -36,12 +37,16 @@ class ChunkedDecoder:
     dropped; a bare LF ends a line as CRLF does (RFC 9112 §2.2).
 
     Limits, in bytes: a chunk-size line with its line end is at most ``max_line``; the
-    trailer section with its empty line at most ``max_trailers``.
+    trailer section with its empty line at most ``max_trailers``.  ``repair``: the body
+    is a response's, and its trailer section is read as leniently as a response head
+    (`eyewall.http1.response.parse_response_trailers`); a request's is read strictly.
 
     Attributes, read-only:
 
     * ``done``: the last chunk and the trailer section have been read.
     * ``trailers``: the trailer fields, ``(name, value)`` with names as received.
+    * ``repairs``: what was repaired or dropped in the trailer section (``repair`` only),
+      for the caller to log.
     * ``unused``: bytes fed after the end of the body (they belong to whatever follows).
     * ``wanted``: at most this many more bytes are useful now: the rest of the chunk
       data and its CRLF, or the room left in the current line.
@@ -62,13 +67,19 @@ class ChunkedDecoder:
         "_state",
         "max_line",
         "max_trailers",
+        "repair",
+        "repairs",
         "trailers",
         "unused",
     )
 
-    def __init__(self, max_line: int = 4096, max_trailers: int = 65536) -> None:
+    def __init__(
+        self, max_line: int = 4096, max_trailers: int = 65536, repair: bool = False
+    ) -> None:
         self.max_line = max_line
         self.max_trailers = max_trailers
+        self.repair = repair
+        self.repairs: tuple[str, ...] = ()
         self.trailers: list[tuple[str, str]] = []
         self.unused = b""
         self._state = _SIZE
@@ -167,7 +178,10 @@ class ChunkedDecoder:
                 self._state = _TRAILERS  # the last chunk: trailer lines follow
         elif line.endswith((b"\n\n", b"\n\r\n")) or (len(line) <= 2 and line.strip(b"\r") == b"\n"):
             # The empty line that ends the trailer section (RFC 9112 §7.1.2).
-            self.trailers = parse_fields(line.decode("latin-1")).fields
+            if self.repair:
+                self.trailers, self.repairs = parse_response_trailers(bytes(line))
+            else:
+                self.trailers = parse_fields(line.decode("latin-1")).fields
             line.clear()
             self._state = _DONE
         return stop

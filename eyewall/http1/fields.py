@@ -77,7 +77,12 @@ def trace_echo(head: RequestHead) -> bytes:
 
 def _dropped(headers: Headers) -> frozenset[str]:
     """Fields removed at this hop: the fixed list and every Connection option, except
-    that an option can never remove Content-Length (the framing actually used)."""
+    that an option can never remove Content-Length (the framing actually used).
+
+    The other fields the proxy acts on are safe from Connection options too: Host and
+    Transfer-Encoding are written from the target and the framing, Upgrade only for a
+    WebSocket upgrade, Max-Forwards is exempted by `upstream_fields`, and an Expect an
+    option removes is answered by the proxy itself (`eyewall.proxy.exchange`)."""
     if "connection" not in headers.index:
         return HOP_BY_HOP
     named = headers.tokens("connection")
@@ -96,14 +101,17 @@ def upstream_fields(
     is normalised to one value; a chunked body is re-framed as chunked; Expect is dropped
     from HTTP/1.0 requests (RFC 9110 §10.1.1); the Max-Forwards of an OPTIONS or TRACE
     goes down by one (RFC 9110 §7.6.2: the caller answers a 0 itself, see
-    `max_forwards`; a value it did not check is passed on as it is); Via is appended
-    (RFC 9110 §7.6.3).
+    `max_forwards`; a value it did not check is passed on as it is), even when a
+    Connection option names it (each intermediary MUST update it; §7.6.1 forbids naming
+    such an end-to-end field); Via is appended (RFC 9110 §7.6.3).
     """
     drop = _dropped(head.headers)
     out = [("Host", target.authority)]
     length_written = False
     http10 = head.version == "HTTP/1.0"
     count_hops = head.method in ("OPTIONS", "TRACE")
+    if count_hops and "max-forwards" in drop:
+        drop = drop.difference(("max-forwards",))
     for name, value in head.headers.fields:
         key = name.lower()
         if key in drop or key == "host":

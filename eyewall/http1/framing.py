@@ -22,6 +22,7 @@ __all__ = [
     "body_framing",
     "content_length",
     "downstream_framing",
+    "expects_continue",
     "is_idempotent",
     "keep_alive",
     "websocket_upgrade",
@@ -228,4 +229,16 @@ def websocket_upgrade(head: RequestHead) -> bool:
         and head.version == "HTTP/1.1"
         and "upgrade" in head.headers.tokens("connection")
         and "websocket" in head.headers.tokens("upgrade")
+    )
+
+
+def expects_continue(head: RequestHead) -> bool:
+    """Whether the client waits for ``100 (Continue)`` before sending the body: an
+    HTTP/1.1 request with ``Expect: 100-continue`` (RFC 9110 §10.1.1; an HTTP/1.0
+    client cannot receive a 1xx, so its Expect means nothing).  The caller knows whether
+    a body is announced."""
+    return (
+        head.version == "HTTP/1.1"
+        and "expect" in head.headers.index
+        and "100-continue" in head.headers.tokens("expect")
     )

@@ -31,6 +31,12 @@ reads as one of them once everything but letters is ignored) is a 502 instead, b
 recipients disagree about such a field and so about where the body ends (curl ignores
 ``Content-Length : 2``, Chromium obeys it).  Every repair
 is listed in `ResponseHead.repairs` for the caller to log.
+
+The trailer section of a chunked response is read the same way
+(`parse_response_trailers`): a fault there would otherwise cut a body the client has
+almost whole.  No trailer field frames anything (those named Content-Length or
+Transfer-Encoding are not forwarded), so none of the framing guards apply; NUL still
+cannot be read.  Request trailers stay strict (`eyewall.http1.parse`).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import re
 
 from eyewall.http1.parse import Headers, ParseError, ResponseHead, match_fields
 
-__all__ = ["MAX_REPAIRS", "parse_response_head", "repair_response_head"]
+__all__ = ["MAX_REPAIRS", "parse_response_head", "parse_response_trailers", "repair_response_head"]
 
 MAX_REPAIRS = 10  # repairs listed one by one; more are counted in a last entry
 
@@ -67,6 +73,20 @@ def parse_response_head(data: bytes) -> ResponseHead:
             version = "HTTP/1.0" if m.group(1) == "0" else "HTTP/1.1"
             return ResponseHead(version, int(m.group(2)), m.group(3) or "", Headers(fields))
     return repair_response_head(text)
+
+
+def parse_response_trailers(data: bytes) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
+    """The fields of a chunked response's trailer section (``data``: the field lines
+    and the empty line that ends them, RFC 9112 §7.1.2), and the repairs made, as
+    `parse_response_head` makes them.  ParseError (502) for NUL or a section that does
+    not end with its empty line."""
+    text = data.decode("latin-1")
+    fields = match_fields(text)
+    if fields is not None:
+        return fields, ()
+    repairs = _Repairs()
+    fields = _repair_fields(text, 0, repairs, guarded=frozenset())
+    return fields, repairs.summary()
 
 
 class _Repairs(list[str]):
@@ -118,7 +138,11 @@ def repair_response_head(text: str) -> ResponseHead:
     return ResponseHead(version, status, reason, Headers(fields), repairs.summary())
 
 
-def _repair_fields(text: str, pos: int, repairs: list[str]) -> list[tuple[str, str]]:
+def _repair_fields(
+    text: str, pos: int, repairs: list[str], guarded: frozenset[str] = _FRAMING
+) -> list[tuple[str, str]]:
+    """Read the field lines of ``text`` from ``pos``, repairing what can be; a repair
+    of a field named in ``guarded`` (lower case) is a ParseError instead."""
     lines = text[pos:].split("\n")
     # The section ends with its empty line, and nothing follows.
     if len(lines) < 2 or lines[-1] or lines[-2] not in ("", "\r"):
@@ -133,14 +157,16 @@ def _repair_fields(text: str, pos: int, repairs: list[str]) -> list[tuple[str, s
             if not fields and not dropped:
                 # RFC 9112 §2.2: whitespace-preceded lines right after the start line
                 # are refused or ignored, with the lines folded onto them.
-                _drop(line, "line starting with whitespace before the first field", repairs)
+                _drop(
+                    line, "line starting with whitespace before the first field", repairs, guarded
+                )
                 dropped = True
                 continue
             if dropped:
                 continue
             # RFC 9112 §5.2: a proxy replaces obs-fold with SP before forwarding.
             name, value = fields[-1]
-            if name.lower() in _FRAMING:
+            if name.lower() in guarded:
                 raise ParseError(f"obs-fold in {name}", 502)
             more = _clean(line, f"header {name}", repairs, framing=False).strip(" \t")
             fields[-1] = (name, f"{value} {more}" if value and more else value or more)
@@ -148,17 +174,17 @@ def _repair_fields(text: str, pos: int, repairs: list[str]) -> list[tuple[str, s
             continue
         name, colon, value = line.partition(":")
         if not colon:
-            _drop(line, "line without a colon", repairs)
+            _drop(line, "line without a colon", repairs, guarded)
             dropped = True
             continue
         stripped = name.rstrip(" \t")
         if not _TOKEN.fullmatch(stripped):
             what = f"field with invalid name {stripped[:40]!r}" if stripped else "empty field name"
-            _drop(name, what, repairs)
+            _drop(name, what, repairs, guarded)
             dropped = True
             continue
         dropped = False
-        framing = stripped.lower() in _FRAMING
+        framing = stripped.lower() in guarded
         if stripped != name:
             # RFC 9112 §5.1: a proxy removes such whitespace from a response.
             if framing:
@@ -169,11 +195,14 @@ def _repair_fields(text: str, pos: int, repairs: list[str]) -> list[tuple[str, s
     return fields
 
 
-def _drop(text: str, what: str, repairs: list[str]) -> None:
-    """Note a line dropped for being ``what``, unless ``text`` (its name part) reads as
-    Content-Length or Transfer-Encoding once everything but letters is ignored: some
-    recipient may take it for that field, so the framing would be ambiguous."""
-    if _NOT_LETTERS.sub("", text.lower()).startswith(("contentlength", "transferencoding")):
+def _drop(text: str, what: str, repairs: list[str], guarded: frozenset[str]) -> None:
+    """Note a line dropped for being ``what``, unless framing fields are ``guarded`` and
+    ``text`` (its name part) reads as Content-Length or Transfer-Encoding once
+    everything but letters is ignored: some recipient may take it for that field, so
+    the framing would be ambiguous."""
+    if guarded and _NOT_LETTERS.sub("", text.lower()).startswith(
+        ("contentlength", "transferencoding")
+    ):
         raise ParseError(f"{what} that may be Content-Length or Transfer-Encoding", 502)
     repairs.append(f"{what} dropped")
 

@@ -81,10 +81,17 @@ async def _read_exactly(src: IOStream, n: int, meter: Meter) -> bytes:
 
 
 async def read_upto(
-    src: IOStream, kind: str, length: int, limit: int, trailer_limit: int, meter: Meter
+    src: IOStream,
+    kind: str,
+    length: int,
+    limit: int,
+    trailer_limit: int,
+    meter: Meter,
+    decoder: ChunkedDecoder | None = None,
 ) -> tuple[bytes, int | ChunkedDecoder | None]:
     """Read a whole body into memory if it fits in ``limit`` bytes (for addons),
     counting what is read in ``meter`` (which does not capture: the caller does).
+    A chunked body is decoded with ``decoder`` (default: a new strict one).
 
     Returns ``(body, None)`` when complete.  Otherwise ``(prefix, resume)``: for a
     fixed length, nothing was read (``resume`` is the length); for chunked framing,
@@ -109,7 +116,8 @@ async def read_upto(
             parts.append(piece)
             size_so_far += len(piece)
         return b"".join(parts), -1
-    decoder = ChunkedDecoder(CHUNK_LINE_LIMIT, trailer_limit)
+    if decoder is None:
+        decoder = ChunkedDecoder(CHUNK_LINE_LIMIT, trailer_limit)
     while not decoder.done:
         data = await _read_chunked(src, decoder)
         meter.count += len(data)

@@ -8,8 +8,9 @@ requests on the same connection.
 
 This module is the ONE place that writes answers the proxy makes itself — error pages,
 407 challenges, 429s, addon answers, its own answers to ``Max-Forwards: 0`` — all
-through `render_answer`, which follows RFC 9110 §9.3.2 and §6.4.1: no body for HEAD
-(with the Content-Length the body would have had), none for 1xx, 204 and 304.
+through `render_answer`, which follows RFC 9110 §9.3.2, §6.4.1 and §9.3.6: no body for
+HEAD (with the Content-Length the body would have had), none for 1xx, 204 and 304, nor
+for a 2xx to CONNECT.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from eyewall.proxy.streams import (
 from eyewall.proxy.timeouts import Phase, Watch
 from eyewall.proxy.tunnel import Tunnel
 
-__all__ = ["ClientConnection", "inner_target", "render_answer"]
+__all__ = ["ClientConnection", "inner_target", "method_hint", "render_answer"]
 
 log = logging.getLogger("eyewall.client")
 auth_log = logging.getLogger("eyewall.auth")
@@ -110,19 +111,30 @@ def render_answer(
 
     ``fields`` must not frame the message: Content-Length and ``Connection: close`` are
     added here.  A HEAD gets the head alone, with the length the body would have had
-    (RFC 9110 §9.3.2); 1xx, 204 and 304 carry no body and no length (§6.4.1, §8.6).
+    (RFC 9110 §9.3.2); 1xx, 204 and 304 carry no body and no length (§6.4.1, §8.6), nor
+    does a 2xx to CONNECT (§9.3.6: what follows it is the tunnel's).  A caller that
+    could not read the method (a head too large or malformed) passes what the head
+    starts with (`method_hint`) and closes the connection.
     """
     if not reason:
         reason = HTTPStatus(status).phrase if status in _KNOWN_STATUS else ""
     lines = [f"HTTP/1.1 {status} {reason}"]
     lines.extend(f"{n}: {v}" for n, v in fields if n.lower() not in _FRAMING)
-    bodiless = status < 200 or status in (204, 304)
+    bodiless = status < 200 or status in (204, 304) or (method == "CONNECT" and status < 300)
     if not bodiless:
         lines.append(f"Content-Length: {len(body)}")
     if close:
         lines.append("Connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head if bodiless or method == "HEAD" else head + body
+
+
+def method_hint(data: bytes) -> str:
+    """The method a request head that could not be parsed seems to have (its first
+    token, after an optional empty line), for `render_answer`: "HEAD" gets no body.
+    "GET" when there is no such token."""
+    method, space, _ = data.lstrip(b"\r\n")[:32].partition(b" ")
+    return method.decode("latin-1") if space and method.isalpha() else "GET"
 
 
 class ClientConnection:
@@ -270,7 +282,8 @@ class ClientConnection:
             log.exception("internal error handling %s %s", flow.id, flow.url)
             exchange = self.exchange
             if (exchange is None or not exchange.responded) and not self.stream.closed():
-                await self._error(flow, "GET", ErrorKind.INTERNAL, "internal error", True)
+                method = flow.method or "GET"
+                await self._error(flow, method, ErrorKind.INTERNAL, "internal error", True)
             flow.fail(ErrorKind.INTERNAL, "internal error")
             self.stream.close()
             return False
@@ -290,12 +303,12 @@ class ClientConnection:
                 kind, detail = ErrorKind.TARGET_TOO_LONG, "request line too long"
             else:
                 kind, detail = ErrorKind.HEADERS_TOO_LARGE, "request header section too large"
-            return False, await self._error(flow, "GET", kind, detail, True)
+            return False, await self._error(flow, method_hint(data), kind, detail, True)
         try:
             head = parse_request_head(data)
         except ParseError as e:
             kind = ErrorKind.VERSION_NOT_SUPPORTED if e.status == 505 else ErrorKind.BAD_REQUEST
-            return False, await self._error(flow, "GET", kind, str(e), True)
+            return False, await self._error(flow, method_hint(data), kind, str(e), True)
         flow.method = head.method
         flow.request = head
         flow.head_bytes = len(data)

@@ -5,15 +5,18 @@
     client ◀─1xx/head/body── proxy ◀── origin      (re-framed for the client)
 
 `Exchange.run` returns an `Outcome` and never calls back into the client loop: the
-origin's response (interim responses included) is written here, but every answer the
-proxy makes itself — an error page, an addon's ``respond()`` — is written by the client
-loop from the outcome.
+origin's response (interim responses included) is written here, and so is the one
+interim response the proxy makes itself (a ``100 Continue`` when it reads a body for an
+addon before asking the origin, or when a Connection option kept Expect from the
+origin); every final answer the proxy makes itself — an error page, an addon's
+``respond()`` — is written by the client loop from the outcome.
 
 The request body is uploaded by a task while the response is awaited, so an origin may
 answer before it has read the whole body (a 413, or a refused 100-continue).  Each wait
 is a phase of the connection's `Watch` (`eyewall.proxy.timeouts`): SENDING while the
-body goes up, WAITING for the response head, HOOK while addon code runs, BUFFERING
-while a body is read for an addon, RESPONDING while the response body goes down.
+body goes up, WAITING for the response head (and for the first body byte of a client
+that expects 100 Continue), HOOK while addon code runs, BUFFERING while a body is read
+for an addon, RESPONDING while the response body goes down.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from eyewall.http1.response import parse_response_head
 from eyewall.http1.target import Target
 from eyewall.proxy import bodies
 from eyewall.proxy.context import ProxyContext
-from eyewall.proxy.streams import complete, moved, read_buffered, read_head
+from eyewall.proxy.streams import complete, moved, read_buffered, read_head, unread, unsent
 from eyewall.proxy.timeouts import Phase, Watch
 from eyewall.proxy.upstream import Upstream
 
@@ -55,6 +58,7 @@ __all__ = ["Answered", "Exchange", "Failed", "Killed", "Outcome", "Responded", "
 
 SMALL_BODY = 64 << 10  # responses up to this size are read whole and sent with the head
 INTERIM_BUDGET = 16  # interim response heads may total this many max_header_size
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +126,7 @@ class Exchange:
         "up",
         "upload",
         "upload_error",
+        "upload_waits",
         "watch",
     )
 
@@ -154,6 +159,7 @@ class Exchange:
         self.up: Upstream | None = None
         self.upload: asyncio.Future[None] | None = None
         self.upload_error: ProxyError | None = None
+        self.upload_waits = False  # the client has not begun a body it sends on 100
         self.responded = False  # a response head went to the client
         capture = ctx.settings.flows.body_limit
         self.sent = bodies.Meter(capture)  # request body bytes, client to origin
@@ -168,9 +174,18 @@ class Exchange:
         up = self.up
         return n + moved(up.stream) if up is not None else n
 
+    def _unsent(self) -> int:
+        """Bytes still in the kernel's send queues, both ways (they shrink as peers read)."""
+        up = self.up
+        n = unsent(self.client.socket)
+        return n + unsent(up.stream.socket) if up is not None else n
+
     def _enter(self, phase: Phase) -> None:
         limit = phase.limit(self.ctx.settings.timeouts)
-        self.watch.enter(phase, self.ctx.clock(), limit, self._progress if phase.idle else None)
+        if phase.idle:
+            self.watch.enter(phase, self.ctx.clock(), limit, self._progress, self._unsent)
+        else:
+            self.watch.enter(phase, self.ctx.clock(), limit)
 
     def expire(self, phase: Phase) -> None:
         """The watch ran out in ``phase``: wake the waiting coroutine by closing what it
@@ -252,9 +267,17 @@ class Exchange:
                     self._enter(Phase.WAITING)
                     up.stream.write(request + self.body if self.body else request)
                 else:
-                    self._enter(Phase.SENDING)
+                    # A client expecting 100 (Continue) sends nothing until an answer
+                    # comes: that wait is the response head's (RFC 9110 §10.1.1).
+                    waits = rules.expects_continue(head)
+                    if waits and "expect" in head.headers.tokens("connection"):
+                        # A Connection option made the expectation this hop's, and the
+                        # origin does not get it: the proxy meets it (§7.6.1).
+                        await self.client.write(CONTINUE)
+                        waits = False
+                    self._enter(Phase.WAITING if waits else Phase.SENDING)
                     await up.stream.write(request)
-                    self.upload = asyncio.ensure_future(self._upload_body(framing))
+                    self.upload = asyncio.ensure_future(self._upload_body(framing, waits))
                 return await self._read_final_head(upgrade)
             except StreamClosedError:
                 # A pooled connection the origin closed just as we reused it: safe to
@@ -264,11 +287,19 @@ class Exchange:
                 up.stream.close()
                 attempt += 1
 
-    async def _upload_body(self, framing: Framing) -> None:
+    async def _upload_body(self, framing: Framing, waits: bool = False) -> None:
+        """Stream the request body to the origin; ``waits``: the client sends it only
+        after a 100 (Continue), so the phase is WAITING until its first byte comes."""
         src, up = self.client, self.up
         assert up is not None
         limit = self.ctx.settings.limits.max_header_size
         try:
+            if waits:
+                self.upload_waits = True
+                unread(src, await src.read_bytes(1, partial=True))  # the body begins
+                self.upload_waits = False
+                if self.watch.phase is Phase.WAITING:
+                    self._enter(Phase.SENDING)
             if self.resume is not None:  # an addon asked for a body too big to buffer
                 prefix, resume = self.resume
                 if framing.kind is BodyKind.LENGTH:
@@ -297,9 +328,11 @@ class Exchange:
     async def settle(self, seconds: float = 2.0) -> None:
         """After the client loop answered a failed exchange: let a request body upload
         still running end (its origin is gone, so it stops at its next write), for at
-        most ``seconds``; then close the client, whose body cannot be delimited."""
+        most ``seconds``; then close the client, whose body cannot be delimited.  A
+        client still waiting for a 100 (Continue) has sent no body to wait for: it is
+        closed at once."""
         task = self.upload
-        if task is None or task.done():
+        if task is None or task.done() or self.upload_waits:
             await self._finish_upload()
             return
         try:
@@ -354,12 +387,7 @@ class Exchange:
                 raise ProxyError(ErrorKind.HTTP_PROTOCOL_ERROR, str(e)) from None
             self.flow.head_bytes += len(data)
             if response.repairs:
-                log.info(
-                    "%s: repaired the response head from %s (RFC 9112 §5): %s",
-                    self.flow.id,
-                    up.peer,
-                    "; ".join(response.repairs),
-                )
+                self._log_repairs("head", response.repairs)
             if response.status == 101:
                 if not upgrade or "websocket" not in response.headers.tokens("upgrade"):
                     raise ProxyError(ErrorKind.HTTP_PROTOCOL_ERROR, "unrequested 101 response")
@@ -392,7 +420,16 @@ class Exchange:
         # A body too big for an addon: what was read, where to go on.
         prefix: bytes = b""
         resume: int | ChunkedDecoder = 0
+        limit = ctx.settings.limits.max_header_size
+        # Response trailers are read as leniently as response heads.
+        decoder = (
+            ChunkedDecoder(bodies.CHUNK_LINE_LIMIT, limit, repair=True)
+            if framing.kind is BodyKind.CHUNKED
+            else None
+        )
+        dropped = False  # the origin's body is left unread: its connection cannot be reused
         if hf is not None:
+            status = response.status
             hf.response = Response(response)
             await self._hook(ResponseHeaders)
             if hf.killed or hf.answer is not None:
@@ -413,8 +450,9 @@ class Exchange:
                     kind,
                     framing.length,
                     hf.response.buffer_limit,
-                    ctx.settings.limits.max_header_size,
+                    limit,
                     self.buffered,
+                    decoder,
                 )
                 if more is None:
                     hf.response.body = data
@@ -429,6 +467,20 @@ class Exchange:
                 else:
                     hf.response.truncated = True
                     prefix, resume = data, more
+            bodiless = (204, 304)
+            if response.status != status and response.status in bodiless:
+                # An addon made it a 204 or 304: no content, and no field that would
+                # frame one (RFC 9110 §6.4.1, §15.3.5, §15.4.5); the origin's body is
+                # dropped, read or not.
+                response.headers.remove("content-length")
+                response.headers.remove("transfer-encoding")
+                dropped = framing.kind is not BodyKind.NONE and buffered is None
+                framing, prefix = rules.NO_BODY, b""
+                buffered = b"" if buffered is not None else None
+            elif response.status != status and status in bodiless and head.method != "HEAD":
+                # Made from a 204 or 304 into a status with content: an empty one.
+                response.headers.set("Content-Length", "0")
+                framing = Framing(BodyKind.LENGTH, 0)
         out = rules.downstream_framing(framing, head.version)
         keep_alive = (
             keep_alive
@@ -467,11 +519,11 @@ class Exchange:
             if framing.kind is BodyKind.LENGTH:
                 await bodies.copy_length(origin, client, framing.length, received)
             elif framing.kind is BodyKind.CHUNKED:
-                limit = ctx.settings.limits.max_header_size
-                decoder = resume if isinstance(resume, ChunkedDecoder) else None
                 await bodies.copy_chunked(origin, client, chunked, received, limit, decoder)
             else:
                 await bodies.copy_until_close(origin, client, chunked, received)
+        if decoder is not None and decoder.repairs:
+            self._log_repairs("trailers", decoder.repairs)
         if hf is not None and buffered is None:
             await self._hook(ResponseHook)  # after the fact: the body streamed
         upload = self.upload
@@ -479,6 +531,7 @@ class Exchange:
             await self._finish_upload()
         if (
             self._request_complete()
+            and not dropped
             and framing.kind is not BodyKind.CLOSE
             and rules.keep_alive(response)
             and not origin.closed()
@@ -488,6 +541,16 @@ class Exchange:
         else:
             origin.close()
         return Responded(keep_alive and not client.closed() and self._request_complete())
+
+    def _log_repairs(self, section: str, repairs: tuple[str, ...]) -> None:
+        assert self.up is not None
+        log.info(
+            "%s: repaired the response %s from %s (RFC 9112 §5): %s",
+            self.flow.id,
+            section,
+            self.up.peer,
+            "; ".join(repairs),
+        )
 
     @staticmethod
     def _count(meter: bodies.Meter, data: bytes) -> None:
@@ -506,6 +569,11 @@ class Exchange:
         if request.buffer_limit and framing.kind is not BodyKind.NONE:
             kind = "length" if framing.kind is BodyKind.LENGTH else "chunked"
             limit = self.ctx.settings.limits.max_header_size
+            if rules.expects_continue(self.head):
+                # The proxy reads the body before the origin is asked: it answers the
+                # expectation itself, and the origin gets none (RFC 9110 §10.1.1).
+                self.head.headers.remove("expect")
+                await self.client.write(CONTINUE)
             self._enter(Phase.BUFFERING)
             try:
                 data, resume = await bodies.read_upto(
@@ -561,7 +629,7 @@ class Exchange:
             return self.upload_error
         expired = self.watch.expired
         if expired is not None and expired.kind is not None:
-            return ProxyError(expired.kind, f"{_WAITED_FOR[expired]} took too long")
+            return ProxyError(expired.kind, f"{expired.what} took too long")
         if self.client.closed():
             return ProxyError(ErrorKind.CLIENT_ABORTED, "client closed the connection")
         if self.responded:
@@ -583,19 +651,3 @@ class Exchange:
                 pass  # the exchange has failed already
         close = not self._request_complete() or error.kind is ErrorKind.BAD_REQUEST
         return Failed(error, self.responded or self.client.closed(), close)
-
-
-_WAITED_FOR = {
-    Phase.SENDING: "sending the request body (no byte moved)",
-    Phase.WAITING: "waiting for the origin's response head",
-    Phase.BUFFERING: "reading a body for an addon (no byte moved)",
-    Phase.RESPONDING: "the response body (no byte moved)",
-    Phase.CONNECTING: "connecting to the origin",
-    Phase.RESOLVING: "resolving the origin's name",
-    Phase.HANDSHAKE: "the TLS handshake",
-    Phase.CLIENT_HEAD: "the request head",
-    Phase.IDLE: "idle",
-    Phase.HOOK: "an addon hook",
-    Phase.AUTHENTICATING: "checking a password",
-    Phase.CLOSING: "closing",
-}

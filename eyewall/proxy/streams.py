@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+import sys
 from collections.abc import Awaitable
 
 from tornado.concurrent import Future
@@ -31,8 +32,17 @@ __all__ = [
     "read_head",
     "take_over",
     "unread",
+    "unsent",
 ]
 
+
+if sys.platform == "linux":
+    import fcntl
+    import termios
+
+    _OUTQ: int | None = termios.TIOCOUTQ  # SIOCOUTQ for sockets
+else:
+    _OUTQ = None
 
 STREAM_BUFFER = 8 << 20  # the most a stream may hold unread (IOStream's max_buffer_size)
 HEAD_END = re.compile(rb"\n\r?\n")  # the empty line that ends a head (CRLF or bare LF)
@@ -132,6 +142,20 @@ def moved(stream: IOStream) -> int:
     """Bytes ``stream`` has handed to the kernel so far (grows as a slow reader takes
     them): with body byte counts, the progress the body-idle limit watches."""
     return stream._total_write_done_index
+
+
+def unsent(sock: socket.socket | None) -> int:
+    """Bytes in ``sock``'s kernel send queue: handed to the kernel, not yet acknowledged
+    by the peer (SIOCOUTQ, Linux).  The queue shrinks as a slow peer takes bytes, while
+    the socket may stay unwritable for seconds (a send buffer grown to megabytes only
+    becomes writable again once a third of it is free).  0 where it cannot be read:
+    other systems, no socket, a closed one."""
+    if _OUTQ is None or sock is None:
+        return 0
+    try:
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), _OUTQ, bytes(4)), sys.byteorder)
+    except (OSError, ValueError):
+        return 0
 
 
 def peer_gone(stream: IOStream) -> bool:

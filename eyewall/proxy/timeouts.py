@@ -14,9 +14,10 @@ Two kinds of limit:
 * an idle limit (``body_idle``): the phase may go on for ever as long as bytes move.
   Progress is read from counters the data path keeps anyway (body bytes read, bytes
   each stream handed to the kernel) only when the sweep looks, so the data path pays
-  nothing per piece; a slow but steady reader or writer is never cut off, and the wait
-  for a response head never counts as body idleness (entering a phase starts its
-  clock afresh).
+  nothing per piece; when they stand still, from the kernel's send queues, which
+  shrink as a peer takes bytes (`Watch.check`).  A slow but steady reader or writer is
+  never cut off, and the wait for a response head never counts as body idleness
+  (entering a phase starts its clock afresh).
 
 Addon hooks run in phase ``HOOK``, which the sweep never expires: the hook runner
 enforces ``timeouts.addon_hook`` itself, so a slow addon is never reported as a silent
@@ -42,24 +43,60 @@ __all__ = ["Phase", "Watch", "Watchdog", "Watched", "sweep_interval"]
 log = logging.getLogger("eyewall.timeouts")
 
 
+@enum.unique
 class Phase(enum.Enum):
-    """(the `Timeouts` setting that limits the phase, idle-based?, the error kind when
-    it runs out; None: the connection is closed quietly)."""
+    """(what is waited for, in words; the `Timeouts` setting that limits the phase,
+    idle-based?, the error kind when it runs out; None: the connection is closed
+    quietly).  The words make every value distinct: members with equal values would be
+    aliases of one another, and RESPONDING would be SENDING."""
 
-    IDLE = ("keepalive_idle", False, None)  # between requests on a kept-alive connection
-    CLIENT_HEAD = ("client_header", False, ErrorKind.CLIENT_TIMEOUT)
-    RESOLVING = ("upstream_connect", False, ErrorKind.CONNECTION_TIMEOUT)
-    CONNECTING = ("upstream_connect", False, ErrorKind.CONNECTION_TIMEOUT)
-    SENDING = ("body_idle", True, ErrorKind.BODY_STALLED)  # request body, no response yet
-    WAITING = ("upstream_head", False, ErrorKind.READ_TIMEOUT)  # request sent
-    BUFFERING = ("body_idle", True, ErrorKind.BODY_STALLED)  # a body read for an addon
-    RESPONDING = ("body_idle", True, ErrorKind.BODY_STALLED)  # response body in transit
-    HOOK = ("", False, None)  # user code: the addon runner enforces timeouts.addon_hook
-    AUTHENTICATING = ("", False, None)  # a bcrypt check: bounded by its queue
-    HANDSHAKE = ("", False, ErrorKind.CLIENT_TLS_ERROR)  # tls.handshake_timeout
-    CLOSING = ("", False, None)  # an answer is out; the connection is closing
+    IDLE = ("idle", "keepalive_idle", False, None)  # between requests, kept alive
+    CLIENT_HEAD = ("the request head", "client_header", False, ErrorKind.CLIENT_TIMEOUT)
+    RESOLVING = (
+        "resolving the origin's name",
+        "upstream_connect",
+        False,
+        ErrorKind.CONNECTION_TIMEOUT,
+    )
+    CONNECTING = (
+        "connecting to the origin",
+        "upstream_connect",
+        False,
+        ErrorKind.CONNECTION_TIMEOUT,
+    )
+    SENDING = (  # request body, no response yet
+        "sending the request body (no byte moved)",
+        "body_idle",
+        True,
+        ErrorKind.BODY_STALLED,
+    )
+    WAITING = (  # request sent
+        "waiting for the origin's response head",
+        "upstream_head",
+        False,
+        ErrorKind.READ_TIMEOUT,
+    )
+    BUFFERING = (  # a body read for an addon
+        "reading a body for an addon (no byte moved)",
+        "body_idle",
+        True,
+        ErrorKind.BODY_STALLED,
+    )
+    RESPONDING = (  # response body in transit
+        "the response body (no byte moved)",
+        "body_idle",
+        True,
+        ErrorKind.BODY_STALLED,
+    )
+    # User code: the addon runner enforces timeouts.addon_hook.
+    HOOK = ("an addon hook", "", False, None)
+    AUTHENTICATING = ("checking a password", "", False, None)  # bounded by its queue
+    # Bounded by tls.handshake_timeout where the handshake runs.
+    HANDSHAKE = ("the TLS handshake", "", False, ErrorKind.CLIENT_TLS_ERROR)
+    CLOSING = ("closing", "", False, None)  # an answer is out; the connection is closing
 
-    def __init__(self, setting: str, idle: bool, kind: ErrorKind | None) -> None:
+    def __init__(self, what: str, setting: str, idle: bool, kind: ErrorKind | None) -> None:
+        self.what = what
         self.setting = setting
         self.idle = idle
         self.kind = kind
@@ -74,11 +111,23 @@ class Watch:
     """The phase one connection is in, for the `Watchdog`.
 
     ``on_expire(phase)`` is called once when the phase runs out; it must wake whatever
-    waits (usually by closing streams).  ``progress`` (for idle-based phases) returns a
-    number that grows whenever bytes move.
+    waits (usually by closing streams).  For idle-based phases, ``progress`` returns a
+    number that grows whenever the proxy moves bytes, and ``unsent`` (optional) the
+    bytes still in the kernel's send queues of the sockets involved (see `check`).
     """
 
-    __slots__ = ("deadline", "expired", "limit", "on_expire", "phase", "progress", "seen", "since")
+    __slots__ = (
+        "deadline",
+        "expired",
+        "limit",
+        "on_expire",
+        "phase",
+        "progress",
+        "queued",
+        "seen",
+        "since",
+        "unsent",
+    )
 
     def __init__(self, on_expire: Callable[[Phase], None]) -> None:
         self.on_expire = on_expire
@@ -87,7 +136,9 @@ class Watch:
         self.deadline = float("inf")
         self.since = 0.0
         self.progress: Callable[[], int] | None = None
+        self.unsent: Callable[[], int] | None = None
         self.seen = 0
+        self.queued: int | None = None  # ``unsent()`` when last read; None: not read
         self.expired: Phase | None = None
 
     def enter(
@@ -96,30 +147,52 @@ class Watch:
         now: float,
         limit: float | None,
         progress: Callable[[], int] | None = None,
+        unsent: Callable[[], int] | None = None,
     ) -> None:
         """Start ``phase`` at ``now`` (loop time, seconds) with ``limit`` seconds (None:
-        unlimited).  An idle-based phase needs ``progress``."""
+        unlimited).  An idle-based phase needs ``progress``; ``unsent`` is optional."""
         self.phase = phase
         self.limit = limit
         self.since = now
         self.deadline = float("inf") if limit is None or phase.idle else now + limit
         self.progress = progress
+        self.unsent = unsent
         self.seen = progress() if progress is not None else 0
+        self.queued = None
 
     def check(self, now: float) -> None:
-        """Expire the phase if it is over its limit at ``now``."""
+        """Expire the phase if it is over its limit at ``now``.
+
+        An idle-based phase runs out when no byte moved, either way, for its limit.
+        The proxy's counters see a byte when the proxy reads it or hands it to the
+        kernel; but a kernel send buffer of megabytes stays full (unwritable) for seconds
+        while a slow reader steadily takes bytes from it.  So the first sweep that finds
+        the counters unchanged notes ``unsent()``, and at the limit a smaller queue is
+        progress too: bytes moved on the wire.  (With no new bytes handed over, the
+        queue can only shrink.)  Where ``unsent`` cannot be read it stays 0, and only
+        the counters count.
+        """
         if self.expired is not None or self.limit is None:
             return
-        if self.phase.idle:
-            assert self.progress is not None
-            moved = self.progress()
-            if moved != self.seen:
-                self.seen = moved
-                self.since = now
-            elif now - self.since >= self.limit:
+        if not self.phase.idle:
+            if now >= self.deadline:
                 self._expire()
-        elif now >= self.deadline:
-            self._expire()
+            return
+        assert self.progress is not None
+        moved = self.progress()
+        if moved != self.seen:
+            self.seen = moved
+            self.since = now
+            self.queued = None
+        elif self.queued is None:
+            self.queued = self.unsent() if self.unsent is not None else 0
+        elif now - self.since >= self.limit:
+            queued = self.unsent() if self.unsent is not None else 0
+            if queued == self.queued:
+                self._expire()
+            else:
+                self.queued = queued
+                self.since = now
 
     def _expire(self) -> None:
         self.expired = self.phase

@@ -34,6 +34,8 @@ import socket
 import ssl
 from collections.abc import Callable
 
+from eyewall.proxy.streams import unsent
+
 __all__ = ["PipePool", "Relay", "Tunnel"]
 
 log = logging.getLogger("eyewall.tunnel")
@@ -265,6 +267,7 @@ class Tunnel:
         "notify_pending",
         "on_close",
         "pipes",
+        "queued",
         "splice",
         "up",
         "upstream",
@@ -288,6 +291,7 @@ class Tunnel:
         self.idle_timeout = idle_timeout
         self.active = True  # set on every read; the watchdog clears it
         self.idle_since = self.loop.time()
+        self.queued: int | None = None  # the kernel's send queues at the first quiet check
         self.closed = False
         self.failed_side = ""  # "client" or "upstream" when an error ended the tunnel
         self.up = _Pump(self, client, upstream, to_upstream)
@@ -313,12 +317,22 @@ class Tunnel:
 
     def check(self, now: float) -> None:
         """The watchdog's check: close the tunnel once no byte has moved for ``idle_timeout``
-        seconds (``now``: loop time)."""
+        seconds (``now``: loop time).  As for body idleness (`Watch.check`), a kernel
+        send queue that shrank since the first quiet check counts as bytes moved: a
+        slow reader behind a full send buffer lets the pumps read nothing for long."""
         if self.active:
             self.active = False
             self.idle_since = now
+            self.queued = None
+        elif self.queued is None:
+            self.queued = unsent(self.client) + unsent(self.upstream)
         elif now - self.idle_since >= self.idle_timeout:
-            self.close(TimeoutError("tunnel idle"))
+            queued = unsent(self.client) + unsent(self.upstream)
+            if queued == self.queued:
+                self.close(TimeoutError("tunnel idle"))
+            else:
+                self.queued = queued
+                self.idle_since = now
 
     def finished(self, pump: _Pump) -> None:
         """``pump`` saw end of input and delivered everything: pass the EOF on."""

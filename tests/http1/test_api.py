@@ -20,7 +20,12 @@ API = {
         "parse_fields",
         "parse_request_head",
     ],
-    "response": ["MAX_REPAIRS", "parse_response_head", "repair_response_head"],
+    "response": [
+        "MAX_REPAIRS",
+        "parse_response_head",
+        "parse_response_trailers",
+        "repair_response_head",
+    ],
     "chunked": ["ChunkedDecoder", "encode_chunk", "last_chunk"],
     "framing": [
         "NO_BODY",
@@ -29,6 +34,7 @@ API = {
         "body_framing",
         "content_length",
         "downstream_framing",
+        "expects_continue",
         "is_idempotent",
         "keep_alive",
         "websocket_upgrade",
@@ -48,7 +54,9 @@ API = {
     "methods": ["REGISTERED", "canonical_method"],
 }
 SIGNATURES = {
-    "chunked.ChunkedDecoder": "(max_line: 'int' = 4096, max_trailers: 'int' = 65536) -> 'None'",
+    "chunked.ChunkedDecoder": (
+        "(max_line: 'int' = 4096, max_trailers: 'int' = 65536, repair: 'bool' = False) -> 'None'"
+    ),
     "chunked.ChunkedDecoder.feed": (
         "(self, data: 'bytes | memoryview') -> 'list[bytes | memoryview]'"
     ),
@@ -56,10 +64,14 @@ SIGNATURES = {
         "(head: 'RequestHead | ResponseHead', request_method: 'str | None' = None) -> 'Framing'"
     ),
     "framing.keep_alive": "(head: 'RequestHead | ResponseHead') -> 'bool'",
+    "framing.expects_continue": "(head: 'RequestHead') -> 'bool'",
     "fields.max_forwards": "(head: 'RequestHead') -> 'int | None'",
     "fields.trace_echo": "(head: 'RequestHead') -> 'bytes'",
     "target.redact_userinfo": "(text: 'str') -> 'str'",
     "response.parse_response_head": "(data: 'bytes') -> 'ResponseHead'",
+    "response.parse_response_trailers": (
+        "(data: 'bytes') -> 'tuple[list[tuple[str, str]], tuple[str, ...]]'"
+    ),
 }
 
 

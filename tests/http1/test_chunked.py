@@ -126,6 +126,33 @@ def test_invalid_bodies(data, words):
     assert words in refuse_every_way(data)
 
 
+# A response's trailer section is read as leniently as its head (``repair=True``);
+# a request's stays strict (the INVALID cases above).
+REPAIRED_TRAILERS = [
+    ("whitespace before colon", b"0\r\nX-T : v\r\n\r\n", [("X-T", "v")], True),
+    ("obs-fold", b"0\r\nX-T: a\r\n b\r\n\r\n", [("X-T", "a b")], True),
+    ("no colon", b"0\r\nno colon\r\nX-T: v\r\n\r\n", [("X-T", "v")], True),
+    ("valid", b"0\r\nX-T: v\r\n\r\n", [("X-T", "v")], False),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "trailers", "repaired"),
+    [case[1:] for case in REPAIRED_TRAILERS],
+    ids=[case[0] for case in REPAIRED_TRAILERS],
+)
+def test_response_trailers_are_repaired_and_request_trailers_are_not(data, trailers, repaired):
+    body = b"5\r\nhello\r\n" + data
+    for pieces in splits(body):
+        decoder = ChunkedDecoder(repair=True)
+        out = b"".join(bytes(p) for piece in pieces for p in decoder.feed(piece))
+        assert decoder.done and (out, decoder.trailers) == (b"hello", trailers)
+        assert bool(decoder.repairs) is repaired
+    if repaired:
+        with pytest.raises(ParseError):
+            decode([body])  # a request's trailers: strict
+
+
 def test_size_line_limit_counts_the_line_end():
     line = b"1;" + b"x" * 4 + b"\r\n"  # 8 bytes
     assert decode_every_way(line + b"a\r\n0\r\n\r\n", max_line=8)[0] == b"a"

@@ -280,6 +280,34 @@ def test_upstream_fields_count_down_max_forwards(method, value, sent):
     assert Headers(forward(head)).get_all(MF) == [sent]
 
 
+@pytest.mark.parametrize("method", ["OPTIONS", "TRACE"])
+@pytest.mark.parametrize("connection", ["Max-Forwards", "close, max-forwards"])
+def test_a_connection_option_cannot_remove_max_forwards(method, connection):
+    """RFC 9110 §7.6.2: each intermediary MUST update Max-Forwards; a Connection option
+    naming it (§7.6.1 forbids naming an end-to-end field) would defeat the hop limit."""
+    head = req(("Connection", connection), (MF, "3"), method=method)
+    assert Headers(forward(head)).get_all(MF) == ["2"]
+
+
+def test_on_other_methods_a_connection_option_removes_max_forwards():
+    head = req(("Connection", "Max-Forwards"), (MF, "3"), method="GET")
+    assert MF not in Headers(forward(head))
+
+
+def test_connection_options_cannot_remove_the_fields_the_proxy_writes():
+    head = req(
+        ("Host", "elsewhere"),
+        ("Connection", "host, content-length, expect, x-a"),
+        (CL, "5"),
+        ("Expect", "100-continue"),
+        ("X-A", "1"),
+    )
+    sent = Headers(forward(head))
+    assert sent.get_all("host") == ["o.test:8080"]  # from the target, always
+    assert sent.get_all(CL) == ["5"]
+    assert "expect" not in sent and "x-a" not in sent  # the proxy answers the Expect
+
+
 def test_trace_echo_leaves_out_credentials():
     head = RequestHead(
         "TRACE",

@@ -320,3 +320,18 @@ def test_websocket_upgrade(method, version, fields, expected):
 )
 def test_is_idempotent_follows_the_method_registry(method, expected):
     assert m.is_idempotent(method) is expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "version", "expected"),
+    [
+        ([("Expect", "100-continue")], "HTTP/1.1", True),
+        ([("expect", "100-Continue")], "HTTP/1.1", True),  # case-insensitive token
+        ([("Expect", "foo, 100-continue")], "HTTP/1.1", True),
+        ([("Expect", "100-continue")], "HTTP/1.0", False),  # no 1xx for HTTP/1.0
+        ([("Expect", "200-ok")], "HTTP/1.1", False),
+        ([], "HTTP/1.1", False),
+    ],
+)
+def test_expects_continue(fields, version, expected):
+    assert m.expects_continue(req(*fields, version=version)) is expected

@@ -11,7 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eyewall.http1.parse import ParseError, check_field
-from eyewall.http1.response import MAX_REPAIRS, parse_response_head, repair_response_head
+from eyewall.http1.response import (
+    MAX_REPAIRS,
+    parse_response_head,
+    parse_response_trailers,
+    repair_response_head,
+)
 from tests.http1.scaling import LINEAR, doubling_ratio
 
 EOLS = pytest.mark.parametrize("eol", ["\r\n", "\n"], ids=["crlf", "lf"])
@@ -312,3 +317,40 @@ def test_response_heads_take_linear_time(make):
         return run
 
     assert doubling_ratio(parse, n) < LINEAR
+
+
+# -- trailer sections of chunked responses: read like heads, no framing guards --------------
+
+
+@pytest.mark.parametrize(
+    ("section", "fields", "repairs"),
+    [
+        (b"\r\n", [], []),
+        (b"X-T: v\r\n\r\n", [("X-T", "v")], []),
+        (b"X-T : v\r\n\r\n", [("X-T", "v")], ["whitespace before the colon of X-T"]),
+        (b"X-T: a\r\n b\r\n\r\n", [("X-T", "a b")], ["obs-fold in X-T"]),
+        (b"no colon\r\nX-T: v\r\n\r\n", [("X-T", "v")], ["line without a colon dropped"]),
+        (b" lead\r\nX-T: v\n\n", [("X-T", "v")], ["line starting with whitespace"]),
+        (b"X(A): 1\r\n\r\n", [], ["invalid name"]),
+        # No trailer field frames anything: no 502 for a repair of these names.
+        (b"Content-Length : 5\r\n\r\n", [("Content-Length", "5")], ["colon of Content-Length"]),
+        (b"Transfer-Encoding\r\n\r\n", [], ["line without a colon dropped"]),
+        (b"X-T: a\rb\r\n\r\n", [("X-T", "a b")], ["bare CR in header X-T"]),
+    ],
+)
+def test_response_trailers_are_repaired_like_heads(section, fields, repairs):
+    got, noted = parse_response_trailers(section)
+    assert got == fields
+    assert len(noted) == len(repairs)
+    for note, words in zip(noted, repairs, strict=True):
+        assert words in note
+
+
+@pytest.mark.parametrize(
+    ("section", "words"),
+    [(b"X-T: a\x00b\r\n\r\n", "NUL in header X-T"), (b"X-T: v\r\n", "malformed header section")],
+)
+def test_unreadable_response_trailers_are_502(section, words):
+    with pytest.raises(ParseError, match=words) as info:
+        parse_response_trailers(section)
+    assert info.value.status == 502

@@ -104,10 +104,19 @@ class FakeContext:
 
 
 class Client:
-    """The test's end of a client connection served by a `ClientConnection`."""
+    """The test's end of a client connection served by a `ClientConnection`: a socket
+    pair, or with ``rcvbuf`` a loopback TCP connection whose client end has that
+    receive buffer (for tests of what TCP's send buffers do)."""
 
-    def __init__(self, ctx: FakeContext) -> None:
-        self.sock, theirs = socket.socketpair()
+    def __init__(self, ctx: FakeContext, rcvbuf: int = 0) -> None:
+        if rcvbuf:
+            with socket.create_server(("127.0.0.1", 0)) as listener:
+                self.sock = socket.socket()
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                self.sock.connect(listener.getsockname())
+                theirs, _ = listener.accept()
+        else:
+            self.sock, theirs = socket.socketpair()
         self.sock.setblocking(False)
         self.ctx = ctx
         self.conn = ClientConnection(ctx, BoundedStream(theirs), ("127.0.0.1", 40000))  # type: ignore[arg-type]

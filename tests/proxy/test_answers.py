@@ -11,7 +11,7 @@ import pytest
 
 from eyewall.errors import ErrorKind, error_answer, proxy_status_type, status_of
 from eyewall.http1.response import parse_response_head
-from eyewall.proxy.client import render_answer
+from eyewall.proxy.client import method_hint, render_answer
 
 STATUS = {
     400: "bad_request not_proxy_request bad_connect",
@@ -124,6 +124,34 @@ def test_bodiless_statuses_carry_neither_body_nor_length(status, method):
     assert page.endswith(b"\r\n\r\n")
     assert "content-length" not in parsed.headers
     assert parsed.headers.get("x-a") == "1"
+
+
+@pytest.mark.parametrize("status", [200, 204, 299])
+def test_a_2xx_to_connect_carries_neither_body_nor_length(status):
+    """RFC 9110 §9.3.6: after a 2xx to CONNECT the bytes are the tunnel's."""
+    page = render_answer("CONNECT", status, [("X-A", "1")], b"body", True)
+    assert page.endswith(b"\r\n\r\n") and b"Content-Length" not in page
+    refused = render_answer("CONNECT", 403, [], b"no", True)
+    assert refused.endswith(b"Content-Length: 2\r\nConnection: close\r\n\r\nno")
+
+
+@pytest.mark.parametrize(
+    ("data", "method"),
+    [
+        (b"HEAD http://a/ HTTP/1.1\r\nX: " + b"a" * 100, "HEAD"),
+        (b"\r\nHEAD http://a/ HTTP/1.1\r\n", "HEAD"),
+        (b"HEAD " + b"/" * 10000, "HEAD"),  # a request line too long
+        (b"GET http://a/ HTTP/1.1\r\nBad Field: x\r\n\r\n", "GET"),
+        (b"POST http://a/ HTTP/3.0\r\n\r\n", "POST"),
+        (b"\x16\x03\x01", "GET"),
+        (b"", "GET"),
+        (b"HEAD\r\n\r\n", "GET"),
+    ],
+)
+def test_the_method_of_an_unparsed_head_is_guessed_so_head_gets_no_body(data, method):
+    assert method_hint(data) == method
+    page = render_answer(method_hint(data), 431, [], b"too large", True)
+    assert page.endswith(b"\r\n\r\n") is (method == "HEAD")
 
 
 def test_framing_fields_of_an_answer_are_replaced():

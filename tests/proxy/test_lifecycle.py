@@ -6,12 +6,19 @@ answers the proxy makes follow the request method; a reload keeps admission stat
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+import pytest
 
 from eyewall.addons.runner import Addons
 from eyewall.app import build_policy
 from eyewall.config import load_settings
 from eyewall.errors import ErrorKind
+from eyewall.proxy.client import ClientConnection
+from eyewall.proxy.exchange import Exchange
+from eyewall.proxy.streams import unsent
 from eyewall.proxy.timeouts import Phase
 from tests.proxy.harness import DEFAULTS, Client, FakeContext, Origin, read_request, status, until
 
@@ -221,9 +228,87 @@ def test_a_reader_that_stops_is_cut_off_after_body_idle() -> None:
             for _ in range(200):
                 await asyncio.sleep(0)
         ctx.advance(3.1)  # the first sweep notes the last progress
-        ctx.advance(3.1)
+        ctx.advance(0.1)  # the next, what the kernel still holds to send
+        ctx.advance(3.0)
         await until(lambda: ctx.flows)
         assert ctx.flows[0].error is ErrorKind.BODY_STALLED
+        assert ctx.flows[0].error_detail.startswith("the response body")
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+SNDBUF = 4 << 20  # what send-buffer autotuning reaches (tcp_wmem max); the kernel doubles it
+
+
+async def slow_rounds(
+    ctx: FakeContext,
+    conn: ClientConnection,
+    sock: socket.socket,
+    take: Callable[[], Awaitable[None]],
+) -> None:
+    """The peer behind ``sock`` (a proxy socket with a full send buffer) takes a little
+    at a time with ``take``; between two takes the clock moves a second.  Goes on until
+    the proxy has handed the kernel nothing for 10 s, body_idle being 3 s."""
+    exchange = conn.exchange
+    assert exchange is not None
+    quiet = 0.0
+    while quiet < 10.0:
+        before, queued = exchange._progress(), unsent(sock)
+        await take()
+        await until(lambda queued=queued: unsent(sock) != queued, "the send queue shrinks")
+        ctx.advance(1.0)
+        assert conn.watch.expired is None
+        quiet = quiet + 1.0 if exchange._progress() == before else 0.0
+
+
+@pytest.mark.parametrize("then", ["reads on", "stops"])
+def test_a_slow_reader_behind_a_full_send_buffer_is_cut_only_when_it_stops(then: str) -> None:
+    """The client reads a little at a time from a small receive buffer; the proxy's send
+    buffer (megabytes) stays unwritable for longer than body_idle, so the proxy hands the
+    kernel nothing, yet bytes move on the wire all along: not idle.  A reader that stops
+    is cut after body_idle, as before."""
+    size = 32 << 20
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size >> 20):
+            writer.write(b"x" * (1 << 20))
+            await writer.drain()
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 3.0})
+        origin = await Origin.start(big)
+        client = Client(ctx, rcvbuf=16 << 10)
+        proxy_side = client.conn.stream.socket
+        proxy_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+        loop = asyncio.get_running_loop()
+        await client.send(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await until(lambda: client.conn.watch.phase is Phase.RESPONDING)
+        await until(client.conn.stream.writing, "the proxy's send buffer is full")
+        received = 0
+
+        async def take() -> None:
+            nonlocal received
+            received += len(await loop.sock_recv(client.sock, 64 << 10))
+
+        await slow_rounds(ctx, client.conn, proxy_side, take)
+        if then == "reads on":
+            while received < size:
+                chunk = await loop.sock_recv(client.sock, 1 << 20)
+                assert chunk, f"closed after {received} bytes"
+                received += len(chunk)
+            await until(lambda: ctx.flows)
+            assert ctx.flows[0].error is None and ctx.flows[0].status == 200
+        else:
+            ctx.advance(1.0)
+            ctx.advance(3.0)
+            await until(lambda: ctx.flows)
+            assert ctx.flows[0].error is ErrorKind.BODY_STALLED
+            assert ctx.flows[0].error_detail.startswith("the response body")
         await client.finish()
         await origin.close()
         ctx.close()
@@ -287,6 +372,217 @@ def test_an_upload_that_stalls_is_body_stalled() -> None:
         await client.response()
         await until(lambda: ctx.flows)
         assert ctx.flows[0].error is ErrorKind.BODY_STALLED
+        assert ctx.flows[0].error_detail.startswith("sending the request body")
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+def test_an_upload_ending_while_the_response_streams_stays_in_responding() -> None:
+    """The origin answers before it has read the body; the upload ends while the
+    response body is still in transit: the phase stays RESPONDING (body_idle), never
+    WAITING again (upstream_head) — phases are distinct, no member is another's alias."""
+    rest = asyncio.Event()
+
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"a" * 100000)
+        await writer.drain()
+        await reader.readexactly(1000)
+        await rest.wait()
+        writer.write(b"z" * 100000)
+        await writer.drain()
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 60.0, "timeouts.upstream_head": 5.0})
+        origin = await Origin.start(early)
+        client = Client(ctx)
+        await client.send(
+            f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n".encode()
+        )
+        await client.until_received(b"a" * 1000)
+        exchange = client.conn.exchange
+        assert exchange is not None and exchange.upload is not None
+        await client.send(b"u" * 1000)
+        await until(lambda: exchange.upload is not None and exchange.upload.done())
+        assert client.conn.watch.phase is Phase.RESPONDING
+        ctx.advance(6.0)  # past upstream_head: no matter while the body is in transit
+        assert client.conn.watch.expired is None
+        rest.set()
+        data = await client.until_received(b"a" * 1000 + b"z" * 100000)
+        assert status(data) == 200
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("then", ["reads on", "stops"])
+def test_an_upload_to_a_slow_origin_reader_is_cut_only_when_it_stops(then: str) -> None:
+    """The same for a request body: the origin reads a little at a time from a small
+    receive buffer, the proxy's send buffer to it stays full for longer than body_idle."""
+    size = 32 << 20
+    permits: asyncio.Queue[int] = asyncio.Queue()
+
+    async def slow(listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        sock, _ = await loop.sock_accept(listener)
+        with sock:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await loop.sock_recv(sock, 65536)
+            got = len(data.partition(b"\r\n\r\n")[2])
+            while got < size:
+                allowed = got + await permits.get()  # read that many bytes more
+                while got < min(allowed, size):
+                    got += len(await loop.sock_recv(sock, min(allowed, size) - got))
+            await loop.sock_sendall(
+                sock, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (len(str(got)), got)
+            )
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 3.0})
+        loop = asyncio.get_running_loop()
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)  # accepted ones too
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        origin = asyncio.ensure_future(slow(listener))
+        client = Client(ctx)
+        await client.send(
+            f"POST http://127.0.0.1:{listener.getsockname()[1]}/ HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {size}\r\n\r\n".encode()
+        )
+        await until(lambda: client.conn.watch.phase is Phase.SENDING)
+        exchange = client.conn.exchange
+        assert exchange is not None and exchange.up is not None
+        origin_side = exchange.up.stream.socket
+        origin_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+        upload = asyncio.ensure_future(loop.sock_sendall(client.sock, b"u" * size))
+        await until(exchange.up.stream.writing, "the proxy's send buffer is full")
+
+        async def take() -> None:
+            permits.put_nowait(64 << 10)
+
+        await slow_rounds(ctx, client.conn, origin_side, take)
+        if then == "reads on":
+            permits.put_nowait(size)
+            await upload
+            data = await client.until_received(b"\r\n\r\n%d" % size)
+            assert status(data) == 200
+        else:
+            ctx.advance(1.0)
+            ctx.advance(3.0)
+            await until(lambda: ctx.flows)
+            assert ctx.flows[0].error is ErrorKind.BODY_STALLED
+            assert ctx.flows[0].error_detail.startswith("sending the request body")
+            upload.cancel()
+        origin.cancel()
+        listener.close()
+        await client.finish()
+        ctx.close()
+
+    run(main())
+
+
+def test_waiting_for_100_continue_is_the_response_heads_wait_not_body_idleness() -> None:
+    """Expect: 100-continue, the origin sends its 100 after longer than body_idle: the
+    client is waiting for an answer, so upstream_head bounds the wait (RFC 9110
+    §10.1.1); once the body flows, body_idle applies."""
+    go = asyncio.Event()
+
+    async def late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await go.wait()
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+        body = await reader.readexactly(5)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + body)
+        await writer.drain()
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 3.0, "timeouts.upstream_head": 60.0})
+        origin = await Origin.start(late)
+        client = Client(ctx)
+        await client.send(
+            f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        await until(lambda: client.conn.watch.phase is Phase.WAITING)
+        ctx.advance(2.0)
+        ctx.advance(2.0)  # 4 s, body_idle 3 s
+        assert client.conn.watch.expired is None
+        go.set()
+        await client.until_received(b"HTTP/1.1 100 Continue\r\n")
+        await client.send(b"hello")
+        data = await client.until_received(b"\r\n\r\nhello")
+        assert b"HTTP/1.1 200 OK" in data
+        await until(lambda: ctx.flows)
+        assert ctx.flows[0].error is None
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+def test_an_origin_that_never_sends_100_continue_is_a_504_after_upstream_head() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await reader.read()
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 3.0, "timeouts.upstream_head": 10.0})
+        origin = await Origin.start(silent)
+        client = Client(ctx)
+        await client.send(
+            f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        await until(lambda: client.conn.watch.phase is Phase.WAITING)
+        ctx.advance(9.9)
+        assert client.conn.watch.expired is None
+        ctx.advance(0.2)
+        data = await client.until_received(b"request id")
+        assert status(data) == 504 and b"Connection: close" in data
+        await until(lambda: ctx.flows)
+        assert ctx.flows[0].error is ErrorKind.READ_TIMEOUT
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+def test_a_buffering_addon_answers_100_continue_itself(tmp_path: Path) -> None:
+    """An addon reads the body before the origin is asked: the proxy sends the 100 the
+    client waits for, and the origin gets no Expect."""
+    seen: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_request(reader)
+        seen.append(head)
+        body = await reader.readexactly(5)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + body)
+        await writer.drain()
+
+    async def main() -> None:
+        ctx = FakeContext(addons(tmp_path, BUFFERING, policy=False), **{"timeouts.body_idle": 3.0})
+        origin = await Origin.start(record)
+        client = Client(ctx)
+        await client.send(
+            f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        await client.until_received(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await client.send(b"hello")
+        data = await client.until_received(b"\r\n\r\nhello")
+        assert b"HTTP/1.1 200 OK" in data and data.count(b"100 Continue") == 1
+        assert b"expect" not in seen[0].lower()
         await client.finish()
         await origin.close()
         ctx.close()
@@ -322,6 +618,39 @@ def test_a_malformed_chunked_body_closes_the_connection() -> None:
         ctx.close()
 
     run(main())
+
+
+# -- responses read leniently ------------------------------------------------------------
+
+
+def test_a_faulty_response_trailer_section_is_repaired_not_cut(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def trailing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+            b"0\r\nX-T : v\r\nX-F: a\r\n b\r\nbogus\r\n\r\n"
+        )
+        await writer.drain()
+
+    async def main() -> None:
+        ctx = FakeContext()
+        origin = await Origin.start(trailing)
+        client = Client(ctx)
+        await client.send(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = await client.until_received(b"0\r\nX-T: v\r\nX-F: a b\r\n\r\n")
+        assert status(data) == 200 and b"5\r\nhello\r\n" in data
+        await until(lambda: ctx.flows)
+        assert ctx.flows[0].error is None
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    with caplog.at_level("INFO", logger="eyewall.exchange"):
+        run(main())
+    assert "repaired the response trailers" in caplog.text
+    assert "line without a colon dropped" in caplog.text
 
 
 # -- answers the proxy makes itself ------------------------------------------------------
@@ -420,6 +749,127 @@ def test_a_buffering_addon_with_a_stalled_client_body_gets_body_idle(tmp_path: P
         assert ctx.flows[0].error is ErrorKind.BODY_STALLED
         await client.finish()
         await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+STATUS_CHANGE = """
+class Change:
+    def responseheaders(self, flow):
+        if flow.request.headers.get("x-buffer"):
+            flow.response.buffer(1 << 20)
+        elif flow.request.headers.get("x-to"):
+            flow.response.status = int(flow.request.headers.get("x-to"))
+
+    def response(self, flow):
+        if flow.request.headers.get("x-buffer") and flow.request.headers.get("x-to"):
+            flow.response.status = int(flow.request.headers.get("x-to"))
+"""
+
+ORIGIN_BODIES = {
+    "length": b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world",
+    "chunked": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nb\r\nhello world\r\n0\r\n\r\n"
+    ),
+    "204": b"HTTP/1.1 204 No Content\r\n\r\n",
+}
+
+
+def answering(
+    response: bytes,
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_request(reader)
+            writer.write(ORIGIN_BODIES["length"] if b"/next" in head else response)
+            await writer.drain()
+
+    return handler
+
+
+@pytest.mark.parametrize("to", [204, 304])
+@pytest.mark.parametrize("hook", ["responseheaders", "response"])
+@pytest.mark.parametrize("body", ["length", "chunked"])
+def test_an_addon_made_204_or_304_goes_out_bodiless_and_the_connection_stays_in_step(
+    tmp_path: Path, to: int, hook: str, body: str
+) -> None:
+    """RFC 9110 §6.4.1, §15.3.5, §15.4.5: no content and no field framing one; the
+    origin's body is dropped (read whole for a buffering addon, else with its
+    connection), so the next response on the client connection starts right after."""
+
+    async def main() -> None:
+        ctx = FakeContext(addons(tmp_path, STATUS_CHANGE, policy=False))
+        origin = await Origin.start(answering(ORIGIN_BODIES[body]))
+        client = Client(ctx)
+        buffer = "X-Buffer: 1\r\n" if hook == "response" else ""
+        await client.send(
+            f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\nX-To: {to}\r\n{buffer}\r\n"
+            f"GET {origin.url}/next HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        data = await client.until_received(b"hello world")
+        first, _, rest = data.partition(b"\r\n\r\n")
+        assert status(first) == to
+        assert b"Content-Length" not in first and b"Transfer-Encoding" not in first
+        assert rest.startswith(b"HTTP/1.1 200 OK\r\n") and rest.endswith(b"\r\n\r\nhello world")
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+def test_an_addon_made_200_from_a_204_gets_an_empty_delimited_body(tmp_path: Path) -> None:
+    async def main() -> None:
+        ctx = FakeContext(addons(tmp_path, STATUS_CHANGE, policy=False))
+        origin = await Origin.start(answering(ORIGIN_BODIES["204"]))
+        client = Client(ctx)
+        await client.send(
+            f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\nX-To: 200\r\n\r\n"
+            f"GET {origin.url}/next HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        data = await client.until_received(b"hello world")
+        first, _, rest = data.partition(b"\r\n\r\n")
+        assert status(first) == 200 and b"Content-Length: 0" in first
+        assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+def test_a_head_too_large_for_a_head_request_gets_a_431_without_a_body() -> None:
+    async def main() -> None:
+        ctx = FakeContext(**{"limits.max_header_size": 4096})
+        client = Client(ctx)
+        await client.send(b"HEAD http://example.com/ HTTP/1.1\r\nX: " + b"a" * 5000 + b"\r\n\r\n")
+        data = await client.response()  # then the connection closes
+        assert status(data) == 431 and data.endswith(b"\r\n\r\n")
+        assert b"Content-Length: " in data and b"Connection: close" in data
+        await client.finish()
+        ctx.close()
+
+    run(main())
+
+
+def test_a_bug_costs_one_exchange_and_its_500_follows_the_method(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def broken(self: Exchange) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Exchange, "run", broken)
+
+    async def main() -> None:
+        ctx = FakeContext()
+        for method, body in (("HEAD", False), ("GET", True)):
+            client = Client(ctx)
+            await client.send(f"{method} http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            data = await client.response()
+            assert status(data) == 500 and b"Connection: close" in data
+            assert data.endswith(b"\r\n\r\n") is not body
+            await client.finish()
         ctx.close()
 
     run(main())

@@ -1,0 +1,87 @@
+"""`Watch.check` alone, with made-up counters and kernel send queues: what counts as
+bytes moving in an idle-based phase."""
+
+from __future__ import annotations
+
+from eyewall.proxy.timeouts import Phase, Watch
+
+
+class Wire:
+    """The counters the data path keeps and the kernel's send queue, set by the test."""
+
+    def __init__(self) -> None:
+        self.counted = 0
+        self.queued = 0
+
+    def progress(self) -> int:
+        return self.counted
+
+    def unsent(self) -> int:
+        return self.queued
+
+
+def watch(wire: Wire, with_queue: bool = True) -> tuple[Watch, list[Phase]]:
+    expired: list[Phase] = []
+    w = Watch(expired.append)
+    w.enter(Phase.RESPONDING, 0.0, 3.0, wire.progress, wire.unsent if with_queue else None)
+    return w, expired
+
+
+def test_a_shrinking_send_queue_is_progress_while_the_counters_stand_still() -> None:
+    wire = Wire()
+    wire.queued = 4 << 20
+    w, expired = watch(wire)
+    for t in range(1, 31):  # 30 s without a byte counted; the queue drains 64 KiB/s
+        wire.queued -= 64 << 10
+        w.check(float(t))
+    assert expired == []
+    for t in range(31, 35):  # now nothing moves at all
+        w.check(float(t))
+    assert expired == [Phase.RESPONDING]
+
+
+def test_a_full_queue_that_stays_full_is_a_stall() -> None:
+    wire = Wire()
+    wire.queued = 4 << 20
+    w, expired = watch(wire)
+    w.check(1.0)  # notes the queue
+    w.check(2.9)
+    assert expired == []
+    w.check(3.0)
+    assert expired == [Phase.RESPONDING]
+
+
+def test_counted_bytes_reset_the_clock_and_the_noted_queue() -> None:
+    wire = Wire()
+    w, expired = watch(wire)
+    for t in range(1, 10):
+        wire.counted += 1
+        wire.queued = 100 * t  # changes only while bytes are counted: not needed then
+        w.check(float(t))
+    w.check(10.0)  # first quiet sweep: notes the queue
+    w.check(11.9)
+    assert expired == []
+    w.check(12.0)
+    assert expired == [Phase.RESPONDING]
+
+
+def test_without_a_send_queue_only_the_counters_count() -> None:
+    """Where the queue cannot be read (``unsent`` None or always 0) the limit works as
+    before: the counters alone."""
+    wire = Wire()
+    w, expired = watch(wire, with_queue=False)
+    w.check(1.0)
+    w.check(2.9)
+    assert expired == []
+    w.check(3.0)
+    assert expired == [Phase.RESPONDING]
+
+
+def test_deadline_phases_ignore_progress() -> None:
+    expired: list[Phase] = []
+    w = Watch(expired.append)
+    w.enter(Phase.WAITING, 0.0, 5.0)
+    w.check(4.9)
+    assert expired == []
+    w.check(5.0)
+    assert expired == [Phase.WAITING]
