@@ -65,6 +65,7 @@ auth_log = logging.getLogger("eyewall.auth")
 
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 _KNOWN_STATUS = frozenset(s.value for s in HTTPStatus)
+HTTPS_PORT = 443  # the port an https URI without one names (RFC 9110 §4.2.2)
 TLS_HANDSHAKE_RECORD = 0x16  # the first byte of a TLS ClientHello record
 TLS_ALERT_HANDSHAKE_FAILURE = b"\x15\x03\x01\x00\x02\x02\x28"  # fatal handshake_failure
 
@@ -706,9 +707,11 @@ async def _done(result: Any) -> Any:
 def inner_target(tunnel: Target, head: RequestHead) -> Target:
     """The target of a request read inside an intercepted tunnel to ``tunnel``.
 
-    Origin-form is the norm there; the Host field names the host when it agrees with the
-    tunnel's, which is where the connection goes either way.  Raises TargetError for a
-    CONNECT inside the tunnel or an absolute-form target naming another host.
+    Origin-form is the norm there; the Host field's spelling is kept when it names the
+    tunnel's host and port (a Host without a port names 443, as for any https URI),
+    otherwise the CONNECT's authority stands: the connection goes there either way, and
+    the URL recorded carries the real port.  Raises TargetError for a CONNECT inside the
+    tunnel or an absolute-form target naming another host.
     """
     if head.method == "CONNECT":
         raise TargetError("CONNECT inside an intercepted tunnel")
@@ -718,7 +721,7 @@ def inner_target(tunnel: Target, head: RequestHead) -> Target:
         authority = tunnel.authority
         if host_field:
             try:
-                named = parse_authority(host_field, default_port=tunnel.port)
+                named = parse_authority(host_field, default_port=HTTPS_PORT)
             except TargetError:
                 named = None
             if named is not None and (named.host, named.port) == (tunnel.host, tunnel.port):

@@ -657,6 +657,32 @@ def test_15_requests_inside_an_authenticated_intercepted_tunnel_inherit_its_user
     assert "user=alice" in p.access_entry("/echo/in")
 
 
+def intercepted_socket(p: ProxyProcess, authority: str, ca_dir: Path) -> ssl.SSLSocket:
+    """A TLS connection to the proxy's interception of ``authority`` (raw CONNECT)."""
+    sock = socket.create_connection(p.address, timeout=10)
+    sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+    assert recv_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+    context = ssl.create_default_context(cafile=str(ca_dir / "ca.pem"))
+    return context.wrap_socket(sock, server_hostname=authority.rsplit(":", 1)[0])
+
+
+@pytest.mark.parametrize("host_field", ["localhost", "localhost:{port}", "LocalHost:{port}"])
+def test_15_inner_requests_are_recorded_with_the_tunnels_port(
+    make_proxy, tls_origin, ca_file, ca_dir, tmp_path, host_field
+):
+    """A Host field without a port names 443: the URL recorded and the Host sent on
+    carry the port the CONNECT named."""
+    p = make_proxy("--config", intercepting(tmp_path, ca_dir, ca_file))
+    port = tls_origin.port
+    with intercepted_socket(p, tls_origin.authority, ca_dir) as tls:
+        host = host_field.format(port=port)
+        tls.sendall(f"GET /echo/inner HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        response = read_response(tls)
+    assert status(response) == 200
+    assert f'["Host", "localhost:{port}"]' in response.decode()
+    assert f"https://localhost:{port}/echo/inner" in p.access_entry("/echo/inner")
+
+
 def test_16_intercepted_tunnels_count_against_the_tunnel_limit(
     make_proxy, tls_origin, ca_file, ca_dir, tmp_path
 ):
