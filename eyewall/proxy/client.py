@@ -334,7 +334,7 @@ class ClientConnection:
                 return False, await self._answer_itself(flow, head, close)
         if connect:
             if decision.action is Action.INTERCEPT and not ctx.interception.is_pinned(
-                self.address[0], target.host
+                self.address[0], decision.user, target.host
             ):
                 return await self._intercept(target, flow, decision)
             return await self._connect(target, flow, decision, close)
@@ -682,7 +682,7 @@ class ClientConnection:
                     e.reason,
                 )
                 if ctx.settings.tls.passthrough_pinned:
-                    ctx.interception.refused(client, target.host)
+                    ctx.interception.refused(client, decision.user, target.host)
             flow.fail(ErrorKind.CLIENT_TLS_ERROR, str(e))
             flow.cause = e.reason
             return False, False

@@ -5,8 +5,8 @@ requests through the normal request path.
 `Interception` holds what interception keeps between tunnels: the leaf-certificate
 cache for the current CA, and which clients refused the certificate for which hosts
 (``tls.passthrough_pinned``: a client that pins certificates gets a plain tunnel to
-that host for an hour — that client only, so one client cannot turn interception off
-for another).
+that host for an hour — that client and user only, so one client, or one user behind a
+shared address, cannot turn interception off for another).
 """
 
 from __future__ import annotations
@@ -64,13 +64,13 @@ def handshake_reason(error: BaseException) -> HandshakeFailed:
 
 class Interception:
     """What interception keeps: the CA (None until one is loaded), its leaf cache and
-    the per-client pinned hosts."""
+    the hosts pinned per client source and user."""
 
     def __init__(self, ca: CertificateAuthority | None, cache_size: int = 1024) -> None:
         self.ca = ca
         self.cache_size = cache_size
         self._leaves: LeafCache | None = None
-        self._pinned: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._pinned: OrderedDict[tuple[str, str | None, str], float] = OrderedDict()
 
     def certificates(self) -> LeafCache:
         """The minted-certificate cache for the current CA (made on first use).
@@ -84,20 +84,23 @@ class Interception:
             self._leaves = LeafCache(ca, self.cache_size)
         return self._leaves
 
-    def refused(self, client: str, host: str, now: float | None = None) -> None:
-        """``client`` refused our certificate for ``host``: tunnel that pair without
-        interception for `PINNED_FOR` seconds."""
+    def refused(self, client: str, user: str | None, host: str, now: float | None = None) -> None:
+        """``client`` (an address), as ``user`` (None without authentication), refused our
+        certificate for ``host``: tunnel their CONNECTs to it without interception for
+        `PINNED_FOR` seconds."""
         now = time.monotonic() if now is None else now
-        self._pinned[(source_key(client), host)] = now + PINNED_FOR
-        self._pinned.move_to_end((source_key(client), host))
+        key = (source_key(client), user, host)
+        self._pinned[key] = now + PINNED_FOR
+        self._pinned.move_to_end(key)
         while len(self._pinned) > PINNED_MAX:
             self._pinned.popitem(last=False)
-        log.warning("%s will be tunnelled without interception for %s for an hour", host, client)
+        who = client if user is None else f"user {user!r} at {client}"
+        log.warning("%s will be tunnelled without interception for %s for an hour", host, who)
 
-    def is_pinned(self, client: str, host: str, now: float | None = None) -> bool:
-        """Whether ``client`` refused an intercepted handshake to ``host`` recently (certificate
-        pinning); such hosts are tunnelled for a while instead."""
-        key = (source_key(client), host)
+    def is_pinned(self, client: str, user: str | None, host: str, now: float | None = None) -> bool:
+        """Whether ``client`` as ``user`` refused an intercepted handshake to ``host``
+        recently (certificate pinning); such hosts are tunnelled for a while instead."""
+        key = (source_key(client), user, host)
         until = self._pinned.get(key)
         if until is None:
             return False

@@ -627,6 +627,26 @@ def test_14_one_client_refusing_interception_does_not_turn_it_off_for_others(
     assert " 200 " in p.access_entry("/echo/b")
 
 
+def test_14_one_user_refusing_interception_does_not_turn_it_off_for_another_at_that_address(
+    make_proxy, tls_origin, ca_file, ca_dir, tmp_path
+):
+    """The pin is kept per (source, user, host): alice and bob share 127.0.0.1."""
+    config = intercepting(tmp_path, ca_dir, ca_file)
+    text = Path(config).read_text()
+    Path(config).write_text(
+        f'[auth.users]\nalice = "{hashed("a")}"\nbob = "{hashed("b")}"\n' + text
+    )
+    p = make_proxy("--config", config, "--passthrough-pinned")
+    url = f"{tls_origin.url}/echo/pin"
+    alice, bob = ("--proxy-user", "alice:a"), ("--proxy-user", "bob:b")
+    assert curl_through(p, url, ca_file, *alice).returncode == 60  # refuses our certificate
+    p.log_with("for user 'alice' at 127.0.0.1 for an hour")
+    assert curl_through(p, url, ca_file, *alice).returncode == 0  # alice: passed through
+    inspected = curl_through(p, url, str(ca_dir / "ca.pem"), *bob)  # trusts only our CA
+    assert inspected.returncode == 0, inspected.stderr  # so bob is still intercepted
+    assert "user=bob" in p.access_entry("GET https://" + tls_origin.authority)
+
+
 def test_15_requests_inside_an_authenticated_intercepted_tunnel_inherit_its_user(
     make_proxy, tls_origin, ca_file, ca_dir, tmp_path
 ):
