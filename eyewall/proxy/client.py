@@ -339,7 +339,7 @@ class ClientConnection:
                 return await self._intercept(target, flow, decision)
             return await self._connect(target, flow, decision, close)
         relay_slot = None  # a WebSocket upgrade may become a tunnel: its limits first
-        if rules.websocket_upgrade(head):
+        if rules.websocket_upgrade(head) and self.tunnel is None:  # else the CONNECT's
             limited = await self._acquire_tunnel(decision.user)
             if limited is not None:
                 flow.cause = "tunnels"
@@ -381,6 +381,8 @@ class ClientConnection:
                 return False, self._kill(flow)
             case Upgraded(origin):
                 self.exchange = None
+                if self.tunnel is not None:  # the intercepted CONNECT's slot goes with it
+                    relay_slot, self.release = self.release, None
                 return await self._relay(flow, origin.stream, relay_slot), False
         raise AssertionError(f"unhandled outcome {outcome!r}")
 

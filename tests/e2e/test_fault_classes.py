@@ -718,6 +718,37 @@ def test_16_intercepted_tunnels_count_against_the_tunnel_limit(
         tls.close()
 
 
+def connect_status(p: ProxyProcess, authority: str) -> int:
+    """The status of the proxy's answer to a CONNECT (the connection is then closed)."""
+    with socket.create_connection(p.address, timeout=10) as sock:
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        return status(recv_until(sock, b"\r\n\r\n"))
+
+
+def test_16_a_websocket_inside_an_intercepted_tunnel_counts_once(
+    make_proxy, tls_origin, ca_file, ca_dir, tmp_path
+):
+    """The CONNECT's tunnel slot covers the WebSocket relay it becomes."""
+    p = make_proxy("--config", intercepting(tmp_path, ca_dir, ca_file), "--client-tunnels", "1")
+    trust = ssl.create_default_context(cafile=str(ca_dir / "ca.pem"))
+
+    async def talk() -> tuple[str | bytes, int]:
+        url = tls_origin.url.replace("https://", "wss://") + "/ws"
+        async with connect(url, proxy=p.url, ssl=trust) as ws:
+            await ws.send("hello")
+            reply = await ws.recv()
+            other = await asyncio.to_thread(connect_status, p, tls_origin.authority)
+            return reply, other
+
+    assert asyncio.run(talk()) == ("hello", 429)  # the one slot is the WebSocket's
+    deadline = time.monotonic() + 5
+    again = connect_status(p, tls_origin.authority)
+    while again == 429 and time.monotonic() < deadline:  # released when the relay closes
+        again = connect_status(p, tls_origin.authority)
+    assert again == 200
+    assert " 101 " in p.access_entry("/ws")
+
+
 def test_16_one_client_cannot_take_every_connection_slot_by_default(proxy):
     held = []
     try:
