@@ -22,7 +22,7 @@ from http import HTTPStatus
 from time import monotonic
 from typing import Any
 
-from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 
 from eyewall.addons.api import Answer, HTTPFlow, Request
 from eyewall.addons.hooks import HttpConnect
@@ -48,6 +48,7 @@ from eyewall.proxy.context import ProxyContext
 from eyewall.proxy.exchange import Answered, Exchange, Failed, Killed, Responded, Upgraded
 from eyewall.proxy.intercept import CONNECT_ESTABLISHED, HandshakeFailed, accept_tls
 from eyewall.proxy.streams import (
+    TLSStream,
     buffered_size,
     complete,
     lingering_close,
@@ -208,7 +209,7 @@ class ClientConnection:
         if (
             self.requests == 0
             and first[0] == TLS_HANDSHAKE_RECORD
-            and not isinstance(stream, SSLIOStream)
+            and not isinstance(stream, TLSStream)
         ):
             log.warning(
                 "%s:%d spoke TLS to the plain HTTP proxy listener: use an http:// proxy"
@@ -572,12 +573,8 @@ class ClientConnection:
         flow.upstream = peer
         flow.t_connected = monotonic() - self.t_head
         flow.status = 200
-        if isinstance(self.stream, SSLIOStream):
-            await self.stream.write(CONNECT_ESTABLISHED)
-            origin = IOStream(sock)
-            return await self._relay(flow, origin, release), False
         try:
-            client_sock, early = take_over(self.stream)
+            client_sock, early, client_tls = take_over(self.stream)
         except StreamClosedError:
             sock.close()
             release()
@@ -590,6 +587,7 @@ class ClientConnection:
             ctx.settings.timeouts.tunnel_idle,
             to_client=CONNECT_ESTABLISHED,
             to_upstream=early,
+            client_tls=client_tls,
         )
         flow.t_response = monotonic() - self.t_head
         ctx.open_tunnel(tunnel, flow, release)
@@ -598,10 +596,9 @@ class ClientConnection:
     async def _relay(
         self, flow: Flow, origin: IOStream, release: Callable[[], None] | None = None
     ) -> bool:
-        """Hand the client and ``origin`` to a byte relay (after a 101, or a CONNECT on a
-        TLS client connection), under the tunnel limits unless ``release`` says they
-        are already held; True once the flow belongs to the relay.  Either side may be
-        TLS (`eyewall.proxy.tunnel`)."""
+        """Hand the client and ``origin`` to a byte relay after a 101, under the tunnel
+        limits unless ``release`` says they are already held; True once the flow belongs
+        to the relay.  Either side may be TLS (`eyewall.proxy.tunnel`)."""
         ctx = self.ctx
         if release is None:
             limited = await self._acquire_tunnel(flow.user)
@@ -613,8 +610,8 @@ class ClientConnection:
                 return False
             release = self._releaser(flow.user)
         try:
-            client_sock, from_client = take_over(self.stream)
-            origin_sock, from_origin = take_over(origin)
+            client_sock, from_client, client_tls = take_over(self.stream)
+            origin_sock, from_origin, origin_tls = take_over(origin)
         except StreamClosedError:
             origin.close()
             self.stream.close()
@@ -628,6 +625,8 @@ class ClientConnection:
             ctx.settings.timeouts.tunnel_idle,
             to_client=from_origin,
             to_upstream=from_client,
+            client_tls=client_tls,
+            upstream_tls=origin_tls,
         )
         tunnel.down.count = len(from_origin)
         ctx.open_tunnel(tunnel, flow, release)

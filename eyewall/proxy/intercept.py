@@ -17,9 +17,10 @@ import ssl
 import time
 from collections import OrderedDict
 
-from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 
 from eyewall.policy.auth import source_key
+from eyewall.proxy.streams import TLSStream, start_tls
 from eyewall.tls.ca import CertificateAuthority
 from eyewall.tls.leaves import LeafCache
 
@@ -109,7 +110,7 @@ class Interception:
             return False
         return True
 
-    async def accept(self, sock_stream: IOStream, host: str, timeout: float) -> SSLIOStream:
+    async def accept(self, sock_stream: IOStream, host: str, timeout: float) -> TLSStream:
         """Speak TLS to the client on ``sock_stream`` (its socket is taken over) with a
         certificate for ``host``; the handshake must finish within ``timeout`` seconds.
         Raises HandshakeFailed, or ValueError/OSError when no certificate can be made."""
@@ -124,15 +125,13 @@ class Interception:
             self._leaves.close()
 
 
-async def accept_tls(stream: IOStream, ctx: ssl.SSLContext, timeout: float) -> SSLIOStream:
-    """Turn ``stream`` into the server side of a TLS connection, the handshake done
-    within ``timeout`` seconds.  No read may be pending and nothing buffered (Tornado's
-    `IOStream.start_tls`).  Raises HandshakeFailed; ``stream`` is spent either way."""
-    starting = stream.start_tls(True, ctx)
+async def accept_tls(stream: IOStream, ctx: ssl.SSLContext, timeout: float) -> TLSStream:
+    """Speak TLS to the client on ``stream`` as the server, the handshake done within
+    ``timeout`` seconds.  ``stream`` may already speak TLS (an intercepted CONNECT
+    through the HTTPS proxy listener: TLS inside TLS); no read may be pending.  Raises
+    HandshakeFailed; ``stream`` is spent either way."""
     try:
         async with asyncio.timeout(timeout):
-            tls = await starting
+            return await start_tls(stream, ctx, server_side=True)
     except (ssl.SSLError, OSError, StreamClosedError, TimeoutError) as e:
         raise handshake_reason(e) from None
-    assert isinstance(tls, SSLIOStream)
-    return tls
