@@ -542,7 +542,8 @@ class Tls:
     passthrough_pinned: bool = setting(
         False,
         "When a client refuses the interception certificate for a host (certificate"
-        " pinning), tunnel that host without interception for the next hour.",
+        " pinning), tunnel that host without interception for the next hour, for that"
+        " client address and user only.",
         flag="--passthrough-pinned",
     )
 

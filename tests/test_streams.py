@@ -4,23 +4,29 @@ that changes it fails here rather than losing bytes in production."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import ssl
 import sys
 
 import pytest
-from tornado.iostream import IOStream
+import trustme
+from tornado.iostream import IOStream, StreamClosedError
 
 from eyewall.proxy.streams import (
     HEAD_END,
     BoundedStream,
+    TLSStream,
     buffered_size,
     complete,
     read_block,
     read_buffered,
     read_head,
+    start_tls,
     take_over,
     unsent,
 )
+from tests.tlspeer import TLSPeer
 
 
 def run(coro):
@@ -58,8 +64,8 @@ def test_take_over_returns_the_bytes_read_ahead():
         head = await read_block(stream, HEAD_END, 1000)
         assert head.endswith(b"\r\n\r\n")
         assert buffered_size(stream) == len(b"early bytes")
-        sock, early = take_over(stream)
-        assert early == b"early bytes" and stream.closed()
+        sock, early, tls = take_over(stream)
+        assert early == b"early bytes" and tls is None and stream.closed()
         b.sendall(b"more")
         sock.settimeout(5)  # blocking: recv waits for the bytes
         assert sock.recv(10) == b"more"  # the socket still works after the take-over
@@ -154,3 +160,114 @@ def test_unsent_follows_the_kernel_send_queue_as_the_peer_reads():
         assert unsent(writer) < full
     assert unsent(writer) == 0  # closed
     assert unsent(None) == 0
+
+
+# -- TLSStream: TLS through memory buffers, TLS inside TLS ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def contexts(ca: trustme.CA) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts for "localhost"."""
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+async def serve_tls(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext], depth: int = 1, first: bytes = b""
+) -> tuple[TLSStream, TLSPeer]:
+    """A TLSStream (server) and a TLSPeer (client, in a thread) over a socket pair,
+    ``depth`` TLS connections deep; the client sends ``first`` with its last flight."""
+    server_ctx, client_ctx = contexts
+    a, b = pair()
+    b.settimeout(10)
+
+    def client() -> TLSPeer:
+        peer: socket.socket | TLSPeer = b
+        for level in range(depth):
+            extra = first if level == depth - 1 else b""
+            peer = TLSPeer(peer, client_ctx, "localhost", first=extra)
+        assert isinstance(peer, TLSPeer)
+        return peer
+
+    peer = asyncio.get_running_loop().run_in_executor(None, client)
+    stream: IOStream = BoundedStream(a)
+    for _ in range(depth):
+        stream = await start_tls(stream, server_ctx, server_side=True)
+    assert isinstance(stream, TLSStream)
+    return stream, await peer
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_tls_streams_carry_bytes_both_ways_in_order(contexts, depth):
+    async def main() -> None:
+        stream, peer = await serve_tls(contexts, depth, first=b"GET / HTTP/1.1\r\n\r\n")
+        # what came with the handshake's last flight is there at once
+        assert await stream.read_bytes(18) == b"GET / HTTP/1.1\r\n\r\n"
+        big = bytes(range(256)) * 4096  # 1 MiB: many records, more than the socket takes
+        writes = [stream.write(b"start:"), stream.write(big), stream.write(b":end")]
+        loop = asyncio.get_running_loop()
+        got = b""
+        while len(got) < len(big) + 10:
+            got += await loop.run_in_executor(None, peer.recv)
+        await asyncio.gather(*writes)
+        assert got == b"start:" + big + b":end"
+        upload = os.urandom(300_000)
+        sent = loop.run_in_executor(None, peer.sendall, upload)
+        buffer = bytearray(len(upload))  # read_into, as bodies are copied
+        assert await stream.read_into(buffer) == len(upload)
+        await sent
+        assert buffer == upload
+        stream.close()
+        peer.socket.close()
+
+    run(main())
+
+
+def test_take_over_of_a_tls_stream_gives_the_decrypted_bytes_and_the_tls_stack(contexts):
+    async def main() -> None:
+        stream, peer = await serve_tls(contexts, first=b"HEAD\r\n\r\nearly")
+        assert await read_head(stream, 1000) == b"HEAD\r\n\r\n"
+        sock, early, tls = take_over(stream)
+        assert early == b"early" and tls is not None and stream.closed()
+        tls.send(b"still TLS")
+        sock.sendall(tls.outgoing)
+        assert await asyncio.get_running_loop().run_in_executor(None, peer.recv) == b"still TLS"
+        sock.close()
+        peer.socket.close()
+
+    run(main())
+
+
+def test_bytes_that_are_not_tls_close_the_stream_with_the_error(contexts):
+    async def main() -> None:
+        stream, peer = await serve_tls(contexts)
+        peer.socket.sendall(b"\x17\x03\x03\x00\x05hello")  # a record that does not decrypt
+        with pytest.raises(StreamClosedError) as caught:
+            await stream.read_bytes(1)
+        assert isinstance(caught.value.real_error, ssl.SSLError)
+        peer.socket.close()
+
+    run(main())
+
+
+def test_a_failed_handshake_sends_the_alert_and_spends_the_stream(contexts):
+    async def main() -> None:
+        a, b = pair()
+        b.settimeout(10)
+        untrusting = ssl.create_default_context()  # does not know the test CA
+        peer = asyncio.get_running_loop().run_in_executor(
+            None, lambda: TLSPeer(b, untrusting, "localhost")
+        )
+        stream = BoundedStream(a)
+        with pytest.raises(ssl.SSLError) as caught:
+            await start_tls(stream, contexts[0], server_side=True)
+        assert caught.value.reason == "TLSV1_ALERT_UNKNOWN_CA"  # the client's alert
+        assert stream.closed()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await peer
+        b.close()
+
+    run(main())

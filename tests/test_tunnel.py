@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import threading
 
 import pytest
 import trustme
 
-from eyewall.proxy.streams import unsent
+from eyewall.proxy.streams import BoundedStream, start_tls, take_over, unsent
 from eyewall.proxy.tunnel import PipePool, Tunnel
+from eyewall.tls.layers import TLSStack
 from tests.origins import pattern
+from tests.tlspeer import TLSPeer
 
 MODES = ["splice", "copy"]
 
@@ -225,42 +226,52 @@ async def until_stable(value, rounds: int = 200) -> None:
 # -- the HTTPS proxy listener): bytes pass through Python, half-close is close_notify ---
 
 
-def tls_pair(ca: trustme.CA) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
-    """(the test's end, the proxy's end) of a TLS connection over a socket pair, the
-    proxy's end the server, both non-blocking after the handshake."""
+async def tls_pair(ca: trustme.CA) -> tuple[TLSPeer, socket.socket, TLSStack]:
+    """(the test's end, a TLS client; the proxy's end, a socket and its TLS stack as the
+    server) of a TLS connection over a socket pair, handshake done."""
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(server_ctx)
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
     ours, theirs = socket.socketpair()
-    done: dict[str, ssl.SSLSocket] = {}
-    thread = threading.Thread(
-        target=lambda: done.update(s=server_ctx.wrap_socket(theirs, server_side=True))
-    )
-    thread.start()
-    client = client_ctx.wrap_socket(ours, server_hostname="localhost")
-    thread.join()
-    client.settimeout(10)
-    done["s"].setblocking(False)
-    return client, done["s"]
+    ours.settimeout(10)
+    theirs.setblocking(False)
+    loop = asyncio.get_running_loop()
+    client = loop.run_in_executor(None, lambda: TLSPeer(ours, client_ctx, "localhost"))
+    stream = await start_tls(BoundedStream(theirs), server_ctx, server_side=True)
+    sock, early, tls = take_over(stream)
+    assert early == b"" and tls is not None
+    return await client, sock, tls
+
+
+class PlainPeer:
+    """The test's end of a plain socket pair, with TLSPeer's half-close spelling."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.transport = sock
+        sock.settimeout(10)
+        self.sendall, self.recv = sock.sendall, sock.recv
+
+    def close_notify(self) -> None:
+        self.transport.shutdown(socket.SHUT_WR)
+
+
+async def plain_pair() -> tuple[PlainPeer, socket.socket, None]:
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    return PlainPeer(ours), theirs, None
 
 
 @pytest.mark.parametrize("tls_side", ["client", "origin", "both"])
 def test_tls_sides_relay_both_ways_with_half_close(tls_side, ca):
     async def run() -> None:
         loop = asyncio.get_running_loop()
-        if tls_side in ("client", "both"):
-            client, proxy_client = tls_pair(ca)
-        else:
-            client, proxy_client = socket.socketpair()
-            client.settimeout(10)
-            proxy_client.setblocking(False)
-        if tls_side in ("origin", "both"):
-            origin, proxy_origin = tls_pair(ca)
-        else:
-            origin, proxy_origin = socket.socketpair()
-            origin.settimeout(10)
-            proxy_origin.setblocking(False)
+        client, proxy_client, client_tls = await (
+            tls_pair(ca) if tls_side in ("client", "both") else plain_pair()
+        )
+        origin, proxy_origin, origin_tls = await (
+            tls_pair(ca) if tls_side in ("origin", "both") else plain_pair()
+        )
         closed: asyncio.Future[BaseException | None] = loop.create_future()
         pipes = PipePool()
         tunnel = Tunnel(
@@ -270,25 +281,14 @@ def test_tls_sides_relay_both_ways_with_half_close(tls_side, ca):
             60.0,
             to_client=b"HELLO ",
             on_close=lambda t, e: closed.set_result(e),
+            client_tls=client_tls,
+            upstream_tls=origin_tls,
         )
         tunnel.start()
         payload = pattern(3_000_000)
 
-        def end_output(sock: socket.socket) -> None:
-            if isinstance(sock, ssl.SSLSocket):
-                # Send close_notify once, without waiting for the peer's (the test's own
-                # end; nothing is waiting to be read at this point).
-                sock.setblocking(False)
-                try:
-                    sock._sslobj.shutdown()  # type: ignore[attr-defined]
-                except ssl.SSLWantReadError:
-                    pass
-                sock.settimeout(10)
-            else:
-                sock.shutdown(socket.SHUT_WR)
-
-        def recv_until_eof(sock: socket.socket, data: bytes = b"") -> bytes:
-            while chunk := sock.recv(1 << 20):
+        def recv_until_eof(peer: TLSPeer | PlainPeer, data: bytes = b"") -> bytes:
+            while chunk := peer.recv(1 << 20):
                 data += chunk
             return data
 
@@ -297,13 +297,13 @@ def test_tls_sides_relay_both_ways_with_half_close(tls_side, ca):
             while len(hello) < 6:
                 hello += client.recv(6 - len(hello))
             client.sendall(payload)
-            end_output(client)
+            client.close_notify()
             return recv_until_eof(client, hello)
 
         def origin_side() -> bytes:
             got = recv_until_eof(origin)  # until the client's end of input
             origin.sendall(b"reply after EOF")
-            end_output(origin)
+            origin.close_notify()
             return got
 
         from_origin = loop.run_in_executor(None, origin_side)
@@ -312,8 +312,8 @@ def test_tls_sides_relay_both_ways_with_half_close(tls_side, ca):
         assert await asyncio.wait_for(from_client, 20) == b"HELLO reply after EOF"
         assert await asyncio.wait_for(closed, 10) is None
         assert (tunnel.bytes_up, tunnel.bytes_down) == (len(payload), 15)  # to_client: ours
-        for s in (client, origin):
-            s.close()
+        for peer in (client, origin):
+            peer.transport.close()
         pipes.close()
 
     asyncio.run(run())

@@ -24,7 +24,7 @@ from http import HTTPStatus
 from time import monotonic
 from typing import Any
 
-from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 
 from eyewall.addons.api import Answer, HTTPFlow, Request
 from eyewall.addons.hooks import HttpConnect
@@ -52,6 +52,7 @@ from eyewall.proxy.context import ProxyContext
 from eyewall.proxy.exchange import Answered, Exchange, Failed, Killed, Responded, Upgraded
 from eyewall.proxy.intercept import CONNECT_ESTABLISHED, HandshakeFailed, accept_tls
 from eyewall.proxy.streams import (
+    TLSStream,
     buffered_size,
     complete,
     lingering_close,
@@ -81,6 +82,7 @@ def shown_user(user: str | None) -> str:
 
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 _KNOWN_STATUS = frozenset(s.value for s in HTTPStatus)
+HTTPS_PORT = 443  # the port an https URI without one names (RFC 9110 §4.2.2)
 TLS_HANDSHAKE_RECORD = 0x16  # the first byte of a TLS ClientHello record
 TLS_ALERT_HANDSHAKE_FAILURE = b"\x15\x03\x01\x00\x02\x02\x28"  # fatal handshake_failure
 
@@ -254,7 +256,7 @@ class ClientConnection:
         if (
             self.requests == 0
             and first[0] == TLS_HANDSHAKE_RECORD
-            and not isinstance(stream, SSLIOStream)
+            and not isinstance(stream, TLSStream)
         ):
             log.warning(
                 "%s:%d spoke TLS to the plain HTTP proxy listener: use an http:// proxy"
@@ -381,12 +383,12 @@ class ClientConnection:
                 return False, await self._answer_itself(flow, head, close)
         if connect:
             if decision.action is Action.INTERCEPT and not ctx.interception.is_pinned(
-                self.address[0], target.host
+                self.address[0], decision.user, target.host
             ):
                 return await self._intercept(target, flow, decision)
             return await self._connect(target, flow, decision, close)
         relay_slot = None  # a WebSocket upgrade may become a tunnel: its limits first
-        if rules.websocket_upgrade(head):
+        if rules.websocket_upgrade(head) and self.tunnel is None:  # else the CONNECT's
             limited = await self._acquire_tunnel(decision.user)
             if limited is not None:
                 flow.cause = "tunnels"
@@ -428,6 +430,8 @@ class ClientConnection:
                 return False, self._kill(flow)
             case Upgraded(origin):
                 self.exchange = None
+                if self.tunnel is not None:  # the intercepted CONNECT's slot goes with it
+                    relay_slot, self.release = self.release, None
                 return await self._relay(flow, origin.stream, relay_slot), False
         raise AssertionError(f"unhandled outcome {outcome!r}")
 
@@ -641,12 +645,8 @@ class ClientConnection:
         flow.upstream = peer
         flow.t_connected = monotonic() - self.t_head
         flow.status = 200
-        if isinstance(self.stream, SSLIOStream):
-            await self.stream.write(CONNECT_ESTABLISHED)
-            origin = IOStream(sock)
-            return await self._relay(flow, origin, release), False
         try:
-            client_sock, early = take_over(self.stream)
+            client_sock, early, client_tls = take_over(self.stream)
         except StreamClosedError:
             sock.close()
             release()
@@ -659,6 +659,7 @@ class ClientConnection:
             ctx.settings.timeouts.tunnel_idle,
             to_client=CONNECT_ESTABLISHED,
             to_upstream=early,
+            client_tls=client_tls,
         )
         flow.t_response = monotonic() - self.t_head
         ctx.open_tunnel(tunnel, flow, release)
@@ -667,10 +668,9 @@ class ClientConnection:
     async def _relay(
         self, flow: Flow, origin: IOStream, release: Callable[[], None] | None = None
     ) -> bool:
-        """Hand the client and ``origin`` to a byte relay (after a 101, or a CONNECT on a
-        TLS client connection), under the tunnel limits unless ``release`` says they
-        are already held; True once the flow belongs to the relay.  Either side may be
-        TLS (`eyewall.proxy.tunnel`)."""
+        """Hand the client and ``origin`` to a byte relay after a 101, under the tunnel
+        limits unless ``release`` says they are already held; True once the flow belongs
+        to the relay.  Either side may be TLS (`eyewall.proxy.tunnel`)."""
         ctx = self.ctx
         if release is None:
             limited = await self._acquire_tunnel(flow.user)
@@ -682,8 +682,8 @@ class ClientConnection:
                 return False
             release = self._releaser(flow.user)
         try:
-            client_sock, from_client = take_over(self.stream)
-            origin_sock, from_origin = take_over(origin)
+            client_sock, from_client, client_tls = take_over(self.stream)
+            origin_sock, from_origin, origin_tls = take_over(origin)
         except StreamClosedError:
             origin.close()
             self.stream.close()
@@ -697,6 +697,8 @@ class ClientConnection:
             ctx.settings.timeouts.tunnel_idle,
             to_client=from_origin,
             to_upstream=from_client,
+            client_tls=client_tls,
+            upstream_tls=origin_tls,
         )
         tunnel.down.count = len(from_origin)
         ctx.open_tunnel(tunnel, flow, release)
@@ -753,7 +755,7 @@ class ClientConnection:
                     e.reason,
                 )
                 if ctx.settings.tls.passthrough_pinned:
-                    ctx.interception.refused(client, target.host)
+                    ctx.interception.refused(client, decision.user, target.host)
             flow.fail(ErrorKind.CLIENT_TLS_ERROR, str(e))
             flow.cause = e.reason
             return False, False
@@ -778,9 +780,11 @@ async def _done(result: Any) -> Any:
 def inner_target(tunnel: Target, head: RequestHead) -> Target:
     """The target of a request read inside an intercepted tunnel to ``tunnel``.
 
-    Origin-form is the norm there; the Host field names the host when it agrees with the
-    tunnel's, which is where the connection goes either way.  Raises TargetError for a
-    CONNECT inside the tunnel or an absolute-form target naming another host.
+    Origin-form is the norm there; the Host field's spelling is kept when it names the
+    tunnel's host and port (a Host without a port names 443, as for any https URI),
+    otherwise the CONNECT's authority stands: the connection goes there either way, and
+    the URL recorded carries the real port.  Raises TargetError for a CONNECT inside the
+    tunnel or an absolute-form target naming another host.
     """
     if head.method == "CONNECT":
         raise TargetError("CONNECT inside an intercepted tunnel")
@@ -790,7 +794,7 @@ def inner_target(tunnel: Target, head: RequestHead) -> Target:
         authority = tunnel.authority
         if host_field:
             try:
-                named = parse_authority(host_field, default_port=tunnel.port)
+                named = parse_authority(host_field, default_port=HTTPS_PORT)
             except TargetError:
                 named = None
             if named is not None and (named.host, named.port) == (tunnel.host, tunnel.port):

@@ -5,8 +5,8 @@ requests through the normal request path.
 `Interception` holds what interception keeps between tunnels: the leaf-certificate
 cache for the current CA, and which clients refused the certificate for which hosts
 (``tls.passthrough_pinned``: a client that pins certificates gets a plain tunnel to
-that host for an hour — that client only, so one client cannot turn interception off
-for another).
+that host for an hour — that client and user only, so one client, or one user behind a
+shared address, cannot turn interception off for another).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import ssl
 import time
 from collections import OrderedDict
 
-from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 
 from eyewall.policy.auth import source_key
+from eyewall.proxy.streams import TLSStream, start_tls
 from eyewall.tls.ca import CertificateAuthority
 from eyewall.tls.leaves import LeafCache
 
@@ -64,13 +65,13 @@ def handshake_reason(error: BaseException) -> HandshakeFailed:
 
 class Interception:
     """What interception keeps: the CA (None until one is loaded), its leaf cache and
-    the per-client pinned hosts."""
+    the hosts pinned per client source and user."""
 
     def __init__(self, ca: CertificateAuthority | None, cache_size: int = 1024) -> None:
         self.ca = ca
         self.cache_size = cache_size
         self._leaves: LeafCache | None = None
-        self._pinned: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._pinned: OrderedDict[tuple[str, str | None, str], float] = OrderedDict()
 
     def certificates(self) -> LeafCache:
         """The minted-certificate cache for the current CA (made on first use).
@@ -84,20 +85,23 @@ class Interception:
             self._leaves = LeafCache(ca, self.cache_size)
         return self._leaves
 
-    def refused(self, client: str, host: str, now: float | None = None) -> None:
-        """``client`` refused our certificate for ``host``: tunnel that pair without
-        interception for `PINNED_FOR` seconds."""
+    def refused(self, client: str, user: str | None, host: str, now: float | None = None) -> None:
+        """``client`` (an address), as ``user`` (None without authentication), refused our
+        certificate for ``host``: tunnel their CONNECTs to it without interception for
+        `PINNED_FOR` seconds."""
         now = time.monotonic() if now is None else now
-        self._pinned[(source_key(client), host)] = now + PINNED_FOR
-        self._pinned.move_to_end((source_key(client), host))
+        key = (source_key(client), user, host)
+        self._pinned[key] = now + PINNED_FOR
+        self._pinned.move_to_end(key)
         while len(self._pinned) > PINNED_MAX:
             self._pinned.popitem(last=False)
-        log.warning("%s will be tunnelled without interception for %s for an hour", host, client)
+        who = client if user is None else f"user {user!r} at {client}"
+        log.warning("%s will be tunnelled without interception for %s for an hour", host, who)
 
-    def is_pinned(self, client: str, host: str, now: float | None = None) -> bool:
-        """Whether ``client`` refused an intercepted handshake to ``host`` recently (certificate
-        pinning); such hosts are tunnelled for a while instead."""
-        key = (source_key(client), host)
+    def is_pinned(self, client: str, user: str | None, host: str, now: float | None = None) -> bool:
+        """Whether ``client`` as ``user`` refused an intercepted handshake to ``host``
+        recently (certificate pinning); such hosts are tunnelled for a while instead."""
+        key = (source_key(client), user, host)
         until = self._pinned.get(key)
         if until is None:
             return False
@@ -106,7 +110,7 @@ class Interception:
             return False
         return True
 
-    async def accept(self, sock_stream: IOStream, host: str, timeout: float) -> SSLIOStream:
+    async def accept(self, sock_stream: IOStream, host: str, timeout: float) -> TLSStream:
         """Speak TLS to the client on ``sock_stream`` (its socket is taken over) with a
         certificate for ``host``; the handshake must finish within ``timeout`` seconds.
         Raises HandshakeFailed, or ValueError/OSError when no certificate can be made."""
@@ -121,15 +125,13 @@ class Interception:
             self._leaves.close()
 
 
-async def accept_tls(stream: IOStream, ctx: ssl.SSLContext, timeout: float) -> SSLIOStream:
-    """Turn ``stream`` into the server side of a TLS connection, the handshake done
-    within ``timeout`` seconds.  No read may be pending and nothing buffered (Tornado's
-    `IOStream.start_tls`).  Raises HandshakeFailed; ``stream`` is spent either way."""
-    starting = stream.start_tls(True, ctx)
+async def accept_tls(stream: IOStream, ctx: ssl.SSLContext, timeout: float) -> TLSStream:
+    """Speak TLS to the client on ``stream`` as the server, the handshake done within
+    ``timeout`` seconds.  ``stream`` may already speak TLS (an intercepted CONNECT
+    through the HTTPS proxy listener: TLS inside TLS); no read may be pending.  Raises
+    HandshakeFailed; ``stream`` is spent either way."""
     try:
         async with asyncio.timeout(timeout):
-            tls = await starting
+            return await start_tls(stream, ctx, server_side=True)
     except (ssl.SSLError, OSError, StreamClosedError, TimeoutError) as e:
         raise handshake_reason(e) from None
-    assert isinstance(tls, SSLIOStream)
-    return tls

@@ -1,8 +1,10 @@
-"""IOStream helpers: bounded reads of delimited blocks, and taking a socket over.
+"""IOStream helpers: bounded reads of delimited blocks, TLS through memory, and taking
+a socket over.
 
 Everything here that reaches into IOStream's private state lives in this module alone
-(`BoundedStream`, `buffered_size`, `take_over`); `tests/test_streams.py` pins the
-behaviour, so a Tornado upgrade that changes it fails loudly instead of losing bytes.
+(`BoundedStream`, `TLSStream`, `buffered_size`, `take_over`); `tests/test_streams.py`
+pins the behaviour, so a Tornado upgrade that changes it fails loudly instead of losing
+bytes.
 """
 
 from __future__ import annotations
@@ -16,20 +18,26 @@ from collections.abc import Awaitable
 from tornado.concurrent import Future
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
+from eyewall.tls.layers import TLSLayer, TLSStack
+
 __all__ = [
     "HEAD_END",
     "LINE_END",
     "STREAM_BUFFER",
+    "STREAM_CHUNK",
     "TRAILERS_END",
     "BoundedStream",
+    "TLSStream",
     "buffered_size",
     "complete",
+    "end_output",
     "lingering_close",
     "moved",
     "peer_gone",
     "read_block",
     "read_buffered",
     "read_head",
+    "start_tls",
     "take_over",
     "unread",
     "unsent",
@@ -45,6 +53,7 @@ else:
     _OUTQ = None
 
 STREAM_BUFFER = 8 << 20  # the most a stream may hold unread (IOStream's max_buffer_size)
+STREAM_CHUNK = 64 << 10  # plaintext sealed into records at a time; handshake reads
 HEAD_END = re.compile(rb"\n\r?\n")  # the empty line that ends a head (CRLF or bare LF)
 TRAILERS_END = re.compile(rb"\A\r?\n|\n\r?\n")  # also an empty section
 LINE_END = re.compile(rb"\n")
@@ -127,6 +136,138 @@ class BoundedStream(IOStream):
             self.close(exc_info=error)
             raise error
         return n
+
+
+class TLSStream(BoundedStream):
+    """A `BoundedStream` speaking TLS through a `TLSStack` over a plain socket.
+
+    Tornado's `SSLIOStream` reads and writes through `ssl.SSLSocket`; this stream keeps
+    OpenSSL off the socket (see `eyewall.tls.layers` for why: a relayed half-close must
+    not lose the peer's reply), and the same code serves TLS inside TLS.  A write
+    completes once its records are handed to the kernel.  Records that arrived with the
+    handshake's last flight (already fed to ``tls``) are decrypted at once; raises
+    ssl.SSLError if they are not valid TLS.
+    """
+
+    def __init__(self, sock: socket.socket, tls: TLSStack) -> None:
+        self.tls = tls
+        self._sealed = 0  # bytes at the front of the write buffer whose records are queued
+        # Decrypted bytes not delivered yet; first, records that came with the handshake.
+        self._plain = bytearray(tls.receive(b""))
+        super().__init__(sock, max_buffer_size=STREAM_BUFFER)
+
+    def write(self, data: bytes | memoryview) -> Future[None]:
+        """Queue ``data`` (as IOStream does: no direct send, the records are made first)."""
+        return IOStream.write(self, data)
+
+    def writing(self) -> bool:
+        """Whether records or plaintext wait to be written."""
+        return bool(self._write_buffer) or bool(self.tls.outgoing)
+
+    def write_to_fd(self, data: memoryview) -> int:
+        """Seal the front of the write buffer into records, once, and send them; the
+        plaintext counts as written when all of its records are out."""
+        if not self._sealed:
+            self._sealed = min(len(data), STREAM_CHUNK)
+            self.tls.send(data[: self._sealed])
+        self._send_records()
+        if self.tls.outgoing:
+            return 0
+        written, self._sealed = self._sealed, 0
+        return written
+
+    def _handle_write(self) -> None:
+        if self.tls.outgoing:  # records OpenSSL made on its own (a KeyUpdate's answer)
+            try:
+                self._send_records()
+            except OSError as e:
+                self.close(exc_info=e)
+                return
+        super()._handle_write()
+
+    def _send_records(self) -> None:
+        """Hand queued records to the kernel until it takes no more."""
+        out = self.tls.outgoing
+        while out:
+            try:
+                sent = self.socket.send(out)
+            except (BlockingIOError, InterruptedError):
+                return
+            del out[:sent]
+
+    # Reads go through read_from_fd, so read_into works too (BoundedStream's shortcut
+    # reads the socket directly).
+    _read_to_buffer = IOStream._read_to_buffer
+
+    def read_from_fd(self, buf: bytearray | memoryview) -> int | None:
+        """Decrypted bytes into ``buf``: what is left of the last records first, else
+        what the socket has.  None: nothing yet (or a record is incomplete); 0: the end
+        (TCP FIN or close_notify).  A TLS error closes the stream."""
+        plain = self._plain
+        if not plain:
+            if self.tls.ended:
+                return 0
+            try:
+                n = self.socket.recv_into(_SCRATCH)
+            except BlockingIOError:
+                return None
+            if n == 0:
+                return 0
+            try:
+                plain += self.tls.receive(_SCRATCH_VIEW[:n])
+                if self.tls.outgoing:  # OpenSSL answered something on its own
+                    self._send_records()
+                    if self.tls.outgoing:
+                        self._add_io_state(self.io_loop.WRITE)
+            except ssl.SSLError as e:  # not TLS, or a broken record
+                self.close(exc_info=e)
+                return None
+            if not plain:
+                return 0 if self.tls.ended else None
+        n = min(len(buf), len(plain))
+        buf[:n] = plain[:n]
+        del plain[:n]
+        return n
+
+
+async def start_tls(
+    stream: IOStream,
+    ctx: ssl.SSLContext,
+    server_side: bool,
+    server_hostname: str | None = None,
+) -> TLSStream:
+    """Speak TLS over ``stream`` and return the stream of the new connection, its
+    handshake done.  ``stream`` may be a `TLSStream` itself (TLS inside TLS); it must
+    have no read pending, and it is spent either way (its socket moves to the result,
+    or is closed).  Raises ssl.SSLError (after sending the alert OpenSSL made), or
+    StreamClosedError/OSError when the peer leaves.  Callers bound the time.
+    """
+    layer = TLSLayer(ctx, server_side, server_hostname)
+    try:
+        while True:
+            done = layer.handshake()
+            records = layer.outgoing.read()
+            if records:
+                await stream.write(records)
+            if done:
+                break
+            layer.incoming.write(await stream.read_bytes(STREAM_CHUNK, partial=True))
+        sock, received, below = take_over(stream)
+    except ssl.SSLError:
+        alert = layer.outgoing.read()
+        if alert and not stream.closed():
+            stream.write(alert).add_done_callback(lambda f: f.exception())
+        stream.close()
+        raise
+    except BaseException:
+        stream.close()
+        raise
+    layer.incoming.write(received)
+    try:
+        return TLSStream(sock, TLSStack([layer]) if below is None else below.inside(layer))
+    except BaseException:
+        sock.close()
+        raise
 
 
 def unread(stream: IOStream, data: bytes | memoryview) -> None:
@@ -220,34 +361,43 @@ def read_buffered(stream: IOStream, n: int) -> bytes | None:
 
 def buffered_size(stream: IOStream) -> int:
     """Bytes the stream has read from its socket that nobody has consumed yet."""
+    if isinstance(stream, TLSStream):
+        return stream._read_buffer_size + len(stream._plain)
     return stream._read_buffer_size
 
 
-def take_over(stream: IOStream) -> tuple[socket.socket, bytes]:
-    """Detach the socket from ``stream`` along with the bytes already buffered.
+def take_over(stream: IOStream) -> tuple[socket.socket, bytes, TLSStack | None]:
+    """Detach the socket from ``stream`` along with the bytes already buffered, and its
+    TLS stack when it is a `TLSStream`.
 
     IOStream reads ahead, so bytes the peer sent after the last consumed message may be
-    in its buffer; they are returned and must be relayed before anything read from the
-    socket.  No read may be pending on the stream.  A plain socket is duplicated and the
-    stream closed; a TLS socket (which cannot be duplicated) is taken as it is, with its
-    TLS state, and the stream is left spent (closed, without a socket).
+    in its buffer; they are returned (decrypted, for TLS) and must be relayed before
+    anything read from the socket.  No read may be pending on the stream, and what was
+    written must have completed; records not sent yet stay on the stack's ``outgoing``.
+    The socket is duplicated, non-blocking, and the stream closed.
     """
     n = stream._read_buffer_size
     early = bytes(stream._read_buffer[:n]) if n else b""
     if stream.closed() or stream.socket is None:
         raise StreamClosedError()
-    sock = stream.socket
-    if isinstance(sock, ssl.SSLSocket):
-        stream.io_loop.remove_handler(sock)
-        stream._state = None
-        stream.socket = None  # type: ignore[assignment]
-        stream._closed = True
-        stream._read_buffer_size = 0
-        return sock, early
-    sock = sock.dup()
+    tls = None
+    if isinstance(stream, TLSStream):
+        tls = stream.tls
+        early += stream._plain
+    sock = stream.socket.dup()
     stream.close()
     sock.setblocking(False)
-    return sock, early
+    return sock, early, tls
+
+
+def end_output(stream: IOStream) -> None:
+    """Half-close ``stream`` after its last write: a TLS close_notify (sent if the socket
+    takes it at once), then TCP FIN.  Raises OSError."""
+    if isinstance(stream, TLSStream) and not stream.closed():
+        stream.tls.close_notify()
+        stream._send_records()
+    if stream.socket is not None:
+        stream.socket.shutdown(socket.SHUT_WR)
 
 
 async def lingering_close(stream: IOStream, seconds: float = 2.0, limit: int = 1 << 20) -> None:
@@ -263,8 +413,7 @@ async def lingering_close(stream: IOStream, seconds: float = 2.0, limit: int = 1
     deadline = loop_time() + seconds
     handle = stream.io_loop.call_at(deadline, stream.close)
     try:
-        if stream.socket is not None:
-            stream.socket.shutdown(socket.SHUT_WR)
+        end_output(stream)
         while limit > 0:
             limit -= len(await stream.read_bytes(65536, partial=True))
     except (StreamClosedError, OSError):

@@ -11,16 +11,12 @@ Backpressure: a pump stops reading while its destination cannot take more.  Half
 end of input on one side becomes ``shutdown(SHUT_WR)`` on the other, and the tunnel
 ends when both directions have ended, or at the first error.
 
-Either socket may be a TLS one (`ssl.SSLSocket`, non-blocking) where the proxy
-terminates TLS: a WebSocket upgraded inside an intercepted tunnel, to an ``https://``
-origin, or any tunnel through the HTTPS proxy listener.  Bytes then pass through Python
-(no splice: the kernel sees only ciphertext); "would block" comes as
-`ssl.SSLWantReadError`/`SSLWantWriteError`; decrypted bytes OpenSSL holds
-(``pending()``) are read without waiting for the socket; and end of input is passed on
-as a TLS close_notify, after which the other direction keeps flowing.  OpenSSL discards
-(as an error) records that arrive while it sends close_notify, and Python's shutdown
-call waits for them once, so the close_notify is sent only at a moment nothing is
-waiting to be read on that socket; until then it is held back.
+Either side may speak TLS the proxy terminates (a `TLSStack` comes with its socket): a
+WebSocket upgraded inside an intercepted tunnel or to an ``https://`` origin, any tunnel
+through the HTTPS proxy listener, or all at once.  Bytes then pass through Python (no
+splice: the kernel sees only records), and end of input is passed on as a TLS
+close_notify, after which the other direction keeps flowing (RFC 8446 §6.1) — through
+memory buffers, so a reply already on its way cannot be lost (`eyewall.tls.layers`).
 """
 
 from __future__ import annotations
@@ -31,10 +27,10 @@ import fcntl
 import logging
 import os
 import socket
-import ssl
 from collections.abc import Callable
 
 from eyewall.proxy.streams import unsent
+from eyewall.tls.layers import TLSStack
 
 __all__ = ["PipePool", "Relay", "Tunnel"]
 
@@ -82,44 +78,56 @@ class PipePool:
 
 
 class _Pump:
-    """Moves bytes from ``src`` to ``dst`` until end of input or an error."""
+    """Moves bytes from ``src`` to ``dst`` until end of input or an error; either side
+    may speak TLS (``src_tls``, ``dst_tls``)."""
 
     __slots__ = (
         "buffer",
         "count",
         "dst",
         "dst_fd",
+        "dst_tls",
         "eof",
         "in_flight",
         "loop",
+        "output_ended",
         "pending",
         "pipe",
         "reading",
         "splice",
         "src",
         "src_fd",
-        "tls_in",
+        "src_tls",
         "tunnel",
         "writing",
     )
 
     def __init__(
-        self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, pending: bytes
+        self,
+        tunnel: Tunnel,
+        src: socket.socket,
+        dst: socket.socket,
+        src_tls: TLSStack | None,
+        dst_tls: TLSStack | None,
+        pending: bytes,
     ) -> None:
         self.tunnel = tunnel
         self.loop = tunnel.loop
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
-        self.pending = memoryview(pending) if pending else None  # user-space bytes first
+        self.src_tls, self.dst_tls = src_tls, dst_tls
+        self.pending: memoryview | None = None  # plaintext bytes for a plain dst
         self.pipe: tuple[int, int] | None = None
         self.in_flight = 0  # bytes in the pipe
         self.buffer: bytearray | None = None
         self.count = 0
         self.eof = False
+        self.output_ended = False  # the end of input was passed on to dst
         self.reading = False
         self.writing = False
-        self.tls_in = isinstance(src, ssl.SSLSocket)
-        self.splice = tunnel.splice and not self.tls_in and not isinstance(dst, ssl.SSLSocket)
+        self.splice = tunnel.splice and src_tls is None and dst_tls is None
+        if pending:  # user-space bytes first
+            self._hold(pending)
 
     def start(self) -> None:
         self._flush()
@@ -132,15 +140,11 @@ class _Pump:
                 self._splice_in()
             else:
                 self._recv()
-        except OSError as e:
+        except OSError as e:  # ssl.SSLError too
             self.tunnel.abort(e, self.src)
             return
         self.tunnel.active = True
         self._flush()
-        if self.tunnel.notify_pending is self.src and not self.tunnel.closed:
-            self.tunnel.half_close(self.src)
-        if self.reading and self.tls_in and self.src.pending():  # type: ignore[attr-defined]
-            self.loop.call_soon(self._on_readable)  # decrypted bytes: no socket event comes
 
     def _on_writable(self) -> None:
         self._flush()
@@ -168,46 +172,81 @@ class _Pump:
             self.buffer = bytearray(COPY_BUFFER)
         try:
             n = self.src.recv_into(self.buffer)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except BlockingIOError:
             return
-        except ssl.SSLZeroReturnError:  # the peer's close_notify: end of its input
-            n = 0
         if n == 0:
             self.eof = True
+            return
+        data: bytes | memoryview = memoryview(self.buffer)[:n]
+        tls = self.src_tls
+        if tls is not None:
+            data = tls.receive(data)
+            self.eof = tls.ended
+            if tls.outgoing:  # OpenSSL answered on its own: the other pump writes to src
+                self.tunnel.pump_into(self.src)._flush()
+        if data:
+            self.count += len(data)
+            self._hold(data)
+
+    def _hold(self, data: bytes | memoryview) -> None:
+        """Keep ``data`` until ``dst`` takes it: as records on its stack, or as they are."""
+        if self.dst_tls is not None:
+            self.dst_tls.send(data)
         else:
-            self.pending = memoryview(self.buffer)[:n]
-            self.count += n
+            self.pending = memoryview(data)
 
     # -- moving data out --------------------------------------------------------------
 
     def _flush(self) -> None:
-        """Write what is held; then read again, wait for the destination, or finish."""
-        try:
-            blocked = self._write_out()
-        except OSError as e:
-            self.tunnel.abort(e, self.dst)
-            return
-        if blocked:
+        """Write what is held; then read again, wait for the destination, or pass the
+        end of input on and finish."""
+        while not self.tunnel.closed:
+            try:
+                blocked = self._write_out()
+            except OSError as e:
+                self.tunnel.abort(e, self.dst)
+                return
+            if blocked:
+                self._set_reading(False)
+                if not self.writing:
+                    self.loop.add_writer(self.dst_fd, self._on_writable)
+                    self.writing = True
+                return
+            if self.writing:
+                self.loop.remove_writer(self.dst_fd)
+                self.writing = False
+            if not self.eof:
+                self._set_reading(True)
+                return
             self._set_reading(False)
-            if not self.writing:
-                self.loop.add_writer(self.dst_fd, self._on_writable)
-                self.writing = True
-            return
-        if self.writing:
-            self.loop.remove_writer(self.dst_fd)
-            self.writing = False
-        if self.eof:
-            self._set_reading(False)
-            self.tunnel.finished(self)
-        else:
-            self._set_reading(True)
+            if self.output_ended:
+                self.tunnel.finished(self)
+                return
+            self.output_ended = True
+            try:  # TCP FIN now, or a close_notify written on the next pass
+                if self.dst_tls is not None:
+                    self.dst_tls.close_notify()
+                else:
+                    self.dst.shutdown(socket.SHUT_WR)
+            except OSError as e:
+                self.tunnel.abort(e, self.dst)
+                return
 
     def _write_out(self) -> bool:
         """True if the destination is full and data is still held."""
+        if self.dst_tls is not None:
+            out = self.dst_tls.outgoing
+            while out:
+                try:
+                    sent = self.dst.send(out)
+                except BlockingIOError:
+                    return True
+                del out[:sent]
+            return False
         while self.pending is not None:
             try:
                 sent = self.dst.send(self.pending)
-            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            except BlockingIOError:
                 return True
             self.pending = self.pending[sent:] if sent < len(self.pending) else None
         while self.in_flight:
@@ -225,8 +264,6 @@ class _Pump:
     def _set_reading(self, on: bool) -> None:
         if on and not self.reading:
             self.loop.add_reader(self.src_fd, self._on_readable)
-            if self.tls_in and self.src.pending():  # type: ignore[attr-defined]
-                self.loop.call_soon(self._on_readable)
         elif not on and self.reading:
             self.loop.remove_reader(self.src_fd)
         self.reading = on
@@ -249,9 +286,11 @@ class Tunnel:
 
     ``to_client`` and ``to_upstream`` are bytes to deliver before anything read from the
     sockets (the CONNECT answer; bytes IOStream had read ahead); ``to_upstream`` counts
-    as bytes from the client.  ``on_close`` (set before `start`) is called once, with
-    the exception that ended the tunnel or None.  The watchdog calls `check` to enforce
-    ``idle_timeout`` (seconds without a byte either way).
+    as bytes from the client.  ``client_tls`` and ``upstream_tls`` are the TLS the proxy
+    speaks on either socket, if any (records not sent yet are sent first).
+    ``on_close`` (set before `start`) is called once, with the exception that ended the
+    tunnel or None.  The watchdog calls `check` to enforce ``idle_timeout`` (seconds
+    without a byte either way).
     """
 
     __slots__ = (
@@ -264,7 +303,6 @@ class Tunnel:
         "idle_since",
         "idle_timeout",
         "loop",
-        "notify_pending",
         "on_close",
         "pipes",
         "queued",
@@ -282,6 +320,8 @@ class Tunnel:
         to_client: bytes = b"",
         to_upstream: bytes = b"",
         on_close: Callable[[Tunnel, BaseException | None], None] | None = None,
+        client_tls: TLSStack | None = None,
+        upstream_tls: TLSStack | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.client, self.upstream = client, upstream
@@ -294,11 +334,10 @@ class Tunnel:
         self.queued: int | None = None  # the kernel's send queues at the first quiet check
         self.closed = False
         self.failed_side = ""  # "client" or "upstream" when an error ended the tunnel
-        self.up = _Pump(self, client, upstream, to_upstream)
-        self.down = _Pump(self, upstream, client, to_client)
+        self.up = _Pump(self, client, upstream, client_tls, upstream_tls, to_upstream)
+        self.down = _Pump(self, upstream, client, upstream_tls, client_tls, to_client)
         self.up.count = len(to_upstream)
         self._ended: set[_Pump] = set()
-        self.notify_pending: socket.socket | None = None  # a held-back close_notify
 
     @property
     def bytes_up(self) -> int:
@@ -334,25 +373,16 @@ class Tunnel:
                 self.queued = queued
                 self.idle_since = now
 
+    def pump_into(self, sock: socket.socket) -> _Pump:
+        """The pump that writes to ``sock``."""
+        return self.up if sock is self.upstream else self.down
+
     def finished(self, pump: _Pump) -> None:
-        """``pump`` saw end of input and delivered everything: pass the EOF on."""
+        """``pump`` delivered everything and passed its end of input on; the tunnel
+        closes when both have."""
         self._ended.add(pump)
         if len(self._ended) == 2:
             self.close()
-            return
-        self.half_close(pump.dst)
-
-    def half_close(self, sock: socket.socket) -> None:
-        """End output on ``sock`` (TCP FIN, or TLS close_notify when nothing waits to be
-        read there; otherwise retried after the next read from it)."""
-        self.notify_pending = None
-        try:
-            if isinstance(sock, ssl.SSLSocket) and _readable_now(sock):
-                self.notify_pending = sock
-            else:
-                _end_output(sock)
-        except OSError as e:
-            self.abort(e, sock)
 
     def abort(self, error: BaseException, side: socket.socket) -> None:
         """End the tunnel after ``error`` on ``side``'s socket."""
@@ -377,32 +407,3 @@ class Tunnel:
 
 
 Relay = Tunnel  # what the proxy tracks as an open tunnel
-
-
-def _readable_now(sock: ssl.SSLSocket) -> bool:
-    """Whether decrypted bytes or raw bytes wait on ``sock`` (a non-blocking peek)."""
-    if sock.pending():
-        return True
-    with socket.socket(fileno=sock.fileno()) as raw:
-        try:
-            return bool(raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except BlockingIOError:
-            return False
-        finally:
-            raw.detach()
-
-
-def _end_output(sock: socket.socket) -> None:
-    """Half-close ``sock``: TCP FIN, or a TLS close_notify (reading goes on: OpenSSL
-    reads after sending close_notify until the peer's arrives)."""
-    if isinstance(sock, ssl.SSLSocket):
-        tls = getattr(sock, "_sslobj", None)  # SSLSocket.shutdown() would drop TLS both ways
-        if tls is not None:
-            try:
-                tls.shutdown()
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                pass  # close_notify is out; the peer's is not in yet
-            except ssl.SSLError as e:
-                raise OSError(str(e)) from None
-        return
-    sock.shutdown(socket.SHUT_WR)

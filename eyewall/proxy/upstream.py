@@ -27,7 +27,7 @@ from tornado.iostream import IOStream, StreamClosedError
 
 from eyewall.errors import ErrorKind, ProxyError
 from eyewall.http1.target import Target
-from eyewall.proxy.streams import STREAM_BUFFER, BoundedStream, buffered_size
+from eyewall.proxy.streams import STREAM_BUFFER, BoundedStream, buffered_size, start_tls
 
 __all__ = [
     "Resolver",
@@ -272,11 +272,11 @@ class UpstreamPool:
     async def _start_tls(self, stream: IOStream, target: Target) -> IOStream:
         """TLS to the origin, verified against the trusted CAs and the host name.
 
-        ``stream`` is spent either way: Tornado hands its socket to the TLS stream,
-        which closes it when the handshake fails or is cancelled."""
+        ``stream`` is spent either way: its socket moves to the TLS stream, or is closed
+        when the handshake fails or is cancelled."""
         try:
             async with asyncio.timeout(self.connect_timeout):
-                return await stream.start_tls(False, self.tls_context, server_hostname=target.host)
+                return await start_tls(stream, self.tls_context, False, target.host)
         except TimeoutError:
             raise ProxyError(ErrorKind.CONNECTION_TIMEOUT, "TLS handshake timed out") from None
         except ssl.SSLCertVerificationError as e:
@@ -344,8 +344,6 @@ def stale(stream: IOStream) -> bool:
     if sock is None:
         return True
     try:
-        if isinstance(sock, ssl.SSLSocket):
-            return bool(sock.pending()) or _peek(sock.fileno())
         return _peek(sock.fileno())
     except OSError:
         return True
