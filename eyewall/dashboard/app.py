@@ -61,6 +61,9 @@ class SharedFlows(Protocol):
 access_log = logging.getLogger("eyewall.admin")
 STATIC = Path(__file__).resolve().parent / "static"
 COOKIE = "eyewall_admin"
+ADMIN_IDLE = 30.0  # seconds an admin connection may wait for (or send) a request head or body
+ADMIN_MAX_HEAD = 64 << 10  # bytes of an admin request head (localhost cookies of other tools)
+ADMIN_MAX_BODY = 64 << 10  # bytes of an admin request body (a login form)
 
 
 CSP = "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
@@ -387,6 +390,7 @@ class AdminServer:
         self.node = ""  # this node's name in a fleet (/healthz)
         self.shared: SharedFlows | None = None  # the fleet's flows, instead of this node's
         self.started = time.monotonic()
+        self.idle = ADMIN_IDLE  # seconds for a request head or body (tests shorten it)
         args = {"admin": self}
         self.app = tornado.web.Application(
             [
@@ -423,7 +427,14 @@ class AdminServer:
                 e.errno, f"cannot listen on {self.endpoint} (admin.listen): {e.strerror}"
             ) from None
         self.sockets = sockets
-        self.server = HTTPServer(self.app, xheaders=False)
+        self.server = HTTPServer(
+            self.app,
+            xheaders=False,
+            idle_connection_timeout=self.idle,  # also bounds the wait for a head
+            body_timeout=self.idle,
+            max_header_size=ADMIN_MAX_HEAD,
+            max_body_size=ADMIN_MAX_BODY,
+        )
         self.server.add_sockets(sockets)
         self.addresses = [s.getsockname()[:2] for s in sockets]
         self.address = self.addresses[0]

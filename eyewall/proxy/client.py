@@ -62,6 +62,7 @@ from eyewall.proxy.streams import (
 )
 from eyewall.proxy.timeouts import Phase, Watch
 from eyewall.proxy.tunnel import Tunnel
+from eyewall.tls.layers import HANDSHAKE_FAILURE, alert, starts_tls
 
 __all__ = ["ClientConnection", "inner_target", "method_hint", "render_answer"]
 
@@ -83,8 +84,6 @@ def shown_user(user: str | None) -> str:
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 _KNOWN_STATUS = frozenset(s.value for s in HTTPStatus)
 HTTPS_PORT = 443  # the port an https URI without one names (RFC 9110 §4.2.2)
-TLS_HANDSHAKE_RECORD = 0x16  # the first byte of a TLS ClientHello record
-TLS_ALERT_HANDSHAKE_FAILURE = b"\x15\x03\x01\x00\x02\x02\x28"  # fatal handshake_failure
 
 
 def _readable(stream: IOStream) -> bool:
@@ -253,17 +252,13 @@ class ClientConnection:
         self.head_started = True
         if self.watch.phase is Phase.IDLE:
             self._enter(Phase.CLIENT_HEAD, self.ctx.settings.timeouts.client_header)
-        if (
-            self.requests == 0
-            and first[0] == TLS_HANDSHAKE_RECORD
-            and not isinstance(stream, TLSStream)
-        ):
+        if starts_tls(first) and not isinstance(stream, TLSStream):
             log.warning(
                 "%s:%d spoke TLS to the plain HTTP proxy listener: use an http:// proxy"
                 " URL, or configure an HTTPS listener (tls.listen) for https:// proxy URLs",
                 *self.address,
             )
-            stream.write(TLS_ALERT_HANDSHAKE_FAILURE)
+            stream.write(alert(HANDSHAKE_FAILURE))
             await lingering_close(stream, seconds=1.0)
             return None
         return await read_head(stream, limit, first)

@@ -32,7 +32,13 @@ from eyewall.policy.state import AdmissionState, LimitsStore, LimitsUnavailable
 from eyewall.proxy.client import ClientConnection, render_answer
 from eyewall.proxy.intercept import HandshakeFailed, Interception, accept_tls
 from eyewall.proxy.proxied import ProxyProtocolGate
-from eyewall.proxy.streams import STREAM_BUFFER, BoundedStream, lingering_close
+from eyewall.proxy.streams import (
+    STREAM_BUFFER,
+    STREAM_CHUNK,
+    BoundedStream,
+    lingering_close,
+    unread,
+)
 from eyewall.proxy.timeouts import Watchdog, sweep_interval
 from eyewall.proxy.tunnel import PipePool, Relay
 from eyewall.proxy.upstream import (
@@ -43,12 +49,14 @@ from eyewall.proxy.upstream import (
 )
 from eyewall.proxy.verifier import Verifier
 from eyewall.tls.ca import CertificateAuthority
+from eyewall.tls.layers import INTERNAL_ERROR, alert, starts_tls
 
 __all__ = ["Proxy", "bind_endpoint"]
 
 log = logging.getLogger("eyewall")
 
 ACCEPT_BATCH = 128  # connections accepted per wake-up at most (Tornado's number)
+REFUSAL_WAIT = 1.0  # seconds a refused HTTPS-listener client has to show it speaks TLS
 ACCEPT_PAUSE = 0.005  # seconds a process declining to accept leaves it to the others
 
 
@@ -283,12 +291,26 @@ class Proxy:
                         f"rate limit client_connections reached for {client[0]}",
                     )
         if refusal is not None:
-            await self._refuse(stream, client, *refusal)
+            await self._refuse(stream, client, *refusal, secure=secure is not None)
             return
         stream.set_nodelay(True)
         if secure is not None:
+            deadline = self.settings.tls.handshake_timeout
+            started = time.monotonic()
             try:
-                stream = await accept_tls(stream, secure, self.settings.tls.handshake_timeout)
+                first = await _first_bytes(stream, deadline)
+                if first is None:
+                    log.info("%s sent no TLS handshake in time", format_address(client))
+                elif not starts_tls(first):
+                    await self._plain_to_tls(stream, client)
+                    first = None
+                if first is None:
+                    self._release("client_connections", client[0])
+                    stream.close()
+                    return
+                unread(stream, first)
+                remaining = max(0.0, deadline - (time.monotonic() - started))
+                stream = await accept_tls(stream, secure, remaining)
             except HandshakeFailed as e:
                 log.info("TLS handshake with %s failed: %s", format_address(client), e)
                 self._release("client_connections", client[0])
@@ -307,9 +329,17 @@ class Proxy:
                 await self._hook(ClientDisconnected(peer))
 
     async def _refuse(
-        self, stream: IOStream, client: tuple[str, int], kind: ErrorKind, detail: str
+        self,
+        stream: IOStream,
+        client: tuple[str, int],
+        kind: ErrorKind,
+        detail: str,
+        secure: bool = False,
     ) -> None:
-        """Answer a connection the proxy will not serve (before reading anything)."""
+        """Answer a connection the proxy will not serve (before reading anything).  On
+        an HTTPS listener (``secure``) a client that starts a TLS handshake gets a fatal
+        internal_error alert, not a plain-text page it would take for a broken record;
+        the reason is in the log and the flow."""
         flow = self.new_flow(client)
         flow.fail(kind, detail)
         if kind is ErrorKind.RATE_LIMITED:
@@ -318,13 +348,35 @@ class Proxy:
         flow.status = status
         flow.bytes_out = len(body)
         try:
-            await stream.write(render_answer("GET", status, fields, body, True))
+            first = await _first_bytes(stream, REFUSAL_WAIT) if secure else b""
+            if first is None:
+                return
+            if starts_tls(first):
+                flow.bytes_out = 0
+                await stream.write(alert(INTERNAL_ERROR))
+            else:
+                await stream.write(render_answer("GET", status, fields, body, True))
             await lingering_close(stream, seconds=1.0)
         except StreamClosedError:
             pass
         finally:
             stream.close()
             self.end_flow(flow)
+
+    async def _plain_to_tls(self, stream: IOStream, client: tuple[str, int]) -> None:
+        """A client spoke plain HTTP to an HTTPS proxy listener: answer 400 in plain
+        text, saying which proxy URL to use, and close."""
+        detail = (
+            "this is an HTTPS proxy listener (tls.listen): use an https:// proxy URL here,"
+            " or the plain listener (listen) for http:// proxy URLs"
+        )
+        log.warning("%s spoke plain HTTP to the HTTPS proxy listener", format_address(client))
+        status, fields, body = error_answer(ErrorKind.BAD_REQUEST, detail, "-", self.settings.via)
+        try:
+            await stream.write(render_answer("GET", status, fields, body, False))
+            await lingering_close(stream, seconds=1.0)
+        except StreamClosedError:
+            pass
 
     # -- addons ------------------------------------------------------------------------
 
@@ -505,6 +557,16 @@ def bind_endpoint(endpoint: Endpoint, setting: str) -> list[socket.socket]:
         return bind_sockets(endpoint.port, endpoint.host, family=family, backlog=1024)
     except OSError as e:
         raise OSError(e.errno, f"cannot listen on {endpoint} ({setting}): {e.strerror}") from None
+
+
+async def _first_bytes(stream: IOStream, seconds: float) -> bytes | None:
+    """The first bytes a client sends (at most STREAM_CHUNK), or None when it sends
+    none within ``seconds`` or leaves."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await stream.read_bytes(STREAM_CHUNK, partial=True)
+    except (TimeoutError, StreamClosedError):
+        return None
 
 
 def _server_context(certificate: str, key: str) -> ssl.SSLContext:

@@ -20,11 +20,20 @@ from __future__ import annotations
 
 import ssl
 
-__all__ = ["TLSLayer", "TLSStack", "starts_tls"]
+__all__ = ["TLSLayer", "TLSStack", "alert", "starts_tls"]
 
 READ_SIZE = 1 << 14  # the most plaintext one TLS record carries (RFC 8446 §5.1)
 HANDSHAKE_RECORD = 0x16  # ContentType handshake (RFC 8446 §5.1)
 SSL2_CLIENT_HELLO = 0x01  # an SSL 2.0-format CLIENT-HELLO (RFC 6101 §E.1)
+HANDSHAKE_FAILURE = 40  # AlertDescription values (RFC 8446 §6)
+INTERNAL_ERROR = 80
+
+
+def alert(description: int) -> bytes:
+    """A fatal alert record (RFC 8446 §6) with ``description`` (an AlertDescription),
+    for a peer whose handshake will not be answered: it reads a reason instead of an
+    unexplained end of the connection."""
+    return bytes([0x15, 3, 1, 0, 2, 2, description])
 
 
 def starts_tls(data: bytes) -> bool:

@@ -30,7 +30,14 @@ import pytest
 import trustme
 from websockets.asyncio.client import connect
 
-from tests.conftest import ROOT, ProxyProcess, raw_exchange, raw_request, read_response
+from tests.conftest import (
+    ROOT,
+    ProxyProcess,
+    poll,
+    raw_exchange,
+    raw_request,
+    read_response,
+)
 from tests.e2e.test_websocket import masked_frame
 from tests.origins import pattern
 from tests.tlspeer import TLSPeer
@@ -329,6 +336,63 @@ def test_8_tls_spoken_to_the_plain_listener_gets_an_alert_at_once(proxy):
     assert data[:1] == b"\x15"  # a TLS alert record, then the connection closes
     assert time.monotonic() - started < 5  # not the 10 s header deadline
     proxy.log_with("spoke TLS to the plain HTTP proxy listener")
+
+
+def client_hello(ssl2: bool = False) -> bytes:
+    """The first bytes of a ClientHello: a handshake record, or the SSL 2.0 format."""
+    if ssl2:
+        return bytes([0x80, 46, 0x01, 3, 1]) + os.urandom(44)
+    return bytes.fromhex("160301") + (200).to_bytes(2, "big") + b"\x01" + os.urandom(199)
+
+
+@pytest.mark.parametrize("member", ["ssl2-hello", "after-a-request"])
+def test_8_every_tls_hello_on_the_plain_listener_gets_an_alert(proxy, origin, member):
+    """Class members: the SSL 2.0-format hello old clients send, and a hello as the
+    second message of a kept-alive connection."""
+    with socket.create_connection(proxy.address, timeout=10) as sock:
+        if member == "after-a-request":
+            sock.sendall(f"GET {origin.url}/echo/first HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert status(read_response(sock)) == 200
+        sock.sendall(client_hello(ssl2=member == "ssl2-hello"))
+        data = recv_all(sock)  # ends: no wait for a head that never comes
+    assert data == b"\x15\x03\x01\x00\x02\x02\x28"  # fatal handshake_failure alert
+    poll(lambda: "spoke TLS to the plain HTTP proxy listener" in proxy.stderr(), what="log")
+
+
+def test_8_plain_http_to_the_https_listener_gets_a_plain_400(make_proxy, listener_cert, origin):
+    p, tls_port = https_proxy(make_proxy, listener_cert)
+    request = f"GET {origin.url}/echo/x HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    answer = raw_request(("127.0.0.1", tls_port), request)
+    assert status(answer) == 400
+    assert b"use an https:// proxy URL" in answer
+    poll(lambda: "spoke plain HTTP to the HTTPS proxy listener" in p.stderr(), what="log")
+    # curl with an http:// proxy URL aimed at the HTTPS port reads the same page
+    curl = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--proxy",
+            f"http://127.0.0.1:{tls_port}",
+            f"{origin.url}/echo/x",
+        ],
+        capture_output=True,
+    )
+    assert b"use an https:// proxy URL" in curl.stdout, curl
+
+
+def test_8_a_refused_tls_client_gets_an_alert_not_a_plain_page(make_proxy, listener_cert, ca_file):
+    """Over its connection cap, a client of the HTTPS listener is refused in TLS's own
+    language (an alert), and the refusal is logged and recorded as 429."""
+    p, tls_port = https_proxy(make_proxy, listener_cert, "--client-connections", "1")
+    context = ssl.create_default_context(cafile=ca_file)
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as held:
+        TLSPeer(held, context, "localhost")  # holds the client's one connection
+        second = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
+        with second, pytest.raises(ssl.SSLError, match="INTERNAL_ERROR"):
+            context.wrap_socket(second, server_hostname="localhost")
+    poll(lambda: any(" 429 " in line for line in p.access_lines()), what="the 429 line")
 
 
 def test_1_16_websocket_relays_count_against_the_tunnel_limit(make_proxy, origin):
