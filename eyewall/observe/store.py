@@ -18,6 +18,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,7 @@ def _head_cost(head: RequestHead | ResponseHead | None) -> int:
     if head is None:
         return 0
     fields = head.headers.fields
-    return sum(len(name) + len(value) for name, value in fields) + FIELD_OVERHEAD * len(fields)
+    return sum(map(len, chain.from_iterable(fields))) + FIELD_OVERHEAD * len(fields)
 
 
 def _size(flow: Flow) -> int:

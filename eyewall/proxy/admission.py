@@ -43,6 +43,12 @@ def admit_now(ctx: ProxyContext, ticket: Ticket) -> Step:
     resolutions and IP literals are done here."""
     state = ctx.state
     local = None if state.asynchronous else cast(SynchronousLimits, state)
+    if ticket.addresses is None and not ticket.resolve_error:
+        # addresses at hand (an IP literal, a cached name) spare the decide call
+        # that would only ask for them
+        known = ctx.pool.resolver.known(ticket.host, ticket.port)
+        if known is not None:
+            ticket.addresses = tuple(ip for _, (ip, *_) in known)
     while True:
         step = decide(ticket, ctx.policy, state, ctx.clock(), ctx.own)
         if isinstance(step, Resolve):

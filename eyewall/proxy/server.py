@@ -69,7 +69,8 @@ class Proxy:
 
     ``state`` (admission counters) outlives reloads and may be shared with the caller;
     ``publish`` receives every finished flow; ``clock`` is the monotonic time the
-    limits use (the event loop's, unless a test injects one).
+    limits and phases use (time.monotonic, the event loop's own clock, unless a test
+    injects one).
     """
 
     def __init__(
@@ -88,7 +89,9 @@ class Proxy:
         self.state: LimitsStore = state or AdmissionState()
         self.addons = addons or Addons()
         self.publish = publish or (lambda flow: None)
-        self.clock: Callable[[], float] = clock or (lambda: asyncio.get_running_loop().time())
+        # asyncio's loop.time() is time.monotonic(); calling it directly spares a
+        # loop lookup on every phase change
+        self.clock: Callable[[], float] = clock or time.monotonic
         self.pool = UpstreamPool(
             settings.timeouts.upstream_connect,
             settings.pool.idle_per_origin,
