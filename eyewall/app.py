@@ -18,7 +18,7 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,7 @@ from eyewall.config import (
     ConfigError,
     Settings,
     annotate,
+    in_file_order,
     load_settings,
     parse_endpoint,
     restart_settings,
@@ -87,12 +88,18 @@ def build_policy(settings: Settings, read_text: Callable[[str], str] | None = No
         errors.append(str(e))
     groups = {g for g, _ in auth.groups}
     rules: list[Rule] = []
+    ids: set[str] = set()  # of every rule, the ones with errors too
     for i, raw in enumerate(settings.rules):
         path = f"rules[{i}]"
         try:
             rule = compile_rule(raw, path)
         except ValueError as e:
             errors.append(str(e))
+            given = raw.get("id") if isinstance(raw, Mapping) else None
+            if isinstance(given, str):
+                if given in ids:
+                    errors.append(f"{path}.id: duplicate rule id {given!r}")
+                ids.add(given)
             continue
         undefined = sorted(rule.groups - groups)
         if undefined:
@@ -103,8 +110,9 @@ def build_policy(settings: Settings, read_text: Callable[[str], str] | None = No
         elif unknown:
             # A warning: the file that revokes a user must apply, not be refused for it.
             users.absent.extend(f"{path}.users: no user {name!r}" for name in unknown)
-        if rule.id in {r.id for r in rules}:
+        if rule.id in ids:
             errors.append(f"{path}.id: duplicate rule id {rule.id!r}")
+        ids.add(rule.id)
         rules.append(rule)
     if not errors:
         for absent in users.absent:
@@ -228,8 +236,15 @@ class Loader:
     def load(self) -> Loaded:
         """Raises ConfigError listing every problem, each with its setting (as the flag
         when it came from one) and its file and line."""
-        settings = load_settings(self.config, self.overrides)
         errors: list[str] = []
+        try:
+            settings = load_settings(self.config, self.overrides)
+        except ConfigError as e:
+            if e.settings is None:
+                raise
+            # report what the rest of the file has wrong too, in one list
+            more = annotate(self._more_problems(e.settings), self.config, self.overrides)
+            raise ConfigError(in_file_order(e.errors + more)) from None
         policy = None
         ca = None
         try:
@@ -248,6 +263,23 @@ class Loader:
             raise ConfigError(annotate(errors, self.config, self.overrides))
         assert policy is not None
         return Loaded(settings, policy, ca)
+
+    def _more_problems(self, settings: Settings) -> list[str]:
+        """The rules' and paths' problems of ``settings`` read from an invalid file, as
+        far as they can be checked."""
+        problems: list[str] = []
+        try:
+            build_policy(settings)
+        except ConfigError as e:
+            problems.extend(e.errors)
+        except Exception:  # a value the schema already reported
+            pass
+        if self.check_paths:
+            try:
+                problems.extend(preflight(settings))
+            except Exception:  # as above
+                pass
+        return problems
 
     def watched_files(self, settings: Settings) -> list[str]:
         """Files whose change triggers a reload: the user file (always: `auth.htpasswd`

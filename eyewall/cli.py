@@ -422,6 +422,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``eyewall`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return _run(parser, args)
+    except BrokenPipeError:
+        # the reader of our output left (`eyewall har export | head`): no traceback,
+        # and no second error when Python flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     match args.command:
         case "check-config":
             return check_config(args.files, not args.no_paths)

@@ -32,6 +32,7 @@ __all__ = [
     "Settings",
     "Timeouts",
     "annotate",
+    "in_file_order",
     "iter_settings",
     "load_settings",
     "locate",
@@ -46,6 +47,9 @@ class ConfigError(ValueError):
 
     def __init__(self, errors: str | list[str]) -> None:
         self.errors = [errors] if isinstance(errors, str) else list(errors)
+        # what could be read anyway (invalid values replaced by defaults), when the
+        # settings file was read: later checks (rules, paths) still report their errors
+        self.settings: Settings | None = None
         super().__init__("\n".join(self.errors))
 
 
@@ -1036,7 +1040,11 @@ def load_settings(
         errors.extend(_exposure_problems(settings))
         errors.extend(_fleet_problems(settings))
     if errors:
-        raise ConfigError([_where(e, path, text, overrides or {}) for e in dict.fromkeys(errors)])
+        error = ConfigError(
+            in_file_order([_where(e, path, text, overrides or {}) for e in dict.fromkeys(errors)])
+        )
+        error.settings = settings  # defaults in place of the invalid values
+        raise error
     return settings
 
 
@@ -1051,7 +1059,20 @@ def annotate(
             text = Path(path).read_text(errors="replace")
         except OSError:
             pass
-    return [_where(e, path, text, overrides or {}) for e in dict.fromkeys(errors)]
+    return in_file_order([_where(e, path, text, overrides or {}) for e in dict.fromkeys(errors)])
+
+
+_LINE = re.compile(r"^\S*?:(\d+): ")
+
+
+def in_file_order(errors: list[str]) -> list[str]:
+    """``errors`` sorted by their ``FILE:LINE:`` (stable; those without a line first)."""
+
+    def line(error: str) -> int:
+        found = _LINE.match(error)
+        return int(found.group(1)) if found else 0
+
+    return sorted(errors, key=line)
 
 
 def _where(error: str, path: str | Path | None, text: str, overrides: Mapping[str, Any]) -> str:

@@ -122,7 +122,8 @@ def render_explanation(
             case Refusal(kind, rule, message):
                 status = status_of(kind)
                 by = f" by {rule}" if rule else ""
-                say("decision", f"{status} {_reason(kind)}{by}: {message}")
+                said = f": {message}" if message else ""
+                say("decision", f"{status} {_reason(kind)}{by}{said}")
                 if rule == "private-destination":
                     say(
                         "",

@@ -253,3 +253,22 @@ def test_the_config_file_is_watched_only_when_asked(tmp_path: Path) -> None:
     watching = load_settings(str(conf), {"watch_config": True})
     assert loader.watched_files(watching) == [str(conf), str(tmp_path / "htpasswd")]
     assert Loader(None, {}).watched_files(load_settings(None, {"watch_config": True})) == []
+
+
+def test_every_problem_of_a_file_is_reported_at_once_in_line_order(tmp_path: Path) -> None:
+    """A value the schema refuses does not hide the rules' problems, nor a rule that
+    fails to compile the duplicate of its id further down."""
+    conf = tmp_path / "m.toml"
+    conf.write_text(
+        "[access]\nallow_private = true\n\n"
+        '[[rules]]\nid = "no-secret"\naction = "deny"\nnetworks = ["10.0.0.0/33"]\n\n'
+        '[[rules]]\nid = "no-secret"\naction = "deny"\nhosts = ["x"]\n\n'
+        '[limits]\nmax_connections = 0\naccess_log = "/nonexistent-dir/x.log"\n'
+    )
+    with pytest.raises(ConfigError) as e:
+        Loader(str(conf), {}).load()
+    lines = [error.split(": ", 1)[0] for error in e.value.errors]
+    assert lines == [f"{conf}:7", f"{conf}:10", f"{conf}:15", f"{conf}:16"], e.value.errors
+    assert "rules[0].networks" in e.value.errors[0]
+    assert "duplicate rule id 'no-secret'" in e.value.errors[1]
+    assert "limits.max_connections" in e.value.errors[2]

@@ -317,3 +317,45 @@ def test_tls_sides_relay_both_ways_with_half_close(tls_side, ca):
         pipes.close()
 
     asyncio.run(run())
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected non-blocking TCP sockets on loopback (a reset needs TCP)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    for s in (a, b):
+        s.setblocking(False)
+    return a, b
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_origin_that_answered_and_closed_ends_the_tunnel_without_an_error(mode):
+    """The origin sends its last bytes and closes; the client then sends more (a TLS
+    close_notify) and its FIN.  Those bytes meet a closed socket (a reset, then
+    ENOTCONN on shutdown), as they would on a direct connection: an ordinary end, not
+    'origin ended the tunnel'."""
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        client, proxy_client = tcp_pair()
+        origin, proxy_origin = tcp_pair()
+        closed: asyncio.Future[BaseException | None] = loop.create_future()
+        pipes = PipePool()
+        tunnel = Tunnel(
+            proxy_client, proxy_origin, pipes, 60.0, on_close=lambda t, e: closed.set_result(e)
+        )
+        if mode == "copy":
+            tunnel.splice = False
+        tunnel.start()
+        await loop.sock_sendall(origin, b"last words")
+        origin.close()  # a full close: what arrives later is answered with a reset
+        assert await recv_to_eof(client) == b"last words"
+        await loop.sock_sendall(client, b"close_notify")
+        client.shutdown(socket.SHUT_WR)
+        assert await asyncio.wait_for(closed, 5) is None
+        assert tunnel.failed_side == ""
+        client.close()
+        pipes.close()
+
+    asyncio.run(run())

@@ -101,6 +101,8 @@ class Guarded:
         status, and the reason when it helps the user (never anything from the
         request)."""
         self.set_header("Content-Type", "text/plain; charset=utf-8")  # type: ignore[attr-defined]
+        if status_code == 401:  # RFC 9110 §11.6.1: a 401 names its challenge
+            self.set_header("WWW-Authenticate", 'Bearer realm="eyewall admin"')  # type: ignore[attr-defined]
         error = kwargs.get("exc_info", (None, None))[1]
         hint = error.log_message if isinstance(error, tornado.web.HTTPError) else None
         reason = self._reason  # type: ignore[attr-defined]
@@ -190,8 +192,8 @@ class Health(Base):
         if admin.node:
             answer["node"] = admin.node
         answer["uptime_s"] = round(time.monotonic() - admin.started, 3)
-        answer["connections"] = gauges["connections"]
-        answer["tunnels"] = gauges["tunnels"]
+        answer["connections"] = int(gauges["connections"])  # summed over workers
+        answer["tunnels"] = int(gauges["tunnels"])
         self.write_json(answer)
 
 

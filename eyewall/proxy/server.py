@@ -374,12 +374,20 @@ class Proxy:
             " or the plain listener (listen) for http:// proxy URLs"
         )
         log.warning("%s spoke plain HTTP to the HTTPS proxy listener", format_address(client))
-        status, fields, body = error_answer(ErrorKind.BAD_REQUEST, detail, "-", self.settings.via)
+        flow = self.new_flow(client)
+        flow.fail(ErrorKind.BAD_REQUEST, detail)
+        status, fields, body = error_answer(
+            ErrorKind.BAD_REQUEST, detail, flow.id, self.settings.via
+        )
+        flow.status = status
+        flow.bytes_out = len(body)
         try:
             await stream.write(render_answer("GET", status, fields, body, False))
             await lingering_close(stream, seconds=1.0)
         except StreamClosedError:
             pass
+        finally:
+            self.end_flow(flow)
 
     # -- addons ------------------------------------------------------------------------
 

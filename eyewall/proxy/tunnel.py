@@ -77,6 +77,9 @@ class PipePool:
             os.close(w)
 
 
+_PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
+
+
 class _Pump:
     """Moves bytes from ``src`` to ``dst`` until end of input or an error; either side
     may speak TLS (``src_tls``, ``dst_tls``)."""
@@ -204,7 +207,7 @@ class _Pump:
             try:
                 blocked = self._write_out()
             except OSError as e:
-                self.tunnel.abort(e, self.dst)
+                self._failed(e)
                 return
             if blocked:
                 self._set_reading(False)
@@ -229,8 +232,23 @@ class _Pump:
                 else:
                     self.dst.shutdown(socket.SHUT_WR)
             except OSError as e:
-                self.tunnel.abort(e, self.dst)
+                self._failed(e)
                 return
+
+    def _failed(self, error: OSError) -> None:
+        """Writing to ``dst`` failed.  A peer that had ended its own output and then
+        closed (writes to it meet a reset, EPIPE or ENOTCONN) ended its connection the
+        ordinary way: what it was sent after is lost, as on a direct connection, and
+        this direction ends without an error.  Otherwise the tunnel ends with
+        ``error``."""
+        tunnel = self.tunnel
+        reverse = tunnel.down if self is tunnel.up else tunnel.up
+        if reverse.eof and error.errno in _PEER_GONE:
+            self.stop()
+            self.eof = self.output_ended = True
+            tunnel.finished(self)
+            return
+        tunnel.abort(error, self.dst)
 
     def _write_out(self) -> bool:
         """True if the destination is full and data is still held."""

@@ -493,3 +493,15 @@ def test_explain_takes_client_and_user_after_the_command(tmp_path):
     assert outside.returncode == 3 and "192.0.2.1" in outside.stdout
     abbreviated = explain("--config", config, "--cli", "10.1.2.3", "http://127.0.0.1:9/")
     assert abbreviated.returncode == 2 and "unrecognized arguments: --cli" in abbreviated.stderr
+
+
+def test_explain_of_a_rule_without_a_message_ends_at_the_rule(tmp_path):
+    config = write_config(
+        tmp_path / "x.toml",
+        '[[rules]]\nid = "quiet"\naction = "deny"\nhosts = ["127.0.0.1"]\n'
+        "[access]\nallow_private = true\n",
+    )
+    denied = explain("--config", config, "http://127.0.0.1:8000/")
+    assert denied.returncode == 3, denied
+    line = next(x for x in denied.stdout.splitlines() if x.startswith("decision"))
+    assert line.rstrip() == "decision  403 Forbidden by quiet", line

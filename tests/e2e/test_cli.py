@@ -160,3 +160,22 @@ def test_the_example_configuration_is_valid():
     settings = load_settings(ROOT / "examples" / "eyewall.toml")
     assert [r["id"] for r in settings.rules][:2] == ["no-metadata", "internal-wiki"]
     assert settings.access.allow_clients  # required: it listens beyond loopback
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`eyewall explain ... | head -c 1` style: the reader is gone before the command
+    writes; it exits 1 without a traceback (BrokenPipeError)."""
+    read, write = socket.socketpair()
+    read.close()  # the reader left
+    with write:
+        done = subprocess.run(
+            [sys.executable, "-m", "eyewall", "explain", "http://127.0.0.1:9/"],
+            stdout=write.fileno(),
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=20,
+            cwd=ROOT,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr

@@ -365,6 +365,8 @@ def test_8_plain_http_to_the_https_listener_gets_a_plain_400(make_proxy, listene
     answer = raw_request(("127.0.0.1", tls_port), request)
     assert status(answer) == 400
     assert b"use an https:// proxy URL" in answer
+    assert re.search(rb"request id: [0-9a-f-]{8,}", answer), answer  # and in the access log
+    poll(lambda: any(" 400 " in line for line in p.access_lines()), what="the 400 line")
     poll(lambda: "spoke plain HTTP to the HTTPS proxy listener" in p.stderr(), what="log")
     # curl with an http:// proxy URL aimed at the HTTPS port reads the same page
     curl = subprocess.run(

@@ -398,6 +398,7 @@ def test_admin_token(make_proxy):
         assert refused.status_code == 401, page
         assert refused.headers["content-type"].startswith("text/plain"), page
         assert "/login?token=" in refused.text, page
+        assert refused.headers["www-authenticate"].startswith("Bearer "), page
     health = admin_get(p, "/healthz")  # a load balancer has no token
     assert health.status_code == 200 and health.json()["node"]  # the host name by default
     with httpx.Client(timeout=10, trust_env=False) as c:

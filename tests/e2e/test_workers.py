@@ -159,6 +159,7 @@ def test_one_admin_view_shows_every_workers_flows(busy) -> None:
     assert {f["worker"] for f in flows} == {1, 2}
     assert len(har["log"]["entries"]) == sent
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert isinstance(health.json()["connections"], int)  # counts, as from one process
 
 
 def test_metrics_count_the_whole_proxy_and_pass_promtool(busy) -> None:
