@@ -274,7 +274,12 @@ class RuleSet:
                 return RESOLVE
             failed = rule.match(req, addresses)
             if explain:
-                outcome = "matches" if failed is None else f"no match ({failed} differs)"
+                if failed is None:
+                    outcome = "matches"
+                elif failed == "network" and not addresses:
+                    outcome = "no match (no addresses to compare: the name did not resolve)"
+                else:
+                    outcome = f"no match ({failed} differs)"
                 trace.append(f"rule {rule.id} ({rule.action.value}): {outcome}")
             if failed is None:
                 chosen = rule

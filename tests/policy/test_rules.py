@@ -368,3 +368,14 @@ def test_trace_shows_default_and_guards() -> None:
     assert any(line.startswith("guard connect-port") for line in default), default
     private = ruleset().evaluate(req(), ("127.0.0.1",), explain=True).trace
     assert any(line.startswith("guard private-destination") for line in private), private
+
+
+def test_trace_of_a_network_rule_says_when_no_address_was_resolved() -> None:
+    """explain after a failed resolution: a network rule compared nothing."""
+    rules = ruleset({"id": "no-metadata", "action": "deny", "networks": ["169.254.0.0/16"]})
+    trace = rules.evaluate(req(), (), explain=True).trace
+    assert trace[0] == (
+        "rule no-metadata (deny): no match (no addresses to compare: the name did not resolve)"
+    ), trace
+    resolved = rules.evaluate(req(), PUBLIC, explain=True).trace
+    assert resolved[0] == "rule no-metadata (deny): no match (network differs)", resolved
