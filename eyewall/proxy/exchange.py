@@ -56,7 +56,7 @@ log = logging.getLogger("eyewall.exchange")
 
 __all__ = ["Answered", "Exchange", "Failed", "Killed", "Outcome", "Responded", "Upgraded"]
 
-SMALL_BODY = 64 << 10  # responses up to this size are read whole and sent with the head
+SMALL_BODY = 64 << 10  # responses up to this size that came with the head go out with it
 INTERIM_BUDGET = 16  # interim response heads may total this many max_header_size
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -500,15 +500,17 @@ class Exchange:
         elif framing.kind is BodyKind.NONE:
             self.responded = True
             await client.write(head_bytes)
-        elif framing.kind is BodyKind.LENGTH and framing.length <= SMALL_BODY and not resume:
-            body = b""
-            if framing.length:
-                body = read_buffered(origin, framing.length) or await origin.read_bytes(
-                    framing.length
-                )
+        elif (
+            framing.kind is BodyKind.LENGTH
+            and framing.length <= SMALL_BODY
+            and not resume
+            and (small := read_buffered(origin, framing.length)) is not None
+        ):
+            # a small body that came with the head goes out with it, in one write; one
+            # still on its way streams like any other (the head is not held back for it)
             self.responded = True
-            self._count(received, body)
-            await client.write(head_bytes + body)
+            self._count(received, small)
+            await client.write(head_bytes + small)
         else:
             self.responded = True
             chunked = out.kind is BodyKind.CHUNKED

@@ -448,6 +448,34 @@ def test_2_the_head_wait_does_not_count_as_body_idleness(make_proxy, raw_origin)
     assert status(data) == 200 and data.endswith(b"hello")
 
 
+def test_2_a_small_body_trickling_in_streams_and_is_not_cut(make_proxy, raw_origin):
+    """A short Content-Length body whose bytes come 0.6 s apart, body_idle 1 s, 3.6 s in
+    all: the head goes out at once (as from a direct connection), each byte as it
+    comes, and the body is whole; a small body is sent with the head only when it came
+    with it."""
+
+    def trickle(sock: socket.socket) -> None:
+        origin.read_head(sock)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n")
+        for byte in b"abcdef":
+            time.sleep(0.6)  # the origin's own pace (the input), not a synchronisation
+            sock.sendall(bytes([byte]))
+
+    origin = raw_origin(trickle)
+    p = make_proxy("--body-idle-timeout", "1")
+    with socket.create_connection(p.address, timeout=10) as sock:
+        sock.sendall(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = recv_until(sock, b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert not head.endswith(b"abcdef")  # the head did not wait for the body
+        data = head
+        while not data.endswith(b"abcdef"):
+            chunk = sock.recv(100)
+            assert chunk, data
+            data += chunk
+    assert "body_stalled" not in p.access_entry("/")
+
+
 # 2a. Body idle is "no byte moved on the wire": a slow but steady reader or writer behind
 # a kernel send buffer of megabytes (autotuned; writable again only once a third of it
 # is free) leaves the proxy's own counters still for longer than body_idle.
