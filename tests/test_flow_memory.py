@@ -3,6 +3,7 @@ of thousands of short fields costs far more as parsed objects than on the wire."
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 import tracemalloc
@@ -10,7 +11,14 @@ import tracemalloc
 from eyewall.errors import ErrorKind
 from eyewall.flow import Flow
 from eyewall.http1.parse import parse_request_head
-from eyewall.observe.store import REFUSED_FIELDS, FlowStore, summarise_refused
+from eyewall.observe.store import (
+    KEPT_FIELDS,
+    REFUSED_FIELDS,
+    FlowStore,
+    read_records,
+    summarise,
+)
+from eyewall.observe.writer import BatchWriter
 
 SHORT_FIELDS = b"".join(b"X%d: v\r\n" % i for i in range(6300))  # ~62 KB on the wire
 HEAD = b"GET http://example.com/ HTTP/1.1\r\nHost: x\r\n" + SHORT_FIELDS + b"\r\n"
@@ -42,11 +50,45 @@ def retained(store: FlowStore, count: int, refused: bool) -> int:
 
 
 def test_the_window_bounds_what_admitted_flows_really_hold() -> None:
-    bound = 4 << 20
+    bound = 2 << 20
     store = FlowStore(None, 0, 0, memory=10_000, memory_bytes=bound)
-    held = retained(store, 60, refused=False)  # ~1.2 MiB each as parsed objects
-    assert 0 < len(store.recent) < 60
+    held = retained(store, 60, refused=False)  # ~70 KiB each once capped (1.2 MiB whole)
+    assert 20 < len(store.recent) < 60
     assert held <= bound * 1.25, f"{held / 2**20:.1f} MiB held for a {bound >> 20} MiB bound"
+
+
+def test_admitted_flows_keep_their_first_fields_and_a_note() -> None:
+    store = FlowStore(None, 0, 0, memory=100, memory_bytes=64 << 20)
+    store(flow(1, refused=False))
+    fields = store.recent[-1].request.headers.fields  # type: ignore[union-attr]
+    assert len(fields) == KEPT_FIELDS + 1
+    assert fields[-1] == ("X-Eyewall-Omitted", f"6045 more fields ({len(HEAD)} byte head)")
+
+
+def test_a_writer_that_is_behind_keeps_the_small_flows_of_a_batch(tmp_path) -> None:
+    """A burst of big heads must not cost other clients their records: when the batch
+    does not fit the writer's bound, the small flows are recorded, the big ones
+    dropped (and counted)."""
+
+    async def main() -> tuple[list[str], int]:
+        writer = BatchWriter(max_pending=1 << 20)
+        store = FlowStore(tmp_path / "f.sqlite3", 10_000, 3600, 100, writer=writer)
+        for i in range(30):  # interleaved: big ones (~70 KiB each capped), small ones
+            store(flow(i, refused=False))
+            small = Flow(f"small-{i}", "http", ("127.0.0.2", 1), time.time())
+            small.request = parse_request_head(b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n")
+            small.upstream = "192.0.2.1:80"
+            store(small)
+        store.flush()
+        store.close()
+        writer.close()
+        return [r["id"] for r in read_records(tmp_path / "f.sqlite3", limit=100)], store.dropped
+
+    recorded, dropped = asyncio.run(main())
+    assert 0 < dropped < 30  # only big ones were dropped
+    assert {f"small-{i}" for i in range(30)} <= set(recorded)
+    assert len(recorded) == 60 - dropped  # every flow kept was written
+    assert any(r.startswith("t-") for r in recorded)  # big ones too, as far as room went
 
 
 def test_refused_flows_keep_a_capped_summary() -> None:
@@ -62,5 +104,6 @@ def test_refused_flows_keep_a_capped_summary() -> None:
 def test_a_small_refused_head_is_kept_whole() -> None:
     f = Flow("t-1", "http", ("127.0.0.1", 1), time.time())
     f.request = parse_request_head(b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX: 1\r\n\r\n")
-    summarise_refused(f)
+    f.fail(ErrorKind.AUTH_REQUIRED, "proxy authentication required")
+    summarise(f)
     assert f.request.headers.fields == [("Host", "a"), ("X", "1")]

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import tornado.web
 import tornado.websocket
 from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream, StreamClosedError
 from tornado.netutil import bind_sockets
 
 from eyewall.config import Endpoint
@@ -27,6 +28,7 @@ from eyewall.observe.live import Client, LiveFeed
 from eyewall.observe.metrics import Metrics
 from eyewall.observe.records import Record, detail, summary
 from eyewall.observe.store import FlowStore, read_records
+from eyewall.tls.layers import HANDSHAKE_FAILURE, alert, starts_tls
 
 __all__ = ["AdminServer", "ProxyStats", "SharedFlows"]
 
@@ -368,6 +370,43 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
         access_log.debug("%d %s %s", handler.get_status(), request.method, request.path)
 
 
+class _AdminHTTPServer(HTTPServer):
+    """Tornado's HTTP server, answering a TLS handshake at once (with an alert and a log
+    line: the admin listener speaks plain HTTP) instead of holding it as a head that
+    never ends."""
+
+    sniffing: set[asyncio.Task[None]] = set()  # the tasks below, kept alive
+
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
+        """Look at the first bytes, then serve the connection as HTTP."""
+        task = asyncio.ensure_future(self._sniff(stream, address))
+        self.sniffing.add(task)
+        task.add_done_callback(self.sniffing.discard)
+
+    async def _sniff(self, stream: IOStream, address: tuple[Any, ...]) -> None:
+        try:
+            first = await asyncio.wait_for(
+                stream.read_bytes(5, partial=True), self.conn_params.header_timeout
+            )
+        except (TimeoutError, StreamClosedError):
+            stream.close()
+            return
+        if starts_tls(first):
+            access_log.warning(
+                "%s spoke TLS to the admin listener: it speaks plain HTTP (http://...)",
+                address[0],
+            )
+            try:
+                await stream.write(alert(HANDSHAKE_FAILURE))
+            except StreamClosedError:
+                pass
+            stream.close()
+            return
+        stream._read_buffer[0:0] = first  # back in front of the head, for the parser
+        stream._read_buffer_size += len(first)
+        super().handle_stream(stream, address)
+
+
 class AdminServer:
     """The admin listener: routes, the Host guard and token, the live feed. Loopback by default;
     elsewhere only with a token (checked at start-up)."""
@@ -429,7 +468,7 @@ class AdminServer:
                 e.errno, f"cannot listen on {self.endpoint} (admin.listen): {e.strerror}"
             ) from None
         self.sockets = sockets
-        self.server = HTTPServer(
+        self.server = _AdminHTTPServer(
             self.app,
             xheaders=False,
             idle_connection_timeout=self.idle,  # also bounds the wait for a head

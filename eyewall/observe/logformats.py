@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from eyewall.flow import Flow
+from eyewall.observe.records import redact_url
 
 __all__ = ["FORMATS", "escape", "format_json", "format_text"]
 
@@ -28,6 +29,13 @@ __all__ = ["FORMATS", "escape", "format_json", "format_text"]
 _quote = json.encoder.encode_basestring_ascii
 _iso_second: list[object] = [-1, ""]
 _clf_second: list[object] = [-1, ""]
+
+
+def _url(flow: Flow) -> str:
+    """The URL as logged: credential-like query values (``access_token=``, ``sig=``...)
+    replaced, as in recorded flows; a log is no place for secrets."""
+    url = flow.url
+    return redact_url(url) if "?" in url else url
 
 
 def _iso(t: float) -> str:
@@ -80,7 +88,7 @@ def format_json(flow: Flow) -> str:
         f'{{"time":"{_iso(flow.started)}","ts":{flow.started:.3f},"id":"{flow.id}",'
         f'"kind":"{flow.kind}","client":{_quote(client_ip)},"client_port":{client_port},'
         f'"user":{_str_or_null(flow.user)},"method":{_quote(flow.method)},'
-        f'"url":{_quote(flow.url)},"host":{_quote(flow.host)},"port":{flow.port},'
+        f'"url":{_quote(_url(flow))},"host":{_quote(flow.host)},"port":{flow.port},'
         f'"upstream":{_quote(flow.upstream)},"reused":{"true" if flow.reused else "false"},'
         f'"status":{flow.status},"bytes_in":{flow.bytes_in},"bytes_out":{flow.bytes_out},'
         f'"duration_ms":{_ms(flow.duration)},"ttfb_ms":{_ms(flow.t_response)},'
@@ -96,7 +104,7 @@ def format_text(flow: Flow) -> str:
     client = f"{flow.client[0]}:{flow.client[1]}"
     line = (
         f"{_iso(flow.started)} {client} {flow.id} {_esc(flow.method) or '-'}"
-        f" {_esc(flow.url) or '-'} {flow.status or '-'} in={flow.bytes_in} out={flow.bytes_out}"
+        f" {_esc(_url(flow)) or '-'} {flow.status or '-'} in={flow.bytes_in} out={flow.bytes_out}"
         f" {flow.duration * 1000:.1f}ms up={flow.upstream or '-'}"
     )
     if flow.reused:
@@ -145,13 +153,13 @@ def format_squid(flow: Flow) -> str:
     return (
         f"{flow.started:.3f} {int(flow.duration * 1000):6d} {flow.client[0]}"
         f" {_squid_code(flow)}/{flow.status:03d} {flow.bytes_out} {_esc(flow.method) or '-'}"
-        f" {_esc(flow.url) or '-'} {_esc(flow.user or '') or '-'} {peer} {_content_type(flow)}\n"
+        f" {_esc(_url(flow)) or '-'} {_esc(flow.user or '') or '-'} {peer} {_content_type(flow)}\n"
     )
 
 
 def _request_line(flow: Flow) -> str:
     version = flow.request.version if flow.request is not None else "HTTP/1.1"
-    return f"{_esc(flow.method) or '-'} {_esc(flow.url) or '-'} {version}"
+    return f"{_esc(flow.method) or '-'} {_esc(_url(flow)) or '-'} {version}"
 
 
 def format_common(flow: Flow) -> str:

@@ -29,7 +29,7 @@ from eyewall.http1.parse import Headers, RequestHead, ResponseHead
 from eyewall.observe.records import COLUMNS, Record, record_of, row_of
 from eyewall.observe.writer import BatchWriter
 
-__all__ = ["FlowStore", "default_path", "read_records", "summarise_refused"]
+__all__ = ["FlowStore", "default_path", "read_records", "summarise"]
 
 log = logging.getLogger("eyewall.flows")
 
@@ -38,8 +38,11 @@ FLUSH_INTERVAL = 0.25  # seconds: small batches, short bursts of work on the wri
 FLUSH_FLOWS = 250
 ROWS_PER_SLICE = 60  # rows built between chances for the event loop to take the GIL
 PRUNE_EVERY = 5.0  # seconds between retention passes
+DROP_WARNING_EVERY = 60.0  # seconds between log lines about flows not recorded
 REFUSED_HEAD = 2048  # bytes of a refused request's fields kept, at most
 REFUSED_FIELDS = 32  # fields of a refused request kept, at most
+KEPT_FIELDS = 256  # fields of any other head kept, at most (a browser sends ~20)
+KEPT_HEAD = 1 << 20  # bytes of any other head's fields: limits.max_header_size bounds them
 FLOW_OVERHEAD = 1024  # bytes a flow costs in memory besides its heads and bodies
 # Bytes a parsed field costs in memory besides its name and value: a tuple, two str
 # objects, a list slot and an index entry (measured: 200-260 bytes on CPython 3.11).
@@ -70,26 +73,42 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-def summarise_refused(flow: Flow) -> None:
-    """Cap what a flow refused before any origin saw it keeps of its request head: the
-    first `REFUSED_FIELDS` fields within `REFUSED_HEAD` bytes, then a note of what was
-    left out (a request nobody was let through must not hold its whole head)."""
-    request = flow.request
-    if request is None:
+def summarise(flow: Flow) -> None:
+    """Cap what ``flow`` keeps of its heads, then note what was left out: a request
+    refused before any origin saw it keeps its first `REFUSED_FIELDS` fields within
+    `REFUSED_HEAD` bytes, any other head its first `KEPT_FIELDS` fields.  A parsed field
+    costs ~256 bytes beyond its text: uncapped, a burst of heads of thousands of short
+    fields (still within max_header_size) would push every other client's flows out of
+    the window and the writer's queue."""
+    refused = flow.error is not None and not flow.upstream
+    if flow.request is not None:
+        if refused:
+            _cap(flow.request, REFUSED_FIELDS, REFUSED_HEAD, flow.head_bytes)
+        else:
+            _cap(flow.request, KEPT_FIELDS, KEPT_HEAD, flow.head_bytes)
+    if flow.response is not None and not refused:
+        _cap(flow.response, KEPT_FIELDS, KEPT_HEAD, 0)
+
+
+def _cap(head: RequestHead | ResponseHead, most: int, budget: int, head_bytes: int) -> None:
+    fields = head.headers.fields
+    if len(fields) <= most and (budget >= KEPT_HEAD or _text(fields) <= budget):
         return
-    fields = request.headers.fields
     kept: list[tuple[str, str]] = []
     size = 0
     for name, value in fields:
         size += len(name) + len(value) + 4
-        if size > REFUSED_HEAD or len(kept) == REFUSED_FIELDS:
+        if size > budget or len(kept) == most:
             break
         kept.append((name, value))
-    if len(kept) == len(fields):
-        return
     left = len(fields) - len(kept)
-    kept.append(("X-Eyewall-Omitted", f"{left} more fields ({flow.head_bytes} byte head)"))
-    request.headers = Headers(kept)
+    whole = f" ({head_bytes} byte head)" if head_bytes else ""
+    kept.append(("X-Eyewall-Omitted", f"{left} more fields{whole}"))
+    head.headers = Headers(kept)
+
+
+def _text(fields: list[tuple[str, str]]) -> int:
+    return sum(map(len, chain.from_iterable(fields))) + 4 * len(fields)
 
 
 def _head_cost(head: RequestHead | ResponseHead | None) -> int:
@@ -137,6 +156,7 @@ class FlowStore:
         self._sizes: deque[int] = deque()  # `_size` of each, in step with ``recent``
         self.recent_bytes = 0
         self.dropped = 0
+        self._warned = -DROP_WARNING_EVERY  # when flows not recorded were last logged
         self._pending: list[Flow] = []
         self._timer: PeriodicCallback | None = None
         self._db: sqlite3.Connection | None = None  # the writer thread's own
@@ -157,8 +177,7 @@ class FlowStore:
             self._timer.start()
 
     def __call__(self, flow: Flow) -> None:
-        if flow.error is not None and not flow.upstream:
-            summarise_refused(flow)
+        summarise(flow)
         recent, sizes = self.recent, self._sizes
         size = _size(flow)
         recent.append(flow)
@@ -177,8 +196,32 @@ class FlowStore:
         if not self._pending or self.writer is None:
             return
         batch, self._pending = self._pending, []
-        if not self.writer.submit(self._write, batch, sum(_size(f) for f in batch)):
-            self.dropped += len(batch)
+        sizes = [_size(f) for f in batch]
+        if self.writer.submit(self._write, batch, sum(sizes)):
+            return
+        # The writer is behind.  Keep what fits, the smallest flows first, so that a few
+        # big ones cannot push everybody else's records out.
+        room = self.writer.room()
+        chosen: list[int] = []
+        for i in sorted(range(len(batch)), key=sizes.__getitem__):
+            if sizes[i] > room:
+                break
+            room -= sizes[i]
+            chosen.append(i)
+        chosen.sort()
+        kept = [batch[i] for i in chosen]
+        if not kept or not self.writer.submit(self._write, kept, sum(sizes[i] for i in chosen)):
+            kept = []
+        lost = len(batch) - len(kept)
+        self.dropped += lost
+        now = time.monotonic()
+        if now - self._warned >= DROP_WARNING_EVERY:
+            self._warned = now
+            log.warning(
+                "the flow store is behind: %d flows not recorded"
+                ' (eyewall_events_dropped_total{subscriber="flows"} counts them all)',
+                lost,
+            )
 
     def close(self) -> None:
         """Hand the last batch to the writer (which the caller then closes)."""

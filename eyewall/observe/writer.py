@@ -54,6 +54,11 @@ class BatchWriter:
         self._queue.put((write, batch, size))
         return True
 
+    def room(self) -> int:
+        """Bytes that may still be queued before `submit` refuses."""
+        with self._lock:
+            return max(0, self.max_pending - self._pending)
+
     def on_idle(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on the writer thread when it has nothing else to do (at most
         every ``idle_every`` seconds): retention passes and the like."""

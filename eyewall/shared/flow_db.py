@@ -35,7 +35,7 @@ import asyncpg
 
 from eyewall.flow import Flow
 from eyewall.observe.records import Record, row_of, summary
-from eyewall.observe.store import summarise_refused
+from eyewall.observe.store import summarise
 from eyewall.shared.flow_schema import (
     CHANNEL,
     LOCK,
@@ -124,8 +124,7 @@ class FlowDatabase:
     # -- recording (the event loop's side) ---------------------------------------------
 
     def __call__(self, flow: Flow) -> None:
-        if flow.error is not None and not flow.upstream:
-            summarise_refused(flow)
+        summarise(flow)
         size = _size(flow)
         if self._pending_bytes + size > self.max_pending:
             self.dropped += 1

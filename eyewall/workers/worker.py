@@ -38,7 +38,7 @@ from eyewall.config import ConfigError
 from eyewall.fleet import FleetNode
 from eyewall.flow import Flow
 from eyewall.observe.oplog import DroppingQueueHandler, setup_logging
-from eyewall.observe.store import summarise_refused
+from eyewall.observe.store import summarise
 from eyewall.policy.state import AdmissionState
 from eyewall.workers.balance import Balancer
 from eyewall.workers.channel import Channel, StreamClosedError
@@ -82,8 +82,7 @@ class FlowSender:
         self._timer.start()
 
     def __call__(self, flow: Flow) -> None:
-        if flow.error is not None and not flow.upstream:
-            summarise_refused(flow)  # what the store would keep of it, and no more
+        summarise(flow)  # what the store would keep of it, and no more
         self._pending.append(flow)
         if len(self._pending) >= FLUSH_FLOWS:
             self.flush()

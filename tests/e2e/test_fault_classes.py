@@ -1767,6 +1767,18 @@ def test_17_origin_credentials_in_a_target_never_reach_logs_or_records(make_prox
     assert "hunter2" not in p.stderr()
 
 
+@pytest.mark.parametrize("log_format", ["json", "text", "squid", "combined"])
+def test_17_credentials_in_a_query_never_reach_the_access_log(make_proxy, origin, log_format):
+    p = make_proxy("--log-format", log_format)
+    url = f"{origin.url}/echo/q?x=1&access_token=t0k3n&X-Amz-Signature=s1g&token=abc123"
+    data = raw_request(p.address, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status(data) == 200
+    line = p.access_entry("/echo/q")
+    assert "x=1" in line and "[redacted]" in line, line
+    for secret in ("t0k3n", "s1g", "abc123"):
+        assert secret not in line, line
+
+
 def test_17_metrics_and_health_need_no_token_on_the_default_loopback_admin(proxy):
     with httpx.Client(timeout=10, trust_env=False) as c:
         assert c.get(proxy.admin_url + "/metrics").status_code == 200
