@@ -180,10 +180,17 @@ class Exchange:
         n = unsent(self.client.socket)
         return n + unsent(up.stream.socket) if up is not None else n
 
+    def _unsent_up(self) -> int:
+        """Bytes of the request still in the kernel's send queue to the origin."""
+        up = self.up
+        return unsent(up.stream.socket) if up is not None else 0
+
     def _enter(self, phase: Phase) -> None:
         limit = phase.limit(self.ctx.settings.timeouts)
         if phase.idle:
             self.watch.enter(phase, self.ctx.clock(), limit, self._progress, self._unsent)
+        elif phase is Phase.WAITING:  # the head's deadline runs once the request is out
+            self.watch.enter(phase, self.ctx.clock(), limit, None, self._unsent_up)
         else:
             self.watch.enter(phase, self.ctx.clock(), limit)
 

@@ -150,7 +150,9 @@ class Watch:
         unsent: Callable[[], int] | None = None,
     ) -> None:
         """Start ``phase`` at ``now`` (loop time, seconds) with ``limit`` seconds (None:
-        unlimited).  An idle-based phase needs ``progress``; ``unsent`` is optional."""
+        unlimited).  An idle-based phase needs ``progress``; ``unsent`` is optional (for
+        a deadline phase: a send queue still shrinking at the deadline moves it, see
+        `check`)."""
         self.phase = phase
         self.limit = limit
         self.since = now
@@ -176,6 +178,14 @@ class Watch:
             return
         if not self.phase.idle:
             if now >= self.deadline:
+                # A deadline phase given ``unsent`` (the wait for a response head) starts
+                # once the request is on the wire: while the kernel still holds some of
+                # it for a slowly reading origin, a queue that shrank moves the deadline.
+                queued = self.unsent() if self.unsent is not None else 0
+                if queued != self.queued and (queued or self.queued):  # it moved
+                    self.queued = queued
+                    self.deadline = now + self.limit
+                    return
                 self._expire()
             return
         assert self.progress is not None

@@ -476,6 +476,36 @@ def test_2_a_small_body_trickling_in_streams_and_is_not_cut(make_proxy, raw_orig
     assert "body_stalled" not in p.access_entry("/")
 
 
+def test_2_the_head_wait_starts_when_the_upload_has_left_the_kernel(make_proxy, raw_origin):
+    """An upload the kernel buffers take whole looks finished to the proxy while a slow
+    origin still reads it: the wait for the response head (upstream_head 1 s) counts
+    from when the bytes left, not from the proxy's last write."""
+    size = 1536 << 10
+
+    def slow_reader(sock: socket.socket) -> None:
+        # a small receive window keeps the upload in the proxy's send queue, where the
+        # proxy can see it shrink (an origin's own buffer it cannot see)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+        head = origin.read_head(sock)
+        assert b"Content-Length: %d" % size in head
+        got = len(head.partition(b"\r\n\r\n")[2])  # body bytes read with the head
+        while got < size:  # 256 KiB per 0.4 s: the origin's own pace (the input)
+            time.sleep(0.4)
+            goal = min(size, got + (256 << 10))
+            while got < goal:
+                got += len(sock.recv(goal - got))
+        sock.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+
+    origin = raw_origin(slow_reader)
+    p = make_proxy("--upstream-head-timeout", "1", "--body-idle-timeout", "1")
+    request = (
+        f"POST {origin.url}/up HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n"
+    ).encode() + pattern(size)
+    data = raw_request(p.address, request)
+    assert status(data) == 201, data[:300]
+    assert data.endswith(b"ok")
+
+
 # 2a. Body idle is "no byte moved on the wire": a slow but steady reader or writer behind
 # a kernel send buffer of megabytes (autotuned; writable again only once a third of it
 # is free) leaves the proxy's own counters still for longer than body_idle.

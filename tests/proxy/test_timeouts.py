@@ -85,3 +85,34 @@ def test_deadline_phases_ignore_progress() -> None:
     assert expired == []
     w.check(5.0)
     assert expired == [Phase.WAITING]
+
+
+def test_the_head_deadline_runs_from_when_the_request_left_the_kernel() -> None:
+    """An upload the kernel absorbed whole, to an origin reading it slowly: while the
+    send queue shrinks the wait for the response head has not begun; once it stops
+    (drained, or stuck), the deadline holds."""
+    wire = Wire()
+    wire.queued = 800 << 10
+    expired: list[Phase] = []
+    w = Watch(expired.append)
+    w.enter(Phase.WAITING, 0.0, 5.0, None, wire.unsent)
+    for t in range(5, 21, 5):  # the origin reads 200 KiB per 5 s: drained by t = 20
+        wire.queued -= 200 << 10
+        w.check(float(t))
+    assert expired == [] and wire.queued == 0
+    w.check(24.9)
+    assert expired == []
+    w.check(25.0)  # 5 s after the sweep that saw the last of the request leave
+    assert expired == [Phase.WAITING]
+
+
+def test_a_stuck_request_gets_one_more_deadline_at_most() -> None:
+    wire = Wire()
+    wire.queued = 100
+    expired: list[Phase] = []
+    w = Watch(expired.append)
+    w.enter(Phase.WAITING, 0.0, 5.0, None, wire.unsent)
+    w.check(5.0)  # notes the queue: maybe moving
+    assert expired == []
+    w.check(10.0)  # it did not
+    assert expired == [Phase.WAITING]
