@@ -80,14 +80,16 @@ def summarise(flow: Flow) -> None:
     costs ~256 bytes beyond its text: uncapped, a burst of heads of thousands of short
     fields (still within max_header_size) would push every other client's flows out of
     the window and the writer's queue."""
-    refused = flow.error is not None and not flow.upstream
-    if flow.request is not None:
-        if refused:
-            _cap(flow.request, REFUSED_FIELDS, REFUSED_HEAD, flow.head_bytes)
-        else:
-            _cap(flow.request, KEPT_FIELDS, KEPT_HEAD, flow.head_bytes)
-    if flow.response is not None and not refused:
-        _cap(flow.response, KEPT_FIELDS, KEPT_HEAD, 0)
+    request, response = flow.request, flow.response
+    if flow.error is not None and not flow.upstream:
+        if request is not None:
+            _cap(request, REFUSED_FIELDS, REFUSED_HEAD, flow.head_bytes)
+        return
+    # the common case decided by two lengths
+    if request is not None and len(request.headers.fields) > KEPT_FIELDS:
+        _cap(request, KEPT_FIELDS, KEPT_HEAD, flow.head_bytes)
+    if response is not None and len(response.headers.fields) > KEPT_FIELDS:
+        _cap(response, KEPT_FIELDS, KEPT_HEAD, 0)
 
 
 def _cap(head: RequestHead | ResponseHead, most: int, budget: int, head_bytes: int) -> None:
@@ -111,20 +113,20 @@ def _text(fields: list[tuple[str, str]]) -> int:
     return sum(map(len, chain.from_iterable(fields))) + 4 * len(fields)
 
 
-def _head_cost(head: RequestHead | ResponseHead | None) -> int:
-    if head is None:
-        return 0
-    fields = head.headers.fields
-    return sum(map(len, chain.from_iterable(fields))) + FIELD_OVERHEAD * len(fields)
-
-
 def _size(flow: Flow) -> int:
-    """What ``flow`` holds in memory, in bytes (an estimate from its parsed heads and
-    captured bodies): what `FlowStore`'s ``memory_bytes`` bounds."""
-    size = FLOW_OVERHEAD + _head_cost(flow.request) + _head_cost(flow.response)
-    for body in (flow.request_body, flow.response_body):
-        if body is not None:
-            size += len(body)
+    """What ``flow`` holds in memory, in bytes (an estimate: its heads as received, each
+    parsed field's overhead, captured bodies): what `FlowStore`'s ``memory_bytes``
+    bounds.  Cheap on purpose: it runs for every flow."""
+    size = FLOW_OVERHEAD + flow.head_bytes
+    request, response = flow.request, flow.response
+    if request is not None:
+        size += FIELD_OVERHEAD * len(request.headers.fields)
+    if response is not None:
+        size += FIELD_OVERHEAD * len(response.headers.fields)
+    if flow.request_body is not None:
+        size += len(flow.request_body)
+    if flow.response_body is not None:
+        size += len(flow.response_body)
     return size
 
 
@@ -158,6 +160,7 @@ class FlowStore:
         self.dropped = 0
         self._warned = -DROP_WARNING_EVERY  # when flows not recorded were last logged
         self._pending: list[Flow] = []
+        self._pending_sizes: list[int] = []  # `_size` of each, in step with ``_pending``
         self._timer: PeriodicCallback | None = None
         self._db: sqlite3.Connection | None = None  # the writer thread's own
         self._last_prune = 0.0
@@ -188,6 +191,7 @@ class FlowStore:
             self.recent_bytes -= sizes.popleft()
         if self.path is not None:
             self._pending.append(flow)
+            self._pending_sizes.append(size)
             if len(self._pending) >= FLUSH_FLOWS:
                 self.flush()
 
@@ -196,7 +200,7 @@ class FlowStore:
         if not self._pending or self.writer is None:
             return
         batch, self._pending = self._pending, []
-        sizes = [_size(f) for f in batch]
+        sizes, self._pending_sizes = self._pending_sizes, []
         if self.writer.submit(self._write, batch, sum(sizes)):
             return
         # The writer is behind.  Keep what fits, the smallest flows first, so that a few

@@ -36,6 +36,8 @@ from eyewall.proxy.timeouts import Phase, Watch
 
 __all__ = ["admit", "admit_now"]
 
+_DECIDED = (Allow, Refusal)
+
 
 def admit_now(ctx: ProxyContext, ticket: Ticket) -> Step:
     """The next step for ``ticket`` that needs waiting, or the decision: limit steps
@@ -56,7 +58,11 @@ def admit_now(ctx: ProxyContext, ticket: Ticket) -> Step:
             if known is None:
                 return step
             ticket.addresses = tuple(ip for _, (ip, *_) in known)
-        elif local is None or not perform(step, ticket, local, ctx.clock()):
+        elif (
+            local is None
+            or isinstance(step, _DECIDED)
+            or not perform(step, ticket, local, ctx.clock())
+        ):
             return step
 
 

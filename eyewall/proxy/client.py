@@ -43,7 +43,7 @@ from eyewall.http1.target import (
     redact_userinfo,
 )
 from eyewall.observe.logformats import escape
-from eyewall.policy.admission import Allow, Refusal, Ticket
+from eyewall.policy.admission import Allow, Refusal, Step, Ticket
 from eyewall.policy.auth import parse_basic
 from eyewall.policy.rules import Action
 from eyewall.policy.state import LimitsUnavailable
@@ -151,6 +151,7 @@ class ClientConnection:
         "secure",
         "stream",
         "t_head",
+        "ticket",
         "tunnel",
         "tunnel_user",
         "watch",
@@ -170,6 +171,7 @@ class ClientConnection:
         self.t_head = 0.0
         self.tunnel: Target | None = None  # set while serving an intercepted tunnel
         self.tunnel_user: str | None = None  # who authenticated the intercepted CONNECT
+        self.ticket: Ticket | None = None  # the request being admitted
         self.release: Callable[[], None] | None = None  # the intercepted tunnel's limits
         self._enter(Phase.CLIENT_HEAD, ctx.settings.timeouts.client_header)  # from accept
 
@@ -348,7 +350,9 @@ class ClientConnection:
             )
         # After a refusal the connection carries on only if no request body is left unread.
         close = framing.kind is not BodyKind.NONE or not rules.keep_alive(head)
-        decision = await self._admit(head, target, flow, close)
+        step = self._admit_now(head, target, flow)
+        # the common case is decided at once; waiting, or a refusal to answer, is awaited
+        decision = step if isinstance(step, Allow) else await self._admit(step, flow, method, close)
         if decision is None:
             return False, not close and not self.stream.closed()
         flow.rule = decision.rule
@@ -432,20 +436,18 @@ class ClientConnection:
 
     # -- admission ---------------------------------------------------------------------
 
-    async def _admit(
-        self, head: RequestHead, target: Target, flow: Flow, close: bool
-    ) -> Allow | None:
-        """The admission decision, or None once a refusal was answered."""
+    def _admit_now(self, head: RequestHead, target: Target, flow: Flow) -> Allow | Step:
+        """Admission as far as it goes without waiting (the common case: a decision)."""
         ctx = self.ctx
-        connect = head.method == "CONNECT"
         ticket = Ticket(
             self.address[0],
             head.method,
-            "connect" if connect else target.scheme,
+            "connect" if head.method == "CONNECT" else target.scheme,
             target.host,
             target.port,
             parse_basic(head.headers.get("proxy-authorization")),
         )
+        self.ticket = ticket
         if self.tunnel_user is not None:
             # Inside an intercepted tunnel, requests carry the user who authenticated
             # the CONNECT (browsers send Proxy-Authorization on the CONNECT only) — as
@@ -453,26 +455,31 @@ class ClientConnection:
             # the tunnel (the client must CONNECT, and log in, again).
             if ctx.policy.auth_required and ctx.policy.users.stored(self.tunnel_user) is None:
                 flow.user = self.tunnel_user
-                revoked = Refusal(
+                return Refusal(
                     ErrorKind.AUTH_REQUIRED,
                     "auth",
                     "the tunnel's user is no longer valid; connect again",
                     login="revoked",
                     user=self.tunnel_user,
                 )
-                await self._refuse(flow, head.method, revoked, True)
-                return None
             ticket.user = self.tunnel_user
             ticket.login_done = True
-        step = admit_now(ctx, ticket)
+        return admit_now(ctx, ticket)
+
+    async def _admit(self, step: Step, flow: Flow, method: str, close: bool) -> Allow | None:
+        """Finish admission from ``step``: the decision, or None once a refusal was
+        answered."""
+        ticket = self.ticket
+        assert ticket is not None
         if not isinstance(step, Allow | Refusal):
             stream = self.stream
-            step = await admit(ctx, ticket, step, self.watch, lambda: not peer_gone(stream))
+            step = await admit(self.ctx, ticket, step, self.watch, lambda: not peer_gone(stream))
         if isinstance(step, Allow):
             return step
         if ticket.user is not None:
             flow.user = ticket.user  # refused after logging in: the audit trail names them
-        await self._refuse(flow, head.method, step, close)
+        # a revoked tunnel user's connection ends: the client must CONNECT, and log in, again
+        await self._refuse(flow, method, step, close or step.login == "revoked")
         return None
 
     async def _refuse(self, flow: Flow, method: str, refusal: Refusal, close: bool) -> bool:

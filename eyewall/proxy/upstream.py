@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import time
 from dataclasses import dataclass, field
 
 from tornado.iostream import IOStream, StreamClosedError
@@ -64,7 +65,7 @@ class Resolver:
     def known(self, host: str, port: int) -> list[Address] | None:
         """The addresses without waiting, when ``host`` is an IP literal or cached."""
         cached = self._cache.get((host, port))
-        if cached is not None and cached[0] > asyncio.get_running_loop().time():
+        if cached is not None and cached[0] > time.monotonic():  # the loop's clock
             return cached[1]
         try:
             ip = ipaddress.ip_address(host)
@@ -84,7 +85,7 @@ class Resolver:
         if known is not None:
             return known
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = time.monotonic()
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as e:
