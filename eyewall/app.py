@@ -290,6 +290,20 @@ class Loader:
         return [f for f in (config, settings.auth.htpasswd) if f]
 
 
+def announce_https(bound: Mapping[tuple[str, str], list[socket.socket]]) -> None:
+    """Say which of the listening addresses are HTTPS proxy listeners (``tls.listen``),
+    on stderr after the "listening on" line (that line lists every listener)."""
+    https = [
+        sock.getsockname()[:2]
+        for (setting, _), sockets in bound.items()
+        if setting == "tls.listen"
+        for sock in sockets
+    ]
+    if https:
+        shown = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in https)
+        print(f"eyewall HTTPS proxy listener (https:// proxy URLs) on {shown}", file=sys.stderr)
+
+
 def _mtimes(paths: list[str]) -> list[float]:
     out = []
     for p in paths:
@@ -584,6 +598,7 @@ async def serve(
     # Ready only now that a signal finds its handler: a SIGTERM right after readiness
     # drains instead of killing the process.
     print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
+    announce_https(proxy.bound)
     if inherited is not None:  # the generation before drains once told
         notify(f"MAINPID={os.getpid()}\nREADY=1\nSTATUS=listening on {shown}")
         inherited.announce_ready()

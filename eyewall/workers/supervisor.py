@@ -36,7 +36,15 @@ from typing import Any
 from tornado.ioloop import PeriodicCallback
 
 from eyewall import __version__
-from eyewall.app import Loaded, Loader, Observers, _mtimes, _raise_fd_limit, _write_pid_file
+from eyewall.app import (
+    Loaded,
+    Loader,
+    Observers,
+    _mtimes,
+    _raise_fd_limit,
+    _write_pid_file,
+    announce_https,
+)
 from eyewall.config import ConfigError, Settings, restart_settings
 from eyewall.fleet import FleetNode
 from eyewall.observe.oplog import DroppingQueueHandler
@@ -220,6 +228,7 @@ class Supervisor:
         pids = ", ".join(f"{s.number} (pid {s.pid})" for s in self.pool.states.values())
         print(f"eyewall workers: {pids}", file=sys.stderr, flush=True)
         print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
+        announce_https(self.bound)
         status = f"STATUS=listening on {shown}"  # as a single process says it
         if self.inherited is not None:
             notify(f"MAINPID={os.getpid()}\nREADY=1\n{status}")

@@ -166,6 +166,8 @@ def test_1_8_an_https_proxy_listener_serves_requests_and_tunnels(
     """curl --proxy https://...: TLS to the proxy itself, then a request or a CONNECT
     inside it (the tunnel relays a TLS client connection)."""
     p, tls_port = https_proxy(make_proxy, listener_cert)
+    # which of the listeners is the HTTPS one, said at start-up
+    assert f"HTTPS proxy listener (https:// proxy URLs) on 127.0.0.1:{tls_port}" in p.stderr()
     base = [
         "curl",
         "-sS",
