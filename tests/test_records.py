@@ -52,6 +52,14 @@ def test_ordinary_fields(name: str) -> None:
         ("http://u:pw@a/p?token=", "http://***@a/p?token="),
         ("http://a/p?sig", "http://a/p?sig"),
         ("/relative?password=x", "/relative?password=[redacted]"),
+        # session ids and tokens under other names and separators (the break-it pass)
+        ("http://a/app;jsessionid=S1?x=1", "http://a/app;jsessionid=[redacted]?x=1"),
+        ("http://a/?a=1;access_token=S2", "http://a/?a=1;access_token=[redacted]"),
+        ("http://a/?jwt=S3", "http://a/?jwt=[redacted]"),
+        ("http://a/?PHPSESSID=S4", "http://a/?PHPSESSID=[redacted]"),
+        ("http://a/?sid=S5", "http://a/?sid=[redacted]"),
+        ("http://a/?ticket=ST-S6", "http://a/?ticket=[redacted]"),
+        ("http://a/p;v=2/q?page=3", "http://a/p;v=2/q?page=3"),
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:

@@ -35,7 +35,7 @@ def _url(flow: Flow) -> str:
     """The URL as logged: credential-like query values (``access_token=``, ``sig=``...)
     replaced, as in recorded flows; a log is no place for secrets."""
     url = flow.url
-    return redact_url(url) if "?" in url else url
+    return redact_url(url) if "=" in url else url
 
 
 def _iso(t: float) -> str:
@@ -177,7 +177,7 @@ def _header(flow: Flow, name: str) -> str:
 
 def format_combined(flow: Flow) -> str:
     """Combined Log Format: common plus "referer" "user-agent"."""
-    referer, agent = _header(flow, "referer"), _header(flow, "user-agent")
+    referer, agent = redact_url(_header(flow, "referer")), _header(flow, "user-agent")
     return f'{format_common(flow)[:-1]} "{referer}" "{agent}"\n'
 
 

@@ -56,10 +56,11 @@ COLUMNS = (
 # X-Api-Key, X-Auth-Token, X-Amz-Security-Token, ?access_token=, ?client_secret=...
 # The challenges (WWW-Authenticate, Proxy-Authenticate) hold none.
 _SECRET_NAME = re.compile(
-    r"token|secret|passw|api[-_]?key|auth|session|cookie|credential|signature", re.I
+    r"token|secret|passw|api[-_]?key|auth|session|sessid|cookie|credential|signature|jwt|ticket",
+    re.I,
 )
 _NOT_SECRET = frozenset({"www-authenticate", "proxy-authenticate"})
-_SECRET_PARAMS = frozenset({"key", "sig", "code", "pwd", "pass"})  # short, common ones
+_SECRET_PARAMS = frozenset({"key", "sig", "sid", "code", "pwd", "pass"})  # short, common ones
 PROXY_CREDENTIALS = frozenset({"proxy-authorization"})
 REDACTED = "[redacted]"
 _field_verdicts: dict[str, bool] = {}  # lower-cased name -> holds a credential
@@ -77,26 +78,30 @@ def is_credential_field(name: str) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its userinfo and the values of credential-like query parameters
-    (``access_token``, ``api_key``, ``X-Amz-Signature``, ``sig``...) replaced."""
+    """``url`` with its userinfo and the values of credential-like parameters replaced:
+    query parameters (``access_token``, ``api_key``, ``X-Amz-Signature``, ``sig``...,
+    separated by ``&`` or ``;``) and path parameters (``;jsessionid=``)."""
     url = redact_userinfo(url)
+    if "=" not in url:
+        return url
     path, question, rest = url.partition("?")
+    if ";" in path:
+        path = _PATH_PARAM.sub(_redact_param, path)
     if not question:
-        return url
+        return path
     query, hash_, fragment = rest.partition("#")
-    params = query.split("&")
-    changed = False
-    for i, param in enumerate(params):
-        name, equals, value = param.partition("=")
-        if not (equals and value):
-            continue
-        plain = unquote(name).lower()
-        if plain in _SECRET_PARAMS or _SECRET_NAME.search(plain):
-            params[i] = f"{name}={REDACTED}"
-            changed = True
-    if not changed:
-        return url
-    return f"{path}?{'&'.join(params)}{hash_}{fragment}"
+    return f"{path}?{_QUERY_PARAM.sub(_redact_param, query)}{hash_}{fragment}"
+
+
+_PATH_PARAM = re.compile(r"(;)([^=;/]*)=([^;/]*)")
+_QUERY_PARAM = re.compile(r"(^|[;&])([^=;&]*)=([^;&]*)")
+
+
+def _redact_param(match: re.Match[str]) -> str:
+    name = unquote(match.group(2)).lower()
+    if match.group(3) and (name in _SECRET_PARAMS or _SECRET_NAME.search(name)):
+        return f"{match.group(1)}{match.group(2)}={REDACTED}"
+    return match.group(0)
 
 
 def _heads(headers: Headers | None, credentials: bool) -> str | None:

@@ -254,6 +254,20 @@ class ClientConnection:
         self.head_started = True
         if self.watch.phase is Phase.IDLE:
             self._enter(Phase.CLIENT_HEAD, self.ctx.settings.timeouts.client_header)
+        if starts_tls(first) and isinstance(stream, TLSStream):
+            # A handshake inside TLS (the HTTPS listener, an intercepted tunnel) where a
+            # request was expected: no head will ever end, so answer now.
+            log.warning(
+                "%s:%d sent a TLS handshake inside its TLS connection where an HTTP"
+                " request was expected",
+                *self.address,
+            )
+            flow = self.ctx.new_flow(self.address)
+            await self._error(
+                flow, "GET", ErrorKind.BAD_REQUEST, "a TLS handshake is not an HTTP request", True
+            )
+            self.ctx.end_flow(flow)
+            return None
         if starts_tls(first) and not isinstance(stream, TLSStream):
             log.warning(
                 "%s:%d spoke TLS to the plain HTTP proxy listener: use an http:// proxy"

@@ -190,7 +190,8 @@ class Exchange:
         if phase.idle:
             self.watch.enter(phase, self.ctx.clock(), limit, self._progress, self._unsent)
         elif phase is Phase.WAITING:  # the head's deadline runs once the request is out
-            self.watch.enter(phase, self.ctx.clock(), limit, None, self._unsent_up)
+            grace = self.ctx.settings.timeouts.body_idle
+            self.watch.enter(phase, self.ctx.clock(), limit, None, self._unsent_up, grace)
         else:
             self.watch.enter(phase, self.ctx.clock(), limit)
 

@@ -119,6 +119,7 @@ class Watch:
     __slots__ = (
         "deadline",
         "expired",
+        "grace",
         "limit",
         "on_expire",
         "phase",
@@ -139,6 +140,7 @@ class Watch:
         self.unsent: Callable[[], int] | None = None
         self.seen = 0
         self.queued: int | None = None  # ``unsent()`` when last read; None: not read
+        self.grace = 0.0  # seconds a deadline phase waits on a queue that stands still
         self.expired: Phase | None = None
 
     def enter(
@@ -148,11 +150,13 @@ class Watch:
         limit: float | None,
         progress: Callable[[], int] | None = None,
         unsent: Callable[[], int] | None = None,
+        grace: float = 0.0,
     ) -> None:
         """Start ``phase`` at ``now`` (loop time, seconds) with ``limit`` seconds (None:
         unlimited).  An idle-based phase needs ``progress``; ``unsent`` is optional (for
-        a deadline phase: a send queue still shrinking at the deadline moves it, see
-        `check`)."""
+        a deadline phase: a send queue still shrinking at the deadline moves it, and
+        while it holds bytes the phase ends only after ``grace`` seconds without a
+        change, see `check`)."""
         self.phase = phase
         self.limit = limit
         self.since = now
@@ -161,6 +165,7 @@ class Watch:
         self.unsent = unsent
         self.seen = progress() if progress is not None else 0
         self.queued = None
+        self.grace = grace
 
     def check(self, now: float) -> None:
         """Expire the phase if it is over its limit at ``now``.
@@ -184,8 +189,11 @@ class Watch:
                 queued = self.unsent() if self.unsent is not None else 0
                 if queued != self.queued and (queued or self.queued):  # it moved
                     self.queued = queued
+                    self.since = now
                     self.deadline = now + self.limit
                     return
+                if queued and now - self.since < self.grace:
+                    return  # still in the queue: the body's idle limit governs its pauses
                 self._expire()
             return
         assert self.progress is not None

@@ -386,6 +386,25 @@ def test_8_plain_http_to_the_https_listener_gets_a_plain_400(make_proxy, listene
     assert b"use an https:// proxy URL" in curl.stdout, curl
 
 
+@pytest.mark.parametrize("after_a_request", [False, True])
+def test_8_a_tls_hello_inside_the_https_listeners_tls_is_answered_at_once(
+    make_proxy, listener_cert, ca_file, origin, after_a_request
+):
+    """TLS inside TLS without a CONNECT: no head will ever end, so a 400 now, not a
+    408 after the header deadline (30 s here: longer than the socket's 10 s)."""
+    p, tls_port = https_proxy(make_proxy, listener_cert, "--client-header-timeout", "30")
+    sock = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
+    with sock:
+        peer = TLSPeer(sock, ssl.create_default_context(cafile=ca_file), "localhost")
+        if after_a_request:
+            peer.sendall(f"GET {origin.url}/echo/a HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert recv_until(peer, b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+        peer.sendall(client_hello())
+        answer = peer.recv_until_eof()
+    assert b"HTTP/1.1 400" in answer and b"a TLS handshake is not an HTTP request" in answer
+    poll(lambda: "TLS handshake inside its TLS connection" in p.stderr(), what="log line")
+
+
 def test_8_a_refused_tls_client_gets_an_alert_not_a_plain_page(make_proxy, listener_cert, ca_file):
     """Over its connection cap, a client of the HTTPS listener is refused in TLS's own
     language (an alert), and the refusal is logged and recorded as 429."""
@@ -1802,12 +1821,16 @@ def test_17_origin_credentials_in_a_target_never_reach_logs_or_records(make_prox
 @pytest.mark.parametrize("log_format", ["json", "text", "squid", "combined"])
 def test_17_credentials_in_a_query_never_reach_the_access_log(make_proxy, origin, log_format):
     p = make_proxy("--log-format", log_format)
-    url = f"{origin.url}/echo/q?x=1&access_token=t0k3n&X-Amz-Signature=s1g&token=abc123"
-    data = raw_request(p.address, f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    query = "x=1&access_token=t0k3n&X-Amz-Signature=s1g&token=abc123"
+    url = f"{origin.url}/echo/q;jsessionid=j5e55?{query}"
+    referer = "http://other.example/?access_token=r3f3r3r"
+    data = raw_request(
+        p.address, f"GET {url} HTTP/1.1\r\nHost: x\r\nReferer: {referer}\r\n\r\n".encode()
+    )
     assert status(data) == 200
     line = p.access_entry("/echo/q")
     assert "x=1" in line and "[redacted]" in line, line
-    for secret in ("t0k3n", "s1g", "abc123"):
+    for secret in ("t0k3n", "s1g", "abc123", "j5e55", "r3f3r3r"):
         assert secret not in line, line
 
 

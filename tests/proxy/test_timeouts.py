@@ -116,3 +116,37 @@ def test_a_stuck_request_gets_one_more_deadline_at_most() -> None:
     assert expired == []
     w.check(10.0)  # it did not
     assert expired == [Phase.WAITING]
+
+
+def test_a_request_still_queued_pauses_within_the_body_idle_grace() -> None:
+    """An origin reading an upload in bursts 3 s apart, upstream_head 2 s, body_idle
+    10 s: between bursts the queue stands still for longer than the head's limit, but
+    not for the body's idle limit: no expiry while bytes remain; once they are gone
+    the head deadline holds."""
+    wire = Wire()
+    wire.queued = 90_000
+    expired: list[Phase] = []
+    w = Watch(expired.append)
+    w.enter(Phase.WAITING, 0.0, 2.0, None, wire.unsent, grace=10.0)
+    for t in range(1, 29):
+        if t % 3 == 0:
+            wire.queued -= 10_000  # a burst read every 3 s
+        w.check(float(t))
+    assert wire.queued == 0 and expired == []  # drained at t = 27, noticed then
+    w.check(28.9)
+    assert expired == []
+    w.check(29.0)  # the head's 2 s from the sweep that saw the queue empty
+    assert expired == [Phase.WAITING]
+
+
+def test_a_stuck_queue_ends_after_the_grace() -> None:
+    wire = Wire()
+    wire.queued = 100
+    expired: list[Phase] = []
+    w = Watch(expired.append)
+    w.enter(Phase.WAITING, 0.0, 2.0, None, wire.unsent, grace=10.0)
+    w.check(2.0)  # notes the queue, moves the deadline to 4
+    w.check(11.9)
+    assert expired == []
+    w.check(12.0)  # 10 s without a change
+    assert expired == [Phase.WAITING]
