@@ -339,10 +339,10 @@ class Proxy:
         detail: str,
         secure: bool = False,
     ) -> None:
-        """Answer a connection the proxy will not serve (before reading anything).  On
-        an HTTPS listener (``secure``) a client that starts a TLS handshake gets a fatal
-        internal_error alert, not a plain-text page it would take for a broken record;
-        the reason is in the log and the flow."""
+        """Answer a connection the proxy will not serve (before reading a request), and
+        close it.  On an HTTPS listener (``secure``) a client that starts a TLS
+        handshake gets a fatal internal_error alert, not a plain-text page it would
+        take for a broken record; the reason is in the log and the flow."""
         flow = self.new_flow(client)
         flow.fail(kind, detail)
         if kind is ErrorKind.RATE_LIMITED:
@@ -374,20 +374,7 @@ class Proxy:
             " or the plain listener (listen) for http:// proxy URLs"
         )
         log.warning("%s spoke plain HTTP to the HTTPS proxy listener", format_address(client))
-        flow = self.new_flow(client)
-        flow.fail(ErrorKind.BAD_REQUEST, detail)
-        status, fields, body = error_answer(
-            ErrorKind.BAD_REQUEST, detail, flow.id, self.settings.via
-        )
-        flow.status = status
-        flow.bytes_out = len(body)
-        try:
-            await stream.write(render_answer("GET", status, fields, body, False))
-            await lingering_close(stream, seconds=1.0)
-        except StreamClosedError:
-            pass
-        finally:
-            self.end_flow(flow)
+        await self._refuse(stream, client, ErrorKind.BAD_REQUEST, detail)
 
     # -- addons ------------------------------------------------------------------------
 
