@@ -151,7 +151,6 @@ class ClientConnection:
         "secure",
         "stream",
         "t_head",
-        "ticket",
         "tunnel",
         "tunnel_user",
         "watch",
@@ -171,7 +170,6 @@ class ClientConnection:
         self.t_head = 0.0
         self.tunnel: Target | None = None  # set while serving an intercepted tunnel
         self.tunnel_user: str | None = None  # who authenticated the intercepted CONNECT
-        self.ticket: Ticket | None = None  # the request being admitted
         self.release: Callable[[], None] | None = None  # the intercepted tunnel's limits
         self._enter(Phase.CLIENT_HEAD, ctx.settings.timeouts.client_header)  # from accept
 
@@ -364,9 +362,13 @@ class ClientConnection:
             )
         # After a refusal the connection carries on only if no request body is left unread.
         close = framing.kind is not BodyKind.NONE or not rules.keep_alive(head)
-        step = self._admit_now(head, target, flow)
+        ticket, step = self._admit_now(head, target, flow)
         # the common case is decided at once; waiting, or a refusal to answer, is awaited
-        decision = step if isinstance(step, Allow) else await self._admit(step, flow, method, close)
+        decision = (
+            step
+            if isinstance(step, Allow)
+            else await self._admit(ticket, step, flow, method, close)
+        )
         if decision is None:
             return False, not close and not self.stream.closed()
         flow.rule = decision.rule
@@ -450,8 +452,11 @@ class ClientConnection:
 
     # -- admission ---------------------------------------------------------------------
 
-    def _admit_now(self, head: RequestHead, target: Target, flow: Flow) -> Allow | Step:
-        """Admission as far as it goes without waiting (the common case: a decision)."""
+    def _admit_now(
+        self, head: RequestHead, target: Target, flow: Flow
+    ) -> tuple[Ticket, Allow | Step]:
+        """The request's ticket and admission as far as it goes without waiting (the
+        common case: a decision)."""
         ctx = self.ctx
         ticket = Ticket(
             self.address[0],
@@ -461,7 +466,6 @@ class ClientConnection:
             target.port,
             parse_basic(head.headers.get("proxy-authorization")),
         )
-        self.ticket = ticket
         if self.tunnel_user is not None:
             # Inside an intercepted tunnel, requests carry the user who authenticated
             # the CONNECT (browsers send Proxy-Authorization on the CONNECT only) — as
@@ -469,7 +473,7 @@ class ClientConnection:
             # the tunnel (the client must CONNECT, and log in, again).
             if ctx.policy.auth_required and ctx.policy.users.stored(self.tunnel_user) is None:
                 flow.user = self.tunnel_user
-                return Refusal(
+                return ticket, Refusal(
                     ErrorKind.AUTH_REQUIRED,
                     "auth",
                     "the tunnel's user is no longer valid; connect again",
@@ -478,13 +482,13 @@ class ClientConnection:
                 )
             ticket.user = self.tunnel_user
             ticket.login_done = True
-        return admit_now(ctx, ticket)
+        return ticket, admit_now(ctx, ticket)
 
-    async def _admit(self, step: Step, flow: Flow, method: str, close: bool) -> Allow | None:
-        """Finish admission from ``step``: the decision, or None once a refusal was
-        answered."""
-        ticket = self.ticket
-        assert ticket is not None
+    async def _admit(
+        self, ticket: Ticket, step: Step, flow: Flow, method: str, close: bool
+    ) -> Allow | None:
+        """Finish admission of ``ticket`` from ``step``: the decision, or None once a
+        refusal was answered."""
         if not isinstance(step, Allow | Refusal):
             stream = self.stream
             step = await admit(self.ctx, ticket, step, self.watch, lambda: not peer_gone(stream))
