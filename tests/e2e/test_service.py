@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -278,9 +279,18 @@ done
 case "$PY_PREFIX" in
     /root/*|/home/*) mkdir -p "$PY_PREFIX" && mount --bind /srv/python "$PY_PREFIX" ;;
 esac
-# PrivateTmp=yes
+# PrivateTmp=yes. A checkout or venv under /tmp (a clone in mktemp -d) is mounted back:
+# an installed unit's code lives under /opt or /usr, never in its private /tmp.
+i=0
+for k in $KEEP_TMP; do
+    mkdir /srv/keep$i && mount --bind "$k" /srv/keep$i && i=$((i + 1))
+done
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=1777 tmpfs /var/tmp
+i=0
+for k in $KEEP_TMP; do
+    mkdir -p "$k" && mount --bind /srv/keep$i "$k" && i=$((i + 1))
+done
 # PrivateDevices=yes: pseudo devices only
 mkdir /srv/dev && mount --rbind /dev /srv/dev
 mount -t tmpfs -o mode=0755,nosuid,noexec tmpfs /dev
@@ -437,10 +447,28 @@ def sandbox_available() -> None:
         probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, check=False)
         if probe.returncode != 0:
             reason = f"cannot create a mount namespace: {probe.stderr.decode().strip()}"
+    if not reason:
+        private = [d for d in _up_to_root() if not os.stat(d).st_mode & stat.S_IXOTH]
+        if private:
+            # the unit's user must reach the code, as it would under /opt or /usr
+            reason = f"{private[0]} is private (mode 0700?): the unit's user cannot run the code"
     if reason:
         if tools_required():
             pytest.fail(f"sandbox test {reason}, and EYEWALL_REQUIRE_TOOLS is set")
         pytest.skip(reason)
+
+
+def _up_to_root() -> list[str]:
+    """Every directory from / down to the checkout and to the venv."""
+    dirs: list[str] = []
+    for leaf in (str(ROOT.resolve()), os.path.realpath(sys.prefix)):
+        path = leaf
+        while True:
+            dirs.append(path)
+            if path == "/":
+                break
+            path = os.path.dirname(path)
+    return list(dict.fromkeys(dirs))
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -475,6 +503,11 @@ def test_proxy_works_under_the_units_sandbox(tmp_path, notify_socket, ca_file, t
         "T": str(tmp_path),
         "PY": sys.executable,
         "PY_PREFIX": os.path.realpath(sys.base_prefix),
+        "KEEP_TMP": " ".join(
+            p
+            for p in dict.fromkeys((os.path.realpath(sys.prefix), str(ROOT.resolve())))
+            if p.startswith(("/tmp/", "/var/tmp/"))
+        ),
         "SANDBOX_PY": str(ROOT / "tests" / "sandbox.py"),
         "SECCOMP": " ".join(seccomp_arguments(analyze)),
         "NOTIFY_SOCKET": notify_address,
