@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import logging
 import os
 import resource
@@ -364,7 +365,7 @@ class Observers:
         from eyewall.dashboard.app import AdminServer
         from eyewall.observe.live import LiveFeed
         from eyewall.observe.metrics import Metrics
-        from eyewall.observe.records import record_of, summary
+        from eyewall.observe.records import summary
 
         def prometheus_gauges() -> dict[str, float]:
             g = stats.gauges()
@@ -382,7 +383,7 @@ class Observers:
         metrics.track_drops("flows", lambda: store.dropped)
 
         def recent() -> list[dict[str, Any]]:
-            return [summary(record_of(f)) for f in list(store.recent)[-200:][::-1]]
+            return [summary(r) for r in itertools.islice(store.recent_records(), 200)]
 
         self.live = LiveFeed(stats.gauges, recent)
         self.bus.subscribe(self.live)

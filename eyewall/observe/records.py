@@ -15,6 +15,7 @@ from eyewall.http1.target import redact_userinfo
 __all__ = ["COLUMNS", "detail", "is_credential_field", "record_of", "redact_url", "summary"]
 
 Record = dict[str, Any]
+Row = tuple[Any, ...]  # a record's values in `COLUMNS` order
 
 COLUMNS = (
     "id",
@@ -104,6 +105,26 @@ def _redact_param(match: re.Match[str]) -> str:
     return match.group(0)
 
 
+_PLAIN, _CREDENTIAL, _PROXY_CREDENTIAL, _URL = range(4)
+_URL_FIELDS = frozenset({"referer", "location", "content-location"})
+_treatments: dict[str, int] = {}  # field name as received -> how its value is recorded
+
+
+def _treatment(name: str) -> int:
+    treatment = _treatments.get(name)
+    if treatment is None:
+        key = name.lower()
+        if key in PROXY_CREDENTIALS:
+            treatment = _PROXY_CREDENTIAL
+        elif is_credential_field(key):
+            treatment = _CREDENTIAL
+        else:
+            treatment = _URL if key in _URL_FIELDS else _PLAIN
+        if len(_treatments) < 4096:  # names come from traffic: bounded
+            _treatments[name] = treatment
+    return treatment
+
+
 def _heads(headers: Headers | None, credentials: bool) -> str | None:
     """Header fields as text, one ``Name: value`` per line; credential values replaced
     by ``[redacted]`` (only the proxy's own when ``credentials``), userinfo and
@@ -112,11 +133,14 @@ def _heads(headers: Headers | None, credentials: bool) -> str | None:
         return None
     lines = []
     for n, v in headers.fields:
-        key = n.lower()
-        if key in PROXY_CREDENTIALS or (not credentials and is_credential_field(key)):
-            v = REDACTED
-        elif not credentials and key in ("referer", "location", "content-location"):
-            v = redact_url(v)
+        treatment = _treatments.get(n)
+        if treatment is None:
+            treatment = _treatment(n)
+        if treatment:
+            if treatment == _PROXY_CREDENTIAL or (treatment == _CREDENTIAL and not credentials):
+                v = REDACTED
+            elif treatment == _URL and not credentials:
+                v = redact_url(v)
         lines.append(f"{n}: {v}")
     return "\n".join(lines)
 
@@ -128,7 +152,7 @@ def parse_heads(text: str | None) -> list[list[str]]:
     return [list(line.partition(": ")[::2]) for line in text.split("\n")]
 
 
-def row_of(flow: Flow, credentials: bool = False) -> tuple[Any, ...]:
+def row_of(flow: Flow, credentials: bool = False) -> Row:
     """A finished flow as a row of `COLUMNS` (what the store writes); credential fields
     redacted unless ``credentials``."""
     request, response = flow.request, flow.response

@@ -1,9 +1,13 @@
 """Recorded flows: the most recent in memory, all of them in SQLite.
 
-The event loop keeps finished flows in a window bounded in count and in bytes, and
-appends them to a batch; a timer hands batches to the shared writer thread, which owns
-the SQLite connection and applies retention (count and age) as it goes.  Traffic never
-waits on the disk: when the writer falls behind, new batches are dropped and counted.
+The event loop turns each finished flow into its row once (`records.row_of`: heads as
+text, credentials redacted), keeps the most recent rows in a window bounded in count and
+in bytes, and appends them to a batch; a timer hands batches to the shared writer
+thread, which owns the SQLite connection, only inserts, and applies retention (count,
+age, bytes) as it goes.  Rows rather than `Flow` objects: a row is a few strings, cheap
+to keep and to free, and the writer holds the interpreter lock only to bind it.  Traffic
+never waits on the disk: when the writer falls behind, new batches are dropped and
+counted.
 
 Requests refused before they reached an origin (a 407 to a client without credentials,
 a 403, a malformed request) keep only a capped summary of their head: an attacker who
@@ -26,7 +30,7 @@ from tornado.ioloop import PeriodicCallback
 
 from eyewall.flow import Flow
 from eyewall.http1.parse import Headers, RequestHead, ResponseHead
-from eyewall.observe.records import COLUMNS, Record, record_of, row_of
+from eyewall.observe.records import COLUMNS, Record, Row, row_of
 from eyewall.observe.writer import BatchWriter
 
 __all__ = ["FlowStore", "default_path", "read_records", "summarise"]
@@ -36,17 +40,13 @@ log = logging.getLogger("eyewall.flows")
 ROWS_PER_STATEMENT = 30  # 30 x 29 parameters stays under SQLite's 999 limit
 FLUSH_INTERVAL = 0.25  # seconds: small batches, short bursts of work on the writer
 FLUSH_FLOWS = 250
-ROWS_PER_SLICE = 60  # rows built between chances for the event loop to take the GIL
 PRUNE_EVERY = 5.0  # seconds between retention passes
 DROP_WARNING_EVERY = 60.0  # seconds between log lines about flows not recorded
 REFUSED_HEAD = 2048  # bytes of a refused request's fields kept, at most
 REFUSED_FIELDS = 32  # fields of a refused request kept, at most
 KEPT_FIELDS = 256  # fields of any other head kept, at most (a browser sends ~20)
 KEPT_HEAD = 1 << 20  # bytes of any other head's fields: limits.max_header_size bounds them
-FLOW_OVERHEAD = 1024  # bytes a flow costs in memory besides its heads and bodies
-# Bytes a parsed field costs in memory besides its name and value: a tuple, two str
-# objects, a list slot and an index entry (measured: 200-260 bytes on CPython 3.11).
-FIELD_OVERHEAD = 256
+ROW_OVERHEAD = 1024  # bytes a recorded row costs in memory besides its texts and bodies
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS flows (
@@ -76,10 +76,10 @@ def _connect(path: Path) -> sqlite3.Connection:
 def summarise(flow: Flow) -> None:
     """Cap what ``flow`` keeps of its heads, then note what was left out: a request
     refused before any origin saw it keeps its first `REFUSED_FIELDS` fields within
-    `REFUSED_HEAD` bytes, any other head its first `KEPT_FIELDS` fields.  A parsed field
-    costs ~256 bytes beyond its text: uncapped, a burst of heads of thousands of short
-    fields (still within max_header_size) would push every other client's flows out of
-    the window and the writer's queue."""
+    `REFUSED_HEAD` bytes, any other head its first `KEPT_FIELDS` fields.  Uncapped, a
+    burst of heads of thousands of short fields (still within max_header_size) would
+    push every other client's flows out of the window and the writer's queue, and a
+    client without credentials could fill them with 64 KB heads."""
     request, response = flow.request, flow.response
     if flow.error is not None and not flow.upstream:
         if request is not None:
@@ -113,28 +113,30 @@ def _text(fields: list[tuple[str, str]]) -> int:
     return sum(map(len, chain.from_iterable(fields))) + 4 * len(fields)
 
 
-def _size(flow: Flow) -> int:
-    """What ``flow`` holds in memory, in bytes (an estimate: its heads as received, each
-    parsed field's overhead, captured bodies): what `FlowStore`'s ``memory_bytes``
-    bounds.  Cheap on purpose: it runs for every flow."""
-    size = FLOW_OVERHEAD + flow.head_bytes
-    request, response = flow.request, flow.response
-    if request is not None:
-        size += FIELD_OVERHEAD * len(request.headers.fields)
-    if response is not None:
-        size += FIELD_OVERHEAD * len(response.headers.fields)
-    if flow.request_body is not None:
-        size += len(flow.request_body)
-    if flow.response_body is not None:
-        size += len(flow.response_body)
+_TEXTS = tuple(
+    COLUMNS.index(c)
+    for c in ("url", "request_headers", "response_headers", "request_body", "response_body")
+)
+
+
+def _size(row: Row) -> int:
+    """What ``row`` holds in memory, in bytes (an estimate: its texts and bodies plus
+    `ROW_OVERHEAD`): what `FlowStore`'s ``memory_bytes`` bounds."""
+    size = ROW_OVERHEAD
+    for i in _TEXTS:
+        value = row[i]
+        if value is not None:
+            size += len(value)
     return size
 
 
 class FlowStore:
-    """Observer of finished flows: keeps the most recent (at most ``memory`` flows and
-    ``memory_bytes``) and records all of them in SQLite at ``path`` (None: memory only)
-    through ``writer``, keeping ``max_count`` rows no older than ``max_age`` seconds.
-    Raises OSError or sqlite3.Error when the database cannot be created."""
+    """Observer of finished flows: keeps the rows of the most recent (at most ``memory``
+    flows and ``memory_bytes``, `_size`) and records all of them in SQLite at ``path``
+    (None: memory only) through ``writer``, keeping ``max_count`` rows no older than
+    ``max_age`` seconds.  Credential values are redacted in both unless
+    ``credentials``.  Raises OSError or sqlite3.Error when the database cannot be
+    created."""
 
     def __init__(
         self,
@@ -154,12 +156,12 @@ class FlowStore:
         self.max_age = max_age
         self.memory = memory
         self.memory_bytes = memory_bytes
-        self.recent: deque[Flow] = deque()  # oldest first
+        self.recent: deque[Row] = deque()  # rows of `COLUMNS`, oldest first
         self._sizes: deque[int] = deque()  # `_size` of each, in step with ``recent``
         self.recent_bytes = 0
         self.dropped = 0
         self._warned = -DROP_WARNING_EVERY  # when flows not recorded were last logged
-        self._pending: list[Flow] = []
+        self._pending: list[Row] = []
         self._pending_sizes: list[int] = []  # `_size` of each, in step with ``_pending``
         self._timer: PeriodicCallback | None = None
         self._db: sqlite3.Connection | None = None  # the writer thread's own
@@ -181,16 +183,17 @@ class FlowStore:
 
     def __call__(self, flow: Flow) -> None:
         summarise(flow)
+        row = row_of(flow, self.credentials)
         recent, sizes = self.recent, self._sizes
-        size = _size(flow)
-        recent.append(flow)
+        size = _size(row)
+        recent.append(row)
         sizes.append(size)
         self.recent_bytes += size
         while len(recent) > self.memory or (self.recent_bytes > self.memory_bytes and recent):
             recent.popleft()
             self.recent_bytes -= sizes.popleft()
         if self.path is not None:
-            self._pending.append(flow)
+            self._pending.append(row)
             self._pending_sizes.append(size)
             if len(self._pending) >= FLUSH_FLOWS:
                 self.flush()
@@ -237,19 +240,15 @@ class FlowStore:
 
     # -- the writer thread -------------------------------------------------------------
 
-    def _write(self, batch: list[Flow]) -> None:
+    def _write(self, rows: list[Row]) -> None:
         assert self.path is not None
         if self._db is None:
             self._db = _connect(self.path)
-        rows: list[tuple[Any, ...]] = []
-        for i in range(0, len(batch), ROWS_PER_SLICE):
-            rows.extend(row_of(f, self.credentials) for f in batch[i : i + ROWS_PER_SLICE])
-            time.sleep(0)  # let the event loop have the GIL: building rows holds it
         try:
             self._insert(self._db, rows)
         except (sqlite3.Error, OSError):
-            self.dropped += len(batch)
-            log.exception("recording %d flows failed", len(batch))
+            self.dropped += len(rows)
+            log.exception("recording %d flows failed", len(rows))
             return
         if time.monotonic() - self._last_prune >= PRUNE_EVERY:
             self._prune_now()
@@ -269,7 +268,7 @@ class FlowStore:
             self._db = None
 
     @staticmethod
-    def _insert(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    def _insert(db: sqlite3.Connection, rows: list[Row]) -> None:
         """Many rows per statement: each statement is one step with the GIL released and
         taken back, and on a busy core each of those hand-overs costs more than the
         insert itself."""
@@ -309,14 +308,14 @@ class FlowStore:
 
     def recent_records(self) -> Iterator[Record]:
         """Recent flows, newest first."""
-        for flow in reversed(self.recent):
-            yield record_of(flow, self.credentials)
+        for row in reversed(self.recent):
+            yield dict(zip(COLUMNS, row, strict=True))
 
     def find_recent(self, flow_id: str) -> Record | None:
         """A flow by id from memory (on the event loop)."""
-        for flow in reversed(self.recent):
-            if flow.id == flow_id:
-                return record_of(flow, self.credentials)
+        for row in reversed(self.recent):
+            if row[0] == flow_id:
+                return dict(zip(COLUMNS, row, strict=True))
         return None
 
     def find_stored(self, flow_id: str) -> Record | None:
