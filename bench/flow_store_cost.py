@@ -4,10 +4,10 @@
 
 Builds flows like the benchmark's small requests (GET of a 1 KiB file through
 the proxy, nginx's response head), then times, with the thread's CPU clock
-(time.thread_time), what FlowStore's writer does per batch of 1,000: `row_of`
-(Python, holding the GIL) and `FlowStore._insert` (sqlite3: binding with the
-GIL, each statement's step without), into a fresh database file in a temp dir,
-with the store's schema and with lighter ones, so a change to the schema can be
+(time.thread_time), what the flow store does per batch of 1,000: `row_of` (on
+the event loop, as each flow ends) and `FlowStore._insert` (the writer thread:
+sqlite3 binding with the GIL, each statement's step without), into a fresh
+database file in a temp dir, with the store's schema and with lighter ones, so a change to the schema can be
 judged by its CPU per row. Filling up to --rows rows shows the cost as the
 table and its indexes grow.
 """

@@ -74,12 +74,10 @@ VARIANTS = [
             env={"EYEWALL_PROBE_WRITER_NICE": "19"}),
     Variant("writers-cpu1", "on, the writer thread moved to the load generator's core",
             env={"EYEWALL_PROBE_WRITER_CPU": "1"}),
-    Variant("flows-small", "on, flow store flushed every 100 ms, GIL offered every 120 "
-            "rows built", env={"EYEWALL_PROBE_FLOWS_FLUSH": "0.1",
-                                              "EYEWALL_PROBE_FLOWS_CHUNK": "120"}),
+    Variant("flows-small", "on, flow store flushed every 100 ms",
+            env={"EYEWALL_PROBE_FLOWS_FLUSH": "0.1"}),
     Variant("flows-small-nice", "flows-small, the writer thread at nice 10",
-            env={"EYEWALL_PROBE_FLOWS_FLUSH": "0.1", "EYEWALL_PROBE_FLOWS_CHUNK": "120",
-                 "EYEWALL_PROBE_WRITER_NICE": "10"}),
+            env={"EYEWALL_PROBE_FLOWS_FLUSH": "0.1", "EYEWALL_PROBE_WRITER_NICE": "10"}),
     Variant("no-watchdog", "on, watchdog sweep not started", env={"EYEWALL_PROBE_OFF": "watchdog"}),
     Variant("no-live", "on, live-feed 1 s tick not started", env={"EYEWALL_PROBE_OFF": "live"}),
 ]  # fmt: skip

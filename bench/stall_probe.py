@@ -23,8 +23,6 @@ variables (nothing in eyewall/ changes; the probe patches it at start-up):
         niceness N (the loop thread keeps the process's)
     EYEWALL_PROBE_WRITER_CPU=N    the writer thread runs on CPU N (not the loop's)
     EYEWALL_PROBE_FLOWS_FLUSH=SECONDS   the flow store's flush interval (0.25 s)
-    EYEWALL_PROBE_FLOWS_CHUNK=N   the flow writer builds N rows between offers of
-        the GIL (time.sleep(0)); eyewall's own: ROWS_PER_SLICE
 
 Time stamps are time.monotonic(), the same clock in every process, so the
 driver can cut out the window of its wrk run.
@@ -215,9 +213,6 @@ def patch(off: set[str], lag_interval: float) -> None:
     flush = os.environ.get("EYEWALL_PROBE_FLOWS_FLUSH")
     if flush:
         store.FLUSH_INTERVAL = float(flush)
-    chunk = int(os.environ.get("EYEWALL_PROBE_FLOWS_CHUNK", "0"))
-    if chunk:
-        store.ROWS_PER_SLICE = chunk
     AccessLog.flush = timed("access_flush", AccessLog.flush)  # type: ignore[method-assign]
     FlowStore.flush = timed("flows_flush", FlowStore.flush)  # type: ignore[method-assign]
     original_thread_run = BatchWriter._run
