@@ -7,9 +7,9 @@ the proxy, nginx's response head), then times, with the thread's CPU clock
 (time.thread_time), what the flow store does per batch of 1,000: `row_of` (on
 the event loop, as each flow ends) and `FlowStore._insert` (the writer thread:
 sqlite3 binding with the GIL, each statement's step without), into a fresh
-database file in a temp dir, with the store's schema and with lighter ones, so a change to the schema can be
-judged by its CPU per row. Filling up to --rows rows shows the cost as the
-table and its indexes grow.
+database file in a temp dir, with the store's schema and with lighter ones, so
+a change to the schema can be judged by its CPU per row. Filling up to --rows
+rows shows the cost as the table and its indexes grow.
 """
 
 from __future__ import annotations
