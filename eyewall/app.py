@@ -355,7 +355,8 @@ class Observers:
             f.max_bytes,
             f.credentials,
         )
-        self.bus.subscribe(self.store)
+        if path is not None or settings.admin.listen != "off":  # else nobody reads it
+            self.bus.subscribe(self.store)
         self.metrics: Metrics | None = None
         self.admin: AdminServer | None = None
         if settings.admin.listen != "off":

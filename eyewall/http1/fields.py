@@ -194,15 +194,11 @@ def response_fields(
 
 def render_request(method: str, path: str, fields: list[tuple[str, str]]) -> bytes:
     """An HTTP/1.1 request head: request line, field lines, empty line (latin-1)."""
-    lines = [f"{method} {path} HTTP/1.1"]
-    lines.extend(f"{n}: {v}" for n, v in fields)
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1")
+    lines = [f"{n}: {v}\r\n" for n, v in fields]
+    return f"{method} {path} HTTP/1.1\r\n{''.join(lines)}\r\n".encode("latin-1")
 
 
 def render_response(status: int, reason: str, fields: list[tuple[str, str]]) -> bytes:
     """An HTTP/1.1 response head: status line, field lines, empty line (latin-1)."""
-    lines = [f"HTTP/1.1 {status} {reason}"]
-    lines.extend(f"{n}: {v}" for n, v in fields)
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("latin-1")
+    lines = [f"{n}: {v}\r\n" for n, v in fields]
+    return f"HTTP/1.1 {status} {reason}\r\n{''.join(lines)}\r\n".encode("latin-1")

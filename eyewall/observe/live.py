@@ -83,6 +83,9 @@ class Client:
             self.socket.close(1008, "too slow")
 
 
+_STATUS_CLASSES = ("", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
 class LiveFeed:
     """Subscriber for ``flow_end``; ``gauges`` gives connections, tunnels, pool_idle."""
 
@@ -112,7 +115,7 @@ class LiveFeed:
         self.bytes_in += flow.bytes_in
         self.bytes_out += flow.bytes_out
         s = flow.status
-        self.status[f"{s // 100}xx" if 100 <= s < 600 else "none"] += 1
+        self.status[_STATUS_CLASSES[s // 100] if 100 <= s < 600 else "none"] += 1
         if flow.kind == "http" and len(self.latencies) < LATENCY_SAMPLES:
             self.latencies.append(flow.duration * 1000)  # a tunnel's lifetime is no latency
         if self.clients:

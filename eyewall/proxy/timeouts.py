@@ -107,6 +107,9 @@ class Phase(enum.Enum):
         return float(getattr(timeouts, self.setting)) if self.setting else None
 
 
+_NEVER = float("inf")
+
+
 class Watch:
     """The phase one connection is in, for the `Watchdog`.
 
@@ -160,7 +163,7 @@ class Watch:
         self.phase = phase
         self.limit = limit
         self.since = now
-        self.deadline = float("inf") if limit is None or phase.idle else now + limit
+        self.deadline = _NEVER if limit is None or phase.idle else now + limit
         self.progress = progress
         self.unsent = unsent
         self.seen = progress() if progress is not None else 0
