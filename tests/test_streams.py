@@ -56,6 +56,43 @@ def test_a_delimited_read_past_the_limit_returns_the_limit_instead_of_closing():
     run(main())
 
 
+class CountingSocket(socket.socket):
+    """A socket that counts its receives."""
+
+    receives = 0
+
+    def recv_into(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.receives += 1
+        return super().recv_into(*args, **kwargs)
+
+
+def test_a_read_on_a_watched_socket_waits_instead_of_trying_the_socket_first():
+    """Once the loop watches the socket, a read starts without a receive that would
+    find nothing (IOStream tries one first: a system call per head); bytes that come
+    later, or that are in the kernel already when the read starts, are read."""
+
+    async def main() -> None:
+        raw, b = socket.socketpair()
+        a = CountingSocket(raw.family, raw.type, fileno=raw.detach())
+        a.setblocking(False)
+        stream = BoundedStream(a)
+        first = stream.read_bytes(100, partial=True)  # nothing yet: the loop watches now
+        b.sendall(b"first")
+        assert await first == b"first"
+        before = a.receives
+        second = stream.read_bytes(100, partial=True)
+        assert a.receives == before  # no receive tried: nothing has come
+        b.sendall(b"second")
+        assert await second == b"second"
+        assert a.receives == before + 1
+        b.sendall(b"third")  # in the kernel before the read starts (a Unix socket pair)
+        assert await stream.read_bytes(100, partial=True) == b"third"
+        stream.close()
+        b.close()
+
+    run(main())
+
+
 def test_take_over_returns_the_bytes_read_ahead():
     async def main() -> None:
         a, b = pair()
@@ -220,6 +257,25 @@ def test_tls_streams_carry_bytes_both_ways_in_order(contexts, depth):
         assert await stream.read_into(buffer) == len(upload)
         await sent
         assert buffer == upload
+        stream.close()
+        peer.socket.close()
+
+    run(main())
+
+
+def test_a_tls_read_takes_decrypted_bytes_waiting_with_the_socket_quiet(contexts):
+    """Decrypted bytes left from earlier records wake no event on the socket: a read on a
+    watched TLS stream must take them at once (the plain stream's wait-first shortcut
+    would wait for bytes that never come)."""
+
+    async def main() -> None:
+        stream, peer = await serve_tls(contexts)
+        first = stream.read_bytes(100, partial=True)  # nothing yet: the loop watches now
+        await asyncio.get_running_loop().run_in_executor(None, peer.sendall, b"first")
+        assert await first == b"first"
+        stream._plain += b"left over"  # as when one receive decrypts more than a read takes
+        read = stream.read_bytes(100, partial=True)
+        assert read.done() and read.result() == b"left over"
         stream.close()
         peer.socket.close()
 

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Awaitable
 
 from tornado.concurrent import Future
+from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from eyewall.tls.layers import TLSLayer, TLSStack
@@ -77,7 +78,8 @@ class BoundedStream(IOStream):
     * Cheaper per-request bookkeeping on the hot path: a write that the socket takes
       whole skips the future and buffer machinery; bytes already buffered can be taken
       synchronously (`read_buffered`, for any stream); reads go through one shared buffer
-      instead of a fresh 64 KiB allocation each time.
+      instead of a fresh 64 KiB allocation each time; a read on a socket the event loop
+      already watches waits for it instead of trying the socket first.
     """
 
     _written: Future[None] | None = None
@@ -113,6 +115,21 @@ class BoundedStream(IOStream):
                 return done
             data = memoryview(data)[sent:]
         return super().write(data)
+
+    def _try_inline_read(self) -> None:
+        # IOStream tries a receive before it waits.  Where nothing is buffered and the
+        # loop already watches the socket for reads (level-triggered: it reports bytes
+        # that are there already), that receive finds nothing for nearly every head —
+        # the next request, the origin's answer — and is a system call wasted.
+        state = self._state
+        if self._read_buffer_size or state is None or not state & IOLoop.READ:
+            super()._try_inline_read()
+            return
+        pos = self._find_read_pos()
+        if pos is not None:
+            self._read_from_buffer(pos)
+            return
+        self._check_closed()
 
     def _read_to_buffer(self) -> int | None:
         if self._user_read_buffer:
@@ -196,8 +213,10 @@ class TLSStream(BoundedStream):
             del out[:sent]
 
     # Reads go through read_from_fd, so read_into works too (BoundedStream's shortcut
-    # reads the socket directly).
+    # reads the socket directly).  And each read tries it first: decrypted bytes may
+    # wait in ``_plain`` with nothing left on the socket to wake the loop.
     _read_to_buffer = IOStream._read_to_buffer
+    _try_inline_read = IOStream._try_inline_read
 
     def read_from_fd(self, buf: bytearray | memoryview) -> int | None:
         """Decrypted bytes into ``buf``: what is left of the last records first, else
