@@ -399,8 +399,9 @@ class Observers:
         )
 
     def reconfigure(self, old: Settings, new: Settings) -> None:
-        """Apply what a reload may change: the access log's path and format, the admin
-        token.  Raises OSError when the new access log cannot be opened."""
+        """Apply what a reload may change: the access log's path and format, the flow
+        store's retention, window and redaction, the admin token.  Raises OSError when
+        the new access log cannot be opened."""
         if (new.access_log, new.log_format) != (old.access_log, old.log_format):
             from eyewall.observe.accesslog import AccessLog
 
@@ -413,6 +414,10 @@ class Observers:
             elif new.access_log != "off":
                 self.access = AccessLog(new.access_log, new.log_format, self.writer)
                 self.bus.subscribe(self.access)
+        f = new.flows
+        self.store.configure(
+            f.max_count, f.max_age, f.max_bytes, f.memory, f.memory_bytes, f.credentials
+        )
         if self.admin is not None:
             self.admin.token = new.admin.token
 

@@ -471,7 +471,8 @@ class Flows:
     )
     max_bytes: int = setting(
         1 << 30,
-        "Recorded flows kept at most this many bytes of database (oldest removed first).",
+        "Recorded flows kept at most this many bytes of database (oldest removed first;"
+        " at least 1 MiB).",
         flag="--flows-max-bytes",
         unit="bytes",
         check=_at_least(1 << 20),
@@ -484,7 +485,7 @@ class Flows:
     )
     memory_bytes: int = setting(
         64 << 20,
-        "Memory those recent flows may take at most (heads and captured bodies).",
+        "Memory those recent flows may take at most (heads and captured bodies; at least 1 MiB).",
         flag="--flows-memory-bytes",
         unit="bytes",
         check=_at_least(1 << 20),

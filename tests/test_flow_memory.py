@@ -114,3 +114,46 @@ def test_a_small_refused_head_is_kept_whole() -> None:
     f.fail(ErrorKind.AUTH_REQUIRED, "proxy authentication required")
     summarise(f)
     assert f.request.headers.fields == [("Host", "a"), ("X", "1")]
+
+
+def small_flow(i: int, cookie: str = "") -> Flow:
+    f = Flow(f"s-{i}", "http", ("127.0.0.1", 1), time.time())
+    extra = f"Cookie: {cookie}\r\n" if cookie else ""
+    f.request = parse_request_head(f"GET http://a/ HTTP/1.1\r\nHost: a\r\n{extra}\r\n".encode())
+    f.upstream = "192.0.2.1:80"
+    return f
+
+
+def test_a_new_store_starts_with_the_most_recent_recorded_flows(tmp_path) -> None:
+    async def record() -> None:
+        writer = BatchWriter()
+        store = FlowStore(tmp_path / "f.sqlite3", 10_000, 3600, 100, writer=writer)
+        for i in range(5):
+            store(small_flow(i))
+        store.close()
+        writer.close()
+
+    asyncio.run(record())
+
+    async def reopen() -> list[str]:
+        writer = BatchWriter()
+        store = FlowStore(tmp_path / "f.sqlite3", 10_000, 3600, 3, writer=writer)
+        ids = [r["id"] for r in store.recent_records()]
+        store.close()
+        writer.close()
+        return ids
+
+    assert asyncio.run(reopen()) == ["s-4", "s-3", "s-2"]  # newest first, within the bound
+
+
+def test_configure_changes_redaction_for_the_next_flows_and_trims_the_window() -> None:
+    store = FlowStore(None, 0, 0, memory=10, memory_bytes=64 << 20)
+    store(small_flow(1, "session=one"))
+    store.configure(1, 1.0, 1 << 20, 10, 64 << 20, credentials=True)
+    store(small_flow(2, "session=two"))
+    store.configure(1, 1.0, 1 << 20, 1, 64 << 20, credentials=False)
+    records = list(store.recent_records())
+    assert [r["id"] for r in records] == ["s-2"]  # trimmed to the new bound at once
+    assert "Cookie: session=two" in records[0]["request_headers"]  # as recorded
+    store(small_flow(3, "session=three"))
+    assert "Cookie: [redacted]" in next(store.recent_records())["request_headers"]

@@ -9,6 +9,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import socket
 import time
 from collections.abc import Awaitable
@@ -217,6 +218,9 @@ class MetricsPage(Base):
         self.finish(self.admin.metrics.exposition())
 
 
+_STATUS_FILTER = re.compile(r"[0-9]{3}|[1-5]xx")
+
+
 def _status_matches(status: int, wanted: str) -> bool:
     wanted = wanted.strip().lower()
     if len(wanted) == 3 and wanted.endswith("xx"):
@@ -241,14 +245,21 @@ def matches(s: dict[str, Any], query: dict[str, str]) -> bool:
 
 
 class FlowList(Base):
-    """``/api/flows``: recent flow summaries, newest first, at most ``limit`` (1..5000,
-    default 200); ``host``, ``status``, ``method``, ``user`` and ``q`` filter.  In a
+    """``/api/flows``: recent flow summaries, newest first, at most ``limit`` (0..5000,
+    default 200); ``host``, ``status`` (a code or a class: 400 for anything else),
+    ``method``, ``user`` and ``q`` filter.  In a
     fleet with a shared flow database: every node's flows, each with its ``node``."""
 
     async def get(self) -> None:
-        limit = max(1, self.count_argument("limit", 200, 5000))
+        limit = self.count_argument("limit", 200, 5000)
         names = ("host", "status", "method", "user", "q")
         query = {k: self.get_query_argument(k, "") for k in names}
+        wanted = query["status"].strip().lower()
+        if wanted and not _STATUS_FILTER.fullmatch(wanted):
+            raise tornado.web.HTTPError(400, "status must be a code (404) or a class (5xx)")
+        if not limit:
+            self.write_json({"flows": []})
+            return
         shared = self.admin.shared
         if shared is not None:
             self.write_json({"flows": await _shared(shared.summaries(query, limit))})

@@ -176,10 +176,51 @@ class FlowStore:
             with db:  # a database written by an earlier version gains the new columns
                 for column in sorted(set(COLUMNS) - _columns(db), key=COLUMNS.index):
                     db.execute(f"ALTER TABLE flows ADD COLUMN {column}")
-            db.close()
+            try:
+                self._restore(db)
+            finally:
+                db.close()
             writer.on_idle(self._prune_now)
             self._timer = PeriodicCallback(self.flush, FLUSH_INTERVAL * 1000)
             self._timer.start()
+
+    def _restore(self, db: sqlite3.Connection) -> None:
+        """Fill the window with the most recent recorded flows (a restart keeps the
+        dashboard's and the flows API's list), as recorded."""
+        if not self.memory:
+            return
+        newest = db.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM flows ORDER BY rowid DESC LIMIT ?", (self.memory,)
+        ).fetchall()
+        for row in reversed(newest):
+            size = _size(row)
+            self.recent.append(row)
+            self._sizes.append(size)
+            self.recent_bytes += size
+        self._trim()
+
+    def configure(
+        self,
+        max_count: int,
+        max_age: float,
+        max_bytes: int,
+        memory: int,
+        memory_bytes: int,
+        credentials: bool,
+    ) -> None:
+        """Apply reloaded ``flows.*`` settings: retention from the next pass, redaction
+        from the next flow (rows already recorded stay as they were), and the window's
+        bounds at once."""
+        self.max_count, self.max_age, self.max_bytes = max_count, max_age, max_bytes
+        self.memory, self.memory_bytes = memory, memory_bytes
+        self.credentials = credentials
+        self._trim()
+
+    def _trim(self) -> None:
+        recent, sizes = self.recent, self._sizes
+        while len(recent) > self.memory or (self.recent_bytes > self.memory_bytes and recent):
+            recent.popleft()
+            self.recent_bytes -= sizes.popleft()
 
     def __call__(self, flow: Flow) -> None:
         summarise(flow)
@@ -189,9 +230,8 @@ class FlowStore:
         recent.append(row)
         sizes.append(size)
         self.recent_bytes += size
-        while len(recent) > self.memory or (self.recent_bytes > self.memory_bytes and recent):
-            recent.popleft()
-            self.recent_bytes -= sizes.popleft()
+        if len(recent) > self.memory or self.recent_bytes > self.memory_bytes:
+            self._trim()
         if self.path is not None:
             self._pending.append(row)
             self._pending_sizes.append(size)

@@ -426,6 +426,38 @@ def test_reload_applies_new_rules_to_new_requests(make_proxy, origin, tmp_path):
     assert status(data) == 403 and b"block-all" in data
 
 
+def test_a_reload_applies_flow_recording_settings_and_a_restart_keeps_the_list(
+    make_proxy, origin, tmp_path
+):
+    """flows.credentials and the in-memory window's bounds change on reload (turning
+    redaction on must not wait for a restart); after a restart the dashboard's and the
+    API's list starts from the recorded flows, not empty."""
+    config = tmp_path / "flows.toml"
+    config.write_text("[access]\nallow_private = true\n[flows]\ncredentials = true\n")
+    p = make_proxy("--config", str(config))
+
+    def listed(proxy: ProxyProcess = p) -> list[dict]:
+        with httpx.Client(timeout=10, trust_env=False) as admin:
+            return admin.get(proxy.admin_url + "/api/flows").json()["flows"]
+
+    for i in range(3):
+        assert status(get(p, f"{origin.url}/echo?access_token=kept-{i}")) == 200
+    poll(lambda: len(listed()) == 3, what="three recorded flows")
+    assert "access_token=kept-2" in listed()[0]["url"]  # credentials recorded, as configured
+    config.write_text("[access]\nallow_private = true\n[flows]\ncredentials = false\nmemory = 2\n")
+    p.signal(signal.SIGHUP)
+    p.log_with("configuration reloaded")
+    assert len(listed()) == 2  # the window shrank at once
+    assert status(get(p, f"{origin.url}/echo?access_token=hidden")) == 200
+    poll(lambda: "[redacted]" in listed()[0]["url"], what="the flow after the reload")
+    flows = listed()
+    assert len(flows) == 2 and "hidden" not in json.dumps(flows)
+    ids = [f["id"] for f in flows]
+    p.stop()
+    again = make_proxy("--config", str(config), "--flows", str(tmp_path / "p0" / "flows.sqlite3"))
+    assert [f["id"] for f in listed(again)] == ids
+
+
 # -- explain ------------------------------------------------------------------------------
 
 

@@ -246,6 +246,12 @@ def test_flows_api_lists_filters_and_details(make_proxy, origin):
         answer = admin_get(p, f"/api/flows?limit={bad}")
         assert answer.status_code == 400, bad
         assert "limit" in answer.text
+    assert admin_get(p, "/api/flows?limit=0").json()["flows"] == []
+    assert admin_get(p, "/api/flows?status=5XX").status_code == 200
+    for bad in ("abc", "99", "6xx", "4x"):
+        answer = admin_get(p, f"/api/flows?status={bad}")
+        assert answer.status_code == 400, bad
+        assert "status" in answer.text
     assert admin_get(p, "/api/har?since=nan").status_code == 400
     assert len(admin_get(p, "/api/har?since=0&limit=1").json()["log"]["entries"]) == 1
 
