@@ -157,3 +157,35 @@ def test_configure_changes_redaction_for_the_next_flows_and_trims_the_window() -
     assert "Cookie: session=two" in records[0]["request_headers"]  # as recorded
     store(small_flow(3, "session=three"))
     assert "Cookie: [redacted]" in next(store.recent_records())["request_headers"]
+
+
+def test_the_request_line_and_reason_phrase_count_and_a_refused_one_is_capped() -> None:
+    """A method, a target and a reason phrase can each be as long as a head: the window's
+    bound counts them, and a refused request keeps only the start of its request line."""
+    from eyewall.http1.parse import Headers, ResponseHead
+
+    def long_flow(i: int) -> Flow:
+        f = small_flow(i)
+        if i % 2:  # refused: a 60 KB method, then a 60 KB target
+            f.method, f.url = "X" * 60_000, "http://a/" + "p" * 60_000
+            f.upstream = ""
+            f.fail(ErrorKind.BAD_REQUEST, "this is a forward proxy")
+        else:  # an origin's 60 KB reason phrase
+            f.response = ResponseHead("HTTP/1.1", 200, "R" * 60_000, Headers([]))
+        return f
+
+    bound = 1 << 20
+    store = FlowStore(None, 0, 0, memory=10_000, memory_bytes=bound)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(120):
+            store(long_flow(i))
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held <= bound * 1.25, f"{held / 2**20:.1f} MiB held for a 1 MiB bound"
+    refused = next(r for r in store.recent_records() if r["error"] is not None)
+    assert len(refused["method"]) < 40 and len(refused["url"]) < 2100

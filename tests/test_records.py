@@ -24,6 +24,11 @@ from eyewall.observe.records import is_credential_field, redact_url
         "X-Session-Id",
         "Client-Secret",
         "X-Goog-Api-Key",
+        # keys by other names (a break-it pass)
+        "Ocp-Apim-Subscription-Key",
+        "X-Functions-Key",
+        "X-Access-Key",
+        "X-Parse-Master-Key",
     ],
 )
 def test_credential_fields(name: str) -> None:
@@ -32,7 +37,16 @@ def test_credential_fields(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["Host", "Accept", "WWW-Authenticate", "Proxy-Authenticate", "Sec-WebSocket-Key", "Referer"],
+    [
+        "Host",
+        "Accept",
+        "WWW-Authenticate",
+        "Proxy-Authenticate",
+        "Sec-WebSocket-Key",
+        "Referer",
+        "Keep-Alive",
+        "X-Keyboard-Layout",
+    ],
 )
 def test_ordinary_fields(name: str) -> None:
     assert not is_credential_field(name)
@@ -60,7 +74,31 @@ def test_ordinary_fields(name: str) -> None:
         ("http://a/?sid=S5", "http://a/?sid=[redacted]"),
         ("http://a/?ticket=ST-S6", "http://a/?ticket=[redacted]"),
         ("http://a/p;v=2/q?page=3", "http://a/p;v=2/q?page=3"),
+        # the fragment, where OAuth's implicit grant puts its tokens, and other spellings
+        (
+            "https://app/cb#access_token=T1&id_token=T2&state=s",
+            "https://app/cb#access_token=[redacted]&id_token=[redacted]&state=s",
+        ),
+        ("https://app/#/route?token=T3", "https://app/#/route?token=[redacted]"),
+        ("https://app/cb?x=1#code=T4", "https://app/cb?x=1#code=[redacted]"),
+        ("https://app/#section=2", "https://app/#section=2"),
+        ("//u:T5@h/p?pw=T6", "//***@h/p?pw=[redacted]"),
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_long_field_names_are_judged_but_not_cached() -> None:
+    """The verdict caches are bounded in count; a name may be as long as a head, so
+    only short names are kept (4,096 names of 60 KB each would hold 240 MB)."""
+    from eyewall.http1.parse import Headers
+    from eyewall.observe import records
+
+    before = (len(records._treatments), len(records._field_verdicts))
+    long_names = [f"X-{i}-" + "a" * 10_000 for i in range(20)]
+    text = records._heads(Headers([(n, "v") for n in long_names]), credentials=False)
+    assert text is not None and text.count("\n") == 19
+    assert is_credential_field("X-Token-" + "a" * 10_000)
+    assert (len(records._treatments), len(records._field_verdicts)) == before
+    assert all(len(n) <= records.CACHED_NAME for n in records._treatments)

@@ -30,6 +30,7 @@ _SIMPLE_ABSOLUTE = re.compile(
 
 
 _AUTHORITY_END = re.compile(r"[/?#\\]")  # WHATWG URL parsers also end it at a backslash
+_AUTHORITY_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[/\\]+|://|[/\\]{2,}")
 
 
 class TargetError(ParseError):
@@ -156,23 +157,28 @@ def parse_authority(
 def redact_userinfo(text: str) -> str:
     """``text`` with the userinfo of every URL in it replaced by ``***`` (for logs).
 
-    Works on any string, valid or not: in each authority (from ``://`` to the first
-    ``/``, ``?``, ``#`` or backslash) everything up to the last ``@`` goes, so a password
-    holding an ``@`` or spaces goes too.  Text without ``://`` is taken as an
-    authority-form target (``user:pw@host:443``) unless it starts with ``/`` or ``*``.
+    Works on any string, valid or not: in each authority everything up to the last
+    ``@`` before the authority ends (at ``/``, ``?``, ``#`` or a backslash) goes, so a
+    password holding an ``@`` or spaces goes too.  An authority starts after
+    ``scheme:`` and any run of slashes or backslashes (``http:\\\\u:p@h`` and
+    ``HTTP:/u:p@h`` too: browsers read both as ``http://``), after ``://``, and after
+    ``//`` anywhere (a scheme-relative reference; a path with a doubled slash may lose a
+    segment holding ``@``, which a log can spare).  Text with none of them is taken as
+    an authority-form target (``user:pw@host:443``) unless it starts with ``/`` or ``*``.
     Linear in the length of ``text``; text without ``@`` comes back as it is.
     """
     if "@" not in text:
         return text
-    start = text.find("://")
-    if start == -1:
-        if text.startswith(("/", "*")):
+    starts = [m.end() for m in _AUTHORITY_START.finditer(text)]
+    if not starts:
+        if text.startswith(("/", "*", "\\")):
             return text
-        start = -3  # the whole text is an authority
+        starts = [0]  # the whole text is an authority
     parts = []
     pos = 0
-    while start != -1:
-        begin = start + 3
+    for begin in starts:
+        if begin < pos:
+            continue
         found = _AUTHORITY_END.search(text, begin)
         end = found.start() if found is not None else len(text)
         at = text.rfind("@", begin, end)
@@ -180,6 +186,5 @@ def redact_userinfo(text: str) -> str:
             parts.append(text[pos:begin])
             parts.append("***")
             pos = at
-        start = text.find("://", end)
     parts.append(text[pos:])
     return "".join(parts)

@@ -55,15 +55,21 @@ COLUMNS = (
 # (flows.credentials); the proxy's own credentials never.  Field names and query
 # parameter names are matched by what they say: Authorization, Cookie, Cookie2,
 # X-Api-Key, X-Auth-Token, X-Amz-Security-Token, ?access_token=, ?client_secret=...
-# The challenges (WWW-Authenticate, Proxy-Authenticate) hold none.
+# The challenges (WWW-Authenticate, Proxy-Authenticate) hold none, nor does a WebSocket
+# handshake's nonce (Sec-WebSocket-Key).
 _SECRET_NAME = re.compile(
-    r"token|secret|passw|api[-_]?key|auth|session|sessid|cookie|credential|signature|jwt|ticket",
+    r"token|secret|passw|api[-_]?key|auth|session|sessid|cookie|credential|signature|jwt"
+    r"|ticket|(?:^|[-_.])key$",
     re.I,
 )
-_NOT_SECRET = frozenset({"www-authenticate", "proxy-authenticate"})
-_SECRET_PARAMS = frozenset({"key", "sig", "sid", "code", "pwd", "pass"})  # short, common ones
+_NOT_SECRET = frozenset({"www-authenticate", "proxy-authenticate", "sec-websocket-key"})
+_SECRET_PARAMS = frozenset({"key", "sig", "sid", "code", "pwd", "pw", "pass"})  # short, common
 PROXY_CREDENTIALS = frozenset({"proxy-authorization"})
 REDACTED = "[redacted]"
+# Verdicts on field names, kept for names up to CACHED_NAME characters and at most
+# CACHED_NAMES of them: names come from traffic, and one may be as long as a head.
+CACHED_NAME = 64
+CACHED_NAMES = 4096
 _field_verdicts: dict[str, bool] = {}  # lower-cased name -> holds a credential
 
 
@@ -73,7 +79,7 @@ def is_credential_field(name: str) -> bool:
     verdict = _field_verdicts.get(key)
     if verdict is None:
         verdict = key not in _NOT_SECRET and _SECRET_NAME.search(key) is not None
-        if len(_field_verdicts) < 4096:  # names come from traffic: bounded
+        if len(key) <= CACHED_NAME and len(_field_verdicts) < CACHED_NAMES:
             _field_verdicts[key] = verdict
     return verdict
 
@@ -81,17 +87,20 @@ def is_credential_field(name: str) -> bool:
 def redact_url(url: str) -> str:
     """``url`` with its userinfo and the values of credential-like parameters replaced:
     query parameters (``access_token``, ``api_key``, ``X-Amz-Signature``, ``sig``...,
-    separated by ``&`` or ``;``) and path parameters (``;jsessionid=``)."""
+    separated by ``&`` or ``;``), path parameters (``;jsessionid=``) and parameters in
+    the fragment (``#access_token=``: OAuth's implicit grant answers with them)."""
     url = redact_userinfo(url)
     if "=" not in url:
         return url
-    path, question, rest = url.partition("?")
+    url, hash_, fragment = url.partition("#")
+    path, question, query = url.partition("?")
     if ";" in path:
         path = _PATH_PARAM.sub(_redact_param, path)
-    if not question:
-        return path
-    query, hash_, fragment = rest.partition("#")
-    return f"{path}?{_QUERY_PARAM.sub(_redact_param, query)}{hash_}{fragment}"
+    if question:
+        path = f"{path}?{_QUERY_PARAM.sub(_redact_param, query)}"
+    if "=" in fragment:
+        fragment = _QUERY_PARAM.sub(_redact_param, fragment)
+    return f"{path}{hash_}{fragment}"
 
 
 _PATH_PARAM = re.compile(r"(;)([^=;/]*)=([^;/]*)")
@@ -120,7 +129,7 @@ def _treatment(name: str) -> int:
             treatment = _CREDENTIAL
         else:
             treatment = _URL if key in _URL_FIELDS else _PLAIN
-        if len(_treatments) < 4096:  # names come from traffic: bounded
+        if len(name) <= CACHED_NAME and len(_treatments) < CACHED_NAMES:
             _treatments[name] = treatment
     return treatment
 

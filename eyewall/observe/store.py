@@ -44,6 +44,7 @@ PRUNE_EVERY = 5.0  # seconds between retention passes
 DROP_WARNING_EVERY = 60.0  # seconds between log lines about flows not recorded
 REFUSED_HEAD = 2048  # bytes of a refused request's fields kept, at most
 REFUSED_FIELDS = 32  # fields of a refused request kept, at most
+REFUSED_METHOD = 32  # characters of a refused request's method kept (its URL: REFUSED_HEAD)
 KEPT_FIELDS = 256  # fields of any other head kept, at most (a browser sends ~20)
 KEPT_HEAD = 1 << 20  # bytes of any other head's fields: limits.max_header_size bounds them
 ROW_OVERHEAD = 1024  # bytes a recorded row costs in memory besides its texts and bodies
@@ -76,7 +77,8 @@ def _connect(path: Path) -> sqlite3.Connection:
 def summarise(flow: Flow) -> None:
     """Cap what ``flow`` keeps of its heads, then note what was left out: a request
     refused before any origin saw it keeps its first `REFUSED_FIELDS` fields within
-    `REFUSED_HEAD` bytes, any other head its first `KEPT_FIELDS` fields.  Uncapped, a
+    `REFUSED_HEAD` bytes (and `REFUSED_METHOD` characters of its method, `REFUSED_HEAD`
+    of its URL), any other head its first `KEPT_FIELDS` fields.  Uncapped, a
     burst of heads of thousands of short fields (still within max_header_size) would
     push every other client's flows out of the window and the writer's queue, and a
     client without credentials could fill them with 64 KB heads."""
@@ -84,6 +86,11 @@ def summarise(flow: Flow) -> None:
     if flow.error is not None and not flow.upstream:
         if request is not None:
             _cap(request, REFUSED_FIELDS, REFUSED_HEAD, flow.head_bytes)
+        # the request line too: any method token, any target, up to a head's size
+        if len(flow.method) > REFUSED_METHOD:
+            flow.method = flow.method[:REFUSED_METHOD] + "..."
+        if len(flow.url) > REFUSED_HEAD:
+            flow.url = flow.url[:REFUSED_HEAD] + "..."
         return
     # the common case decided by two lengths
     if request is not None and len(request.headers.fields) > KEPT_FIELDS:
@@ -113,15 +120,21 @@ def _text(fields: list[tuple[str, str]]) -> int:
     return sum(map(len, chain.from_iterable(fields))) + 4 * len(fields)
 
 
+# Every column that holds text or bytes: a client chooses the method and the target,
+# an origin the reason phrase, and any of them can be as long as a head.
 _TEXTS = tuple(
     COLUMNS.index(c)
-    for c in ("url", "request_headers", "response_headers", "request_body", "response_body")
-)
+    for c in (
+        "id", "kind", "client", "user", "method", "url", "host", "upstream", "rule",
+        "error", "error_detail", "request_version", "request_headers", "response_version",
+        "reason", "response_headers", "request_body", "response_body",
+    )
+)  # fmt: skip
 
 
 def _size(row: Row) -> int:
     """What ``row`` holds in memory, in bytes (an estimate: its texts and bodies plus
-    `ROW_OVERHEAD`): what `FlowStore`'s ``memory_bytes`` bounds."""
+    `ROW_OVERHEAD`): what `FlowStore`'s ``memory_bytes`` and the writer's queue bound."""
     size = ROW_OVERHEAD
     for i in _TEXTS:
         value = row[i]

@@ -359,6 +359,13 @@ def test_options_asterisk_is_origin_form_at_a_proxy():
         ("@", "***@"),
         ("://@", "://***@"),
         ("a http://u:p@h/ b https://v:q@i c", "a http://***@h/ b https://***@i c"),
+        # spellings browsers read as http:// and scheme-relative references
+        ("http:\\\\u:S@h/", "http:\\\\***@h/"),
+        ("HTTP:/u:S@h/", "HTTP:/***@h/"),
+        ("//u:S@h/p", "//***@h/p"),
+        ("\\\\u:S@h/p", "\\\\***@h/p"),
+        ("/p?next=//u:S@h", "/p?next=//***@h"),
+        ("/p?next=http:/u:S@h", "/p?next=http:/***@h"),
     ],
 )
 def test_redact_userinfo(text, shown):
