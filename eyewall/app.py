@@ -397,11 +397,13 @@ class Observers:
             settings.admin.token,
             ca_pem=ca_pem,
         )
+        self.admin.settle = self.bus.flush
 
     def reconfigure(self, old: Settings, new: Settings) -> None:
         """Apply what a reload may change: the access log's path and format, the flow
         store's retention, window and redaction, the admin token.  Raises OSError when
         the new access log cannot be opened."""
+        self.bus.flush()  # flows that ended before the reload, under the old settings
         if (new.access_log, new.log_format) != (old.access_log, old.log_format):
             from eyewall.observe.accesslog import AccessLog
 
@@ -422,10 +424,11 @@ class Observers:
             self.admin.token = new.admin.token
 
     async def stop(self) -> None:
-        """Stop the admin listener, then flush and close the flow store, access log and writer
-        thread, in that order."""
+        """Stop the admin listener, then deliver the flows waiting for their batch, flush
+        and close the flow store, access log and writer thread, in that order."""
         if self.admin is not None:
             await self.admin.stop()
+        self.bus.flush()
         self.store.close()
         if self.access is not None:
             self.access.close()

@@ -12,7 +12,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -141,6 +141,7 @@ class Base(Guarded, tornado.web.RequestHandler):
 
     def prepare(self) -> None:
         self.check_access()
+        self.admin.settle()  # flows that ended are counted and listed before any answer
 
     def count_argument(self, name: str, default: int, most: int) -> int:
         """Query argument ``name`` as a whole number, at most ``most`` (larger values are
@@ -346,6 +347,7 @@ class Live(Guarded, tornado.websocket.WebSocketHandler):
         return bool(urlsplit(origin).netloc.lower() == self.request.host.lower())
 
     def open(self, *args: Any, **kwargs: Any) -> None:
+        self.admin.settle()
         self.client = self.admin.live.attach(self)
         self.pump = asyncio.ensure_future(self._pump(self.client))
 
@@ -440,6 +442,9 @@ class AdminServer:
         self.token = token
         self.ca_pem = ca_pem
         self.node = ""  # this node's name in a fleet (/healthz)
+        # Delivers finished flows still waiting for their batch to the observers
+        # (`eyewall.observe.events.EventBus.flush`); called before every answer.
+        self.settle: Callable[[], None] = lambda: None
         self.shared: SharedFlows | None = None  # the fleet's flows, instead of this node's
         self.started = time.monotonic()
         self.idle = ADMIN_IDLE  # seconds for a request head or body (tests shorten it)
