@@ -260,8 +260,9 @@ class Exchange:
         retryable = whole and rules.is_idempotent(head.method)
         attempt = 0
         while True:
-            self._enter(Phase.CONNECTING)
             up = None if attempt else ctx.pool.take(target, self.addresses, not retryable)
+            if up is None or not whole:  # a pooled connection for a whole request: no wait
+                self._enter(Phase.CONNECTING)
             if up is None:
                 started = monotonic()
                 up = await ctx.pool.open(target, self.addresses)
