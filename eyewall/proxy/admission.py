@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeGuard, cast
 
 from eyewall.errors import ErrorKind, ProxyError
 from eyewall.policy.admission import (
@@ -34,9 +34,22 @@ from eyewall.policy.state import LimitsUnavailable, SynchronousLimits
 from eyewall.proxy.context import ProxyContext
 from eyewall.proxy.timeouts import Phase, Watch
 
-__all__ = ["admit", "admit_now"]
+__all__ = ["admit", "admit_now", "pending", "settled"]
 
 _DECIDED = (Allow, Refusal)
+_VALUES = frozenset({bool, int, float, type(None)})
+
+
+def pending(result: object) -> TypeGuard[Awaitable[Any]]:
+    """Whether a limits store's answer is a coroutine still to await (a shared store,
+    `eyewall.shared`) rather than the value itself (this process's own store, or the
+    workers' shared memory).  Cheap for values: no abstract-class check."""
+    return type(result) not in _VALUES and inspect.isawaitable(result)
+
+
+async def settled(result: Any) -> Any:
+    """``result``, awaited if a shared limits store returned a coroutine."""
+    return await result if pending(result) else result
 
 
 def admit_now(ctx: ProxyContext, ticket: Ticket) -> Step:
@@ -116,9 +129,7 @@ async def admit(
 async def _perform(step: Step, ticket: Ticket, state: Any, now: float) -> None:
     """A limit step on ``state``, whose methods may be coroutines (a shared store)."""
 
-    async def done(result: Any) -> Any:
-        return await result if inspect.isawaitable(result) else result
-
+    done = settled
     match step:
         case Charge(limit, key, rate, burst):
             ticket.charges[limit] = await done(state.take(limit, key, now, rate, burst))

@@ -16,7 +16,6 @@ for a 2xx to CONNECT.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -47,7 +46,7 @@ from eyewall.policy.admission import Allow, Refusal, Step, Ticket
 from eyewall.policy.auth import parse_basic
 from eyewall.policy.rules import Action
 from eyewall.policy.state import LimitsUnavailable
-from eyewall.proxy.admission import admit, admit_now
+from eyewall.proxy.admission import admit, admit_now, pending, settled
 from eyewall.proxy.context import ProxyContext
 from eyewall.proxy.exchange import Answered, Exchange, Failed, Killed, Responded, Upgraded
 from eyewall.proxy.intercept import CONNECT_ESTABLISHED, HandshakeFailed, accept_tls
@@ -610,17 +609,17 @@ class ClientConnection:
         state, limits = ctx.state, ctx.policy.limits
         client = self.address[0]
         try:
-            if not await _done(state.acquire("client_tunnels", client, limits.client_tunnels)):
+            if not await settled(state.acquire("client_tunnels", client, limits.client_tunnels)):
                 return ErrorKind.RATE_LIMITED, f"rate limit client_tunnels reached for {client}"
             try:
-                counted = user is None or await _done(
+                counted = user is None or await settled(
                     state.acquire("user_tunnels", user, limits.user_tunnels)
                 )
             except LimitsUnavailable:
-                await _done(state.release("client_tunnels", client))
+                await settled(state.release("client_tunnels", client))
                 raise
             if not counted:
-                await _done(state.release("client_tunnels", client))
+                await settled(state.release("client_tunnels", client))
                 return ErrorKind.RATE_LIMITED, f"rate limit user_tunnels reached for {user}"
         except LimitsUnavailable as e:
             return ErrorKind.OVERLOADED, str(e)
@@ -634,7 +633,7 @@ class ClientConnection:
             for counter, key in (("client_tunnels", client), ("user_tunnels", user)):
                 if key is not None:
                     result = state.release(counter, key)
-                    if inspect.isawaitable(result):
+                    if pending(result):
                         loop.add_future(asyncio.ensure_future(result), _quiet)
 
         return release
@@ -790,11 +789,6 @@ def _quiet(future: asyncio.Future[Any]) -> None:
     """Retrieve a background release's outcome (a store down is logged by the store)."""
     if not future.cancelled():
         future.exception()
-
-
-async def _done(result: Any) -> Any:
-    """``result``, awaited if a shared limits store returned a coroutine."""
-    return await result if inspect.isawaitable(result) else result
 
 
 def inner_target(tunnel: Target, head: RequestHead) -> Target:

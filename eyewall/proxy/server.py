@@ -5,7 +5,6 @@ shutdown.  `Proxy` is the `ProxyContext` every client connection works in.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import ipaddress
 import itertools
 import logging
@@ -29,6 +28,7 @@ from eyewall.flow import Flow
 from eyewall.policy.engine import Policy
 from eyewall.policy.networks import OwnListeners
 from eyewall.policy.state import AdmissionState, LimitsStore, LimitsUnavailable
+from eyewall.proxy.admission import pending, settled
 from eyewall.proxy.client import ClientConnection, render_answer
 from eyewall.proxy.intercept import HandshakeFailed, Interception, accept_tls
 from eyewall.proxy.proxied import ProxyProtocolGate
@@ -165,7 +165,7 @@ class Proxy:
 
     def _release(self, counter: str, key: str) -> None:
         result = self.state.release(counter, key)
-        if inspect.isawaitable(result):
+        if pending(result):
             task = asyncio.ensure_future(result)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -284,7 +284,9 @@ class Proxy:
         else:
             maximum = self.policy.limits.client_connections
             try:
-                counted = await _done(self.state.acquire("client_connections", client[0], maximum))
+                counted = await settled(
+                    self.state.acquire("client_connections", client[0], maximum)
+                )
             except LimitsUnavailable as e:  # a shared store that fails closed
                 refusal = (ErrorKind.OVERLOADED, str(e))
             else:
@@ -476,11 +478,6 @@ class Proxy:
         self.verifier.close()
         self.watchdog.stop()
         await asyncio.sleep(0)  # let the closing connections run their finally blocks
-
-
-async def _done(result: Any) -> Any:
-    """``result``, awaited if a shared limits store returned a coroutine."""
-    return await result if inspect.isawaitable(result) else result
 
 
 def _accept_handler(
