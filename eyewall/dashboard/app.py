@@ -140,8 +140,13 @@ class Base(Guarded, tornado.web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
 
     def prepare(self) -> None:
-        self.check_access()
+        self.guard()
         self.admin.settle()  # flows that ended are counted and listed before any answer
+
+    def guard(self) -> None:
+        """Refuse the request (HTTPError) unless it may be answered: the Host check and
+        the token, as `check_access`; endpoints that reveal no traffic check less."""
+        self.check_access()
 
     def count_argument(self, name: str, default: int, most: int) -> int:
         """Query argument ``name`` as a whole number, at most ``most`` (larger values are
@@ -162,7 +167,7 @@ class Base(Guarded, tornado.web.RequestHandler):
 class Login(Base):
     """``/login?token=``: trade the admin token for a session cookie."""
 
-    def prepare(self) -> None:
+    def guard(self) -> None:
         if not self.admin.host_allowed(self.request.host):
             raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
 
@@ -181,7 +186,7 @@ class Health(Base):
     (from SIGTERM on: the drain grace).  It reveals no traffic, so it needs no token
     (the Host check still applies); a node of a fleet names itself (``node``)."""
 
-    def prepare(self) -> None:
+    def guard(self) -> None:
         if not self.admin.host_allowed(self.request.host):
             raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
 
@@ -205,7 +210,7 @@ class MetricsPage(Base):
     """``/metrics``: the Prometheus text exposition (version 0.0.4); no token needed from
     this host (loopback), the token from anywhere else."""
 
-    def prepare(self) -> None:
+    def guard(self) -> None:
         # Metrics reveal no traffic: a scraper on this host needs no token (the Host
         # check still applies); from elsewhere the token is required as for the API.
         if ipaddress.ip_address(self.request.remote_ip).is_loopback:
