@@ -168,6 +168,7 @@ class Login(Base):
     """``/login?token=``: trade the admin token for a session cookie."""
 
     def guard(self) -> None:
+        """The Host check only: the token is what this endpoint checks."""
         if not self.admin.host_allowed(self.request.host):
             raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
 
@@ -187,6 +188,7 @@ class Health(Base):
     (the Host check still applies); a node of a fleet names itself (``node``)."""
 
     def guard(self) -> None:
+        """The Host check only: readiness reveals no traffic."""
         if not self.admin.host_allowed(self.request.host):
             raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
 
@@ -211,8 +213,8 @@ class MetricsPage(Base):
     this host (loopback), the token from anywhere else."""
 
     def guard(self) -> None:
-        # Metrics reveal no traffic: a scraper on this host needs no token (the Host
-        # check still applies); from elsewhere the token is required as for the API.
+        """Metrics reveal no traffic: a scraper on this host needs no token (the Host
+        check still applies); from elsewhere the token is required as for the API."""
         if ipaddress.ip_address(self.request.remote_ip).is_loopback:
             if not self.admin.host_allowed(self.request.host):
                 raise tornado.web.HTTPError(403, "unexpected Host (DNS rebinding guard)")
