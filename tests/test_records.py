@@ -80,6 +80,8 @@ def test_ordinary_fields(name: str) -> None:
             "https://app/cb#access_token=[redacted]&id_token=[redacted]&state=s",
         ),
         ("https://app/#/route?token=T3", "https://app/#/route?token=[redacted]"),
+        ("https://app/j#/cb?code=T7&x=1", "https://app/j#/cb?code=[redacted]&x=1"),
+        ("https://app/j#/cb?sig=T8", "https://app/j#/cb?sig=[redacted]"),
         ("https://app/cb?x=1#code=T4", "https://app/cb?x=1#code=[redacted]"),
         ("https://app/#section=2", "https://app/#section=2"),
         ("//u:T5@h/p?pw=T6", "//***@h/p?pw=[redacted]"),

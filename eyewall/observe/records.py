@@ -98,8 +98,9 @@ def redact_url(url: str) -> str:
         path = _PATH_PARAM.sub(_redact_param, path)
     if question:
         path = f"{path}?{_QUERY_PARAM.sub(_redact_param, query)}"
-    if "=" in fragment:
-        fragment = _QUERY_PARAM.sub(_redact_param, fragment)
+    if "=" in fragment:  # a route's own query (``#/cb?code=``) counts as one
+        route, question, params = fragment.rpartition("?")
+        fragment = f"{route}{question}{_QUERY_PARAM.sub(_redact_param, params)}"
     return f"{path}{hash_}{fragment}"
 
 
