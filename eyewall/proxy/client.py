@@ -268,8 +268,11 @@ class ClientConnection:
         if starts_tls(first) and not isinstance(stream, TLSStream):
             log.warning(
                 "%s:%d spoke TLS to the plain HTTP proxy listener: use an http:// proxy"
-                " URL, or configure an HTTPS listener (tls.listen) for https:// proxy URLs",
+                " URL, or %s for https:// proxy URLs",
                 *self.address,
+                "the HTTPS listener (tls.listen, named at start-up)"
+                if self.ctx.settings.tls.listen
+                else "configure an HTTPS listener (tls.listen)",
             )
             stream.write(alert(HANDSHAKE_FAILURE))
             await lingering_close(stream, seconds=1.0)

@@ -361,6 +361,17 @@ def test_8_every_tls_hello_on_the_plain_listener_gets_an_alert(proxy, origin, me
     poll(lambda: "spoke TLS to the plain HTTP proxy listener" in proxy.stderr(), what="log")
 
 
+def test_8_tls_to_the_plain_listener_points_at_the_https_listener(make_proxy, listener_cert):
+    """With an HTTPS listener configured, the log line says to use it, not to make one."""
+    p, _ = https_proxy(make_proxy, listener_cert)
+    with socket.create_connection(p.address, timeout=10) as sock:
+        sock.sendall(client_hello())
+        assert recv_all(sock)[:1] == b"\x15"
+    text = p.log_with("spoke TLS to the plain HTTP proxy listener")
+    assert "the HTTPS listener (tls.listen, named at start-up)" in text
+    assert "configure an HTTPS listener" not in text
+
+
 def test_8_plain_http_to_the_https_listener_gets_a_plain_400(make_proxy, listener_cert, origin):
     p, tls_port = https_proxy(make_proxy, listener_cert)
     request = f"GET {origin.url}/echo/x HTTP/1.1\r\nHost: x\r\n\r\n".encode()
