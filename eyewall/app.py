@@ -415,7 +415,9 @@ class Observers:
                 self.access.configure(new.access_log, new.log_format)
             elif new.access_log != "off":
                 self.access = AccessLog(new.access_log, new.log_format, self.writer)
-                self.bus.subscribe(self.access)
+                # first, as at start-up: the flow store caps a refused flow's request
+                # line in place, and the access line records it whole
+                self.bus.subscribers.insert(0, self.access)
         f = new.flows
         self.store.configure(
             f.max_count, f.max_age, f.max_bytes, f.memory, f.memory_bytes, f.credentials
@@ -644,6 +646,7 @@ async def serve(
         log.warning("second signal: closing everything now")
     addon_watch.stop()
     addons.lifecycle(Done())
+    observers.bus.flush()  # the last flows, to every observer, the fleet's flow writer too
     await fleet.stop()
     await observers.stop()
     if settings.pid_file and owns_pid_file(settings.pid_file):

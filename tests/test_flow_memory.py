@@ -189,3 +189,32 @@ def test_the_request_line_and_reason_phrase_count_and_a_refused_one_is_capped() 
     assert held <= bound * 1.25, f"{held / 2**20:.1f} MiB held for a 1 MiB bound"
     refused = next(r for r in store.recent_records() if r["error"] is not None)
     assert len(refused["method"]) < 40 and len(refused["url"]) < 2100
+
+
+def test_an_access_log_turned_on_by_reload_sees_flows_before_the_store_caps_them(
+    tmp_path,
+) -> None:
+    """At start-up the access log is the first observer; one a reload turns on must be
+    too, or it would log the request line of a refused flow as the store cut it."""
+    import dataclasses
+
+    from eyewall.app import Observers
+    from eyewall.config import Settings
+    from eyewall.observe.accesslog import AccessLog
+
+    async def main() -> None:
+        flows = dataclasses.replace(Settings().flows, path=str(tmp_path / "f.sqlite3"))
+        off = dataclasses.replace(
+            Settings(),
+            access_log="off",
+            flows=flows,
+            admin=dataclasses.replace(Settings().admin, listen="off"),
+        )
+        observers = Observers(off, None, lambda: None)
+        assert len(observers.bus.subscribers) == 1  # the flow store
+        on = dataclasses.replace(off, access_log=str(tmp_path / "access.log"))
+        observers.reconfigure(off, on)
+        assert isinstance(observers.bus.subscribers[0], AccessLog)
+        await observers.stop()
+
+    asyncio.run(main())

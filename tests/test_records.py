@@ -85,6 +85,21 @@ def test_ordinary_fields(name: str) -> None:
         ("https://app/cb?x=1#code=T4", "https://app/cb?x=1#code=[redacted]"),
         ("https://app/#section=2", "https://app/#section=2"),
         ("//u:T5@h/p?pw=T6", "//***@h/p?pw=[redacted]"),
+        # array parameters, padded names, other words for secrets (a second break-it pass)
+        (
+            "http://a/?pw[]=S1&code[]=S2&key[0]=S3",
+            "http://a/?pw[]=[redacted]&code[]=[redacted]&key[0]=[redacted]",
+        ),
+        ("http://a/?pw%20=S4", "http://a/?pw%20=[redacted]"),
+        (
+            "http://a/?passcode=S5&otp=S6&bearer=S7",
+            "http://a/?passcode=[redacted]&otp=[redacted]&bearer=[redacted]",
+        ),
+        (
+            "http://a/?accesskey=S8&privatekey=S9",
+            "http://a/?accesskey=[redacted]&privatekey=[redacted]",
+        ),
+        ("http://a/?hotpot=1&keyboard=2", "http://a/?hotpot=1&keyboard=2"),
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:

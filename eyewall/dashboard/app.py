@@ -552,7 +552,7 @@ class AdminServer:
         seen = {r["id"] for r in stored}
         pending = [r for r in self.store.recent_records() if r["id"] not in seen and wanted(r)]
         merged = sorted(stored + pending, key=lambda r: r["started"])
-        return merged[-limit:]
+        return merged[-limit:] if limit else []
 
 
 class IndexPage(Guarded, tornado.web.StaticFileHandler):

@@ -58,8 +58,8 @@ COLUMNS = (
 # The challenges (WWW-Authenticate, Proxy-Authenticate) hold none, nor does a WebSocket
 # handshake's nonce (Sec-WebSocket-Key).
 _SECRET_NAME = re.compile(
-    r"token|secret|passw|api[-_]?key|auth|session|sessid|cookie|credential|signature|jwt"
-    r"|ticket|(?:^|[-_.])key$",
+    r"token|secret|passw|passcode|passphrase|api[-_]?key|accesskey|privatekey|auth|bearer"
+    r"|session|sessid|cookie|credential|signature|jwt|ticket|(?:^|[-_.])(?:key|otp)$",
     re.I,
 )
 _NOT_SECRET = frozenset({"www-authenticate", "proxy-authenticate", "sec-websocket-key"})
@@ -109,7 +109,8 @@ _QUERY_PARAM = re.compile(r"(^|[;&])([^=;&]*)=([^;&]*)")
 
 
 def _redact_param(match: re.Match[str]) -> str:
-    name = unquote(match.group(2)).lower()
+    # ``pw[]``, ``key[0]`` (array parameters), ``pw%20``: the name is what comes first
+    name = unquote(match.group(2)).lower().partition("[")[0].strip()
     if match.group(3) and (name in _SECRET_PARAMS or _SECRET_NAME.search(name)):
         return f"{match.group(1)}{match.group(2)}={REDACTED}"
     return match.group(0)

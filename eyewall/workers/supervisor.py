@@ -345,6 +345,7 @@ class Supervisor:
                     worker.process.kill()
             for worker in waiting:
                 await worker.exited
+        self.observers.bus.flush()  # the last flows, the fleet's flow writer included
         await self.fleet.stop()
         await self.observers.stop()
         pid_file = settings.pid_file

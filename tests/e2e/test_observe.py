@@ -270,6 +270,7 @@ def test_flows_api_lists_filters_and_details(make_proxy, origin):
         assert answer.status_code == 400, bad
         assert "limit" in answer.text
     assert admin_get(p, "/api/flows?limit=0").json()["flows"] == []
+    assert admin_get(p, "/api/har?limit=0").json()["log"]["entries"] == []
     assert admin_get(p, "/api/flows?status=5XX").status_code == 200
     for bad in ("abc", "99", "6xx", "4x"):
         answer = admin_get(p, f"/api/flows?status={bad}")

@@ -266,3 +266,23 @@ def test_a_follower_sees_the_other_nodes_batches_as_they_commit(dsn: str) -> Non
             await b.close()
 
     run(body)
+
+
+@pytest.mark.slow
+def test_a_node_stopped_right_after_its_last_requests_records_every_flow(
+    dsn: str, tmp_path: Any, origin: Any
+) -> None:
+    """Observers take flows in batches: shutdown delivers the waiting ones before the
+    shared flow writer closes (the last ones were lost, "not recorded", before)."""
+    from tests.conftest import PROXY_ARGS, ProxyProcess, read_response
+
+    p = ProxyProcess(tmp_path / "p", *PROXY_ARGS, "--shared-flows-postgresql", dsn)
+    try:
+        with socket.create_connection(p.address, timeout=10) as s:
+            for i in range(5):
+                s.sendall(f"GET {origin.url}/echo/{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert b" 200 " in read_response(s)[:20]
+    finally:
+        p.stop()  # at once: the last flows are still waiting for their batch
+    assert asyncio.run(rows(dsn)) == 5
+    assert "not recorded" not in p.stderr()
