@@ -108,6 +108,7 @@ class Exchange:
     admission allowed; ``hf`` is what addons see (None without addons)."""
 
     __slots__ = (
+        "aborted",
         "addresses",
         "body",
         "buffered",
@@ -159,6 +160,7 @@ class Exchange:
         self.up: Upstream | None = None
         self.upload: asyncio.Future[None] | None = None
         self.upload_error: ProxyError | None = None
+        self.aborted: ProxyError | None = None  # why the proxy cut it (`abort`)
         self.upload_waits = False  # the client has not begun a body it sends on 100
         self.responded = False  # a response head went to the client
         capture = ctx.settings.flows.body_limit
@@ -194,6 +196,14 @@ class Exchange:
             self.watch.enter(phase, self.ctx.clock(), limit, None, self._unsent_up, grace)
         else:
             self.watch.enter(phase, self.ctx.clock(), limit)
+
+    def abort(self, detail: str) -> None:
+        """Cut the exchange (the proxy is stopping): close both streams; it ends as a
+        failure, ``connection_terminated`` with ``detail``, and is recorded."""
+        self.aborted = ProxyError(ErrorKind.CONNECTION_TERMINATED, detail)
+        if self.up is not None:
+            self.up.stream.close()
+        self.client.close()
 
     def expire(self, phase: Phase) -> None:
         """The watch ran out in ``phase``: wake the waiting coroutine by closing what it
@@ -638,6 +648,8 @@ class Exchange:
         broke, the client left, or the origin did."""
         if self.upload_error is not None:
             return self.upload_error
+        if self.aborted is not None:
+            return self.aborted
         expired = self.watch.expired
         if expired is not None and expired.kind is not None:
             return ProxyError(expired.kind, f"{expired.what} took too long")

@@ -58,6 +58,7 @@ log = logging.getLogger("eyewall")
 ACCEPT_BATCH = 128  # connections accepted per wake-up at most (Tornado's number)
 REFUSAL_WAIT = 1.0  # seconds a refused HTTPS-listener client has to show it speaks TLS
 ACCEPT_PAUSE = 0.005  # seconds a process declining to accept leaves it to the others
+CUT_GRACE = 1.0  # seconds connections cut at the drain deadline have to end and be recorded
 
 
 class LoginRevoked(Exception):
@@ -471,7 +472,18 @@ class Proxy:
         for relay in list(self.tunnels):
             relay.close(ConnectionAbortedError("proxy shutting down"))
         for conn in list(self.connections):
+            if conn.exchange is not None:  # it may wait on its origin: cut that too
+                conn.exchange.abort("the proxy stopped at its drain deadline")
             conn.stream.close()
+        # Let the cut exchanges end and be recorded (each is a few loop turns away).
+        end = loop.time() + CUT_GRACE
+        while self.connections and loop.time() < end:
+            self._idle.clear()
+            try:
+                async with asyncio.timeout(max(0.0, end - loop.time())):
+                    await self._idle.wait()
+            except TimeoutError:
+                break
         self.pool.close_all()
         self.pipes.close()
         self.interception.close()

@@ -70,3 +70,25 @@ def test_idle_connections_close_at_once_and_tunnels_at_the_deadline(
     assert p.process.wait(10) == 0
     idle.close()
     tunnel.close()
+
+
+def test_exchanges_cut_at_the_drain_deadline_are_recorded(make_proxy, raw_origin):
+    """An exchange still waiting on its origin at the deadline is cut there and still
+    gets its access line and flow, blamed on the proxy's stop, not on the client."""
+    gate = threading.Event()
+    origin = gated_origin(raw_origin, gate)  # never answers within the test
+    p = make_proxy("--drain-timeout", "1", "--drain-grace", "0")
+    clients = []
+    for i in range(3):
+        s = socket.create_connection(p.address, timeout=10)
+        s.sendall(f"GET {origin.url}/stuck/{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        clients.append(s)
+    poll(lambda: len(origin.requests) == 3, what="the requests to reach the origin")
+    p.signal(signal.SIGTERM)
+    assert p.process.wait(15) == 0
+    gate.set()
+    for s in clients:
+        s.close()
+    lines = [p.access_entry(f"/stuck/{i}") for i in range(3)]
+    assert all("err=connection_terminated" in line for line in lines), lines
+    assert all("drain deadline" in line for line in lines), lines
