@@ -448,6 +448,19 @@ class Proxy:
                 log.info("closing %s's tunnel %s: no longer in the user file", flow.user, flow.id)
                 relay.close(LoginRevoked(flow.user))
 
+    async def _settle(self, seconds: float, tunnels: bool) -> None:
+        """Wait up to ``seconds`` for the client connections (and the tunnels, if
+        ``tunnels``) to end; each one that ends wakes the wait (`connection_closed`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while (self.connections or (tunnels and self.tunnels)) and loop.time() < deadline:
+            self._idle.clear()
+            try:
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    await self._idle.wait()
+            except TimeoutError:
+                return
+
     async def shutdown(self, grace: float = 0.0) -> None:
         """Stop: for ``grace`` seconds keep serving while health checks say 503 (a load
         balancer stops sending), then stop accepting, let in-flight work finish up to
@@ -460,15 +473,7 @@ class Proxy:
         for conn in list(self.connections):
             if conn.idle():
                 conn.stream.close()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.timeouts.drain
-        while (self.connections or self.tunnels) and loop.time() < deadline:
-            self._idle.clear()
-            try:
-                async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                    await self._idle.wait()
-            except TimeoutError:
-                break
+        await self._settle(self.settings.timeouts.drain, tunnels=True)
         for relay in list(self.tunnels):
             relay.close(ConnectionAbortedError("proxy shutting down"))
         for conn in list(self.connections):
@@ -476,14 +481,7 @@ class Proxy:
                 conn.exchange.abort("the proxy stopped at its drain deadline")
             conn.stream.close()
         # Let the cut exchanges end and be recorded (each is a few loop turns away).
-        end = loop.time() + CUT_GRACE
-        while self.connections and loop.time() < end:
-            self._idle.clear()
-            try:
-                async with asyncio.timeout(max(0.0, end - loop.time())):
-                    await self._idle.wait()
-            except TimeoutError:
-                break
+        await self._settle(CUT_GRACE, tunnels=False)
         self.pool.close_all()
         self.pipes.close()
         self.interception.close()
