@@ -20,6 +20,17 @@ class Wire:
         return self.queued
 
 
+def waiting(queued: int, limit: float, grace: float = 0.0) -> tuple[Wire, list[Phase], Watch]:
+    """A watch in the wait for a response head (``limit`` seconds from 0), ``queued``
+    bytes of the request still in the send queue; the phases that expired."""
+    wire = Wire()
+    wire.queued = queued
+    expired: list[Phase] = []
+    w = Watch(expired.append)
+    w.enter(Phase.WAITING, 0.0, limit, None, wire.unsent, grace=grace)
+    return wire, expired, w
+
+
 def watch(wire: Wire, with_queue: bool = True) -> tuple[Watch, list[Phase]]:
     expired: list[Phase] = []
     w = Watch(expired.append)
@@ -91,11 +102,7 @@ def test_the_head_deadline_runs_from_when_the_request_left_the_kernel() -> None:
     """An upload the kernel absorbed whole, to an origin reading it slowly: while the
     send queue shrinks the wait for the response head has not begun; once it stops
     (drained, or stuck), the deadline holds."""
-    wire = Wire()
-    wire.queued = 800 << 10
-    expired: list[Phase] = []
-    w = Watch(expired.append)
-    w.enter(Phase.WAITING, 0.0, 5.0, None, wire.unsent)
+    wire, expired, w = waiting(800 << 10, 5.0)
     for t in range(5, 21, 5):  # the origin reads 200 KiB per 5 s: drained by t = 20
         wire.queued -= 200 << 10
         w.check(float(t))
@@ -107,11 +114,7 @@ def test_the_head_deadline_runs_from_when_the_request_left_the_kernel() -> None:
 
 
 def test_a_stuck_request_gets_one_more_deadline_at_most() -> None:
-    wire = Wire()
-    wire.queued = 100
-    expired: list[Phase] = []
-    w = Watch(expired.append)
-    w.enter(Phase.WAITING, 0.0, 5.0, None, wire.unsent)
+    _, expired, w = waiting(100, 5.0)
     w.check(5.0)  # notes the queue: maybe moving
     assert expired == []
     w.check(10.0)  # it did not
@@ -123,11 +126,7 @@ def test_a_request_still_queued_pauses_within_the_body_idle_grace() -> None:
     10 s: between bursts the queue stands still for longer than the head's limit, but
     not for the body's idle limit: no expiry while bytes remain; once they are gone
     the head deadline holds."""
-    wire = Wire()
-    wire.queued = 90_000
-    expired: list[Phase] = []
-    w = Watch(expired.append)
-    w.enter(Phase.WAITING, 0.0, 2.0, None, wire.unsent, grace=10.0)
+    wire, expired, w = waiting(90_000, 2.0, grace=10.0)
     for t in range(1, 29):
         if t % 3 == 0:
             wire.queued -= 10_000  # a burst read every 3 s
@@ -140,11 +139,7 @@ def test_a_request_still_queued_pauses_within_the_body_idle_grace() -> None:
 
 
 def test_a_stuck_queue_ends_after_the_grace() -> None:
-    wire = Wire()
-    wire.queued = 100
-    expired: list[Phase] = []
-    w = Watch(expired.append)
-    w.enter(Phase.WAITING, 0.0, 2.0, None, wire.unsent, grace=10.0)
+    _, expired, w = waiting(100, 2.0, grace=10.0)
     w.check(2.0)  # notes the queue, moves the deadline to 4
     w.check(11.9)
     assert expired == []
