@@ -63,7 +63,7 @@ from eyewall.proxy.timeouts import Phase, Watch
 from eyewall.proxy.tunnel import Tunnel
 from eyewall.tls.layers import HANDSHAKE_FAILURE, alert, starts_tls
 
-__all__ = ["ClientConnection", "inner_target", "method_hint", "render_answer"]
+__all__ = ["ClientConnection", "inner_target", "method_hint", "render_answer", "request_line_hint"]
 
 log = logging.getLogger("eyewall.client")
 auth_log = logging.getLogger("eyewall.auth")
@@ -135,6 +135,24 @@ def method_hint(data: bytes) -> str:
     "GET" when there is no such token."""
     method, space, _ = data.lstrip(b"\r\n")[:32].partition(b" ")
     return method.decode("latin-1") if space and method.isalpha() else "GET"
+
+
+SHOWN_TARGET = 2048  # characters of an unparsed head's request-target a record keeps
+
+
+def request_line_hint(data: bytes) -> tuple[str, str]:
+    """(method, request-target) as the first line of a request head that could not be
+    parsed seems to give them, for the flow record and the access line: the method
+    when it is letters only (up to 32), the target cut at `SHOWN_TARGET` characters
+    with userinfo redacted; "" for what is not there.  Never raises."""
+    line = data.lstrip(b"\r\n")[: 33 + SHOWN_TARGET + 1].split(b"\n", 1)[0]
+    method, space, rest = line.partition(b" ")
+    if not (space and method.isalpha() and len(method) <= 32):
+        return "", ""
+    target = rest.strip(b" \r").partition(b" ")[0].decode("latin-1")
+    if len(target) > SHOWN_TARGET:
+        target = target[:SHOWN_TARGET] + "..."
+    return method.decode("latin-1"), redact_userinfo(target)
 
 
 class ClientConnection:
@@ -316,11 +334,13 @@ class ClientConnection:
                 kind, detail = ErrorKind.TARGET_TOO_LONG, "request line too long"
             else:
                 kind, detail = ErrorKind.HEADERS_TOO_LARGE, "request header section too large"
+            flow.method, flow.url = request_line_hint(data)
             return False, await self._error(flow, method_hint(data), kind, detail, True)
         try:
             head = parse_request_head(data)
         except ParseError as e:
             kind = ErrorKind.VERSION_NOT_SUPPORTED if e.status == 505 else ErrorKind.BAD_REQUEST
+            flow.method, flow.url = request_line_hint(data)
             return False, await self._error(flow, method_hint(data), kind, str(e), True)
         flow.method = head.method
         flow.request = head

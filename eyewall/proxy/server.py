@@ -29,7 +29,7 @@ from eyewall.policy.engine import Policy
 from eyewall.policy.networks import OwnListeners
 from eyewall.policy.state import AdmissionState, LimitsStore, LimitsUnavailable
 from eyewall.proxy.admission import pending, settled
-from eyewall.proxy.client import ClientConnection, render_answer
+from eyewall.proxy.client import ClientConnection, render_answer, request_line_hint
 from eyewall.proxy.intercept import HandshakeFailed, Interception, accept_tls
 from eyewall.proxy.proxied import ProxyProtocolGate
 from eyewall.proxy.streams import (
@@ -308,7 +308,7 @@ class Proxy:
                 if first is None:
                     log.info("%s sent no TLS handshake in time", format_address(client))
                 elif not starts_tls(first):
-                    await self._plain_to_tls(stream, client)
+                    await self._plain_to_tls(stream, client, first)
                     first = None
                 if first is None:
                     self._release("client_connections", client[0])
@@ -341,12 +341,15 @@ class Proxy:
         kind: ErrorKind,
         detail: str,
         secure: bool = False,
+        request: bytes = b"",
     ) -> None:
         """Answer a connection the proxy will not serve (before reading a request), and
         close it.  On an HTTPS listener (``secure``) a client that starts a TLS
         handshake gets a fatal internal_error alert, not a plain-text page it would
-        take for a broken record; the reason is in the log and the flow."""
+        take for a broken record; the reason is in the log and the flow.  ``request``:
+        what the client sent already, for the record's method and URL."""
         flow = self.new_flow(client)
+        flow.method, flow.url = request_line_hint(request)
         flow.fail(kind, detail)
         if kind is ErrorKind.RATE_LIMITED:
             flow.cause = "client_connections"
@@ -369,15 +372,15 @@ class Proxy:
             stream.close()
             self.end_flow(flow)
 
-    async def _plain_to_tls(self, stream: IOStream, client: tuple[str, int]) -> None:
-        """A client spoke plain HTTP to an HTTPS proxy listener: answer 400 in plain
-        text, saying which proxy URL to use, and close."""
+    async def _plain_to_tls(self, stream: IOStream, client: tuple[str, int], first: bytes) -> None:
+        """A client spoke plain HTTP to an HTTPS proxy listener (``first``: its first
+        bytes): answer 400 in plain text, saying which proxy URL to use, and close."""
         detail = (
             "this is an HTTPS proxy listener (tls.listen): use an https:// proxy URL here,"
             " or the plain listener (listen) for http:// proxy URLs"
         )
         log.warning("%s spoke plain HTTP to the HTTPS proxy listener", format_address(client))
-        await self._refuse(stream, client, ErrorKind.BAD_REQUEST, detail)
+        await self._refuse(stream, client, ErrorKind.BAD_REQUEST, detail, request=first)
 
     # -- addons ------------------------------------------------------------------------
 

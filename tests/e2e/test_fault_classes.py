@@ -380,6 +380,8 @@ def test_8_plain_http_to_the_https_listener_gets_a_plain_400(make_proxy, listene
     assert b"use an https:// proxy URL" in answer
     assert re.search(rb"request id: [0-9a-f-]{8,}", answer), answer  # and in the access log
     poll(lambda: any(" 400 " in line for line in p.access_lines()), what="the 400 line")
+    line = next(line for line in p.access_lines() if " 400 " in line)
+    assert f"GET {origin.url}/echo/x" in line  # the record says what was asked
     poll(lambda: "spoke plain HTTP to the HTTPS proxy listener" in p.stderr(), what="log")
     # curl with an http:// proxy URL aimed at the HTTPS port reads the same page
     curl = subprocess.run(

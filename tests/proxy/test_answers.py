@@ -11,7 +11,7 @@ import pytest
 
 from eyewall.errors import ErrorKind, error_answer, proxy_status_type, status_of
 from eyewall.http1.response import parse_response_head
-from eyewall.proxy.client import method_hint, render_answer
+from eyewall.proxy.client import SHOWN_TARGET, method_hint, render_answer, request_line_hint
 
 STATUS = {
     400: "bad_request not_proxy_request bad_connect",
@@ -152,6 +152,29 @@ def test_the_method_of_an_unparsed_head_is_guessed_so_head_gets_no_body(data, me
     assert method_hint(data) == method
     page = render_answer(method_hint(data), 431, [], b"too large", True)
     assert page.endswith(b"\r\n\r\n") is (method == "HEAD")
+
+
+@pytest.mark.parametrize(
+    ("data", "hint"),
+    [
+        (b"GET http://a/x HTTP/1.1\r\nBad Field: x\r\n\r\n", ("GET", "http://a/x")),
+        (b"\r\nPOST http://a/ HTTP/3.0\r\n\r\n", ("POST", "http://a/")),
+        (b"GET http://u:secret@a/ HTTP/1.1\r\n", ("GET", "http://***@a/")),  # redacted
+        (b"GET  http://a/  HTTP/1.1\r\n", ("GET", "http://a/")),
+        (b"GET\r\n\r\n", ("", "")),
+        (b"G3T http://a/ HTTP/1.1\r\n", ("", "")),
+        (b"\x16\x03\x01\x02\x00", ("", "")),
+        (b"", ("", "")),
+        (b"A" * 40 + b" http://a/ HTTP/1.1\r\n", ("", "")),
+    ],
+)
+def test_an_unparsed_request_line_gives_what_it_can_to_the_record(data, hint):
+    assert request_line_hint(data) == hint
+
+
+def test_an_unparsed_request_target_is_cut_for_the_record():
+    method, target = request_line_hint(b"GET http://a/" + b"x" * 70_000 + b" HTTP/1.1\r\n")
+    assert method == "GET" and len(target) == SHOWN_TARGET + 3 and target.endswith("...")
 
 
 def test_framing_fields_of_an_answer_are_replaced():

@@ -853,6 +853,34 @@ def test_a_head_too_large_for_a_head_request_gets_a_431_without_a_body() -> None
     run(main())
 
 
+@pytest.mark.parametrize(
+    ("request_head", "expected"),
+    [
+        (b"HEAD http://example.com/big HTTP/1.1\r\nX: " + b"a" * 5000 + b"\r\n\r\n", 431),
+        (b"GET http://example.com/bad HTTP/1.1\r\nBad Field: x\r\n\r\n", 400),
+        (b"GET http://example.com/v3 HTTP/3.0\r\n\r\n", 505),
+    ],
+)
+def test_the_record_of_a_head_that_could_not_be_parsed_keeps_its_request_line(
+    request_head: bytes, expected: int
+) -> None:
+    """The access line and the flow say what was asked, as far as the head says it."""
+
+    async def main() -> None:
+        ctx = FakeContext(**{"limits.max_header_size": 4096})
+        client = Client(ctx)
+        await client.send(request_head)
+        assert status(await client.response()) == expected
+        await client.finish()
+        await until(lambda: ctx.flows)
+        flow = ctx.flows[0]
+        method, _, rest = request_head.decode().partition(" ")
+        assert (flow.status, flow.method, flow.url) == (expected, method, rest.split(" ")[0])
+        ctx.close()
+
+    run(main())
+
+
 def test_a_bug_costs_one_exchange_and_its_500_follows_the_method(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
