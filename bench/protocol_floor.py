@@ -15,7 +15,12 @@ handles exactly the benchmark's traffic (absolute-form GETs answered with a
 Content-Length body) and nothing else: no admission, no limits, no timeouts, no
 errors answered.  With ``--observe`` it also builds each request's access line and
 flow row (`format_json`, `row_of`) and drops them: the per-flow work of the default
-observers without the writer thread.  The garbage collector is set as Eyewall sets it.
+observers without the writer thread.  With ``--streams`` it does the same forwarding
+on Eyewall's own streams instead of protocols: a coroutine per client connection
+reads heads with `eyewall.proxy.streams.read_head` from `BoundedStream`s (Tornado
+IOStreams) and writes to them, so the difference to the protocol floor is what
+Tornado's streams and a coroutine cost, and the difference to Eyewall is what
+Eyewall's own layers cost.  The garbage collector is set as Eyewall sets it.
 
 The runner starts nginx (bench/origins.py), the forwarder (twice: bare and with
 --observe) and Eyewall with the bench's defaults, each pinned to core 0, and runs
@@ -46,6 +51,7 @@ from eyewall.http1.response import parse_response_head
 from eyewall.http1.target import parse_target
 from eyewall.observe.logformats import format_json
 from eyewall.observe.records import row_of
+from eyewall.proxy.streams import BoundedStream, read_buffered, read_head
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -154,16 +160,64 @@ class _Client(asyncio.Protocol):
             self.upstream.close()
 
 
-def serve(port: int, observe: bool) -> None:
+_HEAD_LIMIT = 65536
+_BUFFER = 1 << 20
+
+
+async def _serve_streams(client: BoundedStream) -> None:
+    """The ``--streams`` forwarder for one client connection: one coroutine, Eyewall's
+    streams, the same `eyewall.http1` work as `_Client` and `_Upstream`."""
+    upstream: BoundedStream | None = None
+    try:
+        while True:
+            head = parse_request_head(await read_head(client, _HEAD_LIMIT))
+            target = parse_target(head.method, head.target)
+            fields = wire.upstream_fields(head, target, rules.body_framing(head), "eyewall")
+            request = wire.render_request(head.method, target.path, fields)
+            if upstream is None:
+                sock = socket.socket()
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await asyncio.get_running_loop().sock_connect(sock, (target.host, target.port))
+                upstream = BoundedStream(sock, max_buffer_size=_BUFFER)
+            upstream.write(request)
+            response = parse_response_head(await read_head(upstream, _HEAD_LIMIT))
+            framing = rules.body_framing(response, "GET")
+            out = rules.downstream_framing(framing, "HTTP/1.1")
+            fields = wire.response_fields(response, out, "HTTP/1.1", True, "eyewall")
+            body = read_buffered(upstream, framing.length)
+            if body is None:
+                body = await upstream.read_bytes(framing.length)
+            client.write(wire.render_response(response.status, response.reason, fields) + body)
+    except Exception:  # the client or the origin went away: the benchmark's end
+        client.close()
+        if upstream is not None:
+            upstream.close()
+
+
+def serve(port: int, observe: bool, streams: bool) -> None:
     import uvloop
+    from tornado.netutil import add_accept_handler, bind_sockets
 
     _Client.observe = observe
     gc.set_threshold(50_000, 50, 100)  # as eyewall.app.run
     gc.freeze()
 
+    def accept(sock: socket.socket, _address: object) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = asyncio.ensure_future(_serve_streams(BoundedStream(sock, _BUFFER)))
+        tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(tasks.discard)
+
+    tasks: set[asyncio.Future[None]] = set()
+
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        await loop.create_server(_Client, "127.0.0.1", port, backlog=1024)
+        if streams:
+            for listener in bind_sockets(port, "127.0.0.1", backlog=1024):
+                add_accept_handler(listener, accept)
+        else:
+            loop = asyncio.get_running_loop()
+            await loop.create_server(_Client, "127.0.0.1", port, backlog=1024)
         await asyncio.Event().wait()
 
     uvloop.run(main())
@@ -204,6 +258,7 @@ def run(seconds: int, rounds: int) -> None:
         commands = {
             "floor": [python, __file__, "--serve", "PORT"],
             "floor --observe": [python, __file__, "--serve", "PORT", "--observe"],
+            "floor --streams": [python, __file__, "--serve", "PORT", "--streams"],
             "eyewall (defaults on)": [
                 python, "-m", "eyewall", "--config", str(HERE / "eyewall-bench.toml"),
                 "--listen", "127.0.0.1:PORT", "--access-log", str(work / "access.log"),
@@ -262,11 +317,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--observe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--streams", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.observe)
+        serve(args.serve, args.observe, args.streams)
     else:
         run(args.seconds, args.rounds)
 
