@@ -510,15 +510,13 @@ class Exchange:
         fields = wire.response_fields(response, out, head.version, keep_alive, ctx.settings.via)
         head_bytes = wire.render_response(response.status, response.reason, fields)
         flow.status = response.status
-        self._enter(Phase.RESPONDING)
         received = self.received
+        whole: bytes | None = None  # the whole response, when it goes out in one write
         if buffered is not None:
-            self.responded = True
             self._count(received, buffered)
-            await client.write(head_bytes + buffered)
+            whole = head_bytes + buffered
         elif framing.kind is BodyKind.NONE:
-            self.responded = True
-            await client.write(head_bytes)
+            whole = head_bytes
         elif (
             framing.kind is BodyKind.LENGTH
             and framing.length <= SMALL_BODY
@@ -527,11 +525,16 @@ class Exchange:
         ):
             # a small body that came with the head goes out with it, in one write; one
             # still on its way streams like any other (the head is not held back for it)
-            self.responded = True
             self._count(received, small)
-            await client.write(head_bytes + small)
+            whole = head_bytes + small
+        self.responded = True
+        if whole is not None:
+            written = client.write(whole)
+            if not written.done():  # the socket did not take it all: a wait to watch
+                self._enter(Phase.RESPONDING)
+            await written
         else:
-            self.responded = True
+            self._enter(Phase.RESPONDING)
             chunked = out.kind is BodyKind.CHUNKED
             if prefix:  # read for an addon that could not have it whole: send it first
                 self._count(received, prefix)

@@ -240,6 +240,44 @@ def test_a_reader_that_stops_is_cut_off_after_body_idle() -> None:
     run(main())
 
 
+def test_small_responses_piling_up_for_a_reader_that_stopped_are_body_idle() -> None:
+    """A response sent in one write is watched only when the socket does not take it at
+    once; then its wait is the response body's, not the origin's."""
+
+    async def small(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 60000\r\n\r\n" + b"x" * 60000)
+            await writer.drain()
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 3.0})
+        origin = await Origin.start(small)
+        client = Client(ctx, rcvbuf=4096)
+        request = f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        await client.send(request * 400)  # pipelined, and never read
+        await until(lambda: client.conn.watch.phase is Phase.RESPONDING, rounds=200_000)
+        exchange = client.conn.exchange
+        assert exchange is not None
+        last = -1
+        while exchange._progress() != last:
+            last = exchange._progress()
+            for _ in range(200):
+                await asyncio.sleep(0)
+        ctx.advance(3.1)
+        ctx.advance(0.1)
+        ctx.advance(3.0)
+        await until(lambda: any(flow.error for flow in ctx.flows))
+        failed = [flow for flow in ctx.flows if flow.error]
+        assert [flow.error for flow in failed] == [ErrorKind.BODY_STALLED]
+        assert failed[0].error_detail.startswith("the response body")
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
 SNDBUF = 4 << 20  # what send-buffer autotuning reaches (tcp_wmem max); the kernel doubles it
 
 
