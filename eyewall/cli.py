@@ -214,18 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_config(files: Sequence[str], check_paths: bool = True, quiet: bool = False) -> int:
     """Load each file as a start-up would (settings, policy, files it names unless
-    ``check_paths`` is false); print every error to stderr, and ``FILE: ok`` to stdout
-    unless ``quiet``.  Returns the exit status: 0 when all are valid, 1 otherwise."""
+    ``check_paths`` is false, and then the addons: each addon file runs and its classes
+    are checked, no hook is called); print every error to stderr, and ``FILE: ok`` to
+    stdout unless ``quiet``.  Returns the exit status: 0 when all are valid, 1
+    otherwise."""
+    from eyewall.addons.runner import Addons
     from eyewall.app import Loader
 
     status = 0
     for path in files:
         try:
-            Loader(path, {}, check_paths).load()
+            settings = Loader(path, {}, check_paths).load().settings
+            errors = Addons(settings.addons, settings.policy_addons).check() if check_paths else []
         except ConfigError as e:
+            errors = e.errors
+        if errors:
             status = 1
             print(f"{path}: invalid", file=sys.stderr)
-            for error in e.errors:
+            for error in errors:
                 print(f"  {error}", file=sys.stderr)
             continue
         if not quiet:

@@ -168,3 +168,62 @@ def test_a_plain_hook_past_the_timeout_fails_a_policy_addon(
     assert any("took longer than timeouts.addon_hook" in r.getMessage() for r in caplog.records)
     quick = slow_addons(0.05, True)
     asyncio.run(quick.call(hook))  # fast enough: nothing to say
+
+
+# -- misspelt hooks and check-config ------------------------------------------------------
+
+MISSPELT = {
+    "beside a real hook": "class A:\n    def request(self, flow): pass\n"
+    "    def request_headers(self, flow): pass\n",
+    "alone": "class A:\n    def reqeustheaders(self, flow): pass\n",
+}
+
+
+def addon_file(directory: Path, name: str, source: str) -> Path:
+    directory.mkdir(mode=0o755, exist_ok=True)
+    path = directory / name
+    path.write_text(source)
+    path.chmod(0o644)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(MISSPELT))
+def test_a_misspelt_hook_is_an_error_at_load_time(tmp_path: Path, case: str) -> None:
+    path = addon_file(tmp_path / "addons", "typo.py", MISSPELT[case])
+    with pytest.raises(ValueError, match=r"A\.\w+ is not a hook; did you mean requestheaders\?"):
+        Addons([str(path)]).load_all()
+
+
+def test_check_reports_every_file_and_starts_no_addon(tmp_path: Path) -> None:
+    directory = tmp_path / "addons"
+    started = tmp_path / "started"
+    good = addon_file(
+        directory,
+        "good.py",
+        f"class A:\n    def load(self, loader): open({str(started)!r}, 'w').close()\n"
+        "    def request(self, flow): pass\n",
+    )
+    typo = addon_file(directory, "typo.py", MISSPELT["alone"])
+    broken = addon_file(directory, "broken.py", "x = 1\nraise RuntimeError('boom')\n")
+    errors = Addons([str(good), str(typo)], [str(broken)]).check()
+    assert len(errors) == 2
+    assert "typo.py: A.reqeustheaders is not a hook; did you mean requestheaders?" in errors[0]
+    assert errors[1].endswith("broken.py failed to load (line 2): RuntimeError: boom")
+    assert not started.exists()  # the file ran, its addon was not started
+    assert Addons([str(good)]).check() == []
+
+
+def test_check_config_refuses_what_start_up_would_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from eyewall.cli import check_config
+
+    addon_file(tmp_path / "addons", "typo.py", MISSPELT["beside a real hook"])
+    config = tmp_path / "eyewall.toml"
+    config.write_text('addons = ["addons/typo.py"]\n')
+    assert check_config([str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{config}: invalid\n")
+    assert "A.request_headers is not a hook; did you mean requestheaders?" in err
+    assert err.count("is not a hook") == 1  # the answer, not a log line besides
+    assert check_config([str(config)], check_paths=False) == 0  # --no-paths: not run

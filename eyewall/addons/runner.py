@@ -134,13 +134,27 @@ def _stamp(info: os.stat_result) -> tuple[int, ...]:
     return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
-def _near_misses(instance: Any) -> list[tuple[str, str]]:
+def _line_of(error: BaseException, path: Path) -> str:
+    """ " (line N)": the last line of ``path`` in ``error``'s traceback (or the line of a
+    SyntaxError in it); "" when it has none."""
+    if isinstance(error, SyntaxError) and error.filename == str(path) and error.lineno:
+        return f" (line {error.lineno})"
+    line = None
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == str(path):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f" (line {line})" if line is not None else ""
+
+
+def _near_misses(cls: type) -> list[tuple[str, str]]:
     """(method, hook) pairs where a public method's name is close to a hook's."""
     out = []
-    for name in dir(type(instance)):
+    for name in dir(cls):
         if name.startswith("_") or name in _HOOK_NAMES:
             continue
-        if not callable(getattr(instance, name, None)):
+        if not callable(getattr(cls, name, None)):
             continue
         near = difflib.get_close_matches(name.lower(), _HOOK_NAMES, n=1, cutoff=0.8)
         if near:
@@ -185,8 +199,36 @@ class Addons:
                 raise ValueError(error)
         self._index()
 
+    def check(self) -> list[str]:
+        """The errors `load_all` would raise, every file's, without starting any addon:
+        each file is read and run as at start-up (its top level executes) and its
+        classes checked, but no lifecycle hook is called (for ``check-config``)."""
+        errors = []
+        quiet, log.disabled = log.disabled, True  # the errors are the answer, not log lines
+        try:
+            for f in self.files:
+                found = self._read(f)
+                if isinstance(found, str):
+                    errors.append(found)
+        finally:
+            log.disabled = quiet
+        return errors
+
     def _load(self, f: AddonFile) -> str | None:
         """(Re)load one file; returns an error message, keeping the old version."""
+        instances = self._read(f)
+        if isinstance(instances, str):
+            return instances
+        for old in f.addons:
+            self._lifecycle(old, Done())
+        f.addons = [Addon(f"{f.path.stem}.{type(i).__name__}", i, f.policy) for i in instances]
+        for addon in f.addons:
+            self._lifecycle(addon, Load(Loader(f.path, logging.getLogger(f"addon.{addon.name}"))))
+        return None
+
+    def _read(self, f: AddonFile) -> list[Any] | str:
+        """Run one file and check its classes: their instances, or an error message
+        (logged).  Notes the file's stamp when it loads."""
         try:
             source, stamp = read_code(f.path)
         except PermissionError as e:
@@ -214,24 +256,27 @@ class Addons:
                 e,
                 exc_info=not isinstance(e, OSError),
             )
-            return f"addon {f.path} failed to load: {e.__class__.__name__}: {e}"
-        if not instances:
-            return f"addon {f.path}: no class with a hook method (see docs/hooks.md)"
-        for instance in instances:
-            for method, hook in _near_misses(instance):
+            return (
+                f"addon {f.path} failed to load{_line_of(e, f.path)}: {e.__class__.__name__}: {e}"
+            )
+        # a misspelt hook is an error, in a class with other hooks or with none
+        classes = [type(i) for i in instances] or [
+            cls
+            for _, cls in inspect.getmembers(module, inspect.isclass)
+            if cls.__module__ == module.__name__
+        ]
+        for cls in classes:
+            for method, hook in _near_misses(cls):
                 error = (
-                    f"addon {f.path}: {type(instance).__name__}.{method} is not a hook;"
+                    f"addon {f.path}: {cls.__name__}.{method} is not a hook;"
                     f" did you mean {hook}? (see docs/hooks.md)"
                 )
                 log.error("%s", error)
                 return error
-        for old in f.addons:
-            self._lifecycle(old, Done())
-        f.addons = [Addon(f"{f.path.stem}.{type(i).__name__}", i, f.policy) for i in instances]
+        if not instances:
+            return f"addon {f.path}: no class with a hook method (see docs/hooks.md)"
         f.stamp = stamp
-        for addon in f.addons:
-            self._lifecycle(addon, Load(Loader(f.path, logging.getLogger(f"addon.{addon.name}"))))
-        return None
+        return instances
 
     def _index(self) -> None:
         by_hook: dict[str, list[Addon]] = {}
