@@ -48,7 +48,15 @@ from eyewall.http1.response import parse_response_head
 from eyewall.http1.target import Target
 from eyewall.proxy import bodies
 from eyewall.proxy.context import ProxyContext
-from eyewall.proxy.streams import complete, moved, read_buffered, read_head, unread, unsent
+from eyewall.proxy.streams import (
+    complete,
+    end_output,
+    moved,
+    read_buffered,
+    read_head,
+    unread,
+    unsent,
+)
 from eyewall.proxy.timeouts import Phase, Watch
 from eyewall.proxy.upstream import Upstream
 
@@ -207,11 +215,29 @@ class Exchange:
 
     def expire(self, phase: Phase) -> None:
         """The watch ran out in ``phase``: wake the waiting coroutine by closing what it
-        waits on.  The client stays open when an answer can still be sent."""
-        if self.up is not None:
-            self.up.stream.close()
+        waits on.  The client stays open when an answer can still be sent: while the
+        response head is awaited, and when the client stopped sending its request
+        body (`client_timeout`, 408, RFC 9110 §15.5.9; the origin is cut)."""
+        up = self.up
+        if phase is Phase.SENDING and not self.responded and self._client_stalled():
+            self.upload_error = ProxyError(
+                ErrorKind.CLIENT_TIMEOUT, "request body: no byte came for timeouts.body_idle"
+            )
+            phase = Phase.WAITING  # an answer can still be sent
+        if up is not None:
+            up.stream.close()
         if phase is not Phase.WAITING or self.responded:
             self.client.close()
+
+    def _client_stalled(self) -> bool:
+        """Whether the upload waits for the client, with nothing queued for the origin."""
+        up = self.up
+        return (
+            self.client.reading()
+            and up is not None
+            and not up.stream.writing()
+            and not self._unsent_up()
+        )
 
     # -- the exchange ------------------------------------------------------------------
 
@@ -354,6 +380,14 @@ class Exchange:
         if task is None or task.done() or self.upload_waits:
             await self._finish_upload()
             return
+        error = self.upload_error
+        if error is not None and error.kind is ErrorKind.CLIENT_TIMEOUT:
+            # The upload waits for the client, which has its 408: its end of input,
+            # so that it closes (and the upload ends) instead of waiting out ``seconds``.
+            try:
+                end_output(self.client)
+            except OSError:
+                pass
         try:
             async with asyncio.timeout(seconds):
                 await asyncio.shield(task)

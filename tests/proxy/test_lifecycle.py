@@ -394,7 +394,10 @@ def test_a_slow_upload_with_short_gaps_goes_through() -> None:
     run(main())
 
 
-def test_an_upload_that_stalls_is_body_stalled() -> None:
+def test_a_client_that_stops_sending_its_body_gets_408() -> None:
+    """The client stalls its upload: it is answered 408 (client_timeout), the origin
+    is cut, and the connection ends once the client sees the answer."""
+
     async def main() -> None:
         ctx = FakeContext(**{"timeouts.body_idle": 3.0})
         origin = await Origin.start(consume)
@@ -407,11 +410,13 @@ def test_an_upload_that_stalls_is_body_stalled() -> None:
         ctx.advance(2.9)
         assert client.conn.watch.expired is None
         ctx.advance(0.2)
-        await client.response()
-        await until(lambda: ctx.flows)
-        assert ctx.flows[0].error is ErrorKind.BODY_STALLED
-        assert ctx.flows[0].error_detail.startswith("sending the request body")
+        data = await client.response()  # the proxy's end of output follows the answer
+        assert status(data) == 408 and b"Connection: close" in data
+        assert b"request body: no byte came for timeouts.body_idle" in data
         await client.finish()
+        await until(lambda: ctx.flows)
+        assert ctx.flows[0].error is ErrorKind.CLIENT_TIMEOUT
+        assert ctx.flows[0].status == 408 and ctx.flows[0].bytes_in == 5
         await origin.close()
         ctx.close()
 
