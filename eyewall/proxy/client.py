@@ -202,6 +202,9 @@ class ClientConnection:
             return
         if phase is Phase.CLIENT_HEAD and self.head_started:
             flow = self.ctx.new_flow(self.address)
+            waited = self.ctx.clock() - self.watch.since  # the request began back then
+            flow.started -= waited
+            flow.t_start -= waited
             detail = "request head not received in time"
             flow.fail(ErrorKind.CLIENT_TIMEOUT, detail)
             status, fields, body = error_answer(

@@ -78,10 +78,15 @@ class FakeContext:
         self.watchdog.sweep()
 
     def new_flow(self, client: tuple[str, int]) -> Flow:
+        """As the proxy's, on the test's clock (``started`` and ``t_start``)."""
         self._ids += 1
-        return Flow(f"t-{self._ids}", "http", client, 0.0)
+        flow = Flow(f"t-{self._ids}", "http", client, self.now)
+        flow.t_start = self.now
+        return flow
 
     def end_flow(self, flow: Flow) -> None:
+        """As the proxy's, on the test's clock: the duration, then the flow is kept."""
+        flow.duration = self.now - flow.t_start
         self.flows.append(flow)
 
     def open_tunnel(self, relay: Relay, flow: Flow, release: Callable[[], None]) -> None:

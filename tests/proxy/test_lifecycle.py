@@ -68,6 +68,7 @@ def test_a_half_sent_head_gets_408_when_client_header_runs_out() -> None:
         data = await client.response()
         assert status(data) == 408
         assert ctx.flows[0].error is ErrorKind.CLIENT_TIMEOUT
+        assert ctx.flows[0].duration == pytest.approx(10.1)  # from the head's first byte
         await client.finish()
         ctx.close()
 
