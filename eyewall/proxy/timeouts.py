@@ -276,8 +276,11 @@ class Watchdog:
 
 
 def sweep_interval(timeouts: Timeouts, pool_idle: float) -> float:
-    """A fifth of the smallest limit, between 50 ms and 1 s: limits are enforced to
-    within 20%."""
+    """A tenth of the smallest limit, between 50 ms and 1 s.  A phase ends at most two
+    sweeps after its limit: an idle-based one is first seen idle up to one interval after
+    its last byte, and a sweep that runs a little late puts the next one a hair short of
+    the limit, so expiry can wait for one sweep more.  Limits of 0.5 to 10 s are
+    enforced within 20%, shorter ones within 0.1 s, longer ones within 2 s."""
     smallest = min(
         timeouts.client_header,
         timeouts.keepalive_idle,
@@ -286,4 +289,4 @@ def sweep_interval(timeouts: Timeouts, pool_idle: float) -> float:
         timeouts.tunnel_idle,
         pool_idle,
     )
-    return min(1.0, max(0.05, smallest / 5))
+    return min(1.0, max(0.05, smallest / 10))

@@ -3,7 +3,10 @@ bytes moving in an idle-based phase."""
 
 from __future__ import annotations
 
-from eyewall.proxy.timeouts import Phase, Watch
+import pytest
+
+from eyewall.config import load_settings
+from eyewall.proxy.timeouts import Phase, Watch, sweep_interval
 
 
 class Wire:
@@ -145,3 +148,37 @@ def test_a_stuck_queue_ends_after_the_grace() -> None:
     assert expired == []
     w.check(12.0)  # 10 s without a change
     assert expired == [Phase.WAITING]
+
+
+# -- how late a limit runs out, at the sweep interval the proxy uses ----------------------
+
+
+@pytest.mark.parametrize("limit", [0.3, 2.0, 7.0, 10.0, 30.0, 120.0])
+@pytest.mark.parametrize("stop", [0.0, 0.01, 0.5, 0.99])  # when the last byte moves, in sweeps
+def test_an_idle_phase_ends_no_earlier_than_its_limit_and_within_a_fifth_after(
+    limit: float, stop: float
+) -> None:
+    """Sweeping at `sweep_interval`, each sweep up to 1% of an interval late (as the
+    event loop runs timers): an idle-based phase never ends before ``limit`` seconds
+    without a byte, and at most 20% later (limits of 0.5 to 10 s; 0.1 s below, 2 s above)."""
+    timeouts = load_settings(overrides={"timeouts.body_idle": limit}).timeouts
+    interval = sweep_interval(timeouts, 30.0)
+    wire = Wire()
+    expired: list[Phase] = []
+    w = Watch(expired.append)
+    w.enter(Phase.RESPONDING, 0.0, limit, wire.progress, wire.unsent)
+    last_byte = (3 + stop) * interval  # bytes moved until then
+    ended = None
+    for k in range(1, 100_000):
+        now = (k + (k * 7919 % 13) / 1300) * interval  # on a grid, a little late
+        if now - interval < last_byte:  # bytes moved since the last sweep
+            wire.counted += 1
+        w.check(now)
+        if expired:
+            ended = now
+            break
+    assert ended is not None
+    late = ended - last_byte - limit
+    assert late >= 0
+    bound = 0.1 if limit < 0.5 else 0.2 * limit if limit <= 10 else 2.0  # (50 ms sweeps)
+    assert late <= bound + 1e-9
