@@ -7,6 +7,7 @@ import dataclasses
 
 import eyewall
 from eyewall.addons import hooks
+from eyewall.addons.api import Response
 
 EXPECTED = {
     "Client",
@@ -65,3 +66,17 @@ def test_hooks_are_dataclasses_carrying_their_arguments():
     hook = eyewall.RequestHeaders(flow)  # type: ignore[arg-type]
     assert dataclasses.is_dataclass(hook) and hook.args() == (flow,)
     assert eyewall.Running().args() == ()
+
+
+def test_a_new_status_brings_its_own_reason_phrase_unless_one_is_set_after() -> None:
+    from eyewall.http1.response import parse_response_head
+
+    response = Response(parse_response_head(b"HTTP/1.1 200 Fine Thanks\r\n\r\n"))
+    response.status = 200  # the same status: the origin's phrase stays
+    assert response.reason == "Fine Thanks"
+    response.status = 404
+    assert (response.status, response.reason) == (404, "Not Found")
+    response.reason = "Gone Fishing"
+    assert response.reason == "Gone Fishing"
+    response.status = 599  # no standard phrase
+    assert response.reason == ""

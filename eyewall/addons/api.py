@@ -4,11 +4,14 @@ own records that addons change in place."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from eyewall.flow import Flow
 from eyewall.http1.parse import Headers, RequestHead, ResponseHead, check_field
 from eyewall.http1.target import Target
+
+_PHRASED = frozenset(s.value for s in HTTPStatus)  # codes with a standard reason phrase
 
 __all__ = ["Client", "HTTPFlow", "Request", "Response", "final_status"]
 
@@ -90,12 +93,17 @@ class Response:
     @property
     def status(self) -> int:
         """The status code (RFC 9110 §15); settable to a final status, 200..599, else
-        ValueError (see `final_status`)."""
+        ValueError (see `final_status`).  Setting a different status sets the reason
+        phrase to that status's own ("" for a code without one): set `reason` after it
+        for another."""
         return self._head.status
 
     @status.setter
     def status(self, value: int) -> None:
-        self._head.status = final_status(value)
+        status = final_status(value)
+        if status != self._head.status:
+            self._head.reason = HTTPStatus(status).phrase if status in _PHRASED else ""
+        self._head.status = status
 
     @property
     def reason(self) -> str:

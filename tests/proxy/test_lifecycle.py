@@ -854,6 +854,8 @@ def test_an_addon_made_204_or_304_goes_out_bodiless_and_the_connection_stays_in_
         data = await client.until_received(b"hello world")
         first, _, rest = data.partition(b"\r\n\r\n")
         assert status(first) == to
+        phrase = {204: b"No Content", 304: b"Not Modified"}[to]
+        assert first.startswith(b"HTTP/1.1 %d %s\r\n" % (to, phrase))  # not "204 OK"
         assert b"Content-Length" not in first and b"Transfer-Encoding" not in first
         assert rest.startswith(b"HTTP/1.1 200 OK\r\n") and rest.endswith(b"\r\n\r\nhello world")
         await client.finish()
