@@ -520,6 +520,7 @@ async def serve(
     if metrics is not None:
         metrics.track_drops("log", lambda: log_handler.dropped)
         metrics.login_checks = lambda: proxy.verifier.checks
+        metrics.addon_failures = lambda: addons.failures
     taken = inherited.take(listener_keys(settings)) if inherited else {}
     try:
         addresses = proxy.start_listening(taken)

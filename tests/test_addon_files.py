@@ -161,13 +161,29 @@ def test_a_plain_hook_past_the_timeout_fails_a_policy_addon(
     slow_addons: Callable[[float, bool], Addons], caplog: pytest.LogCaptureFixture
 ) -> None:
     hook = ClientConnected(Client(("127.0.0.1", 1)))
+    policy = slow_addons(3.0, True)
     with pytest.raises(AddonFailed, match="timed out in client_connected"):
-        asyncio.run(slow_addons(3.0, True).call(hook))
+        asyncio.run(policy.call(hook))
+    observed = slow_addons(3.0, False)
     with caplog.at_level(logging.ERROR, logger="eyewall.addons"):
-        asyncio.run(slow_addons(3.0, False).call(hook))  # observed: logged, traffic goes on
+        asyncio.run(observed.call(hook))  # observed: logged, traffic goes on
     assert any("took longer than timeouts.addon_hook" in r.getMessage() for r in caplog.records)
+    for addons in (policy, observed):  # and counted, for eyewall_addon_failures_total
+        assert addons.failures == {("slow.Slow", "client_connected", "timeout"): 1}
     quick = slow_addons(0.05, True)
     asyncio.run(quick.call(hook))  # fast enough: nothing to say
+    assert quick.failures == {}
+
+
+def test_a_hook_that_raises_is_counted(tmp_path: Path) -> None:
+    path = addon_file(
+        tmp_path / "addons", "raising.py", "class R:\n    def client_connected(self, c): 1 / 0\n"
+    )
+    addons = Addons([str(path)])
+    addons.load_all()
+    for _ in range(2):
+        asyncio.run(addons.call(ClientConnected(Client(("127.0.0.1", 1)))))
+    assert addons.failures == {("raising.R", "client_connected", "error"): 2}
 
 
 # -- misspelt hooks and check-config ------------------------------------------------------

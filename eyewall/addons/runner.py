@@ -190,6 +190,8 @@ class Addons:
         self._by_hook: dict[str, list[Addon]] = {}
         self._loaded = 0
         self._blocking_reported: dict[str, float] = {}  # addon name -> when last logged
+        # (addon, hook, "timeout" or "error") -> hooks that failed so, since start
+        self.failures: dict[tuple[str, str, str], int] = {}
 
     def load_all(self) -> None:
         """Load every file; a file that fails is a start-up error (ValueError)."""
@@ -310,6 +312,7 @@ class Addons:
                     close()
         except Exception:
             log.exception("addon %s failed in %s", addon.name, hook.name)
+            self._failed(addon, hook.name, "error")
 
     def lifecycle(self, hook: Hook) -> None:
         """Call a lifecycle hook (``load``, ``configure``, ``running``, ``done``) of
@@ -338,12 +341,18 @@ class Addons:
                     name,
                     self.hook_timeout,
                 )
+                self._failed(addon, name, "timeout")
                 if addon.policy:
                     raise AddonFailed(addon.name, name, "timed out") from None
             except Exception:
                 log.exception("addon %s failed in %s", addon.name, name)
+                self._failed(addon, name, "error")
                 if addon.policy:
                     raise AddonFailed(addon.name, name) from None
+
+    def _failed(self, addon: Addon, hook: str, reason: str) -> None:
+        key = (addon.name, hook, reason)
+        self.failures[key] = self.failures.get(key, 0) + 1
 
     def _check_blocking(self, addon: Addon, hook: str, seconds: float) -> None:
         """A plain (not ``async``) hook runs on the event loop: while it runs, every

@@ -21,6 +21,8 @@ connections, tunnels, idle pool connections) are read from the proxy at scrape t
     eyewall_intercept_handshake_failures_total{reason}   unknown_ca, bad_certificate, timeout, ...
     eyewall_login_checks_total{result}             bcrypt checks: run, skipped (the client
                                                    left first), refused (queue full)
+    eyewall_addon_failures_total{addon,hook,reason}   hooks that raised (error) or ran
+                                                   past timeouts.addon_hook (timeout)
     eyewall_config_reloads_total{result}           success, failure
     eyewall_config_last_reload_successful          1 if the last reload applied
     eyewall_config_last_reload_success_timestamp_seconds
@@ -118,6 +120,7 @@ class Metrics:
         self.last_reload_success = time.time()  # the start counts as a good load
         self.dropped: dict[str, Callable[[], int]] = {}
         self.login_checks: Callable[[], dict[str, int]] = dict
+        self.addon_failures: Callable[[], dict[tuple[str, str, str], int]] = dict
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ProcessCollector(registry=None))
         self.registry.register(self)
@@ -233,6 +236,14 @@ class Metrics:
             for key, n in sorted(counts.items()):
                 family.add_metric([key], n)
             yield family
+        failed = CounterMetricFamily(
+            "eyewall_addon_failures",
+            "Addon hooks that raised (error) or ran past timeouts.addon_hook (timeout).",
+            labels=["addon", "hook", "reason"],
+        )
+        for (addon, hook, reason), n in sorted(self.addon_failures().items()):
+            failed.add_metric([addon, hook, reason], n)
+        yield failed
         yield GaugeMetricFamily(
             "eyewall_config_last_reload_successful",
             "Whether the last configuration reload was applied.",

@@ -45,10 +45,18 @@ def test_alert_rules_unit_tests_pass():
 
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory, origin) -> str:
-    """/metrics of a proxy after plain requests, a tunnel and a few failures."""
-    p = ProxyProcess(
-        tmp_path_factory.mktemp("metrics"), "--allow-private", "--connect-port", "1-65535"
+    """/metrics of a proxy after plain requests, a tunnel and a few failures (an
+    observing addon's hook among them)."""
+    work = tmp_path_factory.mktemp("metrics")
+    addon = work / "addons" / "fails.py"
+    addon.parent.mkdir(mode=0o755)
+    addon.write_text(
+        "class Fails:\n    def response(self, flow):\n"
+        "        if flow.response.status == 404:\n            raise RuntimeError('on purpose')\n"
     )
+    addon.chmod(0o644)
+    p = ProxyProcess(work, "--allow-private", "--connect-port", "1-65535", "--addon", str(addon))
+    p.expected_errors.append("addon fails.Fails failed in response")
     try:
         with socket.socket() as closed:
             closed.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
@@ -82,6 +90,8 @@ def test_live_metrics_pass_promtool_check_metrics(scraped):
     )
     assert 'eyewall_requests_total{method="CONNECT"' in scraped
     assert "eyewall_errors_total{kind=" in scraped
+    failed = 'eyewall_addon_failures_total{addon="fails.Fails",hook="response",reason="error"} 1.0'
+    assert failed in scraped
     assert result.returncode == 0 and not result.stdout + result.stderr, (
         result.stdout + result.stderr
     )
