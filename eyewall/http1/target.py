@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 
 from eyewall.http1.parse import ParseError
 
-__all__ = ["Target", "TargetError", "parse_authority", "parse_target", "redact_userinfo"]
+__all__ = [
+    "Target",
+    "TargetError",
+    "canonical_host",
+    "parse_authority",
+    "parse_target",
+    "redact_userinfo",
+]
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # Labels of letters, digits, "-" and "_", not starting or ending with "-"; one trailing
@@ -31,6 +39,29 @@ _SIMPLE_ABSOLUTE = re.compile(
 
 _AUTHORITY_END = re.compile(r"[/?#\\]")  # WHATWG URL parsers also end it at a backslash
 _AUTHORITY_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[/\\]+|://|[/\\]{2,}")
+
+
+def canonical_host(host: str) -> str:
+    """``host`` (lower-case, IPv6 without brackets) with an IP address in its one
+    written form: an IPv4 address in any spelling the resolver takes for one
+    (``inet_aton``: ``127.1``, ``0x7f.1``, ``2130706433``, ``0177.0.0.1``) in dotted
+    decimal, an IPv6 address compressed (RFC 5952), and an IPv4-mapped one
+    (``::ffff:127.0.0.1``) as its IPv4 address — so that rules, logs and the proxy's
+    own checks see the address a connection would reach.  Names come back as they are.
+    Never raises."""
+    if ":" in host:
+        try:
+            ip = ipaddress.IPv6Address(host)
+        except ValueError:
+            return host
+        mapped = ip.ipv4_mapped
+        return str(mapped) if mapped is not None else str(ip)
+    if not host or not (host[-1].isdigit() or "0x" in host):
+        return host  # a name: its last label is not a number
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return host
 
 
 class TargetError(ParseError):
@@ -84,6 +115,9 @@ def parse_target(method: str, target: str) -> Target:
         scheme = scheme.lower()
         authority_host = host.lower()
         host = authority_host.removesuffix(".")
+        if host[-1].isdigit() or "0x" in host:  # maybe an address, maybe in another spelling
+            host = canonical_host(host)
+            authority_host = host if host != authority_host.removesuffix(".") else authority_host
         port = DEFAULT_PORTS[scheme] if port_text is None else int(port_text)
         if 0 < port < 65536:
             if not path or path[0] == "?":
@@ -127,11 +161,11 @@ def parse_authority(
             ipaddress.IPv6Address(host)
         except ValueError:
             raise TargetError("invalid IPv6 literal") from None
-        host = host.lower()
         if after and not after.startswith(":"):
             raise TargetError("junk after IPv6 literal")
         port_text: str | None = after[1:] if after else None
-        shown = f"[{host}]"
+        host = canonical_host(host.lower())
+        shown = f"[{host}]" if ":" in host else host
     else:
         host, colon, port_text = authority.rpartition(":")
         if not colon:
@@ -140,6 +174,10 @@ def parse_authority(
             raise TargetError("invalid host in target")
         shown = host.lower()
         host = shown.removesuffix(".")
+        if host and (host[-1].isdigit() or "0x" in host):
+            canonical = canonical_host(host)
+            if canonical != host:
+                host = shown = canonical
     if port_text:
         if not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
             raise TargetError("invalid port in target")

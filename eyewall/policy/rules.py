@@ -4,8 +4,10 @@ A rule matches when every condition it names matches (conditions are ANDed; the 
 in one condition are ORed).  Conditions:
 
     hosts     exact names, "*.example.com" (subdomains only) or ".example.com" (the
-              domain and its subdomains)
-    host_regex  a regular expression searched in the host name
+              domain and its subdomains); an IP address matches in every spelling
+              (targets' hosts come as `eyewall.http1.target.canonical_host` writes them)
+    host_regex  a regular expression searched in the host name (an address in its
+              canonical form: 127.0.0.1, never 127.1 or 2130706433)
     networks  destination CIDRs, matched against the resolved addresses
     ports     ports or ranges ("8000-8100")
     methods   request methods;  schemes: "http", "https" (absolute-form) or "connect"
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from ipaddress import ip_address
 from typing import Any
 
+from eyewall.http1.target import canonical_host
 from eyewall.policy.networks import IPNetwork, parse_network, protected_range
 
 __all__ = ["Action", "Decision", "Request", "Rule", "RuleSet", "compile_rule", "parse_ports"]
@@ -209,7 +212,9 @@ def compile_rule(raw: Mapping[str, Any], path: str) -> Rule:
         elif host.startswith("."):
             domains.append(host[1:])
         elif host and "*" not in host:
-            hosts.add(host)
+            if host.startswith("[") and host.endswith("]"):
+                host = host[1:-1]
+            hosts.add(canonical_host(host))  # an address as targets write it (any spelling)
         else:
             raise ValueError(f"{path}.hosts: {host!r}: use exact names, *.suffix or .domain")
     regex = raw.get("host_regex")

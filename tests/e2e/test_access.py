@@ -537,3 +537,31 @@ def test_explain_of_a_rule_without_a_message_ends_at_the_rule(tmp_path):
     assert denied.returncode == 3, denied
     line = next(x for x in denied.stdout.splitlines() if x.startswith("decision"))
     assert line.rstrip() == "decision  403 Forbidden by quiet", line
+
+
+SPELLINGS = ["127.0.0.1", "127.1", "0177.0.0.1", "2130706433", "0x7f000001", "[::ffff:127.0.0.1]"]
+
+
+def test_a_rule_naming_an_address_holds_for_every_spelling_live_and_in_explain(
+    make_proxy, origin, tmp_path
+):
+    """A client cannot write its way past a rule: 127.1, 2130706433 or ::ffff:127.0.0.1
+    reach 127.0.0.1, so a rule on 127.0.0.1 covers them; explain says the same."""
+    config = write_config(
+        tmp_path / "x.toml",
+        '[access]\nallow_private = true\nconnect_ports = ["1-65535"]\n'
+        '[[rules]]\nid = "block-ip"\naction = "deny"\nhosts = ["127.0.0.1"]\n',
+    )
+    p = make_proxy("--config", config)
+    port = origin.url.rsplit(":", 1)[1]
+    for host in SPELLINGS:
+        answer = get(p, f"http://{host}:{port}/echo/x")
+        assert status(answer) == 403 and b"block-ip" in answer, (host, answer[:200])
+        connect = raw_request(p.address, f"CONNECT {host}:{port} HTTP/1.1\r\n\r\n".encode())
+        assert status(connect) == 403, (host, connect[:200])
+        told = explain("--config", config, f"http://{host}:{port}/")
+        assert told.returncode == 3 and "403 Forbidden by block-ip" in told.stdout, told.stdout
+    poll(lambda: len(p.access_lines()) == 2 * len(SPELLINGS), what="every refusal logged")
+    logged = [line.split()[3:5] for line in p.access_lines()]  # method, URL: as reached
+    assert logged.count(["GET", f"http://127.0.0.1:{port}/echo/x"]) == len(SPELLINGS), logged
+    assert logged.count(["CONNECT", f"127.0.0.1:{port}"]) == len(SPELLINGS), logged

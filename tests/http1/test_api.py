@@ -50,7 +50,14 @@ API = {
         "trace_echo",
         "upstream_fields",
     ],
-    "target": ["Target", "TargetError", "parse_authority", "parse_target", "redact_userinfo"],
+    "target": [
+        "Target",
+        "TargetError",
+        "canonical_host",
+        "parse_authority",
+        "parse_target",
+        "redact_userinfo",
+    ],
     "methods": ["REGISTERED", "canonical_method"],
 }
 SIGNATURES = {
@@ -68,6 +75,7 @@ SIGNATURES = {
     "fields.max_forwards": "(head: 'RequestHead') -> 'int | None'",
     "fields.trace_echo": "(head: 'RequestHead') -> 'bytes'",
     "target.redact_userinfo": "(text: 'str') -> 'str'",
+    "target.canonical_host": "(host: 'str') -> 'str'",
     "response.parse_response_head": "(data: 'bytes') -> 'ResponseHead'",
     "response.parse_response_trailers": (
         "(data: 'bytes') -> 'tuple[list[tuple[str, str]], tuple[str, ...]]'"

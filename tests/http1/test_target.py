@@ -13,6 +13,7 @@ from eyewall.http1.parse import ParseError
 from eyewall.http1.target import (
     Target,
     TargetError,
+    canonical_host,
     parse_authority,
     parse_target,
     redact_userinfo,
@@ -35,7 +36,7 @@ VALID = [
         ("http", "2001:db8::1", 8080, "[2001:db8::1]:8080", "/p"),
     ),
     ("GET", "http://[2001:DB8::A]/", ("http", "2001:db8::a", 80, "[2001:db8::a]", "/")),
-    ("GET", "http://[::ffff:10.0.0.1]/", ("http", "::ffff:10.0.0.1", 80, "[::ffff:10.0.0.1]", "/")),
+    ("GET", "http://[::ffff:10.0.0.1]/", ("http", "10.0.0.1", 80, "10.0.0.1", "/")),
     ("GET", "HTTP://EXAMPLE.COM/Path", ("http", "example.com", 80, "example.com", "/Path")),
     ("GET", "HtTpS://Ex.Com:444/", ("https", "ex.com", 444, "ex.com:444", "/")),
     ("GET", "http://example.com", ("http", "example.com", 80, "example.com", "/")),
@@ -216,9 +217,10 @@ def test_generated_targets(scheme, host, port, path, method):
     t = parse_target(method, f"{scheme}://{authority}{path}")
     default = 443 if scheme.lower() == "https" else 80
     assert t.scheme == scheme.lower()
-    assert t.host == host.lower()
+    written = canonical_host(host.lower())  # an address in its one spelling ("0": 0.0.0.0)
+    assert t.host == written
     assert t.port == (default if port is None else port)
-    assert t.authority == authority.lower()
+    assert t.authority == (written if port is None else f"{written}:{port}")
     assert t.path == expected_path(method, path)
     # The general parser (parse_authority) agrees with the fast path.
     slow = parse_authority(authority, default_port=default)
@@ -402,3 +404,39 @@ def test_redact_userinfo_takes_linear_time():
         return lambda: redact_userinfo(text)
 
     assert doubling_ratio(make, 20_000) < LINEAR
+
+
+SPELLINGS = [  # written, as the proxy reaches it
+    ("93.184.215.14", "93.184.215.14"),
+    ("1572394766", "93.184.215.14"),
+    ("93.12113678", "93.184.215.14"),
+    ("0x5db8d70e", "93.184.215.14"),
+    ("0x5d.0xb8.0xd7.0x0e", "93.184.215.14"),
+    ("0135.0270.0327.016", "93.184.215.14"),
+    ("127.1", "127.0.0.1"),
+    ("0177.0.0.5", "127.0.0.5"),
+    ("0", "0.0.0.0"),
+    ("::ffff:127.0.0.5", "127.0.0.5"),
+    ("::ffff:7f00:6", "127.0.0.6"),
+    ("0:0:0:0:0:0:0:1", "::1"),
+    ("2001:DB8:0:0::1", "2001:db8::1"),
+    ("example.com", "example.com"),
+    ("1.2.3.4.example", "1.2.3.4.example"),
+    ("x1", "x1"),
+    ("0x", "0x"),
+    ("1.2.3.4.5", "1.2.3.4.5"),
+]
+
+
+@pytest.mark.parametrize(("written", "canonical"), SPELLINGS)
+def test_an_address_has_one_spelling_in_every_target_form(written: str, canonical: str) -> None:
+    """Rules, logs and the proxy's own checks see the address a connection reaches,
+    however the client wrote it (inet_aton's forms, IPv4-mapped IPv6)."""
+    assert canonical_host(written.lower()) == canonical
+    literal = f"[{written}]" if ":" in written else written
+    shown = f"[{canonical}]" if ":" in canonical else canonical
+    for method, target in (("GET", f"http://{literal}:81/p"), ("CONNECT", f"{literal}:81")):
+        t = parse_target(method, target)
+        assert (t.host, t.port, t.authority) == (canonical, 81, f"{shown}:81")
+    t = parse_target("GET", f"http://{literal}/p")  # the fast path
+    assert (t.host, t.authority) == (canonical, shown)

@@ -379,3 +379,24 @@ def test_trace_of_a_network_rule_says_when_no_address_was_resolved() -> None:
     ), trace
     resolved = rules.evaluate(req(), PUBLIC, explain=True).trace
     assert resolved[0] == "rule no-metadata (deny): no match (network differs)", resolved
+
+
+@pytest.mark.parametrize(
+    ("written", "target_host"),
+    [
+        ("93.184.215.14", "93.184.215.14"),
+        ("1572394766", "93.184.215.14"),  # a rule may be written oddly too
+        ("[::1]", "::1"),
+        ("0:0:0:0:0:0:0:1", "::1"),
+        ("::ffff:10.0.0.1", "10.0.0.1"),
+        ("127.1", "127.0.0.1"),
+    ],
+)
+def test_a_host_rule_naming_an_address_matches_the_address_in_its_one_spelling(
+    written: str, target_host: str
+) -> None:
+    """Targets come with addresses written one way (`canonical_host`); rules naming an
+    address are read the same way, so they meet."""
+    rules = ruleset({"id": "ip", "action": "deny", "hosts": [written]})
+    assert rules.evaluate(req(host=target_host), PUBLIC).rule == "ip"
+    assert rules.evaluate(req(host="10.0.0.2"), PUBLIC).rule != "ip"
