@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from eyewall.config import Settings
 from eyewall.sdnotify import notify
+from eyewall.workers.spawn import child_process
 
 __all__ = [
     "ENV",
@@ -148,10 +149,9 @@ class Successor:
             "from": os.getpid(),
         }
         env = dict(os.environ, **{ENV: json.dumps(description)})
+        argv, env = child_process("eyewall", sys.argv[1:], env)
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "eyewall", *sys.argv[1:]], pass_fds=fds, env=env
-            )
+            process = subprocess.Popen(argv, pass_fds=fds, env=env)
         except OSError:
             os.close(read)
             raise

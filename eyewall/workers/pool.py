@@ -11,7 +11,6 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +23,7 @@ from eyewall.workers.channel import Channel, StreamClosedError
 from eyewall.workers.handover import Bound
 from eyewall.workers.limits import reap
 from eyewall.workers.shm import MAX_SLOTS, Segment, process_start
+from eyewall.workers.spawn import child_process
 from eyewall.workers.stats import WorkerState
 from eyewall.workers.wire import (
     FLOWS,
@@ -128,12 +128,9 @@ class WorkerPool:
         fds = [theirs.fileno(), self.segment.fd]
         fds += [s.fileno() for socks in self.bound.values() for s in socks]
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        argv, env = child_process("eyewall.workers.worker", [str(theirs.fileno())], env)
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "eyewall.workers.worker", str(theirs.fileno())],
-                pass_fds=fds,
-                env=env,
-            )
+            process = subprocess.Popen(argv, pass_fds=fds, env=env)
         except OSError as e:
             log.error("cannot start worker %d: %s", number, e)
             ours.close()

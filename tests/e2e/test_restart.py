@@ -206,3 +206,52 @@ def test_a_restart_that_cannot_start_keeps_the_running_generation(tmp_path, orig
     assert p.process.poll() is None
     assert p.stop() == 0
     p.check_clean()
+
+
+def test_children_never_run_an_eyewall_package_from_the_working_directory(tmp_path, origin):
+    """Workers and a restart's new generation run the proxy's own code, even when it was
+    started from a directory holding another ``eyewall`` (``python -m`` would put the
+    working directory first on the import path)."""
+    script = Path(sys.executable).with_name("eyewall")
+    if not script.exists():
+        pytest.skip("the eyewall console script is not installed beside this Python")
+    planted = tmp_path / "cwd" / "eyewall"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "planted-code-ran"
+    (planted / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'a').write('ran\\n')\nraise SystemExit('planted')\n"
+    )
+    pid_file = tmp_path / "eyewall.pid"
+    log = tmp_path / "stderr.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [str(script), "--listen", "127.0.0.1:0", "--admin-listen", "off", "--no-flows",
+             "--access-log", "off", "--allow-private", "--workers", "2", "--drain-grace", "0",
+             "--pid-file", str(pid_file)],
+            stderr=err, cwd=planted.parent,
+        )  # fmt: skip
+    new = 0
+    try:
+        text = str(poll(lambda: " listening on " in (t := log.read_text()) and t, "listening"))
+        port = int(text.split(" listening on ", 1)[1].split(",")[0].split()[0].rsplit(":", 1)[1])
+        url = f"{origin.url}/echo/x"
+        get = f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+
+        def served() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(get)
+                return read_response(s).startswith(b"HTTP/1.1 200")
+
+        poll(served, "a request served by a worker")
+        proc.send_signal(signal.SIGUSR2)
+        new = int(poll(lambda: (n := pid_in(pid_file)) not in (0, proc.pid) and n, "a new pid"))
+        poll(lambda: "restart: this generation serves" in log.read_text(), "the handover")
+        poll(served, "a request served by the new generation")
+        assert proc.wait(30) == 0
+        assert not marker.exists(), log.read_text()[-2000:]
+    finally:
+        for pid in (new, proc.pid):
+            if pid and running(pid):
+                os.kill(pid, signal.SIGTERM)
+        if new:
+            poll(lambda: not running(new), "the new generation to stop")
