@@ -162,6 +162,7 @@ class ClientConnection:
         "address",
         "ctx",
         "exchange",
+        "head_first",
         "head_started",
         "release",
         "requests",
@@ -184,6 +185,7 @@ class ClientConnection:
         self.requests = 0
         self.exchange: Exchange | None = None
         self.head_started = False  # bytes of the next request head have arrived
+        self.head_first = b""  # the first bytes of a head not read whole yet (for a 408)
         self.t_head = 0.0
         self.tunnel: Target | None = None  # set while serving an intercepted tunnel
         self.tunnel_user: str | None = None  # who authenticated the intercepted CONNECT
@@ -206,14 +208,16 @@ class ClientConnection:
             flow.started -= waited
             flow.t_start -= waited
             detail = "request head not received in time"
+            flow.method, flow.url = request_line_hint(self.head_first)
             flow.fail(ErrorKind.CLIENT_TIMEOUT, detail)
             status, fields, body = error_answer(
                 ErrorKind.CLIENT_TIMEOUT, detail, flow.id, self.ctx.settings.via
             )
+            answer = render_answer(method_hint(self.head_first), status, fields, body, True)
             flow.status = status
-            flow.bytes_out = len(body)
+            flow.bytes_out = len(answer) - answer.index(b"\r\n\r\n") - 4  # none for HEAD
             try:
-                self.stream.write(render_answer("GET", status, fields, body, True))
+                self.stream.write(answer)
             except StreamClosedError:
                 pass
             self.ctx.end_flow(flow)
@@ -270,6 +274,7 @@ class ClientConnection:
         self.head_started = False
         first = await stream.read_bytes(limit, partial=True)
         self.head_started = True
+        self.head_first = first
         if self.watch.phase is Phase.IDLE:
             self._enter(Phase.CLIENT_HEAD, self.ctx.settings.timeouts.client_header)
         if starts_tls(first) and isinstance(stream, TLSStream):
@@ -298,7 +303,9 @@ class ClientConnection:
             stream.write(alert(HANDSHAKE_FAILURE))
             await lingering_close(stream, seconds=1.0)
             return None
-        return await read_head(stream, limit, first)
+        head = await read_head(stream, limit, first)
+        self.head_first = b""
+        return head
 
     async def _handle(self, data: bytes) -> bool:
         """Answer one request; True if the connection may carry another."""

@@ -111,6 +111,10 @@ Outcome = Responded | Failed | Answered | Killed | Upgraded
 FlowHook = RequestHeaders | RequestHook | ResponseHeaders | ResponseHook | ErrorHook
 
 
+def _body_stalled_by_client() -> ProxyError:
+    return ProxyError(ErrorKind.CLIENT_TIMEOUT, "request body: no byte came for timeouts.body_idle")
+
+
 class Exchange:
     """One request and its response.  ``addresses`` are the destination's addresses
     admission allowed; ``hf`` is what addons see (None without addons)."""
@@ -126,6 +130,7 @@ class Exchange:
         "framing",
         "head",
         "hf",
+        "reading",
         "received",
         "responded",
         "resume",
@@ -167,6 +172,9 @@ class Exchange:
         self.resume: tuple[bytes, int | ChunkedDecoder] | None = None
         self.up: Upstream | None = None
         self.upload: asyncio.Future[None] | None = None
+        # The read of a request body an addon buffers (a task of its own: a client
+        # that stalls it is answered 408, which closing its stream would not allow).
+        self.reading: asyncio.Future[tuple[bytes, int | ChunkedDecoder | None]] | None = None
         self.upload_error: ProxyError | None = None
         self.aborted: ProxyError | None = None  # why the proxy cut it (`abort`)
         self.upload_waits = False  # the client has not begun a body it sends on 100
@@ -218,12 +226,16 @@ class Exchange:
         waits on.  The client stays open when an answer can still be sent: while the
         response head is awaited, and when the client stopped sending its request
         body (`client_timeout`, 408, RFC 9110 §15.5.9; the origin is cut)."""
-        up = self.up
+        up, reading = self.up, self.reading
+        if phase is Phase.BUFFERING and reading is not None and not reading.done():
+            self.upload_error = _body_stalled_by_client()  # the origin is not asked yet
+            reading.cancel()
+            return
         if phase is Phase.SENDING and not self.responded and self._client_stalled():
-            self.upload_error = ProxyError(
-                ErrorKind.CLIENT_TIMEOUT, "request body: no byte came for timeouts.body_idle"
-            )
+            self.upload_error = _body_stalled_by_client()
             phase = Phase.WAITING  # an answer can still be sent
+        elif phase is Phase.BUFFERING and not self.responded and up is not None:
+            phase = Phase.WAITING  # the origin stalled a body an addon buffers: 504
         if up is not None:
             up.stream.close()
         if phase is not Phase.WAITING or self.responded:
@@ -633,13 +645,22 @@ class Exchange:
                 self.head.headers.remove("expect")
                 await self.client.write(CONTINUE)
             self._enter(Phase.BUFFERING)
-            try:
-                data, resume = await bodies.read_upto(
+            reading = self.reading = asyncio.ensure_future(
+                bodies.read_upto(
                     self.client, kind, framing.length, request.buffer_limit, limit, self.buffered
                 )
+            )
+            try:
+                data, resume = await reading
             except ParseError as e:
                 self.upload_error = ProxyError(ErrorKind.BAD_REQUEST, f"request body: {e}")
                 raise self.upload_error from None
+            except asyncio.CancelledError:
+                if reading.cancelled() and self.upload_error is not None:  # `expire`
+                    raise self.upload_error from None
+                raise
+            finally:
+                self.reading = None
             if resume is None:
                 request.body = data
             else:

@@ -419,6 +419,18 @@ def end_output(stream: IOStream) -> None:
         stream.socket.shutdown(socket.SHUT_WR)
 
 
+def forget_cancelled_read(stream: IOStream) -> None:
+    """A read whose waiter was cancelled leaves the stream marked as reading until bytes
+    come, and IOStream refuses a second read ("Already reading"); forget it, so the
+    stream can be read again.  (A read that got its bytes has ended by itself.)"""
+    future = stream._read_future
+    if future is not None and future.cancelled():
+        stream._read_future = None
+        stream._read_bytes = stream._read_delimiter = stream._read_regex = None
+        stream._read_partial = False
+        stream._read_until_close = False
+
+
 async def lingering_close(stream: IOStream, seconds: float = 2.0, limit: int = 1 << 20) -> None:
     """Close after the last write without resetting it away.
 
@@ -428,6 +440,7 @@ async def lingering_close(stream: IOStream, seconds: float = 2.0, limit: int = 1
     """
     if stream.closed():
         return
+    forget_cancelled_read(stream)
     loop_time = stream.io_loop.time
     deadline = loop_time() + seconds
     handle = stream.io_loop.call_at(deadline, stream.close)

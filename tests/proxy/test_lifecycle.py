@@ -75,6 +75,27 @@ def test_a_half_sent_head_gets_408_when_client_header_runs_out() -> None:
     run(main())
 
 
+def test_a_half_sent_head_request_gets_its_408_without_a_body() -> None:
+    """The answer follows the method the head began with (RFC 9110 §9.3.2), and the
+    record keeps what its request line said."""
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.client_header": 10.0})
+        client = Client(ctx)
+        await client.send(b"HEAD http://example.com/big HTTP/1.1\r\nX-Slow: ")
+        await until(lambda: client.conn.head_started)
+        ctx.advance(10.1)
+        data = await client.response()
+        assert status(data) == 408 and data.endswith(b"\r\n\r\n")
+        assert b"Content-Length: " in data  # the length the page would have had
+        flow = ctx.flows[0]
+        assert (flow.method, flow.url, flow.bytes_out) == ("HEAD", "http://example.com/big", 0)
+        await client.finish()
+        ctx.close()
+
+    run(main())
+
+
 def test_a_silent_new_connection_and_an_idle_one_are_closed_quietly() -> None:
     async def main() -> None:
         ctx = FakeContext(**{"timeouts.client_header": 5.0, "timeouts.keepalive_idle": 60.0})
@@ -775,7 +796,12 @@ def test_a_slow_hook_is_never_an_origin_timeout(tmp_path: Path) -> None:
     run(main())
 
 
-def test_a_buffering_addon_with_a_stalled_client_body_gets_body_idle(tmp_path: Path) -> None:
+def test_a_buffering_addon_with_a_stalled_client_body_gets_408_after_body_idle(
+    tmp_path: Path,
+) -> None:
+    """The client stops sending a body an addon buffers, before the origin is asked:
+    after body_idle it is answered 408 (client_timeout), and the connection ends."""
+
     async def main() -> None:
         ctx = FakeContext(addons(tmp_path, BUFFERING, policy=False), **{"timeouts.body_idle": 3.0})
         origin = await Origin.start(consume)
@@ -784,13 +810,60 @@ def test_a_buffering_addon_with_a_stalled_client_body_gets_body_idle(tmp_path: P
             f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc".encode()
         )
         await until(lambda: client.conn.watch.phase is Phase.BUFFERING)
+        exchange = client.conn.exchange
+        assert exchange is not None
+        await until(lambda: exchange.buffered.count == 3)  # "abc" was read
         ctx.advance(1.0)
         ctx.advance(2.9)
         assert client.conn.watch.expired is None
         ctx.advance(0.2)
-        await client.response()
+        data = await client.response()  # then the proxy's end of output
+        assert status(data) == 408 and b"request body: no byte came" in data
+        await client.finish()
         await until(lambda: ctx.flows)
-        assert ctx.flows[0].error is ErrorKind.BODY_STALLED
+        assert ctx.flows[0].error is ErrorKind.CLIENT_TIMEOUT and ctx.flows[0].status == 408
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+BUFFER_RESPONSE = """
+class Buffer:
+    def responseheaders(self, flow):
+        flow.response.buffer(1 << 20)
+"""
+
+
+def test_an_origin_that_stalls_a_body_an_addon_buffers_is_a_504(tmp_path: Path) -> None:
+    """Nothing went to the client yet: it gets an answer (504, body_stalled), not a
+    closed connection."""
+
+    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        await writer.drain()
+        await reader.read()  # until the proxy gives up on it
+
+    async def main() -> None:
+        ctx = FakeContext(
+            addons(tmp_path, BUFFER_RESPONSE, policy=False), **{"timeouts.body_idle": 3.0}
+        )
+        origin = await Origin.start(stalls)
+        client = Client(ctx)
+        await client.send(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await until(lambda: client.conn.watch.phase is Phase.BUFFERING)
+        exchange = client.conn.exchange
+        assert exchange is not None
+        await until(lambda: exchange.buffered.count == 7)
+        ctx.advance(1.0)
+        ctx.advance(2.9)
+        assert client.conn.watch.expired is None
+        ctx.advance(0.2)
+        data = await client.until_received(b"took too long")
+        assert status(data) == 504 and b"body_stalled" in data
+        await until(lambda: ctx.flows)
+        assert ctx.flows[0].error is ErrorKind.BODY_STALLED and ctx.flows[0].status == 504
         await client.finish()
         await origin.close()
         ctx.close()
