@@ -91,6 +91,12 @@ def test_ordinary_fields(name: str) -> None:
             "http://a/?pw[]=[redacted]&code[]=[redacted]&key[0]=[redacted]",
         ),
         ("http://a/?pw%20=S4", "http://a/?pw%20=[redacted]"),
+        # nested names (a third pass): any part of the name counts
+        (
+            "http://a/?user[password]=N1&a[b][token]=N2&user%5Bpw%5D=N3&user[name]=bob",
+            "http://a/?user[password]=[redacted]&a[b][token]=[redacted]"
+            "&user%5Bpw%5D=[redacted]&user[name]=bob",
+        ),
         (
             "http://a/?passcode=S5&otp=S6&bearer=S7",
             "http://a/?passcode=[redacted]&otp=[redacted]&bearer=[redacted]",

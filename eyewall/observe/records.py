@@ -108,11 +108,17 @@ _PATH_PARAM = re.compile(r"(;)([^=;/]*)=([^;/]*)")
 _QUERY_PARAM = re.compile(r"(^|[;&])([^=;&]*)=([^;&]*)")
 
 
+_BRACKETS = re.compile(r"[\[\]]")
+
+
 def _redact_param(match: re.Match[str]) -> str:
-    # ``pw[]``, ``key[0]`` (array parameters), ``pw%20``: the name is what comes first
-    name = unquote(match.group(2)).lower().partition("[")[0].strip()
-    if match.group(3) and (name in _SECRET_PARAMS or _SECRET_NAME.search(name)):
-        return f"{match.group(1)}{match.group(2)}={REDACTED}"
+    # ``pw[]``, ``key[0]`` (arrays), ``user[password]``, ``a[b][token]`` (nested names),
+    # ``pw%20``: every part of the name counts
+    if match.group(3):
+        for part in _BRACKETS.split(unquote(match.group(2)).lower()):
+            part = part.strip()
+            if part and (part in _SECRET_PARAMS or _SECRET_NAME.search(part)):
+                return f"{match.group(1)}{match.group(2)}={REDACTED}"
     return match.group(0)
 
 
