@@ -51,7 +51,7 @@ from eyewall.proxy.verifier import Verifier
 from eyewall.tls.ca import CertificateAuthority
 from eyewall.tls.layers import INTERNAL_ERROR, alert, starts_tls
 
-__all__ = ["Proxy", "bind_endpoint"]
+__all__ = ["LoginRevoked", "Proxy", "ProxyStopped", "bind_endpoint"]
 
 log = logging.getLogger("eyewall")
 
@@ -63,6 +63,11 @@ CUT_GRACE = 1.0  # seconds connections cut at the drain deadline have to end and
 
 class LoginRevoked(Exception):
     """A tunnel's user was removed from the user file: the tunnel is closed."""
+
+
+class ProxyStopped(Exception):
+    """The proxy stopped with the tunnel still open (the drain deadline, or a second
+    stop signal): recorded as `connection_terminated`, as exchanges cut then are."""
 
 
 class Proxy:
@@ -409,8 +414,8 @@ class Proxy:
         elif isinstance(error, LoginRevoked):
             flow.cause = "revoked"
             flow.fail(ErrorKind.AUTH_REQUIRED, "the user was removed from the user file")
-        elif isinstance(error, ConnectionAbortedError):
-            flow.fail(ErrorKind.CLIENT_ABORTED, str(error))
+        elif isinstance(error, ProxyStopped):
+            flow.fail(ErrorKind.CONNECTION_TERMINATED, str(error))
         elif error is not None and relay.failed_side == "client":
             flow.fail(ErrorKind.CLIENT_ABORTED, f"client ended the tunnel: {error}")
         elif error is not None:
@@ -478,7 +483,7 @@ class Proxy:
                 conn.stream.close()
         await self._settle(self.settings.timeouts.drain, tunnels=True)
         for relay in list(self.tunnels):
-            relay.close(ConnectionAbortedError("proxy shutting down"))
+            relay.close(ProxyStopped("the proxy stopped at its drain deadline"))
         for conn in list(self.connections):
             if conn.exchange is not None:  # it may wait on its origin: cut that too
                 conn.exchange.abort("the proxy stopped at its drain deadline")

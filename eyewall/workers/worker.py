@@ -229,10 +229,12 @@ class Worker:
         try:
             await self.shutdown
         except asyncio.CancelledError:
+            from eyewall.proxy.server import ProxyStopped
+
             log.warning("told to stop now: closing everything")
             proxy.stop_listening()
             for relay in list(proxy.tunnels):
-                relay.close(ConnectionAbortedError("proxy stopped"))
+                relay.close(ProxyStopped("the proxy was told to stop at once"))
             for conn in list(proxy.connections):
                 conn.stream.close()
             await asyncio.sleep(0)

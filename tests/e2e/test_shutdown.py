@@ -70,6 +70,8 @@ def test_idle_connections_close_at_once_and_tunnels_at_the_deadline(
     assert p.process.wait(10) == 0
     idle.close()
     tunnel.close()
+    line = p.access_entry("CONNECT")  # the proxy's stop, as for exchanges cut then
+    assert "err=connection_terminated" in line and "drain deadline" in line, line
 
 
 def test_exchanges_cut_at_the_drain_deadline_are_recorded(make_proxy, raw_origin):
