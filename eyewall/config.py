@@ -144,7 +144,9 @@ class Timeouts:
     client_header: float = setting(
         10.0,
         "A client has this long to send a whole request head, counted from its first byte"
-        " (a new connection: from accept). Slowloris guard; answered with 408.",
+        " (a new connection: from accept). Slowloris guard; answered with 408. On Linux a new"
+        " connection that sends nothing at all is held by the kernel (TCP_DEFER_ACCEPT) and"
+        " dropped there, silently, some seconds after this.",
         flag="--client-header-timeout",
         unit="s",
         check=_positive,

@@ -234,12 +234,14 @@ def reference() -> str:
         "list. A hook may be a plain method or `async`; it returns nothing. An exception in",
         "a hook is logged with the addon's name and traffic goes on; in a policy addon it",
         "fails the exchange closed (502). An `async` hook that runs longer than",
-        "`timeouts.addon_hook` is cancelled and counts as a failed hook. A plain hook runs",
+        "`timeouts.addon_hook` is cancelled and counts as a failed hook (every failed hook is",
+        "logged and counted in `eyewall_addon_failures_total`). A plain hook runs",
         "on the event loop, so every connection waits while it runs: one that takes more",
         "than 0.1 s is reported in the log, and one that takes longer than",
         "`timeouts.addon_hook` counts as a failed hook (it cannot be cancelled) — do slow",
         "work in an `async` hook. A method whose name is a near miss of a hook's",
-        "(`reqeustheaders`) is refused at load time.",
+        "(`reqeustheaders`, `request_headers`) is refused at load time, with the hook it",
+        "resembles, and so by `eyewall check-config`.",
         "Files are reloaded when they change (their content, mode or owner). A file is",
         "refused when it is writable by group or others or owned by another user, or when",
         "a directory on its way lets someone else replace it (owned by another user, or",
@@ -278,7 +280,9 @@ def reference() -> str:
         "",
         "A status an addon sets (`flow.response.status`, `flow.respond()`) must be a final "
         "one, 200 to 599: a 1xx is an interim response and cannot end an exchange (RFC 9110 "
-        "§15.2), so it raises ValueError. A 204 or 304 goes out without a body and without "
+        "§15.2), so it raises ValueError. A new status brings its own reason phrase "
+        "(`404 Not Found`); set `flow.response.reason` after the status for another. "
+        "A 204 or 304 goes out without a body and without "
         "Content-Length or Transfer-Encoding (RFC 9110 §6.4.1); the origin's body is "
         "dropped. A response to HEAD never has a body.",
         "",

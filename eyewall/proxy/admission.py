@@ -117,7 +117,9 @@ async def admit(
                         addrs = await ctx.pool.resolver.resolve(host, port)
                 except TimeoutError:
                     return Refusal(
-                        ErrorKind.CONNECTION_TIMEOUT, "", f"resolving {host} took too long"
+                        ErrorKind.CONNECTION_TIMEOUT,
+                        "",
+                        f"resolving {host} took too long (timeouts.upstream_connect)",
                     )
                 except ProxyError as e:
                     ticket.resolve_error = e.detail

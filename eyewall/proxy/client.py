@@ -207,7 +207,7 @@ class ClientConnection:
             waited = self.ctx.clock() - self.watch.since  # the request began back then
             flow.started -= waited
             flow.t_start -= waited
-            detail = "request head not received in time"
+            detail = "request head not received in time (timeouts.client_header)"
             flow.method, flow.url = request_line_hint(self.head_first)
             flow.fail(ErrorKind.CLIENT_TIMEOUT, detail)
             status, fields, body = error_answer(

@@ -710,7 +710,9 @@ class Exchange:
             return self.aborted
         expired = self.watch.expired
         if expired is not None and expired.kind is not None:
-            return ProxyError(expired.kind, f"{expired.what} took too long")
+            return ProxyError(
+                expired.kind, f"{expired.what} took too long (timeouts.{expired.setting})"
+            )
         if self.client.closed():
             return ProxyError(ErrorKind.CLIENT_ABORTED, "client closed the connection")
         if self.responded:

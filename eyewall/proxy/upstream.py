@@ -234,7 +234,8 @@ class UpstreamPool:
                 return await connect(addrs)
         except TimeoutError:
             raise ProxyError(
-                ErrorKind.CONNECTION_TIMEOUT, f"no connection to {target.authority} in time"
+                ErrorKind.CONNECTION_TIMEOUT,
+                f"no connection to {target.authority} in time (timeouts.upstream_connect)",
             ) from None
 
     def take(
@@ -279,7 +280,9 @@ class UpstreamPool:
             async with asyncio.timeout(self.connect_timeout):
                 return await start_tls(stream, self.tls_context, False, target.host)
         except TimeoutError:
-            raise ProxyError(ErrorKind.CONNECTION_TIMEOUT, "TLS handshake timed out") from None
+            raise ProxyError(
+                ErrorKind.CONNECTION_TIMEOUT, "TLS handshake timed out (timeouts.upstream_connect)"
+            ) from None
         except ssl.SSLCertVerificationError as e:
             raise ProxyError(
                 ErrorKind.TLS_CERTIFICATE_ERROR,

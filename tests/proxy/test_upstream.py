@@ -144,7 +144,7 @@ def test_the_connect_timeout_cancels_every_attempt(monkeypatch):
         with pytest.raises(ProxyError) as info:
             await pool.open_socket(parse_target("GET", "http://h:9/"), ("127.0.0.1", "127.0.0.2"))
         assert info.value.kind is ErrorKind.CONNECTION_TIMEOUT
-        assert info.value.detail == "no connection to h:9 in time"
+        assert info.value.detail == "no connection to h:9 in time (timeouts.upstream_connect)"
         assert sorted(attempts.cancelled) == sorted(attempts.started)
         assert attempts.started  # at least the first was tried
 
