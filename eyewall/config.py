@@ -1190,12 +1190,14 @@ def _show_default(info: SettingInfo) -> str:
 
 
 def reference_table() -> str:
-    """The Markdown settings table for the README."""
+    """The Markdown settings table for the README; a setting a reload cannot change
+    says so ("Restart to change.")."""
     rows = ["| setting (TOML) | flag | default | meaning |", "|---|---|---|---|"]
     for s in iter_settings():
         default = _show_default(s) + (f" {s.unit}" if s.unit else "")
         flag = f"`{s.flag}`" if s.flag else "(file only)"
-        rows.append(f"| `{s.path}` | {flag} | {default or '(none)'} | {s.help} |")
+        meaning = f"{s.help} **Restart to change.**" if s.restart else s.help
+        rows.append(f"| `{s.path}` | {flag} | {default or '(none)'} | {meaning} |")
     return "\n".join(rows)
 
 
