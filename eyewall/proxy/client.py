@@ -83,6 +83,7 @@ def shown_user(user: str | None) -> str:
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
 _KNOWN_STATUS = frozenset(s.value for s in HTTPStatus)
 HTTPS_PORT = 443  # the port an https URI without one names (RFC 9110 §4.2.2)
+LINGER_DRAINING = 0.5  # seconds an answer's lingering close may take while draining
 
 
 def _readable(stream: IOStream) -> bool:
@@ -612,7 +613,10 @@ class ClientConnection:
                 await settle()
         if close:
             self._enter(Phase.CLOSING, None)
-            await lingering_close(self.stream)
+            # draining: the proxy stops soon, and the flow is recorded after this
+            await lingering_close(
+                self.stream, seconds=LINGER_DRAINING if self.ctx.draining else 2.0
+            )
             return False
         return True
 

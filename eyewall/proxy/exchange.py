@@ -213,13 +213,19 @@ class Exchange:
         else:
             self.watch.enter(phase, self.ctx.clock(), limit)
 
-    def abort(self, detail: str) -> None:
-        """Cut the exchange (the proxy is stopping): close both streams; it ends as a
-        failure, ``connection_terminated`` with ``detail``, and is recorded."""
+    def abort(self, detail: str) -> bool:
+        """Cut the exchange (the proxy is stopping): it ends as a failure,
+        ``connection_terminated`` with ``detail``, and is recorded.  Its origin
+        connection is closed; so is the client's, unless the exchange waits for the
+        response head: then the client is answered 502, and this returns True."""
         self.aborted = ProxyError(ErrorKind.CONNECTION_TERMINATED, detail)
-        if self.up is not None:
-            self.up.stream.close()
+        up = self.up
+        if up is not None:
+            up.stream.close()
+            if self.watch.phase is Phase.WAITING and not self.responded:
+                return True
         self.client.close()
+        return False
 
     def expire(self, phase: Phase) -> None:
         """The watch ran out in ``phase``: wake the waiting coroutine by closing what it

@@ -485,9 +485,9 @@ class Proxy:
         for relay in list(self.tunnels):
             relay.close(ProxyStopped("the proxy stopped at its drain deadline"))
         for conn in list(self.connections):
-            if conn.exchange is not None:  # it may wait on its origin: cut that too
-                conn.exchange.abort("the proxy stopped at its drain deadline")
-            conn.stream.close()
+            exchange = conn.exchange  # it may wait on its origin: cut that too
+            if exchange is None or not exchange.abort("the proxy stopped at its drain deadline"):
+                conn.stream.close()
         # Let the cut exchanges end and be recorded (each is a few loop turns away).
         await self._settle(CUT_GRACE, tunnels=False)
         self.pool.close_all()

@@ -87,6 +87,10 @@ def test_exchanges_cut_at_the_drain_deadline_are_recorded(make_proxy, raw_origin
         clients.append(s)
     poll(lambda: len(origin.requests) == 3, what="the requests to reach the origin")
     p.signal(signal.SIGTERM)
+    for s in clients:  # each is told, not just closed
+        answer = read_response(s)
+        assert answer.startswith(b"HTTP/1.1 502 "), answer[:200]
+        assert b"the proxy stopped at its drain deadline" in answer
     assert p.process.wait(15) == 0
     gate.set()
     for s in clients:
