@@ -212,6 +212,19 @@ def preflight(settings: Settings) -> list[str]:
     return problems
 
 
+def addon_problems(settings: Settings) -> list[str]:
+    """What loading the addon files would refuse — a file that fails to run, a misspelt
+    hook (`Addons.check`: each file's top level runs, no hook is called) — for the files
+    `preflight` finds safe to run."""
+    problems: list[str] = []
+    for key, files in (("addons", settings.addons), ("policy_addons", settings.policy_addons)):
+        for i, path in enumerate(files):
+            if unsafe_code(path) is None:
+                found = Addons([path]).check()
+                problems.extend(f"{key}[{i}]: {problem}" for problem in found)
+    return problems
+
+
 def load_ca(settings: Settings, policy: Policy) -> CertificateAuthority | None:
     """The interception CA when a rule intercepts.  Raises ConfigError."""
     if not any(rule.action is Action.INTERCEPT for rule in policy.rules.rules):
@@ -228,11 +241,18 @@ class Loader:
     ``overrides``, at start and again on every reload."""
 
     def __init__(
-        self, config: str | None, overrides: dict[str, Any], check_paths: bool = True
+        self,
+        config: str | None,
+        overrides: dict[str, Any],
+        check_paths: bool = True,
+        run_addons: bool = False,
     ) -> None:
         self.config = config
         self.overrides = overrides
         self.check_paths = check_paths  # False: skip the checks of this machine's paths
+        # check-config: run each addon file's top level and check its classes (start-up
+        # loads them once, later, and reports the same problems then)
+        self.run_addons = run_addons and check_paths
 
     def load(self) -> Loaded:
         """Raises ConfigError listing every problem, each with its setting (as the flag
@@ -259,6 +279,8 @@ class Loader:
                 errors.extend(e.errors)
         if self.check_paths:
             errors.extend(preflight(settings))
+        if self.run_addons:
+            errors.extend(addon_problems(settings))
         errors.extend(fleet_problems(settings))
         if errors:
             raise ConfigError(annotate(errors, self.config, self.overrides))
@@ -278,6 +300,11 @@ class Loader:
         if self.check_paths:
             try:
                 problems.extend(preflight(settings))
+            except Exception:  # as above
+                pass
+        if self.run_addons:
+            try:
+                problems.extend(addon_problems(settings))
             except Exception:  # as above
                 pass
         return problems

@@ -218,20 +218,16 @@ def check_config(files: Sequence[str], check_paths: bool = True, quiet: bool = F
     are checked, no hook is called); print every error to stderr, and ``FILE: ok`` to
     stdout unless ``quiet``.  Returns the exit status: 0 when all are valid, 1
     otherwise."""
-    from eyewall.addons.runner import Addons
     from eyewall.app import Loader
 
     status = 0
     for path in files:
         try:
-            settings = Loader(path, {}, check_paths).load().settings
-            errors = Addons(settings.addons, settings.policy_addons).check() if check_paths else []
+            Loader(path, {}, check_paths, run_addons=True).load()
         except ConfigError as e:
-            errors = e.errors
-        if errors:
             status = 1
             print(f"{path}: invalid", file=sys.stderr)
-            for error in errors:
+            for error in e.errors:
                 print(f"  {error}", file=sys.stderr)
             continue
         if not quiet:

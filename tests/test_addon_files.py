@@ -240,6 +240,13 @@ def test_check_config_refuses_what_start_up_would_refuse(
     assert check_config([str(config)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"{config}: invalid\n")
+    assert f"{config}:1: addons[0]: addon " in err
     assert "A.request_headers is not a hook; did you mean requestheaders?" in err
     assert err.count("is not a hook") == 1  # the answer, not a log line besides
     assert check_config([str(config)], check_paths=False) == 0  # --no-paths: not run
+    # with other problems in the file too: all of them at once
+    config.write_text('addons = ["addons/typo.py"]\n[limitz]\nx = 1\n')
+    assert check_config([str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"{config}:1: addons[0]: addon " in err and "is not a hook" in err
+    assert f"{config}:2: limitz: unknown setting" in err
