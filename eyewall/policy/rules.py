@@ -30,11 +30,12 @@ import enum
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from ipaddress import ip_address
 from typing import Any
 
 from eyewall.http1.target import canonical_host
-from eyewall.policy.networks import IPNetwork, parse_network, protected_range
+from eyewall.policy.networks import IPNetwork, embedded_ipv4, parse_network, protected_range
 
 __all__ = ["Action", "Decision", "Request", "Rule", "RuleSet", "compile_rule", "parse_ports"]
 
@@ -141,12 +142,8 @@ class Rule:
         """None if the rule matches, else the first condition that does not."""
         if self.hosts or self.domains or self.subdomains or self.host_regex is not None:
             host = req.host
-            if not (
-                host in self.hosts
-                or any(host == d or host.endswith("." + d) for d in self.domains)
-                or any(host.endswith(s) for s in self.subdomains)
-                or (self.host_regex is not None and self.host_regex.search(host))
-            ):
+            inner = _inner_ipv4(host) if ":" in host else None
+            if not (self._names(host) or (inner is not None and self._names(inner))):
                 return "host"
         if self.ports and not _in_ports(req.port, self.ports):
             return "port"
@@ -162,16 +159,42 @@ class Rule:
             return "client"
         if self.networks:
             assert addresses is not None, "networks need resolved addresses"
-            if not any(_in_networks(a, self.networks) for a in addresses):
+            if not any(_in_networks(a, self.networks, inner=True) for a in addresses):
                 return "network"
         return None
 
+    def _names(self, host: str) -> bool:
+        return bool(
+            host in self.hosts
+            or any(host == d or host.endswith("." + d) for d in self.domains)
+            or any(host.endswith(s) for s in self.subdomains)
+            or (self.host_regex is not None and self.host_regex.search(host))
+        )
 
-def _in_networks(address: str, networks: tuple[IPNetwork, ...]) -> bool:
+
+@lru_cache(maxsize=1024)
+def _inner_ipv4(host: str) -> str | None:
+    """The IPv4 address an IPv6 literal carries and reaches (NAT64 64:ff9b::/96, 6to4,
+    IPv4-compatible; `embedded_ipv4`), so that a rule naming the IPv4 address covers
+    it; None for anything else."""
+    try:
+        inner = embedded_ipv4(ip_address(host))
+    except ValueError:
+        return None
+    return str(inner) if inner is not None else None
+
+
+def _in_networks(address: str, networks: tuple[IPNetwork, ...], inner: bool = False) -> bool:
+    """``address`` in one of ``networks``; an IPv4-mapped address counts as its IPv4
+    address, and with ``inner`` (destinations) so does any IPv6 address carrying one
+    (NAT64, 6to4, IPv4-compatible: a connection there reaches it)."""
     ip = ip_address(address)
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1
-    return any(ip.version == n.version and ip in n for n in networks)
+    if any(ip.version == n.version and ip in n for n in networks):
+        return True
+    carried = embedded_ipv4(ip) if inner and ip.version == 6 else None
+    return carried is not None and any(n.version == 4 and carried in n for n in networks)
 
 
 def _strings(raw: Mapping[str, Any], key: str, path: str) -> list[str]:

@@ -400,3 +400,26 @@ def test_a_host_rule_naming_an_address_matches_the_address_in_its_one_spelling(
     rules = ruleset({"id": "ip", "action": "deny", "hosts": [written]})
     assert rules.evaluate(req(host=target_host), PUBLIC).rule == "ip"
     assert rules.evaluate(req(host="10.0.0.2"), PUBLIC).rule != "ip"
+
+
+@pytest.mark.parametrize(
+    "carrier",
+    ["64:ff9b::5db8:d70e", "2002:5db8:d70e::1", "::93.184.215.14", "93.184.215.14"],
+)
+def test_an_ipv6_address_carrying_an_ipv4_one_meets_the_rules_naming_that(carrier: str) -> None:
+    """NAT64, 6to4 and IPv4-compatible addresses reach the IPv4 address inside them:
+    a rule naming that address, or a network holding it, covers them too."""
+    by_host = ruleset({"id": "h", "action": "deny", "hosts": ["93.184.215.14"]})
+    assert by_host.evaluate(req(host=carrier), PUBLIC).rule == "h"
+    by_net = ruleset({"id": "n", "action": "deny", "networks": ["93.184.215.0/24"]})
+    assert by_net.evaluate(req(host="example.com"), (carrier,)).rule == "n"
+    other = ruleset({"id": "h", "action": "deny", "hosts": ["93.184.215.15"]})
+    assert other.evaluate(req(host=carrier), PUBLIC).rule != "h"
+
+
+def test_a_client_network_is_not_met_by_an_ipv6_client_carrying_an_ipv4_address() -> None:
+    """Only destinations are reached through the address inside: a client's own
+    address is what it is (the mapped form aside)."""
+    rules = ruleset({"id": "c", "action": "deny", "clients": ["10.0.0.0/8"]})
+    assert rules.evaluate(req(client="64:ff9b::a00:1"), PUBLIC).rule != "c"
+    assert rules.evaluate(req(client="::ffff:10.0.0.1"), PUBLIC).rule == "c"
