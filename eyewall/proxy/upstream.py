@@ -19,6 +19,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 import time
@@ -103,13 +104,16 @@ class Resolver:
 
 
 def _classify(error: OSError, where: str) -> ProxyError:
+    """The ProxyError for a failed connect to ``where``, worded by the error number
+    (asyncio's own message repeats the address in Python's spelling)."""
     if isinstance(error, ConnectionRefusedError):
         return ProxyError(ErrorKind.CONNECTION_REFUSED, f"connection refused by {where}")
     if isinstance(error, TimeoutError):
         return ProxyError(ErrorKind.CONNECTION_TIMEOUT, f"no answer from {where}")
+    reason = os.strerror(error.errno) if error.errno else str(error.strerror or error)
     if error.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL):
-        return ProxyError(ErrorKind.DESTINATION_UNAVAILABLE, f"{where}: {error.strerror}")
-    return ProxyError(ErrorKind.CONNECTION_TERMINATED, f"{where}: {error.strerror or error}")
+        return ProxyError(ErrorKind.DESTINATION_UNAVAILABLE, f"{where}: {reason}")
+    return ProxyError(ErrorKind.CONNECTION_TERMINATED, f"{where}: {reason}")
 
 
 async def _attempt(family: int, sockaddr: tuple[str, int]) -> socket.socket:

@@ -16,7 +16,7 @@ from eyewall.errors import ErrorKind, ProxyError
 from eyewall.http1.target import parse_target
 from eyewall.proxy import upstream
 from eyewall.proxy.streams import BoundedStream
-from eyewall.proxy.upstream import Resolver, Upstream, UpstreamPool, connect
+from eyewall.proxy.upstream import Resolver, Upstream, UpstreamPool, _classify, connect
 from tests.proxy.harness import until
 
 V4, V6 = int(socket.AF_INET), int(socket.AF_INET6)
@@ -343,3 +343,14 @@ def test_released_connections_beyond_the_limit_or_after_closing_are_closed():
             s.close()
 
     run(main())
+
+
+def test_a_failed_connect_is_worded_by_its_error_number_not_by_asyncio() -> None:
+    """asyncio words a failed connect as "Connect call failed ('::127.0.0.2', 80, 0,
+    0)": the address again, in Python's spelling. The page says what happened."""
+    error = OSError(errno.EHOSTUNREACH, "Connect call failed ('::127.0.0.2', 80, 0, 0)")
+    failed = _classify(error, "[::7f00:2]:80")
+    assert failed.kind is ErrorKind.DESTINATION_UNAVAILABLE
+    assert failed.detail == "[::7f00:2]:80: No route to host"
+    other = _classify(OSError(errno.ECONNRESET, "Connect call failed (...)"), "h:80")
+    assert other.detail == "h:80: Connection reset by peer"
