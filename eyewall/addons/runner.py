@@ -393,5 +393,7 @@ class Addons:
                     self._lifecycle(addon, Running())
             else:
                 f.stamp = stamp  # report a broken file once, not every second
+                if f.addons:
+                    log.warning("addon %s: the version loaded before keeps running", f.path)
         if changed:
             self._index()

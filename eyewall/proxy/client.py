@@ -342,9 +342,15 @@ class ClientConnection:
         if not complete(data):
             first_line_ends = data.find(b"\n")
             if first_line_ends == -1 or first_line_ends > limits.max_target_length:
-                kind, detail = ErrorKind.TARGET_TOO_LONG, "request line too long"
+                kind, detail = (
+                    ErrorKind.TARGET_TOO_LONG,
+                    "request line too long (limits.max_target_length)",
+                )
             else:
-                kind, detail = ErrorKind.HEADERS_TOO_LARGE, "request header section too large"
+                kind, detail = (
+                    ErrorKind.HEADERS_TOO_LARGE,
+                    "request header section too large (limits.max_header_size)",
+                )
             flow.method, flow.url = request_line_hint(data)
             return False, await self._error(flow, method_hint(data), kind, detail, True)
         try:
@@ -360,7 +366,11 @@ class ClientConnection:
         method = head.method
         if len(head.target) > limits.max_target_length:
             return False, await self._error(
-                flow, method, ErrorKind.TARGET_TOO_LONG, "request target too long", True
+                flow,
+                method,
+                ErrorKind.TARGET_TOO_LONG,
+                "request target too long (limits.max_target_length)",
+                True,
             )
         try:
             target = (

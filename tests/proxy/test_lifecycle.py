@@ -995,6 +995,8 @@ def test_the_record_of_a_head_that_could_not_be_parsed_keeps_its_request_line(
         flow = ctx.flows[0]
         method, _, rest = request_head.decode().partition(" ")
         assert (flow.status, flow.method, flow.url) == (expected, method, rest.split(" ")[0])
+        if expected == 431:  # the page names the setting to raise
+            assert flow.error_detail.endswith("(limits.max_header_size)")
         ctx.close()
 
     run(main())
