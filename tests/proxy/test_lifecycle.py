@@ -34,6 +34,15 @@ async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         await writer.drain()
 
 
+def idle_past_body_idle(ctx: FakeContext, conn: ClientConnection) -> None:
+    """With body_idle at 3 s and the last bytes already moved: the first sweep (1 s)
+    sees them, nothing has run out 3.9 s on, and the phase has 4.1 s on."""
+    ctx.advance(1.0)
+    ctx.advance(2.9)
+    assert conn.watch.expired is None
+    ctx.advance(0.2)
+
+
 def test_a_request_goes_through_and_its_flow_ends() -> None:
     async def main() -> None:
         ctx = FakeContext()
@@ -428,10 +437,7 @@ def test_a_client_that_stops_sending_its_body_gets_408() -> None:
             f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n12345".encode()
         )
         await until(lambda: client.conn.exchange is not None and client.conn.exchange.sent.count)
-        ctx.advance(1.0)  # the sweep sees the 5 bytes that moved
-        ctx.advance(2.9)
-        assert client.conn.watch.expired is None
-        ctx.advance(0.2)
+        idle_past_body_idle(ctx, client.conn)  # the first sweep sees the 5 bytes
         data = await client.response()  # the proxy's end of output follows the answer
         assert status(data) == 408 and b"Connection: close" in data
         assert b"request body: no byte came for timeouts.body_idle" in data
@@ -813,10 +819,7 @@ def test_a_buffering_addon_with_a_stalled_client_body_gets_408_after_body_idle(
         exchange = client.conn.exchange
         assert exchange is not None
         await until(lambda: exchange.buffered.count == 3)  # "abc" was read
-        ctx.advance(1.0)
-        ctx.advance(2.9)
-        assert client.conn.watch.expired is None
-        ctx.advance(0.2)
+        idle_past_body_idle(ctx, client.conn)
         data = await client.response()  # then the proxy's end of output
         assert status(data) == 408 and b"request body: no byte came" in data
         await client.finish()
@@ -856,10 +859,7 @@ def test_an_origin_that_stalls_a_body_an_addon_buffers_is_a_504(tmp_path: Path) 
         exchange = client.conn.exchange
         assert exchange is not None
         await until(lambda: exchange.buffered.count == 7)
-        ctx.advance(1.0)
-        ctx.advance(2.9)
-        assert client.conn.watch.expired is None
-        ctx.advance(0.2)
+        idle_past_body_idle(ctx, client.conn)
         data = await client.until_received(b"took too long")
         assert status(data) == 504 and b"body_stalled" in data
         await until(lambda: ctx.flows)
