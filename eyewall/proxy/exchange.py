@@ -345,7 +345,13 @@ class Exchange:
             except StreamClosedError:
                 # A pooled connection the origin closed just as we reused it: safe to
                 # send again on a new one if nothing came back (RFC 9110 §9.2.2).
-                if attempt or not retryable or not up.uses or self.watch.expired is not None:
+                if (
+                    attempt
+                    or not retryable
+                    or not up.uses
+                    or self.watch.expired is not None
+                    or self.aborted is not None  # cut by the proxy's stop, not stale
+                ):
                     raise
                 up.stream.close()
                 attempt += 1
@@ -721,7 +727,7 @@ class Exchange:
             )
         if self.client.closed():
             return ProxyError(ErrorKind.CLIENT_ABORTED, "client closed the connection")
-        if self.responded:
+        if self.responded or self.flow.response is not None:  # (an addon buffers it)
             return ProxyError(
                 ErrorKind.CONNECTION_TERMINATED, "origin closed the connection mid-response"
             )

@@ -1046,3 +1046,39 @@ def test_a_reload_keeps_rate_limits() -> None:
         ctx.close()
 
     run(main())
+
+
+def test_a_cut_exchange_on_a_reused_connection_is_answered_not_sent_again() -> None:
+    """The proxy's stop closing a pooled connection is no stale connection: the request
+    is not sent again on a new one; its client gets the 502 saying why."""
+    seen: list[bytes] = []
+
+    async def first_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            seen.append(await read_request(reader))
+            if len(seen) == 1:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+                await writer.drain()
+
+    async def main() -> None:
+        ctx = FakeContext()
+        origin = await Origin.start(first_only)
+        client = Client(ctx)
+        await client.send(f"GET {origin.url}/a HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await client.until_received(b"hello")
+        client.received = b""
+        await client.send(f"GET {origin.url}/b HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await until(lambda: len(seen) == 2)
+        exchange = client.conn.exchange
+        assert exchange is not None and exchange.up is not None and exchange.up.uses == 1
+        assert exchange.abort("the proxy stopped at its drain deadline")
+        data = await client.until_received(b"drain deadline")
+        assert status(data) == 502
+        await until(lambda: len(ctx.flows) == 2)
+        assert ctx.flows[1].error is ErrorKind.CONNECTION_TERMINATED
+        assert len(seen) == 2  # not sent a second time
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
