@@ -250,3 +250,44 @@ def test_check_config_refuses_what_start_up_would_refuse(
     err = capsys.readouterr().err
     assert f"{config}:1: addons[0]: addon " in err and "is not a hook" in err
     assert f"{config}:2: limitz: unknown setting" in err
+
+
+@pytest.mark.parametrize("ending", ["raise SystemExit(0)", "raise KeyboardInterrupt"])
+def test_addon_code_that_would_end_the_program_is_a_failed_addon_not_a_stop(
+    tmp_path: Path, ending: str
+) -> None:
+    """sys.exit or an interrupt raised by addon code ends neither the proxy nor
+    check-config: a hook fails (logged, counted), a file fails to load (reported)."""
+    hooked = addon_file(
+        tmp_path / "addons", "exits.py", f"class E:\n    def client_connected(self, c): {ending}\n"
+    )
+    addons = Addons([str(hooked)])
+    addons.load_all()
+    asyncio.run(addons.call(ClientConnected(Client(("127.0.0.1", 1)))))
+    assert addons.failures == {("exits.E", "client_connected", "error"): 1}
+    policy = Addons([], [str(hooked)])
+    policy.load_all()
+    with pytest.raises(AddonFailed):
+        asyncio.run(policy.call(ClientConnected(Client(("127.0.0.1", 1)))))
+    top = addon_file(tmp_path / "addons", "top.py", f"{ending}\n")
+    with pytest.raises(ValueError, match=r"top\.py failed to load"):
+        Addons([str(top)]).load_all()
+    [problem] = Addons([str(top)]).check()
+    assert "top.py failed to load (line 1)" in problem
+
+
+def test_check_names_every_misspelt_hook_and_every_listed_object_without_hooks(
+    tmp_path: Path,
+) -> None:
+    misspelt = addon_file(
+        tmp_path / "addons",
+        "three.py",
+        "class A:\n    def requestheader(self, f): pass\n    def Response(self, f): pass\n"
+        "    def reponse(self, f): pass\n",
+    )
+    [problem] = Addons([str(misspelt)]).check()
+    for name in ("A.requestheader", "A.Response", "A.reponse"):
+        assert f"{name} is not a hook" in problem
+    listed = addon_file(tmp_path / "addons", "listed.py", 'addons = [1, "x"]\n')
+    [problem] = Addons([str(listed)]).check()
+    assert "addons[0] (1) has no hook method; addons[1] ('x') has no hook method" in problem

@@ -35,6 +35,12 @@ _DATA_NAMES = tuple(h.name for h in DATA_HOOKS)
 BLOCKING = 0.1  # seconds a plain hook may hold the event loop before it is reported
 
 
+# What addon code may raise and the proxy survives: every exception, and the two that
+# end a program (sys.exit, an interrupt) — an addon is not the program.  Cancellation
+# (the proxy's own, or a hook's timeout) goes through.
+USER_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
+
+
 class AddonFailed(Exception):
     """A policy addon's hook raised (or timed out): the exchange fails closed."""
 
@@ -250,7 +256,7 @@ class Addons:
             sys.modules[name] = module
             exec(code, module.__dict__)
             instances = _instances(module)
-        except Exception as e:  # any error in user code must be reported, never raised
+        except USER_ERRORS as e:  # any error in user code must be reported, never raised
             log.error(
                 "addon %s failed to load: %s: %s",
                 f.path,
@@ -267,14 +273,19 @@ class Addons:
             for _, cls in inspect.getmembers(module, inspect.isclass)
             if cls.__module__ == module.__name__
         ]
-        for cls in classes:
-            for method, hook in _near_misses(cls):
-                error = (
-                    f"addon {f.path}: {cls.__name__}.{method} is not a hook;"
-                    f" did you mean {hook}? (see docs/hooks.md)"
-                )
-                log.error("%s", error)
-                return error
+        wrong = [
+            f"{cls.__name__}.{method} is not a hook; did you mean {hook}?"
+            for cls in classes
+            for method, hook in _near_misses(cls)
+        ]
+        listed = getattr(module, "addons", None) is not None  # the module's own list
+        for i, instance in enumerate(instances if listed else ()):  # may hold anything
+            if not any(callable(getattr(instance, name, None)) for name in _HOOK_NAMES):
+                wrong.append(f"addons[{i}] ({instance!r:.40}) has no hook method")
+        if wrong:
+            error = f"addon {f.path}: {'; '.join(wrong)} (see docs/hooks.md)"
+            log.error("%s", error)
+            return error
         if not instances:
             return f"addon {f.path}: no class with a hook method (see docs/hooks.md)"
         f.stamp = stamp
@@ -310,7 +321,7 @@ class Addons:
                 close = getattr(result, "close", None)
                 if close is not None:
                     close()
-        except Exception:
+        except USER_ERRORS:
             log.exception("addon %s failed in %s", addon.name, hook.name)
             self._failed(addon, hook.name, "error")
 
@@ -344,7 +355,7 @@ class Addons:
                 self._failed(addon, name, "timeout")
                 if addon.policy:
                     raise AddonFailed(addon.name, name, "timed out") from None
-            except Exception:
+            except USER_ERRORS:
                 log.exception("addon %s failed in %s", addon.name, name)
                 self._failed(addon, name, "error")
                 if addon.policy:
