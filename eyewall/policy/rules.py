@@ -31,7 +31,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from ipaddress import ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 from eyewall.http1.target import canonical_host
@@ -142,7 +142,7 @@ class Rule:
         """None if the rule matches, else the first condition that does not."""
         if self.hosts or self.domains or self.subdomains or self.host_regex is not None:
             host = req.host
-            inner = _inner_ipv4(host) if ":" in host else None
+            inner = _reached(host) if host[-1:].isdigit() or ":" in host else None
             if not (self._names(host) or (inner is not None and self._names(inner))):
                 return "host"
         if self.ports and not _in_ports(req.port, self.ports):
@@ -173,28 +173,41 @@ class Rule:
 
 
 @lru_cache(maxsize=1024)
-def _inner_ipv4(host: str) -> str | None:
-    """The IPv4 address an IPv6 literal carries and reaches (NAT64 64:ff9b::/96, 6to4,
-    IPv4-compatible; `embedded_ipv4`), so that a rule naming the IPv4 address covers
-    it; None for anything else."""
+def _reached(host: str) -> str | None:
+    """The other address a connection to ``host`` (an address) reaches, so that a rule
+    naming that one covers it: the IPv4 address an IPv6 one carries (NAT64
+    64:ff9b::/96, 6to4, IPv4-compatible; `embedded_ipv4`), or this host's loopback for
+    an unspecified address (0.0.0.0, ::); None for anything else."""
     try:
-        inner = embedded_ipv4(ip_address(host))
+        ip = ip_address(host)
     except ValueError:
         return None
-    return str(inner) if inner is not None else None
+    other = _alias(ip)
+    return str(other) if other is not None else None
+
+
+def _alias(ip: IPv4Address | IPv6Address) -> IPv4Address | IPv6Address | None:
+    if ip.is_unspecified:
+        return _LOOPBACK_V4 if ip.version == 4 else _LOOPBACK_V6
+    return embedded_ipv4(ip) if ip.version == 6 else None
+
+
+_LOOPBACK_V4 = IPv4Address("127.0.0.1")
+_LOOPBACK_V6 = IPv6Address("::1")
 
 
 def _in_networks(address: str, networks: tuple[IPNetwork, ...], inner: bool = False) -> bool:
     """``address`` in one of ``networks``; an IPv4-mapped address counts as its IPv4
-    address, and with ``inner`` (destinations) so does any IPv6 address carrying one
-    (NAT64, 6to4, IPv4-compatible: a connection there reaches it)."""
+    address, and with ``inner`` (destinations) an address counts as the one a
+    connection to it reaches too (`_reached`: the IPv4 address inside NAT64, 6to4 and
+    IPv4-compatible ones, this host's loopback for 0.0.0.0 and ::)."""
     ip = ip_address(address)
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1
     if any(ip.version == n.version and ip in n for n in networks):
         return True
-    carried = embedded_ipv4(ip) if inner and ip.version == 6 else None
-    return carried is not None and any(n.version == 4 and carried in n for n in networks)
+    other = _alias(ip) if inner else None
+    return other is not None and any(n.version == other.version and other in n for n in networks)
 
 
 def _strings(raw: Mapping[str, Any], key: str, path: str) -> list[str]:

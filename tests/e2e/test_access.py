@@ -561,7 +561,11 @@ def test_a_rule_naming_an_address_holds_for_every_spelling_live_and_in_explain(
         assert status(connect) == 403, (host, connect[:200])
         told = explain("--config", config, f"http://{host}:{port}/")
         assert told.returncode == 3 and "403 Forbidden by block-ip" in told.stdout, told.stdout
-    poll(lambda: len(p.access_lines()) == 2 * len(SPELLINGS), what="every refusal logged")
+    for host in ("0", "0.0.0.0"):  # unspecified: reaches this host, so 127.0.0.1's rule
+        assert status(get(p, f"http://{host}:{port}/echo/x")) == 403, host
+        told = explain("--config", config, f"http://{host}:{port}/")
+        assert told.returncode == 3 and "403 Forbidden by block-ip" in told.stdout, told.stdout
+    poll(lambda: len(p.access_lines()) == 2 * len(SPELLINGS) + 2, what="every refusal logged")
     logged = [line.split()[3:5] for line in p.access_lines()]  # method, URL: as reached
     assert logged.count(["GET", f"http://127.0.0.1:{port}/echo/x"]) == len(SPELLINGS), logged
     assert logged.count(["CONNECT", f"127.0.0.1:{port}"]) == len(SPELLINGS), logged

@@ -423,3 +423,16 @@ def test_a_client_network_is_not_met_by_an_ipv6_client_carrying_an_ipv4_address(
     rules = ruleset({"id": "c", "action": "deny", "clients": ["10.0.0.0/8"]})
     assert rules.evaluate(req(client="64:ff9b::a00:1"), PUBLIC).rule != "c"
     assert rules.evaluate(req(client="::ffff:10.0.0.1"), PUBLIC).rule == "c"
+
+
+@pytest.mark.parametrize(("unspecified", "loopback"), [("0.0.0.0", "127.0.0.1"), ("::", "::1")])
+def test_an_unspecified_destination_meets_the_rules_naming_loopback(
+    unspecified: str, loopback: str
+) -> None:
+    """0.0.0.0 and :: reach this host: rules on its loopback address or network cover
+    them (with allow_private the SSRF guard does not)."""
+    by_host = ruleset({"id": "h", "action": "deny", "hosts": [loopback]})
+    assert by_host.evaluate(req(host=unspecified), PUBLIC).rule == "h"
+    net = "127.0.0.0/8" if ":" not in loopback else "::1/128"
+    by_net = ruleset({"id": "n", "action": "deny", "networks": [net]})
+    assert by_net.evaluate(req(host="example.com"), (unspecified,)).rule == "n"
