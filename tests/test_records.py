@@ -29,6 +29,9 @@ from eyewall.observe.records import is_credential_field, redact_url
         "X-Functions-Key",
         "X-Access-Key",
         "X-Parse-Master-Key",
+        # a fourth pass
+        "X-Pass",
+        "X-Pwd",
     ],
 )
 def test_credential_fields(name: str) -> None:
@@ -46,6 +49,8 @@ def test_credential_fields(name: str) -> None:
         "Referer",
         "Keep-Alive",
         "X-Keyboard-Layout",
+        "X-Bypass",
+        "Compass",
     ],
 )
 def test_ordinary_fields(name: str) -> None:
@@ -91,6 +96,13 @@ def test_ordinary_fields(name: str) -> None:
             "http://a/?pw[]=[redacted]&code[]=[redacted]&key[0]=[redacted]",
         ),
         ("http://a/?pw%20=S4", "http://a/?pw%20=[redacted]"),
+        # encoded twice, "+" for a space, OAuth's assertion and PKCE verifier (a fourth)
+        (
+            "http://a/?user%255Bpw%255D=E1&api+key=E2&x-pass=E3&client-assertion=E4"
+            "&code_verifier=E5&q=1",
+            "http://a/?user%255Bpw%255D=[redacted]&api+key=[redacted]&x-pass=[redacted]"
+            "&client-assertion=[redacted]&code_verifier=[redacted]&q=1",
+        ),
         # nested names (a third pass): any part of the name counts
         (
             "http://a/?user[password]=N1&a[b][token]=N2&user%5Bpw%5D=N3&user[name]=bob",
@@ -125,3 +137,23 @@ def test_long_field_names_are_judged_but_not_cached() -> None:
     assert is_credential_field("X-Token-" + "a" * 10_000)
     assert (len(records._treatments), len(records._field_verdicts)) == before
     assert all(len(n) <= records.CACHED_NAME for n in records._treatments)
+
+
+def test_fields_carrying_urls_or_authorities_lose_their_credentials() -> None:
+    from eyewall.http1.parse import Headers
+    from eyewall.observe import records
+
+    heads = records._heads(
+        Headers(
+            [
+                ("Host", "user:H1@127.0.0.1:9901"),
+                ("Refresh", "0; url=http://u:H2@h/"),
+                ("Link", "<http://h/?access_token=H3>; rel=next"),
+                ("Location", "http://h/?sig=H4"),
+                ("X-Pass", "H5"),
+            ]
+        ),
+        credentials=False,
+    )
+    assert heads is not None and not any(f"H{i}" in heads for i in range(1, 6)), heads
+    assert "Host: ***@127.0.0.1:9901" in heads

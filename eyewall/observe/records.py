@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import re
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote_plus
 
 from eyewall.flow import Flow
 from eyewall.http1.parse import Headers
@@ -58,8 +58,9 @@ COLUMNS = (
 # The challenges (WWW-Authenticate, Proxy-Authenticate) hold none, nor does a WebSocket
 # handshake's nonce (Sec-WebSocket-Key).
 _SECRET_NAME = re.compile(
-    r"token|secret|passw|passcode|passphrase|api[-_]?key|accesskey|privatekey|auth|bearer"
-    r"|session|sessid|cookie|credential|signature|jwt|ticket|(?:^|[-_.])(?:key|otp)$",
+    r"token|secret|passw|passcode|passphrase|api[-_ ]?key|accesskey|privatekey|auth|bearer"
+    r"|session|sessid|cookie|credential|signature|jwt|ticket|assertion|verifier"
+    r"|(?:^|[-_. ])(?:key|otp|pass|pwd|pw)$",
     re.I,
 )
 _NOT_SECRET = frozenset({"www-authenticate", "proxy-authenticate", "sec-websocket-key"})
@@ -113,9 +114,10 @@ _BRACKETS = re.compile(r"[\[\]]")
 
 def _redact_param(match: re.Match[str]) -> str:
     # ``pw[]``, ``key[0]`` (arrays), ``user[password]``, ``a[b][token]`` (nested names),
-    # ``pw%20``: every part of the name counts
+    # ``pw%20``, ``user%255Bpw%255D``, ``api+key``: every part of the name counts
     if match.group(3):
-        for part in _BRACKETS.split(unquote(match.group(2)).lower()):
+        name = unquote_plus(unquote_plus(match.group(2)))  # encoded twice, "+" a space
+        for part in _BRACKETS.split(name.lower()):
             part = part.strip()
             if part and (part in _SECRET_PARAMS or _SECRET_NAME.search(part)):
                 return f"{match.group(1)}{match.group(2)}={REDACTED}"
@@ -123,7 +125,8 @@ def _redact_param(match: re.Match[str]) -> str:
 
 
 _PLAIN, _CREDENTIAL, _PROXY_CREDENTIAL, _URL = range(4)
-_URL_FIELDS = frozenset({"referer", "location", "content-location"})
+# Fields that may carry a URL (or an authority: Host) with userinfo or secret parameters.
+_URL_FIELDS = frozenset({"referer", "location", "content-location", "refresh", "link", "host"})
 _treatments: dict[str, int] = {}  # field name as received -> how its value is recorded
 
 
