@@ -115,9 +115,9 @@ def parse_target(method: str, target: str) -> Target:
         scheme = scheme.lower()
         authority_host = host.lower()
         host = authority_host.removesuffix(".")
-        if host[-1].isdigit() or "0x" in host:  # maybe an address, maybe in another spelling
-            host = canonical_host(host)
-            authority_host = host if host != authority_host.removesuffix(".") else authority_host
+        canonical = canonical_host(host)
+        if canonical != host:  # an address in another spelling
+            host = authority_host = canonical
         port = DEFAULT_PORTS[scheme] if port_text is None else int(port_text)
         if 0 < port < 65536:
             if not path or path[0] == "?":
@@ -174,10 +174,9 @@ def parse_authority(
             raise TargetError("invalid host in target")
         shown = host.lower()
         host = shown.removesuffix(".")
-        if host and (host[-1].isdigit() or "0x" in host):
-            canonical = canonical_host(host)
-            if canonical != host:
-                host = shown = canonical
+        canonical = canonical_host(host)
+        if canonical != host:  # an address in another spelling
+            host = shown = canonical
     if port_text:
         if not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
             raise TargetError("invalid port in target")

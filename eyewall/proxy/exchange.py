@@ -237,14 +237,17 @@ class Exchange:
             self.upload_error = _body_stalled_by_client()  # the origin is not asked yet
             reading.cancel()
             return
-        if phase is Phase.SENDING and not self.responded and self._client_stalled():
+        client_stalled = phase is Phase.SENDING and not self.responded and self._client_stalled()
+        if client_stalled:
             self.upload_error = _body_stalled_by_client()
-            phase = Phase.WAITING  # an answer can still be sent
-        elif phase is Phase.BUFFERING and not self.responded and up is not None:
-            phase = Phase.WAITING  # the origin stalled a body an addon buffers: 504
         if up is not None:
             up.stream.close()
-        if phase is not Phase.WAITING or self.responded:
+        answerable = not self.responded and (
+            phase is Phase.WAITING
+            or client_stalled
+            or (phase is Phase.BUFFERING and up is not None)  # a body from the origin: 504
+        )
+        if not answerable:
             self.client.close()
 
     def _client_stalled(self) -> bool:
