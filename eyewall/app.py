@@ -220,7 +220,7 @@ def addon_problems(settings: Settings) -> list[str]:
     for key, files in (("addons", settings.addons), ("policy_addons", settings.policy_addons)):
         for i, path in enumerate(files):
             if unsafe_code(path) is None:
-                found = Addons([path]).check()
+                found = Addons([path], hook_timeout=settings.timeouts.addon_hook).check()
                 problems.extend(f"{key}[{i}]: {problem}" for problem in found)
     return problems
 
@@ -488,6 +488,16 @@ def _write_pid_file(path: str) -> None:
         f.write(f"{os.getpid()}\n")
 
 
+def _restart_failed(settings: Settings) -> None:
+    """A restart's new generation did not start: the pid file, still naming this
+    process, is written again, which ends ``eyewall restart``'s wait at once."""
+    if settings.pid_file:
+        try:
+            _write_pid_file(settings.pid_file)
+        except OSError as e:
+            log.error("pid_file %s: %s", settings.pid_file, e.strerror)
+
+
 async def serve(
     loader: Loader,
     loaded: Loaded,
@@ -651,7 +661,9 @@ async def serve(
             bound["admin.listen", proxy.settings.admin.listen] = observers.admin.sockets
         return bound
 
-    restart = Restart(listeners, lambda: on_stop(signal.SIGUSR2))
+    restart = Restart(
+        listeners, lambda: on_stop(signal.SIGUSR2), failed=lambda: _restart_failed(proxy.settings)
+    )
     loop.add_signal_handler(signal.SIGUSR2, restart.request)
     await fleet.start()  # after the ready lines: it may log (whether Redis answers)
     await stop.wait()

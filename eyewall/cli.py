@@ -235,29 +235,30 @@ def check_config(files: Sequence[str], check_paths: bool = True, quiet: bool = F
     return status
 
 
-def _signal_proxy(args: argparse.Namespace, command: str, sig: int) -> tuple[int, str, int]:
+def _signal_proxy(args: argparse.Namespace, command: str, sig: int) -> tuple[int, str, int, int]:
     """Send ``sig`` to the proxy named by the pid file (``--pid-file``, or the
     ``--config`` file's pid_file).  With ``--config`` the file is checked first, as
     ``check-config`` would, and nothing is sent when it is invalid.  Returns (status,
-    the pid file, the pid); status 0 when sent, 1 no such process, 2 usage or config
-    error (said on stderr)."""
+    the pid file, the pid, the pid file's modification time in ns before the signal);
+    status 0 when sent, 1 no such process, 2 usage or config error (said on stderr)."""
     pid_file = args.pid_file
     if args.config:
         if check_config([args.config], quiet=True) != 0:
             print(f"eyewall {command}: not sent; the proxy keeps running as it is", file=sys.stderr)
-            return 2, "", 0
+            return 2, "", 0, 0
         if pid_file is None:
             pid_file = load_settings(args.config).pid_file
     if not pid_file:
         print(f"eyewall {command}: give --pid-file, or --config with pid_file set", file=sys.stderr)
-        return 2, "", 0
+        return 2, "", 0, 0
     try:
+        stamp = os.stat(pid_file).st_mtime_ns
         pid = int(Path(pid_file).read_text().strip())
         os.kill(pid, sig)
     except (OSError, ValueError) as e:
         print(f"eyewall {command}: {pid_file}: {e}", file=sys.stderr)
-        return 1, pid_file, 0
-    return 0, pid_file, pid
+        return 1, pid_file, 0, 0
+    return 0, pid_file, pid, stamp
 
 
 def reload_command(args: argparse.Namespace) -> int:
@@ -265,7 +266,7 @@ def reload_command(args: argparse.Namespace) -> int:
     the config).  With ``--config`` the file is checked first, as ``check-config`` would,
     and nothing is sent when it is invalid.  Returns the exit status: 0 sent, 1 no such
     process, 2 usage or config error (not sent)."""
-    status, _, pid = _signal_proxy(args, "reload", signal.SIGHUP)
+    status, _, pid, _ = _signal_proxy(args, "reload", signal.SIGHUP)
     if status == 0:
         print(f"sent SIGHUP to {pid}; the proxy logs whether the reload was applied")
     return status
@@ -273,9 +274,11 @@ def reload_command(args: argparse.Namespace) -> int:
 
 def restart_command(args: argparse.Namespace) -> int:
     """``eyewall restart``: send SIGUSR2 to the process in the pid file, then wait up to
-    ``--wait`` seconds for the pid file to name its successor.  Returns the exit status:
-    0 restarted, 1 no such process or no successor in time, 2 usage or config error."""
-    status, pid_file, old = _signal_proxy(args, "restart", signal.SIGUSR2)
+    ``--wait`` seconds for the pid file to name its successor.  The running process
+    rewrites the file with its own pid when the successor fails to start, which ends the
+    wait at once.  Returns the exit status: 0 restarted, 1 no such process, a successor
+    that failed or none in time, 2 usage or config error."""
+    status, pid_file, old, stamp = _signal_proxy(args, "restart", signal.SIGUSR2)
     if status:
         return status
     print(f"sent SIGUSR2 to {old}", flush=True)
@@ -288,6 +291,13 @@ def restart_command(args: argparse.Namespace) -> int:
         if new != old:
             print(f"restarted: {new} serves; {old} drains and exits")
             return 0
+        if _stamp(pid_file) not in (stamp, None):  # rewritten by the running process
+            print(
+                f"eyewall restart: the new generation failed to start; {old} keeps serving"
+                " (the proxy's log says why)",
+                file=sys.stderr,
+            )
+            return 1
         time.sleep(0.1)
     print(
         f"eyewall restart: {pid_file} still names {old} after {args.wait:g} s"
@@ -295,6 +305,13 @@ def restart_command(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+def _stamp(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
 
 
 def har_command(args: argparse.Namespace) -> int:

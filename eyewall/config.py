@@ -206,8 +206,9 @@ class Timeouts:
     )
     addon_hook: float = setting(
         30.0,
-        "Longest an async addon hook may run; then it is cancelled and counts as a"
-        " failed hook (a policy addon fails the request). Never blamed on the origin.",
+        "Longest an addon hook may run; then it is cancelled (async) or stopped"
+        " (plain) and counts as a failed hook (a policy addon fails the request)."
+        " Also bounds loading an addon file. Never blamed on the origin.",
         flag="--addon-hook-timeout",
         unit="s",
         check=_positive,

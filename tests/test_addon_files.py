@@ -291,3 +291,107 @@ def test_check_names_every_misspelt_hook_and_every_listed_object_without_hooks(
     listed = addon_file(tmp_path / "addons", "listed.py", 'addons = [1, "x"]\n')
     [problem] = Addons([str(listed)]).check()
     assert "addons[0] (1) has no hook method; addons[1] ('x') has no hook method" in problem
+
+
+# -- addon code that never returns ----------------------------------------------------------
+
+ENDLESS = {
+    "a loop at the top level": "while True:\n    pass\n",
+    "a blocking call at the top level": "import time\ntime.sleep(3600)\n",
+    "a loop in __init__": "class A:\n    def __init__(self):\n        while True: pass\n"
+    "    def request(self, flow): pass\n",
+}
+
+
+@pytest.mark.parametrize("case", ENDLESS)
+def test_addon_code_that_never_returns_fails_to_load_and_stops(tmp_path: Path, case: str) -> None:
+    """An endless loop or a blocking call while a file loads (at start-up, in
+    check-config, on a hot reload) fails that file after timeouts.addon_hook, named,
+    and the proxy goes on: a reload keeps the version loaded before."""
+    path = addon_file(tmp_path / "addons", "endless.py", ENDLESS[case])
+    [problem] = Addons([str(path)], hook_timeout=0.2).check()
+    assert "endless.py did not finish loading (line " in problem
+    assert problem.endswith("within timeouts.addon_hook (0.2 s)")
+    with pytest.raises(ValueError, match="did not finish loading"):
+        Addons([str(path)], hook_timeout=0.2).load_all()
+    path.write_text(SOURCE.format(mark="first"))
+    addons = Addons([str(path)], hook_timeout=0.2)
+    addons.load_all()
+    path.write_text(ENDLESS[case] + "# edited\n")
+    addons.reload_changed(None)
+    assert loaded_mark(addons) == "first"
+
+
+ENDLESS_HOOKS = (
+    "import time\n"
+    "class A:\n"
+    "    def load(self, loader):\n"
+    "        while True: pass\n"
+    "    def client_connected(self, client):\n"
+    "        time.sleep(3600)\n"
+)
+
+
+def test_a_plain_hook_that_never_returns_is_stopped(tmp_path: Path) -> None:
+    """A lifecycle hook or a plain data hook that never returns holds the event loop:
+    it is stopped after timeouts.addon_hook and counts as a timed-out hook (a policy
+    addon then fails the exchange), and the next call runs again."""
+    path = addon_file(tmp_path / "addons", "stuck.py", ENDLESS_HOOKS)
+    hook = ClientConnected(Client(("127.0.0.1", 1)))
+    observed = Addons([str(path)], hook_timeout=0.2)
+    observed.load_all()
+    assert observed.failures == {("stuck.A", "load", "timeout"): 1}
+    asyncio.run(observed.call(hook))
+    asyncio.run(observed.call(hook))
+    assert observed.failures[("stuck.A", "client_connected", "timeout")] == 2
+    policy = Addons([], [str(path)], hook_timeout=0.2)
+    policy.load_all()
+    with pytest.raises(AddonFailed, match="timed out in client_connected"):
+        asyncio.run(policy.call(hook))
+
+
+def test_the_bound_is_lifted_once_the_code_returns(tmp_path: Path) -> None:
+    """No stray signal after bounded code returns (a timer left armed would interrupt
+    the proxy's own code), and outside the main thread code runs unbounded."""
+    import signal
+    import threading
+
+    from eyewall.addons.runner import bounded
+
+    with bounded(0.05):
+        pass
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    done = threading.Event()
+
+    def elsewhere() -> None:
+        with bounded(0.01):
+            threading.Event().wait(0.05)
+        done.set()
+
+    worker = threading.Thread(target=elsewhere)
+    worker.start()
+    worker.join()
+    assert done.is_set()
+
+
+def test_a_hook_that_catches_the_first_stop_is_stopped_again(tmp_path: Path) -> None:
+    path = addon_file(
+        tmp_path / "addons",
+        "stubborn.py",
+        "import time\n"
+        "class S:\n"
+        "    caught = 0\n"
+        "    def client_connected(self, client):\n"
+        "        while True:\n"
+        "            try:\n"
+        "                time.sleep(3600)\n"
+        "            except TimeoutError:\n"
+        "                S.caught += 1\n"
+        "                if S.caught == 1: continue\n"
+        "                raise\n",
+    )
+    addons = Addons([str(path)], hook_timeout=0.1)
+    addons.load_all()
+    asyncio.run(addons.call(ClientConnected(Client(("127.0.0.1", 1)))))
+    assert addons.failures == {("stubborn.S", "client_connected", "timeout"): 1}
+    assert addons.files[0].addons[0].instance.caught == 2

@@ -3,8 +3,11 @@
 An exception in a hook is logged with the addon's name and the file's line, and traffic
 goes on — unless the addon was loaded as a policy addon, in which case the exchange
 fails closed (`AddonFailed`, answered 502).  An ``async`` hook that runs past
-``hook_timeout`` seconds is cancelled and counts as such an exception.  A method whose
-name is a near miss of a hook's is refused when the file loads.
+``hook_timeout`` seconds is cancelled and counts as such an exception.  Code that runs
+on the event loop itself — a file's top level, its classes' ``__init__``, lifecycle
+hooks, plain hooks — is stopped after ``hook_timeout`` seconds by a timer signal
+(`bounded`), so an endless loop in an addon fails the addon, not the proxy.  A method
+whose name is a near miss of a hook's is refused when the file loads.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import inspect
 import logging
 import math
 import os
+import signal
 import stat
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -26,7 +32,7 @@ from typing import Any
 
 from eyewall.addons.hooks import DATA_HOOKS, HOOKS, Configure, Done, Hook, Load, Running
 
-__all__ = ["AddonFailed", "Addons", "Loader", "unsafe_code"]
+__all__ = ["AddonFailed", "Addons", "Loader", "Overran", "bounded", "unsafe_code"]
 
 log = logging.getLogger("eyewall.addons")
 
@@ -39,6 +45,44 @@ BLOCKING = 0.1  # seconds a plain hook may hold the event loop before it is repo
 # end a program (sys.exit, an interrupt) — an addon is not the program.  Cancellation
 # (the proxy's own, or a hook's timeout) goes through.
 USER_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
+
+
+class Overran(TimeoutError):
+    """Raised inside addon code that ran on the event loop past its limit (`bounded`)."""
+
+
+OVERRAN_AGAIN = 0.5  # seconds between `Overran` raised in code that caught the last one
+_armed = False  # whether a SIGALRM now means: stop the addon code running
+
+
+def _overran(signum: int, frame: object) -> None:
+    if _armed:
+        raise Overran
+
+
+@contextmanager
+def bounded(seconds: float) -> Iterator[None]:
+    """Run the body (synchronous addon code) for at most ``seconds``: past that, a
+    timer signal (SIGALRM, ``setitimer(ITIMER_REAL)``) raises `Overran` wherever it
+    runs, a blocking call included, and again every `OVERRAN_AGAIN` seconds while the
+    code goes on (it may catch the first).  Unbounded outside the main thread, or when
+    something else owns SIGALRM.  Not reentrant."""
+    global _armed
+    if (
+        not 0 < seconds < math.inf
+        or threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGALRM) not in (_overran, signal.SIG_DFL)
+    ):
+        yield
+        return
+    signal.signal(signal.SIGALRM, _overran)
+    _armed = True
+    signal.setitimer(signal.ITIMER_REAL, seconds, OVERRAN_AGAIN)
+    try:
+        yield
+    finally:
+        _armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 class AddonFailed(Exception):
@@ -254,8 +298,16 @@ class Addons:
             module = ModuleType(name)
             module.__file__ = str(f.path)
             sys.modules[name] = module
-            exec(code, module.__dict__)
-            instances = _instances(module)
+            with bounded(self.hook_timeout):
+                exec(code, module.__dict__)
+                instances = _instances(module)
+        except Overran as e:
+            error = (
+                f"addon {f.path} did not finish loading{_line_of(e, f.path)} within"
+                f" timeouts.addon_hook ({self.hook_timeout:g} s)"
+            )
+            log.error("%s", error)
+            return error
         except USER_ERRORS as e:  # any error in user code must be reported, never raised
             log.error(
                 "addon %s failed to load: %s: %s",
@@ -315,12 +367,21 @@ class Addons:
         if method is None:
             return
         try:
-            result = method(*hook.args())
+            with bounded(self.hook_timeout):
+                result = method(*hook.args())
             if inspect.isawaitable(result):
                 log.warning("addon %s: lifecycle hook %s must not be async", addon.name, hook.name)
                 close = getattr(result, "close", None)
                 if close is not None:
                     close()
+        except Overran:
+            log.error(
+                "addon %s: %s took longer than timeouts.addon_hook (%g s); stopped",
+                addon.name,
+                hook.name,
+                self.hook_timeout,
+            )
+            self._failed(addon, hook.name, "timeout")
         except USER_ERRORS:
             log.exception("addon %s failed in %s", addon.name, hook.name)
             self._failed(addon, hook.name, "error")
@@ -339,18 +400,20 @@ class Addons:
         for addon in self._by_hook.get(name, ()):
             try:
                 started = self.clock()
-                result = getattr(addon.instance, name)(*hook.args())
+                with bounded(self.hook_timeout):
+                    result = getattr(addon.instance, name)(*hook.args())
                 if inspect.isawaitable(result):
                     async with asyncio.timeout(self.hook_timeout):
                         await result
                 else:
                     self._check_blocking(addon, name, self.clock() - started)
-            except TimeoutError:
+            except TimeoutError as e:
                 log.error(
-                    "addon %s: %s took longer than timeouts.addon_hook (%g s); cancelled",
+                    "addon %s: %s took longer than timeouts.addon_hook (%g s); %s",
                     addon.name,
                     name,
                     self.hook_timeout,
+                    "stopped" if isinstance(e, Overran) else "cancelled",
                 )
                 self._failed(addon, name, "timeout")
                 if addon.policy:

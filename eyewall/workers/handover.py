@@ -254,17 +254,21 @@ def owns_pid_file(path: str) -> bool:
 class Restart:
     """Restarts on request (SIGUSR2), one at a time: ``listeners`` gives what the
     successor takes over, ``limits_fd`` a supervisor's segment; ``serving`` is called
-    once the successor serves (this generation then drains)."""
+    once the successor serves (this generation then drains), ``failed`` when it did not
+    start (this generation keeps serving; the app rewrites its pid file, which tells
+    ``eyewall restart`` at once)."""
 
     def __init__(
         self,
         listeners: Callable[[], Bound],
         serving: Callable[[], None],
         limits_fd: int | None = None,
+        failed: Callable[[], None] | None = None,
     ) -> None:
         self.listeners = listeners
         self.serving = serving
         self.limits_fd = limits_fd
+        self.failed = failed
         self.task: asyncio.Task[None] | None = None
         self.refused = False  # stopping: no more restarts
 
@@ -278,8 +282,11 @@ class Restart:
 
     async def _run(self) -> None:
         try:
-            if await hand_over(self.listeners(), self.limits_fd) and not self.refused:
-                self.refused = True
-                self.serving()
+            if await hand_over(self.listeners(), self.limits_fd):
+                if not self.refused:
+                    self.refused = True
+                    self.serving()
+            elif self.failed is not None and not self.refused:
+                self.failed()
         finally:
             self.task = None

@@ -42,6 +42,7 @@ from eyewall.app import (
     Observers,
     _mtimes,
     _raise_fd_limit,
+    _restart_failed,
     _write_pid_file,
     announce_https,
 )
@@ -208,7 +209,12 @@ class Supervisor:
             loop.add_signal_handler(sig, self._on_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self._later, self.reload)
         loop.add_signal_handler(signal.SIGUSR1, self._reopen)
-        self.restart = Restart(self._listeners, self._hand_over, self.segment.fd)
+        self.restart = Restart(
+            self._listeners,
+            self._hand_over,
+            self.segment.fd,
+            failed=lambda: _restart_failed(self.settings),
+        )
         loop.add_signal_handler(signal.SIGUSR2, self.restart.request)
 
     def _later(self, coroutine: Any) -> None:

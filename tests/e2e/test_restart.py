@@ -192,14 +192,25 @@ def test_a_restart_under_load_fails_no_request(tmp_path, origin, raw_origin, wor
     p.check_clean()
 
 
-def test_a_restart_that_cannot_start_keeps_the_running_generation(tmp_path, origin):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_restart_that_cannot_start_keeps_the_running_generation(tmp_path, origin, workers):
+    """The running generation keeps serving, and ``eyewall restart`` says the new one
+    failed as soon as it has (not after ``--wait``): the running process writes its pid
+    file again."""
     config = tmp_path / "eyewall.toml"
-    config.write_text("workers = 2\n")
+    pid_file = tmp_path / "eyewall.pid"
+    config.write_text(f"workers = {workers}\npid_file = {str(pid_file)!r}\n")
     p = ProxyProcess(tmp_path / "p", *PROXY_ARGS, "--config", str(config), "--drain-grace", "0")
     p.expected_errors.append("restart: the new generation")
     config.write_text("workers = 'lots'\n")  # the successor refuses this file
-    p.signal(signal.SIGUSR2)
+    done = subprocess.run(
+        [sys.executable, "-m", "eyewall", "restart", "--pid-file", str(pid_file), "--wait", "3600"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"the new generation failed to start; {p.pid} keeps serving" in done.stderr
     p.log_with("exited (status 2) before serving")
+    assert pid_in(pid_file) == p.pid
     with socket.create_connection(p.address, timeout=10) as s:
         s.sendall(f"GET {origin.url}/echo/still HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         assert read_response(s).startswith(b"HTTP/1.1 200 ")
