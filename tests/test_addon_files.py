@@ -395,3 +395,43 @@ def test_a_hook_that_catches_the_first_stop_is_stopped_again(tmp_path: Path) -> 
     asyncio.run(addons.call(ClientConnected(Client(("127.0.0.1", 1)))))
     assert addons.failures == {("stubborn.S", "client_connected", "timeout"): 1}
     assert addons.files[0].addons[0].instance.caught == 2
+
+
+ASYNC_HOOKS = (
+    "import asyncio, time\n"
+    "class A:\n"
+    "    cleaned = 0\n"
+    "    async def client_connected(self, client):\n"
+    "        if client.address[1] == 1:\n"
+    "            time.sleep(3600)  # blocks the event loop: a synchronous call\n"
+    "        elif client.address[1] == 2:\n"
+    "            await asyncio.sleep(0)\n"
+    "            while True: pass  # blocks after an await\n"
+    "        elif client.address[1] == 3:\n"
+    "            try:\n"
+    "                await asyncio.sleep(3600)  # waits: cancelled, and cleans up\n"
+    "            finally:\n"
+    "                A.cleaned += 1\n"
+    "        else:\n"
+    "            await asyncio.sleep(0)\n"
+    "            return 'ignored'\n"
+)
+
+
+def test_an_async_hook_that_blocks_is_stopped_and_one_that_waits_is_cancelled(
+    tmp_path: Path,
+) -> None:
+    """Each step of an async hook runs on the event loop, like a plain hook: one that
+    blocks (before or after an await) is stopped after timeouts.addon_hook; one that
+    waits is cancelled, its cleanup run; one that finishes is no failure."""
+    path = addon_file(tmp_path / "addons", "steps.py", ASYNC_HOOKS)
+    addons = Addons([str(path)], hook_timeout=0.2)
+    addons.load_all()
+    for port in (1, 2, 3, 4):
+        asyncio.run(addons.call(ClientConnected(Client(("127.0.0.1", port)))))
+    assert addons.failures == {("steps.A", "client_connected", "timeout"): 3}
+    assert addons.files[0].addons[0].instance.cleaned == 1
+    policy = Addons([], [str(path)], hook_timeout=0.2)
+    policy.load_all()
+    with pytest.raises(AddonFailed, match="timed out in client_connected"):
+        asyncio.run(policy.call(ClientConnected(Client(("127.0.0.1", 1)))))

@@ -23,7 +23,8 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+import types
+from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 
 from eyewall.addons.hooks import DATA_HOOKS, HOOKS, Configure, Done, Hook, Load, Running
 
-__all__ = ["AddonFailed", "Addons", "Loader", "Overran", "bounded", "unsafe_code"]
+__all__ = ["AddonFailed", "Addons", "Loader", "Overran", "bounded", "stepwise", "unsafe_code"]
 
 log = logging.getLogger("eyewall.addons")
 
@@ -83,6 +84,31 @@ def bounded(seconds: float) -> Iterator[None]:
     finally:
         _armed = False
         signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+@types.coroutine
+def stepwise(coro: Coroutine[Any, Any, Any], seconds: float) -> Generator[Any, Any, Any]:
+    """Await ``coro`` with each of its steps — the code between two of its awaits, which
+    runs on the event loop and holds every connection — `bounded` by ``seconds``: an
+    ``async`` hook that blocks (a synchronous HTTP call, ``time.sleep``) is stopped
+    like a plain one.  The awaits themselves are the caller's to bound
+    (``asyncio.timeout``).  Delegates sends, throws (cancellation) and close as
+    ``yield from`` does (PEP 380)."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            with bounded(seconds):
+                sent = coro.send(value) if error is None else coro.throw(error)
+        except StopIteration as stop:
+            return stop.value
+        try:
+            value, error = (yield sent), None
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as e:  # cancellation, and whatever else is thrown in
+            value, error = None, e
 
 
 class AddonFailed(Exception):
@@ -404,7 +430,10 @@ class Addons:
                     result = getattr(addon.instance, name)(*hook.args())
                 if inspect.isawaitable(result):
                     async with asyncio.timeout(self.hook_timeout):
-                        await result
+                        if inspect.iscoroutine(result):
+                            await stepwise(result, self.hook_timeout)
+                        else:
+                            await result
                 else:
                     self._check_blocking(addon, name, self.clock() - started)
             except TimeoutError as e:
