@@ -435,3 +435,37 @@ def test_an_async_hook_that_blocks_is_stopped_and_one_that_waits_is_cancelled(
     policy.load_all()
     with pytest.raises(AddonFailed, match="timed out in client_connected"):
         asyncio.run(policy.call(ClientConnected(Client(("127.0.0.1", 1)))))
+
+
+def test_an_addon_that_takes_sigalrm_keeps_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Addon code that installs its own SIGALRM handler keeps it: the runner says that
+    addon code is no longer stopped, and never arms a timer that would call the
+    addon's handler (or, with SIG_DFL, end the process)."""
+    import signal
+
+    from eyewall.addons import runner
+
+    first = addon_file(tmp_path / "addons", "first.py", SOURCE.format(mark="x"))
+    Addons([str(first)], hook_timeout=5).load_all()  # the runner owns SIGALRM now
+    taker = addon_file(
+        tmp_path / "addons",
+        "taker.py",
+        "import signal\nCALLS = []\nsignal.signal(signal.SIGALRM, lambda *a: CALLS.append(a))\n"
+        + SOURCE.format(mark="y"),
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="eyewall.addons"):
+            addons = Addons([str(taker)], hook_timeout=5)
+            addons.load_all()
+        assert any("set its own SIGALRM handler" in r.getMessage() for r in caplog.records)
+        mine = signal.getsignal(signal.SIGALRM)
+        assert mine is not runner._overran
+        with runner.bounded(0.01):
+            pass
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # never armed
+        assert signal.getsignal(signal.SIGALRM) is mine
+    finally:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        runner._owned = False  # looked at again on next use

@@ -24,8 +24,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -53,6 +52,7 @@ class Overran(TimeoutError):
 
 
 OVERRAN_AGAIN = 0.5  # seconds between `Overran` raised in code that caught the last one
+_MAIN_THREAD = threading.main_thread().ident
 _armed = False  # whether a SIGALRM now means: stop the addon code running
 
 
@@ -61,29 +61,50 @@ def _overran(signum: int, frame: object) -> None:
         raise Overran
 
 
-@contextmanager
-def bounded(seconds: float) -> Iterator[None]:
+_owned = False  # whether SIGALRM's handler was `_overran` when last looked at
+
+
+def _take_alarm() -> bool:
+    """Whether SIGALRM is `bounded`'s: taken when nobody has it (main thread only),
+    given up for good to addon code that set its own handler (``signal.getsignal`` is
+    slow, so this looks only on first use and after addon code loads)."""
+    global _owned
+    handler = signal.getsignal(signal.SIGALRM)
+    if handler is signal.SIG_DFL:
+        signal.signal(signal.SIGALRM, _overran)
+        handler = _overran
+    _owned = handler is _overran
+    return _owned
+
+
+class bounded:  # used as a function: ``with bounded(seconds):``
     """Run the body (synchronous addon code) for at most ``seconds``: past that, a
     timer signal (SIGALRM, ``setitimer(ITIMER_REAL)``) raises `Overran` wherever it
     runs, a blocking call included, and again every `OVERRAN_AGAIN` seconds while the
     code goes on (it may catch the first).  Unbounded outside the main thread, or when
     something else owns SIGALRM.  Not reentrant."""
-    global _armed
-    if (
-        not 0 < seconds < math.inf
-        or threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGALRM) not in (_overran, signal.SIG_DFL)
-    ):
-        yield
-        return
-    signal.signal(signal.SIGALRM, _overran)
-    _armed = True
-    signal.setitimer(signal.ITIMER_REAL, seconds, OVERRAN_AGAIN)
-    try:
-        yield
-    finally:
-        _armed = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    __slots__ = ("armed", "seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.armed = False
+
+    def __enter__(self) -> None:
+        global _armed
+        seconds = self.seconds
+        if not 0 < seconds < math.inf or threading.get_ident() != _MAIN_THREAD:
+            return
+        if not _owned and not _take_alarm():
+            return  # someone else's
+        _armed = self.armed = True
+        signal.setitimer(signal.ITIMER_REAL, seconds, OVERRAN_AGAIN)
+
+    def __exit__(self, *exc: object) -> None:
+        global _armed
+        if self.armed:
+            _armed = self.armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 @types.coroutine
@@ -327,6 +348,12 @@ class Addons:
             with bounded(self.hook_timeout):
                 exec(code, module.__dict__)
                 instances = _instances(module)
+            if threading.get_ident() == _MAIN_THREAD and _owned and not _take_alarm():
+                log.warning(
+                    "addon %s set its own SIGALRM handler: addon code is no longer stopped"
+                    " after timeouts.addon_hook",
+                    f.path,
+                )
         except Overran as e:
             error = (
                 f"addon {f.path} did not finish loading{_line_of(e, f.path)} within"
