@@ -18,6 +18,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -191,10 +192,14 @@ def preflight(settings: Settings) -> list[str]:
             if problem:
                 problems.append(f"{key}[{i}]: {problem}")
     tls = settings.tls
+    unreadable = False
     for key in ("certificate", "key", "upstream_ca_bundle"):
         path = getattr(tls, key)
         if path and not os.access(path, os.R_OK):
             problems.append(f"tls.{key}: cannot read {path}")
+            unreadable = True
+    if not unreadable:
+        problems.extend(_tls_problems(tls.certificate, tls.key, tls.upstream_ca_bundle))
     for key, secret in (("auth.htpasswd", settings.auth.htpasswd), ("tls.key", tls.key)):
         try:
             mode = os.stat(secret).st_mode if secret else 0
@@ -209,6 +214,37 @@ def preflight(settings: Settings) -> list[str]:
                 secret,
                 mode & 0o7777,
             )
+    return problems
+
+
+def _tls_problems(certificate: str, key: str, bundle: str) -> list[str]:
+    """What loading the HTTPS listeners' certificate and key, and the origins' CA
+    bundle, would refuse: each as ``setting: problem`` (files that can be read)."""
+    problems = []
+    if certificate and key:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl.create_default_context(cafile=certificate)  # a PEM certificate, at least
+        except (ssl.SSLError, OSError):
+            problems.append(f"tls.certificate: {certificate} holds no PEM certificate")
+        else:
+            try:
+                context.load_cert_chain(certificate, key)
+            except ssl.SSLError as e:
+                problems.append(
+                    f"tls.key: {key} is not the private key of tls.certificate {certificate}"
+                    if e.reason == "KEY_VALUES_MISMATCH"
+                    else f"tls.key: {key} holds no PEM private key (unencrypted)"
+                )
+            except OSError as e:
+                problems.append(f"tls.key: {key}: {e.strerror or e}")
+    if bundle:
+        try:
+            ssl.create_default_context(cafile=bundle)
+        except ssl.SSLError:
+            problems.append(f"tls.upstream_ca_bundle: {bundle} holds no PEM certificate")
+        except OSError as e:
+            problems.append(f"tls.upstream_ca_bundle: {bundle}: {e.strerror or e}")
     return problems
 
 
@@ -519,8 +555,9 @@ async def serve(
     addons = Addons(settings.addons, settings.policy_addons, settings.timeouts.addon_hook)
     try:
         addons.load_all()
-    except ValueError as e:
-        raise SystemExit(f"eyewall: {e}") from None
+    except ValueError as e:  # a configuration error: exit 2, not retried by systemd
+        print(f"eyewall: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     addons.lifecycle(Configure(settings))
     fleet = FleetNode(settings)
     state = fleet.limits_store(AdmissionState())

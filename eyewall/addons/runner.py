@@ -291,9 +291,14 @@ class Addons:
         self.failures: dict[tuple[str, str, str], int] = {}
 
     def load_all(self) -> None:
-        """Load every file; a file that fails is a start-up error (ValueError)."""
+        """Load every file; a file that fails is a start-up error (ValueError, for the
+        caller to report: not logged here)."""
         for f in self.files:
-            error = self._load(f)
+            quiet, log.disabled = log.disabled, True
+            try:
+                error = self._load(f)
+            finally:
+                log.disabled = quiet
             if error:
                 raise ValueError(error)
         self._index()

@@ -26,6 +26,7 @@ from eyewall.workers.shm import MAX_SLOTS, Segment, process_start
 from eyewall.workers.spawn import child_process
 from eyewall.workers.stats import WorkerState
 from eyewall.workers.wire import (
+    EXIT_INVALID_CONFIG,
     FLOWS,
     INIT,
     READY,
@@ -88,6 +89,7 @@ class WorkerPool:
         self.stopping = False  # no more restarts
         self.started_up = False  # every worker listened once
         self.start_failed = False
+        self.start_status = 1  # the exit status of a failed start (2: invalid configuration)
         self.all_ready = asyncio.Event()
         self.tasks: set[asyncio.Future[Any]] = set()
 
@@ -238,6 +240,8 @@ class WorkerPool:
         if not self.started_up:
             log.error("worker %d (pid %d) %s while starting", state.number, worker.process.pid, how)
             self.start_failed = True
+            if code == EXIT_INVALID_CONFIG:
+                self.start_status = EXIT_INVALID_CONFIG
             self.all_ready.set()
             return
         lived = time.monotonic() - worker.started

@@ -109,7 +109,8 @@ class Supervisor:
 
     async def run(self) -> int:
         """Start the workers and serve until stopped (or handed over); the exit status:
-        0, or 1 when the workers could not start.  Raises SystemExit for a listener
+        0, 1 when the workers could not start, 2 when a worker found the configuration
+        invalid (an addon that does not load).  Raises SystemExit for a listener
         that cannot be bound."""
         settings = self.settings
         _raise_fd_limit()
@@ -150,7 +151,7 @@ class Supervisor:
             pool.start_failed = True
         if pool.start_failed:
             await self._stop(0.0)
-            return 1
+            return pool.start_status
         self._announce()
         await self.fleet.start()
         watcher = self._watch()

@@ -28,6 +28,7 @@ from eyewall.flow import Flow
 from eyewall.http1.parse import Headers, RequestHead, ResponseHead
 
 __all__ = [
+    "EXIT_INVALID_CONFIG",
     "FLOWS",
     "INIT",
     "READY",
@@ -51,6 +52,9 @@ MAX_FRAME = 256 << 20  # a sanity bound on a frame's length, not a buffer size
 
 INIT, RELOAD, STOP, STOP_NOW = 1, 2, 3, 4  # supervisor -> worker
 READY, FLOWS, STATS, RELOADED = 11, 12, 13, 14  # worker -> supervisor
+# A worker's exit status when its addons do not load: the configuration is invalid,
+# and the supervisor exits with it (2: not retried by a service manager).
+EXIT_INVALID_CONFIG = 2
 
 
 @dataclass(frozen=True)

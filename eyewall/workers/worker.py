@@ -46,6 +46,7 @@ from eyewall.workers.limits import TABLES, SharedLimits
 from eyewall.workers.shm import Segment
 from eyewall.workers.snapshot import loaded_of
 from eyewall.workers.wire import (
+    EXIT_INVALID_CONFIG,
     INIT,
     READY,
     RELOAD,
@@ -252,13 +253,15 @@ class Worker:
 
 async def serve(init: WorkerInit, sock: socket.socket, log_handler: DroppingQueueHandler) -> None:
     """Run the worker ``init`` describes over the control socket ``sock``.  Raises
-    SystemExit(`EXIT_START_FAILED`) when it cannot start (an addon, a socket)."""
+    SystemExit(`EXIT_INVALID_CONFIG` for an addon, `EXIT_START_FAILED` for a socket)
+    when it cannot start."""
     channel = Channel(sock)
     try:
         worker = Worker(init, channel, log_handler)
     except (ValueError, OSError) as e:
         print(f"eyewall: worker {init.worker}: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_START_FAILED) from None
+        invalid = isinstance(e, ValueError)  # an addon that does not load
+        raise SystemExit(EXIT_INVALID_CONFIG if invalid else EXIT_START_FAILED) from None
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, worker.stop, 0.0)
     await worker.run()

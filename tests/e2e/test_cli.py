@@ -179,3 +179,89 @@ def test_output_into_a_closed_pipe_ends_quietly():
         )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+@pytest.fixture
+def pem_files(ca, tmp_path: Path) -> dict[str, str]:
+    """A listener certificate and its key, another key, and a file that is not PEM."""
+    leaf = ca.issue_cert("proxy.test")
+    other = ca.issue_cert("other.test")
+    files = {
+        "cert": leaf.cert_chain_pems[0].bytes(),
+        "key": leaf.private_key_pem.bytes(),
+        "other-key": other.private_key_pem.bytes(),
+        "junk": b"not a certificate\n",
+    }
+    paths = {}
+    for name, data in files.items():
+        path = tmp_path / f"{name}.pem"
+        path.write_bytes(data)
+        path.chmod(0o600)
+        paths[name] = str(path)
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "said"),
+    [
+        ("junk", "key", "tls.certificate: {junk} holds no PEM certificate"),
+        ("key", "key", "tls.certificate: {key} holds no PEM certificate"),
+        ("cert", "junk", "tls.key: {junk} holds no PEM private key"),
+        ("cert", "other-key", "tls.key: {other-key} is not the private key of tls.certificate"),
+    ],
+)
+def test_a_listener_certificate_that_cannot_load_is_a_configuration_error(
+    tmp_path: Path, pem_files: dict[str, str], cert: str, key: str, said: str
+) -> None:
+    """check-config refuses what start-up would fail on, naming the setting; start-up
+    exits 2 with the same words (not an OpenSSL message naming no setting)."""
+    config = tmp_path / "tls.toml"
+    config.write_text(
+        f'[tls]\nlisten = ["127.0.0.1:0"]\ncertificate = "{pem_files[cert]}"\n'
+        f'key = "{pem_files[key]}"\n'
+    )
+    said = said.format(**pem_files)
+    check = run_eyewall("check-config", str(config))
+    assert check.returncode == 1 and said in check.stderr, check.stderr
+    start = run_eyewall("--config", str(config), "--listen", "127.0.0.1:0", "--no-flows")
+    assert start.returncode == 2 and said in start.stderr, start.stderr
+
+
+def test_an_origin_ca_bundle_that_cannot_load_is_a_configuration_error(
+    tmp_path: Path, pem_files: dict[str, str]
+) -> None:
+    config = tmp_path / "bundle.toml"
+    config.write_text(f'[tls]\nupstream_ca_bundle = "{pem_files["junk"]}"\n')
+    said = f"tls.upstream_ca_bundle: {pem_files['junk']} holds no PEM certificate"
+    check = run_eyewall("check-config", str(config))
+    assert check.returncode == 1 and said in check.stderr, check.stderr
+    start = run_eyewall("--config", str(config), "--listen", "127.0.0.1:0", "--no-flows")
+    assert start.returncode == 2 and said in start.stderr, start.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "class A:\n    def reqeustheaders(self, flow): pass\n",
+        "import no_such_module_here\n",
+        "while True:\n    pass\n",
+    ],
+)
+def test_an_addon_that_does_not_load_is_a_configuration_error(
+    tmp_path: Path, workers: str, source: str
+) -> None:
+    """Exit status 2 (a service manager does not retry it), the reason said once per
+    process that found it."""
+    directory = tmp_path / "addons"
+    directory.mkdir(mode=0o755)
+    addon = directory / "first.py"
+    addon.write_text(source)
+    addon.chmod(0o644)
+    start = run_eyewall(
+        "--addon", str(addon), "--addon-hook-timeout", "0.3", "--workers", workers,
+        "--listen", "127.0.0.1:0", "--admin-listen", "off", "--no-flows",
+    )  # fmt: skip
+    assert start.returncode == 2, start.stderr
+    reported = [line for line in start.stderr.splitlines() if str(addon) in line]
+    assert len(reported) == int(workers), start.stderr
