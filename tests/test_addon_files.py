@@ -469,3 +469,37 @@ def test_an_addon_that_takes_sigalrm_keeps_it(
     finally:
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
         runner._owned = False  # looked at again on next use
+
+
+@pytest.mark.parametrize(
+    ("source", "said"),
+    [
+        ("class A:\n    def request(self): pass\n", "A.request must take (flow) besides self"),
+        ("class A:\n    def request(self, f, g): pass\n", "A.request must take (flow)"),
+        ("class A:\n    def running(self, x): pass\n", "A.running must take no argument"),
+        ("class A:\n    @staticmethod\n    def request(): pass\n", "A.request must take"),
+    ],
+)
+def test_a_hook_that_cannot_take_its_arguments_is_an_error_at_load_time(
+    tmp_path: Path, source: str, said: str
+) -> None:
+    """Every call of such a hook would fail: check-config and start-up say so."""
+    path = addon_file(tmp_path / "addons", "arity.py", source)
+    [problem] = Addons([str(path)]).check()
+    assert said in problem
+    with pytest.raises(ValueError, match="must take"):
+        Addons([str(path)]).load_all()
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "class A:\n    def request(self, flow, extra=None): pass\n",
+        "class A:\n    def request(self, *args): pass\n",
+        "class A:\n    async def request(self, flow): pass\n",
+        "class A:\n    def request(self, flow): pass\n    def _responses(self): pass\n",
+    ],
+)
+def test_hooks_that_take_their_arguments_load(tmp_path: Path, source: str) -> None:
+    path = addon_file(tmp_path / "addons", "fine.py", source)
+    assert Addons([str(path)]).check() == []

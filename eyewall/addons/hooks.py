@@ -127,7 +127,9 @@ class RequestHeaders(Hook):
     """A request head was read and admitted, before the proxy contacts the origin.
     Change `flow.request` (method, path, headers), answer it yourself with
     `flow.respond()`, `flow.kill()` it, or call `flow.request.buffer(max_bytes)` to
-    receive the whole body in `request`."""
+    receive the whole body in `request`.  An `https://` request comes here only when
+    its tunnel is intercepted: to refuse a host for HTTPS too, refuse its CONNECT in
+    `http_connect`."""
 
     name = "requestheaders"
     flow: HTTPFlow
@@ -242,13 +244,16 @@ def reference() -> str:
         "and counts as a failed hook — do slow work in an `async` hook, awaiting it. The",
         "code of an `async` hook between two awaits runs on the event loop too, and is",
         "stopped the same way (a synchronous HTTP call or `time.sleep` in it). The same limit",
-        "holds for a file's top-level code, its classes' `__init__` and the lifecycle",
-        "hooks: a file that does not finish loading in time fails to load (at start-up,",
-        "in `eyewall check-config`, on a reload, which keeps the version loaded before),",
-        "so an endless loop in an addon never hangs the proxy. A method whose name is a",
-        "near miss of a hook's",
-        "(`reqeustheaders`, `request_headers`) is refused at load time, with the hook it",
-        "resembles, and so by `eyewall check-config`.",
+        "holds for a file's top-level code and its classes' `__init__` — a file that does",
+        "not finish loading in time fails to load: at start-up (exit status 2), in",
+        "`eyewall check-config`, on a reload (which keeps the version loaded before; traffic",
+        "waits while a file loads) — and for the lifecycle hooks, which then count as",
+        "failed hooks (the addon stays loaded, as when `load` raises). So an endless loop",
+        "in an addon never hangs the proxy. A hook that cannot take its arguments",
+        "(`def request(self)`) is refused at load time, and so by `eyewall check-config`;",
+        "so is a method whose name is a near miss of a hook's (`reqeustheaders`,",
+        "`request_headers`, `responses`), with the hook it resembles: start the names of",
+        "helper methods with `_`. Complete addons to start from are in `examples/`.",
         "Files are reloaded when they change (their content, mode or owner). A file is",
         "refused when it is writable by group or others or owned by another user, or when",
         "a directory on its way lets someone else replace it (owned by another user, or",

@@ -13,6 +13,7 @@ whose name is a near miss of a hook's is refused when the file loads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import difflib
 import inspect
 import logging
@@ -259,6 +260,29 @@ def _near_misses(cls: type) -> list[tuple[str, str]]:
     return out
 
 
+def _unsaid(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
+def _signature_problems(instance: Any) -> list[str]:
+    """The hook methods of ``instance`` that cannot take the hook's arguments (every
+    call would fail): ``Class.hook must take ...``."""
+    problems = []
+    for name, hook in HOOKS.items():
+        method = getattr(instance, name, None)
+        if not callable(method):
+            continue
+        wanted = [f.name for f in dataclasses.fields(hook)]
+        try:
+            inspect.signature(method).bind(*wanted)
+        except TypeError:
+            takes = f"({', '.join(wanted)})" if wanted else "no argument"
+            problems.append(f"{type(instance).__name__}.{name} must take {takes} besides self")
+        except ValueError:  # no signature to read (a builtin): it will tell when called
+            continue
+    return problems
+
+
 def _instances(module: ModuleType) -> list[Any]:
     listed = getattr(module, "addons", None)
     if listed is not None:
@@ -294,11 +318,7 @@ class Addons:
         """Load every file; a file that fails is a start-up error (ValueError, for the
         caller to report: not logged here)."""
         for f in self.files:
-            quiet, log.disabled = log.disabled, True
-            try:
-                error = self._load(f)
-            finally:
-                log.disabled = quiet
+            error = self._load(f, report=False)
             if error:
                 raise ValueError(error)
         self._index()
@@ -308,19 +328,15 @@ class Addons:
         each file is read and run as at start-up (its top level executes) and its
         classes checked, but no lifecycle hook is called (for ``check-config``)."""
         errors = []
-        quiet, log.disabled = log.disabled, True  # the errors are the answer, not log lines
-        try:
-            for f in self.files:
-                found = self._read(f)
-                if isinstance(found, str):
-                    errors.append(found)
-        finally:
-            log.disabled = quiet
+        for f in self.files:
+            found = self._read(f, report=False)  # the errors are the answer, not log lines
+            if isinstance(found, str):
+                errors.append(found)
         return errors
 
-    def _load(self, f: AddonFile) -> str | None:
+    def _load(self, f: AddonFile, report: bool = True) -> str | None:
         """(Re)load one file; returns an error message, keeping the old version."""
-        instances = self._read(f)
+        instances = self._read(f, report)
         if isinstance(instances, str):
             return instances
         for old in f.addons:
@@ -330,16 +346,17 @@ class Addons:
             self._lifecycle(addon, Load(Loader(f.path, logging.getLogger(f"addon.{addon.name}"))))
         return None
 
-    def _read(self, f: AddonFile) -> list[Any] | str:
+    def _read(self, f: AddonFile, report: bool = True) -> list[Any] | str:
         """Run one file and check its classes: their instances, or an error message
-        (logged).  Notes the file's stamp when it loads."""
+        (logged if ``report``).  Notes the file's stamp when it loads."""
+        say = log.error if report else _unsaid
         try:
             source, stamp = read_code(f.path)
         except PermissionError as e:
-            log.error("addon refused: %s", e)
+            say("addon refused: %s", e)
             return f"addon refused: {e}"
         except OSError as e:
-            log.error("addon %s cannot be read: %s", f.path, e.strerror)
+            say("addon %s cannot be read: %s", f.path, e.strerror)
             return f"addon {f.path} cannot be read: {e.strerror}"
         try:
             # Compiled from the source just checked, never through the import system:
@@ -364,10 +381,10 @@ class Addons:
                 f"addon {f.path} did not finish loading{_line_of(e, f.path)} within"
                 f" timeouts.addon_hook ({self.hook_timeout:g} s)"
             )
-            log.error("%s", error)
+            say("%s", error)
             return error
         except USER_ERRORS as e:  # any error in user code must be reported, never raised
-            log.error(
+            say(
                 "addon %s failed to load: %s: %s",
                 f.path,
                 e.__class__.__name__,
@@ -384,17 +401,19 @@ class Addons:
             if cls.__module__ == module.__name__
         ]
         wrong = [
-            f"{cls.__name__}.{method} is not a hook; did you mean {hook}?"
+            f"{cls.__name__}.{method} is not a hook; did you mean {hook}? (a helper's"
+            " name starts with _)"
             for cls in classes
             for method, hook in _near_misses(cls)
         ]
+        wrong += [problem for instance in instances for problem in _signature_problems(instance)]
         listed = getattr(module, "addons", None) is not None  # the module's own list
         for i, instance in enumerate(instances if listed else ()):  # may hold anything
             if not any(callable(getattr(instance, name, None)) for name in _HOOK_NAMES):
                 wrong.append(f"addons[{i}] ({instance!r:.40}) has no hook method")
         if wrong:
             error = f"addon {f.path}: {'; '.join(wrong)} (see docs/hooks.md)"
-            log.error("%s", error)
+            say("%s", error)
             return error
         if not instances:
             return f"addon {f.path}: no class with a hook method (see docs/hooks.md)"
