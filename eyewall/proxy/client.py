@@ -33,7 +33,7 @@ from eyewall.flow import Flow
 from eyewall.http1 import framing as rules
 from eyewall.http1.fields import max_forwards, trace_echo
 from eyewall.http1.framing import BodyKind, body_framing
-from eyewall.http1.parse import ParseError, RequestHead, parse_request_head
+from eyewall.http1.parse import Headers, ParseError, RequestHead, ResponseHead, parse_request_head
 from eyewall.http1.target import (
     Target,
     TargetError,
@@ -593,9 +593,12 @@ class ClientConnection:
         return await self._send_answer(flow, method, status, [*fields, *extra], body, close, settle)
 
     async def _answer_addon(self, flow: Flow, method: str, answer: Answer, close: bool) -> bool:
-        return await self._send_answer(
-            flow, method, answer.status, list(answer.headers), answer.body, close
-        )
+        """Send an addon's answer (`HTTPFlow.respond`); the flow records it as its
+        response, so that records show what the client got and that no origin did."""
+        fields = list(answer.headers)
+        reason = HTTPStatus(answer.status).phrase if answer.status in _KNOWN_STATUS else ""
+        flow.response = ResponseHead("HTTP/1.1", answer.status, reason, Headers(fields))
+        return await self._send_answer(flow, method, answer.status, fields, answer.body, close)
 
     async def _send_answer(
         self,

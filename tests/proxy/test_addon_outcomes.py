@@ -74,6 +74,10 @@ def test_a_response_replaced_in_responseheaders_closes_the_origin_connection(
         assert status(data) == 403 and b"X-By: addon" in data and b"xxx" not in data
         await until(lambda: ctx.flows)
         assert ctx.flows[0].status == 403
+        # recorded as what the client got: the addon's answer, not the origin's head
+        response = ctx.flows[0].response
+        assert response is not None and (response.status, response.reason) == (403, "Forbidden")
+        assert response.headers.get("x-by") == "addon"
         assert ctx.pool.idle_count() == 0  # its unread body makes it useless
         await client.finish()
         await origin.close()
@@ -145,3 +149,31 @@ def dechunk(data: bytes) -> bytes:
         if size == 0:
             return out
         out, data = out + data[:size], data[size + 2 :]
+
+
+def test_an_answer_before_the_origin_is_recorded_as_the_response(tmp_path: Path) -> None:
+    """Records show what a client answered by an addon got (and that no origin was
+    contacted): the answer's status, reason and fields as the flow's response."""
+    path = tmp_path / "early.py"
+    path.write_text(
+        "class Early:\n    def requestheaders(self, flow):\n"
+        "        flow.respond(451, {'X-By': 'addon'}, 'no')\n"
+    )
+    loaded = Addons([str(path)], [], 30.0)
+    loaded.load_all()
+
+    async def main() -> None:
+        ctx = FakeContext(loaded)
+        client = Client(ctx)
+        await client.send(b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = await client.until_received(b"\r\n\r\nno")
+        assert status(data) == 451
+        await until(lambda: ctx.flows)
+        [flow] = ctx.flows
+        assert flow.response is not None and flow.response.status == 451
+        assert flow.response.reason == "Unavailable For Legal Reasons"
+        assert flow.response.headers.get("x-by") == "addon" and not flow.upstream
+        await client.finish()
+        ctx.close()
+
+    asyncio.run(main())
