@@ -149,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     restart.add_argument("--pid-file", help="the running proxy's pid file")
     restart.add_argument("--config", help="read pid_file from this configuration")
     restart.add_argument(
-        "--wait", type=float, default=60.0, help="seconds to wait for the new generation"
+        "--wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait for the new generation (default: %(default)g)",
     )
 
     explain = commands.add_parser(
@@ -160,7 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("target", help="a URL (http://host/path) or HOST:PORT for CONNECT")
     explain.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    explain.add_argument("--method", default="GET", help="request method (default GET)")
+    explain.add_argument(
+        "--method",
+        help="request method (default: GET for http:// URLs, CONNECT for https:// URLs"
+        " and HOST:PORT, as clients send them)",
+    )
     explain.add_argument("--client", default="127.0.0.1", help="client address")
     explain.add_argument(
         "--user", help="an authenticated user name (its password is assumed right)"

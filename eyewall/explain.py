@@ -56,18 +56,34 @@ def render_explanation(
     settings: Settings,
     policy: Policy,
     target_text: str,
-    method: str,
+    method: str | None,
     client: str,
     user: str | None,
 ) -> tuple[str, bool]:
-    """The report, and whether the request would be let through."""
+    """The report, and whether the request would be let through.  ``method`` None: the
+    request a client sends for ``target_text`` — CONNECT for an authority or an
+    ``https://`` URL (its authority, port 443 by default), GET for an ``http://`` one."""
     lines: list[str] = []
 
     def say(label: str, text: str) -> None:
         lines.append(f"{label:<10}{text}")
 
     connect = "://" not in target_text
-    method = "CONNECT" if connect else method
+    note = ""
+    if method is None and target_text[:8].lower() == "https://":
+        # What a client sends for an https:// URL: a CONNECT to its authority.
+        try:
+            target_text = parse_target("GET", target_text).authority
+        except TargetError as e:
+            return f"target    invalid: {e}\ndecision  400 Bad Request", False
+        if ":" not in target_text.rpartition("]")[2]:
+            target_text += ":443"
+        connect = True
+        note = (
+            "a client sends CONNECT for an https:// URL; the request inside is admitted"
+            " too when the tunnel is intercepted (--method GET explains it)"
+        )
+    method = "CONNECT" if connect else method or "GET"
     try:
         target = (
             parse_authority(target_text, require_port=True)
@@ -78,6 +94,8 @@ def render_explanation(
         return f"target    invalid: {e}\ndecision  400 Bad Request", False
     who = f" as user {user}" if user else ""
     say("request", f"{method} {target.url()} from {client}{who}")
+    if note:
+        say("note", note)
     ticket = Ticket(
         client,
         method,

@@ -492,6 +492,20 @@ def test_explain_shows_the_ssrf_guard_and_connect_ports():
     assert "connect-port" in result.stdout
 
 
+def test_explain_explains_the_connect_a_client_sends_for_an_https_url():
+    """curl, browsers and libraries send CONNECT host:443 for https:// URLs through a
+    forward proxy: that is what explain decides unless told --method."""
+    sent = explain("https://93.184.216.34:8443/x")
+    assert sent.returncode == 3, sent.stdout
+    assert sent.stdout.startswith("request   CONNECT 93.184.216.34:8443 ")
+    assert "connect-port" in sent.stdout
+    assert explain("https://93.184.216.34/x").stdout.startswith(
+        "request   CONNECT 93.184.216.34:443"
+    )
+    inner = explain("--method", "GET", "https://93.184.216.34:8443/x")
+    assert inner.returncode == 0 and inner.stdout.startswith("request   GET https://")
+
+
 def test_explain_takes_client_and_user_after_the_command(tmp_path):
     """``--client`` and ``--user`` belong to explain; the top-level parser must not claim
     them as abbreviations of its own --client-rps or --user-burst."""
