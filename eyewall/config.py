@@ -966,7 +966,7 @@ def _anchor(data: dict[str, Any], base: Path) -> None:
 def _anchored(value: str, base: Path) -> str:
     if value in ("", "-", "off") or os.path.isabs(value):
         return value
-    return str(base / value)
+    return os.path.normpath(base / value)  # as the file's own path: no "x/../" in messages
 
 
 def locate(text: str, dotted: str) -> int | None:

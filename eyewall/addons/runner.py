@@ -410,7 +410,9 @@ class Addons:
         listed = getattr(module, "addons", None) is not None  # the module's own list
         for i, instance in enumerate(instances if listed else ()):  # may hold anything
             if not any(callable(getattr(instance, name, None)) for name in _HOOK_NAMES):
-                wrong.append(f"addons[{i}] ({instance!r:.40}) has no hook method")
+                plain = instance is None or isinstance(instance, str | int | float | bool)
+                shown = f"{instance!r:.40}" if plain else f"a {type(instance).__name__} object"
+                wrong.append(f"addons[{i}] ({shown}) has no hook method")
         if wrong:
             error = f"addon {f.path}: {'; '.join(wrong)} (see docs/hooks.md)"
             say("%s", error)
