@@ -86,7 +86,7 @@ def _dropped(headers: Headers) -> frozenset[str]:
     if "connection" not in headers.index:
         return HOP_BY_HOP
     named = headers.tokens("connection")
-    if not named:
+    if HOP_BY_HOP.issuperset(named):  # none, or "close", "keep-alive", "upgrade"
         return HOP_BY_HOP
     return HOP_BY_HOP.union(named).difference(("content-length",))
 
