@@ -503,3 +503,25 @@ def test_a_hook_that_cannot_take_its_arguments_is_an_error_at_load_time(
 def test_hooks_that_take_their_arguments_load(tmp_path: Path, source: str) -> None:
     path = addon_file(tmp_path / "addons", "fine.py", source)
     assert Addons([str(path)]).check() == []
+
+
+def test_a_hook_failing_on_every_call_logs_its_traceback_once_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = addon_file(
+        tmp_path / "addons", "flaky.py", "class F:\n    def client_connected(self, c): 1 / 0\n"
+    )
+    clock = Clock()
+    addons = Addons([str(path)], clock=clock)
+    addons.load_all()
+    hook = ClientConnected(Client(("127.0.0.1", 1)))
+    with caplog.at_level(logging.ERROR, logger="eyewall.addons"):
+        for _ in range(3):
+            asyncio.run(addons.call(hook))
+        clock.advance(60)
+        asyncio.run(addons.call(hook))
+    records = [r for r in caplog.records if "flaky.F failed in client_connected" in r.getMessage()]
+    assert len(records) == 4  # every failure is said ...
+    assert [r.exc_info is not None for r in records] == [True, False, False, True]  # ... once
+    assert "ZeroDivisionError: division by zero (traceback shown" in records[1].getMessage()
+    assert addons.failures == {("flaky.F", "client_connected", "error"): 4}

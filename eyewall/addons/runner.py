@@ -40,6 +40,7 @@ log = logging.getLogger("eyewall.addons")
 _HOOK_NAMES = frozenset(HOOKS)
 _DATA_NAMES = tuple(h.name for h in DATA_HOOKS)
 BLOCKING = 0.1  # seconds a plain hook may hold the event loop before it is reported
+TRACEBACK_EVERY = 60.0  # seconds between two tracebacks of the same addon's failing hook
 
 
 # What addon code may raise and the proxy survives: every exception, and the two that
@@ -311,6 +312,7 @@ class Addons:
         self._by_hook: dict[str, list[Addon]] = {}
         self._loaded = 0
         self._blocking_reported: dict[str, float] = {}  # addon name -> when last logged
+        self._traceback_logged: dict[tuple[str, str], float] = {}  # (addon, hook) -> when
         # (addon, hook, "timeout" or "error") -> hooks that failed so, since start
         self.failures: dict[tuple[str, str, str], int] = {}
 
@@ -500,11 +502,28 @@ class Addons:
                 self._failed(addon, name, "timeout")
                 if addon.policy:
                     raise AddonFailed(addon.name, name, "timed out") from None
-            except USER_ERRORS:
-                log.exception("addon %s failed in %s", addon.name, name)
+            except USER_ERRORS as e:
+                self._log_failure(addon, name, e)
                 self._failed(addon, name, "error")
                 if addon.policy:
                     raise AddonFailed(addon.name, name) from None
+
+    def _log_failure(self, addon: Addon, hook: str, error: BaseException) -> None:
+        """One line per failure, with the traceback at most once a minute per addon and
+        hook: a hook failing on every request must not bury the log."""
+        now = self.clock()
+        key = (addon.name, hook)
+        if now - self._traceback_logged.get(key, -math.inf) >= TRACEBACK_EVERY:
+            self._traceback_logged[key] = now
+            log.error("addon %s failed in %s", addon.name, hook, exc_info=error)
+        else:
+            log.error(
+                "addon %s failed in %s: %s: %s (traceback shown at most once a minute)",
+                addon.name,
+                hook,
+                type(error).__name__,
+                error,
+            )
 
     def _failed(self, addon: Addon, hook: str, reason: str) -> None:
         key = (addon.name, hook, reason)
