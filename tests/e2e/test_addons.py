@@ -245,8 +245,9 @@ def test_an_addon_that_fails_to_load_stops_start_up(tmp_path):
         cwd=ROOT,
         check=False,
     )
-    assert result.returncode != 0
-    assert "bad.py failed to load: ModuleNotFoundError" in result.stderr
+    assert result.returncode == 2  # an invalid configuration: not retried by systemd
+    assert "bad.py failed to load (line 1): ModuleNotFoundError" in result.stderr
+    assert result.stderr.count("bad.py") == 1  # said once
 
 
 def test_json_logging_example(make_proxy, origin, monkeypatch):
