@@ -385,7 +385,7 @@ def test_a_hook_that_catches_the_first_stop_is_stopped_again(tmp_path: Path) -> 
         "        while True:\n"
         "            try:\n"
         "                time.sleep(3600)\n"
-        "            except TimeoutError:\n"
+        "            except BaseException:\n"
         "                S.caught += 1\n"
         "                if S.caught == 1: continue\n"
         "                raise\n",
@@ -525,3 +525,69 @@ def test_a_hook_failing_on_every_call_logs_its_traceback_once_a_minute(
     assert [r.exc_info is not None for r in records] == [True, False, False, True]  # ... once
     assert "ZeroDivisionError: division by zero (traceback shown" in records[1].getMessage()
     assert addons.failures == {("flaky.F", "client_connected", "error"): 4}
+
+
+RETRYING = (
+    "import time\n"
+    "class R:\n"
+    "    def client_connected(self, client):\n"
+    "        while True:  # a retry loop: every Exception is taken for a failed try\n"
+    "            try:\n"
+    "                time.sleep(0.05)\n"
+    "                raise ConnectionError\n"
+    "            except Exception:\n"
+    "                pass\n"
+)
+
+
+def test_a_retry_loop_catching_every_exception_is_stopped(tmp_path: Path) -> None:
+    """The stop is not an Exception (as KeyboardInterrupt is not): ``except Exception``
+    in the addon does not swallow it, in a hook or at a file's top level."""
+    path = addon_file(tmp_path / "addons", "retry.py", RETRYING)
+    addons = Addons([str(path)], hook_timeout=0.2)
+    addons.load_all()
+    asyncio.run(addons.call(ClientConnected(Client(("127.0.0.1", 1)))))
+    assert addons.failures == {("retry.R", "client_connected", "timeout"): 1}
+    top = addon_file(
+        tmp_path / "addons",
+        "top.py",
+        "import time\nwhile True:\n    try:\n        time.sleep(0.05)\n"
+        "    except Exception:\n        pass\n",
+    )
+    [problem] = Addons([str(top)], hook_timeout=0.2).check()
+    assert "did not finish loading" in problem
+
+
+STUBBORN_ASYNC = (
+    "import asyncio\n"
+    "class S:\n"
+    "    async def client_connected(self, client):\n"
+    "        while True:\n"
+    "            try:\n"
+    "                await asyncio.sleep(3600)\n"
+    "            except BaseException:  # cancellation too\n"
+    "                pass\n"
+)
+
+
+def test_an_async_hook_that_ignores_its_cancellation_is_abandoned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After timeouts.addon_hook it is cancelled; ignoring that, it is abandoned after
+    a grace: the exchange goes on (a policy addon's fails closed), and nothing keeps
+    the event loop from ending."""
+    from eyewall.addons import runner
+
+    monkeypatch.setattr(runner, "CANCEL_GRACE", 0.1)
+    path = addon_file(tmp_path / "addons", "deaf.py", STUBBORN_ASYNC)
+    hook = ClientConnected(Client(("127.0.0.1", 1)))
+    observed = Addons([str(path)], hook_timeout=0.2)
+    observed.load_all()
+    with caplog.at_level(logging.ERROR, logger="eyewall.addons"):
+        asyncio.run(observed.call(hook))  # returns, and the loop closes
+    assert observed.failures == {("deaf.S", "client_connected", "timeout"): 1}
+    assert any("ignored its cancellation" in r.getMessage() for r in caplog.records)
+    policy = Addons([], [str(path)], hook_timeout=0.2)
+    policy.load_all()
+    with pytest.raises(AddonFailed, match="timed out"):
+        asyncio.run(policy.call(hook))

@@ -33,13 +33,23 @@ from typing import Any
 
 from eyewall.addons.hooks import DATA_HOOKS, HOOKS, Configure, Done, Hook, Load, Running
 
-__all__ = ["AddonFailed", "Addons", "Loader", "Overran", "bounded", "stepwise", "unsafe_code"]
+__all__ = [
+    "AddonFailed",
+    "Addons",
+    "Driven",
+    "Loader",
+    "Overran",
+    "bounded",
+    "stepwise",
+    "unsafe_code",
+]
 
 log = logging.getLogger("eyewall.addons")
 
 _HOOK_NAMES = frozenset(HOOKS)
 _DATA_NAMES = tuple(h.name for h in DATA_HOOKS)
 BLOCKING = 0.1  # seconds a plain hook may hold the event loop before it is reported
+CANCEL_GRACE = 1.0  # seconds a cancelled async hook has to clean up before it is abandoned
 TRACEBACK_EVERY = 60.0  # seconds between two tracebacks of the same addon's failing hook
 
 
@@ -49,8 +59,10 @@ TRACEBACK_EVERY = 60.0  # seconds between two tracebacks of the same addon's fai
 USER_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
 
 
-class Overran(TimeoutError):
-    """Raised inside addon code that ran on the event loop past its limit (`bounded`)."""
+class Overran(BaseException):
+    """Raised inside addon code that ran on the event loop past its limit (`bounded`).
+    A BaseException, as KeyboardInterrupt is: a retry loop's ``except Exception``
+    does not swallow it."""
 
 
 OVERRAN_AGAIN = 0.5  # seconds between `Overran` raised in code that caught the last one
@@ -81,10 +93,12 @@ def _take_alarm() -> bool:
 
 class bounded:  # used as a function: ``with bounded(seconds):``
     """Run the body (synchronous addon code) for at most ``seconds``: past that, a
-    timer signal (SIGALRM, ``setitimer(ITIMER_REAL)``) raises `Overran` wherever it
-    runs, a blocking call included, and again every `OVERRAN_AGAIN` seconds while the
-    code goes on (it may catch the first).  Unbounded outside the main thread, or when
-    something else owns SIGALRM.  Not reentrant."""
+    timer signal (SIGALRM, ``setitimer(ITIMER_REAL)``) raises `Overran` in the Python
+    code running, or in a call Python interrupts on a signal (``time.sleep``, socket
+    I/O), and again every `OVERRAN_AGAIN` seconds while the code goes on (it may catch
+    the first).  A call that does not return to Python (a C extension computing,
+    ``os.system``) is stopped only once it does.  Unbounded outside the main thread, or
+    when something else owns SIGALRM.  Not reentrant."""
 
     __slots__ = ("armed", "seconds")
 
@@ -109,17 +123,36 @@ class bounded:  # used as a function: ``with bounded(seconds):``
             signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+class Driven:
+    """A hook coroutine that `stepwise` drives: once ``abandoned``, it is closed at its
+    next step instead of resumed (it ignored its cancellation)."""
+
+    __slots__ = ("abandoned",)
+
+    def __init__(self) -> None:
+        self.abandoned = False
+
+
 @types.coroutine
-def stepwise(coro: Coroutine[Any, Any, Any], seconds: float) -> Generator[Any, Any, Any]:
+def stepwise(
+    coro: Coroutine[Any, Any, Any], seconds: float, driven: Driven | None = None
+) -> Generator[Any, Any, Any]:
     """Await ``coro`` with each of its steps — the code between two of its awaits, which
     runs on the event loop and holds every connection — `bounded` by ``seconds``: an
     ``async`` hook that blocks (a synchronous HTTP call, ``time.sleep``) is stopped
-    like a plain one.  The awaits themselves are the caller's to bound
-    (``asyncio.timeout``).  Delegates sends, throws (cancellation) and close as
-    ``yield from`` does (PEP 380)."""
+    like a plain one.  The awaits themselves are the caller's to bound.  Delegates
+    sends, throws (cancellation) and close as ``yield from`` does (PEP 380), until
+    ``driven`` is abandoned: then the coroutine is closed and what was thrown in (or
+    CancelledError) is raised."""
     value: Any = None
     error: BaseException | None = None
     while True:
+        if driven is not None and driven.abandoned:
+            try:
+                coro.close()
+            except RuntimeError:  # it ignored GeneratorExit too: left to the collector
+                pass
+            raise error if error is not None else asyncio.CancelledError()
         try:
             with bounded(seconds):
                 sent = coro.send(value) if error is None else coro.throw(error)
@@ -132,6 +165,12 @@ def stepwise(coro: Coroutine[Any, Any, Any], seconds: float) -> Generator[Any, A
             raise
         except BaseException as e:  # cancellation, and whatever else is thrown in
             value, error = None, e
+
+
+def _abandon(task: asyncio.Future[Any], driven: Driven) -> None:
+    if not task.done():
+        driven.abandoned = True
+        task.cancel()  # wakes it, whatever it awaits: `stepwise` then closes the hook
 
 
 class AddonFailed(Exception):
@@ -324,6 +363,12 @@ class Addons:
             if error:
                 raise ValueError(error)
         self._index()
+        loaded = any(f.addons for f in self.files)
+        if loaded and threading.get_ident() == _MAIN_THREAD and not _take_alarm():
+            log.warning(
+                "SIGALRM is ignored or taken by other code: addon code running on the"
+                " event loop is not stopped after timeouts.addon_hook"
+            )
 
     def check(self) -> list[str]:
         """The errors `load_all` would raise, every file's, without starting any addon:
@@ -483,15 +528,14 @@ class Addons:
                 started = self.clock()
                 with bounded(self.hook_timeout):
                     result = getattr(addon.instance, name)(*hook.args())
-                if inspect.isawaitable(result):
+                if inspect.iscoroutine(result):
+                    await self._drive(addon, name, result)
+                elif inspect.isawaitable(result):
                     async with asyncio.timeout(self.hook_timeout):
-                        if inspect.iscoroutine(result):
-                            await stepwise(result, self.hook_timeout)
-                        else:
-                            await result
+                        await result
                 else:
                     self._check_blocking(addon, name, self.clock() - started)
-            except TimeoutError as e:
+            except (TimeoutError, Overran) as e:
                 log.error(
                     "addon %s: %s took longer than timeouts.addon_hook (%g s); %s",
                     addon.name,
@@ -507,6 +551,34 @@ class Addons:
                 self._failed(addon, name, "error")
                 if addon.policy:
                     raise AddonFailed(addon.name, name) from None
+
+    async def _drive(self, addon: Addon, hook: str, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run an async hook as its own task, `stepwise`, for at most ``hook_timeout``
+        seconds; then cancel it and give it `CANCEL_GRACE` seconds to clean up.  A hook
+        that ignores its cancellation is abandoned (closed at its next step) and the
+        exchange goes on.  Raises what the hook raised, or TimeoutError."""
+        driven = Driven()
+        task = asyncio.ensure_future(stepwise(coro, self.hook_timeout, driven))
+        try:
+            done, _ = await asyncio.wait((task,), timeout=self.hook_timeout)
+        except asyncio.CancelledError:  # the exchange itself was cancelled
+            task.cancel()
+            asyncio.get_running_loop().call_later(CANCEL_GRACE, _abandon, task, driven)
+            raise
+        if done:
+            task.result()
+            return
+        task.cancel()
+        done, _ = await asyncio.wait((task,), timeout=CANCEL_GRACE)
+        if not done:
+            log.error(
+                "addon %s: %s ignored its cancellation for %g s; abandoned",
+                addon.name,
+                hook,
+                CANCEL_GRACE,
+            )
+            _abandon(task, driven)
+        raise TimeoutError
 
     def _log_failure(self, addon: Addon, hook: str, error: BaseException) -> None:
         """One line per failure, with the traceback at most once a minute per addon and
