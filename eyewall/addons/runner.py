@@ -124,7 +124,7 @@ class bounded:  # used as a function: ``with bounded(seconds):``
 
 
 class Driven:
-    """A hook coroutine that `stepwise` drives: once ``abandoned``, it is closed at its
+    """A hook coroutine that `stepwise` drives: once ``abandoned``, it is dropped at its
     next step instead of resumed (it ignored its cancellation)."""
 
     __slots__ = ("abandoned",)
@@ -142,17 +142,18 @@ def stepwise(
     ``async`` hook that blocks (a synchronous HTTP call, ``time.sleep``) is stopped
     like a plain one.  The awaits themselves are the caller's to bound.  Delegates
     sends, throws (cancellation) and close as ``yield from`` does (PEP 380), until
-    ``driven`` is abandoned: then the coroutine is closed and what was thrown in (or
-    CancelledError) is raised."""
+    ``driven`` is abandoned: then the coroutine is dropped (its finalizer closes it)
+    and CancelledError raised."""
     value: Any = None
     error: BaseException | None = None
     while True:
         if driven is not None and driven.abandoned:
-            try:
-                coro.close()
-            except RuntimeError:  # it ignored GeneratorExit too: left to the collector
-                pass
-            raise error if error is not None else asyncio.CancelledError()
+            # Not closed here: dropped, so that it is finalized (closed) once, now,
+            # while the event loop runs: closing a coroutine that ignores GeneratorExit
+            # leaves it alive, to be finalized later, maybe when no loop runs.
+            del coro
+            error = value = None  # nothing here may keep the hook's frames alive
+            raise asyncio.CancelledError()
         try:
             with bounded(seconds):
                 sent = coro.send(value) if error is None else coro.throw(error)
@@ -529,7 +530,12 @@ class Addons:
                 with bounded(self.hook_timeout):
                     result = getattr(addon.instance, name)(*hook.args())
                 if inspect.iscoroutine(result):
-                    await self._drive(addon, name, result)
+                    # No frame here may keep the hook alive once it is abandoned (its
+                    # finalizer must run while the loop does): the task holds it.
+                    driven = Driven()
+                    task = asyncio.ensure_future(stepwise(result, self.hook_timeout, driven))
+                    result = None
+                    await self._drive(addon, name, task, driven)
                 elif inspect.isawaitable(result):
                     async with asyncio.timeout(self.hook_timeout):
                         await result
@@ -552,13 +558,14 @@ class Addons:
                 if addon.policy:
                     raise AddonFailed(addon.name, name) from None
 
-    async def _drive(self, addon: Addon, hook: str, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run an async hook as its own task, `stepwise`, for at most ``hook_timeout``
-        seconds; then cancel it and give it `CANCEL_GRACE` seconds to clean up.  A hook
-        that ignores its cancellation is abandoned (closed at its next step) and the
-        exchange goes on.  Raises what the hook raised, or TimeoutError."""
-        driven = Driven()
-        task = asyncio.ensure_future(stepwise(coro, self.hook_timeout, driven))
+    async def _drive(
+        self, addon: Addon, hook: str, task: asyncio.Future[Any], driven: Driven
+    ) -> None:
+        """Wait for an async hook running as its own ``task`` (`stepwise`) at most
+        ``hook_timeout`` seconds; then cancel it and give it `CANCEL_GRACE` seconds to
+        clean up.  A hook that ignores its cancellation is abandoned (dropped at its
+        next step) and the exchange goes on.  Raises what the hook raised, or
+        TimeoutError."""
         try:
             done, _ = await asyncio.wait((task,), timeout=self.hook_timeout)
         except asyncio.CancelledError:  # the exchange itself was cancelled
