@@ -259,7 +259,8 @@ async def serve(init: WorkerInit, sock: socket.socket, log_handler: DroppingQueu
     try:
         worker = Worker(init, channel, log_handler)
     except (ValueError, OSError) as e:
-        print(f"eyewall: worker {init.worker}: {e}", file=sys.stderr, flush=True)
+        # one write: the other workers may be saying the same at the same moment
+        os.write(2, f"eyewall: worker {init.worker}: {e}\n".encode(errors="replace"))
         invalid = isinstance(e, ValueError)  # an addon that does not load
         raise SystemExit(EXIT_INVALID_CONFIG if invalid else EXIT_START_FAILED) from None
     loop = asyncio.get_running_loop()
