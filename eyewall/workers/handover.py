@@ -49,6 +49,7 @@ __all__ = [
     "hand_over",
     "listener_keys",
     "owns_pid_file",
+    "private",
 ]
 
 log = logging.getLogger("eyewall")
@@ -79,14 +80,14 @@ class Inherited:
         try:
             data = json.loads(text)
             listeners = {
-                (setting, endpoint): [socket.socket(fileno=int(fd)) for fd in fds]
+                (setting, endpoint): [socket.socket(fileno=private(int(fd))) for fd in fds]
                 for setting, endpoint, fds in data["listeners"]
             }
             limits = data.get("limits")
             return cls(
                 listeners,
-                int(limits) if limits is not None else None,
-                int(data["ready"]),
+                private(int(limits)) if limits is not None else None,
+                private(int(data["ready"])),
                 int(data["from"]),
             )
         except (KeyError, TypeError, ValueError, OSError) as e:
@@ -115,6 +116,14 @@ class Inherited:
         finally:
             os.close(self.ready_fd)
             self.ready_fd = None
+
+
+def private(fd: int) -> int:
+    """``fd``, no longer inherited by this process's children: a descriptor passed to it
+    (a listener, a pipe) must not outlive it in a program an addon starts — a listener
+    held by a stray child keeps the port from the next start.  Raises OSError."""
+    os.set_inheritable(fd, False)
+    return fd
 
 
 class Successor:

@@ -343,7 +343,7 @@ class Supervisor:
         try:
             async with asyncio.timeout(deadline):
                 for worker in waiting:
-                    await worker.exited
+                    await asyncio.shield(worker.exited)  # a timeout must not cancel it
                     await worker.closed.wait()
         except TimeoutError:
             for worker in waiting:

@@ -42,6 +42,7 @@ from eyewall.observe.store import summarise
 from eyewall.policy.state import AdmissionState
 from eyewall.workers.balance import Balancer
 from eyewall.workers.channel import Channel, StreamClosedError
+from eyewall.workers.handover import private
 from eyewall.workers.limits import TABLES, SharedLimits
 from eyewall.workers.shm import Segment
 from eyewall.workers.snapshot import loaded_of
@@ -116,7 +117,7 @@ class Worker:
         self.addons = Addons(settings.addons, settings.policy_addons, settings.timeouts.addon_hook)
         self.addons.load_all()  # ValueError: the supervisor reports the start failed
         self.addons.lifecycle(Configure(settings))
-        self.segment = Segment.attach(init.limits_fd, TABLES)
+        self.segment = Segment.attach(private(init.limits_fd), TABLES)
         self.sender = FlowSender(channel)
         # Limits in Redis for a fleet (shared_limits.redis), this machine's shared memory
         # deciding when Redis does not answer; else the shared memory alone.  The shared
@@ -142,7 +143,7 @@ class Worker:
         """Listen on the inherited sockets, start the addons and the timers, and tell
         the supervisor ``READY``."""
         bound = {
-            (setting, endpoint): [socket.socket(fileno=fd) for fd in fds]
+            (setting, endpoint): [socket.socket(fileno=private(fd)) for fd in fds]
             for setting, endpoint, fds in self.init.listeners
         }
         self.proxy.accept_gate = self.balancer  # spread new connections (balance.py)
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-    sock = socket.socket(fileno=int(args[0]))
+    sock = socket.socket(fileno=private(int(args[0])))
     try:
         kind, payload = read_frame(sock)
     except (EOFError, OSError, ValueError) as e:

@@ -409,6 +409,38 @@ def test_a_worker_that_cannot_start_fails_the_start(tmp_path) -> None:
          "--access-log", "off", "--no-flows", *WORKERS, "--addon", str(addon)],
         capture_output=True, text=True, timeout=60, cwd=ROOT,
     )  # fmt: skip
-    assert done.returncode == 1
+    assert done.returncode == 2  # an invalid configuration: not retried by systemd
     assert "this addon is broken" in done.stderr
     assert "while starting" in done.stderr
+
+
+def test_a_worker_that_does_not_stop_is_killed_at_the_drain_deadline(
+    workers_proxy, origin, tmp_path
+) -> None:
+    """A worker stuck where nothing can stop it (an addon waiting on a child process)
+    is killed once the drain deadline and its margin pass; the supervisor exits and no
+    process of it keeps the listening port."""
+    marker = tmp_path / "stuck"
+    addon = tmp_path / "stuck.py"
+    addon.write_text(
+        "import os\nclass Stuck:\n    def requestheaders(self, flow):\n"
+        "        if flow.request.path == '/stuck':\n"
+        f"            open({str(marker)!r}, 'w').close()\n"
+        "            os.system('sleep 30')\n"
+    )
+    addon.chmod(0o644)
+    p = workers_proxy("--addon", str(addon), "--drain-timeout", "1", "--drain-grace", "0")
+    p.expected_errors.append("did not stop: killing it")
+    s = socket.create_connection(p.address, timeout=60)
+    s.sendall(f"GET {origin.url}/stuck HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    poll(marker.exists, "the request to reach the addon")
+    pids = worker_pids(p)
+    p.signal(signal.SIGTERM)
+    p.process.wait(60)
+    p.log_with("did not stop: killing it")
+    assert not [pid for pid in pids.values() if Path(f"/proc/{pid}").exists()]
+    s.close()
+    with socket.socket() as again:  # nothing listens there: a new start can (the
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # proxy's options)
+        again.bind(p.address)  # the addon's child, still running, holds no listener
+        again.listen()
