@@ -11,6 +11,7 @@ pid file and readiness notification.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import logging
@@ -519,9 +520,24 @@ class _Stats:
 
 
 def _write_pid_file(path: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
+    """Write this process's pid to ``path`` whole at once (a new file renamed over the
+    old: a reader never sees it empty or half written).  Raises OSError."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    except PermissionError:  # a file the user may write, in a directory they may not
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def _restart_failed(settings: Settings) -> None:
@@ -611,8 +627,6 @@ async def serve(
     addon_watch = PeriodicCallback(lambda: addons.reload_changed(proxy.settings), 1000)
     if addons.files:
         addon_watch.start()
-    if settings.pid_file:
-        _write_pid_file(settings.pid_file)
     shown = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
 
     def reload() -> None:
@@ -682,15 +696,6 @@ async def serve(
 
     watcher = PeriodicCallback(poll, 2000)  # a stat of two files at most: always on, so
     watcher.start()  # a reload that turns watch_config or auth.htpasswd on takes effect
-    # Ready only now that a signal finds its handler: a SIGTERM right after readiness
-    # drains instead of killing the process.
-    print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
-    announce_https(proxy.bound)
-    if inherited is not None:  # the generation before drains once told
-        notify(f"MAINPID={os.getpid()}\nREADY=1\nSTATUS=listening on {shown}")
-        inherited.announce_ready()
-    else:
-        notify(f"READY=1\nSTATUS=listening on {shown}")
 
     def listeners() -> dict[tuple[str, str], list[socket.socket]]:
         bound = dict(proxy.bound)
@@ -702,6 +707,17 @@ async def serve(
         listeners, lambda: on_stop(signal.SIGUSR2), failed=lambda: _restart_failed(proxy.settings)
     )
     loop.add_signal_handler(signal.SIGUSR2, restart.request)
+    # The pid file, and readiness, only now that every signal finds its handler: a
+    # SIGTERM, SIGHUP or SIGUSR2 sent as soon as either appears is acted on, not fatal.
+    if settings.pid_file:
+        _write_pid_file(settings.pid_file)
+    print(f"eyewall {__version__} listening on {shown}", file=sys.stderr, flush=True)
+    announce_https(proxy.bound)
+    if inherited is not None:  # the generation before drains once told
+        notify(f"MAINPID={os.getpid()}\nREADY=1\nSTATUS=listening on {shown}")
+        inherited.announce_ready()
+    else:
+        notify(f"READY=1\nSTATUS=listening on {shown}")
     await fleet.start()  # after the ready lines: it may log (whether Redis answers)
     await stop.wait()
     restart.refused = True

@@ -291,14 +291,16 @@ def restart_command(args: argparse.Namespace) -> int:
     print(f"sent SIGUSR2 to {old}", flush=True)
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
+        now = _stamp(pid_file)  # before the read: a file replaced since is read anew
         try:
             new = int(Path(pid_file).read_text().strip())
         except (OSError, ValueError):
-            new = old  # being rewritten
+            time.sleep(0.1)  # being written: look again
+            continue
         if new != old:
             print(f"restarted: {new} serves; {old} drains and exits")
             return 0
-        if _stamp(pid_file) not in (stamp, None):  # rewritten by the running process
+        if now not in (stamp, None):  # written again by the running process
             print(
                 f"eyewall restart: the new generation failed to start; {old} keeps serving"
                 " (the proxy's log says why)",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -265,3 +267,28 @@ def test_an_addon_that_does_not_load_is_a_configuration_error(
     assert start.returncode == 2, start.stderr
     reported = [line for line in start.stderr.splitlines() if str(addon) in line]
     assert len(reported) == int(workers), start.stderr
+
+
+def test_a_reload_sent_as_soon_as_the_pid_file_appears_is_not_fatal(tmp_path: Path) -> None:
+    """The pid file appears only once every signal has its handler: ``eyewall reload``
+    run the moment it exists reloads, instead of killing the proxy (SIGHUP's default)."""
+    for attempt in range(10):
+        pid_file = tmp_path / f"eyewall-{attempt}.pid"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "eyewall", "--listen", "127.0.0.1:0", "--admin-listen",
+             "off", "--no-flows", "--access-log", "off", "--pid-file", str(pid_file),
+             "--drain-grace", "0"],
+            cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            poll(pid_file.exists, timeout=30, what="the pid file", interval=0.001)
+            os.kill(proc.pid, signal.SIGHUP)
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(30) == 0
+            assert proc.stderr is not None and "configuration reloaded" in proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            assert proc.stderr is not None
+            proc.stderr.close()
