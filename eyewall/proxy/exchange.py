@@ -130,6 +130,7 @@ class Exchange:
         "framing",
         "head",
         "hf",
+        "opening",
         "reading",
         "received",
         "responded",
@@ -171,6 +172,9 @@ class Exchange:
         # A body too big for an addon: (what was read, where to go on).
         self.resume: tuple[bytes, int | ChunkedDecoder] | None = None
         self.up: Upstream | None = None
+        # A new connection being opened (a task of its own: the watch cancels it, and
+        # the client is answered 504, when the connect outlives its limit).
+        self.opening: asyncio.Future[Upstream] | None = None
         self.upload: asyncio.Future[None] | None = None
         # The read of a request body an addon buffers (a task of its own: a client
         # that stalls it is answered 408, which closing its stream would not allow).
@@ -229,10 +233,14 @@ class Exchange:
 
     def expire(self, phase: Phase) -> None:
         """The watch ran out in ``phase``: wake the waiting coroutine by closing what it
-        waits on.  The client stays open when an answer can still be sent: while the
-        response head is awaited, and when the client stopped sending its request
-        body (`client_timeout`, 408, RFC 9110 §15.5.9; the origin is cut)."""
-        up, reading = self.up, self.reading
+        waits on.  The client stays open when an answer can still be sent: while a
+        connection is opened (504), while the response head is awaited, and when the
+        client stopped sending its request body (`client_timeout`, 408, RFC 9110
+        §15.5.9; the origin is cut)."""
+        up, reading, opening = self.up, self.reading, self.opening
+        if phase is Phase.CONNECTING and opening is not None and not opening.done():
+            opening.cancel()  # answered 504 by the exchange (`_open`)
+            return
         if phase is Phase.BUFFERING and reading is not None and not reading.done():
             self.upload_error = _body_stalled_by_client()  # the origin is not asked yet
             reading.cancel()
@@ -304,6 +312,24 @@ class Exchange:
         self._enter(Phase.HOOK)  # not the origin's time: the runner bounds async hooks
         await self.ctx.addons.call(hook(self.hf))
 
+    async def _open(self, target: Target) -> Upstream:
+        """A new connection to ``target``; ProxyError as `UpstreamPool.open` raises it,
+        or CONNECTION_TIMEOUT when the watch cut the connect short (`expire`)."""
+        opening = self.opening = asyncio.ensure_future(self.ctx.pool.open(target, self.addresses))
+        try:
+            return await opening
+        except asyncio.CancelledError:
+            if not opening.cancelled() or asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise  # not the watch's doing: this exchange itself is cancelled
+            raise ProxyError(
+                ErrorKind.CONNECTION_TIMEOUT,
+                f"no connection to {target.authority} in time (timeouts.upstream_connect)",
+            ) from None
+        finally:
+            self.opening = None
+            if not opening.done():
+                opening.cancel()
+
     async def _send(self, framing: Framing, upgrade: bool) -> ResponseHead:
         """Send the request (retrying a stale pooled connection once); return the final
         response head, relaying interim ones."""
@@ -322,7 +348,7 @@ class Exchange:
                 self._enter(Phase.CONNECTING)
             if up is None:
                 started = monotonic()
-                up = await ctx.pool.open(target, self.addresses)
+                up = await self._open(target)
                 flow.connect_time = monotonic() - started
             self.up = up
             flow.upstream = up.peer

@@ -162,6 +162,42 @@ def test_a_silent_origin_is_a_504_read_timeout_and_the_connection_lives_on() -> 
     run(main())
 
 
+def test_a_connect_that_outlives_its_limit_is_a_504_not_a_silent_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whichever sees the limit first — the connect's own timer or the watchdog's
+    sweep — the client gets its 504 (``connection_timeout``), and its connection
+    lives on.  Here the connect never completes (a black-holed origin) and only the
+    sweep can end it."""
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.upstream_connect": 5.0})
+        opened: list[object] = []
+
+        async def black_hole(target: object, addresses: object) -> object:
+            opened.append(target)
+            await asyncio.Event().wait()  # a SYN nobody answers
+            raise AssertionError("unreachable")
+
+        monkeypatch.setattr(ctx.pool, "open_socket", black_hole)
+        client = Client(ctx)
+        await client.send(b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        await until(lambda: client.conn.watch.phase is Phase.CONNECTING and opened)
+        ctx.advance(4.0)
+        assert client.conn.watch.expired is None
+        ctx.advance(1.5)
+        data = await client.until_received(b"request id")
+        assert status(data) == 504 and b"error=connection_timeout" in data
+        await until(lambda: ctx.flows)
+        assert ctx.flows[0].error is ErrorKind.CONNECTION_TIMEOUT
+        assert "timeouts.upstream_connect" in ctx.flows[0].error_detail
+        assert not client.conn.stream.closed()
+        await client.finish()
+        ctx.close()
+
+    run(main())
+
+
 def test_waiting_for_the_head_never_counts_as_body_idleness() -> None:
     """Head after 2 s, a 1.5 s pause, then the body, with body_idle 3 s: a 200."""
     head_go, body_go = asyncio.Event(), asyncio.Event()
