@@ -117,7 +117,7 @@ class Worker:
         self.addons = Addons(settings.addons, settings.policy_addons, settings.timeouts.addon_hook)
         self.addons.load_all()  # ValueError: the supervisor reports the start failed
         self.addons.lifecycle(Configure(settings))
-        self.segment = Segment.attach(private(init.limits_fd), TABLES)
+        self.segment = Segment.attach(init.limits_fd, TABLES)
         self.sender = FlowSender(channel)
         # Limits in Redis for a fleet (shared_limits.redis), this machine's shared memory
         # deciding when Redis does not answer; else the shared memory alone.  The shared
@@ -143,7 +143,7 @@ class Worker:
         """Listen on the inherited sockets, start the addons and the timers, and tell
         the supervisor ``READY``."""
         bound = {
-            (setting, endpoint): [socket.socket(fileno=private(fd)) for fd in fds]
+            (setting, endpoint): [socket.socket(fileno=fd) for fd in fds]
             for setting, endpoint, fds in self.init.listeners
         }
         self.proxy.accept_gate = self.balancer  # spread new connections (balance.py)
@@ -286,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eyewall: worker: unexpected first message {kind}", file=sys.stderr)
         return EXIT_START_FAILED
     init: WorkerInit = decode(payload)
+    # Before any addon code runs (its top level, load, configure): no program it starts
+    # may inherit a listener or the shared limits (a stray child would hold the port).
+    for _, _, fds in init.listeners:
+        for fd in fds:
+            private(fd)
+    private(init.limits_fd)
     handler, listener = setup_logging(init.snapshot.settings.log_level, f"worker {init.worker}")
     if init.version != __version__:
         log.warning(

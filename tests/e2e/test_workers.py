@@ -419,11 +419,15 @@ def test_a_worker_that_does_not_stop_is_killed_at_the_drain_deadline(
 ) -> None:
     """A worker stuck where nothing can stop it (an addon waiting on a child process)
     is killed once the drain deadline and its margin pass; the supervisor exits and no
-    process of it keeps the listening port."""
+    process keeps the listening port — neither a worker nor a program addon code
+    started, when it loaded or later."""
     marker = tmp_path / "stuck"
     addon = tmp_path / "stuck.py"
     addon.write_text(
-        "import os\nclass Stuck:\n    def requestheaders(self, flow):\n"
+        "import os\nclass Stuck:\n"
+        "    def load(self, loader):\n"
+        "        os.system('sleep 20 &')  # a program started before the worker serves\n"
+        "    def requestheaders(self, flow):\n"
         "        if flow.request.path == '/stuck':\n"
         f"            open({str(marker)!r}, 'w').close()\n"
         "            os.system('sleep 30')\n"
