@@ -9,6 +9,7 @@ import builtins
 import logging
 import os
 import py_compile
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -596,3 +597,46 @@ def test_an_async_hook_that_ignores_its_cancellation_is_abandoned(
     policy.load_all()
     with pytest.raises(AddonFailed, match="timed out"):
         asyncio.run(policy.call(hook))
+
+
+AWAITABLES = (
+    "import asyncio, time\n"
+    "class Blocking:\n"
+    "    def __await__(self):\n"
+    "        time.sleep(3600)  # on the event loop, before any await\n"
+    "        yield from ()\n"
+    "class A:\n"
+    "    def client_connected(self, client):\n"
+    "        if client.address[1] == 1:\n"
+    "            return Blocking()\n"
+    "        return asyncio.get_running_loop().create_future()  # never resolved\n"
+)
+
+
+def test_a_hook_returning_another_awaitable_is_bounded_as_an_async_hook(tmp_path: Path) -> None:
+    path = addon_file(tmp_path / "addons", "awaits.py", AWAITABLES)
+    addons = Addons([str(path)], hook_timeout=0.2)
+    addons.load_all()
+    for port in (1, 2):
+        asyncio.run(addons.call(ClientConnected(Client(("127.0.0.1", port)))))
+    assert addons.failures == {("awaits.A", "client_connected", "timeout"): 2}
+
+
+def test_addon_code_that_ignores_every_stop_ends_the_process(tmp_path: Path) -> None:
+    """A bare ``except:`` in a loop catches every stop: nothing else can ever run on the
+    event loop, a stop signal included, so the process exits (status 70, for the
+    service manager to restart it) once the code has ignored stops for as long as it
+    was allowed to run (at least a second), saying why."""
+    path = addon_file(
+        tmp_path / "addons",
+        "deaf.py",
+        "import time\nwhile True:\n    try:\n        time.sleep(0.05)\n    except:\n        pass\n",
+    )
+    config = tmp_path / "eyewall.toml"
+    config.write_text(f'addons = ["{path}"]\n[timeouts]\naddon_hook = 0.2\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "eyewall", "check-config", str(config)],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert done.returncode == 70, done.stderr
+    assert "addon code has ignored being stopped for 1." in done.stderr

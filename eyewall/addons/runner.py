@@ -66,13 +66,33 @@ class Overran(BaseException):
 
 
 OVERRAN_AGAIN = 0.5  # seconds between `Overran` raised in code that caught the last one
+GIVE_UP = 1.0  # seconds, at least, addon code may go on ignoring `Overran` (as long as
+# it was allowed to run, if longer) before the process exits
+EXIT_WEDGED = 70  # the exit status then (EX_SOFTWARE): the service manager restarts it
 _MAIN_THREAD = threading.main_thread().ident
 _armed = False  # whether a SIGALRM now means: stop the addon code running
+_first_stop: float | None = None  # when the running addon code was first told to stop
+_give_up = GIVE_UP  # the running addon code's: max(GIVE_UP, its limit)
 
 
 def _overran(signum: int, frame: object) -> None:
-    if _armed:
-        raise Overran
+    global _first_stop
+    if not _armed:
+        return
+    now = time.monotonic()
+    if _first_stop is None:
+        _first_stop = now
+    elif now - _first_stop >= _give_up:
+        # It catches everything (a bare ``except:`` in a loop): nothing in this process
+        # can run again, a stop signal included.  Better restarted than wedged.
+        os.write(
+            2,
+            b"eyewall: addon code has ignored being stopped for %.1f s (a bare except: in a"
+            b" loop?); nothing else can run: exiting with status %d\n"
+            % (now - _first_stop, EXIT_WEDGED),
+        )
+        os._exit(EXIT_WEDGED)
+    raise Overran
 
 
 _owned = False  # whether SIGALRM's handler was `_overran` when last looked at
@@ -113,6 +133,8 @@ class bounded:  # used as a function: ``with bounded(seconds):``
             return
         if not _owned and not _take_alarm():
             return  # someone else's
+        global _first_stop, _give_up
+        _first_stop, _give_up = None, max(GIVE_UP, seconds)
         _armed = self.armed = True
         signal.setitimer(signal.ITIMER_REAL, seconds, OVERRAN_AGAIN)
 
@@ -135,10 +157,13 @@ class Driven:
 
 @types.coroutine
 def stepwise(
-    coro: Coroutine[Any, Any, Any], seconds: float, driven: Driven | None = None
+    coro: Coroutine[Any, Any, Any] | Generator[Any, Any, Any],
+    seconds: float,
+    driven: Driven | None = None,
 ) -> Generator[Any, Any, Any]:
-    """Await ``coro`` with each of its steps — the code between two of its awaits, which
-    runs on the event loop and holds every connection — `bounded` by ``seconds``: an
+    """Await ``coro`` (a coroutine, or any awaitable's ``__await__`` iterator) with
+    each of its steps — the code between two of its awaits, which runs on the event
+    loop and holds every connection — `bounded` by ``seconds``: an
     ``async`` hook that blocks (a synchronous HTTP call, ``time.sleep``) is stopped
     like a plain one.  The awaits themselves are the caller's to bound.  Delegates
     sends, throws (cancellation) and close as ``yield from`` does (PEP 380), until
@@ -166,6 +191,15 @@ def stepwise(
             raise
         except BaseException as e:  # cancellation, and whatever else is thrown in
             value, error = None, e
+
+
+def _steps_of(awaitable: Any) -> Coroutine[Any, Any, Any] | Generator[Any, Any, Any]:
+    """What `stepwise` drives for a hook's ``awaitable``: a coroutine itself, anything
+    else (a future, an object with ``__await__``) through its iterator."""
+    if inspect.iscoroutine(awaitable):
+        return awaitable
+    steps: Generator[Any, Any, Any] = awaitable.__await__()
+    return steps
 
 
 def _abandon(task: asyncio.Future[Any], driven: Driven) -> None:
@@ -529,16 +563,15 @@ class Addons:
                 started = self.clock()
                 with bounded(self.hook_timeout):
                     result = getattr(addon.instance, name)(*hook.args())
-                if inspect.iscoroutine(result):
+                if inspect.isawaitable(result):
                     # No frame here may keep the hook alive once it is abandoned (its
                     # finalizer must run while the loop does): the task holds it.
                     driven = Driven()
-                    task = asyncio.ensure_future(stepwise(result, self.hook_timeout, driven))
+                    task = asyncio.ensure_future(
+                        stepwise(_steps_of(result), self.hook_timeout, driven)
+                    )
                     result = None
                     await self._drive(addon, name, task, driven)
-                elif inspect.isawaitable(result):
-                    async with asyncio.timeout(self.hook_timeout):
-                        await result
                 else:
                     self._check_blocking(addon, name, self.clock() - started)
             except (TimeoutError, Overran) as e:
