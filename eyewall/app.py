@@ -197,7 +197,8 @@ def preflight(settings: Settings) -> list[str]:
     for key in ("certificate", "key", "upstream_ca_bundle"):
         path = getattr(tls, key)
         if path and not os.access(path, os.R_OK):
-            problems.append(f"tls.{key}: cannot read {path}")
+            why = "no such file" if not os.path.exists(path) else "permission denied"
+            problems.append(f"tls.{key}: cannot read {path} ({why})")
             unreadable = True
     if not unreadable:
         problems.extend(_tls_problems(tls.certificate, tls.key, tls.upstream_ca_bundle))
@@ -229,16 +230,28 @@ def _tls_problems(certificate: str, key: str, bundle: str) -> list[str]:
         except (ssl.SSLError, OSError):
             problems.append(f"tls.certificate: {certificate} holds no PEM certificate")
         else:
+            asked: list[bool] = []
+
+            def passphrase() -> bytes:  # never a prompt on the terminal
+                asked.append(True)
+                return b""
+
             try:
-                context.load_cert_chain(certificate, key)
-            except ssl.SSLError as e:
-                problems.append(
-                    f"tls.key: {key} is not the private key of tls.certificate {certificate}"
-                    if e.reason == "KEY_VALUES_MISMATCH"
-                    else f"tls.key: {key} holds no PEM private key (unencrypted)"
-                )
-            except OSError as e:
-                problems.append(f"tls.key: {key}: {e.strerror or e}")
+                context.load_cert_chain(certificate, key, password=passphrase)
+            except (ssl.SSLError, OSError) as e:
+                if asked:
+                    problems.append(
+                        f"tls.key: {key} is encrypted: give the key without its pass phrase"
+                        f" (openssl pkey -in {key} -out plain.key), readable only by the proxy"
+                    )
+                elif isinstance(e, ssl.SSLError) and e.reason == "KEY_VALUES_MISMATCH":
+                    problems.append(
+                        f"tls.key: {key} is not the private key of tls.certificate {certificate}"
+                    )
+                elif isinstance(e, ssl.SSLError):
+                    problems.append(f"tls.key: {key} holds no PEM private key")
+                else:
+                    problems.append(f"tls.key: {key}: {e.strerror or e}")
     if bundle:
         try:
             ssl.create_default_context(cafile=bundle)

@@ -582,11 +582,15 @@ async def _first_bytes(stream: IOStream, seconds: float) -> bytes | None:
         return None
 
 
+def _no_passphrase() -> bytes:
+    raise ssl.SSLError("the key is encrypted (tls.key)")  # never a terminal prompt
+
+
 def _server_context(certificate: str, key: str) -> ssl.SSLContext:
     """The TLS context of the HTTPS proxy listeners.  Raises OSError or ssl.SSLError."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(certificate, key)
+    ctx.load_cert_chain(certificate, key, password=_no_passphrase)
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 

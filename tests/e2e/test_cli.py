@@ -186,11 +186,20 @@ def test_output_into_a_closed_pipe_ends_quietly():
 @pytest.fixture
 def pem_files(ca, tmp_path: Path) -> dict[str, str]:
     """A listener certificate and its key, another key, and a file that is not PEM."""
+    from cryptography.hazmat.primitives import serialization
+
     leaf = ca.issue_cert("proxy.test")
     other = ca.issue_cert("other.test")
+    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
     files = {
         "cert": leaf.cert_chain_pems[0].bytes(),
         "key": leaf.private_key_pem.bytes(),
+        "encrypted-key": encrypted,
         "other-key": other.private_key_pem.bytes(),
         "junk": b"not a certificate\n",
     }
@@ -210,6 +219,7 @@ def pem_files(ca, tmp_path: Path) -> dict[str, str]:
         ("key", "key", "tls.certificate: {key} holds no PEM certificate"),
         ("cert", "junk", "tls.key: {junk} holds no PEM private key"),
         ("cert", "other-key", "tls.key: {other-key} is not the private key of tls.certificate"),
+        ("cert", "encrypted-key", "tls.key: {encrypted-key} is encrypted: give the key without"),
     ],
 )
 def test_a_listener_certificate_that_cannot_load_is_a_configuration_error(
