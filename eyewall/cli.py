@@ -262,6 +262,16 @@ def _signal_proxy(args: argparse.Namespace, command: str, sig: int) -> tuple[int
         stamp = os.stat(pid_file).st_mtime_ns
         pid = int(Path(pid_file).read_text().strip())
         os.kill(pid, sig)
+    except ProcessLookupError:
+        print(
+            f"eyewall {command}: {pid_file} names process {pid}, which is not running"
+            " (a stale pid file: the proxy stopped without removing it)",
+            file=sys.stderr,
+        )
+        return 1, pid_file, 0, 0
+    except FileNotFoundError:
+        print(f"eyewall {command}: no pid file {pid_file}: is the proxy running?", file=sys.stderr)
+        return 1, pid_file, 0, 0
     except (OSError, ValueError) as e:
         print(f"eyewall {command}: {pid_file}: {e}", file=sys.stderr)
         return 1, pid_file, 0, 0

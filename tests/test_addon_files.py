@@ -154,8 +154,29 @@ def test_a_plain_hook_that_blocks_is_reported_once_a_minute(
     blocked = [r.getMessage() for r in caplog.records if "blocked the event loop" in r.getMessage()]
     assert blocked == [
         "addon slow.Slow: client_connected blocked the event loop for 0.50 s (every"
-        " connection waited); make the hook async, or faster"
+        " connection waited); make it an async hook that awaits slow work, or faster"
+        " (said at most once a minute per addon)"
     ]
+
+
+def test_an_async_hook_that_blocks_between_awaits_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Making a slow plain hook async does not help if it still blocks: said too."""
+    path = addon_file(
+        tmp_path / "addons",
+        "sleepy.py",
+        "import asyncio, time\nclass S:\n    async def client_connected(self, client):\n"
+        "        await asyncio.sleep(0)\n        time.sleep(0.3)\n",
+    )
+    addons = Addons([str(path)], hook_timeout=5.0)
+    addons.load_all()
+    with caplog.at_level(logging.WARNING, logger="eyewall.addons"):
+        asyncio.run(addons.call(ClientConnected(Client(("127.0.0.1", 1)))))
+    [said] = [r.getMessage() for r in caplog.records if "blocked the event loop" in r.getMessage()]
+    assert "client_connected blocked the event loop for 0.3" in said
+    assert "between two awaits" in said and "run_in_executor" in said
+    assert addons.failures == {}
 
 
 def test_a_plain_hook_past_the_timeout_fails_a_policy_addon(

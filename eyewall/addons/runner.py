@@ -149,10 +149,11 @@ class Driven:
     """A hook coroutine that `stepwise` drives: once ``abandoned``, it is dropped at its
     next step instead of resumed (it ignored its cancellation)."""
 
-    __slots__ = ("abandoned",)
+    __slots__ = ("abandoned", "longest")
 
     def __init__(self) -> None:
         self.abandoned = False
+        self.longest = 0.0  # seconds: its longest step (the event loop held that long)
 
 
 @types.coroutine
@@ -179,11 +180,15 @@ def stepwise(
             del coro
             error = value = None  # nothing here may keep the hook's frames alive
             raise asyncio.CancelledError()
+        started = time.monotonic()
         try:
             with bounded(seconds):
                 sent = coro.send(value) if error is None else coro.throw(error)
         except StopIteration as stop:
             return stop.value
+        finally:
+            if driven is not None:
+                driven.longest = max(driven.longest, time.monotonic() - started)
         try:
             value, error = (yield sent), None
         except GeneratorExit:
@@ -572,6 +577,7 @@ class Addons:
                     )
                     result = None
                     await self._drive(addon, name, task, driven)
+                    self._report_blocking(addon, name, driven.longest, True)
                 else:
                     self._check_blocking(addon, name, self.clock() - started)
             except (TimeoutError, Overran) as e:
@@ -648,17 +654,29 @@ class Addons:
         (raises TimeoutError) — it cannot be cancelled, only reported."""
         if seconds > self.hook_timeout:
             raise TimeoutError
-        if seconds > BLOCKING:
-            now = self.clock()
-            if now - self._blocking_reported.get(addon.name, -math.inf) >= 60:
-                self._blocking_reported[addon.name] = now
-                log.warning(
-                    "addon %s: %s blocked the event loop for %.2f s (every connection"
-                    " waited); make the hook async, or faster",
-                    addon.name,
-                    hook,
-                    seconds,
-                )
+        self._report_blocking(addon, hook, seconds, False)
+
+    def _report_blocking(self, addon: Addon, hook: str, seconds: float, awaited: bool) -> None:
+        """Say that ``hook`` held the event loop ``seconds`` (all at once, or between two
+        of its awaits when ``awaited``) if that is more than BLOCKING, at most once a
+        minute per addon."""
+        if seconds <= BLOCKING:
+            return
+        now = self.clock()
+        if now - self._blocking_reported.get(addon.name, -math.inf) < 60:
+            return
+        self._blocking_reported[addon.name] = now
+        log.warning(
+            "addon %s: %s blocked the event loop for %.2f s%s (every connection waited);"
+            " %s (said at most once a minute per addon)",
+            addon.name,
+            hook,
+            seconds,
+            " between two awaits" if awaited else "",
+            "await slow work: an async client, or loop.run_in_executor() for a blocking call"
+            if awaited
+            else "make it an async hook that awaits slow work, or faster",
+        )
 
     def reload_changed(self, settings: Any) -> None:
         """Reload the files that changed — edited, replaced, or their mode or owner

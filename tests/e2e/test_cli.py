@@ -302,3 +302,15 @@ def test_a_reload_sent_as_soon_as_the_pid_file_appears_is_not_fatal(tmp_path: Pa
                 proc.wait()
             assert proc.stderr is not None
             proc.stderr.close()
+
+
+def test_reload_and_restart_say_what_is_wrong_with_the_pid_file(tmp_path: Path) -> None:
+    stale = tmp_path / "stale.pid"
+    gone = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # no process has it
+    stale.write_text(f"{gone}\n")
+    for command in ("reload", "restart"):
+        done = run_eyewall(command, "--pid-file", str(stale))
+        assert done.returncode == 1
+        assert f"names process {gone}, which is not running (a stale pid file" in done.stderr
+        missing = run_eyewall(command, "--pid-file", str(tmp_path / "none.pid"))
+        assert missing.returncode == 1 and "no pid file" in missing.stderr
