@@ -3,7 +3,7 @@
 
     eyewall [options]                       run the proxy (every setting has a flag;
                                             flags override the --config file)
-    eyewall check-config FILE...            validate configuration files
+    eyewall check-config FILE...            validate configuration (and addon) files
     eyewall reload [--pid-file F | --config F]   ask a running proxy to reload
     eyewall restart [--pid-file F | --config F]  replace it without dropping connections
     eyewall explain [options] URL|HOST:PORT  show what the policy decides, and why
@@ -118,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check-config",
-        help="validate configuration files",
-        description="Validate configuration files: every problem is listed with its"
-        " setting and line; exit status 1 if any file is invalid.",
+        help="validate configuration files (and addon files)",
+        description="Validate configuration files, with the addons they name: every"
+        " problem is listed with its setting and line; exit status 1 if any file is"
+        " invalid. A FILE ending in .py is checked as an addon, as start-up loads one.",
     )
     check.add_argument("files", nargs="+", metavar="FILE")
     check.add_argument(
@@ -225,11 +226,20 @@ def check_config(files: Sequence[str], check_paths: bool = True, quiet: bool = F
     are checked, no hook is called); print every error to stderr, and ``FILE: ok`` to
     stdout unless ``quiet``.  Returns the exit status: 0 when all are valid, 1
     otherwise."""
+    from eyewall.addons.runner import Addons, unsafe_code
     from eyewall.app import Loader
 
     status = 0
     for path in files:
         try:
+            if path.endswith(".py"):  # an addon file, checked as start-up loads one
+                problem = unsafe_code(path)
+                problems = [problem] if problem else Addons([path]).check()
+                if problems:
+                    raise ConfigError(problems)
+                if not quiet:
+                    print(f"{path}: ok")
+                continue
             Loader(path, {}, check_paths, run_addons=True).load()
         except ConfigError as e:
             status = 1

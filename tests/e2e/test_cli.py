@@ -314,3 +314,15 @@ def test_reload_and_restart_say_what_is_wrong_with_the_pid_file(tmp_path: Path) 
         assert f"names process {gone}, which is not running (a stale pid file" in done.stderr
         missing = run_eyewall(command, "--pid-file", str(tmp_path / "none.pid"))
         assert missing.returncode == 1 and "no pid file" in missing.stderr
+
+
+def test_check_config_checks_an_addon_file_given_alone(tmp_path: Path) -> None:
+    good = ROOT / "examples" / "add_header.py"
+    assert run_eyewall("check-config", str(good)).stdout == f"{good}: ok\n"
+    bad = tmp_path / "addons" / "typo.py"
+    bad.parent.mkdir(mode=0o755)
+    bad.write_text("class A:\n    def reqeustheaders(self, flow): pass\n")
+    bad.chmod(0o644)
+    done = run_eyewall("check-config", str(bad))
+    assert done.returncode == 1
+    assert "A.reqeustheaders is not a hook; did you mean requestheaders?" in done.stderr
