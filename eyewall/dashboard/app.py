@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import ipaddress
 import json
 import logging
@@ -157,6 +158,13 @@ class Base(Guarded, tornado.web.RequestHandler):
         if not (text.isascii() and text.isdigit()):
             raise tornado.web.HTTPError(400, f"{name} must be a whole number")
         return min(most, int(text))
+
+    async def head(self, *args: str) -> None:
+        """As GET, without the body (RFC 9110 §9.3.2: the fields a GET would send, the
+        Content-Length included; Tornado drops the body of a HEAD)."""
+        answered = self.get(*args)
+        if inspect.isawaitable(answered):
+            await answered
 
     def write_json(self, value: Any) -> None:
         """Finish with ``value`` as an ``application/json`` body."""

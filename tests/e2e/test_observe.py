@@ -333,6 +333,12 @@ def test_har_download_and_cli_export_validate_against_the_har_schema(make_proxy,
     through(p, f"{origin.url}/bytes?n=700")
     download = admin_get(p, "/api/har")
     assert download.headers["content-disposition"].startswith("attachment")
+    with httpx.Client(timeout=10, trust_env=False) as c:  # HEAD: GET's head, no body
+        for path in ("/api/har", "/api/flows", "/metrics", "/healthz"):
+            head = c.head(p.admin_url + path)
+            assert head.status_code == 200 and head.content == b"", path
+    head = httpx.head(p.admin_url + "/api/har", trust_env=False, timeout=10)
+    assert head.headers["content-disposition"] == download.headers["content-disposition"]
     document = download.json()
     jsonschema.validate(document, SCHEMA)
     entries = document["log"]["entries"]
