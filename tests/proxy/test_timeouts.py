@@ -182,3 +182,24 @@ def test_an_idle_phase_ends_no_earlier_than_its_limit_and_within_a_fifth_after(
     assert late >= 0
     bound = 0.1 if limit < 0.5 else 0.2 * limit if limit <= 10 else 2.0  # (50 ms sweeps)
     assert late <= bound + 1e-9
+
+
+def test_a_sweep_that_comes_late_after_a_stall_of_the_loop_is_skipped_once() -> None:
+    """After the loop was held (an addon blocking it), peers' answers are still unread:
+    the late sweep expires nothing, the next one (after the loop caught up) does.  A
+    loop late all the time is still swept every other time."""
+    from eyewall.proxy.timeouts import Watchdog
+
+    now = [0.0]
+    dog = Watchdog(1.0, lambda: now[0])
+    seen: list[float] = []
+
+    class Item:
+        def check(self, at: float) -> None:
+            seen.append(at)
+
+    dog.add(Item())
+    for at in (1.0, 2.0, 6.0, 7.0, 12.0, 17.0, 22.0):
+        now[0] = at
+        dog.tick()
+    assert seen == [1.0, 2.0, 7.0, 17.0]
