@@ -184,6 +184,8 @@ class ChunkedDecoder:
                 self.trailers = parse_fields(line.decode("latin-1")).fields
             line.clear()
             self._state = _DONE
+        elif len(line) >= limit:  # a trailer line filled the section: no room for its end
+            raise ParseError("trailer section too large")
         return stop
 
 

@@ -19,6 +19,7 @@ from tornado.iostream import IOStream, StreamClosedError
 
 from eyewall.http1.chunked import ChunkedDecoder, encode_chunk, last_chunk
 from eyewall.http1.fields import HOP_BY_HOP
+from eyewall.http1.parse import ParseError
 from eyewall.proxy.streams import LINE_END, read_block
 
 __all__ = ["Meter", "copy_chunked", "copy_length", "copy_until_close", "read_upto"]
@@ -64,7 +65,11 @@ async def _copy_pieces(
 
 
 def _read_chunked(src: IOStream, decoder: ChunkedDecoder) -> Awaitable[bytes]:
-    """The next bytes of a chunked body, as the decoder's hints say: never past its end."""
+    """The next bytes of a chunked body, as the decoder's hints say: never past its end.
+    ParseError if the decoder, not done, wants nothing (a read of 0 bytes would return
+    at once, and the caller would loop)."""
+    if decoder.wanted <= 0:
+        raise ParseError("chunked body: the decoder wants no more bytes before its end")
     if decoder.in_line:
         return read_block(src, LINE_END, decoder.wanted)
     return src.read_bytes(min(decoder.wanted, PIECE), partial=True)

@@ -31,6 +31,7 @@ def decode(pieces: list[bytes], **limits: int) -> Result:
         for part in decoder.feed(piece):
             assert isinstance(part, (bytes, memoryview)) and len(part)
             out += part
+        assert decoder.done or decoder.wanted > 0, "asks for nothing, yet not done"
     assert decoder.done, "body not complete"
     assert decoder.wanted == 0
     return bytes(out), decoder.trailers, decoder.unused + extra
@@ -171,6 +172,24 @@ def test_trailer_section_limit():
     body = b"0\r\nA: 1\r\n\r\n"  # trailer section: 8 bytes with its empty line
     assert decode_every_way(body, max_trailers=8)[1] == [("A", "1")]
     assert "trailer section too large" in refuse_every_way(body, max_trailers=7)
+
+
+def test_a_trailer_section_that_fills_its_limit_before_its_end_is_refused():
+    """Trailer lines that end exactly at ``max_trailers`` leave no room for the empty
+    line: refused at once.  (The decoder asked for 0 bytes there, and a reader following
+    its hints read nothing, forever.)"""
+    body = b"5\r\nhello\r\n0\r\n" + b"X-A: b\r\n" * 2 + b"\r\n"
+    assert "trailer section too large" in refuse_every_way(body, max_trailers=16)
+    decoder = ChunkedDecoder(max_trailers=16)
+    pos = 0
+    with pytest.raises(ParseError, match="trailer section too large"):
+        for _ in range(100):  # a reader following the hints, as proxy/bodies.py does
+            want = decoder.wanted
+            assert want > 0
+            stop = min(body.index(b"\n", pos) + 1, pos + want) if decoder.in_line else pos + want
+            decoder.feed(body[pos:stop])
+            pos = stop
+    assert decode_every_way(body, max_trailers=18)[1] == [("X-A", "b"), ("X-A", "b")]
 
 
 def test_hints_let_a_reader_stop_exactly_at_the_end():

@@ -727,6 +727,56 @@ def test_a_malformed_chunked_body_closes_the_connection() -> None:
     run(main())
 
 
+def test_a_trailer_section_exactly_at_its_limit_is_refused_not_spun_on() -> None:
+    """Trailer lines that fill the section (max_header_size) before its empty line: a
+    400 for a request, the connection cut for a response; the proxy goes on serving.
+    (The decoder asked for 0 bytes there and the body's reader looped for ever.)"""
+    limit = FakeContext().settings.limits.max_header_size
+    assert limit % 8 == 0
+    trailers = b"X-A: b\r\n" * (limit // 8) + b"\r\n"  # lines end exactly at the limit
+
+    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_request(reader)
+        if b"/trailers" in head:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+                + trailers
+            )
+        else:
+            if head.startswith(b"POST"):
+                await reader.read(65536)  # some of the request body
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        ctx = FakeContext()
+        origin = await Origin.start(chunked)
+        client = Client(ctx)
+        await client.send(
+            f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            "5\r\nhello\r\n0\r\n".encode()
+            + trailers
+        )
+        data = await client.until_received(b"\r\n\r\n")
+        assert status(data) in (400, 200)  # refused, or the origin answered first
+        await client.finish()
+        await until(lambda: len(ctx.flows) >= 1, "the request's record")
+        client = Client(ctx)
+        await client.send(f"GET {origin.url}/trailers HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await until(lambda: len(ctx.flows) >= 2, "the response's record")
+        assert ctx.flows[-1].error is not None
+        await client.finish()
+        client = Client(ctx)  # and everyone else is still served
+        await client.send(f"GET {origin.url}/ok HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert status(await client.until_received(b"ok")) == 200
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
 # -- responses read leniently ------------------------------------------------------------
 
 
