@@ -315,7 +315,9 @@ class Exchange:
     async def _open(self, target: Target) -> Upstream:
         """A new connection to ``target``; ProxyError as `UpstreamPool.open` raises it,
         or CONNECTION_TIMEOUT when the watch cut the connect short (`expire`)."""
-        opening = self.opening = asyncio.ensure_future(self.ctx.pool.open(target, self.addresses))
+        # Bounded by the watch (Phase.CONNECTING), which waits out a stall of the loop
+        opening = asyncio.ensure_future(self.ctx.pool.open(target, self.addresses, timed=False))
+        self.opening = opening
         try:
             return await opening
         except asyncio.CancelledError:

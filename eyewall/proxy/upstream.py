@@ -228,13 +228,14 @@ class UpstreamPool:
         self.closing = False
 
     async def open_socket(
-        self, target: Target, addresses: tuple[str, ...]
+        self, target: Target, addresses: tuple[str, ...], timed: bool = True
     ) -> tuple[socket.socket, str]:
         """A new TCP connection to ``target`` at one of ``addresses`` (resolved and
-        allowed by admission), within the connect timeout.  Raises ProxyError."""
+        allowed by admission), within the connect timeout (unless not ``timed``: the
+        caller's watch bounds it).  Raises ProxyError."""
         addrs = [(family_of(ip), (ip, target.port)) for ip in addresses]
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(self.connect_timeout if timed else None):
                 return await connect(addrs)
         except TimeoutError:
             raise ProxyError(
@@ -265,23 +266,28 @@ class UpstreamPool:
                 return up
         return None
 
-    async def open(self, target: Target, addresses: tuple[str, ...]) -> Upstream:
-        """A new connection to ``target`` (with TLS for https).  Raises ProxyError."""
+    async def open(
+        self, target: Target, addresses: tuple[str, ...], timed: bool = True
+    ) -> Upstream:
+        """A new connection to ``target`` (with TLS for https), within the connect
+        timeout unless not ``timed`` (an exchange's watch bounds it, and waits out a
+        stall of the event loop, which a timer of its own would blame on the origin).
+        Raises ProxyError."""
         key = (target.scheme, target.host, target.port)
-        sock, peer = await self.open_socket(target, addresses)
+        sock, peer = await self.open_socket(target, addresses, timed)
         ip = peer.rsplit(":", 1)[0].strip("[]")
         stream: IOStream = BoundedStream(sock, max_buffer_size=STREAM_BUFFER)
         if target.scheme == "https":
-            stream = await self._start_tls(stream, target)
+            stream = await self._start_tls(stream, target, timed)
         return Upstream(stream, key, peer, ip)
 
-    async def _start_tls(self, stream: IOStream, target: Target) -> IOStream:
+    async def _start_tls(self, stream: IOStream, target: Target, timed: bool) -> IOStream:
         """TLS to the origin, verified against the trusted CAs and the host name.
 
         ``stream`` is spent either way: its socket moves to the TLS stream, or is closed
         when the handshake fails or is cancelled."""
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(self.connect_timeout if timed else None):
                 return await start_tls(stream, self.tls_context, False, target.host)
         except TimeoutError:
             raise ProxyError(

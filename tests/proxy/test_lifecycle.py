@@ -165,17 +165,17 @@ def test_a_silent_origin_is_a_504_read_timeout_and_the_connection_lives_on() -> 
 def test_a_connect_that_outlives_its_limit_is_a_504_not_a_silent_close(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Whichever sees the limit first — the connect's own timer or the watchdog's
-    sweep — the client gets its 504 (``connection_timeout``), and its connection
-    lives on.  Here the connect never completes (a black-holed origin) and only the
-    sweep can end it."""
+    """The watch bounds an exchange's connect (no timer of the pool's own, which would
+    fire after a stall of the loop and blame the origin): the client gets its 504
+    (``connection_timeout``), and its connection lives on.  Here the connect never
+    completes (a black-holed origin)."""
 
     async def main() -> None:
         ctx = FakeContext(**{"timeouts.upstream_connect": 5.0})
         opened: list[object] = []
 
-        async def black_hole(target: object, addresses: object) -> object:
-            opened.append(target)
+        async def black_hole(target: object, addresses: object, timed: bool = True) -> object:
+            opened.append(timed)  # False: the watch alone bounds it (it waits out stalls)
             await asyncio.Event().wait()  # a SYN nobody answers
             raise AssertionError("unreachable")
 
@@ -183,6 +183,7 @@ def test_a_connect_that_outlives_its_limit_is_a_504_not_a_silent_close(
         client = Client(ctx)
         await client.send(b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n\r\n")
         await until(lambda: client.conn.watch.phase is Phase.CONNECTING and opened)
+        assert opened == [False]
         ctx.advance(4.0)
         assert client.conn.watch.expired is None
         ctx.advance(1.5)

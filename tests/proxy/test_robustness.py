@@ -41,8 +41,8 @@ def opened(ctx: FakeContext) -> list[Upstream]:
     connections: list[Upstream] = []
     open_ = ctx.pool.open
 
-    async def recording(*args: Any) -> Upstream:
-        up = await open_(*args)
+    async def recording(*args: Any, **kwargs: Any) -> Upstream:
+        up = await open_(*args, **kwargs)
         connections.append(up)
         return up
 
