@@ -539,17 +539,17 @@ def _write_pid_file(path: str) -> None:
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     except PermissionError:  # a file the user may write, in a directory they may not
+        temporary = ""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        return
     try:
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()}\n")
-        os.replace(temporary, path)
+        if temporary:
+            os.replace(temporary, path)
     except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
+        if temporary:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
         raise
 
 

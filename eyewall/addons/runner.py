@@ -398,17 +398,18 @@ class Addons:
     def load_all(self) -> None:
         """Load every file; a file that fails is a start-up error (ValueError, for the
         caller to report: not logged here)."""
+        # SIGALRM as the process got it (ignored by its parent, say); a file that takes
+        # it while loading is named by `_read`, so each cause is said once.
+        if self.files and threading.get_ident() == _MAIN_THREAD and not _take_alarm():
+            log.warning(
+                "SIGALRM is ignored or taken by other code: addon code running on the"
+                " event loop is not stopped after timeouts.addon_hook"
+            )
         for f in self.files:
             error = self._load(f, report=False)
             if error:
                 raise ValueError(error)
         self._index()
-        loaded = any(f.addons for f in self.files)
-        if loaded and threading.get_ident() == _MAIN_THREAD and not _take_alarm():
-            log.warning(
-                "SIGALRM is ignored or taken by other code: addon code running on the"
-                " event loop is not stopped after timeouts.addon_hook"
-            )
 
     def check(self) -> list[str]:
         """The errors `load_all` would raise, every file's, without starting any addon:
