@@ -165,6 +165,7 @@ class ClientConnection:
         "exchange",
         "head_first",
         "head_started",
+        "opening",
         "release",
         "requests",
         "secure",
@@ -191,6 +192,7 @@ class ClientConnection:
         self.tunnel: Target | None = None  # set while serving an intercepted tunnel
         self.tunnel_user: str | None = None  # who authenticated the intercepted CONNECT
         self.release: Callable[[], None] | None = None  # the intercepted tunnel's limits
+        self.opening: asyncio.Future[tuple[socket.socket, str]] | None = None  # a CONNECT's
         self._enter(Phase.CLIENT_HEAD, ctx.settings.timeouts.client_header)  # from accept
 
     # -- time limits -------------------------------------------------------------------
@@ -202,6 +204,10 @@ class ClientConnection:
     def _expired(self, phase: Phase) -> None:
         if self.exchange is not None:
             self.exchange.expire(phase)
+            return
+        opening = self.opening
+        if phase is Phase.CONNECTING and opening is not None and not opening.done():
+            opening.cancel()  # answered 504 by `_connect`
             return
         if phase is Phase.CLIENT_HEAD and self.head_started:
             flow = self.ctx.new_flow(self.address)
@@ -700,16 +706,32 @@ class ClientConnection:
                 flow, "CONNECT", *limited, close, [("Retry-After", "1")]
             )
         release = self._releaser(decision.user)
-        self._enter(Phase.CONNECTING, None)  # bounded by the pool's connect timeout
+        # Bounded by the watch, which waits out a stall of the loop (a timer of the
+        # pool's own would fire after one and blame the origin), as an exchange's is.
+        self._enter(Phase.CONNECTING, ctx.settings.timeouts.upstream_connect)
+        started = monotonic()
+        opening = asyncio.ensure_future(ctx.pool.open_socket(target, decision.addresses))
+        self.opening = opening
         try:
-            started = monotonic()
-            sock, peer = await ctx.pool.open_socket(target, decision.addresses)
+            sock, peer = await opening
         except ProxyError as e:
             release()
             return False, await self._error(flow, "CONNECT", e.kind, e.detail, close)
+        except asyncio.CancelledError:
+            release()
+            if not opening.cancelled() or asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise  # not the watch's doing: this connection itself is cancelled
+            detail = f"no connection to {target.authority} in time (timeouts.upstream_connect)"
+            return False, await self._error(
+                flow, "CONNECT", ErrorKind.CONNECTION_TIMEOUT, detail, close
+            )
         except BaseException:
             release()
             raise
+        finally:
+            self.opening = None
+            if not opening.done():
+                opening.cancel()
         flow.connect_time = monotonic() - started
         flow.upstream = peer
         flow.t_connected = monotonic() - self.t_head

@@ -316,7 +316,7 @@ class Exchange:
         """A new connection to ``target``; ProxyError as `UpstreamPool.open` raises it,
         or CONNECTION_TIMEOUT when the watch cut the connect short (`expire`)."""
         # Bounded by the watch (Phase.CONNECTING), which waits out a stall of the loop
-        opening = asyncio.ensure_future(self.ctx.pool.open(target, self.addresses, timed=False))
+        opening = asyncio.ensure_future(self.ctx.pool.open(target, self.addresses))
         self.opening = opening
         try:
             return await opening

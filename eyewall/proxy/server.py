@@ -99,7 +99,6 @@ class Proxy:
         # loop lookup on every phase change
         self.clock: Callable[[], float] = clock or time.monotonic
         self.pool = UpstreamPool(
-            settings.timeouts.upstream_connect,
             settings.pool.idle_per_origin,
             settings.pool.idle_timeout,
             default_tls_context(settings.tls.upstream_ca_bundle or None),
@@ -437,7 +436,6 @@ class Proxy:
         pp = settings.proxy_protocol
         self.proxy_protocol.configure(pp.trusted, pp.header_timeout)
         pool = self.pool
-        pool.connect_timeout = settings.timeouts.upstream_connect
         pool.idle_per_origin = settings.pool.idle_per_origin
         pool.idle_timeout = settings.pool.idle_timeout
         pool.tls_context = default_tls_context(settings.tls.upstream_ca_bundle or None)

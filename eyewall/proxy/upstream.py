@@ -207,20 +207,22 @@ class Upstream:
 class UpstreamPool:
     """New connections to origins, and the idle ones kept for reuse.
 
-    ``connect_timeout`` bounds connecting plus the TLS handshake; ``idle_per_origin``
-    and ``idle_timeout`` (seconds) bound the idle connections kept; ``tls_context``
-    verifies origins.  Attributes are replaced on reload.
+    ``idle_per_origin`` and ``idle_timeout`` (seconds) bound the idle connections
+    kept; ``tls_context`` verifies origins.  Attributes are replaced on reload.  The
+    pool sets no time limit of its own on connecting: the caller's watch bounds it
+    (`eyewall.proxy.timeouts`, phase CONNECTING, ``timeouts.upstream_connect``), and
+    cancelling `open` or `open_socket` cancels every attempt under way.  A timer here
+    would fire after a stall of the event loop and blame the origin; the watch waits
+    such a stall out.
     """
 
     def __init__(
         self,
-        connect_timeout: float,
         idle_per_origin: int,
         idle_timeout: float,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.resolver = Resolver()
-        self.connect_timeout = connect_timeout
         self.idle_per_origin = idle_per_origin
         self.idle_timeout = idle_timeout
         self.tls_context = tls_context or default_tls_context()
@@ -228,20 +230,11 @@ class UpstreamPool:
         self.closing = False
 
     async def open_socket(
-        self, target: Target, addresses: tuple[str, ...], timed: bool = True
+        self, target: Target, addresses: tuple[str, ...]
     ) -> tuple[socket.socket, str]:
         """A new TCP connection to ``target`` at one of ``addresses`` (resolved and
-        allowed by admission), within the connect timeout (unless not ``timed``: the
-        caller's watch bounds it).  Raises ProxyError."""
-        addrs = [(family_of(ip), (ip, target.port)) for ip in addresses]
-        try:
-            async with asyncio.timeout(self.connect_timeout if timed else None):
-                return await connect(addrs)
-        except TimeoutError:
-            raise ProxyError(
-                ErrorKind.CONNECTION_TIMEOUT,
-                f"no connection to {target.authority} in time (timeouts.upstream_connect)",
-            ) from None
+        allowed by admission), as ``(socket, "ip:port")``.  Raises ProxyError."""
+        return await connect([(family_of(ip), (ip, target.port)) for ip in addresses])
 
     def take(
         self, target: Target, addresses: tuple[str, ...] | None = None, probe: bool = True
@@ -266,33 +259,23 @@ class UpstreamPool:
                 return up
         return None
 
-    async def open(
-        self, target: Target, addresses: tuple[str, ...], timed: bool = True
-    ) -> Upstream:
-        """A new connection to ``target`` (with TLS for https), within the connect
-        timeout unless not ``timed`` (an exchange's watch bounds it, and waits out a
-        stall of the event loop, which a timer of its own would blame on the origin).
-        Raises ProxyError."""
+    async def open(self, target: Target, addresses: tuple[str, ...]) -> Upstream:
+        """A new connection to ``target`` (with TLS for https).  Raises ProxyError."""
         key = (target.scheme, target.host, target.port)
-        sock, peer = await self.open_socket(target, addresses, timed)
+        sock, peer = await self.open_socket(target, addresses)
         ip = peer.rsplit(":", 1)[0].strip("[]")
         stream: IOStream = BoundedStream(sock, max_buffer_size=STREAM_BUFFER)
         if target.scheme == "https":
-            stream = await self._start_tls(stream, target, timed)
+            stream = await self._start_tls(stream, target)
         return Upstream(stream, key, peer, ip)
 
-    async def _start_tls(self, stream: IOStream, target: Target, timed: bool) -> IOStream:
+    async def _start_tls(self, stream: IOStream, target: Target) -> IOStream:
         """TLS to the origin, verified against the trusted CAs and the host name.
 
         ``stream`` is spent either way: its socket moves to the TLS stream, or is closed
         when the handshake fails or is cancelled."""
         try:
-            async with asyncio.timeout(self.connect_timeout if timed else None):
-                return await start_tls(stream, self.tls_context, False, target.host)
-        except TimeoutError:
-            raise ProxyError(
-                ErrorKind.CONNECTION_TIMEOUT, "TLS handshake timed out (timeouts.upstream_connect)"
-            ) from None
+            return await start_tls(stream, self.tls_context, False, target.host)
         except ssl.SSLCertVerificationError as e:
             raise ProxyError(
                 ErrorKind.TLS_CERTIFICATE_ERROR,

@@ -51,8 +51,7 @@ class FakeContext:
         self.policy: Policy = build_policy(self.settings)
         self.state = AdmissionState()
         self.own = OwnListeners()
-        t = self.settings.timeouts
-        self.pool = UpstreamPool(t.upstream_connect, 8, self.settings.pool.idle_timeout)
+        self.pool = UpstreamPool(8, self.settings.pool.idle_timeout)
         self.pipes = PipePool()
         self.addons = addons or Addons()
         self.now = 1000.0

@@ -174,8 +174,8 @@ def test_a_connect_that_outlives_its_limit_is_a_504_not_a_silent_close(
         ctx = FakeContext(**{"timeouts.upstream_connect": 5.0})
         opened: list[object] = []
 
-        async def black_hole(target: object, addresses: object, timed: bool = True) -> object:
-            opened.append(timed)  # False: the watch alone bounds it (it waits out stalls)
+        async def black_hole(target: object, addresses: object) -> object:
+            opened.append(target)
             await asyncio.Event().wait()  # a SYN nobody answers
             raise AssertionError("unreachable")
 
@@ -183,7 +183,6 @@ def test_a_connect_that_outlives_its_limit_is_a_504_not_a_silent_close(
         client = Client(ctx)
         await client.send(b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n\r\n")
         await until(lambda: client.conn.watch.phase is Phase.CONNECTING and opened)
-        assert opened == [False]
         ctx.advance(4.0)
         assert client.conn.watch.expired is None
         ctx.advance(1.5)
@@ -193,6 +192,44 @@ def test_a_connect_that_outlives_its_limit_is_a_504_not_a_silent_close(
         assert ctx.flows[0].error is ErrorKind.CONNECTION_TIMEOUT
         assert "timeouts.upstream_connect" in ctx.flows[0].error_detail
         assert not client.conn.stream.closed()
+        await client.finish()
+        ctx.close()
+
+    run(main())
+
+
+def test_a_tunnel_connect_that_outlives_its_limit_is_a_504(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CONNECT's connect is bounded by the same watch as an exchange's: 504
+    ``connection_timeout`` once ``timeouts.upstream_connect`` has run out, not before,
+    and the tunnel's count is given back."""
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.upstream_connect": 5.0})
+        opened: list[object] = []
+
+        async def black_hole(target: object, addresses: object) -> object:
+            opened.append(target)
+            await asyncio.Event().wait()  # a SYN nobody answers
+            raise AssertionError("unreachable")
+
+        monkeypatch.setattr(ctx.pool, "open_socket", black_hole)
+        client = Client(ctx)
+        await client.send(b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n")
+        await until(lambda: client.conn.watch.phase is Phase.CONNECTING and opened)
+        ctx.advance(4.0)
+        assert client.conn.watch.expired is None
+        ctx.advance(1.5)
+        data = await client.until_received(b"request id")
+        assert status(data) == 504 and b"error=connection_timeout" in data
+        await until(lambda: ctx.flows)
+        flow = ctx.flows[0]
+        assert flow.error is ErrorKind.CONNECTION_TIMEOUT and flow.kind == "tunnel"
+        assert "timeouts.upstream_connect" in flow.error_detail
+        assert client.conn.opening is None
+        tunnels = ctx.state.client_tunnels
+        await until(lambda: tunnels.count(client.conn.address[0]) == 0)  # given back
         await client.finish()
         ctx.close()
 
