@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--since", type=float, default=0.0, help="epoch seconds, or -N for N seconds ago"
     )
-    export.add_argument("--host", help="only flows to this host")
+    export.add_argument("--host", help="only flows to this host (any case or address spelling)")
     export.add_argument("--limit", type=int, default=10_000, help="at most this many (newest)")
     return parser
 
@@ -348,7 +348,7 @@ def har_command(args: argparse.Namespace) -> int:
     Returns the exit status (0 written, 1 no flow store, 2 usage error)."""
     import json
 
-    from eyewall.observe.har import har, har_query
+    from eyewall.observe.har import har, har_query, host_filter
     from eyewall.observe.store import default_path, read_records
 
     path = Path(args.flows) if args.flows else None
@@ -364,12 +364,12 @@ def har_command(args: argparse.Namespace) -> int:
         postgresql = settings.shared_flows.postgresql or None
     since = args.since if args.since >= 0 else time.time() + args.since
     if postgresql:
-        return _har_from_postgresql(postgresql, since, args.host or "", args.limit)
+        return _har_from_postgresql(postgresql, since, host_filter(args.host), args.limit)
     path = path or default_path()
     if not path.exists():
         print(f"eyewall har: no flows recorded at {path}", file=sys.stderr)
         return 1
-    records = read_records(path, *har_query(since, args.host), args.limit)
+    records = read_records(path, *har_query(since, host_filter(args.host)), args.limit)
     json.dump(har(records), sys.stdout)
     sys.stdout.write("\n")
     return 0

@@ -25,7 +25,7 @@ from tornado.iostream import IOStream, StreamClosedError
 from tornado.netutil import bind_sockets
 
 from eyewall.config import Endpoint
-from eyewall.observe.har import har, har_query, is_exchange
+from eyewall.observe.har import har, har_query, host_filter, is_exchange
 from eyewall.observe.live import Client, LiveFeed
 from eyewall.observe.metrics import Metrics
 from eyewall.observe.records import Record, detail, summary
@@ -327,7 +327,7 @@ class HarDownload(Base):
 
     async def get(self) -> None:
         since = self.count_argument("since", 0, 2**40)  # a Unix time, seconds
-        host = self.get_query_argument("host", "")
+        host = host_filter(self.get_query_argument("host", ""))
         limit = self.count_argument("limit", 10_000, 100_000)
         records = await self.admin.records(since, host, limit)
         self.set_header("Content-Type", "application/json")

@@ -13,9 +13,10 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from eyewall import __version__
+from eyewall.http1.target import canonical_host
 from eyewall.observe.records import Record, parse_heads
 
-__all__ = ["har", "har_query", "is_exchange"]
+__all__ = ["har", "har_query", "host_filter", "is_exchange"]
 
 
 def _iso(t: float) -> str:
@@ -132,6 +133,15 @@ def _entry(r: Record) -> dict[str, Any]:
 def is_exchange(r: Record) -> bool:
     """Whether ``r`` is an HTTP exchange (a HAR entry), not an opaque tunnel."""
     return r["kind"] != "tunnel" and bool(r["method"])
+
+
+def host_filter(text: str | None) -> str:
+    """A ``host`` filter as flows record hosts: lower case, without IPv6 brackets or a
+    final dot, an IP address in its one written form (`canonical_host`); "" for none."""
+    host = (text or "").strip().lower().removesuffix(".")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return canonical_host(host)
 
 
 def har_query(since: float, host: str | None) -> tuple[str, tuple[Any, ...]]:

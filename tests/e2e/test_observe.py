@@ -389,6 +389,11 @@ def test_har_limits_count_exchanges_not_tunnels(make_proxy, origin, tmp_path):
     assert [e["request"]["url"] for e in download["log"]["entries"]] == [
         f"{origin.url}/bytes?n=1&i=exchange"
     ]
+    # the host filter takes the host in any spelling the flows API and rules take
+    assert origin.authority.startswith("127.0.0.1:")
+    for spelling in ("127.0.0.1", "0x7f.1", "[::ffff:127.0.0.1]"):
+        entries = admin_get(p, f"/api/har?host={spelling}").json()["log"]["entries"]
+        assert len(entries) == 1, spelling
     exported = subprocess.run(
         [sys.executable, "-m", "eyewall", "har", "export", "--flows", str(db), "--limit", "1"],
         capture_output=True,
