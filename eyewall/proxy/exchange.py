@@ -220,9 +220,14 @@ class Exchange:
     def abort(self, detail: str) -> bool:
         """Cut the exchange (the proxy is stopping): it ends as a failure,
         ``connection_terminated`` with ``detail``, and is recorded.  Its origin
-        connection is closed; so is the client's, unless the exchange waits for the
-        response head: then the client is answered 502, and this returns True."""
+        connection is closed; so is the client's, unless the exchange waits for a
+        connection or the response head: then the client is answered 502, and this
+        returns True."""
         self.aborted = ProxyError(ErrorKind.CONNECTION_TERMINATED, detail)
+        opening = self.opening
+        if opening is not None and not opening.done():
+            opening.cancel()  # `_open` raises ``aborted``: the client is answered 502
+            return True
         up = self.up
         if up is not None:
             up.stream.close()
@@ -323,6 +328,8 @@ class Exchange:
         except asyncio.CancelledError:
             if not opening.cancelled() or asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 raise  # not the watch's doing: this exchange itself is cancelled
+            if self.aborted is not None:
+                raise self.aborted from None
             raise ProxyError(
                 ErrorKind.CONNECTION_TIMEOUT,
                 f"no connection to {target.authority} in time (timeouts.upstream_connect)",
@@ -398,7 +405,7 @@ class Exchange:
                 self.upload_waits = True
                 unread(src, await src.read_bytes(1, partial=True))  # the body begins
                 self.upload_waits = False
-                if self.watch.phase is Phase.WAITING:
+                if self.watch.phase is Phase.WAITING and self.watch.expired is None:
                     self._enter(Phase.SENDING)
             if self.resume is not None:  # an addon asked for a body too big to buffer
                 prefix, resume = self.resume

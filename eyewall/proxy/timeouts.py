@@ -159,8 +159,10 @@ class Watch:
         unlimited).  An idle-based phase needs ``progress``; ``unsent`` is optional (for
         a deadline phase: a send queue still shrinking at the deadline moves it, and
         while it holds bytes the phase ends only after ``grace`` seconds without a
-        change, see `check`)."""
+        change, see `check`).  A phase that ran out before is history: the new one has
+        its own limit (``expired`` goes back to None)."""
         self.phase = phase
+        self.expired = None
         self.limit = limit
         self.since = now
         self.deadline = _NEVER if limit is None or phase.idle else now + limit
@@ -301,6 +303,7 @@ def sweep_interval(timeouts: Timeouts, pool_idle: float) -> float:
     smallest = min(
         timeouts.client_header,
         timeouts.keepalive_idle,
+        timeouts.upstream_connect,
         timeouts.upstream_head,
         timeouts.body_idle,
         timeouts.tunnel_idle,

@@ -141,7 +141,7 @@ def test_a_silent_origin_is_a_504_read_timeout_and_the_connection_lives_on() -> 
         await reader.read()  # until the proxy gives up
 
     async def main() -> None:
-        ctx = FakeContext(**{"timeouts.upstream_head": 30.0})
+        ctx = FakeContext(**{"timeouts.upstream_head": 30.0, "timeouts.client_header": 10.0})
         origin = await Origin.start(silent)
         client = Client(ctx)
         await client.send(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
@@ -155,6 +155,13 @@ def test_a_silent_origin_is_a_504_read_timeout_and_the_connection_lives_on() -> 
         await until(lambda: ctx.flows)
         assert ctx.flows[0].error is ErrorKind.READ_TIMEOUT
         assert not client.conn.stream.closed()  # a 504 on a kept-alive connection
+        # ... whose later phases have their limits still: half a head gets its 408
+        await until(lambda: client.conn.watch.phase is Phase.IDLE)
+        await client.send(b"GET http://127.0.0.1:9/ HTTP/1.1\r\n")
+        await until(lambda: client.conn.watch.phase is Phase.CLIENT_HEAD)
+        ctx.advance(10.5)
+        data = await client.response()
+        assert b" 408 " in data
         await client.finish()
         await origin.close()
         ctx.close()

@@ -203,3 +203,28 @@ def test_a_sweep_that_comes_late_after_a_stall_of_the_loop_is_skipped_once() -> 
         now[0] = at
         dog.tick()
     assert seen == [1.0, 2.0, 7.0, 17.0]
+
+
+def test_a_phase_entered_after_an_expiry_has_its_own_limit() -> None:
+    """A connection kept open after a phase ran out (a 504 on a kept-alive connection)
+    is watched again from its next phase on."""
+    expired: list[Phase] = []
+    w = Watch(expired.append)
+    w.enter(Phase.WAITING, 0.0, 2.0)
+    w.check(2.5)
+    assert expired == [Phase.WAITING] and w.expired is Phase.WAITING
+    w.enter(Phase.IDLE, 3.0, 5.0)
+    assert w.expired is None
+    w.check(7.9)
+    assert expired == [Phase.WAITING]
+    w.check(8.1)
+    assert expired == [Phase.WAITING, Phase.IDLE]
+
+
+@pytest.mark.parametrize(
+    "setting", ["client_header", "keepalive_idle", "upstream_connect", "upstream_head", "body_idle"]
+)
+def test_every_deadline_is_swept_at_a_tenth_of_itself(setting: str) -> None:
+    """The smallest limit sets the sweep: a 0.3 s limit is enforced within 0.1 s."""
+    timeouts = load_settings(overrides={f"timeouts.{setting}": 0.3}).timeouts
+    assert sweep_interval(timeouts, 30.0) == pytest.approx(0.05)
