@@ -160,6 +160,7 @@ class ClientConnection:
     """Serves one client connection until it closes or is handed to a tunnel."""
 
     __slots__ = (
+        "aborted",
         "address",
         "ctx",
         "exchange",
@@ -193,6 +194,7 @@ class ClientConnection:
         self.tunnel_user: str | None = None  # who authenticated the intercepted CONNECT
         self.release: Callable[[], None] | None = None  # the intercepted tunnel's limits
         self.opening: asyncio.Future[tuple[socket.socket, str]] | None = None  # a CONNECT's
+        self.aborted: str | None = None  # why `abort` cut the CONNECT's connect
         self._enter(Phase.CLIENT_HEAD, ctx.settings.timeouts.client_header)  # from accept
 
     # -- time limits -------------------------------------------------------------------
@@ -229,6 +231,20 @@ class ClientConnection:
                 pass
             self.ctx.end_flow(flow)
         self.stream.io_loop.add_callback(self.stream.close)
+
+    def abort(self, detail: str) -> bool:
+        """Cut what the connection waits on (the proxy is stopping at its drain deadline):
+        an exchange (`Exchange.abort`), or the connect of a CONNECT.  True when the client
+        is still to be answered (502 ``connection_terminated`` with ``detail``, then the
+        connection closes); False when the caller should close it."""
+        if self.exchange is not None:
+            return self.exchange.abort(detail)
+        opening = self.opening
+        if opening is not None and not opening.done():
+            self.aborted = detail
+            opening.cancel()  # answered by `_connect`
+            return True
+        return False
 
     def _enter(self, phase: Phase, limit: float | None) -> None:
         self.watch.enter(phase, self.ctx.clock(), limit)
@@ -720,11 +736,13 @@ class ClientConnection:
         except asyncio.CancelledError:
             release()
             if not opening.cancelled() or asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                raise  # not the watch's doing: this connection itself is cancelled
-            detail = f"no connection to {target.authority} in time (timeouts.upstream_connect)"
-            return False, await self._error(
-                flow, "CONNECT", ErrorKind.CONNECTION_TIMEOUT, detail, close
-            )
+                raise  # not the watch's or `abort`'s doing: this connection is cancelled
+            if self.aborted is not None:  # the proxy stops
+                kind, detail = ErrorKind.CONNECTION_TERMINATED, self.aborted
+            else:
+                kind = ErrorKind.CONNECTION_TIMEOUT
+                detail = f"no connection to {target.authority} in time (timeouts.upstream_connect)"
+            return False, await self._error(flow, "CONNECT", kind, detail, close)
         except BaseException:
             release()
             raise

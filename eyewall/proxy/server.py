@@ -483,8 +483,8 @@ class Proxy:
         for relay in list(self.tunnels):
             relay.close(ProxyStopped("the proxy stopped at its drain deadline"))
         for conn in list(self.connections):
-            exchange = conn.exchange  # it may wait on its origin: cut that too
-            if exchange is None or not exchange.abort("the proxy stopped at its drain deadline"):
+            # it may wait on its origin (a connect, a response head): cut that too
+            if not conn.abort("the proxy stopped at its drain deadline"):
                 conn.stream.close()
         # Let the cut exchanges end and be recorded (each is a few loop turns away).
         await self._settle(CUT_GRACE, tunnels=False)

@@ -1,0 +1,69 @@
+"""Stopping at the drain deadline, in-process with a real `Proxy`: whatever still waits
+on an origin is cut, answered and recorded before the proxy stops."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from eyewall.app import build_policy
+from eyewall.config import load_settings
+from eyewall.errors import ErrorKind
+from eyewall.flow import Flow
+from eyewall.proxy.server import Proxy
+from tests.proxy.harness import until
+
+
+async def read_all(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await reader.read()
+    finally:
+        writer.close()
+
+
+def test_connects_pending_at_the_drain_deadline_are_answered_and_recorded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request and a CONNECT whose connects have not completed when the drain
+    deadline comes each get a 502 (``connection_terminated``) and a record; before,
+    both clients were closed without a byte and neither flow was recorded."""
+
+    async def main() -> None:
+        flows: list[Flow] = []
+        settings = load_settings(
+            overrides={
+                "listen": ["127.0.0.1:0"],
+                "access.allow_private": True,
+                "access.connect_ports": ["1-65535"],
+                "timeouts.drain": 0.2,
+                "timeouts.upstream_connect": 30.0,
+            }
+        )
+        proxy = Proxy(settings, build_policy(settings), publish=flows.append)
+        opened: list[Any] = []
+
+        async def black_hole(target: Any, addresses: Any) -> Any:
+            opened.append(target)
+            await asyncio.Event().wait()  # a SYN nobody answers
+
+        monkeypatch.setattr(proxy.pool, "open_socket", black_hole)
+        proxy.start_listening()
+        port = proxy.addresses[0][1]
+        answers = asyncio.gather(
+            read_all(port, b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n\r\n"),
+            read_all(port, b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n"),
+        )
+        await until(lambda: len(opened) == 2)
+        await proxy.shutdown()
+        for answer in await answers:
+            assert answer.startswith(b"HTTP/1.1 502 "), answer
+            assert b"drain deadline" in answer
+        assert sorted(f.method for f in flows) == ["CONNECT", "GET"]
+        assert {f.error for f in flows} == {ErrorKind.CONNECTION_TERMINATED}
+
+    asyncio.run(main())
