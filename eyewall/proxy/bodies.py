@@ -31,13 +31,16 @@ _FRAMING_FIELDS = HOP_BY_HOP | {"content-length", "host"}
 
 
 class Meter:
-    """Body bytes read in one direction, and optionally a copy of the first ``limit``
-    bytes (for the flow recorder)."""
+    """Body bytes read in one direction (``count``), the chunked framing read around
+    them (``framing``: size lines, extensions, trailers; progress for the body-idle
+    limit, not body), and optionally a copy of the first ``limit`` bytes (for the flow
+    recorder)."""
 
-    __slots__ = ("capture", "count", "limit")
+    __slots__ = ("capture", "count", "framing", "limit")
 
     def __init__(self, limit: int = 0) -> None:
         self.count = 0
+        self.framing = 0
         self.limit = limit
         self.capture: bytearray | None = bytearray() if limit else None
 
@@ -188,9 +191,12 @@ async def copy_chunked(
         decoder = ChunkedDecoder(CHUNK_LINE_LIMIT, trailer_limit)
     total = 0
     while not decoder.done:
-        for piece in decoder.feed(await _read_chunked(src, decoder)):
+        data = await _read_chunked(src, decoder)
+        meter.framing += len(data)  # less the data, below: a size line moves too
+        for piece in decoder.feed(data):
             total += len(piece)
             meter.count += len(piece)
+            meter.framing -= len(piece)
             if meter.capture is not None:
                 meter.keep(piece)
             await dst.write(encode_chunk(piece) if chunked else piece)

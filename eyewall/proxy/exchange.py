@@ -192,7 +192,9 @@ class Exchange:
 
     def _progress(self) -> int:
         """Bytes moved so far, both ways (what the body-idle limit watches)."""
-        n = self.sent.count + self.received.count + self.buffered.count + moved(self.client)
+        sent, received = self.sent, self.received
+        n = sent.count + sent.framing + received.count + received.framing + self.buffered.count
+        n += moved(self.client)
         up = self.up
         return n + moved(up.stream) if up is not None else n
 

@@ -506,6 +506,45 @@ def test_a_slow_upload_with_short_gaps_goes_through() -> None:
     run(main())
 
 
+async def consume_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    body = await reader.readuntil(b"0\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
+
+
+def test_chunk_size_lines_are_progress_too() -> None:
+    """A chunked upload whose data comes 4 s apart (body_idle 3 s), with a chunk-size
+    line between: each piece moves within the limit, so the body is not idle."""
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 3.0, "timeouts.upstream_head": 5.0})
+        origin = await Origin.start(consume_chunked)
+        client = Client(ctx)
+        await client.send(
+            f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        await until(lambda: client.conn.watch.phase is Phase.SENDING)
+        exchange = client.conn.exchange
+        assert exchange is not None
+        sent = exchange.sent
+        for piece in (b"5\r\n", b"hello\r\n", b"5\r\n", b"world\r\n"):
+            moved = sent.count + sent.framing
+            await client.send(piece)
+            await until(lambda moved=moved: sent.count + sent.framing > moved)
+            ctx.advance(1.0)
+            ctx.advance(1.0)
+            assert client.conn.watch.expired is None
+        await client.send(b"0\r\n\r\n")
+        data = await client.until_received(b"world")
+        assert status(data) == 200 and sent.count == 10
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
 def test_a_client_that_stops_sending_its_body_gets_408() -> None:
     """The client stalls its upload: it is answered 408 (client_timeout), the origin
     is cut, and the connection ends once the client sees the answer."""
