@@ -55,9 +55,11 @@ from eyewall.proxy.streams import (
     buffered_size,
     complete,
     lingering_close,
+    moved,
     peer_gone,
     read_head,
     take_over,
+    unsent,
 )
 from eyewall.proxy.timeouts import Phase, Watch
 from eyewall.proxy.tunnel import Tunnel
@@ -639,9 +641,27 @@ class ClientConnection:
         data = render_answer(method, status, fields, body, close)
         flow.status = status
         flow.bytes_out = len(data) - data.index(b"\r\n\r\n") - 4
+        stream = self.stream
         try:
-            await self.stream.write(data)
+            written = stream.write(data)
+            if not written.done():
+                # A client slow to take the answer is body-idle, not slow with its next
+                # head (nor is an exchange's phase still running).
+                limit = self.ctx.settings.timeouts.body_idle
+                self.watch.enter(
+                    Phase.RESPONDING,
+                    self.ctx.clock(),
+                    limit,
+                    lambda: moved(stream),
+                    lambda: unsent(stream.socket),
+                )
+            await written
         except StreamClosedError:
+            if self.watch.expired is Phase.RESPONDING:
+                flow.fail(
+                    ErrorKind.BODY_STALLED,
+                    "the client stopped reading the proxy's answer (timeouts.body_idle)",
+                )
             return False
         finally:
             if settle is not None:

@@ -18,7 +18,7 @@ from eyewall.config import load_settings
 from eyewall.errors import ErrorKind
 from eyewall.proxy.client import ClientConnection
 from eyewall.proxy.exchange import Exchange
-from eyewall.proxy.streams import unsent
+from eyewall.proxy.streams import moved, unsent
 from eyewall.proxy.timeouts import Phase
 from tests.proxy.harness import DEFAULTS, Client, FakeContext, Origin, read_request, status, until
 
@@ -385,6 +385,41 @@ def test_small_responses_piling_up_for_a_reader_that_stopped_are_body_idle() -> 
         assert failed[0].error_detail.startswith("the response body")
         await client.finish()
         await origin.close()
+        ctx.close()
+
+    run(main())
+
+
+def test_answers_of_the_proxys_own_piling_up_for_a_reader_that_stopped_are_body_idle() -> None:
+    """Pipelined requests the proxy answers itself (TRACE with Max-Forwards: 0, each
+    echoing a 20 KB head), never read: the wait is the answer's (body_idle, recorded
+    ``body_stalled``), not the next head's (it was a 408 for a head "not received")."""
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 3.0, "timeouts.client_header": 10.0})
+        client = Client(ctx, rcvbuf=4096)
+        request = (
+            b"TRACE http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\nMax-Forwards: 0\r\n"
+            + b"X-Pad: "
+            + b"p" * 20_000
+            + b"\r\n\r\n"
+        )
+        sender = asyncio.ensure_future(client.send(request * 200))  # and never read
+        await until(lambda: client.conn.watch.phase is Phase.RESPONDING, rounds=200_000)
+        last = -1
+        while moved(client.conn.stream) != last:
+            last = moved(client.conn.stream)
+            for _ in range(200):
+                await asyncio.sleep(0)
+        ctx.advance(3.1)
+        ctx.advance(0.1)
+        ctx.advance(3.0)
+        await until(lambda: any(flow.error for flow in ctx.flows))
+        failed = [flow for flow in ctx.flows if flow.error]
+        assert [flow.error for flow in failed] == [ErrorKind.BODY_STALLED]
+        assert "stopped reading the proxy's answer" in failed[0].error_detail
+        sender.cancel()
+        await client.finish()
         ctx.close()
 
     run(main())
