@@ -100,6 +100,19 @@ class Guarded:
                 " /login?token=TOKEN once in a browser",
             )
 
+    def log_exception(self, typ: Any, value: BaseException | None, tb: Any) -> None:
+        """Log a failed request with its method and path only: its query may hold the
+        token (``/login?token=``), and Tornado's own line repeats the whole request,
+        headers included (a Bearer token, the cookie)."""
+        request = self.request
+        where = f"{request.method} {request.path} ({request.remote_ip})"
+        if isinstance(value, tornado.web.HTTPError):
+            if value.log_message:
+                message = value.log_message % value.args if value.args else value.log_message
+                access_log.warning("%d %s: %s", value.status_code, where, message)
+        else:
+            access_log.error("uncaught exception in %s", where, exc_info=(typ, value, tb))
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """A short plain-text page on every admin route, the dashboard's included: the
         status, and the reason when it helps the user (never anything from the
@@ -234,6 +247,9 @@ class MetricsPage(Base):
         self.finish(self.admin.metrics.exposition())
 
 
+# A Host field (RFC 9110 §7.2): a reg-name or an IPv4 literal, or an IP literal in
+# brackets, and an optional port.
+_HOST_FIELD = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]*)(?::[0-9]*)?")
 _STATUS_FILTER = re.compile(r"[0-9]{3}|[1-5]xx")
 
 
@@ -359,7 +375,10 @@ class Live(Guarded, tornado.websocket.WebSocketHandler):
 
     def check_origin(self, origin: str) -> bool:
         """Only the dashboard's own origin (cross-site WebSocket hijacking guard)."""
-        return bool(urlsplit(origin).netloc.lower() == self.request.host.lower())
+        try:
+            return bool(urlsplit(origin).netloc.lower() == self.request.host.lower())
+        except ValueError:  # an Origin that is no URL ("http://[")
+            return False
 
     def open(self, *args: Any, **kwargs: Any) -> None:
         self.admin.settle()
@@ -528,7 +547,10 @@ class AdminServer:
     def host_allowed(self, host_header: str) -> bool:
         """Whether a request's Host header names this listener (an IP literal, ``localhost`` or
         a configured name): the DNS-rebinding guard."""
-        host = urlsplit(f"//{host_header}").hostname or ""
+        match = _HOST_FIELD.fullmatch(host_header)
+        if match is None:  # "[", "[::1", "a]", "[::1]x": no host at all
+            return False
+        host = match.group(1).strip("[]").lower()
         if host in ("localhost", self.endpoint.host):
             return True
         try:

@@ -427,6 +427,10 @@ def test_dns_rebinding_guard(make_proxy):
     p = make_proxy()
     assert admin_get(p, "/healthz", Host="attacker.example").status_code == 403
     assert admin_get(p, "/healthz", Host="localhost").status_code == 200
+    for spelling in ("LocalHost:8480", "127.0.0.1:1", "[::1]:8480", "[::1]"):
+        assert admin_get(p, "/healthz", Host=spelling).status_code == 200, spelling
+    for spelling in ("[", "[::1", "[::1]x", "localhost.attacker.example"):
+        assert admin_get(p, "/healthz", Host=spelling).status_code == 403, spelling
 
 
 def test_admin_token(make_proxy):
