@@ -111,7 +111,7 @@ class Guarded:
                 message = value.log_message % value.args if value.args else value.log_message
                 access_log.warning("%d %s: %s", value.status_code, where, message)
         else:
-            access_log.error("uncaught exception in %s", where, exc_info=(typ, value, tb))
+            access_log.error("uncaught exception in %s", where, exc_info=value)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """A short plain-text page on every admin route, the dashboard's included: the
