@@ -638,6 +638,11 @@ class ClientConnection:
         connection stays open.  ``settle`` runs once the answer is out (a failed
         exchange ends its request-body upload)."""
         close = close or self.ctx.draining
+        if method == "CONNECT" and not close:
+            # Bytes sent after a CONNECT before its answer are meant for the tunnel (a
+            # TLS ClientHello sent early): never read as a request.  With nothing after
+            # it, the connection stays usable (a retry with credentials, a request).
+            close = bool(buffered_size(self.stream)) or _readable(self.stream)
         data = render_answer(method, status, fields, body, close)
         flow.status = status
         flow.bytes_out = len(data) - data.index(b"\r\n\r\n") - 4

@@ -243,6 +243,27 @@ def test_a_tunnel_connect_that_outlives_its_limit_is_a_504(
     run(main())
 
 
+def test_bytes_after_a_refused_connect_are_never_read_as_a_request() -> None:
+    """A client that sends its TLS ClientHello right behind its CONNECT: the refusal
+    closes the connection, and the hello is not taken for a second request."""
+
+    async def main() -> None:
+        ctx = FakeContext(**{"access.connect_ports": ["443"]})
+        client = Client(ctx)
+        hello = bytes.fromhex("16030100c8010000c40303") + b"r" * 32
+        await client.send(b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n" + hello)
+        client.sock.shutdown(socket.SHUT_WR)  # ends the proxy's lingering close at once
+        data = await client.response()  # until the proxy closes
+        assert status(data) == 403 and b"Connection: close" in data
+        assert data.count(b"HTTP/1.1") == 1
+        await until(lambda: ctx.flows)
+        assert [f.status for f in ctx.flows] == [403]
+        await client.finish()
+        ctx.close()
+
+    run(main())
+
+
 def test_waiting_for_the_head_never_counts_as_body_idleness() -> None:
     """Head after 2 s, a 1.5 s pause, then the body, with body_idle 3 s: a 200."""
     head_go, body_go = asyncio.Event(), asyncio.Event()
