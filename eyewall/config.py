@@ -983,6 +983,7 @@ def locate(text: str, dotted: str) -> int | None:
     table: list[str] = []
     seen: dict[str, int] = {}  # array-of-tables name -> index of the current one
     header_line = None
+    inside = None  # the first key under ``dotted`` (``timeout.client_header = 3``)
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         header = re.fullmatch(r"\[\[\s*([^\]]+?)\s*\]\]|\[\s*([^\]]+?)\s*\]", line)
@@ -998,6 +999,15 @@ def locate(text: str, dotted: str) -> int | None:
         full = [*table, *key.group(1).replace('"', "").split(".")] if key else None
         if full == names and _right_entry(".".join(table), seen, wanted):
             return number
+        if (
+            full
+            and full[: len(names)] == names
+            and inside is None
+            and _right_entry(".".join(table), seen, wanted)
+        ):
+            inside = number
+    if header_line is None:
+        header_line = inside
     if header_line is None and "." in dotted:  # a key that is missing: its table's line
         return locate(text, dotted.rsplit(".", 1)[0])
     return header_line

@@ -150,6 +150,16 @@ def test_locate_finds_keys_tables_and_array_entries(dotted: str, line: int) -> N
     assert locate(text, dotted) == line
 
 
+def test_a_misspelt_table_written_as_a_dotted_key_has_its_line(tmp_path: Path) -> None:
+    """``timeout.client_header = 3`` (a dotted key, no ``[timeout]`` header) names its line
+    as the table header form does."""
+    assert locate('listen = ["127.0.0.1:1"]\ntimeout.client_header = 3\n', "timeout") == 2
+    conf = tmp_path / "c.toml"
+    conf.write_text('listen = ["127.0.0.1:1"]\n\ntimeout.client_header = 3\n')
+    with pytest.raises(ConfigError, match=r"c\.toml:3: timeout: unknown setting"):
+        Loader(str(conf), {}).load()
+
+
 def test_settings_a_reload_cannot_change_are_named() -> None:
     old = load_settings(overrides={"listen": ["127.0.0.1:1"]})
     new = load_settings(
