@@ -739,7 +739,6 @@ class ClientConnection:
         self, target: Target, flow: Flow, decision: Allow, close: bool
     ) -> tuple[bool, bool]:
         ctx = self.ctx
-        flow.kind = "tunnel"
         limited = await self._acquire_tunnel(decision.user)
         if limited is not None:
             flow.cause = "tunnels"
@@ -779,6 +778,7 @@ class ClientConnection:
         flow.upstream = peer
         flow.t_connected = monotonic() - self.t_head
         flow.status = 200
+        flow.kind = "tunnel"  # a refused or failed CONNECT stays "http", as a refused GET
         try:
             client_sock, early, client_tls = take_over(self.stream)
         except StreamClosedError:
@@ -842,7 +842,6 @@ class ClientConnection:
         """Answer the CONNECT, then speak TLS to the client with a certificate for the
         host and keep serving the decrypted requests on this connection."""
         ctx = self.ctx
-        flow.kind = "tunnel"
         flow.intercepted = True
         client = self.address[0]
         if buffered_size(self.stream):
@@ -875,6 +874,7 @@ class ClientConnection:
             )
         await self.stream.write(CONNECT_ESTABLISHED)
         flow.status = 200
+        flow.kind = "tunnel"
         self._enter(Phase.HANDSHAKE, None)  # bounded by tls.handshake_timeout below
         try:
             tls = await accept_tls(self.stream, ssl_ctx, ctx.settings.tls.handshake_timeout)

@@ -332,9 +332,12 @@ class Exchange:
                 raise  # not the watch's doing: this exchange itself is cancelled
             if self.aborted is not None:
                 raise self.aborted from None
+            what = (
+                "TLS connection (TCP and handshake)" if target.scheme == "https" else "connection"
+            )
             raise ProxyError(
                 ErrorKind.CONNECTION_TIMEOUT,
-                f"no connection to {target.authority} in time (timeouts.upstream_connect)",
+                f"no {what} to {target.authority} in time (timeouts.upstream_connect)",
             ) from None
         finally:
             self.opening = None

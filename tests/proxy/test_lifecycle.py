@@ -232,7 +232,7 @@ def test_a_tunnel_connect_that_outlives_its_limit_is_a_504(
         assert status(data) == 504 and b"error=connection_timeout" in data
         await until(lambda: ctx.flows)
         flow = ctx.flows[0]
-        assert flow.error is ErrorKind.CONNECTION_TIMEOUT and flow.kind == "tunnel"
+        assert flow.error is ErrorKind.CONNECTION_TIMEOUT and flow.kind == "http"  # never a tunnel
         assert "timeouts.upstream_connect" in flow.error_detail
         assert client.conn.opening is None
         tunnels = ctx.state.client_tunnels
