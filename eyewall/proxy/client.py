@@ -202,8 +202,19 @@ class ClientConnection:
     # -- time limits -------------------------------------------------------------------
 
     def check(self, now: float) -> None:
-        """For the watchdog."""
-        self.watch.check(now)
+        """For the watchdog: the watch's limit, and a client that left while the proxy
+        connects for it (nobody reads its stream then, so nothing else would notice
+        before the connect ends): the connect is cut, the flow ends ``client_aborted``
+        and its tunnel slot, if any, is given back."""
+        watch = self.watch
+        if watch.phase is Phase.CONNECTING and watch.expired is None and peer_gone(self.stream):
+            exchange = self.exchange
+            opening = exchange.opening if exchange is not None else self.opening
+            if opening is not None and not opening.done():
+                self.stream.close()  # the exchange (`_closed_reason`) or `_connect` sees it
+                opening.cancel()
+                return
+        watch.check(now)
 
     def _expired(self, phase: Phase) -> None:
         if self.exchange is not None:
@@ -761,6 +772,9 @@ class ClientConnection:
             release()
             if not opening.cancelled() or asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 raise  # not the watch's or `abort`'s doing: this connection is cancelled
+            if self.stream.closed():  # the client left (`check`)
+                flow.fail(ErrorKind.CLIENT_ABORTED, "client left while the proxy connected")
+                return False, False
             if self.aborted is not None:  # the proxy stops
                 kind, detail = ErrorKind.CONNECTION_TERMINATED, self.aborted
             else:

@@ -332,6 +332,10 @@ class Exchange:
                 raise  # not the watch's doing: this exchange itself is cancelled
             if self.aborted is not None:
                 raise self.aborted from None
+            if self.client.closed():  # the client left (`ClientConnection.check`)
+                raise ProxyError(
+                    ErrorKind.CLIENT_ABORTED, "client left while the proxy connected"
+                ) from None
             what = (
                 "TLS connection (TCP and handshake)" if target.scheme == "https" else "connection"
             )

@@ -243,6 +243,40 @@ def test_a_tunnel_connect_that_outlives_its_limit_is_a_504(
     run(main())
 
 
+@pytest.mark.parametrize("method", ["GET", "CONNECT"])
+def test_a_client_that_leaves_during_a_connect_ends_it_at_the_next_sweep(
+    monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """Nobody reads a client's stream while the proxy connects for it: the sweep looks,
+    cuts the connect, and records ``client_aborted`` (not a 504 it never received);
+    a CONNECT's tunnel slot is given back at once, not when the connect limit runs out."""
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.upstream_connect": 10.0})
+        opened: list[object] = []
+
+        async def black_hole(target: object, addresses: object) -> object:
+            opened.append(target)
+            await asyncio.Event().wait()  # a SYN nobody answers
+            raise AssertionError("unreachable")
+
+        monkeypatch.setattr(ctx.pool, "open_socket", black_hole)
+        client = Client(ctx)
+        target = "127.0.0.1:9" if method == "CONNECT" else "http://127.0.0.1:9/"
+        await client.send(f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n".encode())
+        await until(lambda: client.conn.watch.phase is Phase.CONNECTING and opened)
+        client.sock.close()
+        ctx.advance(1.0)  # well inside the connect limit
+        await until(lambda: ctx.flows)
+        flow = ctx.flows[0]
+        assert flow.error is ErrorKind.CLIENT_ABORTED and flow.status == 0
+        assert ctx.state.client_tunnels.count(client.conn.address[0]) == 0
+        await asyncio.wait_for(client.task, 5)
+        ctx.close()
+
+    run(main())
+
+
 def test_bytes_after_a_refused_connect_are_never_read_as_a_request() -> None:
     """A client that sends its TLS ClientHello right behind its CONNECT: the refusal
     closes the connection, and the hello is not taken for a second request."""
