@@ -675,6 +675,7 @@ async def serve(
             return False
         proxy.reload(new.settings, new.policy, new.ca)
         fleet.reconfigure(new.settings)
+        addons.hook_timeout = new.settings.timeouts.addon_hook
         addons.lifecycle(Configure(new.settings))
         log.info("configuration reloaded")
         return True

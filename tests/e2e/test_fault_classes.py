@@ -1899,6 +1899,22 @@ def test_18_a_slow_policy_hook_fails_as_an_addon_never_as_the_origin(make_proxy,
     assert "err=addon_failed" in p.access_entry("/echo")
 
 
+def test_18_a_reload_applies_a_new_addon_hook_limit(make_proxy, origin, tmp_path):
+    """timeouts.addon_hook is read anew by a reload, as every timeout is."""
+    addon = tmp_path / "slow.py"
+    addon.write_text(SLOW_POLICY)
+    config = tmp_path / "hooks.toml"
+    config.write_text(f'policy_addons = ["{addon}"]\n[timeouts]\naddon_hook = 60\n')
+    p = make_proxy("--config", str(config))
+    p.expected_errors.append("took longer than timeouts.addon_hook")
+    config.write_text(f'policy_addons = ["{addon}"]\n[timeouts]\naddon_hook = 0.3\n')
+    p.signal(signal.SIGHUP)
+    p.log_with("configuration reloaded")
+    data = raw_request(p.address, f"GET {origin.url}/echo HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status(data) == 502 and b"addon_failed" in data
+    assert "timeouts.addon_hook (0.3 s)" in p.log_with("timeouts.addon_hook")
+
+
 def test_18_the_certificate_cache_survives_concurrent_minting(ca_dir):
     from eyewall.tls.ca import CertificateAuthority
     from eyewall.tls.leaves import LeafCache
