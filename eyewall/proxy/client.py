@@ -475,8 +475,9 @@ class ClientConnection:
             if hops == 0:  # RFC 9110 §7.6.2: the proxy is the final recipient
                 return False, await self._answer_itself(flow, head, close)
         if connect:
-            if decision.action is Action.INTERCEPT and not ctx.interception.is_pinned(
-                self.address[0], decision.user, target.host
+            if decision.action is Action.INTERCEPT and not (
+                ctx.settings.tls.passthrough_pinned
+                and ctx.interception.is_pinned(self.address[0], decision.user, target.host)
             ):
                 return await self._intercept(target, flow, decision)
             return await self._connect(target, flow, decision, close)

@@ -110,6 +110,13 @@ class Interception:
             return False
         return True
 
+    def forget_pinned(self) -> int:
+        """Intercept every host again (a reload: the client may trust the CA now); how
+        many pinned hosts were forgotten."""
+        n = len(self._pinned)
+        self._pinned.clear()
+        return n
+
     async def accept(self, sock_stream: IOStream, host: str, timeout: float) -> TLSStream:
         """Speak TLS to the client on ``sock_stream`` (its socket is taken over) with a
         certificate for ``host``; the handshake must finish within ``timeout`` seconds.

@@ -433,6 +433,11 @@ class Proxy:
         self.settings = settings
         self.policy = policy
         self.interception.ca = ca
+        forgotten = self.interception.forget_pinned()
+        if forgotten:
+            log.info(
+                "intercepting again the %d host(s) pinned clients were tunnelled to", forgotten
+            )
         pp = settings.proxy_protocol
         self.proxy_protocol.configure(pp.trusted, pp.header_timeout)
         pool = self.pool

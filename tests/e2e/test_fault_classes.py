@@ -1504,6 +1504,11 @@ def test_14_one_client_refusing_interception_does_not_turn_it_off_for_others(
     other = curl_through(p, f"{tls_origin.url}/echo/b", str(ca_dir / "ca.pem"), source="127.0.0.3")
     assert other.returncode == 0, other.stderr  # still intercepted for everyone else
     assert " 200 " in p.access_entry("/echo/b")
+    # a reload forgets the pin (the client may trust the CA now): intercepted again
+    p.signal(signal.SIGHUP)
+    p.log_with("intercepting again the 1 host(s)")
+    again = curl_through(p, f"{tls_origin.url}/echo/c", ca_file, source="127.0.0.2")
+    assert again.returncode == 60
 
 
 def test_14_one_user_refusing_interception_does_not_turn_it_off_for_another_at_that_address(
