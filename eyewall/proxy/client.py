@@ -634,6 +634,9 @@ class ClientConnection:
         fields = list(answer.headers)
         reason = HTTPStatus(answer.status).phrase if answer.status in _KNOWN_STATUS else ""
         flow.response = ResponseHead("HTTP/1.1", answer.status, reason, Headers(fields))
+        limit = self.ctx.settings.flows.body_limit  # captured as an origin's would be
+        sent = answer.body if method != "HEAD" else b""
+        flow.response_body = bytearray(sent[:limit]) if limit else None
         return await self._send_answer(flow, method, answer.status, fields, answer.body, close)
 
     async def _send_answer(

@@ -163,7 +163,7 @@ def test_an_answer_before_the_origin_is_recorded_as_the_response(tmp_path: Path)
     loaded.load_all()
 
     async def main() -> None:
-        ctx = FakeContext(loaded)
+        ctx = FakeContext(loaded, **{"flows.body_limit": 65536})
         client = Client(ctx)
         await client.send(b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n\r\n")
         data = await client.until_received(b"\r\n\r\nno")
@@ -173,6 +173,8 @@ def test_an_answer_before_the_origin_is_recorded_as_the_response(tmp_path: Path)
         assert flow.response is not None and flow.response.status == 451
         assert flow.response.reason == "Unavailable For Legal Reasons"
         assert flow.response.headers.get("x-by") == "addon" and not flow.upstream
+        # its body is captured as an origin's would be (it was "0 of 2 bytes")
+        assert flow.response_body == b"no" and flow.bytes_out == 2
         await client.finish()
         ctx.close()
 
