@@ -272,7 +272,7 @@ def matches(s: dict[str, Any], query: dict[str, str]) -> bool:
         return False
     text = query.get("q", "").lower()
     return not text or any(
-        text in (s[k] or "").lower() for k in ("url", "host", "error", "error_detail")
+        text in (s[k] or "").lower() for k in ("id", "url", "host", "error", "error_detail")
     )
 
 

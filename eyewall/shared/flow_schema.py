@@ -171,7 +171,7 @@ def summary_filters(query: dict[str, str]) -> tuple[list[str], list[Any]]:
             "("
             + " OR ".join(
                 f"strpos(lower(coalesce({c}, '')), {text}) > 0"
-                for c in ("url", "host", "error", "error_detail")
+                for c in ("id", "url", "host", "error", "error_detail")
             )
             + ")"
         )

@@ -259,6 +259,9 @@ def test_flows_api_lists_filters_and_details(make_proxy, origin):
     everything = admin_get(p, "/api/flows?q=api=").json()["flows"]
     assert [f["url"].rsplit("=", 1)[1] for f in everything] == ["b", "a"]  # newest first
     detail = admin_get(p, f"/api/flows/{flows[0]['id']}").json()
+    # the request id an error page shows finds its flow in a search too
+    found = admin_get(p, f"/api/flows?q={flows[0]['id'].upper()}").json()["flows"]
+    assert [f["id"] for f in found] == [flows[0]["id"]]
     assert ["Host", origin.authority] in detail["request"]["headers"]
     assert detail["response"]["status"] == 404
     assert admin_get(p, "/api/flows/nope-1").status_code == 404

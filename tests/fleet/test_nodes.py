@@ -290,6 +290,9 @@ def test_one_har_export_holds_the_flows_of_every_node(
             "node-b",
         }
         other = next(f for f in flows if f["node"] != node.name)
+        # another node's request id finds its flow in the shared database
+        found = json.loads(node.admin(f"/api/flows?q={other['id']}"))["flows"]
+        assert other["id"] in [f["id"] for f in found]
         assert json.loads(node.admin(f"/api/flows/{other['id']}"))["node"] == other["node"]
 
 

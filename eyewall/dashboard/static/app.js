@@ -30,7 +30,7 @@ function matches(flow) {
     && (!filter.status || String(flow.status ?? 0).startsWith(filter.status))
     && (!filter.method || String(flow.method ?? '').toLowerCase().startsWith(filter.method))
     && (!filter.user || has(flow.user, filter.user))
-    && (!filter.text || [flow.url, flow.host, flow.error, flow.error_detail].some((v) => has(v, filter.text)));
+    && (!filter.text || [flow.id, flow.url, flow.host, flow.error, flow.error_detail].some((v) => has(v, filter.text)));
 }
 
 // --- the table ------------------------------------------------------------------------

@@ -47,6 +47,7 @@ function render(flow) {
   return [
     facts([
       ['Status', status],
+      ['Request id', flow.id],
       ['Kind', flow.kind + (flow.intercepted ? ' (TLS intercepted)' : '')],
       ['Started', fmtDate(flow.started)],
       ['Client', flow.client],
