@@ -745,12 +745,19 @@ async def serve(
         f" after {grace:g} s of grace" if grace else "",
     )
     shutdown = asyncio.ensure_future(proxy.shutdown(grace))
+
+    def again() -> None:
+        if proxy.hurry():  # a second signal: cut what is in flight now, and record it
+            log.warning("second signal: cutting what is in flight now (a third stops at once)")
+        else:
+            shutdown.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, shutdown.cancel)  # a second signal: stop now
+        loop.add_signal_handler(sig, again)
     try:
         await shutdown
     except asyncio.CancelledError:
-        log.warning("second signal: closing everything now")
+        log.warning("third signal: closing everything now")
     addon_watch.stop()
     addons.lifecycle(Done())
     observers.bus.flush()  # the last flows, to every observer, the fleet's flow writer too

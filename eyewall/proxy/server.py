@@ -129,6 +129,7 @@ class Proxy:
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(3)
         self._idle = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second stop signal: the drain deadline is now
         self._local: dict[str, bool] = {}
 
     # -- the context the connections see ------------------------------------------------
@@ -459,12 +460,35 @@ class Proxy:
                 log.info("closing %s's tunnel %s: no longer in the user file", flow.user, flow.id)
                 relay.close(LoginRevoked(flow.user))
 
-    async def _settle(self, seconds: float, tunnels: bool) -> None:
+    def hurry(self) -> bool:
+        """End the drain now (a second stop signal): what is still in flight is cut,
+        answered where it can be and recorded, as at the drain deadline.  False when it
+        was hurried already."""
+        if self._hurry.is_set():
+            return False
+        self._hurry.set()
+        self._idle.set()  # wakes `_settle`
+        return True
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or until hurried."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._hurry.wait()
+        except TimeoutError:
+            pass
+
+    async def _settle(self, seconds: float, tunnels: bool, hurried: bool = True) -> None:
         """Wait up to ``seconds`` for the client connections (and the tunnels, if
-        ``tunnels``) to end; each one that ends wakes the wait (`connection_closed`)."""
+        ``tunnels``) to end; each one that ends wakes the wait (`connection_closed`).
+        Unless ``hurried`` is False, `hurry` ends the wait too."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        while (self.connections or (tunnels and self.tunnels)) and loop.time() < deadline:
+        while (
+            (self.connections or (tunnels and self.tunnels))
+            and loop.time() < deadline
+            and not (hurried and self._hurry.is_set())
+        ):
             self._idle.clear()
             try:
                 async with asyncio.timeout(max(0.0, deadline - loop.time())):
@@ -478,7 +502,7 @@ class Proxy:
         the drain deadline (timeouts.drain), and close the rest."""
         self.stopping = True
         if grace > 0:
-            await asyncio.sleep(grace)
+            await self._pause(grace)
         self._draining = True
         self.stop_listening()
         for conn in list(self.connections):
@@ -492,7 +516,7 @@ class Proxy:
             if not conn.abort("the proxy stopped at its drain deadline"):
                 conn.stream.close()
         # Let the cut exchanges end and be recorded (each is a few loop turns away).
-        await self._settle(CUT_GRACE, tunnels=False)
+        await self._settle(CUT_GRACE, tunnels=False, hurried=False)
         self.pool.close_all()
         self.pipes.close()
         self.interception.close()

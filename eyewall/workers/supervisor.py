@@ -14,8 +14,9 @@ What it owns:
 * the configuration: loaded and validated here, on start and on SIGHUP or a watched
   file's change, and sent to every worker as a `Snapshot`;
 * the signals: SIGTERM (health checks say 503 for ``timeouts.drain_grace``, then the
-  workers drain), SIGINT (drain now), a second one (close now), SIGHUP (reload),
-  SIGUSR1 (reopen the access log), SIGUSR2 (restart: a new generation);
+  workers drain), SIGINT (drain now), a second one (cut what is in flight, recorded), a
+  third (close now), SIGHUP (reload), SIGUSR1 (reopen the access log), SIGUSR2 (restart:
+  a new generation);
 * the pid file and the service manager's notifications;
 * the workers themselves (`eyewall.workers.pool`): a worker that exits has its counts in
   the shared limits released before it is started again, after a back-off.
@@ -308,8 +309,8 @@ class Supervisor:
     # -- stop --------------------------------------------------------------------------
 
     def _on_stop(self, sig: int) -> None:
-        if self.stop_event.is_set():  # a second signal: close everything now
-            log.warning("second signal: closing everything now")
+        if self.stop_event.is_set():  # a second signal: cut now; a third: close now
+            log.warning("another signal: the workers cut what is in flight now")
             self.stop_now.set()
             self.pool.send_all(encode(STOP_NOW, None))
             return

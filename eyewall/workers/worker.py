@@ -186,11 +186,13 @@ class Worker:
         self.stop_requested.set()
 
     def stop_now(self) -> None:
-        """Close everything now (a second stop signal)."""
-        if self.shutdown is not None:
-            self.shutdown.cancel()
-        else:
+        """A second stop signal: cut what is in flight now, answered and recorded as at
+        the drain deadline (`Proxy.hurry`); a third closes everything at once."""
+        if self.shutdown is None:
             self.stop(0.0)
+            self.proxy.hurry()
+        elif not self.proxy.hurry():
+            self.shutdown.cancel()
 
     async def listen(self) -> None:
         """Control frames from the supervisor, until it goes away."""
@@ -216,6 +218,7 @@ class Worker:
             return str(e)
         self.proxy.reload(loaded.settings, loaded.policy, loaded.ca)
         self.fleet.reconfigure(loaded.settings)
+        self.addons.hook_timeout = loaded.settings.timeouts.addon_hook
         self.addons.lifecycle(Configure(loaded.settings))
         return None
 

@@ -98,3 +98,24 @@ def test_exchanges_cut_at_the_drain_deadline_are_recorded(make_proxy, raw_origin
     lines = [p.access_entry(f"/stuck/{i}") for i in range(3)]
     assert all("err=connection_terminated" in line for line in lines), lines
     assert all("drain deadline" in line for line in lines), lines
+
+
+def test_a_second_signal_cuts_in_flight_work_now_and_records_it(make_proxy, raw_origin):
+    """Ctrl-C twice: the second does not wait out the drain, and what it cuts is still
+    answered and recorded (it used to be closed without a byte or a record)."""
+    gate = threading.Event()
+    origin = gated_origin(raw_origin, gate)
+    p = make_proxy("--drain-timeout", "600", "--drain-grace", "0")
+    s = socket.create_connection(p.address, timeout=10)
+    s.sendall(f"GET {origin.url}/slow HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    poll(lambda: len(origin.requests) == 1, what="the request to reach the origin")
+    p.signal(signal.SIGINT)
+    p.log_with("shutting down")
+    p.signal(signal.SIGINT)
+    answer = read_response(s)
+    assert answer.startswith(b"HTTP/1.1 502 "), answer[:200]
+    assert p.process.wait(15) == 0
+    gate.set()
+    s.close()
+    assert "err=connection_terminated" in p.access_entry("/slow")
+    assert "second signal" in p.log_with("second signal")

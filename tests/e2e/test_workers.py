@@ -448,3 +448,34 @@ def test_a_worker_that_does_not_stop_is_killed_at_the_drain_deadline(
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # proxy's options)
         again.bind(p.address)  # the addon's child, still running, holds no listener
         again.listen()
+
+
+def test_a_second_signal_cuts_in_flight_work_in_every_worker_and_records_it(
+    workers_proxy, raw_origin
+) -> None:
+    """As for one process: the second SIGINT does not wait out the drain, and each
+    cut request is answered 502 and has its access line."""
+    gate = threading.Event()
+
+    def handler(sock):
+        origin.read_head(sock)
+        gate.wait(30)
+
+    origin = raw_origin(handler)
+    p = workers_proxy("--drain-timeout", "600", "--drain-grace", "0")
+    clients = []
+    for i in range(4):
+        s = socket.create_connection(p.address, timeout=10)
+        s.sendall(f"GET {origin.url}/held/{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        clients.append(s)
+    poll(lambda: len(origin.requests) == 4, "the requests to reach the origin")
+    p.signal(signal.SIGINT)
+    p.log_with("shutting down")
+    p.signal(signal.SIGINT)
+    for s in clients:
+        assert read_response(s).startswith(b"HTTP/1.1 502 ")
+        s.close()
+    assert p.process.wait(30) == 0
+    gate.set()
+    for i in range(4):
+        assert "connection_terminated" in p.access_entry(f"/held/{i}")

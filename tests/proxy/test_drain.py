@@ -67,3 +67,44 @@ def test_connects_pending_at_the_drain_deadline_are_answered_and_recorded(
         assert {f.error for f in flows} == {ErrorKind.CONNECTION_TERMINATED}
 
     asyncio.run(main())
+
+
+def test_hurry_cuts_at_once_what_the_drain_would_wait_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A second stop signal (`Proxy.hurry`) ends a 60 s drain now: the request still
+    connecting is answered 502 and recorded, as at the drain deadline (a second signal
+    used to cancel the stop, and the cut request went unrecorded)."""
+
+    async def main() -> None:
+        flows: list[Flow] = []
+        settings = load_settings(
+            overrides={
+                "listen": ["127.0.0.1:0"],
+                "access.allow_private": True,
+                "timeouts.drain": 60.0,
+                "timeouts.upstream_connect": 60.0,
+            }
+        )
+        proxy = Proxy(settings, build_policy(settings), publish=flows.append)
+        opened: list[Any] = []
+
+        async def black_hole(target: Any, addresses: Any) -> Any:
+            opened.append(target)
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(proxy.pool, "open_socket", black_hole)
+        proxy.start_listening()
+        port = proxy.addresses[0][1]
+        answer = asyncio.ensure_future(
+            read_all(port, b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        )
+        await until(lambda: opened)
+        stopping = asyncio.ensure_future(proxy.shutdown(grace=60.0))
+        await until(lambda: proxy.stopping)
+        assert proxy.hurry() and not proxy.hurry()  # the third signal's: False
+        await asyncio.wait_for(stopping, 10)  # not the minutes of grace and drain
+        assert (await answer).startswith(b"HTTP/1.1 502 ")
+        assert [f.error for f in flows] == [ErrorKind.CONNECTION_TERMINATED]
+
+    asyncio.run(main())
