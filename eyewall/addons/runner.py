@@ -32,6 +32,7 @@ from types import ModuleType
 from typing import Any
 
 from eyewall.addons.hooks import DATA_HOOKS, HOOKS, Configure, Done, Hook, Load, Running
+from eyewall.observe.records import redact_url
 
 __all__ = [
     "AddonFailed",
@@ -196,6 +197,19 @@ def stepwise(
             raise
         except BaseException as e:  # cancellation, and whatever else is thrown in
             value, error = None, e
+
+
+def _request_named(hook: Hook) -> str:
+    """``request ID METHOD URL`` for a hook about a flow, for log lines (the URL
+    redacted as in the access log, and cut short); "" for another hook."""
+    flow = getattr(hook, "flow", None)
+    record = getattr(flow, "record", None)
+    if record is None:
+        return "its request"
+    url = redact_url(record.url)
+    if len(url) > 200:
+        url = url[:200] + "..."
+    return f"request {record.id} ({record.method} {url})"
 
 
 def _steps_of(awaitable: Any) -> Coroutine[Any, Any, Any] | Generator[Any, Any, Any]:
@@ -564,6 +578,8 @@ class Addons:
         """Run ``hook`` on every addon that implements it, in load order.  Raises
         AddonFailed when a policy addon's hook raises or times out."""
         name = hook.name
+        if name in self._by_hook:  # failures name the request (its id is on error pages)
+            name_in_log = f"{name} of {_request_named(hook)}"
         for addon in self._by_hook.get(name, ()):
             try:
                 started = self.clock()
@@ -585,7 +601,7 @@ class Addons:
                 log.error(
                     "addon %s: %s took longer than timeouts.addon_hook (%g s); %s",
                     addon.name,
-                    name,
+                    name_in_log,
                     self.hook_timeout,
                     "stopped" if isinstance(e, Overran) else "cancelled",
                 )
@@ -593,7 +609,7 @@ class Addons:
                 if addon.policy:
                     raise AddonFailed(addon.name, name, "timed out") from None
             except USER_ERRORS as e:
-                self._log_failure(addon, name, e)
+                self._log_failure(addon, name, e, name_in_log)
                 self._failed(addon, name, "error")
                 if addon.policy:
                     raise AddonFailed(addon.name, name) from None
@@ -627,19 +643,22 @@ class Addons:
             _abandon(task, driven)
         raise TimeoutError
 
-    def _log_failure(self, addon: Addon, hook: str, error: BaseException) -> None:
+    def _log_failure(
+        self, addon: Addon, hook: str, error: BaseException, where: str | None = None
+    ) -> None:
         """One line per failure, with the traceback at most once a minute per addon and
-        hook: a hook failing on every request must not bury the log."""
+        hook: a hook failing on every request must not bury the log.  ``where``: the
+        hook as the line names it (with its request)."""
         now = self.clock()
         key = (addon.name, hook)
         if now - self._traceback_logged.get(key, -math.inf) >= TRACEBACK_EVERY:
             self._traceback_logged[key] = now
-            log.error("addon %s failed in %s", addon.name, hook, exc_info=error)
+            log.error("addon %s failed in %s", addon.name, where or hook, exc_info=error)
         else:
             log.error(
                 "addon %s failed in %s: %s: %s (traceback shown at most once a minute)",
                 addon.name,
-                hook,
+                where or hook,
                 type(error).__name__,
                 error,
             )

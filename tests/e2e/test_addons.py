@@ -131,8 +131,12 @@ class Crash:
 def test_a_crashing_addon_does_not_stop_traffic(make_proxy, origin, tmp_path):
     p = make_proxy("--addon", write(tmp_path, "crash.py", CRASHING))
     p.expected_errors.append("addon crash.Crash failed in requestheaders")
-    assert through(p, f"{origin.url}/bytes?n=7").content == pattern(7)
-    p.log_with("addon crash.Crash failed in requestheaders")
+    r = through(p, f"{origin.url}/bytes?n=7&token=s3cret")
+    assert r.content == pattern(7)
+    # the line names the request: its id (as on error pages and in the access log)
+    line = p.log_with("addon crash.Crash failed in requestheaders")
+    flow_id = p.access_entry("/bytes?n=7").split()[2]  # time client id method url ...
+    assert f"of request {flow_id} (GET {origin.url}/bytes?n=7&token=[redacted])" in line
     p.log_with("RuntimeError: addon bug")
 
 
