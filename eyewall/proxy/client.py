@@ -293,6 +293,12 @@ class ClientConnection:
                 if not await self._handle(data) or ctx.draining or self.stream.closed():
                     break
                 self._enter(Phase.IDLE, ctx.settings.timeouts.keepalive_idle)
+                if buffered_size(self.stream):
+                    # The next request is here already: its head read and perhaps its
+                    # answer (the proxy's own, a write the socket takes) complete without
+                    # a wait, so without this turn a client pipelining such requests
+                    # would hold the event loop, and every other client, for good.
+                    await asyncio.sleep(0)
         except StreamClosedError:
             pass
         finally:

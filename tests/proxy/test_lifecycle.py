@@ -277,6 +277,38 @@ def test_a_client_that_leaves_during_a_connect_ends_it_at_the_next_sweep(
     run(main())
 
 
+def test_pipelined_requests_the_proxy_answers_itself_let_the_loop_turn() -> None:
+    """1,000 pipelined requests that the proxy answers itself (no origin, a write the
+    socket takes at once): between two turns of the event loop it answers a few, not all
+    of them, so every other client keeps being served (one client stopped everyone, the
+    health checks included)."""
+
+    async def main() -> None:
+        ctx = FakeContext()
+        loop = asyncio.get_running_loop()
+        client = Client(ctx)
+        reading = asyncio.ensure_future(client.response())
+        request = b"OPTIONS http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\nMax-Forwards: 0\r\n\r\n"
+        per_turn: list[int] = []
+        seen = [0]
+
+        def probe() -> None:  # once per turn of the loop
+            per_turn.append(len(ctx.flows) - seen[0])
+            seen[0] = len(ctx.flows)
+            if len(ctx.flows) < 1000:
+                loop.call_soon(probe)
+
+        loop.call_soon(probe)
+        await client.send(request * 1000)
+        await until(lambda: len(ctx.flows) == 1000, rounds=200_000)
+        assert max(per_turn) <= 2, max(per_turn)
+        client.sock.close()
+        reading.cancel()
+        ctx.close()
+
+    run(main())
+
+
 def test_bytes_after_a_refused_connect_are_never_read_as_a_request() -> None:
     """A client that sends its TLS ClientHello right behind its CONNECT: the refusal
     closes the connection, and the hello is not taken for a second request."""
