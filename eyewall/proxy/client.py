@@ -172,6 +172,7 @@ class ClientConnection:
         "release",
         "requests",
         "secure",
+        "serving",
         "stream",
         "t_head",
         "tunnel",
@@ -196,7 +197,10 @@ class ClientConnection:
         self.tunnel_user: str | None = None  # who authenticated the intercepted CONNECT
         self.release: Callable[[], None] | None = None  # the intercepted tunnel's limits
         self.opening: asyncio.Future[tuple[socket.socket, str]] | None = None  # a CONNECT's
-        self.aborted: str | None = None  # why `abort` cut the CONNECT's connect
+        self.aborted: str | None = None  # why `abort` cut what the connection waited on
+        # The task in `serve` while it handles a request outside an exchange (admission,
+        # a hook, an answer of the proxy's own): what `abort` cancels.
+        self.serving: asyncio.Task[Any] | None = None
         self._enter(Phase.CLIENT_HEAD, ctx.settings.timeouts.client_header)  # from accept
 
     # -- time limits -------------------------------------------------------------------
@@ -247,15 +251,25 @@ class ClientConnection:
 
     def abort(self, detail: str) -> bool:
         """Cut what the connection waits on (the proxy is stopping at its drain deadline):
-        an exchange (`Exchange.abort`), or the connect of a CONNECT.  True when the client
-        is still to be answered (502 ``connection_terminated`` with ``detail``, then the
-        connection closes); False when the caller should close it."""
-        if self.exchange is not None:
-            return self.exchange.abort(detail)
+        an exchange with an origin (`Exchange.abort`), the connect of a CONNECT, or a
+        request anywhere else (admission, a hook, a body read for an addon, an answer).
+        True when the client is still to be answered (502 ``connection_terminated``
+        with ``detail``, then the connection closes) and the flow recorded; False when
+        the caller should close the connection (nothing is in flight)."""
+        exchange = self.exchange
+        if exchange is not None and (
+            exchange.up is not None or exchange.opening is not None or exchange.responded
+        ):
+            return exchange.abort(detail)  # it waits on its origin, or answers
         opening = self.opening
         if opening is not None and not opening.done():
             self.aborted = detail
             opening.cancel()  # answered by `_connect`
+            return True
+        serving = self.serving
+        if serving is not None and not serving.done():
+            self.aborted = detail
+            serving.cancel()  # answered and recorded by `_handle`
             return True
         return False
 
@@ -353,9 +367,24 @@ class ClientConnection:
         """Answer one request; True if the connection may carry another."""
         flow = self.ctx.new_flow(self.address)
         handed_over = False
+        self.serving = asyncio.current_task()
         try:
             handed_over, keep = await self._dispatch(data, flow)
             return keep
+        except asyncio.CancelledError:
+            detail = self.aborted
+            if detail is None:
+                raise  # not `abort`'s doing
+            # Cut at the drain deadline in admission, an addon hook, reading a body for
+            # one, or answering: answered (unless an answer is under way) and recorded
+            # like an exchange cut there.
+            flow.fail(ErrorKind.CONNECTION_TERMINATED, detail)
+            if not flow.status and not self.stream.closed():
+                await self._error(
+                    flow, flow.method or "GET", ErrorKind.CONNECTION_TERMINATED, detail, True
+                )
+            self.stream.close()
+            return False
         except StreamClosedError:
             flow.fail(ErrorKind.CLIENT_ABORTED, "client closed the connection")
             raise
@@ -372,6 +401,7 @@ class ClientConnection:
             return False
         finally:
             self.exchange = None
+            self.serving = None
             if not handed_over:
                 self.ctx.end_flow(flow)
 

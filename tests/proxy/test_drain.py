@@ -4,15 +4,19 @@ on an origin is cut, answered and recorded before the proxy stops."""
 from __future__ import annotations
 
 import asyncio
+import base64
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from eyewall.addons.runner import Addons
 from eyewall.app import build_policy
 from eyewall.config import load_settings
 from eyewall.errors import ErrorKind
 from eyewall.flow import Flow
 from eyewall.proxy.server import Proxy
+from eyewall.proxy.timeouts import Phase
 from tests.proxy.harness import until
 
 
@@ -106,5 +110,63 @@ def test_hurry_cuts_at_once_what_the_drain_would_wait_for(
         await asyncio.wait_for(stopping, 10)  # not the minutes of grace and drain
         assert (await answer).startswith(b"HTTP/1.1 502 ")
         assert [f.error for f in flows] == [ErrorKind.CONNECTION_TERMINATED]
+
+    asyncio.run(main())
+
+
+SLOW_HOOK = """
+import asyncio
+
+class Slow:
+    async def requestheaders(self, flow):
+        await asyncio.sleep(3600)
+"""
+
+
+@pytest.mark.parametrize("where", ["admission", "hook"])
+def test_requests_in_admission_or_a_hook_at_the_drain_deadline_are_answered_and_recorded(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, where: str
+) -> None:
+    """Not only what waits on an origin: a password check or an addon hook still
+    running at the deadline is cut too, answered 502 and recorded (the clients got no
+    byte, and nothing was recorded)."""
+
+    async def main() -> None:
+        flows: list[Flow] = []
+        overrides: dict[str, Any] = {
+            "listen": ["127.0.0.1:0"],
+            "access.allow_private": True,
+            "timeouts.drain": 0.2,
+            "timeouts.addon_hook": 3600.0,
+        }
+        addons = None
+        request = b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n\r\n"
+        if where == "admission":
+            overrides["auth.users"] = {"alice": "$2b$04$" + "a" * 53}
+            auth = base64.b64encode(b"alice:pw").decode()
+            request = request[:-2] + f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode()
+        else:
+            (tmp_path / "slow.py").write_text(SLOW_HOOK)
+            addons = Addons([str(tmp_path / "slow.py")], [], 3600.0)
+            addons.load_all()
+        settings = load_settings(overrides=overrides)
+        proxy = Proxy(settings, build_policy(settings), publish=flows.append, addons=addons)
+        checking: list[Any] = []
+
+        async def never(*args: Any, **kwargs: Any) -> Any:  # a bcrypt check that never ends
+            checking.append(args)
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(proxy.verifier, "verify", never)
+        proxy.start_listening()
+        answer = asyncio.ensure_future(read_all(proxy.addresses[0][1], request))
+        if where == "admission":
+            await until(lambda: checking)
+        else:
+            await until(lambda: any(c.watch.phase is Phase.HOOK for c in proxy.connections))
+        await proxy.shutdown()
+        assert (await answer).startswith(b"HTTP/1.1 502 ")
+        assert [f.error for f in flows] == [ErrorKind.CONNECTION_TERMINATED]
+        assert "drain deadline" in flows[0].error_detail
 
     asyncio.run(main())
