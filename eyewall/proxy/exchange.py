@@ -528,6 +528,10 @@ class Exchange:
                 await self.client.write(
                     wire.render_response(response.status, response.reason, fields)
                 )
+                if response.status == 100 and self.upload_waits:
+                    # The origin asked for the body: from now on the wait is the
+                    # client's (body_idle, a 408), not the origin's head.
+                    self._enter(Phase.SENDING)
 
     async def _respond(self, response: ResponseHead, keep_alive: bool) -> Outcome:
         ctx, head, flow, up = self.ctx, self.head, self.flow, self.up

@@ -871,6 +871,41 @@ def test_an_origin_that_never_sends_100_continue_is_a_504_after_upstream_head() 
     run(main())
 
 
+def test_a_client_that_sends_no_body_after_the_origins_100_continue_gets_408() -> None:
+    """The origin said 100 (Continue) and waits: the client's silence is its own, a
+    408 after body_idle, not the origin's 504 after upstream_head."""
+
+    async def continues(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        ctx = FakeContext(**{"timeouts.body_idle": 3.0, "timeouts.upstream_head": 30.0})
+        origin = await Origin.start(continues)
+        client = Client(ctx)
+        await client.send(
+            f"POST {origin.url}/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        await client.until_received(b"100 Continue")
+        await until(lambda: client.conn.watch.phase is Phase.SENDING)
+        ctx.advance(1.0)
+        ctx.advance(1.9)
+        assert client.conn.watch.expired is None
+        ctx.advance(0.2)
+        data = await client.until_received(b"request id")
+        assert b" 408 " in data and b"client_timeout" in data
+        await until(lambda: ctx.flows)
+        assert ctx.flows[0].error is ErrorKind.CLIENT_TIMEOUT
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
 def test_a_buffering_addon_answers_100_continue_itself(tmp_path: Path) -> None:
     """An addon reads the body before the origin is asked: the proxy sends the 100 the
     client waits for, and the origin gets no Expect."""
