@@ -525,9 +525,13 @@ class Exchange:
                 fields = wire.response_fields(
                     response, rules.NO_BODY, head.version, True, self.ctx.settings.via
                 )
-                await self.client.write(
+                written = self.client.write(
                     wire.render_response(response.status, response.reason, fields)
                 )
+                if not written.done():  # a client slow to take them: body idleness
+                    self._enter(Phase.RESPONDING)
+                    await written
+                    self._enter(Phase.WAITING)  # the interim budget bounds the rounds
                 if response.status == 100 and self.upload_waits:
                     # The origin asked for the body: from now on the wait is the
                     # client's (body_idle, a 408), not the origin's head.

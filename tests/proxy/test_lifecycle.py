@@ -512,6 +512,40 @@ def test_answers_of_the_proxys_own_piling_up_for_a_reader_that_stopped_are_body_
     run(main())
 
 
+def test_interim_responses_piling_up_for_a_reader_that_stopped_are_body_idle() -> None:
+    """An origin sends megabytes of 103 (Early Hints) and falls silent, to a client that
+    reads nothing: the relaying is watched as body idleness, and the connection is cut
+    (it stayed open past every limit once the head's deadline had gone)."""
+
+    async def hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        hint = b"HTTP/1.1 103 Early Hints\r\nLink: <" + b"l" * 60_000 + b">\r\n\r\n"
+        for _ in range(60):
+            writer.write(hint)
+            await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        ctx = FakeContext(
+            **{"timeouts.body_idle": 3.0, "timeouts.upstream_head": 30.0},
+            **{"limits.max_header_size": 262_144},
+        )
+        origin = await Origin.start(hints)
+        client = Client(ctx, rcvbuf=4096)
+        await client.send(f"GET {origin.url}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await until(lambda: client.conn.watch.phase is Phase.RESPONDING, rounds=200_000)
+        ctx.advance(1.0)
+        ctx.advance(3.1)
+        ctx.advance(1.0)
+        await until(lambda: ctx.flows)
+        assert ctx.flows[0].error is ErrorKind.BODY_STALLED
+        await client.finish()
+        await origin.close()
+        ctx.close()
+
+    run(main())
+
+
 SNDBUF = 4 << 20  # what send-buffer autotuning reaches (tcp_wmem max); the kernel doubles it
 
 
