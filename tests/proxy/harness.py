@@ -107,6 +107,19 @@ class FakeContext:
         self.verifier.close()
 
 
+class BlackHole:
+    """Stands in for `UpstreamPool.open_socket`: a connect nobody answers (a SYN that is
+    dropped); ``opened`` lists the targets asked for."""
+
+    def __init__(self) -> None:
+        self.opened: list[object] = []
+
+    async def __call__(self, target: object, addresses: object) -> object:
+        self.opened.append(target)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
 class Client:
     """The test's end of a client connection served by a `ClientConnection`: a socket
     pair, or with ``rcvbuf`` a loopback TCP connection whose client end has that

@@ -17,7 +17,7 @@ from eyewall.errors import ErrorKind
 from eyewall.flow import Flow
 from eyewall.proxy.server import Proxy
 from eyewall.proxy.timeouts import Phase
-from tests.proxy.harness import until
+from tests.proxy.harness import BlackHole, until
 
 
 async def read_all(port: int, request: bytes) -> bytes:
@@ -49,13 +49,9 @@ def test_connects_pending_at_the_drain_deadline_are_answered_and_recorded(
             }
         )
         proxy = Proxy(settings, build_policy(settings), publish=flows.append)
-        opened: list[Any] = []
-
-        async def black_hole(target: Any, addresses: Any) -> Any:
-            opened.append(target)
-            await asyncio.Event().wait()  # a SYN nobody answers
-
-        monkeypatch.setattr(proxy.pool, "open_socket", black_hole)
+        hole = BlackHole()
+        opened = hole.opened
+        monkeypatch.setattr(proxy.pool, "open_socket", hole)
         proxy.start_listening()
         port = proxy.addresses[0][1]
         answers = asyncio.gather(
@@ -91,13 +87,9 @@ def test_hurry_cuts_at_once_what_the_drain_would_wait_for(
             }
         )
         proxy = Proxy(settings, build_policy(settings), publish=flows.append)
-        opened: list[Any] = []
-
-        async def black_hole(target: Any, addresses: Any) -> Any:
-            opened.append(target)
-            await asyncio.Event().wait()
-
-        monkeypatch.setattr(proxy.pool, "open_socket", black_hole)
+        hole = BlackHole()
+        opened = hole.opened
+        monkeypatch.setattr(proxy.pool, "open_socket", hole)
         proxy.start_listening()
         port = proxy.addresses[0][1]
         answer = asyncio.ensure_future(

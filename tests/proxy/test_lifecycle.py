@@ -20,7 +20,16 @@ from eyewall.proxy.client import ClientConnection
 from eyewall.proxy.exchange import Exchange
 from eyewall.proxy.streams import moved, unsent
 from eyewall.proxy.timeouts import Phase
-from tests.proxy.harness import DEFAULTS, Client, FakeContext, Origin, read_request, status, until
+from tests.proxy.harness import (
+    DEFAULTS,
+    BlackHole,
+    Client,
+    FakeContext,
+    Origin,
+    read_request,
+    status,
+    until,
+)
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -179,14 +188,9 @@ def test_a_connect_that_outlives_its_limit_is_a_504_not_a_silent_close(
 
     async def main() -> None:
         ctx = FakeContext(**{"timeouts.upstream_connect": 5.0})
-        opened: list[object] = []
-
-        async def black_hole(target: object, addresses: object) -> object:
-            opened.append(target)
-            await asyncio.Event().wait()  # a SYN nobody answers
-            raise AssertionError("unreachable")
-
-        monkeypatch.setattr(ctx.pool, "open_socket", black_hole)
+        hole = BlackHole()
+        opened = hole.opened
+        monkeypatch.setattr(ctx.pool, "open_socket", hole)
         client = Client(ctx)
         await client.send(b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n\r\n")
         await until(lambda: client.conn.watch.phase is Phase.CONNECTING and opened)
@@ -214,14 +218,9 @@ def test_a_tunnel_connect_that_outlives_its_limit_is_a_504(
 
     async def main() -> None:
         ctx = FakeContext(**{"timeouts.upstream_connect": 5.0})
-        opened: list[object] = []
-
-        async def black_hole(target: object, addresses: object) -> object:
-            opened.append(target)
-            await asyncio.Event().wait()  # a SYN nobody answers
-            raise AssertionError("unreachable")
-
-        monkeypatch.setattr(ctx.pool, "open_socket", black_hole)
+        hole = BlackHole()
+        opened = hole.opened
+        monkeypatch.setattr(ctx.pool, "open_socket", hole)
         client = Client(ctx)
         await client.send(b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n")
         await until(lambda: client.conn.watch.phase is Phase.CONNECTING and opened)
@@ -253,14 +252,9 @@ def test_a_client_that_leaves_during_a_connect_ends_it_at_the_next_sweep(
 
     async def main() -> None:
         ctx = FakeContext(**{"timeouts.upstream_connect": 10.0})
-        opened: list[object] = []
-
-        async def black_hole(target: object, addresses: object) -> object:
-            opened.append(target)
-            await asyncio.Event().wait()  # a SYN nobody answers
-            raise AssertionError("unreachable")
-
-        monkeypatch.setattr(ctx.pool, "open_socket", black_hole)
+        hole = BlackHole()
+        opened = hole.opened
+        monkeypatch.setattr(ctx.pool, "open_socket", hole)
         client = Client(ctx)
         target = "127.0.0.1:9" if method == "CONNECT" else "http://127.0.0.1:9/"
         await client.send(f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n".encode())
