@@ -196,10 +196,11 @@ class ClientConnection:
         self.tunnel: Target | None = None  # set while serving an intercepted tunnel
         self.tunnel_user: str | None = None  # who authenticated the intercepted CONNECT
         self.release: Callable[[], None] | None = None  # the intercepted tunnel's limits
-        self.opening: asyncio.Future[tuple[socket.socket, str]] | None = None  # a CONNECT's
+        # A CONNECT's connect while it runs (`_connect`): what the watch and `abort` cut.
+        self.opening: asyncio.Future[tuple[socket.socket, str]] | None = None
         self.aborted: str | None = None  # why `abort` cut what the connection waited on
-        # The task in `serve` while it handles a request outside an exchange (admission,
-        # a hook, an answer of the proxy's own): what `abort` cancels.
+        # The task in `serve` while it handles a request: what `abort` cancels when the
+        # request waits on no origin (admission, a hook, a body for an addon, an answer).
         self.serving: asyncio.Task[Any] | None = None
         self._enter(Phase.CLIENT_HEAD, ctx.settings.timeouts.client_header)  # from accept
 
