@@ -29,3 +29,17 @@ def test_no_host_selects_every_host() -> None:
     assert "host" not in where and params == (10.0,)
     where, params = har_query(10.0, host_filter("A.example"))
     assert where.endswith("host = ?") and params == (10.0, "a.example")
+
+
+def test_connects_are_no_har_entries_refused_or_not() -> None:
+    """HAR wants an absolute URL; a CONNECT names an authority (and a refused one is
+    recorded as kind http)."""
+    from eyewall.observe.har import is_exchange
+
+    base = {"kind": "http", "method": "GET"}
+    assert is_exchange(base)
+    assert not is_exchange({**base, "method": "CONNECT"})  # refused: kind http
+    assert not is_exchange({**base, "kind": "tunnel", "method": "CONNECT"})
+    assert not is_exchange({**base, "method": ""})  # a head that named no method
+    where, _ = har_query(0.0, "")
+    assert "'CONNECT'" in where

@@ -131,8 +131,10 @@ def _entry(r: Record) -> dict[str, Any]:
 
 
 def is_exchange(r: Record) -> bool:
-    """Whether ``r`` is an HTTP exchange (a HAR entry), not an opaque tunnel."""
-    return r["kind"] != "tunnel" and bool(r["method"])
+    """Whether ``r`` is an HTTP exchange (a HAR entry): not a tunnel, nor a CONNECT
+    refused before it became one (HAR wants an absolute URL; a CONNECT has an
+    authority), nor a head that named no method."""
+    return r["kind"] != "tunnel" and bool(r["method"]) and r["method"] != "CONNECT"
 
 
 def host_filter(text: str | None) -> str:
@@ -147,7 +149,7 @@ def host_filter(text: str | None) -> str:
 def har_query(since: float, host: str | None) -> tuple[str, tuple[Any, ...]]:
     """The flow-store selection (a WHERE clause and its parameters) of HAR entries
     started at or after ``since`` (Unix time, seconds), to ``host`` when given."""
-    where = "started >= ? AND kind != 'tunnel' AND method != ''"
+    where = "started >= ? AND kind != 'tunnel' AND method NOT IN ('', 'CONNECT')"
     params: list[Any] = [since]
     if host:
         where += " AND host = ?"

@@ -267,7 +267,7 @@ class FlowDatabase:
         """HTTP exchanges (what HAR holds: no opaque tunnels) started at or after
         ``since`` (epoch seconds), to ``host`` if given, the newest ``limit`` of them,
         oldest first.  Raises `FlowDatabaseError`."""
-        where = "started >= $1 AND kind <> 'tunnel' AND method <> ''"
+        where = "started >= $1 AND kind <> 'tunnel' AND method NOT IN ('', 'CONNECT')"
         args_: list[Any] = [since]
         if host:
             where += " AND host = $2"
