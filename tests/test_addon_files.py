@@ -101,6 +101,25 @@ def test_fixing_the_mode_reloads_without_an_edit(tmp_path: Path) -> None:
     assert loaded_mark(addons) == "second!"
 
 
+def test_a_loaded_file_that_goes_away_is_said_once_and_comes_back_on_return(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_addon(tmp_path / "addons")
+    addons = Addons([str(path)])
+    addons.load_all()
+    kept = path.read_text()
+    path.unlink()
+    for _ in range(3):
+        addons.reload_changed(None)
+    gone = [r for r in caplog.records if "keeps running" in r.getMessage()]
+    assert len(gone) == 1 and "No such file" in gone[0].getMessage()
+    assert loaded_mark(addons) == "source!"  # still the version loaded before
+    path.write_text(kept.replace("source!", "back!"))
+    path.chmod(0o644)
+    addons.reload_changed(None)
+    assert loaded_mark(addons) == "back!"
+
+
 # -- a plain hook holds the event loop: reported, and past the hook timeout a failure ----
 
 SLOW = """

@@ -706,7 +706,15 @@ class Addons:
         for f in self.files:
             try:
                 stamp = _stamp(os.stat(f.path))
-            except OSError:
+            except OSError as e:
+                if f.stamp:  # said once: the stamp is forgotten until the file is back
+                    f.stamp = ()
+                    log.warning(
+                        "addon %s: %s; the version loaded before keeps running (remove it"
+                        " from the addon settings and reload to stop it)",
+                        f.path,
+                        e.strerror or e,
+                    )
                 continue
             if stamp == f.stamp:
                 continue
