@@ -222,9 +222,9 @@ class Exchange:
     def abort(self, detail: str) -> bool:
         """Cut the exchange (the proxy is stopping): it ends as a failure,
         ``connection_terminated`` with ``detail``, and is recorded.  Its origin
-        connection is closed; so is the client's, unless the exchange waits for a
-        connection or the response head: then the client is answered 502, and this
-        returns True."""
+        connection is closed; so is the client's, unless nothing was sent to the client
+        yet (a connect, a request body on its way, the wait for the head, a body read
+        for an addon): then the client is answered 502, and this returns True."""
         self.aborted = ProxyError(ErrorKind.CONNECTION_TERMINATED, detail)
         opening = self.opening
         if opening is not None and not opening.done():
@@ -233,7 +233,7 @@ class Exchange:
         up = self.up
         if up is not None:
             up.stream.close()
-            if self.watch.phase is Phase.WAITING and not self.responded:
+            if not self.responded:  # sending the body, waiting, buffering for an addon
                 return True
         self.client.close()
         return False

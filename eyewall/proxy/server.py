@@ -509,11 +509,16 @@ class Proxy:
             if conn.idle():
                 conn.stream.close()
         await self._settle(self.settings.timeouts.drain, tunnels=True)
+        why = (
+            "the proxy was told to stop at once (a second stop signal)"
+            if self._hurry.is_set()
+            else "the proxy stopped at its drain deadline"
+        )
         for relay in list(self.tunnels):
-            relay.close(ProxyStopped("the proxy stopped at its drain deadline"))
+            relay.close(ProxyStopped(why))
         for conn in list(self.connections):
             # it may wait on its origin (a connect, a response head): cut that too
-            if not conn.abort("the proxy stopped at its drain deadline"):
+            if not conn.abort(why):
                 conn.stream.close()
         # Let the cut exchanges end and be recorded (each is a few loop turns away).
         await self._settle(CUT_GRACE, tunnels=False, hurried=False)

@@ -102,6 +102,7 @@ def test_hurry_cuts_at_once_what_the_drain_would_wait_for(
         await asyncio.wait_for(stopping, 10)  # not the minutes of grace and drain
         assert (await answer).startswith(b"HTTP/1.1 502 ")
         assert [f.error for f in flows] == [ErrorKind.CONNECTION_TERMINATED]
+        assert "a second stop signal" in flows[0].error_detail  # not "its drain deadline"
 
     asyncio.run(main())
 
@@ -160,5 +161,66 @@ def test_requests_in_admission_or_a_hook_at_the_drain_deadline_are_answered_and_
         assert (await answer).startswith(b"HTTP/1.1 502 ")
         assert [f.error for f in flows] == [ErrorKind.CONNECTION_TERMINATED]
         assert "drain deadline" in flows[0].error_detail
+
+    asyncio.run(main())
+
+
+BUFFER_RESPONSE = """
+class Buffer:
+    def responseheaders(self, flow):
+        flow.response.buffer(100_000)
+"""
+
+
+@pytest.mark.parametrize("where", ["request body", "response body for an addon"])
+def test_bodies_on_their_way_at_the_drain_deadline_are_answered_and_recorded(
+    tmp_path: Path, where: str
+) -> None:
+    """Nothing was sent to the client yet: a request body still going to the origin, or
+    a response body read for an addon, is cut with a 502, not a silent close."""
+
+    writers: list[asyncio.StreamWriter] = []
+
+    async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        if where != "request body":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        await reader.read()  # and stalls
+
+    async def main() -> None:
+        flows: list[Flow] = []
+        server = await asyncio.start_server(origin, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        addons = None
+        if where != "request body":
+            (tmp_path / "buffer.py").write_text(BUFFER_RESPONSE)
+            addons = Addons([str(tmp_path / "buffer.py")], [], 30.0)
+            addons.load_all()
+        settings = load_settings(
+            overrides={
+                "listen": ["127.0.0.1:0"],
+                "access.allow_private": True,
+                "timeouts.drain": 0.3,
+            }
+        )
+        proxy = Proxy(settings, build_policy(settings), publish=flows.append, addons=addons)
+        proxy.start_listening()
+        request = f"POST http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: x\r\n".encode()
+        if where == "request body":
+            request += b"Content-Length: 1000\r\n\r\n" + b"u" * 10  # the rest never comes
+        else:
+            request += b"Content-Length: 0\r\n\r\n"
+        answer = asyncio.ensure_future(read_all(proxy.addresses[0][1], request))
+        phase = Phase.SENDING if where == "request body" else Phase.BUFFERING
+        await until(lambda: any(c.watch.phase is phase for c in proxy.connections))
+        await proxy.shutdown()
+        assert (await answer).startswith(b"HTTP/1.1 502 ")
+        assert [f.error for f in flows] == [ErrorKind.CONNECTION_TERMINATED]
+        assert flows[0].status == 502
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
 
     asyncio.run(main())
