@@ -30,6 +30,20 @@ async def read_all(port: int, request: bytes) -> bytes:
         writer.close()
 
 
+def stopping_proxy(flows: list[Flow], addons: Addons | None = None, **overrides: Any) -> Proxy:
+    """A real `Proxy` on a loopback port of its own that may reach loopback origins on
+    any port, with ``overrides``; finished flows go to ``flows``."""
+    settings = load_settings(
+        overrides={
+            "listen": ["127.0.0.1:0"],
+            "access.allow_private": True,
+            "access.connect_ports": ["1-65535"],
+            **overrides,
+        }
+    )
+    return Proxy(settings, build_policy(settings), publish=flows.append, addons=addons)
+
+
 def test_connects_pending_at_the_drain_deadline_are_answered_and_recorded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -39,16 +53,7 @@ def test_connects_pending_at_the_drain_deadline_are_answered_and_recorded(
 
     async def main() -> None:
         flows: list[Flow] = []
-        settings = load_settings(
-            overrides={
-                "listen": ["127.0.0.1:0"],
-                "access.allow_private": True,
-                "access.connect_ports": ["1-65535"],
-                "timeouts.drain": 0.2,
-                "timeouts.upstream_connect": 30.0,
-            }
-        )
-        proxy = Proxy(settings, build_policy(settings), publish=flows.append)
+        proxy = stopping_proxy(flows, **{"timeouts.drain": 0.2, "timeouts.upstream_connect": 30.0})
         hole = BlackHole()
         opened = hole.opened
         monkeypatch.setattr(proxy.pool, "open_socket", hole)
@@ -78,15 +83,7 @@ def test_hurry_cuts_at_once_what_the_drain_would_wait_for(
 
     async def main() -> None:
         flows: list[Flow] = []
-        settings = load_settings(
-            overrides={
-                "listen": ["127.0.0.1:0"],
-                "access.allow_private": True,
-                "timeouts.drain": 60.0,
-                "timeouts.upstream_connect": 60.0,
-            }
-        )
-        proxy = Proxy(settings, build_policy(settings), publish=flows.append)
+        proxy = stopping_proxy(flows, **{"timeouts.drain": 60.0, "timeouts.upstream_connect": 60.0})
         hole = BlackHole()
         opened = hole.opened
         monkeypatch.setattr(proxy.pool, "open_socket", hole)
@@ -126,12 +123,7 @@ def test_requests_in_admission_or_a_hook_at_the_drain_deadline_are_answered_and_
 
     async def main() -> None:
         flows: list[Flow] = []
-        overrides: dict[str, Any] = {
-            "listen": ["127.0.0.1:0"],
-            "access.allow_private": True,
-            "timeouts.drain": 0.2,
-            "timeouts.addon_hook": 3600.0,
-        }
+        overrides: dict[str, Any] = {"timeouts.drain": 0.2, "timeouts.addon_hook": 3600.0}
         addons = None
         request = b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n\r\n"
         if where == "admission":
@@ -142,8 +134,7 @@ def test_requests_in_admission_or_a_hook_at_the_drain_deadline_are_answered_and_
             (tmp_path / "slow.py").write_text(SLOW_HOOK)
             addons = Addons([str(tmp_path / "slow.py")], [], 3600.0)
             addons.load_all()
-        settings = load_settings(overrides=overrides)
-        proxy = Proxy(settings, build_policy(settings), publish=flows.append, addons=addons)
+        proxy = stopping_proxy(flows, addons, **overrides)
         checking: list[Any] = []
 
         async def never(*args: Any, **kwargs: Any) -> Any:  # a bcrypt check that never ends
@@ -197,14 +188,7 @@ def test_bodies_on_their_way_at_the_drain_deadline_are_answered_and_recorded(
             (tmp_path / "buffer.py").write_text(BUFFER_RESPONSE)
             addons = Addons([str(tmp_path / "buffer.py")], [], 30.0)
             addons.load_all()
-        settings = load_settings(
-            overrides={
-                "listen": ["127.0.0.1:0"],
-                "access.allow_private": True,
-                "timeouts.drain": 0.3,
-            }
-        )
-        proxy = Proxy(settings, build_policy(settings), publish=flows.append, addons=addons)
+        proxy = stopping_proxy(flows, addons, **{"timeouts.drain": 0.3})
         proxy.start_listening()
         request = f"POST http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: x\r\n".encode()
         if where == "request body":

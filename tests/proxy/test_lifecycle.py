@@ -178,6 +178,19 @@ def test_a_silent_origin_is_a_504_read_timeout_and_the_connection_lives_on() -> 
     run(main())
 
 
+async def connecting_to_a_black_hole(
+    ctx: FakeContext, monkeypatch: pytest.MonkeyPatch, request: bytes
+) -> Client:
+    """A client whose ``request`` has the proxy connecting to an origin that never
+    answers (`BlackHole`), once the connection is in phase CONNECTING."""
+    hole = BlackHole()
+    monkeypatch.setattr(ctx.pool, "open_socket", hole)
+    client = Client(ctx)
+    await client.send(request)
+    await until(lambda: client.conn.watch.phase is Phase.CONNECTING and hole.opened)
+    return client
+
+
 def test_a_connect_that_outlives_its_limit_is_a_504_not_a_silent_close(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -188,12 +201,9 @@ def test_a_connect_that_outlives_its_limit_is_a_504_not_a_silent_close(
 
     async def main() -> None:
         ctx = FakeContext(**{"timeouts.upstream_connect": 5.0})
-        hole = BlackHole()
-        opened = hole.opened
-        monkeypatch.setattr(ctx.pool, "open_socket", hole)
-        client = Client(ctx)
-        await client.send(b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n\r\n")
-        await until(lambda: client.conn.watch.phase is Phase.CONNECTING and opened)
+        client = await connecting_to_a_black_hole(
+            ctx, monkeypatch, b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
         ctx.advance(4.0)
         assert client.conn.watch.expired is None
         ctx.advance(1.5)
@@ -218,12 +228,9 @@ def test_a_tunnel_connect_that_outlives_its_limit_is_a_504(
 
     async def main() -> None:
         ctx = FakeContext(**{"timeouts.upstream_connect": 5.0})
-        hole = BlackHole()
-        opened = hole.opened
-        monkeypatch.setattr(ctx.pool, "open_socket", hole)
-        client = Client(ctx)
-        await client.send(b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n")
-        await until(lambda: client.conn.watch.phase is Phase.CONNECTING and opened)
+        client = await connecting_to_a_black_hole(
+            ctx, monkeypatch, b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n"
+        )
         ctx.advance(4.0)
         assert client.conn.watch.expired is None
         ctx.advance(1.5)
@@ -252,13 +259,9 @@ def test_a_client_that_leaves_during_a_connect_ends_it_at_the_next_sweep(
 
     async def main() -> None:
         ctx = FakeContext(**{"timeouts.upstream_connect": 10.0})
-        hole = BlackHole()
-        opened = hole.opened
-        monkeypatch.setattr(ctx.pool, "open_socket", hole)
-        client = Client(ctx)
         target = "127.0.0.1:9" if method == "CONNECT" else "http://127.0.0.1:9/"
-        await client.send(f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n".encode())
-        await until(lambda: client.conn.watch.phase is Phase.CONNECTING and opened)
+        request = f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n".encode()
+        client = await connecting_to_a_black_hole(ctx, monkeypatch, request)
         client.sock.close()
         ctx.advance(1.0)  # well inside the connect limit
         await until(lambda: ctx.flows)
